@@ -1,0 +1,2 @@
+//! `lorahost bench`: measured numbers for BENCHMARKS.md. Each bench reports its baseline from the same run.
+pub mod plugins;

@@ -1,0 +1,45 @@
+//! The four kinds of plugin and how each shows itself in a component's exports.
+use std::fmt;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PluginKind {
+    Source,
+    Filter,
+    Template,
+    Scheduler,
+}
+
+impl PluginKind {
+    pub const ALL: [PluginKind; 4] =
+        [PluginKind::Source, PluginKind::Filter, PluginKind::Template, PluginKind::Scheduler];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            PluginKind::Source => "source",
+            PluginKind::Filter => "filter",
+            PluginKind::Template => "template",
+            PluginKind::Scheduler => "scheduler",
+        }
+    }
+
+    /// The interface a component of this kind exports, without the version: `filter-api` and so on.
+    pub fn interface(self) -> &'static str {
+        match self {
+            PluginKind::Source => "source-api",
+            PluginKind::Filter => "filter-api",
+            PluginKind::Template => "template-api",
+            PluginKind::Scheduler => "scheduler-api",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<PluginKind> {
+        PluginKind::ALL.into_iter().find(|k| k.name() == s)
+    }
+}
+
+impl fmt::Display for PluginKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
