@@ -16,7 +16,7 @@ fn main() {
     let host_dir = PathBuf::from(env::var("CARGO_MANIFEST_DIR").unwrap());
     let root = host_dir.parent().unwrap().to_path_buf();
     let plugins = root.join("plugins");
-    for p in ["sdk", "sources", "filters", "templates", "schedulers", "Cargo.toml", "Cargo.lock"] {
+    for p in ["sdk", "shared", "sources", "filters", "templates", "schedulers", "Cargo.toml", "Cargo.lock"] {
         println!("cargo:rerun-if-changed={}", plugins.join(p).display());
     }
     println!("cargo:rerun-if-changed={}", root.join("wit").display());

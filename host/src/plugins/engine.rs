@@ -143,12 +143,16 @@ impl PluginEngine {
         let mut from_cache = false;
         let mut component = None;
         if let Some(path) = cached.as_ref().filter(|p| p.exists()) {
-            // SAFETY: the artifact was written by `Component::serialize` of an engine with this exact
-            // configuration (the compatibility hash is part of the file name) into the user's own cache.
-            // A corrupt or foreign file fails to deserialize and is simply recompiled.
-            if let Ok(c) = unsafe { Component::deserialize_file(&self.engine, path) } {
-                component = Some(c);
-                from_cache = true;
+            // Read into memory rather than mapping the file: another process replacing the cache entry
+            // must never pull code out from under us.
+            if let Ok(artifact) = std::fs::read(path) {
+                // SAFETY: the artifact was written by `Component::serialize` of an engine with this exact
+                // configuration (the compatibility hash is part of the file name) into the user's own
+                // cache. A corrupt or foreign file fails to deserialize and is simply recompiled.
+                if let Ok(c) = unsafe { Component::deserialize(&self.engine, &artifact) } {
+                    component = Some(c);
+                    from_cache = true;
+                }
             }
         }
         let component = match component {

@@ -95,7 +95,7 @@ impl Shape {
         let conversational = matches!(format, Format::ShareGpt | Format::Messages);
         if !roles.is_empty() && !conversational {
             return Err(format!(
-                "roles does not apply to format \"{}\"; it maps role names of the \"sharegpt\" and \"messages\" formats",
+                "roles does not apply to format \"{}\"; it maps role names in \"sharegpt\" and \"messages\" records",
                 format.name()
             ));
         }

@@ -1,0 +1,202 @@
+//! `jsonl`: reads records from a JSON Lines file, one JSON object a line, streaming.
+//!
+//! ```toml
+//! [[dataset]]
+//! name = "chat"
+//! source = "jsonl"
+//! path = "data/train.jsonl"
+//! format = "sharegpt"           # "alpaca" (the default), "sharegpt", "messages" or "text"
+//! fields = { conversations = "turns" }  # field names, where they differ from the format's defaults
+//! roles = { bot = "assistant" } # source role names -> "system", "user" or "assistant"
+//! id = "uid"                    # the field holding each record's id (default: "train.jsonl:<line>")
+//! meta = ["lang", "score"]      # fields copied into the record's metadata, as text (if present)
+//! ```
+//!
+//! A line that cannot be read (bad JSON, a missing field, an unknown role) is reported as malformed, as
+//! `train.jsonl:17: <what is wrong>`, and skipped; blank lines are skipped silently.
+use lorahost_record_shapes::{fill, json_error, open, Next, Shape};
+use lorahost_sdk::{Batch, Source};
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::{BufRead, BufReader};
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Config {
+    path: String,
+    format: Option<String>,
+    #[serde(default)]
+    fields: BTreeMap<String, String>,
+    #[serde(default)]
+    roles: BTreeMap<String, String>,
+    id: Option<String>,
+    #[serde(default)]
+    meta: Vec<String>,
+}
+
+struct Jsonl<R> {
+    reader: R,
+    /// The file's base name, which starts ids and messages.
+    name: String,
+    shape: Shape,
+    /// 1-based number of the last line read.
+    line: usize,
+    buf: Vec<u8>,
+}
+
+impl<R: BufRead> Jsonl<R> {
+    fn new(reader: R, name: String, shape: Shape) -> Self {
+        Jsonl { reader, name, shape, line: 0, buf: Vec::new() }
+    }
+
+    fn next_record(&mut self) -> Result<Next, String> {
+        loop {
+            self.buf.clear();
+            let n = self
+                .reader
+                .read_until(b'\n', &mut self.buf)
+                .map_err(|e| format!("{}: cannot read line {}: {e}", self.name, self.line + 1))?;
+            if n == 0 {
+                return Ok(None);
+            }
+            self.line += 1;
+            let at = format!("{}:{}", self.name, self.line);
+            let Ok(text) = std::str::from_utf8(&self.buf) else {
+                return Ok(Some(Err(format!("{at}: not valid UTF-8"))));
+            };
+            // A byte-order mark may start the file.
+            let text = if self.line == 1 { text.trim_start_matches('\u{feff}') } else { text };
+            if text.trim().is_empty() {
+                continue;
+            }
+            let record = serde_json::from_str(text.trim_end())
+                .map_err(|e| json_error(&e))
+                .and_then(|value| self.shape.convert(&value, &at));
+            return Ok(Some(record.map_err(|e| format!("{at}: {e}"))));
+        }
+    }
+}
+
+impl Source for Jsonl<BufReader<File>> {
+    type Config = Config;
+
+    fn open(c: Config) -> Result<Self, String> {
+        let shape = Shape::new(c.format, c.fields, c.roles, c.id, c.meta)?;
+        let (file, name) = open(&c.path)?;
+        Ok(Jsonl::new(BufReader::new(file), name, shape))
+    }
+
+    fn next_batch(&mut self, max: usize) -> Result<Option<Batch>, String> {
+        fill(max, || self.next_record())
+    }
+}
+
+lorahost_sdk::export_source!(Jsonl<BufReader<File>>);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use lorahost_sdk::{parse_config, Turn};
+    use std::path::PathBuf;
+
+    /// Writes `contents` to `<temp>/<unique folder>/<name>` and opens a reader on it with `extra` config.
+    fn open_file(
+        name: &str,
+        contents: impl AsRef<[u8]>,
+        extra: &str,
+    ) -> (Result<Jsonl<BufReader<File>>, String>, PathBuf) {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        static N: AtomicUsize = AtomicUsize::new(0);
+        let dir = std::env::temp_dir().join(format!(
+            "lorahost-jsonl-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join(name);
+        std::fs::write(&path, contents).unwrap();
+        let config = format!("path = {:?}\n{extra}", path.to_str().unwrap());
+        (parse_config::<Config>(&config).and_then(Jsonl::open), dir)
+    }
+
+    #[test]
+    fn reads_alpaca_lines_and_reports_bad_ones() {
+        let text = concat!(
+            "{\"instruction\": \"Say hi\", \"output\": \"Hi\"}\n",
+            "\n",
+            "{\"instruction\": \"Add\", \"input\": \"1 1\", \"output\": 2}\n",
+            "{\"instruction\": \"broken\"\n",
+            "{\"instruction\": \"no output\"}\n",
+            "  \r\n",
+            "{\"instruction\": \"Last\", \"output\": \"done\", \"input\": null}\r\n",
+        );
+        let (source, dir) = open_file("train.jsonl", text, "");
+        let mut source = source.unwrap();
+        let first = source.next_batch(3).unwrap().unwrap();
+        assert_eq!(first.records.len(), 2);
+        assert_eq!(first.records[0].id, "train.jsonl:1");
+        assert_eq!(first.records[0].turns, vec![Turn::new("user", "Say hi"), Turn::new("assistant", "Hi")]);
+        assert_eq!(first.records[1].id, "train.jsonl:3");
+        assert_eq!(first.records[1].turns, vec![Turn::new("user", "Add\n1 1"), Turn::new("assistant", "2")]);
+        assert_eq!(first.malformed, ["train.jsonl:4: not valid JSON: EOF while parsing an object (column 24)"]);
+        let second = source.next_batch(3).unwrap().unwrap();
+        assert_eq!(second.malformed, ["train.jsonl:5: missing field `output`"]);
+        assert_eq!(second.records.len(), 1);
+        assert_eq!(second.records[0].id, "train.jsonl:7");
+        assert_eq!(second.records[0].turns[0].content, "Last");
+        assert!(source.next_batch(3).unwrap().is_none());
+        std::fs::remove_dir_all(dir).ok();
+    }
+
+    #[test]
+    fn reads_messages_with_ids_and_meta() {
+        let text = concat!(
+            "{\"uid\": \"a\", \"lang\": \"en\", \"turns\": [{\"role\": \"user\", \"content\": \"Q\"}, ",
+            "{\"role\": \"bot\", \"content\": \"A\"}]}\n",
+            "{\"uid\": \"b\", \"turns\": [{\"role\": \"tool\", \"content\": \"x\"}]}\n",
+        );
+        let extra = "format = \"messages\"\nfields = { conversations = \"turns\" }\nroles = { bot = \"assistant\" }\n\
+                     id = \"uid\"\nmeta = [\"lang\"]";
+        let (source, dir) = open_file("chat.jsonl", text, extra);
+        let batch = source.unwrap().next_batch(10).unwrap().unwrap();
+        assert_eq!(batch.records.len(), 1);
+        let record = &batch.records[0];
+        assert_eq!((record.id.as_str(), record.meta("lang")), ("a", Some("en")));
+        assert_eq!(record.turns, vec![Turn::new("user", "Q"), Turn::new("assistant", "A")]);
+        assert_eq!(batch.malformed.len(), 1);
+        assert!(batch.malformed[0].starts_with("chat.jsonl:2: turns[0]: unknown role \"tool\""), "{batch:?}");
+        std::fs::remove_dir_all(dir).ok();
+    }
+
+    #[test]
+    fn configuration_errors() {
+        let (source, dir) = open_file("x.jsonl", "", "format = \"chat\"");
+        assert!(source.err().unwrap().starts_with("format = \"chat\" is not a record format"));
+        std::fs::remove_dir_all(dir).ok();
+        let (source, dir) = open_file("x.jsonl", "", "records = \"x\"");
+        assert!(source.err().unwrap().contains("unknown field `records`"));
+        std::fs::remove_dir_all(dir).ok();
+        let missing = parse_config::<Config>("path = \"/nonexistent/lorahost/x.jsonl\"").unwrap();
+        assert!(Jsonl::open(missing).err().unwrap().starts_with("cannot open /nonexistent/lorahost/x.jsonl"));
+        let relative = parse_config::<Config>("path = \"x.jsonl\"").unwrap();
+        assert!(Jsonl::open(relative).err().unwrap().contains("is not absolute"));
+    }
+
+    #[test]
+    fn invalid_utf8_is_one_malformed_line() {
+        let bytes = b"{\"text\": \"a\"}\n{\"text\": \"\xff\"}\n{\"text\": \"c\"}\n";
+        let (source, dir) = open_file("bytes.jsonl", bytes, "format = \"text\"");
+        let batch = source.unwrap().next_batch(10).unwrap().unwrap();
+        let ids: Vec<_> = batch.records.iter().map(|r| r.id.as_str()).collect();
+        assert_eq!(ids, ["bytes.jsonl:1", "bytes.jsonl:3"]);
+        assert_eq!(batch.malformed, ["bytes.jsonl:2: not valid UTF-8"]);
+        std::fs::remove_dir_all(dir).ok();
+    }
+
+    #[test]
+    fn empty_file_has_no_batch() {
+        let (source, dir) = open_file("empty.jsonl", "\n\n", "format = \"text\"");
+        assert!(source.unwrap().next_batch(5).unwrap().is_none());
+        std::fs::remove_dir_all(dir).ok();
+    }
+}
