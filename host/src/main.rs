@@ -6,6 +6,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
+mod commands;
+
 #[derive(Parser)]
 #[command(name = "lorahost", version, about = "LoRA fine-tuning on one GPU with sandboxed WebAssembly data plugins")]
 struct Cli {
@@ -15,6 +17,37 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Validate a manifest and its data without a GPU or model weights: per-dataset counts, filter drops
+    /// with reasons, the mix, token lengths, steps per epoch. Writes the run's lock.
+    Check {
+        manifest: PathBuf,
+        /// Fail, naming what changed, when the inputs differ from the run's lock (and write nothing).
+        #[arg(long)]
+        locked: bool,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show rendered training examples, marking which tokens are trained.
+    Preview {
+        manifest: PathBuf,
+        /// How many records.
+        #[arg(short = 'n', long, default_value_t = 3)]
+        n: usize,
+        /// One line per token: id, text, trained.
+        #[arg(long)]
+        tokens: bool,
+    },
+    /// Print the token ids of a text (from the argument, or standard input).
+    Tokenize {
+        /// A tokenizer file (qwen.tiktoken, tokenizer.json) or a model folder.
+        #[arg(long)]
+        tokenizer: PathBuf,
+        text: Option<String>,
+        /// Also show each token's text.
+        #[arg(long)]
+        pieces: bool,
+    },
     /// Work with plugins: scaffold, inspect, list the standard ones.
     Plugin {
         #[command(subcommand)]
@@ -65,6 +98,20 @@ enum BenchCommand {
         #[arg(long)]
         json: Option<PathBuf>,
     },
+    /// Tokens per second through the whole data pipeline on generated alpaca records, and a cache hit.
+    Pipeline {
+        /// The JSONL file to read; generated first when it does not exist.
+        #[arg(long)]
+        data: PathBuf,
+        /// Records to generate.
+        #[arg(long, default_value_t = 100_000)]
+        records: usize,
+        /// A tokenizer file or folder.
+        #[arg(long, default_value = "tests/fixtures/tokenizer/qwen.tiktoken")]
+        tokenizer: PathBuf,
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -77,12 +124,22 @@ fn main() -> ExitCode {
     }
 }
 
+fn write_json(path: Option<PathBuf>, value: &impl serde::Serialize) -> anyhow::Result<()> {
+    if let Some(path) = path {
+        lorahost::fsutil::write_atomic(&path, serde_json::to_string_pretty(value)?.as_bytes())?;
+    }
+    Ok(())
+}
+
 fn parse_kind(s: &str) -> anyhow::Result<PluginKind> {
     PluginKind::parse(s).with_context(|| format!("unknown plugin kind `{s}`: use source, filter, template or scheduler"))
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
+        Command::Check { manifest, locked, json } => commands::check(&manifest, locked, json)?,
+        Command::Preview { manifest, n, tokens } => commands::preview(&manifest, n, tokens)?,
+        Command::Tokenize { tokenizer, text, pieces } => commands::tokenize(&tokenizer, text, pieces)?,
         Command::Plugin { command } => match command {
             PluginCommand::New { kind, name, dir, sdk } => {
                 let kind = parse_kind(&kind)?;
@@ -111,9 +168,15 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             BenchCommand::Plugins { record_bytes, seconds, json } => {
                 let report = lorahost::bench::plugins::run(record_bytes, Duration::from_secs_f64(seconds))?;
                 print!("{report}");
-                if let Some(path) = json {
-                    lorahost::fsutil::write_atomic(&path, serde_json::to_string_pretty(&report)?.as_bytes())?;
+                write_json(json, &report)?;
+            }
+            BenchCommand::Pipeline { data, records, tokenizer, json } => {
+                if !data.exists() {
+                    lorahost::bench::pipeline::generate(records, &data, 7)?;
                 }
+                let report = lorahost::bench::pipeline::run(&data, &tokenizer)?;
+                print!("{report}");
+                write_json(json, &report)?;
             }
         },
     }

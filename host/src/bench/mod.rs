@@ -1,2 +1,3 @@
 //! `lorahost bench`: measured numbers for BENCHMARKS.md. Each bench reports its baseline from the same run.
+pub mod pipeline;
 pub mod plugins;

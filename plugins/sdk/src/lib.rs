@@ -64,6 +64,11 @@ pub trait Filter: Sized + 'static {
     type Config: DeserializeOwned;
     fn new(config: Self::Config) -> Result<Self, String>;
     fn filter(&mut self, example: &Example) -> Verdict;
+    /// One verdict per record. Override to work on the whole batch at once, or to stop the run with an
+    /// error (the message is shown with the plugin's name).
+    fn filter_batch(&mut self, batch: &[Example]) -> Result<Vec<Verdict>, String> {
+        Ok(batch.iter().map(|e| self.filter(e)).collect())
+    }
 }
 
 /// Renders a conversation as segments; trained segments are what the loss is computed on.
@@ -112,7 +117,7 @@ pub mod __private {
     ) -> Result<Vec<Verdict>, String> {
         let mut slot = slot.borrow_mut();
         let filter = slot.as_mut().ok_or("filter-batch called before init")?;
-        Ok(batch.iter().map(|e| filter.filter(e)).collect())
+        filter.filter_batch(&batch)
     }
 
     pub fn template_init<T: Template>(

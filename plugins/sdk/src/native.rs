@@ -61,7 +61,7 @@ impl<T: Filter> NativeCall for NativeFilter<T> {
     }
     fn call(&mut self, input: &[u8]) -> Result<Vec<u8>, String> {
         let batch: Vec<Example> = serde_json::from_slice(input).map_err(|e| format!("bad batch: {e}"))?;
-        let verdicts: Vec<_> = batch.iter().map(|e| self.0.filter(e)).collect();
+        let verdicts = self.0.filter_batch(&batch)?;
         serde_json::to_vec(&verdicts).map_err(|e| e.to_string())
     }
 }

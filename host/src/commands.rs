@@ -1,0 +1,117 @@
+//! The data commands of the CLI: `check`, `preview`, `tokenize`. Each is a few calls into the library.
+use anyhow::{bail, Context};
+use lorahost::data::{self, batch, lock::Lock};
+use lorahost::manifest::Manifest;
+use std::io::{IsTerminal, Read};
+use std::path::Path;
+
+pub fn lock_path(m: &Manifest) -> std::path::PathBuf {
+    m.run.output.join("run.lock")
+}
+
+pub fn check(manifest: &Path, locked: bool, json: bool) -> anyhow::Result<()> {
+    let m = Manifest::load(manifest)?;
+    if locked {
+        let want = Lock::read(&lock_path(&m))?;
+        let plan = data::Plan::new(&m)?;
+        let changes = plan.lock.diff(&want);
+        if !changes.is_empty() {
+            bail!(
+                "the inputs differ from {}:\n  {}\n(run `lorahost check` without --locked to accept them and rewrite the lock)",
+                lock_path(&m).display(),
+                changes.join("\n  ")
+            );
+        }
+    }
+    let prepared = data::prepare(&m)?;
+    if locked {
+        let want = Lock::read(&lock_path(&m))?;
+        if want.token_stream.is_some() && want.token_stream != prepared.lock.token_stream {
+            bail!(
+                "the inputs match the lock, but the token stream does not (sha256 {} vs locked {}): a lorahost \
+                 version with a different pipeline made the lock",
+                prepared.lock.token_stream.as_deref().unwrap_or("-"),
+                want.token_stream.as_deref().unwrap_or("-")
+            );
+        }
+    } else {
+        prepared.lock.write(&lock_path(&m))?;
+    }
+    if json {
+        println!("{}", serde_json::to_string_pretty(&prepared.report)?);
+    } else {
+        print!("{}", prepared.report);
+        if locked {
+            println!("lock     matches {}", lock_path(&m).display());
+        } else {
+            println!("lock     written to {}", lock_path(&m).display());
+        }
+    }
+    Ok(())
+}
+
+pub fn preview(manifest: &Path, n: usize, tokens: bool) -> anyhow::Result<()> {
+    let m = Manifest::load(manifest)?;
+    let prepared = data::prepare(&m)?;
+    let tok = data::load_tokenizer(&m)?;
+    let color = std::io::stdout().is_terminal();
+    let stream = &prepared.stream;
+    let offsets = stream.offsets();
+    let names: Vec<&str> = m.datasets.iter().map(|d| d.name.as_str()).collect();
+    if !color && !tokens {
+        println!("(trained tokens are shown [[like this]])");
+    }
+    for i in 0..n.min(stream.len()) {
+        let (ids, mask) = stream.record(&offsets, i);
+        let trained = mask.iter().filter(|&&t| t == 1).count();
+        println!("=== record {i} of {} (dataset {}, {} tokens, {trained} trained) ===", stream.len(), names[stream.dataset[i] as usize], ids.len());
+        if tokens {
+            for (id, t) in ids.iter().zip(mask) {
+                println!("{id:>7} {} {:?}", if *t == 1 { "T" } else { "." }, tok.decode(&[*id]));
+            }
+            continue;
+        }
+        // Decode runs of equal mask together so multi-byte characters split across tokens print whole.
+        let mut start = 0;
+        while start < ids.len() {
+            let end = (start..ids.len()).find(|&j| mask[j] != mask[start]).unwrap_or(ids.len());
+            let text = tok.decode(&ids[start..end]);
+            match (mask[start] == 1, color) {
+                (true, true) => print!("\x1b[32m{text}\x1b[0m"),
+                (true, false) => print!("[[{text}]]"),
+                (false, _) => print!("{text}"),
+            }
+            start = end;
+        }
+        println!();
+    }
+    let pad = tok.special_id("<|endoftext|>").unwrap_or(0);
+    let batches = batch::micro_batches(stream, 0..stream.n_train.min(m.train.micro_batch), m.train.micro_batch, pad);
+    if let Some(b) = batches.first() {
+        println!("=== first micro-batch: {} x {} tokens, {} trained ===", b.rows, b.seq, b.trained_tokens());
+    }
+    Ok(())
+}
+
+pub fn tokenize(tokenizer: &Path, text: Option<String>, pieces: bool) -> anyhow::Result<()> {
+    let tok = lorahost::tokenizer::load(tokenizer)?;
+    let text = match text {
+        Some(t) => t,
+        None => {
+            let mut s = String::new();
+            std::io::stdin().read_to_string(&mut s).context("reading standard input")?;
+            s
+        }
+    };
+    let mut ids = Vec::new();
+    tok.encode_ordinary(&text, &mut ids);
+    if pieces {
+        for id in &ids {
+            println!("{id:>7} {:?}", tok.decode(&[*id]));
+        }
+    } else {
+        println!("{ids:?}");
+    }
+    eprintln!("{} tokens", ids.len());
+    Ok(())
+}

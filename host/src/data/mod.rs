@@ -1,0 +1,332 @@
+//! The data path, as a straight line: source -> filters -> mix -> template -> tokens -> batches.
+//!
+//! [`prepare`] runs it for a manifest (or takes the result from the cache) and returns the token stream,
+//! the report `lorahost check` prints and the lock. Each stage is its own module:
+//! [`read`], [`filter`], [`mix`], [`encode`] (template segments -> ids, truncation), [`batch`]; around them
+//! [`plugins`] (resolving `plugin = "..."`), [`cache`], [`lock`] and [`report`].
+pub mod batch;
+pub mod cache;
+pub mod encode;
+pub mod filter;
+pub mod lock;
+pub mod mix;
+pub mod plugins;
+pub mod read;
+pub mod report;
+pub mod stream;
+
+use crate::manifest::{is_path_key, Manifest, PluginUse};
+use crate::plugins::{Example, PluginKind, WasmTemplate};
+use crate::tokenizer::Tokenizer;
+use anyhow::Context;
+use lock::{Lock, PIPELINE_VERSION};
+use plugins::{PluginOrigin, PluginSet, Resolved};
+use rayon::prelude::*;
+use report::{DatasetReport, Report};
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Mutex;
+pub use stream::TokenStream;
+
+/// The outcome of preparing a manifest's data.
+pub struct Prepared {
+    pub stream: TokenStream,
+    pub report: Report,
+    /// Inputs and token-stream digests.
+    pub lock: Lock,
+    pub from_cache: bool,
+}
+
+/// Loads the tokenizer a manifest names (`model.tokenizer`, else the model folder).
+pub fn load_tokenizer(m: &Manifest) -> anyhow::Result<Box<dyn Tokenizer>> {
+    let path = m.model.tokenizer.clone().unwrap_or_else(|| m.model.path.clone());
+    crate::tokenizer::load(&path).with_context(|| format!("{}: `model.tokenizer`", m.file.display()))
+}
+
+/// Everything resolved for a manifest before any data moves: plugins, tokenizer, the lock of inputs.
+pub struct Plan<'m> {
+    pub manifest: &'m Manifest,
+    pub set: PluginSet<'m>,
+    /// In [`Manifest::plugin_uses`] order.
+    pub resolved: Vec<(String, Resolved)>,
+    pub tokenizer: Box<dyn Tokenizer>,
+    pub lock: Lock,
+}
+
+impl<'m> Plan<'m> {
+    pub fn new(m: &'m Manifest) -> anyhow::Result<Plan<'m>> {
+        let set = PluginSet::new(m)?;
+        let tokenizer = load_tokenizer(m)?;
+        let mut resolved = Vec::new();
+        for (kind, key, use_) in m.plugin_uses() {
+            resolved.push((key.clone(), set.resolve(kind, &key, use_)?));
+        }
+        let lock = input_lock(m, &resolved, tokenizer.as_ref())?;
+        Ok(Plan { manifest: m, set, resolved, tokenizer, lock })
+    }
+
+    fn get(&self, key: &str) -> &Resolved {
+        &self.resolved.iter().find(|(k, _)| k == key).expect("every plugin use is resolved").1
+    }
+
+    pub fn origins(&self) -> Vec<PluginOrigin> {
+        self.resolved.iter().map(|(_, r)| r.origin.clone()).collect()
+    }
+
+    /// The template instance for this manifest.
+    pub fn template(&self) -> anyhow::Result<WasmTemplate> {
+        self.set.template(self.get("template"))
+    }
+}
+
+/// Prepares the manifest's token stream, from the cache when the inputs are unchanged.
+pub fn prepare(m: &Manifest) -> anyhow::Result<Prepared> {
+    let plan = Plan::new(m)?;
+    let key = plan.lock.key();
+    let cache_dir = m.cache_dir();
+    if let Some(dir) = &cache_dir {
+        if let Some((stream, mut report)) = cache::load(dir, &key)? {
+            report.plugins = plan.origins();
+            report.from_cache = true;
+            let mut lock = plan.lock.clone();
+            lock.token_stream = Some(report.token_stream_sha256.clone());
+            return Ok(Prepared { stream, report, lock, from_cache: true });
+        }
+    }
+    let (stream, mut report) = run_pipeline(&plan)?;
+    if let Some(dir) = &cache_dir {
+        cache::store(dir, &key, &stream, &report).context("writing the token cache")?;
+    }
+    report.plugins = plan.origins();
+    let mut lock = plan.lock;
+    lock.token_stream = Some(report.token_stream_sha256.clone());
+    Ok(Prepared { stream, report, lock, from_cache: false })
+}
+
+/// Runs every stage; no cache involved.
+pub fn run_pipeline(plan: &Plan) -> anyhow::Result<(TokenStream, Report)> {
+    let m = plan.manifest;
+    // 1-2. Read each dataset and run its own filters; datasets in parallel, each with its own plugins.
+    let per_dataset: Vec<(Vec<Example>, DatasetReport)> = m
+        .datasets
+        .par_iter()
+        .enumerate()
+        .map(|(i, d)| -> anyhow::Result<_> {
+            let key = format!("dataset[{i}].source");
+            let mut source = plan.set.source(plan.get(&key))?;
+            let outcome = read::read_dataset(d, &key, source.as_mut())?;
+            let mut rep = DatasetReport {
+                name: d.name.clone(),
+                read: outcome.records.len(),
+                malformed: outcome.malformed,
+                malformed_examples: outcome.malformed_examples,
+                ..Default::default()
+            };
+            let mut records = outcome.records;
+            for j in 0..d.filters.len() {
+                let fkey = format!("dataset[{i}].filters[{j}]");
+                let mut f = plan.set.filter(plan.get(&fkey))?;
+                let (kept, stats) = filter::apply(f.as_mut(), &fkey, records)?;
+                records = kept;
+                rep.filters.push(stats);
+            }
+            Ok((records, rep))
+        })
+        .collect::<anyhow::Result<_>>()?;
+    let (mut pools, mut dreports): (Vec<Vec<Example>>, Vec<DatasetReport>) = per_dataset.into_iter().unzip();
+
+    // 2b. Global filters see all datasets, in manifest order (so cross-dataset dedup keeps the first).
+    let mut global_stats = Vec::new();
+    for j in 0..m.filters.len() {
+        let fkey = format!("filter[{j}]");
+        let mut f = plan.set.filter(plan.get(&fkey))?;
+        let sizes: Vec<usize> = pools.iter().map(Vec::len).collect();
+        let all: Vec<Example> = pools.drain(..).flatten().collect();
+        let (kept, stats) = filter::apply(f.as_mut(), &fkey, all)?;
+        global_stats.push(stats);
+        // Re-split by dataset (records keep their dataset name; order is preserved).
+        let names: Vec<&str> = m.datasets.iter().map(|d| d.name.as_str()).collect();
+        let mut split: Vec<Vec<Example>> = sizes.iter().map(|_| Vec::new()).collect();
+        for e in kept {
+            let i = names.iter().position(|n| *n == e.dataset).expect("filters keep the dataset name");
+            split[i].push(e);
+        }
+        pools = split;
+    }
+    for (i, d) in dreports.iter_mut().enumerate() {
+        d.kept = pools[i].len();
+        if d.kept == 0 {
+            anyhow::bail!(
+                "dataset `{}` is empty after filtering ({} read, {} malformed): check its source options and filters \
+                 (`lorahost check` shows what each filter dropped)",
+                d.name,
+                d.read,
+                d.malformed
+            );
+        }
+    }
+
+    // 3. Mix: which (dataset, record) pairs, in which order.
+    let mut chosen: Vec<(u16, u32)> = Vec::new();
+    for (i, d) in m.datasets.iter().enumerate() {
+        for r in mix::sample_dataset(pools[i].len(), d, m.run.seed) {
+            chosen.push((i as u16, r as u32));
+        }
+    }
+    let order: Vec<(u16, u32)> = mix::mix_all(chosen.len(), &m.mix, m.run.seed).into_iter().map(|p| chosen[p]).collect();
+
+    // 4-5. Render and tokenize each distinct record once (repeats share their tokens), in parallel.
+    let mut needed: Vec<(u16, u32)> = order.clone();
+    needed.sort_unstable();
+    needed.dedup();
+    let encoded = encode_records(plan, &pools, &needed)?;
+    let lookup: BTreeMap<(u16, u32), usize> = needed.iter().enumerate().map(|(k, v)| (*v, k)).collect();
+
+    // Assemble the stream in mix order, dropping records the template rejected or truncation emptied.
+    let mut report = Report { max_seq_len: m.train.max_seq_len, global_filters: global_stats, ..Default::default() };
+    let mut kept_order: Vec<usize> = Vec::with_capacity(order.len());
+    for (pos, key) in order.iter().enumerate() {
+        match &encoded[lookup[key]] {
+            Err(reason) => *report.template_rejected.entry(reason.clone()).or_default() += 1,
+            Ok(e) if !e.trained.contains(&true) => report.no_trained_tokens += 1,
+            Ok(_) => kept_order.push(pos),
+        }
+    }
+    let n_eval = mix::eval_size(kept_order.len(), m.train.eval_fraction, m.train.eval_count);
+    let mut stream = TokenStream { n_train: kept_order.len() - n_eval, ..Default::default() };
+    for &pos in &kept_order {
+        let key = order[pos];
+        let e = encoded[lookup[&key]].as_ref().expect("kept records encoded");
+        stream.lengths.push(e.ids.len() as u32);
+        stream.ids.extend_from_slice(&e.ids);
+        stream.trained.extend(e.trained.iter().map(|&t| t as u8));
+        stream.dataset.push(key.0);
+        dreports[key.0 as usize].in_mix += 1;
+        report.truncated += e.truncated as usize;
+    }
+    if stream.n_train == 0 {
+        anyhow::bail!("no training records are left after the mix: check fractions, filters and the template");
+    }
+    report.datasets = dreports;
+    report.train_records = stream.n_train;
+    report.eval_records = n_eval;
+    report.total_tokens = stream.ids.len();
+    report.trained_tokens = stream.trained.iter().filter(|&&t| t == 1).count();
+    report.length_histogram = report::histogram(stream.lengths.iter().map(|&l| l as usize), m.train.max_seq_len);
+    report.sequences_per_step = m.train.micro_batch * m.train.grad_accum;
+    report.steps_per_epoch = stream.n_train.div_ceil(report.sequences_per_step);
+    report.token_stream_sha256 = stream.digest();
+    Ok((stream, report))
+}
+
+/// Records rendered and tokenized per parallel task.
+const ENCODE_CHUNK: usize = 256;
+
+/// Renders and tokenizes `needed` records in parallel; template instances are pooled, one per worker.
+fn encode_records(
+    plan: &Plan,
+    pools: &[Vec<Example>],
+    needed: &[(u16, u32)],
+) -> anyhow::Result<Vec<Result<encode::Encoded, String>>> {
+    let m = plan.manifest;
+    let templates: Mutex<Vec<WasmTemplate>> = Mutex::new(vec![plan.template()?]);
+    let tok = plan.tokenizer.as_ref();
+    let chunks: Vec<Vec<Result<encode::Encoded, String>>> = needed
+        .par_chunks(ENCODE_CHUNK)
+        .map(|chunk| -> anyhow::Result<_> {
+            let popped = templates.lock().unwrap().pop();
+            let mut template = match popped {
+                Some(t) => t,
+                None => plan.template()?,
+            };
+            let batch: Vec<Example> = chunk.iter().map(|&(d, r)| pools[d as usize][r as usize].clone()).collect();
+            let rendered = template.render_batch(&batch);
+            templates.lock().unwrap().push(template);
+            let rendered = rendered?;
+            rendered
+                .into_iter()
+                .map(|r| match r {
+                    // The template rejected this record: counted by reason, not fatal.
+                    Err(reason) => Ok(Err(reason)),
+                    Ok(segments) => {
+                        let pieces = encode::tokenize_segments(tok, &segments).map_err(anyhow::Error::msg)?;
+                        Ok(Ok(encode::truncate(pieces, m.train.max_seq_len, m.train.truncation)))
+                    }
+                })
+                .collect::<anyhow::Result<Vec<_>>>()
+        })
+        .collect::<anyhow::Result<_>>()?;
+    Ok(chunks.into_iter().flatten().collect())
+}
+
+/// The lock of a manifest's inputs (no token stream yet).
+fn input_lock(m: &Manifest, resolved: &[(String, Resolved)], tok: &dyn Tokenizer) -> anyhow::Result<Lock> {
+    let base = m.file.parent().map(Path::to_path_buf).unwrap_or_default();
+    let base = base.canonicalize().unwrap_or(base);
+    let mut lock = Lock { pipeline_version: PIPELINE_VERSION, tokenizer: tok.digest().to_string(), ..Default::default() };
+    let mut digests: BTreeMap<String, String> = BTreeMap::new();
+    for ((kind, key, use_), (_, r)) in m.plugin_uses().into_iter().zip(resolved) {
+        // The scheduler shapes training, not tokens: it is locked by the run, not here.
+        if kind == PluginKind::Scheduler {
+            continue;
+        }
+        lock.plugins.insert(key.clone(), format!("{} {}", r.origin.name, r.origin.sha256));
+        let normalized = normalized_config(use_, &base, &mut digests, &mut lock.files)?;
+        lock.configs.insert(key, hex::encode(<sha2::Sha256 as sha2::Digest>::digest(normalized.as_bytes())));
+    }
+    let s = &mut lock.settings;
+    s.insert("seed".into(), m.run.seed.to_string());
+    s.insert("mix".into(), format!("fraction={} shuffle={}", m.mix.fraction, m.mix.shuffle));
+    s.insert("train.max_seq_len".into(), m.train.max_seq_len.to_string());
+    s.insert("train.truncation".into(), format!("{:?}", m.train.truncation).to_lowercase());
+    s.insert("train.eval".into(), format!("fraction={} count={:?}", m.train.eval_fraction, m.train.eval_count));
+    for (i, d) in m.datasets.iter().enumerate() {
+        s.insert(
+            format!("dataset[{i}]"),
+            format!("name={} repeat={} fraction={:?} count={:?} on_malformed={:?}", d.name, d.repeat, d.fraction, d.count, d.on_malformed),
+        );
+    }
+    Ok(lock)
+}
+
+/// A plugin's options with every path replaced by its content digest, so the lock and the cache key do
+/// not depend on where the data sits, only on what it is.
+fn normalized_config(
+    use_: &PluginUse,
+    base: &Path,
+    digests: &mut BTreeMap<String, String>,
+    files: &mut BTreeMap<String, String>,
+) -> anyhow::Result<String> {
+    let mut config = use_.config.clone();
+    for (key, value) in config.iter_mut() {
+        if !is_path_key(key) {
+            continue;
+        }
+        let mut replace = |s: &mut String| -> anyhow::Result<()> {
+            let d = match digests.get(s.as_str()) {
+                Some(d) => d.clone(),
+                None => {
+                    let d = lock::digest_path(Path::new(s.as_str()))?;
+                    digests.insert(s.clone(), d.clone());
+                    d
+                }
+            };
+            let rel = Path::new(s.as_str()).strip_prefix(base).map(|p| p.display().to_string()).unwrap_or_else(|_| s.clone());
+            files.insert(rel, d.clone());
+            *s = format!("sha256:{d}");
+            Ok(())
+        };
+        match value {
+            toml::Value::String(s) => replace(s)?,
+            toml::Value::Array(items) => {
+                for v in items {
+                    if let toml::Value::String(s) = v {
+                        replace(s)?;
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    Ok(toml::to_string(&config)?)
+}
