@@ -3,5 +3,12 @@
 //! The data path reads as a straight line: source -> filters -> mix -> template -> tokens -> batches -> model.
 //! [`plugins`] runs the sandboxed stages; the CLI (`src/main.rs`) is a thin layer over this library.
 pub mod bench;
+pub mod data;
 pub mod fsutil;
+pub mod lora;
+pub mod manifest;
+pub mod model;
 pub mod plugins;
+pub mod rng;
+pub mod tokenizer;
+pub mod train;

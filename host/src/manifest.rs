@@ -348,11 +348,7 @@ impl Manifest {
     }
 
     fn resolve_paths(&mut self, dir: &Path) {
-        let abs = |p: &mut PathBuf| {
-            if p.is_relative() {
-                *p = dir.join(&*p);
-            }
-        };
+        let abs = |p: &mut PathBuf| *p = absolute(dir, p);
         abs(&mut self.run.output);
         if let Some(c) = self.run.cache.as_mut() {
             abs(c);
@@ -460,10 +456,30 @@ impl Manifest {
     }
 }
 
+/// `p` made absolute against `dir`, without `.` or `..` (the sandbox grants folders by their real path,
+/// so `examples/../data/x.jsonl` must become `data/x.jsonl`); symlinks are resolved where the path exists.
+pub fn absolute(dir: &Path, p: &Path) -> PathBuf {
+    let joined = dir.join(p);
+    if let Ok(real) = joined.canonicalize() {
+        return real;
+    }
+    let mut out = PathBuf::new();
+    for c in joined.components() {
+        match c {
+            std::path::Component::ParentDir => {
+                out.pop();
+            }
+            std::path::Component::CurDir => {}
+            c => out.push(c),
+        }
+    }
+    out
+}
+
 fn resolve_value(value: &mut toml::Value, dir: &Path) {
     match value {
-        toml::Value::String(s) if Path::new(s.as_str()).is_relative() => {
-            *s = dir.join(&*s).to_string_lossy().into_owned();
+        toml::Value::String(s) => {
+            *s = absolute(dir, Path::new(s.as_str())).to_string_lossy().into_owned();
         }
         toml::Value::Array(items) => items.iter_mut().for_each(|v| resolve_value(v, dir)),
         _ => {}

@@ -30,19 +30,24 @@ pub fn generate(n: usize, path: &Path, seed: u64) -> anyhow::Result<()> {
             (0..len).map(|_| letters[rng.below(letters.len() as u64) as usize]).collect()
         })
         .collect();
-    let mut sentence = |rng: &mut Rng, k: usize| {
-        let mut s: Vec<&str> = (0..k).map(|_| words[rng.below(words.len() as u64) as usize].as_str()).collect();
-        let end = [".", "?", "!", ""][rng.below(4) as usize];
+    let sentence = |rng: &mut Rng, k: usize| {
+        let s: Vec<&str> = (0..k).map(|_| words[rng.below(words.len() as u64) as usize].as_str()).collect();
         let mut text = s.join(" ");
-        text.push_str(end);
-        s.clear();
+        text.push_str([".", "?", "!", ""][rng.below(4) as usize]);
         text
     };
     let mut out = std::io::BufWriter::new(std::fs::File::create(path)?);
     for _ in 0..n {
-        let instruction = sentence(&mut rng, 5 + rng.below(36) as usize);
-        let input = if rng.next_f64() < 0.4 { sentence(&mut rng, rng.below(121) as usize) } else { String::new() };
-        let output = sentence(&mut rng, 10 + rng.below(241) as usize);
+        let k = 5 + rng.below(36) as usize;
+        let instruction = sentence(&mut rng, k);
+        let input = if rng.next_f64() < 0.4 {
+            let k = rng.below(121) as usize;
+            sentence(&mut rng, k)
+        } else {
+            String::new()
+        };
+        let k = 10 + rng.below(241) as usize;
+        let output = sentence(&mut rng, k);
         let line = serde_json::json!({ "instruction": instruction, "input": input, "output": output });
         writeln!(out, "{line}")?;
     }

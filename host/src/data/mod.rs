@@ -57,6 +57,10 @@ impl<'m> Plan<'m> {
     pub fn new(m: &'m Manifest) -> anyhow::Result<Plan<'m>> {
         let set = PluginSet::new(m)?;
         let tokenizer = load_tokenizer(m)?;
+        // Every declared plugin is checked against its pin, used or not: a wrong digest is wrong anywhere.
+        for name in m.plugins.keys() {
+            set.read_pinned(name)?;
+        }
         let mut resolved = Vec::new();
         for (kind, key, use_) in m.plugin_uses() {
             resolved.push((key.clone(), set.resolve(kind, &key, use_)?));

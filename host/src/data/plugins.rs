@@ -55,19 +55,7 @@ impl<'m> PluginSet<'m> {
             limits: use_.limits.clone().unwrap_or_default(),
         };
         if let Some(pf) = m.plugins.get(name) {
-            let bytes = std::fs::read(&pf.path).with_context(|| {
-                format!("{file}: `plugins.{name}.path`: cannot read {} (build the plugin, or fix the path)", pf.path.display())
-            })?;
-            let sha = crate::plugins::engine::sha256_hex(&bytes);
-            if let Some(want) = &pf.sha256 {
-                if !want.eq_ignore_ascii_case(&sha) {
-                    bail!(
-                        "{file}: `plugins.{name}.sha256`: the file {} has sha256 {sha}, but the manifest pins {want}. \
-                         If you rebuilt or replaced it on purpose, set sha256 = \"{sha}\"",
-                        pf.path.display()
-                    );
-                }
-            }
+            let (bytes, sha) = self.read_pinned(name)?;
             let native = !bytes.starts_with(b"\0asm");
             let origin = PluginOrigin {
                 name: name.into(),
@@ -115,6 +103,26 @@ impl<'m> PluginSet<'m> {
 }
 
 impl PluginSet<'_> {
+    /// Reads the `[plugins]` entry `name` and checks its pinned digest; returns the bytes and their sha256.
+    pub fn read_pinned(&self, name: &str) -> anyhow::Result<(Vec<u8>, String)> {
+        let file = self.manifest.file.display();
+        let pf = &self.manifest.plugins[name];
+        let bytes = std::fs::read(&pf.path).with_context(|| {
+            format!("{file}: `plugins.{name}.path`: cannot read {} (build the plugin, or fix the path)", pf.path.display())
+        })?;
+        let sha = crate::plugins::engine::sha256_hex(&bytes);
+        if let Some(want) = &pf.sha256 {
+            if !want.eq_ignore_ascii_case(&sha) {
+                bail!(
+                    "{file}: `plugins.{name}.sha256`: the file {} has sha256 {sha}, but the manifest pins {want}. \
+                     If you rebuilt or replaced it on purpose, set sha256 = \"{sha}\"",
+                    pf.path.display()
+                );
+            }
+        }
+        Ok((bytes, sha))
+    }
+
     pub fn source(&self, r: &Resolved) -> anyhow::Result<Box<dyn RecordSource>> {
         match (&r.wasm, &r.native_path) {
             (Some(p), _) => Ok(Box::new(WasmSource::open(&self.engine, p, &r.grants, &r.config)?)),

@@ -18,7 +18,7 @@ pub struct DatasetReport {
     pub in_mix: usize,
 }
 
-#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize, PartialEq)]
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
 pub struct Report {
     pub datasets: Vec<DatasetReport>,
     /// Global filters (`[[filter]]`), over all datasets.
