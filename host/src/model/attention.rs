@@ -1,0 +1,147 @@
+//! Causal self-attention pieces, forward and backward side by side: head split/merge (layout only),
+//! rotary position embeddings (RoPE), and scaled dot-product attention with a causal mask.
+//! Layout inside attention is [B, H, T, D] (batch, head, time, head dim), contiguous.
+use super::ops::acc_dtype;
+use candle_core::{DType, Device, Result, Tensor, D};
+
+// ---------------------------------------------------------------------------------------------------------
+// Head split / merge. c_attn's output [N, 3C] holds q | k | v along features, each C = H * D wide with
+// head h at features h*D .. (h+1)*D. The backward of a split is a concatenation and vice versa.
+
+/// [N, 3C] -> q, k, v, each [B, H, T, D] contiguous.
+pub fn split_qkv(qkv: &Tensor, b: usize, t: usize, h: usize, d: usize) -> Result<(Tensor, Tensor, Tensor)> {
+    let c = h * d;
+    let part = |i: usize| qkv.narrow(1, i * c, c)?.reshape((b, t, h, d))?.transpose(1, 2)?.contiguous();
+    Ok((part(0)?, part(1)?, part(2)?))
+}
+
+/// Backward of [`split_qkv`]: dq, dk, dv [B, H, T, D] -> d(qkv) [N, 3C].
+pub fn split_qkv_backward(dq: &Tensor, dk: &Tensor, dv: &Tensor) -> Result<Tensor> {
+    Tensor::cat(&[merge_heads(dq)?, merge_heads(dk)?, merge_heads(dv)?], 1)
+}
+
+/// [B, H, T, D] -> [N, C] contiguous (head-major features, as c_proj expects).
+pub fn merge_heads(y: &Tensor) -> Result<Tensor> {
+    let (b, h, t, d) = y.dims4()?;
+    y.transpose(1, 2)?.contiguous()?.reshape((b * t, h * d))
+}
+
+/// Backward of [`merge_heads`]: [N, C] -> [B, H, T, D].
+pub fn merge_heads_backward(dy: &Tensor, b: usize, t: usize, h: usize, d: usize) -> Result<Tensor> {
+    dy.reshape((b, t, h, d))?.transpose(1, 2)?.contiguous()
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// RoPE, non-interleaved ("rotate_half"), over the full head dim, as Qwen v1:
+//   y = x * cos + rotate_half(x) * sin,  rotate_half([x1, x2]) = [-x2, x1]   (halves of the head dim)
+// with angle(t, j) = t * base^(-2 (j mod D/2) / D). It is a rotation R per (t, pair), so the backward is
+// the transposed rotation: dx = dy * cos + rotate_half^T(dy * sin),  rotate_half^T([g1, g2]) = [g2, -g1].
+// Computed in f32 (acc dtype) and cast back, as Qwen does.
+
+pub struct Rope {
+    /// [T, D] in the accumulation dtype.
+    cos: Tensor,
+    sin: Tensor,
+}
+
+impl Rope {
+    /// Tables for positions 0..seq_len. The angles are computed in f32 exactly as the HF code does
+    /// (`inv_freq = 1 / base ** (arange(0, D, 2) / D)`, `outer(t, inv_freq)`), then cos/sin.
+    pub fn new(seq_len: usize, head_dim: usize, base: f64, model_dtype: DType, device: &Device) -> Result<Rope> {
+        let half = head_dim / 2;
+        let inv_freq: Vec<f32> =
+            (0..half).map(|i| 1.0f32 / (base as f32).powf((2 * i) as f32 / head_dim as f32)).collect();
+        let mut cos = Vec::with_capacity(seq_len * head_dim);
+        let mut sin = Vec::with_capacity(seq_len * head_dim);
+        for t in 0..seq_len {
+            for j in 0..head_dim {
+                let angle = (t as f32 * inv_freq[j % half]) as f64;
+                cos.push(angle.cos());
+                sin.push(angle.sin());
+            }
+        }
+        let acc = acc_dtype(model_dtype);
+        let cos = Tensor::from_vec(cos, (seq_len, head_dim), device)?.to_dtype(acc)?;
+        let sin = Tensor::from_vec(sin, (seq_len, head_dim), device)?.to_dtype(acc)?;
+        Ok(Rope { cos, sin })
+    }
+}
+
+fn rotate_half(x: &Tensor) -> Result<Tensor> {
+    let half = x.dim(D::Minus1)? / 2;
+    let x1 = x.narrow(D::Minus1, 0, half)?;
+    let x2 = x.narrow(D::Minus1, half, half)?;
+    Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)
+}
+
+fn rotate_half_transposed(g: &Tensor) -> Result<Tensor> {
+    let half = g.dim(D::Minus1)? / 2;
+    let g1 = g.narrow(D::Minus1, 0, half)?;
+    let g2 = g.narrow(D::Minus1, half, half)?;
+    Tensor::cat(&[&g2, &g1.neg()?], D::Minus1)
+}
+
+/// x [B, H, T, D] -> rotated x, same dtype.
+pub fn rope_forward(x: &Tensor, rope: &Rope) -> Result<Tensor> {
+    let dtype = x.dtype();
+    let xf = x.to_dtype(rope.cos.dtype())?;
+    let y = (xf.broadcast_mul(&rope.cos)? + rotate_half(&xf)?.broadcast_mul(&rope.sin)?)?;
+    y.to_dtype(dtype)
+}
+
+pub fn rope_backward(dy: &Tensor, rope: &Rope) -> Result<Tensor> {
+    let dtype = dy.dtype();
+    let g = dy.to_dtype(rope.cos.dtype())?;
+    let dx = (g.broadcast_mul(&rope.cos)? + rotate_half_transposed(&g.broadcast_mul(&rope.sin)?)?)?;
+    dx.to_dtype(dtype)
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Scaled dot-product attention with a causal mask:
+//   s = q k^T / sqrt(D) + mask   (mask: 0 where key <= query, -inf above the diagonal)
+//   p = softmax(s) along keys,  y = p v
+// Backward, with dy:
+//   dv = p^T dy;  dp = dy v^T;  ds = p * (dp - sum_keys(dp * p))   (softmax backward);
+//   dq = ds k / sqrt(D);  dk = ds^T q / sqrt(D).
+// Masked entries have p = 0, so their ds is 0 and nothing flows to future keys.
+// Scores, softmax and its backward run in the acc dtype (f32 for bf16); matmuls in the model dtype.
+
+/// [T, T] additive causal mask in the acc dtype.
+pub fn causal_mask(t: usize, model_dtype: DType, device: &Device) -> Result<Tensor> {
+    let m: Vec<f32> = (0..t * t).map(|i| if i % t > i / t { f32::NEG_INFINITY } else { 0.0 }).collect();
+    Tensor::from_vec(m, (t, t), device)?.to_dtype(acc_dtype(model_dtype))
+}
+
+pub struct AttnSaved {
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    /// Softmax probabilities [B, H, T, T] in the acc dtype.
+    p: Tensor,
+}
+
+pub fn attention_forward(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor) -> Result<(Tensor, AttnSaved)> {
+    let dtype = q.dtype();
+    let scale = 1.0 / (q.dim(D::Minus1)? as f64).sqrt();
+    let s = (q.matmul(&k.t()?)?.to_dtype(mask.dtype())? * scale)?.broadcast_add(mask)?;
+    let s_max = s.max_keepdim(D::Minus1)?; // finite: the diagonal is never masked
+    let e = s.broadcast_sub(&s_max)?.exp()?;
+    let p = e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?;
+    let y = p.to_dtype(dtype)?.matmul(v)?;
+    Ok((y, AttnSaved { q: q.clone(), k: k.clone(), v: v.clone(), p }))
+}
+
+/// Returns (dq, dk, dv), each [B, H, T, D].
+pub fn attention_backward(saved: &AttnSaved, dy: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
+    let dtype = dy.dtype();
+    let scale = 1.0 / (saved.q.dim(D::Minus1)? as f64).sqrt();
+    let p = &saved.p;
+    let p_m = p.to_dtype(dtype)?;
+    let dv = p_m.t()?.matmul(dy)?;
+    let dp = dy.matmul(&saved.v.t()?)?.to_dtype(p.dtype())?;
+    let row_dot = (&dp * p)?.sum_keepdim(D::Minus1)?;
+    let ds = ((dp.broadcast_sub(&row_dot)? * p)? * scale)?.to_dtype(dtype)?;
+    let dq = ds.matmul(&saved.k)?;
+    let dk = ds.t()?.matmul(&saved.q)?;
+    Ok((dq, dk, dv))
+}

@@ -1,0 +1,159 @@
+//! The ops of a block, each as a forward and its backward side by side (attention and the loss live in
+//! their own files). Conventions:
+//! - Activations are 2-D `[N, features]` with N = batch * time, row-major and contiguous.
+//! - Frozen weights are never differentiated: a linear's backward returns dX only.
+//! - `*_forward` returns the output plus whatever its backward needs (`*Saved`); nothing else is kept.
+//! - Matmuls take contiguous operands or `.t()` of contiguous ones (what CUDA's GEMM accepts).
+use super::rng;
+use candle_core::{DType, Device, Result, Tensor, D};
+
+/// The dtype for precision-sensitive math (norm statistics, RoPE, softmax, loss): f32 for half-precision
+/// models, otherwise the model's own dtype (f32, or f64 in gradient checks).
+pub fn acc_dtype(dtype: DType) -> DType {
+    match dtype {
+        DType::BF16 | DType::F16 => DType::F32,
+        other => other,
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Embedding: x[n] = wte[ids[n]]. The embedding is frozen, so there is no backward.
+
+pub fn embedding_forward(wte: &Tensor, ids_flat: &Tensor) -> Result<Tensor> {
+    wte.index_select(ids_flat, 0)
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// RMSNorm (Qwen v1): y = w * x / sqrt(mean(x^2) + eps), statistics in f32 (as Qwen does `x.float()`),
+// normalised x cast back to the model dtype before the weight multiply (Qwen's `.type_as(x) * weight`).
+
+pub struct RmsNormSaved {
+    /// The input, in the accumulation dtype.
+    x: Tensor,
+    /// 1 / sqrt(mean(x^2) + eps), [N, 1].
+    rstd: Tensor,
+}
+
+pub fn rmsnorm_forward(x: &Tensor, w: &Tensor, eps: f64) -> Result<(Tensor, RmsNormSaved)> {
+    let dtype = x.dtype();
+    let xf = x.to_dtype(acc_dtype(dtype))?;
+    let rstd = (xf.sqr()?.mean_keepdim(D::Minus1)? + eps)?.sqrt()?.recip()?;
+    let xhat = xf.broadcast_mul(&rstd)?;
+    let y = xhat.to_dtype(dtype)?.broadcast_mul(w)?;
+    Ok((y, RmsNormSaved { x: xf, rstd }))
+}
+
+/// With xhat = x * rstd and g = dy * w (per feature):
+///   dx = rstd * (g - xhat * mean(g * xhat))
+/// (the second term is the gradient through rstd, which depends on every feature of the row).
+pub fn rmsnorm_backward(saved: &RmsNormSaved, w: &Tensor, dy: &Tensor) -> Result<Tensor> {
+    let dtype = dy.dtype();
+    let g = dy.broadcast_mul(w)?.to_dtype(saved.x.dtype())?;
+    let xhat = saved.x.broadcast_mul(&saved.rstd)?;
+    let proj = (&g * &xhat)?.mean_keepdim(D::Minus1)?;
+    let dx = (g - xhat.broadcast_mul(&proj)?)?.broadcast_mul(&saved.rstd)?;
+    dx.to_dtype(dtype)
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Linear with a frozen weight W [out, in] and optional bias: y = x W^T + b.
+// Backward: dx = dy W. dW and db are never formed (the weights are frozen).
+
+pub fn linear_forward(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+    let y = x.matmul(&w.t()?)?;
+    match bias {
+        Some(b) => y.broadcast_add(b),
+        None => Ok(y),
+    }
+}
+
+pub fn linear_backward(dy: &Tensor, w: &Tensor) -> Result<Tensor> {
+    dy.matmul(w)
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// LoRA on a linear (PEFT): y += scale * B A dropout(x), A [r, in], B [out, r], scale = alpha / r.
+// Computed as h = dropout(x); u = scale * (h A^T) [N, r]; delta = u B^T [N, out], so the scale touches
+// only the small [N, r] tensor. Parameters are f32 (or f64); they are cast to the activation dtype here and
+// their gradients come back in the parameter dtype.
+
+pub struct LoraSaved {
+    /// dropout(x): the input A saw.
+    h: Tensor,
+    /// scale * h A^T.
+    u: Tensor,
+    /// The dropout mask (0 or 1/(1-p)); None when dropout is off.
+    mask: Option<Tensor>,
+}
+
+pub fn lora_forward(x: &Tensor, a: &Tensor, b: &Tensor, scale: f64, mask: Option<&Tensor>) -> Result<(Tensor, LoraSaved)> {
+    let dtype = x.dtype();
+    let (a, b) = (a.to_dtype(dtype)?, b.to_dtype(dtype)?);
+    let h = match mask {
+        Some(m) => (x * m)?,
+        None => x.clone(),
+    };
+    let u = (h.matmul(&a.t()?)? * scale)?;
+    let delta = u.matmul(&b.t()?)?;
+    Ok((delta, LoraSaved { h, u, mask: mask.cloned() }))
+}
+
+/// Backward of `delta = (scale * h A^T) B^T`, given d(delta) = dy:
+///   dB = dy^T u            [out, r]
+///   du = dy B              [N, r]  -> d(h A^T) = scale * du
+///   dA = (scale du)^T h    [r, in]
+///   dh = (scale du) A      [N, in] -> dx = dh * mask (dropout passes gradient only where it kept x)
+/// Returns (dx, dA, dB); dA, dB in the parameter dtype.
+pub fn lora_backward(saved: &LoraSaved, a: &Tensor, b: &Tensor, scale: f64, dy: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
+    let dtype = dy.dtype();
+    let pdtype = a.dtype();
+    let (a_c, b_c) = (a.to_dtype(dtype)?, b.to_dtype(dtype)?);
+    let db = dy.t()?.matmul(&saved.u)?;
+    let du = (dy.matmul(&b_c)? * scale)?;
+    let da = du.t()?.matmul(&saved.h)?;
+    let dh = du.matmul(&a_c)?;
+    let dx = match &saved.mask {
+        Some(m) => (dh * m)?,
+        None => dh,
+    };
+    Ok((dx, da.to_dtype(pdtype)?, db.to_dtype(pdtype)?))
+}
+
+/// A dropout mask [rows, cols] of 0 (probability p) and 1/(1-p), a pure function of `key` (see
+/// [`rng::uniform_at`]) so recomputation during backward reproduces it exactly.
+pub fn dropout_mask(key: u64, rows: usize, cols: usize, p: f64, dtype: DType, device: &Device) -> Result<Tensor> {
+    let keep_scale = (1.0 / (1.0 - p)) as f32;
+    let p = p as f32;
+    let values: Vec<f32> =
+        (0..(rows * cols) as u64).map(|i| if rng::uniform_at(key, i) < p { 0.0 } else { keep_scale }).collect();
+    Tensor::from_vec(values, (rows, cols), device)?.to_dtype(dtype)
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// SwiGLU (Qwen v1 MLP middle): h = a * silu(g) with a = w1(x) (up) and g = w2(x) (gate),
+// silu(g) = g * sigmoid(g).
+// Backward: da = dh * silu(g); dg = dh * a * silu'(g), silu'(g) = s * (1 + g * (1 - s)), s = sigmoid(g).
+
+pub struct SwiGluSaved {
+    a: Tensor,
+    g: Tensor,
+}
+
+pub fn swiglu_forward(a: &Tensor, g: &Tensor) -> Result<(Tensor, SwiGluSaved)> {
+    let h = (a * g.silu()?)?;
+    Ok((h, SwiGluSaved { a: a.clone(), g: g.clone() }))
+}
+
+pub fn swiglu_backward(saved: &SwiGluSaved, dh: &Tensor) -> Result<(Tensor, Tensor)> {
+    let g = &saved.g;
+    let s = (g.neg()?.exp()? + 1.0)?.recip()?; // sigmoid(g)
+    let silu = (g * &s)?;
+    let da = (dh * &silu)?;
+    let dsilu = ((g * (1.0 - &s)?)? + 1.0)?.mul(&s)?; // s * (1 + g (1 - s))
+    let dg = ((dh * &saved.a)? * dsilu)?;
+    Ok((da, dg))
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Residual add: y = x + f(x). Forward is `x + fx`; backward sends dy unchanged to both branches, so the
+// block's backward adds the branch's input gradient onto dy (see qwen.rs).

@@ -1,0 +1,383 @@
+//! Qwen v1: the block as a sequence of ops (forward and backward next to each other), the inference
+//! forward and `generate`, and the training step `loss_and_grads`.
+//!
+//! Block (pre-norm, two residual branches):
+//! ```text
+//! h1 = ln_1(x)                       x1 = x + c_proj(attn(rope(q), rope(k), v)),  q|k|v = c_attn(h1)
+//! h2 = ln_2(x1)                      x2 = x1 + mlp.c_proj(w1(h2) * silu(w2(h2)))
+//! ```
+//! The training step keeps, per layer, either everything the backward needs (`BlockSaved`) or, with
+//! `recompute`, only the layer's input, and re-runs the layer's forward just before its backward. Dropout
+//! masks are a pure function of (step seed, layer, module), so the recomputed layer is bit-identical.
+use super::attention::{self, AttnSaved, Rope};
+use super::config::{QwenConfig, Site};
+use super::loss::{self, Targets};
+use super::ops::{self, LoraSaved, RmsNormSaved, SwiGluSaved};
+use super::rng::{self, Rng};
+use super::weights::{Checkpoint, QwenWeights};
+use crate::lora::{Lora, LoraGrads};
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device, Tensor};
+use std::path::Path;
+
+/// A frozen Qwen v1 model.
+pub struct QwenModel {
+    pub config: QwenConfig,
+    pub weights: QwenWeights,
+    pub dtype: DType,
+    pub device: Device,
+    /// Tokens per chunk in the lm_head + loss (bounds the [chunk, vocab] logits).
+    pub loss_chunk: usize,
+}
+
+/// Result of one training micro-step. `grads` are gradients of `loss_sum` (not of the mean): divide by
+/// the counted tokens of the whole accumulated batch.
+pub struct LossAndGrads {
+    pub loss_sum: f64,
+    pub n_tokens: usize,
+    pub grads: LoraGrads,
+}
+
+#[derive(Clone, Debug)]
+pub enum Sampling {
+    Greedy,
+    /// Sample from softmax(logits / temperature) with a seeded generator.
+    Temperature { temperature: f64, seed: u64 },
+}
+
+#[derive(Clone, Debug)]
+pub struct GenerateOptions {
+    pub max_new: usize,
+    /// Stop after emitting this token (it is included in the output).
+    pub stop_token: Option<u32>,
+    pub sampling: Sampling,
+}
+
+/// Per-call context shared by the layers.
+struct Ctx<'a> {
+    b: usize,
+    t: usize,
+    rope: Rope,
+    mask: Tensor,
+    lora: Option<&'a Lora>,
+    /// (step seed, p) when dropout is active.
+    dropout: Option<(u64, f64)>,
+}
+
+/// What one block's backward needs.
+struct BlockSaved {
+    ln_1: RmsNormSaved,
+    c_attn: Option<LoraSaved>,
+    attn: AttnSaved,
+    attn_c_proj: Option<LoraSaved>,
+    ln_2: RmsNormSaved,
+    w1: Option<LoraSaved>,
+    w2: Option<LoraSaved>,
+    swiglu: SwiGluSaved,
+    mlp_c_proj: Option<LoraSaved>,
+}
+
+/// LoRA gradients (dA, dB) of one block, by site.
+type BlockGrads = [Option<(Tensor, Tensor)>; 5];
+
+impl QwenModel {
+    /// Loads `config.json` and the weights from a checkpoint folder.
+    pub fn load(dir: &Path, dtype: DType, device: &Device) -> Result<QwenModel> {
+        let ckpt = Checkpoint::open(dir)?;
+        let weights = ckpt.load_weights(dtype, device)?;
+        Ok(QwenModel { config: ckpt.config, weights, dtype, device: device.clone(), loss_chunk: 512 })
+    }
+
+    // ----- inference ------------------------------------------------------------------------------------
+
+    /// Logits [B, T, vocab] for token ids [B, T] (u32), optionally with a LoRA adapter (no dropout).
+    pub fn forward(&self, ids: &Tensor, lora: Option<&Lora>) -> Result<Tensor> {
+        let (b, t) = ids.dims2()?;
+        let hf = self.hidden_states(ids, lora)?;
+        let logits = ops::linear_forward(&hf, &self.weights.lm_head, None)?;
+        Ok(logits.reshape((b, t, self.config.vocab_size))?)
+    }
+
+    /// Summed masked loss and counted tokens, no gradients (evaluation).
+    pub fn eval_loss(&self, ids: &Tensor, labels: &Tensor, lora: Option<&Lora>) -> Result<(f64, usize)> {
+        let targets = self.targets(ids, labels)?;
+        let hf = self.hidden_states(ids, lora)?;
+        let (loss, _) = loss::cross_entropy(&hf, &self.weights.lm_head, &targets, self.loss_chunk, false)?;
+        Ok((loss, targets.len()))
+    }
+
+    /// Final-norm hidden states [B*T, C].
+    fn hidden_states(&self, ids: &Tensor, lora: Option<&Lora>) -> Result<Tensor> {
+        let ctx = self.context(ids, lora, None)?;
+        let mut x = self.embed(ids)?;
+        for layer in 0..self.config.num_layers {
+            x = self.block_forward(&ctx, layer, &x)?.0;
+        }
+        Ok(ops::rmsnorm_forward(&x, &self.weights.ln_f, self.config.eps)?.0)
+    }
+
+    /// Autoregressive generation for one prompt; returns the new tokens only. Recomputes the full forward
+    /// per token (no KV cache yet). Stops at `max_new` tokens, after `stop_token`, or when the context
+    /// reaches `seq_length`.
+    pub fn generate(&self, prompt: &[u32], lora: Option<&Lora>, opts: &GenerateOptions) -> Result<Vec<u32>> {
+        if prompt.is_empty() {
+            bail!("generate: the prompt is empty");
+        }
+        let mut rng = match opts.sampling {
+            Sampling::Greedy => None,
+            Sampling::Temperature { temperature, seed } => {
+                if !(temperature > 0.0) {
+                    bail!("generate: temperature must be > 0 (use Sampling::Greedy for 0), got {temperature}");
+                }
+                Some(Rng::new(seed))
+            }
+        };
+        let mut ids = prompt.to_vec();
+        let mut out = Vec::new();
+        while out.len() < opts.max_new && ids.len() < self.config.seq_length {
+            let t = ids.len();
+            let input = Tensor::from_slice(&ids, (1, t), &self.device)?;
+            let hf = self.hidden_states(&input, lora)?;
+            let last = hf.narrow(0, t - 1, 1)?;
+            let logits: Vec<f32> = ops::linear_forward(&last, &self.weights.lm_head, None)?
+                .to_dtype(DType::F32)?
+                .flatten_all()?
+                .to_vec1()?;
+            let next = match (&opts.sampling, rng.as_mut()) {
+                (Sampling::Temperature { temperature, .. }, Some(rng)) => sample(&logits, *temperature, rng),
+                _ => argmax(&logits),
+            };
+            ids.push(next);
+            out.push(next);
+            if opts.stop_token == Some(next) {
+                break;
+            }
+        }
+        Ok(out)
+    }
+
+    // ----- training -------------------------------------------------------------------------------------
+
+    /// One micro-step: forward, summed masked loss, backward to the LoRA parameters.
+    ///
+    /// - `ids` [B, T] token ids; `labels` [B, T] i64, HF convention (-100 = not trained; position t
+    ///   predicts `labels[t + 1]`).
+    /// - `dropout_rng` gives this step's dropout seed (one draw per call, also when dropout is 0).
+    /// - `recompute`: keep only each layer's input and recompute the layer during backward (bounded
+    ///   memory, one extra forward); gives bit-identical results on CPU.
+    pub fn loss_and_grads(&self, ids: &Tensor, labels: &Tensor, lora: &Lora, dropout_rng: &mut Rng, recompute: bool) -> Result<LossAndGrads> {
+        lora.check_fits(&self.config)?;
+        let targets = self.targets(ids, labels)?;
+        let step_seed = dropout_rng.next_u64();
+        let p = lora.config.dropout;
+        let ctx = self.context(ids, Some(lora), (p > 0.0).then_some((step_seed, p)))?;
+        let n_layers = self.config.num_layers;
+
+        // Layers below the lowest adapted one need no backward at all.
+        let Some(lowest) = lora.adapters().iter().map(|a| a.layer).min() else {
+            bail!("the LoRA adapter has no parameters");
+        };
+
+        // Forward, keeping per layer either its saved state or just its input.
+        let mut x = self.embed(ids)?;
+        let mut inputs: Vec<Tensor> = Vec::new();
+        let mut saved: Vec<BlockSaved> = Vec::new();
+        for layer in 0..n_layers {
+            let (y, s) = self.block_forward(&ctx, layer, &x)?;
+            if layer >= lowest {
+                if recompute {
+                    inputs.push(x);
+                } else {
+                    saved.push(s);
+                }
+            }
+            x = y;
+        }
+        let (hf, ln_f) = ops::rmsnorm_forward(&x, &self.weights.ln_f, self.config.eps)?;
+        drop(x);
+
+        // Loss and its gradient w.r.t. the final hidden states, chunk by chunk.
+        let (loss_sum, dhf) = loss::cross_entropy(&hf, &self.weights.lm_head, &targets, self.loss_chunk, true)?;
+        let dhf = dhf.expect("gradient requested");
+        let mut dx = ops::rmsnorm_backward(&ln_f, &self.weights.ln_f, &dhf)?;
+
+        // Backward, top layer first.
+        let mut grads: Vec<Option<(Tensor, Tensor)>> = vec![None; lora.adapters().len()];
+        for layer in (lowest..n_layers).rev() {
+            let s = if recompute {
+                let input = inputs.pop().expect("one input per layer");
+                self.block_forward(&ctx, layer, &input)?.1
+            } else {
+                saved.pop().expect("one state per layer")
+            };
+            let (d, block_grads) = self.block_backward(&ctx, layer, &s, &dx)?;
+            dx = d;
+            for (site, g) in Site::ALL.into_iter().zip(block_grads) {
+                if let (Some(g), Some(slot)) = (g, lora.slot(layer, site)) {
+                    grads[slot] = Some(g);
+                }
+            }
+        }
+        let (a, b) = grads.into_iter().map(|g| g.expect("every adapter sits at or above the lowest layer")).unzip();
+        Ok(LossAndGrads { loss_sum, n_tokens: targets.len(), grads: LoraGrads { a, b } })
+    }
+
+    // ----- the block ------------------------------------------------------------------------------------
+
+    fn block_forward(&self, ctx: &Ctx, layer: usize, x: &Tensor) -> Result<(Tensor, BlockSaved)> {
+        let w = &self.weights.layers[layer];
+        let cfg = &self.config;
+        let (h, d) = (cfg.num_heads, cfg.head_dim);
+
+        // Attention branch.
+        let (h1, ln_1) = ops::rmsnorm_forward(x, &w.ln_1, cfg.eps)?;
+        let (qkv, c_attn) = self.adapted_forward(ctx, layer, Site::CAttn, &h1)?;
+        let (q, k, v) = attention::split_qkv(&qkv, ctx.b, ctx.t, h, d)?;
+        let q = attention::rope_forward(&q, &ctx.rope)?;
+        let k = attention::rope_forward(&k, &ctx.rope)?;
+        let (y, attn) = attention::attention_forward(&q, &k, &v, &ctx.mask)?;
+        let y = attention::merge_heads(&y)?;
+        let (o, attn_c_proj) = self.adapted_forward(ctx, layer, Site::AttnCProj, &y)?;
+        let x1 = (x + o)?;
+
+        // MLP branch.
+        let (h2, ln_2) = ops::rmsnorm_forward(&x1, &w.ln_2, cfg.eps)?;
+        let (a, w1) = self.adapted_forward(ctx, layer, Site::W1, &h2)?;
+        let (g, w2) = self.adapted_forward(ctx, layer, Site::W2, &h2)?;
+        let (m, swiglu) = ops::swiglu_forward(&a, &g)?;
+        let (o2, mlp_c_proj) = self.adapted_forward(ctx, layer, Site::MlpCProj, &m)?;
+        let x2 = (&x1 + o2)?;
+
+        Ok((x2, BlockSaved { ln_1, c_attn, attn, attn_c_proj, ln_2, w1, w2, swiglu, mlp_c_proj }))
+    }
+
+    /// Given d(x2), returns d(x) and the block's LoRA gradients.
+    fn block_backward(&self, ctx: &Ctx, layer: usize, s: &BlockSaved, dx2: &Tensor) -> Result<(Tensor, BlockGrads)> {
+        let w = &self.weights.layers[layer];
+        let cfg = &self.config;
+        let (h, d) = (cfg.num_heads, cfg.head_dim);
+        let mut grads: BlockGrads = Default::default();
+
+        // MLP branch: x2 = x1 + mlp(ln_2(x1)), so d(x1) = d(x2) + ln_2^T(mlp^T(d(x2))).
+        let (dm, g) = self.adapted_backward(ctx, layer, Site::MlpCProj, s.mlp_c_proj.as_ref(), dx2)?;
+        grads[Site::MlpCProj.index()] = g;
+        let (da, dg) = ops::swiglu_backward(&s.swiglu, &dm)?;
+        let (dh2_a, g) = self.adapted_backward(ctx, layer, Site::W1, s.w1.as_ref(), &da)?;
+        grads[Site::W1.index()] = g;
+        let (dh2_g, g) = self.adapted_backward(ctx, layer, Site::W2, s.w2.as_ref(), &dg)?;
+        grads[Site::W2.index()] = g;
+        let dh2 = (dh2_a + dh2_g)?; // h2 feeds both w1 and w2
+        let dx1 = (dx2 + ops::rmsnorm_backward(&s.ln_2, &w.ln_2, &dh2)?)?;
+
+        // Attention branch: x1 = x + attn(ln_1(x)).
+        let (dy, g) = self.adapted_backward(ctx, layer, Site::AttnCProj, s.attn_c_proj.as_ref(), &dx1)?;
+        grads[Site::AttnCProj.index()] = g;
+        let dy = attention::merge_heads_backward(&dy, ctx.b, ctx.t, h, d)?;
+        let (dq, dk, dv) = attention::attention_backward(&s.attn, &dy)?;
+        let dq = attention::rope_backward(&dq, &ctx.rope)?;
+        let dk = attention::rope_backward(&dk, &ctx.rope)?;
+        let dqkv = attention::split_qkv_backward(&dq, &dk, &dv)?;
+        let (dh1, g) = self.adapted_backward(ctx, layer, Site::CAttn, s.c_attn.as_ref(), &dqkv)?;
+        grads[Site::CAttn.index()] = g;
+        let dx = (dx1 + ops::rmsnorm_backward(&s.ln_1, &w.ln_1, &dh1)?)?;
+        Ok((dx, grads))
+    }
+
+    /// A frozen linear plus, when the adapter targets it, its LoRA term.
+    fn adapted_forward(&self, ctx: &Ctx, layer: usize, site: Site, x: &Tensor) -> Result<(Tensor, Option<LoraSaved>)> {
+        let lw = &self.weights.layers[layer];
+        let bias = (site == Site::CAttn).then_some(&lw.c_attn_bias);
+        let y = ops::linear_forward(x, lw.linear(site), bias)?;
+        let Some(adapter) = ctx.lora.and_then(|l| l.adapter(layer, site)) else {
+            return Ok((y, None));
+        };
+        let mask = match ctx.dropout {
+            Some((seed, p)) => {
+                let key = rng::stream_key(seed, &[layer as u64, site.index() as u64]);
+                let (n, k) = x.dims2()?;
+                Some(ops::dropout_mask(key, n, k, p, x.dtype(), x.device())?)
+            }
+            None => None,
+        };
+        let scale = ctx.lora.map(|l| l.scale()).unwrap_or(0.0);
+        let (delta, saved) = ops::lora_forward(x, &adapter.a, &adapter.b, scale, mask.as_ref())?;
+        Ok(((y + delta)?, Some(saved)))
+    }
+
+    fn adapted_backward(&self, ctx: &Ctx, layer: usize, site: Site, saved: Option<&LoraSaved>, dy: &Tensor) -> Result<(Tensor, Option<(Tensor, Tensor)>)> {
+        let dx = ops::linear_backward(dy, self.weights.layers[layer].linear(site))?;
+        match (saved, ctx.lora.and_then(|l| l.adapter(layer, site))) {
+            (Some(saved), Some(adapter)) => {
+                let scale = ctx.lora.map(|l| l.scale()).unwrap_or(0.0);
+                let (dx_lora, da, db) = ops::lora_backward(saved, &adapter.a, &adapter.b, scale, dy)?;
+                Ok(((dx + dx_lora)?, Some((da, db))))
+            }
+            _ => Ok((dx, None)),
+        }
+    }
+
+    // ----- helpers --------------------------------------------------------------------------------------
+
+    fn embed(&self, ids: &Tensor) -> Result<Tensor> {
+        Ok(ops::embedding_forward(&self.weights.wte, &ids.flatten_all()?)?)
+    }
+
+    /// Checks the ids and builds the per-call tables (RoPE, causal mask).
+    fn context<'a>(&self, ids: &Tensor, lora: Option<&'a Lora>, dropout: Option<(u64, f64)>) -> Result<Ctx<'a>> {
+        let (b, t) = ids.dims2().context("token ids must be a [batch, time] tensor")?;
+        if ids.dtype() != DType::U32 {
+            bail!("token ids must be u32, got {:?}", ids.dtype());
+        }
+        if t == 0 || b == 0 {
+            bail!("empty batch ({b} x {t})");
+        }
+        if t > self.config.seq_length {
+            bail!("sequence of {t} tokens is longer than seq_length {} (dynamic NTK / logn scaling are not implemented)", self.config.seq_length);
+        }
+        let max_id = ids.max_all()?.to_scalar::<u32>()?;
+        if max_id as usize >= self.config.vocab_size {
+            bail!("token id {max_id} is outside the vocabulary ({})", self.config.vocab_size);
+        }
+        if let Some(l) = lora {
+            l.check_fits(&self.config)?;
+        }
+        let rope = Rope::new(t, self.config.head_dim, self.config.rope_base, self.dtype, &self.device)?;
+        let mask = attention::causal_mask(t, self.dtype, &self.device)?;
+        Ok(Ctx { b, t, rope, mask, lora, dropout })
+    }
+
+    fn targets(&self, ids: &Tensor, labels: &Tensor) -> Result<Targets> {
+        if labels.dims() != ids.dims() {
+            bail!("labels have shape {:?}, ids {:?}: they must match", labels.dims(), ids.dims());
+        }
+        if labels.dtype() != DType::I64 {
+            bail!("labels must be i64 (-100 = ignored), got {:?}", labels.dtype());
+        }
+        Targets::from_labels(&labels.to_vec2::<i64>()?, self.config.vocab_size)
+    }
+}
+
+fn argmax(v: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &x) in v.iter().enumerate() {
+        if x > v[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+/// Draws from softmax(logits / temperature).
+fn sample(logits: &[f32], temperature: f64, rng: &mut Rng) -> u32 {
+    let max = logits.iter().cloned().fold(f32::NEG_INFINITY, f32::max) as f64;
+    let weights: Vec<f64> = logits.iter().map(|&z| ((z as f64 - max) / temperature).exp()).collect();
+    let total: f64 = weights.iter().sum();
+    let mut u = rng.uniform() * total;
+    for (i, w) in weights.iter().enumerate() {
+        u -= w;
+        if u < 0.0 {
+            return i as u32;
+        }
+    }
+    (logits.len() - 1) as u32
+}

@@ -1,0 +1,3 @@
+//! Training: for now the optimizer (AdamW, gradient clipping). The loop, schedules, accumulation and
+//! checkpoints will join here.
+pub mod optim;

@@ -1,0 +1,180 @@
+//! AdamW (PyTorch `torch.optim.AdamW` semantics) with f32 moments, and global-norm gradient clipping
+//! (`torch.nn.utils.clip_grad_norm_`).
+//!
+//! One AdamW step for parameter p with gradient g at step t (1-based), learning rate lr:
+//! ```text
+//! p  = p * (1 - lr * weight_decay)                 decoupled weight decay, before the Adam update
+//! m  = beta1 * m + (1 - beta1) * g
+//! v  = beta2 * v + (1 - beta2) * g^2
+//! p  = p - (lr / (1 - beta1^t)) * m / (sqrt(v) / sqrt(1 - beta2^t) + eps)
+//! ```
+//! Parameters are updated by replacing the tensors (no in-place kernels yet).
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device, Tensor};
+use std::collections::HashMap;
+use std::path::Path;
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct AdamWConfig {
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    pub weight_decay: f64,
+}
+
+impl Default for AdamWConfig {
+    /// PyTorch's defaults (betas 0.9 / 0.999, eps 1e-8, weight decay 0.01).
+    fn default() -> Self {
+        AdamWConfig { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.01 }
+    }
+}
+
+/// AdamW state for a fixed, named list of parameters.
+pub struct AdamW {
+    pub config: AdamWConfig,
+    /// Steps taken so far (t of the last step).
+    step: u64,
+    names: Vec<String>,
+    /// First and second moments, f32 (f64 when the parameter is f64).
+    m: Vec<Tensor>,
+    v: Vec<Tensor>,
+}
+
+fn moment_dtype(param: DType) -> DType {
+    if param == DType::F64 {
+        DType::F64
+    } else {
+        DType::F32
+    }
+}
+
+const FORMAT: &str = "lorahost-adamw-v1";
+
+impl AdamW {
+    /// Zero moments for `params` (named, e.g. by `Lora::param_names`, for saving).
+    pub fn new(config: AdamWConfig, names: Vec<String>, params: &[&Tensor]) -> Result<AdamW> {
+        if names.len() != params.len() {
+            bail!("AdamW: {} names for {} parameters", names.len(), params.len());
+        }
+        let zeros = |p: &&Tensor| p.zeros_like()?.to_dtype(moment_dtype(p.dtype()));
+        let m = params.iter().map(zeros).collect::<candle_core::Result<Vec<_>>>()?;
+        let v = params.iter().map(zeros).collect::<candle_core::Result<Vec<_>>>()?;
+        Ok(AdamW { config, step: 0, names, m, v })
+    }
+
+    /// Steps taken so far.
+    pub fn steps(&self) -> u64 {
+        self.step
+    }
+
+    /// One update of every parameter with its gradient, at learning rate `lr` (from the schedule).
+    pub fn step(&mut self, params: &mut [&mut Tensor], grads: &[&Tensor], lr: f64) -> Result<()> {
+        if params.len() != self.m.len() || grads.len() != self.m.len() {
+            bail!("AdamW: built for {} parameters, got {} parameters and {} gradients", self.m.len(), params.len(), grads.len());
+        }
+        let c = &self.config;
+        self.step += 1;
+        let t = self.step as i32;
+        let bias_correction1 = 1.0 - c.beta1.powi(t);
+        let bias_correction2_sqrt = (1.0 - c.beta2.powi(t)).sqrt();
+        let step_size = lr / bias_correction1;
+        for i in 0..params.len() {
+            let p = &mut *params[i];
+            if p.dims() != grads[i].dims() || p.dims() != self.m[i].dims() {
+                bail!("AdamW: parameter {} has shape {:?}, gradient {:?}, state {:?}", self.names[i], p.dims(), grads[i].dims(), self.m[i].dims());
+            }
+            let work = self.m[i].dtype();
+            let g = grads[i].to_dtype(work)?;
+            let pw = (p.to_dtype(work)? * (1.0 - lr * c.weight_decay))?;
+            self.m[i] = ((&self.m[i] * c.beta1)? + (&g * (1.0 - c.beta1))?)?;
+            self.v[i] = ((&self.v[i] * c.beta2)? + (g.sqr()? * (1.0 - c.beta2))?)?;
+            let denom = ((self.v[i].sqrt()? / bias_correction2_sqrt)? + c.eps)?;
+            let update = ((&self.m[i] / denom)? * step_size)?;
+            *p = (pw - update)?.to_dtype(p.dtype())?;
+        }
+        Ok(())
+    }
+
+    /// Saves the moments and step count (safetensors: `m.<name>`, `v.<name>`; step in the metadata),
+    /// atomically.
+    pub fn save(&self, path: &Path) -> Result<()> {
+        let mut tensors: Vec<(String, Tensor)> = Vec::new();
+        for (i, name) in self.names.iter().enumerate() {
+            tensors.push((format!("m.{name}"), self.m[i].to_device(&Device::Cpu)?));
+            tensors.push((format!("v.{name}"), self.v[i].to_device(&Device::Cpu)?));
+        }
+        let c = &self.config;
+        let metadata: HashMap<String, String> = [
+            ("format", FORMAT.to_string()),
+            ("step", self.step.to_string()),
+            ("beta1", c.beta1.to_string()),
+            ("beta2", c.beta2.to_string()),
+            ("eps", c.eps.to_string()),
+            ("weight_decay", c.weight_decay.to_string()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect();
+        let bytes = safetensors::serialize(tensors, Some(metadata)).context("cannot serialise the optimizer state")?;
+        crate::fsutil::write_atomic(path, &bytes).with_context(|| format!("cannot write {}", path.display()))?;
+        Ok(())
+    }
+
+    /// Restores a state saved by [`AdamW::save`] for the same named parameters (checked).
+    /// `config` is the one to continue with (hyper-parameters may change between runs; the step count
+    /// and moments come from the file).
+    pub fn load(path: &Path, config: AdamWConfig, names: Vec<String>, params: &[&Tensor]) -> Result<AdamW> {
+        let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+        let p = path.display();
+        let st = safetensors::SafeTensors::deserialize(&bytes)
+            .map_err(|e| anyhow::anyhow!("{p}: not a valid safetensors file (truncated or corrupt?): {e}"))?;
+        let (_, header) = safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| anyhow::anyhow!("{p}: {e}"))?;
+        let meta = header.metadata().clone().unwrap_or_default();
+        if meta.get("format").map(String::as_str) != Some(FORMAT) {
+            bail!("{p}: not an AdamW state written by lorahost (format {:?})", meta.get("format"));
+        }
+        let step: u64 = meta.get("step").and_then(|s| s.parse().ok()).with_context(|| format!("{p}: missing step count"))?;
+        if names.len() != params.len() || st.len() != 2 * names.len() {
+            bail!("{p}: holds {} tensors, expected {} (m and v for {} parameters)", st.len(), 2 * names.len(), names.len());
+        }
+        let device = params.first().map(|t| t.device().clone()).unwrap_or(Device::Cpu);
+        let mut m = Vec::new();
+        let mut v = Vec::new();
+        for (name, param) in names.iter().zip(params) {
+            for (prefix, out) in [("m", &mut m), ("v", &mut v)] {
+                let key = format!("{prefix}.{name}");
+                let view = st.tensor(&key).map_err(|_| anyhow::anyhow!("{p}: missing tensor {key}"))?;
+                if view.shape() != param.dims() {
+                    bail!("{p}: tensor {key} has shape {:?}, the parameter {:?}", view.shape(), param.dims());
+                }
+                let t = candle_core::safetensors::Load::load(&view, &device)?.to_dtype(moment_dtype(param.dtype()))?;
+                out.push(t);
+            }
+        }
+        Ok(AdamW { config, step, names, m, v })
+    }
+}
+
+/// sqrt(sum of squares of every element of every tensor), in f64.
+pub fn global_norm(tensors: &[&Tensor]) -> Result<f64> {
+    let mut sum = 0.0f64;
+    for t in tensors {
+        let work = if t.dtype() == DType::F64 { DType::F64 } else { DType::F32 };
+        sum += t.to_dtype(work)?.sqr()?.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+    }
+    Ok(sum.sqrt())
+}
+
+/// Scales the gradients so that their global norm is at most `max_norm` (PyTorch: multiply by
+/// max_norm / (norm + 1e-6) when that is below 1). Returns the norm before clipping. A non-finite norm
+/// leaves the gradients untouched; the caller should skip the step.
+pub fn clip_grad_norm(grads: &mut [&mut Tensor], max_norm: f64) -> Result<f64> {
+    let norm = global_norm(&grads.iter().map(|g| &**g).collect::<Vec<_>>())?;
+    let coef = max_norm / (norm + 1e-6);
+    if norm.is_finite() && coef < 1.0 {
+        for g in grads.iter_mut() {
+            **g = (&**g * coef)?;
+        }
+    }
+    Ok(norm)
+}
