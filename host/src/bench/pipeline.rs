@@ -58,6 +58,8 @@ pub fn generate(n: usize, path: &Path, seed: u64) -> anyhow::Result<()> {
 /// Runs the pipeline over `data` (cold, then from the cache) with the tokenizer at `tokenizer`.
 pub fn run(data: &Path, tokenizer: &Path) -> anyhow::Result<PipelineBench> {
     let dir = tempfile::tempdir()?;
+    // The manifest lives in a temporary folder: give it absolute paths.
+    let (data, tokenizer) = (std::path::absolute(data)?, std::path::absolute(tokenizer)?);
     let manifest = dir.path().join("bench.toml");
     let text = format!(
         r#"[run]
