@@ -1,0 +1,83 @@
+//! The command line as a user types it: exit codes and what it prints.
+mod common;
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+fn lorahost(args: &[&str], cwd: &Path) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_lorahost")).args(args).current_dir(cwd).output().unwrap()
+}
+
+fn text(o: &Output) -> String {
+    format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
+}
+
+#[test]
+fn plugin_list_and_inspect() {
+    let root = common::repo_root();
+    let o = lorahost(&["plugin", "list"], &root);
+    assert!(o.status.success());
+    let t = text(&o);
+    assert!(t.contains("dedup-exact") && t.contains("default-2023") && t.contains("wsd"), "{t}");
+
+    let wasm = common::hostile_wasm("panic");
+    let o = lorahost(&["plugin", "inspect", "--json", wasm.to_str().unwrap()], &root);
+    assert!(o.status.success(), "{}", text(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["kind"], "filter");
+    assert_eq!(v["wit"], "lorahost:plugin@0.1.0");
+    assert_eq!(v["sha256"].as_str().unwrap().len(), 64);
+    assert!(v["imports"].as_array().unwrap().iter().any(|i| i == "lorahost:plugin/types@0.1.0"));
+}
+
+#[test]
+fn tokenize_from_argument_and_stdin() {
+    let root = common::repo_root();
+    let o = lorahost(&["tokenize", "--tokenizer", "tests/fixtures/tokenizer/qwen.tiktoken", "print(\"<|endoftext|>\")"], &root);
+    assert!(o.status.success());
+    assert_eq!(String::from_utf8_lossy(&o.stdout).trim(), "[1350, 9639, 91, 8691, 723, 427, 91, 82598]");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_lorahost"))
+        .args(["tokenize", "--tokenizer", "tests/fixtures/tokenizer/qwen.tiktoken"])
+        .current_dir(&root)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    child.stdin.take().unwrap().write_all(b"print(\"<|endoftext|>\")").unwrap();
+    let o = child.wait_with_output().unwrap();
+    assert_eq!(String::from_utf8_lossy(&o.stdout).trim(), "[1350, 9639, 91, 8691, 723, 427, 91, 82598]");
+}
+
+#[test]
+fn check_writes_the_lock_and_check_locked_names_a_change() {
+    let root = common::repo_root();
+    let dir = tempfile::tempdir().unwrap();
+    // A copy of the quickstart whose data lives in the temporary folder, so it can be changed.
+    let data = dir.path().join("dolly.jsonl");
+    std::fs::copy(root.join("tests/fixtures/samples/dolly/databricks-dolly-15k.lines1-34.jsonl"), &data).unwrap();
+    let manifest = std::fs::read_to_string(root.join("examples/quickstart.toml"))
+        .unwrap()
+        .replace("../tests/fixtures/samples/dolly/databricks-dolly-15k.lines1-34.jsonl", data.to_str().unwrap())
+        .replace("\"../", &format!("\"{}/", root.display()))
+        .replace(&format!("output = \"{}/runs/quickstart\"", root.display()), "output = \"out\"\ncache = \"cache\"");
+    let m = dir.path().join("m.toml");
+    std::fs::write(&m, manifest).unwrap();
+    let m = m.to_str().unwrap();
+
+    let o = lorahost(&["check", m], dir.path());
+    assert!(o.status.success(), "{}", text(&o));
+    let t = text(&o);
+    assert!(t.contains("dolly") && t.contains("stream   sha256:") && t.contains("lock     written"), "{t}");
+    assert!(dir.path().join("out/run.lock").exists());
+
+    let o = lorahost(&["check", "--locked", m], dir.path());
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(text(&o).contains("(from cache)"));
+
+    std::fs::write(&data, std::fs::read_to_string(&data).unwrap().replace("Virgin", "Virgil")).unwrap();
+    let o = lorahost(&["check", "--locked", m], dir.path());
+    assert!(!o.status.success());
+    let t = text(&o);
+    assert!(t.contains("the inputs differ") && t.contains("data file `dolly.jsonl`"), "{t}");
+}
