@@ -268,10 +268,13 @@ fn gradient_check(dropout: f64) {
         let (a, b) = (to_f64_vec(g1), to_f64_vec(g2));
         assert!(a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()), "recompute changed a gradient");
     }
+    // Without dropout the training loss is the evaluation loss; with it, the masks visibly change it.
+    let (eval, n) = model.eval_loss(&ids, &labels, Some(&lora)).unwrap();
+    assert_eq!(n, 11);
     if dropout == 0.0 {
-        let (eval, n) = model.eval_loss(&ids, &labels, Some(&lora)).unwrap();
-        assert_eq!(n, 11);
         assert!((eval - plain.loss_sum).abs() < 1e-12);
+    } else {
+        assert!((eval - plain.loss_sum).abs() > 1e-3, "dropout had no effect");
     }
 
     let loss_at = |l: &Lora| model.loss_and_grads(&ids, &labels, l, &mut rng0.clone(), false).unwrap().loss_sum;
@@ -326,6 +329,18 @@ fn lora_gradients_with_dropout_match_finite_differences() {
     // Dropout masks are a pure function of the step seed, so the loss is a smooth function of the
     // parameters for a fixed seed and finite differences apply.
     gradient_check(0.25);
+}
+
+#[test]
+fn dropout_masks_are_reproducible_with_rate_p() {
+    use lorahost::model::ops::dropout_mask;
+    let m = dropout_mask(7, 200, 100, 0.1, DType::F32, &CPU).unwrap();
+    let v = to_f64_vec(&m);
+    let dropped = v.iter().filter(|&&x| x == 0.0).count() as f64 / v.len() as f64;
+    assert!((dropped - 0.1).abs() < 0.01, "dropped fraction {dropped}");
+    assert!(v.iter().all(|&x| x == 0.0 || (x - 1.0 / 0.9).abs() < 1e-6));
+    assert_eq!(v, to_f64_vec(&dropout_mask(7, 200, 100, 0.1, DType::F32, &CPU).unwrap()));
+    assert_ne!(v, to_f64_vec(&dropout_mask(8, 200, 100, 0.1, DType::F32, &CPU).unwrap()));
 }
 
 #[test]
@@ -647,7 +662,7 @@ fn clip_grad_norm_scales_correctly() {
 
 fn memorise_run(recompute: bool) -> (Vec<f64>, f64) {
     let tmp = tempfile::tempdir().unwrap();
-    let spec = TinySpec { vocab_size: 512, seq_length: 64, ..TinySpec::default() };
+    let spec = TinySpec { vocab_size: 512, seq_length: 64, init_std: 0.1, ..TinySpec::default() };
     write_tiny_checkpoint(tmp.path(), &spec, 42).unwrap();
     let model = QwenModel::load(tmp.path(), DType::F32, &CPU).unwrap();
     let mut lora = Lora::new(lora_config(8, 16.0, 0.1, &["c_attn", "c_proj", "w1", "w2"]), &model.config, 42, &CPU).unwrap();
@@ -710,4 +725,40 @@ fn generate_greedy_and_seeded_sampling() {
     assert_eq!(sample(1, 1.0), sample(1, 1.0));
     assert!((2..6).any(|s| sample(s, 1.0) != sample(1, 1.0)));
     assert_eq!(sample(1, 1e-4)[..5], out[..]);
+}
+
+/// Timing on the brief's tiny model (real vocab 151936, hidden 64, 2 layers): not a correctness test.
+/// `cargo test --test model -- --ignored --nocapture tiny_full_vocab_step_time`
+#[test]
+#[ignore]
+fn tiny_full_vocab_step_time() {
+    let tmp = tempfile::tempdir().unwrap();
+    let t0 = Instant::now();
+    write_tiny_checkpoint(tmp.path(), &TinySpec::default(), 1).unwrap();
+    let model = QwenModel::load(tmp.path(), DType::F32, &CPU).unwrap();
+    println!("write + load: {:.0} ms", t0.elapsed().as_secs_f64() * 1e3);
+    let mut lora = Lora::new(lora_config(8, 32.0, 0.1, &["c_attn", "c_proj"]), &model.config, 42, &CPU).unwrap();
+    let mut opt = AdamW::new(AdamWConfig { weight_decay: 0.0, ..Default::default() }, lora.param_names(), &lora.params()).unwrap();
+    let ids = random_ids(2, 128, model.config.vocab_size, 1);
+    let labels = labels_tensor(&ids, &[64, 64]);
+    let ids = ids_tensor(&ids);
+    let mut rng = Rng::new(0);
+    for recompute in [false, true] {
+        let mut times = Vec::new();
+        for _ in 0..6 {
+            let t = Instant::now();
+            let out = model.loss_and_grads(&ids, &labels, &lora, &mut rng, recompute).unwrap();
+            let mut grads = out.grads;
+            grads.scale(1.0 / out.n_tokens as f64).unwrap();
+            clip_grad_norm(&mut grads.tensors_mut(), 1.0).unwrap();
+            let g: Vec<Tensor> = grads.tensors().into_iter().cloned().collect();
+            opt.step(&mut lora.params_mut(), &g.iter().collect::<Vec<_>>(), 5e-5).unwrap();
+            times.push(t.elapsed().as_secs_f64() * 1e3);
+        }
+        times.sort_by(f64::total_cmp);
+        println!("2 x 128 tokens, recompute {recompute}: step median {:.1} ms (min {:.1})", times[3], times[0]);
+    }
+    let t = Instant::now();
+    model.forward(&ids, None).unwrap();
+    println!("forward with full logits: {:.1} ms", t.elapsed().as_secs_f64() * 1e3);
 }

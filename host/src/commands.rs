@@ -115,3 +115,103 @@ pub fn tokenize(tokenizer: &Path, text: Option<String>, pieces: bool) -> anyhow:
     eprintln!("{} tokens", ids.len());
     Ok(())
 }
+
+/// The quickstart manifest of the source tree this binary was built from.
+fn quickstart() -> std::path::PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/quickstart.toml")
+}
+
+pub fn run(manifest: Option<std::path::PathBuf>, fresh: bool, stop_after: Option<u64>) -> anyhow::Result<()> {
+    let manifest = manifest.unwrap_or_else(|| {
+        let q = quickstart();
+        eprintln!("no manifest given: running the quickstart, {}", q.display());
+        q
+    });
+    let m = Manifest::load(&manifest)?;
+    let interrupt = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = interrupt.clone();
+    // The first Ctrl-C asks for a checkpoint at the end of the current step; a second one kills.
+    let _ = ctrlc::set_handler(move || {
+        if flag.swap(true, std::sync::atomic::Ordering::SeqCst) {
+            std::process::exit(130);
+        }
+        eprintln!("\nstopping after this step, with a checkpoint (Ctrl-C again to kill)");
+    });
+    let opts = lorahost::train::run::RunOptions {
+        fresh,
+        stop_after,
+        progress: std::io::stderr().is_terminal(),
+        interrupt: Some(interrupt),
+    };
+    let summary = lorahost::train::run::run(&m, &opts)?;
+    println!("{}", lorahost::train::run::summary_text(&summary));
+    Ok(())
+}
+
+/// The manifest's model with the chosen adapter (None for the base model).
+fn model_and_adapter(
+    m: &Manifest,
+    adapter: Option<std::path::PathBuf>,
+    base: bool,
+) -> anyhow::Result<(lorahost::model::qwen::QwenModel, Option<lorahost::lora::Lora>)> {
+    let device = lorahost::train::run::device_of(m)?;
+    let model = lorahost::train::run::load_model(m, &device)?;
+    if base {
+        return Ok((model, None));
+    }
+    let dir = adapter.unwrap_or_else(|| m.run.output.join("adapter"));
+    let lora = lorahost::lora::Lora::load(&dir, &model.config, &device)
+        .with_context(|| format!("loading the adapter {} (train first, or pass --base or --adapter)", dir.display()))?;
+    Ok((model, Some(lora)))
+}
+
+pub fn generate(
+    manifest: &Path,
+    prompt: &str,
+    adapter: Option<std::path::PathBuf>,
+    base: bool,
+    max_new: usize,
+    temperature: Option<f64>,
+    seed: u64,
+) -> anyhow::Result<()> {
+    use lorahost::model::qwen::{GenerateOptions, Sampling};
+    use lorahost::plugins::{Example, Turn};
+    let m = Manifest::load(manifest)?;
+    let plan = data::Plan::new(&m)?;
+    let mut template = plan.template()?;
+    // Render the conversation with an empty answer and keep what comes before the first trained segment:
+    // exactly the prompt the model saw in training.
+    let example = Example {
+        id: "prompt".into(),
+        dataset: "generate".into(),
+        turns: vec![Turn { role: "user".into(), content: prompt.into() }, Turn { role: "assistant".into(), content: String::new() }],
+        meta: vec![],
+    };
+    let rendered = template.render_batch(std::slice::from_ref(&example))?.remove(0).map_err(anyhow::Error::msg)?;
+    let prefix: Vec<_> = rendered.into_iter().take_while(|s| !s.trained).collect();
+    let tok = &plan.tokenizer;
+    let ids: Vec<u32> = data::encode::tokenize_segments(tok.as_ref(), &prefix)
+        .map_err(anyhow::Error::msg)?
+        .into_iter()
+        .flat_map(|(ids, _)| ids)
+        .collect();
+    let eos = template.info().eos.clone();
+    let stop_token = tok.special_id(&eos);
+    let (model, lora) = model_and_adapter(&m, adapter, base)?;
+    let sampling = match temperature {
+        Some(t) => Sampling::Temperature { temperature: t, seed },
+        None => Sampling::Greedy,
+    };
+    let out = model.generate(&ids, lora.as_ref(), &GenerateOptions { max_new, stop_token, sampling })?;
+    let text_ids: Vec<u32> = out.iter().copied().filter(|&i| Some(i) != stop_token).collect();
+    println!("{}", tok.decode(&text_ids));
+    Ok(())
+}
+
+pub fn merge(manifest: &Path, out: &Path, adapter: Option<std::path::PathBuf>) -> anyhow::Result<()> {
+    let m = Manifest::load(manifest)?;
+    let (_, lora) = model_and_adapter(&m, adapter, false)?;
+    lorahost::lora::merge(&m.model.path, lora.as_ref().expect("adapter loaded"), out)?;
+    println!("merged model written to {}", out.display());
+    Ok(())
+}

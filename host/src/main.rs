@@ -17,6 +17,46 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Train a LoRA adapter as the manifest says (default: the quickstart). Resumes from the last
+    /// checkpoint of the run folder; Ctrl-C stops with a checkpoint.
+    Run {
+        /// The run manifest (default: examples/quickstart.toml of this source tree).
+        manifest: Option<PathBuf>,
+        /// Ignore (and remove) existing checkpoints and start over.
+        #[arg(long)]
+        fresh: bool,
+        /// Stop with a checkpoint after this many optimizer steps, as if interrupted.
+        #[arg(long, hide = true)]
+        stop_after: Option<u64>,
+    },
+    /// Generate a reply with the manifest's model, template and (by default) the run's adapter.
+    Generate {
+        manifest: PathBuf,
+        prompt: String,
+        /// Adapter folder (default: the run folder's `adapter/`).
+        #[arg(long)]
+        adapter: Option<PathBuf>,
+        /// Use the base model without any adapter.
+        #[arg(long)]
+        base: bool,
+        #[arg(long, default_value_t = 128)]
+        max_new: usize,
+        /// Sample at this temperature (seeded) instead of greedy decoding.
+        #[arg(long)]
+        temperature: Option<f64>,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+    },
+    /// Write the base model with the adapter folded into its weights, in the same layout.
+    Merge {
+        manifest: PathBuf,
+        /// Output folder for the merged model.
+        #[arg(long)]
+        out: PathBuf,
+        /// Adapter folder (default: the run folder's `adapter/`).
+        #[arg(long)]
+        adapter: Option<PathBuf>,
+    },
     /// Validate a manifest and its data without a GPU or model weights: per-dataset counts, filter drops
     /// with reasons, the mix, token lengths, steps per epoch. Writes the run's lock.
     Check {
@@ -137,6 +177,11 @@ fn parse_kind(s: &str) -> anyhow::Result<PluginKind> {
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
+        Command::Run { manifest, fresh, stop_after } => commands::run(manifest, fresh, stop_after)?,
+        Command::Generate { manifest, prompt, adapter, base, max_new, temperature, seed } => {
+            commands::generate(&manifest, &prompt, adapter, base, max_new, temperature, seed)?
+        }
+        Command::Merge { manifest, out, adapter } => commands::merge(&manifest, &out, adapter)?,
         Command::Check { manifest, locked, json } => commands::check(&manifest, locked, json)?,
         Command::Preview { manifest, n, tokens } => commands::preview(&manifest, n, tokens)?,
         Command::Tokenize { tokenizer, text, pieces } => commands::tokenize(&tokenizer, text, pieces)?,

@@ -70,6 +70,44 @@ pub struct Model {
     /// A tokenizer file or folder, when it is not in the model folder.
     #[serde(default)]
     pub tokenizer: Option<PathBuf>,
+    /// Create a tiny random Qwen-architecture model at `path` when none is there (quickstarts, tests).
+    #[serde(default)]
+    pub tiny: Option<Tiny>,
+}
+
+/// The shape of a tiny random model; the real Qwen vocabulary, so the real tokenizer drives it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Tiny {
+    #[serde(default = "tiny_hidden")]
+    pub hidden_size: usize,
+    #[serde(default = "tiny_layers")]
+    pub num_layers: usize,
+    #[serde(default = "tiny_heads")]
+    pub num_heads: usize,
+    #[serde(default = "tiny_intermediate")]
+    pub intermediate_size: usize,
+    /// Standard deviation of the random weights.
+    #[serde(default = "tiny_std")]
+    pub init_std: f64,
+    #[serde(default)]
+    pub seed: u64,
+}
+
+fn tiny_hidden() -> usize {
+    64
+}
+fn tiny_layers() -> usize {
+    2
+}
+fn tiny_heads() -> usize {
+    4
+}
+fn tiny_intermediate() -> usize {
+    256
+}
+fn tiny_std() -> f64 {
+    0.02
 }
 
 fn default_dtype() -> DType {

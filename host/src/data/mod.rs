@@ -77,6 +77,15 @@ impl<'m> Plan<'m> {
         self.resolved.iter().map(|(_, r)| r.origin.clone()).collect()
     }
 
+    /// The scheduler instance for this manifest.
+    pub fn scheduler(&self) -> anyhow::Result<crate::plugins::WasmScheduler> {
+        self.set.scheduler(self.get("scheduler"))
+    }
+
+    pub fn scheduler_sha(&self) -> String {
+        self.get("scheduler").origin.sha256.clone()
+    }
+
     /// The template instance for this manifest.
     pub fn template(&self) -> anyhow::Result<WasmTemplate> {
         self.set.template(self.get("template"))

@@ -196,10 +196,10 @@ impl QwenConfig {
                 self.hidden_size
             );
         }
-        if self.head_dim % 2 != 0 {
+        if !self.head_dim.is_multiple_of(2) {
             bail!("kv_channels ({}) must be even for rotary embeddings", self.head_dim);
         }
-        if self.intermediate_size % 2 != 0 {
+        if !self.intermediate_size.is_multiple_of(2) {
             bail!("intermediate_size ({}) must be even (w1 and w2 are intermediate_size / 2 wide)", self.intermediate_size);
         }
         Ok(())

@@ -28,7 +28,7 @@ pub fn embedding_forward(wte: &Tensor, ids_flat: &Tensor) -> Result<Tensor> {
 // normalised x cast back to the model dtype before the weight multiply (Qwen's `.type_as(x) * weight`).
 
 pub struct RmsNormSaved {
-    /// The input, in the accumulation dtype.
+    /// The input, in the model dtype (upcast again in backward: cheaper to keep than an f32 copy).
     x: Tensor,
     /// 1 / sqrt(mean(x^2) + eps), [N, 1].
     rstd: Tensor,
@@ -40,7 +40,7 @@ pub fn rmsnorm_forward(x: &Tensor, w: &Tensor, eps: f64) -> Result<(Tensor, RmsN
     let rstd = (xf.sqr()?.mean_keepdim(D::Minus1)? + eps)?.sqrt()?.recip()?;
     let xhat = xf.broadcast_mul(&rstd)?;
     let y = xhat.to_dtype(dtype)?.broadcast_mul(w)?;
-    Ok((y, RmsNormSaved { x: xf, rstd }))
+    Ok((y, RmsNormSaved { x: x.clone(), rstd }))
 }
 
 /// With xhat = x * rstd and g = dy * w (per feature):
@@ -48,8 +48,9 @@ pub fn rmsnorm_forward(x: &Tensor, w: &Tensor, eps: f64) -> Result<(Tensor, RmsN
 /// (the second term is the gradient through rstd, which depends on every feature of the row).
 pub fn rmsnorm_backward(saved: &RmsNormSaved, w: &Tensor, dy: &Tensor) -> Result<Tensor> {
     let dtype = dy.dtype();
-    let g = dy.broadcast_mul(w)?.to_dtype(saved.x.dtype())?;
-    let xhat = saved.x.broadcast_mul(&saved.rstd)?;
+    let acc = saved.rstd.dtype();
+    let g = dy.broadcast_mul(w)?.to_dtype(acc)?;
+    let xhat = saved.x.to_dtype(acc)?.broadcast_mul(&saved.rstd)?;
     let proj = (&g * &xhat)?.mean_keepdim(D::Minus1)?;
     let dx = (g - xhat.broadcast_mul(&proj)?)?.broadcast_mul(&saved.rstd)?;
     dx.to_dtype(dtype)
@@ -122,10 +123,15 @@ pub fn lora_backward(saved: &LoraSaved, a: &Tensor, b: &Tensor, scale: f64, dy: 
 /// A dropout mask [rows, cols] of 0 (probability p) and 1/(1-p), a pure function of `key` (see
 /// [`rng::uniform_at`]) so recomputation during backward reproduces it exactly.
 pub fn dropout_mask(key: u64, rows: usize, cols: usize, p: f64, dtype: DType, device: &Device) -> Result<Tensor> {
+    use rayon::prelude::*;
     let keep_scale = (1.0 / (1.0 - p)) as f32;
     let p = p as f32;
-    let values: Vec<f32> =
-        (0..(rows * cols) as u64).map(|i| if rng::uniform_at(key, i) < p { 0.0 } else { keep_scale }).collect();
+    // Generated on the host (in parallel: each element is independent). A GPU kernel computing the same
+    // formula would avoid the upload for large models.
+    let values: Vec<f32> = (0..(rows * cols) as u64)
+        .into_par_iter()
+        .map(|i| if rng::uniform_at(key, i) < p { 0.0 } else { keep_scale })
+        .collect();
     Tensor::from_vec(values, (rows, cols), device)?.to_dtype(dtype)
 }
 

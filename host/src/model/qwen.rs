@@ -126,7 +126,7 @@ impl QwenModel {
         let mut rng = match opts.sampling {
             Sampling::Greedy => None,
             Sampling::Temperature { temperature, seed } => {
-                if !(temperature > 0.0) {
+                if temperature.is_nan() || temperature <= 0.0 {
                     bail!("generate: temperature must be > 0 (use Sampling::Greedy for 0), got {temperature}");
                 }
                 Some(Rng::new(seed))
@@ -166,7 +166,6 @@ impl QwenModel {
     /// - `recompute`: keep only each layer's input and recompute the layer during backward (bounded
     ///   memory, one extra forward); gives bit-identical results on CPU.
     pub fn loss_and_grads(&self, ids: &Tensor, labels: &Tensor, lora: &Lora, dropout_rng: &mut Rng, recompute: bool) -> Result<LossAndGrads> {
-        lora.check_fits(&self.config)?;
         let targets = self.targets(ids, labels)?;
         let step_seed = dropout_rng.next_u64();
         let p = lora.config.dropout;
@@ -200,6 +199,7 @@ impl QwenModel {
         let (loss_sum, dhf) = loss::cross_entropy(&hf, &self.weights.lm_head, &targets, self.loss_chunk, true)?;
         let dhf = dhf.expect("gradient requested");
         let mut dx = ops::rmsnorm_backward(&ln_f, &self.weights.ln_f, &dhf)?;
+        drop((hf, dhf, ln_f));
 
         // Backward, top layer first.
         let mut grads: Vec<Option<(Tensor, Tensor)>> = vec![None; lora.adapters().len()];
@@ -319,7 +319,8 @@ impl QwenModel {
     // ----- helpers --------------------------------------------------------------------------------------
 
     fn embed(&self, ids: &Tensor) -> Result<Tensor> {
-        Ok(ops::embedding_forward(&self.weights.wte, &ids.flatten_all()?)?)
+        let ids = ids.flatten_all()?.to_device(&self.device)?;
+        Ok(ops::embedding_forward(&self.weights.wte, &ids)?)
     }
 
     /// Checks the ids and builds the per-call tables (RoPE, causal mask).

@@ -1,0 +1,381 @@
+//! `lorahost run`: the training loop, top to bottom.
+//!
+//! prepare data -> load (or create) the model -> adapter + optimizer (or the last checkpoint) -> for each
+//! optimizer step: `grad_accum` micro-batches of forward+backward, gradients normalised by the trained
+//! tokens of the whole step, clipped, the scheduler plugin's learning rate, an AdamW step; log, checkpoint,
+//! evaluate -> the PEFT adapter, the metrics log and the loss curve in the run folder.
+use super::checkpoint::{self, State};
+use super::optim::{self, AdamW, AdamWConfig};
+use crate::data::{self, TokenStream};
+use crate::lora::{Lora, LoraConfig, LoraGrads};
+use crate::manifest::{DType, Manifest};
+use crate::model::qwen::QwenModel;
+use crate::model::rng::Rng as ModelRng;
+use crate::model::tiny;
+use crate::rng::Rng;
+use anyhow::{bail, Context};
+use candle_core::{Device, Tensor};
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+#[derive(Debug, Default, Clone)]
+pub struct RunOptions {
+    /// Ignore existing checkpoints and start over.
+    pub fresh: bool,
+    /// Stop (with a checkpoint, as on Ctrl-C) after this many optimizer steps in all.
+    pub stop_after: Option<u64>,
+    /// Show a progress bar.
+    pub progress: bool,
+    /// Set to stop at the next step boundary (Ctrl-C).
+    pub interrupt: Option<Arc<AtomicBool>>,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct RunSummary {
+    pub run_dir: PathBuf,
+    pub steps_done: u64,
+    pub total_steps: u64,
+    /// Training loss per completed step (the whole run, resumed steps included).
+    pub losses: Vec<f64>,
+    pub eval_losses: Vec<(u64, f64)>,
+    pub resumed_from: Option<u64>,
+    pub interrupted: bool,
+    pub adapter_dir: Option<PathBuf>,
+}
+
+/// One line of `metrics.jsonl`.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct StepLog {
+    pub step: u64,
+    pub epoch: f64,
+    pub loss: f64,
+    pub lr: f64,
+    pub grad_norm: f64,
+    pub trained_tokens: usize,
+    pub tokens_per_s: f64,
+    pub elapsed_s: f64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eval_loss: Option<f64>,
+}
+
+pub fn device_of(m: &Manifest) -> anyhow::Result<Device> {
+    let d = m.model.device.as_str();
+    if d == "cpu" {
+        return Ok(Device::Cpu);
+    }
+    if let Some(n) = d.strip_prefix("cuda:").and_then(|n| n.parse::<usize>().ok()) {
+        return Device::new_cuda(n).with_context(|| {
+            format!("{}: `model.device = \"{d}\"`: no CUDA device (build with `--features cuda`, or use \"cpu\")", m.file.display())
+        });
+    }
+    bail!("{}: `model.device`: `{d}` is not \"cpu\" or \"cuda:N\"", m.file.display())
+}
+
+pub fn dtype_of(m: &Manifest) -> candle_core::DType {
+    match m.model.dtype {
+        DType::F32 => candle_core::DType::F32,
+        DType::Bf16 => candle_core::DType::BF16,
+    }
+}
+
+/// Loads the manifest's model, creating the tiny random one first when `[model.tiny]` asks for it.
+pub fn load_model(m: &Manifest, device: &Device) -> anyhow::Result<QwenModel> {
+    if let Some(t) = &m.model.tiny {
+        if !m.model.path.join("config.json").exists() {
+            let spec = tiny::TinySpec {
+                hidden_size: t.hidden_size,
+                num_layers: t.num_layers,
+                num_heads: t.num_heads,
+                intermediate_size: t.intermediate_size,
+                init_std: t.init_std,
+                ..Default::default()
+            };
+            tiny::write_tiny_checkpoint(&m.model.path, &spec, t.seed)
+                .with_context(|| format!("creating the tiny model in {}", m.model.path.display()))?;
+        }
+    }
+    let mut model = QwenModel::load(&m.model.path, dtype_of(m), device)
+        .with_context(|| format!("{}: `model.path`: loading {}", m.file.display(), m.model.path.display()))?;
+    // On the CPU, smaller loss chunks keep the [chunk, vocab] logits in cache-friendly sizes (64 x 152k f32
+    // is 39 MB; 512 would be 311 MB of fresh memory per chunk).
+    if device.is_cpu() {
+        model.loss_chunk = 64;
+    }
+    Ok(model)
+}
+
+fn lora_config(m: &Manifest) -> LoraConfig {
+    LoraConfig {
+        r: m.lora.rank,
+        alpha: m.lora.alpha,
+        dropout: m.lora.dropout,
+        targets: m.lora.targets.clone(),
+        base_model_name_or_path: m.model.path.display().to_string(),
+    }
+}
+
+/// The order of training records in `epoch`: the stream's order first, then a seeded reshuffle per epoch.
+fn epoch_order(n_train: usize, epoch: u64, seed: u64) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..n_train).collect();
+    if epoch > 0 {
+        Rng::derive(seed, &format!("epoch/{epoch}")).shuffle(&mut order);
+    }
+    order
+}
+
+/// Ids and HF-style labels (-100 where not trained) for records `rows` of the stream, padded.
+fn tensors(stream: &TokenStream, offsets: &[usize], rows: &[usize], pad: u32, device: &Device) -> anyhow::Result<(Tensor, Tensor)> {
+    let seq = rows.iter().map(|&i| stream.lengths[i] as usize).max().unwrap_or(1);
+    let mut ids = vec![pad; rows.len() * seq];
+    let mut labels = vec![-100i64; rows.len() * seq];
+    for (r, &i) in rows.iter().enumerate() {
+        let (rec, mask) = stream.record(offsets, i);
+        for (t, (&id, &m)) in rec.iter().zip(mask).enumerate() {
+            ids[r * seq + t] = id;
+            if m == 1 {
+                labels[r * seq + t] = id as i64;
+            }
+        }
+    }
+    Ok((Tensor::from_vec(ids, (rows.len(), seq), device)?, Tensor::from_vec(labels, (rows.len(), seq), device)?))
+}
+
+/// What the run is, for refusing a checkpoint of a different one: data inputs and training settings.
+fn identity(m: &Manifest, lock_key: &str, scheduler_sha: &str, model_config: &str) -> BTreeMap<String, String> {
+    let t = &m.train;
+    let mut id = BTreeMap::new();
+    id.insert("data (token stream inputs)".into(), lock_key.to_string());
+    id.insert("model config.json".into(), hex::encode(<sha2::Sha256 as sha2::Digest>::digest(model_config.as_bytes())));
+    id.insert("model.dtype".into(), format!("{:?}", m.model.dtype));
+    id.insert("lora".into(), format!("{:?}", m.lora));
+    id.insert(
+        "train".into(),
+        format!(
+            "micro_batch={} grad_accum={} epochs={} max_steps={:?} lr={} weight_decay={} clip={:?} recompute={}",
+            t.micro_batch, t.grad_accum, t.epochs, t.max_steps, t.lr, t.weight_decay, t.clip, t.recompute
+        ),
+    );
+    id.insert("scheduler".into(), format!("{} {} {:?}", m.scheduler.plugin, scheduler_sha, m.scheduler.config));
+    id.insert("seed".into(), m.run.seed.to_string());
+    id
+}
+
+pub fn run(m: &Manifest, opts: &RunOptions) -> anyhow::Result<RunSummary> {
+    let run_dir = m.run.output.clone();
+    std::fs::create_dir_all(&run_dir).with_context(|| format!("creating {}", run_dir.display()))?;
+
+    // 1. Data: the token stream (from the cache when unchanged) and the lock.
+    let prepared = data::prepare(m)?;
+    prepared.lock.write(&run_dir.join("run.lock"))?;
+    for p in prepared.report.plugins.iter().filter(|p| p.native) {
+        eprintln!("WARNING: plugin `{}` ({}) is a native library and runs UNSANDBOXED (trusted = true)", p.name, p.from);
+    }
+    let stream = &prepared.stream;
+    let offsets = stream.offsets();
+    let plan = data::Plan::new(m)?;
+    let mut scheduler = plan.scheduler()?;
+    let pad = plan.tokenizer.special_id("<|endoftext|>").unwrap_or(0);
+
+    // 2. Model and adapter.
+    let device = device_of(m)?;
+    let model = load_model(m, &device)?;
+    let model_config = std::fs::read_to_string(m.model.path.join("config.json")).unwrap_or_default();
+    let identity = identity(m, &prepared.lock.key(), &plan.scheduler_sha(), &model_config);
+
+    let per_step = m.train.micro_batch * m.train.grad_accum;
+    let steps_per_epoch = stream.n_train.div_ceil(per_step) as u64;
+    let mut total = steps_per_epoch * m.train.epochs as u64;
+    if let Some(max) = m.train.max_steps {
+        total = total.min(max);
+    }
+    let adamw = AdamWConfig { weight_decay: m.train.weight_decay, ..AdamWConfig::default() };
+
+    // 3. Resume from the last checkpoint, unless told to start over.
+    let mut lora = Lora::new(lora_config(m), &model.config, m.run.seed, &device)?;
+    let mut opt = AdamW::new(adamw.clone(), lora.param_names(), &lora.params())?;
+    let mut start_step = 0u64;
+    let mut metrics: Vec<String> = Vec::new();
+    let mut resumed_from = None;
+    if opts.fresh {
+        let _ = std::fs::remove_dir_all(run_dir.join("checkpoints"));
+    } else if let Some(dir) = checkpoint::latest(&run_dir) {
+        let state = checkpoint::read_state(&dir)?;
+        let changes = checkpoint::identity_diff(&identity, &state.identity);
+        if !changes.is_empty() {
+            bail!(
+                "the manifest changed since the checkpoint {}:\n  {}\nrun with --fresh to start over (the old checkpoints are removed)",
+                dir.display(),
+                changes.join("\n  ")
+            );
+        }
+        lora = Lora::load(&dir.join(checkpoint::ADAPTER_DIR), &model.config, &device)
+            .with_context(|| format!("resuming from {}", dir.display()))?;
+        opt = AdamW::load(&dir.join(checkpoint::OPTIMIZER_FILE), adamw, lora.param_names(), &lora.params())
+            .with_context(|| format!("resuming from {}", dir.display()))?;
+        start_step = state.step;
+        metrics = state.metrics;
+        resumed_from = Some(state.step);
+    }
+    // The metrics log restarts from what the checkpoint recorded, so it reads as one uninterrupted run.
+    let metrics_path = run_dir.join("metrics.jsonl");
+    crate::fsutil::write_atomic(&metrics_path, metrics.iter().map(|l| format!("{l}\n")).collect::<String>().as_bytes())?;
+    let mut metrics_file = std::fs::OpenOptions::new().append(true).open(&metrics_path)?;
+
+    let bar = progress_bar(opts.progress, total, start_step);
+    let started = Instant::now();
+    let mut interrupted = false;
+    let eval_rows: Vec<usize> = (stream.n_train..stream.len()).collect();
+    let mut step = start_step;
+
+    // 4. The loop: one iteration per optimizer step.
+    while step < total {
+        let epoch = step / steps_per_epoch;
+        let order = epoch_order(stream.n_train, epoch, m.run.seed);
+        let in_epoch = (step % steps_per_epoch) as usize;
+        let records = &order[in_epoch * per_step..((in_epoch + 1) * per_step).min(order.len())];
+        let t0 = Instant::now();
+
+        // Forward and backward of each micro-batch; gradients summed, normalised once by the trained tokens of
+        // the whole step (not per micro-batch: transformers PR #34191).
+        let mut grads = LoraGrads::zeros_like(&lora)?;
+        let (mut loss_sum, mut n_tokens) = (0.0f64, 0usize);
+        for (micro, rows) in records.chunks(m.train.micro_batch).enumerate() {
+            let (ids, labels) = tensors(stream, &offsets, rows, pad, &device)?;
+            let mut dropout = ModelRng::for_stream(m.run.seed, &[step, micro as u64]);
+            let out = model.loss_and_grads(&ids, &labels, &lora, &mut dropout, m.train.recompute)?;
+            grads.add_assign(&out.grads)?;
+            loss_sum += out.loss_sum;
+            n_tokens += out.n_tokens;
+        }
+        let loss = if n_tokens > 0 { loss_sum / n_tokens as f64 } else { 0.0 };
+        if !loss.is_finite() {
+            bail!("the loss is {loss} at step {} (learning rate too high? bad data?); stopping without writing", step + 1);
+        }
+        if n_tokens > 0 {
+            grads.scale(1.0 / n_tokens as f64)?;
+        }
+        let grad_norm = match m.train.clip {
+            Some(c) => optim::clip_grad_norm(&mut grads.tensors_mut(), c)?,
+            None => optim::global_norm(&grads.tensors())?,
+        };
+        let lr = scheduler.lr(step, total, m.train.lr)?;
+        opt.step(&mut lora.params_mut(), &grads.tensors(), lr)?;
+        step += 1;
+
+        let dt = t0.elapsed().as_secs_f64();
+        let tokens: usize = records.iter().map(|&i| stream.lengths[i] as usize).sum();
+        let mut log = StepLog {
+            step,
+            epoch: step as f64 / steps_per_epoch as f64,
+            loss,
+            lr,
+            grad_norm,
+            trained_tokens: n_tokens,
+            tokens_per_s: tokens as f64 / dt.max(1e-9),
+            elapsed_s: started.elapsed().as_secs_f64(),
+            eval_loss: None,
+        };
+        let stop_now = opts.stop_after.is_some_and(|s| step >= s)
+            || opts.interrupt.as_ref().is_some_and(|f| f.load(Ordering::SeqCst));
+        let checkpoint_due = m.train.checkpoint_every.is_some_and(|n| step % n == 0) || step == total || stop_now;
+        if checkpoint_due && !eval_rows.is_empty() {
+            log.eval_loss = Some(eval_loss(&model, &lora, stream, &offsets, &eval_rows, m.train.micro_batch, pad, &device)?);
+        }
+        let line = serde_json::to_string(&log)?;
+        writeln!(metrics_file, "{line}")?;
+        metrics.push(line);
+        if let Some(b) = &bar {
+            b.set_position(step);
+            b.set_message(format!("loss {loss:.4}  {:.0} tok/s", log.tokens_per_s));
+        }
+        if checkpoint_due {
+            let state = State { format: checkpoint::FORMAT.into(), step, identity: identity.clone(), metrics: metrics.clone() };
+            checkpoint::write(&run_dir, &state, |dir| {
+                lora.save(&dir.join(checkpoint::ADAPTER_DIR))?;
+                opt.save(&dir.join(checkpoint::OPTIMIZER_FILE))?;
+                Ok(())
+            })?;
+            checkpoint::prune(&run_dir, 3)?;
+        }
+        if stop_now && step < total {
+            interrupted = true;
+            break;
+        }
+    }
+    if let Some(b) = &bar {
+        b.finish_and_clear();
+    }
+
+    // 5. Outputs: the adapter (PEFT layout) and the loss curve.
+    let logs: Vec<StepLog> = metrics.iter().filter_map(|l| serde_json::from_str(l).ok()).collect();
+    let losses: Vec<f64> = logs.iter().map(|l| l.loss).collect();
+    let eval_losses: Vec<(u64, f64)> = logs.iter().filter_map(|l| l.eval_loss.map(|e| (l.step, e))).collect();
+    let mut adapter_dir = None;
+    if !interrupted {
+        let dir = run_dir.join("adapter");
+        lora.save(&dir)?;
+        adapter_dir = Some(dir);
+    }
+    if !logs.is_empty() {
+        let train: Vec<(u64, f64)> = logs.iter().map(|l| (l.step, l.loss)).collect();
+        super::plot::loss_png(&run_dir.join("loss.png"), &train, &eval_losses, &format!("{}: loss", m.run.name))?;
+    }
+    Ok(RunSummary { run_dir, steps_done: step, total_steps: total, losses, eval_losses, resumed_from, interrupted, adapter_dir })
+}
+
+#[allow(clippy::too_many_arguments)]
+fn eval_loss(
+    model: &QwenModel,
+    lora: &Lora,
+    stream: &TokenStream,
+    offsets: &[usize],
+    rows: &[usize],
+    micro_batch: usize,
+    pad: u32,
+    device: &Device,
+) -> anyhow::Result<f64> {
+    let (mut sum, mut n) = (0.0, 0usize);
+    for chunk in rows.chunks(micro_batch) {
+        let (ids, labels) = tensors(stream, offsets, chunk, pad, device)?;
+        let (s, k) = model.eval_loss(&ids, &labels, Some(lora))?;
+        sum += s;
+        n += k;
+    }
+    Ok(if n > 0 { sum / n as f64 } else { f64::NAN })
+}
+
+fn progress_bar(show: bool, total: u64, at: u64) -> Option<indicatif::ProgressBar> {
+    if !show {
+        return None;
+    }
+    let bar = indicatif::ProgressBar::new(total);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} steps  {msg}  ETA {eta}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    bar.set_position(at);
+    Some(bar)
+}
+
+pub fn summary_text(s: &RunSummary) -> String {
+    let first = s.losses.first().copied().unwrap_or(f64::NAN);
+    let last = s.losses.last().copied().unwrap_or(f64::NAN);
+    let mut t = format!("{} of {} steps; loss {first:.4} -> {last:.4}", s.steps_done, s.total_steps);
+    if let Some(r) = s.resumed_from {
+        t.push_str(&format!(" (resumed at step {r})"));
+    }
+    if let Some((step, e)) = s.eval_losses.last() {
+        t.push_str(&format!("; eval loss {e:.4} at step {step}"));
+    }
+    if s.interrupted {
+        t.push_str(&format!("\nstopped with a checkpoint at step {}: run the same command again to resume", s.steps_done));
+    } else if let Some(a) = &s.adapter_dir {
+        t.push_str(&format!("\nadapter (PEFT format): {}", a.display()));
+    }
+    t.push_str(&format!("\nlog: {}  curve: {}", s.run_dir.join("metrics.jsonl").display(), s.run_dir.join("loss.png").display()));
+    t
+}
