@@ -5,13 +5,7 @@
 //!   depends only on `(key, i)`. Dropout masks use them, so a mask can be regenerated exactly when a layer
 //!   is recomputed during backward, and a GPU kernel can later produce the same mask with the same formula.
 
-/// The SplitMix64 finaliser: a bijective 64-bit mix with good avalanche.
-#[inline]
-pub fn mix(mut z: u64) -> u64 {
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    z ^ (z >> 31)
-}
+pub use crate::rng::mix;
 
 const GOLDEN: u64 = 0x9e37_79b9_7f4a_7c15;
 

@@ -172,17 +172,10 @@ impl HostMonotonicClock for CountingClock {
     }
 }
 
-/// splitmix64: spreads a seed into well-mixed bytes for the guest's random streams.
+/// `n` bytes drawn from the seed, for the guest's random streams.
 fn seeded_bytes(seed: u64, n: usize) -> Vec<u8> {
-    let mut state = seed;
-    let mut out = Vec::with_capacity(n + 8);
-    while out.len() < n {
-        state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = state;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        out.extend_from_slice(&(z ^ (z >> 31)).to_le_bytes());
-    }
+    let mut rng = crate::rng::Rng::new(seed);
+    let mut out: Vec<u8> = (0..n.div_ceil(8)).flat_map(|_| rng.next_u64().to_le_bytes()).collect();
     out.truncate(n);
     out
 }
