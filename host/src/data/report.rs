@@ -73,7 +73,7 @@ impl fmt::Display for Report {
         }
         writeln!(f, "datasets")?;
         for d in &self.datasets {
-            write!(f, "  {:<20} read {:>8}", d.name, d.read)?;
+            write!(f, "  {:<28} read {:>8}", d.name, d.read)?;
             if d.malformed > 0 {
                 write!(f, "  malformed (skipped) {}", d.malformed)?;
             }
