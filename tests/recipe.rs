@@ -83,3 +83,37 @@ fn the_recipe_renders_the_2023_template_piece_by_piece() {
         }
     }
 }
+
+#[test]
+fn the_published_mix_format_reads_through_the_parquet_source() {
+    let root = common::repo_root();
+    let dir = tempfile::tempdir().unwrap();
+    let text = format!(
+        r#"[run]
+name = "parquet"
+output = "out"
+cache = "cache"
+[model]
+path = "."
+tokenizer = "{root}/tests/fixtures/tokenizer/qwen.tiktoken"
+[template]
+plugin = "default-2023"
+[[dataset]]
+name = "mix"
+source = {{ plugin = "parquet", path = "{root}/tests/fixtures/samples/parquet/mix.sample.parquet", meta = ["data_source"] }}
+on_malformed = "skip"
+"#,
+        root = root.display()
+    );
+    let path = dir.path().join("p.toml");
+    std::fs::write(&path, text).unwrap();
+    let report = data::prepare(&Manifest::load(&path).unwrap()).unwrap().report;
+    let d = &report.datasets[0];
+    assert_eq!((d.read, d.malformed), (5, 2));
+    assert!(d.malformed_examples[0].starts_with("mix.sample.parquet#3: output"), "{:?}", d.malformed_examples);
+    // The zstd variant is refused with a message that says why and what to do.
+    let zstd = std::fs::read_to_string(&path).unwrap().replace("mix.sample.parquet", "mix.zstd.parquet");
+    std::fs::write(&path, zstd).unwrap();
+    let err = format!("{:#}", data::prepare(&Manifest::load(&path).unwrap()).err().unwrap());
+    assert!(err.contains("plugin `parquet`") && err.contains("zstd"), "{err}");
+}
