@@ -89,17 +89,7 @@ pub fn read_json(path: &str) -> Result<(Value, String), String> {
     Ok((value, name))
 }
 
-/// What a JSON value is, for messages.
-pub fn kind(value: &Value) -> &'static str {
-    match value {
-        Value::Null => "null",
-        Value::Bool(_) => "a boolean",
-        Value::Number(_) => "a number",
-        Value::String(_) => "a string",
-        Value::Array(_) => "a list",
-        Value::Object(_) => "an object",
-    }
-}
+pub use lorahost_record_shapes::kind;
 
 /// The value as a JSON object, or a message saying what it is instead.
 pub fn object(value: &Value) -> Result<&Map<String, Value>, String> {

@@ -227,7 +227,8 @@ fn required(record: &Map<String, Value>, field: &str) -> Result<String, String> 
     text(record, field)?.ok_or_else(|| format!("missing field `{field}`"))
 }
 
-fn kind(value: &Value) -> &'static str {
+/// What a JSON value is, for messages ("found a list").
+pub fn kind(value: &Value) -> &'static str {
     match value {
         Value::Null => "null",
         Value::Bool(_) => "a boolean",
