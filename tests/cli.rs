@@ -81,3 +81,18 @@ fn check_writes_the_lock_and_check_locked_names_a_change() {
     let t = text(&o);
     assert!(t.contains("the inputs differ") && t.contains("data file `dolly.jsonl`"), "{t}");
 }
+
+#[test]
+fn bench_train_runs_the_real_trainer_at_a_named_shape() {
+    let root = common::repo_root();
+    let o = lorahost(&["bench", "train", "--shape", "tiny", "--seq", "32", "--warmup", "0", "--steps", "1"], &root);
+    assert!(o.status.success(), "{}", text(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    // LoRA r8 on c_attn (64 -> 192), attn.c_proj (64 -> 64) and mlp.c_proj (128 -> 64), two layers.
+    assert_eq!(v["lora_params"], 2 * 8 * ((64 + 192) + (64 + 64) + (128 + 64)));
+    assert_eq!(v["timed_steps"], 1);
+    assert!(v["final_loss"].as_f64().unwrap().is_finite());
+    assert!(v["tokens_per_s"].as_f64().unwrap() > 0.0);
+    let o = lorahost(&["bench", "train", "--shape", "qwen-99b"], &root);
+    assert!(!o.status.success() && text(&o).contains("unknown shape"));
+}

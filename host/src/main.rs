@@ -138,6 +138,30 @@ enum BenchCommand {
         #[arg(long)]
         json: Option<PathBuf>,
     },
+    /// Training steps at a model shape with random weights made on the device (no checkpoint needed).
+    Train {
+        /// qwen-14b, qwen-7b, qwen-1.8b or tiny
+        #[arg(long, default_value = "tiny")]
+        shape: String,
+        /// cpu or cuda:N
+        #[arg(long, default_value = "cpu")]
+        device: String,
+        /// f32 or bf16
+        #[arg(long, default_value = "f32")]
+        dtype: String,
+        #[arg(long, default_value_t = 2)]
+        micro_batch: usize,
+        #[arg(long, default_value_t = 256)]
+        seq: usize,
+        #[arg(long)]
+        recompute: bool,
+        #[arg(long, default_value_t = 1)]
+        warmup: usize,
+        #[arg(long, default_value_t = 3)]
+        steps: usize,
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
     /// Tokens per second through the whole data pipeline on generated alpaca records, and a cache hit.
     Pipeline {
         /// The JSONL file to read; generated first when it does not exist.
@@ -213,6 +237,24 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             BenchCommand::Plugins { record_bytes, seconds, json } => {
                 let report = lorahost::bench::plugins::run(record_bytes, Duration::from_secs_f64(seconds))?;
                 print!("{report}");
+                write_json(json, &report)?;
+            }
+            BenchCommand::Train { shape, device, dtype, micro_batch, seq, recompute, warmup, steps, json } => {
+                let device = match device.as_str() {
+                    "cpu" => candle_core::Device::Cpu,
+                    d => {
+                        let n = d.strip_prefix("cuda:").and_then(|n| n.parse().ok()).context("--device: cpu or cuda:N")?;
+                        candle_core::Device::new_cuda(n)?
+                    }
+                };
+                let dtype = match dtype.as_str() {
+                    "f32" => candle_core::DType::F32,
+                    "bf16" => candle_core::DType::BF16,
+                    other => anyhow::bail!("--dtype {other}: f32 or bf16"),
+                };
+                let o = lorahost::bench::train::Options { shape, device, dtype, micro_batch, seq, recompute, warmup, steps };
+                let report = lorahost::bench::train::run(&o)?;
+                println!("{}", serde_json::to_string_pretty(&report)?);
                 write_json(json, &report)?;
             }
             BenchCommand::Pipeline { data, records, tokenizer, json } => {

@@ -1,3 +1,4 @@
 //! `lorahost bench`: measured numbers for BENCHMARKS.md. Each bench reports its baseline from the same run.
 pub mod pipeline;
 pub mod plugins;
+pub mod train;

@@ -166,3 +166,33 @@ pub struct QwenWeights {
     /// [vocab, hidden]
     pub lm_head: Tensor,
 }
+
+impl QwenWeights {
+    /// Random weights of `config`'s shape made directly on `device` (normal with `std`, norms at 1): for
+    /// benchmarks at the real shapes without a checkpoint. Not reproducible across devices.
+    pub fn random(config: &QwenConfig, std: f64, dtype: DType, device: &Device) -> Result<QwenWeights> {
+        let normal = |t: TensorId| -> Result<Tensor> {
+            Ok(Tensor::randn(0f32, std as f32, config.tensor_shape(t), device)?.to_dtype(dtype)?)
+        };
+        let ones = |t: TensorId| -> Result<Tensor> { Ok(Tensor::ones(config.tensor_shape(t), dtype, device)?) };
+        let mut layers = Vec::with_capacity(config.num_layers);
+        for i in 0..config.num_layers {
+            layers.push(LayerWeights {
+                ln_1: ones(TensorId::Ln1(i))?,
+                c_attn: normal(TensorId::Weight(i, Site::CAttn))?,
+                c_attn_bias: normal(TensorId::CAttnBias(i))?,
+                attn_c_proj: normal(TensorId::Weight(i, Site::AttnCProj))?,
+                ln_2: ones(TensorId::Ln2(i))?,
+                w1: normal(TensorId::Weight(i, Site::W1))?,
+                w2: normal(TensorId::Weight(i, Site::W2))?,
+                mlp_c_proj: normal(TensorId::Weight(i, Site::MlpCProj))?,
+            });
+        }
+        Ok(QwenWeights {
+            wte: normal(TensorId::Embedding)?,
+            layers,
+            ln_f: ones(TensorId::FinalNorm)?,
+            lm_head: normal(TensorId::LmHead)?,
+        })
+    }
+}
