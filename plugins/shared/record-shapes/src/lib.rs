@@ -398,3 +398,17 @@ mod tests {
         assert!(fill(2, &mut next).unwrap().is_none());
     }
 }
+
+/// For tests of source plugins: writes `contents` to `<temp>/lorahost-<tag>-<pid>-<n>/<name>` (a fresh
+/// folder per call) and returns the folder and the `path = ...` config line for the file.
+#[doc(hidden)]
+pub fn scratch_file(tag: &str, name: &str, contents: impl AsRef<[u8]>) -> (std::path::PathBuf, String) {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    static N: AtomicUsize = AtomicUsize::new(0);
+    let dir = std::env::temp_dir().join(format!("lorahost-{tag}-{}-{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed)));
+    std::fs::create_dir_all(&dir).expect("temp folder");
+    let path = dir.join(name);
+    std::fs::write(&path, contents).expect("temp file");
+    let line = format!("path = {:?}\n", path.to_str().expect("UTF-8 temp path"));
+    (dir, line)
+}

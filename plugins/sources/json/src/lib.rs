@@ -114,20 +114,10 @@ mod tests {
     use lorahost_sdk::{parse_config, Turn};
     use std::path::PathBuf;
 
-    /// Writes `contents` to `<temp>/<unique folder>/<name>` and opens a reader on it with `extra` config.
+    /// Writes `contents` to a fresh temporary folder and opens a reader on it with `extra` config.
     fn open_file(name: &str, contents: &str, extra: &str) -> (Result<Json, String>, PathBuf) {
-        use std::sync::atomic::{AtomicUsize, Ordering};
-        static N: AtomicUsize = AtomicUsize::new(0);
-        let dir = std::env::temp_dir().join(format!(
-            "lorahost-json-{}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::Relaxed)
-        ));
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join(name);
-        std::fs::write(&path, contents).unwrap();
-        let config = format!("path = {:?}\n{extra}", path.to_str().unwrap());
-        (parse_config::<Config>(&config).and_then(Json::open), dir)
+        let (dir, path_line) = lorahost_record_shapes::scratch_file("json", name, contents);
+        (parse_config::<Config>(&format!("{path_line}{extra}")).and_then(Json::open), dir)
     }
 
     #[test]
