@@ -11,9 +11,9 @@ pub fn lock_path(m: &Manifest) -> std::path::PathBuf {
 
 pub fn check(manifest: &Path, locked: bool, json: bool) -> anyhow::Result<()> {
     let m = Manifest::load(manifest)?;
+    let plan = data::Plan::new(&m)?;
     if locked {
         let want = Lock::read(&lock_path(&m))?;
-        let plan = data::Plan::new(&m)?;
         let changes = plan.lock.diff(&want);
         if !changes.is_empty() {
             bail!(
@@ -23,7 +23,7 @@ pub fn check(manifest: &Path, locked: bool, json: bool) -> anyhow::Result<()> {
             );
         }
     }
-    let prepared = data::prepare(&m)?;
+    let prepared = data::prepare_plan(&plan)?;
     if locked {
         let want = Lock::read(&lock_path(&m))?;
         if want.token_stream.is_some() && want.token_stream != prepared.lock.token_stream {
@@ -52,8 +52,9 @@ pub fn check(manifest: &Path, locked: bool, json: bool) -> anyhow::Result<()> {
 
 pub fn preview(manifest: &Path, n: usize, tokens: bool) -> anyhow::Result<()> {
     let m = Manifest::load(manifest)?;
-    let prepared = data::prepare(&m)?;
-    let tok = data::load_tokenizer(&m)?;
+    let plan = data::Plan::new(&m)?;
+    let prepared = data::prepare_plan(&plan)?;
+    let tok = &plan.tokenizer;
     let color = std::io::stdout().is_terminal();
     let stream = &prepared.stream;
     let offsets = stream.offsets();

@@ -94,7 +94,13 @@ impl<'m> Plan<'m> {
 
 /// Prepares the manifest's token stream, from the cache when the inputs are unchanged.
 pub fn prepare(m: &Manifest) -> anyhow::Result<Prepared> {
-    let plan = Plan::new(m)?;
+    prepare_plan(&Plan::new(m)?)
+}
+
+/// [`prepare`] with a plan the caller keeps (for its tokenizer, template or scheduler), so plugins are not
+/// resolved and data files not digested a second time.
+pub fn prepare_plan(plan: &Plan) -> anyhow::Result<Prepared> {
+    let m = plan.manifest;
     let key = plan.lock.key();
     let cache_dir = m.cache_dir();
     if let Some(dir) = &cache_dir {
@@ -106,12 +112,12 @@ pub fn prepare(m: &Manifest) -> anyhow::Result<Prepared> {
             return Ok(Prepared { stream, report, lock, from_cache: true });
         }
     }
-    let (stream, mut report) = run_pipeline(&plan)?;
+    let (stream, mut report) = run_pipeline(plan)?;
     if let Some(dir) = &cache_dir {
         cache::store(dir, &key, &stream, &report).context("writing the token cache")?;
     }
     report.plugins = plan.origins();
-    let mut lock = plan.lock;
+    let mut lock = plan.lock.clone();
     lock.token_stream = Some(report.token_stream_sha256.clone());
     Ok(Prepared { stream, report, lock, from_cache: false })
 }

@@ -169,14 +169,14 @@ pub fn run(m: &Manifest, opts: &RunOptions) -> anyhow::Result<RunSummary> {
     std::fs::create_dir_all(&run_dir).with_context(|| format!("creating {}", run_dir.display()))?;
 
     // 1. Data: the token stream (from the cache when unchanged) and the lock.
-    let prepared = data::prepare(m)?;
+    let plan = data::Plan::new(m)?;
+    let prepared = data::prepare_plan(&plan)?;
     prepared.lock.write(&run_dir.join("run.lock"))?;
     for p in prepared.report.plugins.iter().filter(|p| p.native) {
         eprintln!("WARNING: plugin `{}` ({}) is a native library and runs UNSANDBOXED (trusted = true)", p.name, p.from);
     }
     let stream = &prepared.stream;
     let offsets = stream.offsets();
-    let plan = data::Plan::new(m)?;
     let mut scheduler = plan.scheduler()?;
     let pad = plan.tokenizer.special_id("<|endoftext|>").unwrap_or(0);
 
