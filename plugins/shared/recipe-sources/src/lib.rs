@@ -81,6 +81,11 @@ impl JsonLines {
 /// Reads a whole JSON file: its value and base name. Unreadable or invalid files are errors (a JSON file that
 /// does not parse has no records to skip to).
 pub fn read_json(path: &str) -> Result<(Value, String), String> {
+    parse_json_file(path)
+}
+
+/// A whole JSON file parsed into any serde type, with its base name; a leading byte-order mark is skipped.
+fn parse_json_file<T: serde::de::DeserializeOwned>(path: &str) -> Result<(T, String), String> {
     let (mut file, name) = open(path)?;
     let mut text = String::new();
     file.read_to_string(&mut text).map_err(|e| format!("cannot read {path}: {e}"))?;
@@ -230,12 +235,7 @@ pub enum Ordered {
 impl Ordered {
     /// Reads a whole JSON file (with its base name), keeping the key order of objects.
     pub fn read(path: &str) -> Result<(Ordered, String), String> {
-        let (mut file, name) = open(path)?;
-        let mut text = String::new();
-        file.read_to_string(&mut text).map_err(|e| format!("cannot read {path}: {e}"))?;
-        let value = serde_json::from_str(text.trim_start_matches('\u{feff}'))
-            .map_err(|e| format!("{name}: {} (line {})", json_error(&e), e.line()))?;
-        Ok((value, name))
+        parse_json_file(path)
     }
 
     /// The value under `key` of an object (the first, should a key repeat).
