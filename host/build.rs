@@ -62,6 +62,32 @@ fn main() {
     }
     table.push_str("];\n");
     fs::write(PathBuf::from(env::var("OUT_DIR").unwrap()).join("standard_plugins.rs"), table).unwrap();
+
+    if env::var_os("CARGO_FEATURE_CUDA").is_some() {
+        build_cuda_kernels(&host_dir);
+    }
+}
+
+/// With the `cuda` feature: compiles the fused training kernels (src/model/cuda/kernels.cu) to PTX with
+/// the same nvcc candle uses, for `CUDA_COMPUTE_CAP` (default 90: H100/H200). Loaded at run time by
+/// src/model/cuda/mod.rs.
+fn build_cuda_kernels(host_dir: &Path) {
+    let src = host_dir.join("src/model/cuda/kernels.cu");
+    println!("cargo:rerun-if-changed={}", src.display());
+    println!("cargo:rerun-if-env-changed=CUDA_COMPUTE_CAP");
+    println!("cargo:rerun-if-env-changed=NVCC");
+    let cap = env::var("CUDA_COMPUTE_CAP").unwrap_or_else(|_| "90".into());
+    let nvcc = env::var("NVCC").unwrap_or_else(|_| "nvcc".into());
+    let out = PathBuf::from(env::var("OUT_DIR").unwrap()).join("lorahost_kernels.ptx");
+    let status = Command::new(&nvcc)
+        .args(["--ptx", "-O3", &format!("-arch=sm_{cap}"), "-o"])
+        .arg(&out)
+        .arg(&src)
+        .status()
+        .unwrap_or_else(|e| panic!("cannot run `{nvcc}` to build the CUDA kernels ({e}); put nvcc on PATH or set NVCC"));
+    if !status.success() {
+        panic!("nvcc failed on {}; see the errors above", src.display());
+    }
 }
 
 /// Plugin folder names under `dir`, sorted (each holds a Cargo.toml).

@@ -159,6 +159,26 @@ enum BenchCommand {
         warmup: usize,
         #[arg(long, default_value_t = 3)]
         steps: usize,
+        /// Fused GPU kernels: all or none (they apply to bf16 on a GPU only).
+        #[arg(long, default_value = "all")]
+        fusion: String,
+        /// Measure each fused kernel's gain: the same steps with none, then adding one lever at a time.
+        #[arg(long)]
+        levers: bool,
+        /// Train on this manifest's token stream instead of random tokens (shows the loss falling).
+        #[arg(long)]
+        manifest: Option<PathBuf>,
+        #[arg(long, default_value_t = 1e-4)]
+        lr: f64,
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
+    /// The GPU's fused bf16 training step against the CPU's f32 one: each kernel, then a small model's loss
+    /// and adapter gradients. Exits non-zero when an error is over its tolerance.
+    Numerics {
+        /// cuda:N
+        #[arg(long, default_value = "cuda:0")]
+        device: String,
         #[arg(long)]
         json: Option<PathBuf>,
     },
@@ -239,23 +259,36 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 print!("{report}");
                 write_json(json, &report)?;
             }
-            BenchCommand::Train { shape, device, dtype, micro_batch, seq, recompute, warmup, steps, json } => {
-                let device = match device.as_str() {
-                    "cpu" => candle_core::Device::Cpu,
-                    d => {
-                        let n = d.strip_prefix("cuda:").and_then(|n| n.parse().ok()).context("--device: cpu or cuda:N")?;
-                        candle_core::Device::new_cuda(n)?
-                    }
-                };
+            BenchCommand::Train { shape, device, dtype, micro_batch, seq, recompute, warmup, steps, fusion, levers, manifest, lr, json } => {
+                let device = parse_device(&device)?;
                 let dtype = match dtype.as_str() {
                     "f32" => candle_core::DType::F32,
                     "bf16" => candle_core::DType::BF16,
                     other => anyhow::bail!("--dtype {other}: f32 or bf16"),
                 };
-                let o = lorahost::bench::train::Options { shape, device, dtype, micro_batch, seq, recompute, warmup, steps };
-                let report = lorahost::bench::train::run(&o)?;
+                let fusion = match fusion.as_str() {
+                    "all" => lorahost::model::fusion::Fusion::ALL,
+                    "none" => lorahost::model::fusion::Fusion::NONE,
+                    other => anyhow::bail!("--fusion {other}: all or none"),
+                };
+                let o = lorahost::bench::train::Options { shape, device, dtype, micro_batch, seq, recompute, warmup, steps, fusion, manifest, lr };
+                if levers {
+                    let rows = lorahost::bench::train::run_levers(&o)?;
+                    println!("{}", serde_json::to_string_pretty(&rows)?);
+                    write_json(json, &rows)?;
+                } else {
+                    let report = lorahost::bench::train::run(&o)?;
+                    println!("{}", serde_json::to_string_pretty(&report)?);
+                    write_json(json, &report)?;
+                }
+            }
+            BenchCommand::Numerics { device, json } => {
+                let report = lorahost::bench::numerics::run(&parse_device(&device)?)?;
                 println!("{}", serde_json::to_string_pretty(&report)?);
                 write_json(json, &report)?;
+                if !report.ok {
+                    anyhow::bail!("numerics: an error is over its tolerance (see \"ok\": false above)");
+                }
             }
             BenchCommand::Pipeline { data, records, tokenizer, json } => {
                 if !data.exists() {
@@ -268,4 +301,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         },
     }
     Ok(())
+}
+
+/// `cpu` or `cuda:N`.
+fn parse_device(d: &str) -> anyhow::Result<candle_core::Device> {
+    if d == "cpu" {
+        return Ok(candle_core::Device::Cpu);
+    }
+    let n = d.strip_prefix("cuda:").and_then(|n| n.parse().ok()).context("--device: cpu or cuda:N")?;
+    Ok(candle_core::Device::new_cuda(n)?)
 }

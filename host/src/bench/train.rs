@@ -1,14 +1,20 @@
 //! `lorahost bench train`: training steps of a model at a named shape with random weights made on the
 //! device (no checkpoint), through the real trainer code (the model's forward/backward, LoRA r8 on c_attn +
-//! c_proj, AdamW), printing step time and tokens/s as JSON. The GPU numbers of BENCHMARKS.md come from here.
+//! c_proj, AdamW), printing step time, tokens/s and peak GPU memory as JSON. The GPU numbers of BENCHMARKS.md come from here.
+use crate::data;
 use crate::lora::{Lora, LoraConfig};
+use crate::manifest::Manifest;
+use crate::model::fusion::Fusion;
+use crate::train::batches::{HostBatch, Schedule};
+use crate::train::optim;
 use crate::model::config::{Family, QwenConfig};
 use crate::model::qwen::QwenModel;
 use crate::model::rng::Rng as ModelRng;
 use crate::model::weights::QwenWeights;
 use crate::train::optim::{AdamW, AdamWConfig};
 use anyhow::bail;
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device};
+use std::path::PathBuf;
 use std::time::Instant;
 
 #[derive(Debug, Clone, serde::Serialize)]
@@ -19,12 +25,20 @@ pub struct TrainBench {
     pub micro_batch: usize,
     pub seq: usize,
     pub recompute: bool,
+    /// The fused kernels in use (they apply to bf16 on a GPU only).
+    pub fusion: Fusion,
+    /// "random tokens" or the manifest whose token stream was trained on.
+    pub data: String,
     pub lora_params: usize,
     pub timed_steps: usize,
     /// Median over the timed steps (forward + backward + optimizer), in ms.
     pub step_ms: f64,
+    /// Tokens of the timed steps over their total time.
     pub tokens_per_s: f64,
-    pub final_loss: f64,
+    /// Peak GPU memory in use by tensors (PyTorch's `max_memory_allocated`), GiB; None on the CPU.
+    pub peak_gib: Option<f64>,
+    /// Loss of every step, warm-up included.
+    pub losses: Vec<f64>,
 }
 
 /// The model shapes benchmarks can name.
@@ -60,15 +74,48 @@ pub struct Options {
     pub recompute: bool,
     pub warmup: usize,
     pub steps: usize,
+    pub fusion: Fusion,
+    /// Train on this manifest's token stream (batches prefetched as in `lorahost run`) instead of random
+    /// tokens of length `seq`.
+    pub manifest: Option<PathBuf>,
+    pub lr: f64,
 }
 
-pub fn run(o: &Options) -> anyhow::Result<TrainBench> {
+/// Random weights at the named shape on the device, in the bench's model.
+pub fn model(o: &Options) -> anyhow::Result<QwenModel> {
     let config = shape(&o.shape)?;
     if o.seq > config.seq_length {
         bail!("--seq {} is longer than the shape's {}", o.seq, config.seq_length);
     }
     let weights = QwenWeights::random(&config, 0.02, o.dtype, &o.device)?;
-    let model = QwenModel { config: config.clone(), weights, dtype: o.dtype, device: o.device.clone(), loss_chunk: 512 };
+    // On the GPU bigger loss chunks mean fewer, fuller launches; 1024 x 152k bf16 logits are 311 MB.
+    let loss_chunk = if o.device.is_cuda() { 1024 } else { 512 };
+    Ok(QwenModel { config, weights, dtype: o.dtype, device: o.device.clone(), loss_chunk, fusion: o.fusion })
+}
+
+pub fn run(o: &Options) -> anyhow::Result<TrainBench> {
+    let mut model = model(o)?;
+    run_on(&mut model, o)
+}
+
+/// `--levers`: the same steps with the fused kernels switched on one at a time, on one model (the
+/// weights are made once). The first row has none of them; each next row adds one.
+pub fn run_levers(o: &Options) -> anyhow::Result<Vec<TrainBench>> {
+    let mut model = model(o)?;
+    let mut fusion = Fusion::NONE;
+    let mut rows = Vec::new();
+    model.fusion = fusion;
+    rows.push(run_on(&mut model, o)?);
+    for (_, switch_on) in Fusion::LEVERS {
+        switch_on(&mut fusion);
+        model.fusion = fusion;
+        rows.push(run_on(&mut model, o)?);
+    }
+    Ok(rows)
+}
+
+fn run_on(model: &mut QwenModel, o: &Options) -> anyhow::Result<TrainBench> {
+    let config = model.config.clone();
     let lora_cfg = LoraConfig {
         r: 8,
         alpha: 32.0,
@@ -78,29 +125,56 @@ pub fn run(o: &Options) -> anyhow::Result<TrainBench> {
     };
     let mut lora = Lora::new(lora_cfg, &config, 42, &o.device)?;
     let mut opt = AdamW::new(AdamWConfig::default(), lora.param_names(), &lora.params())?;
-    // Random tokens, every position trained: the worst case for the loss over the vocabulary.
-    let n = o.micro_batch * o.seq;
-    let mut rng = ModelRng::new(7);
-    let ids: Vec<u32> = (0..n).map(|_| (rng.next_u64() % 151_000) as u32).collect();
-    let labels: Vec<i64> = ids.iter().map(|&i| i as i64).collect();
-    let ids = Tensor::from_vec(ids, (o.micro_batch, o.seq), &o.device)?;
-    let labels = Tensor::from_vec(labels, (o.micro_batch, o.seq), &o.device)?;
+    let total = o.warmup + o.steps;
+    let batches = match &o.manifest {
+        Some(path) => real_batches(path, o.micro_batch, total)?,
+        None => vec![random_batch(o.micro_batch, o.seq)],
+    };
+    reset_peak(&o.device)?;
     let mut times = Vec::new();
-    let mut loss = f64::NAN;
-    for step in 0..o.warmup + o.steps {
-        let t0 = Instant::now();
-        let mut dropout = ModelRng::for_stream(42, &[step as u64]);
-        let mut out = model.loss_and_grads(&ids, &labels, &lora, &mut dropout, o.recompute)?;
-        out.grads.scale(1.0 / out.n_tokens.max(1) as f64)?;
-        opt.step(&mut lora.params_mut(), &out.grads.tensors(), 1e-4)?;
-        o.device.synchronize()?;
-        loss = out.loss_sum / out.n_tokens.max(1) as f64;
-        if step >= o.warmup {
-            times.push(t0.elapsed().as_secs_f64());
+    let mut losses = Vec::new();
+    let mut tokens_timed = 0usize;
+    std::thread::scope(|scope| -> anyhow::Result<()> {
+        // The same prefetching thread as `lorahost run` hands the batches over.
+        let (tx, upcoming) = std::sync::mpsc::sync_channel::<HostBatch>(2);
+        let source = &batches;
+        scope.spawn(move || {
+            for step in 0..total {
+                if tx.send(source[step % source.len()].clone()).is_err() {
+                    break;
+                }
+            }
+        });
+        for step in 0..total {
+            let batch = upcoming.recv()?;
+            let t0 = Instant::now();
+            let (ids, labels) = batch.tensors()?;
+            let mut dropout = ModelRng::for_stream(42, &[step as u64]);
+            let mut out = model.loss_and_grads(&ids, &labels, &lora, &mut dropout, o.recompute)?;
+            let loss = out.loss_sum / out.n_tokens.max(1) as f64;
+            if !loss.is_finite() {
+                bail!("the loss is {loss} at step {}", step + 1);
+            }
+            out.grads.scale(1.0 / out.n_tokens.max(1) as f64)?;
+            let norm = optim::clip_grad_norm(&mut out.grads.tensors_mut(), 1.0)?;
+            if !norm.is_finite() {
+                bail!("the gradient norm is {norm} at step {}", step + 1);
+            }
+            opt.step(&mut lora.params_mut(), &out.grads.tensors(), o.lr)?;
+            o.device.synchronize()?;
+            losses.push(loss);
+            if step >= o.warmup {
+                times.push(t0.elapsed().as_secs_f64());
+                tokens_timed += batch.tokens;
+            }
         }
-    }
-    times.sort_by(f64::total_cmp);
-    let step_s = times.get(times.len() / 2).copied().unwrap_or(f64::NAN);
+        Ok(())
+    })?;
+    let peak_gib = peak(&o.device)?.map(|b| b as f64 / (1u64 << 30) as f64);
+    let mut sorted = times.clone();
+    sorted.sort_by(f64::total_cmp);
+    let step_s = sorted.get(sorted.len() / 2).copied().unwrap_or(f64::NAN);
+    let total_s: f64 = times.iter().sum();
     Ok(TrainBench {
         shape: o.shape.clone(),
         device: format!("{:?}", o.device),
@@ -108,10 +182,53 @@ pub fn run(o: &Options) -> anyhow::Result<TrainBench> {
         micro_batch: o.micro_batch,
         seq: o.seq,
         recompute: o.recompute,
+        fusion: model.fusion,
+        data: o.manifest.as_ref().map_or("random tokens".into(), |p| p.display().to_string()),
         lora_params: lora.num_params(),
         timed_steps: times.len(),
         step_ms: step_s * 1e3,
-        tokens_per_s: n as f64 / step_s,
-        final_loss: loss,
+        tokens_per_s: tokens_timed as f64 / total_s,
+        peak_gib,
+        losses,
     })
+}
+
+/// Random tokens, every position trained: the worst case for the loss over the vocabulary.
+fn random_batch(micro_batch: usize, seq: usize) -> HostBatch {
+    let n = micro_batch * seq;
+    let mut rng = ModelRng::new(7);
+    let ids: Vec<u32> = (0..n).map(|_| (rng.next_u64() % 151_000) as u32).collect();
+    let labels: Vec<i64> = ids.iter().map(|&i| i as i64).collect();
+    HostBatch { ids, labels, rows: micro_batch, seq, tokens: n }
+}
+
+/// The first `steps` micro-batches of a manifest's token stream, in training order.
+fn real_batches(path: &std::path::Path, micro_batch: usize, steps: usize) -> anyhow::Result<Vec<HostBatch>> {
+    let m = Manifest::load(path)?;
+    let plan = data::Plan::new(&m)?;
+    let prepared = data::prepare_plan(&plan)?;
+    let stream = &prepared.stream;
+    let pad = plan.tokenizer.special_id("<|endoftext|>").unwrap_or(0);
+    let schedule = Schedule { n_train: stream.n_train, micro_batch, grad_accum: 1, seed: m.run.seed, pad };
+    let offsets = stream.offsets();
+    Ok((0..steps as u64).flat_map(|s| schedule.step(stream, &offsets, s).micro).collect())
+}
+
+fn reset_peak(device: &Device) -> anyhow::Result<()> {
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(d) = device {
+        crate::model::cuda::reset_peak_memory(d)?;
+    }
+    let _ = device;
+    Ok(())
+}
+
+/// Peak bytes in use on the GPU since [`reset_peak`]; None on the CPU.
+fn peak(device: &Device) -> anyhow::Result<Option<u64>> {
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(d) = device {
+        return Ok(Some(crate::model::cuda::peak_memory(d)?));
+    }
+    let _ = device;
+    Ok(None)
 }

@@ -15,13 +15,42 @@ pub fn split_qkv(qkv: &Tensor, b: usize, t: usize, h: usize, d: usize) -> Result
     Ok((part(0)?, part(1)?, part(2)?))
 }
 
-/// Backward of [`split_qkv`]: dq, dk, dv [B, H, T, D] -> d(qkv) [N, 3C].
-pub fn split_qkv_backward(dq: &Tensor, dk: &Tensor, dv: &Tensor) -> Result<Tensor> {
-    Tensor::cat(&[merge_heads(dq)?, merge_heads(dk)?, merge_heads(dv)?], 1)
+/// c_attn's output, as its parts (base = x W^T; bias; LoRA delta), to rotated q, k and v [B, H, T, D].
+/// The fused kernel adds the parts, splits the heads and applies RoPE in one pass.
+#[allow(clippy::too_many_arguments)]
+pub fn qkv_forward(base: &Tensor, bias: &Tensor, delta: Option<&Tensor>, rope: &Rope, b: usize, t: usize, h: usize, d: usize, fused: bool) -> Result<(Tensor, Tensor, Tensor)> {
+    #[cfg(feature = "cuda")]
+    if super::fusion::on(fused, base) {
+        return super::cuda::qkv_split_rope(base, Some(bias), delta, &rope.cos, &rope.sin, b, t, h, d);
+    }
+    let _ = fused;
+    let mut qkv = base.broadcast_add(bias)?;
+    if let Some(delta) = delta {
+        qkv = (qkv + delta)?;
+    }
+    let (q, k, v) = split_qkv(&qkv, b, t, h, d)?;
+    Ok((rope_forward(&q, rope)?, rope_forward(&k, rope)?, v))
 }
 
-/// [B, H, T, D] -> [N, C] contiguous (head-major features, as c_proj expects).
-pub fn merge_heads(y: &Tensor) -> Result<Tensor> {
+/// Backward of [`qkv_forward`]: dq, dk (rotated back) and dv -> d(qkv) [N, 3C].
+pub fn qkv_backward(dq: &Tensor, dk: &Tensor, dv: &Tensor, rope: &Rope, fused: bool) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if super::fusion::on(fused, dq) {
+        return super::cuda::qkv_merge_unrope(dq, dk, dv, &rope.cos, &rope.sin);
+    }
+    let _ = fused;
+    let (dq, dk) = (rope_backward(dq, rope)?, rope_backward(dk, rope)?);
+    Tensor::cat(&[merge_heads(&dq, rope, false)?, merge_heads(&dk, rope, false)?, merge_heads(dv, rope, false)?], 1)
+}
+
+/// [B, H, T, D] -> [N, C] contiguous (head-major features, as c_proj expects). `rope` is only the
+/// fused kernel's (unread) table argument.
+pub fn merge_heads(y: &Tensor, rope: &Rope, fused: bool) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if super::fusion::on(fused, y) {
+        return super::cuda::merge_heads(y, &rope.cos, &rope.sin);
+    }
+    let _ = (fused, rope);
     let (b, h, t, d) = y.dims4()?;
     y.transpose(1, 2)?.contiguous()?.reshape((b * t, h * d))
 }
@@ -116,13 +145,23 @@ pub struct AttnSaved {
     q: Tensor,
     k: Tensor,
     v: Tensor,
-    /// Softmax probabilities [B, H, T, T] in the acc dtype.
+    /// Softmax probabilities [B, H, T, T]: the acc dtype on the composite path, bf16 from the fused kernel
+    /// (what the following matmul consumes anyway).
     p: Tensor,
 }
 
-pub fn attention_forward(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor) -> Result<(Tensor, AttnSaved)> {
+/// `mask` is needed only by the composite path (the fused softmax masks by index).
+pub fn attention_forward(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>, fused: bool) -> Result<(Tensor, AttnSaved)> {
     let dtype = q.dtype();
     let scale = 1.0 / (q.dim(D::Minus1)? as f64).sqrt();
+    #[cfg(feature = "cuda")]
+    if super::fusion::on(fused, q) {
+        let p = super::cuda::causal_softmax(&super::cuda::attention_scores(q, k, scale)?)?;
+        let y = p.matmul(v)?;
+        return Ok((y, AttnSaved { q: q.clone(), k: k.clone(), v: v.clone(), p }));
+    }
+    let _ = fused;
+    let Some(mask) = mask else { candle_core::bail!("attention_forward: the composite path needs the causal mask") };
     let s = (q.matmul(&k.t()?)?.to_dtype(mask.dtype())? * scale)?.broadcast_add(mask)?;
     let s_max = s.max_keepdim(D::Minus1)?; // finite: the diagonal is never masked
     let e = s.broadcast_sub(&s_max)?.exp()?;
@@ -132,10 +171,18 @@ pub fn attention_forward(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor) -> R
 }
 
 /// Returns (dq, dk, dv), each [B, H, T, D].
-pub fn attention_backward(saved: &AttnSaved, dy: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
+pub fn attention_backward(saved: &AttnSaved, dy: &Tensor, fused: bool) -> Result<(Tensor, Tensor, Tensor)> {
     let dtype = dy.dtype();
     let scale = 1.0 / (saved.q.dim(D::Minus1)? as f64).sqrt();
     let p = &saved.p;
+    #[cfg(feature = "cuda")]
+    if super::fusion::on(fused, dy) {
+        let dv = p.t()?.matmul(dy)?;
+        let dp = dy.matmul(&saved.v.t()?)?;
+        let ds = super::cuda::causal_softmax_backward(p, &dp, scale)?;
+        return Ok((ds.matmul(&saved.k)?, ds.t()?.matmul(&saved.q)?, dv));
+    }
+    let _ = fused;
     let p_m = p.to_dtype(dtype)?;
     let dv = p_m.t()?.matmul(dy)?;
     let dp = dy.matmul(&saved.v.t()?)?.to_dtype(p.dtype())?;

@@ -58,8 +58,15 @@ impl Targets {
     }
 }
 
-/// Returns the summed loss and, when `want_grad`, d(loss)/d(hf) [N, C] in hf's dtype.
-pub fn cross_entropy(hf: &Tensor, lm_head: &Tensor, targets: &Targets, chunk: usize, want_grad: bool) -> Result<(f64, Option<Tensor>)> {
+/// Returns the summed loss (an f64 scalar tensor, read it with `to_scalar` once the backward is queued: on
+/// the GPU reading it waits for the device) and, when `want_grad`, d(loss)/d(hf) [N, C] in hf's dtype.
+/// `fused`: one GPU kernel per chunk for logsumexp, loss and dz (see [`super::fusion`]).
+pub fn cross_entropy(hf: &Tensor, lm_head: &Tensor, targets: &Targets, chunk: usize, want_grad: bool, fused: bool) -> Result<(Tensor, Option<Tensor>)> {
+    #[cfg(feature = "cuda")]
+    if super::fusion::on(fused, hf) {
+        return cross_entropy_fused(hf, lm_head, targets, chunk, want_grad);
+    }
+    let _ = fused;
     let device = hf.device();
     let dtype = hf.dtype();
     let acc = acc_dtype(dtype);
@@ -91,5 +98,30 @@ pub fn cross_entropy(hf: &Tensor, lm_head: &Tensor, targets: &Targets, chunk: us
             *acc_grad = acc_grad.index_add(&rows, &dh, 0)?;
         }
     }
+    Ok((Tensor::new(loss_sum, &candle_core::Device::Cpu)?, dhf))
+}
+
+/// [`cross_entropy`] with the per-chunk math in one kernel; the losses stay on the GPU.
+#[cfg(feature = "cuda")]
+fn cross_entropy_fused(hf: &Tensor, lm_head: &Tensor, targets: &Targets, chunk: usize, want_grad: bool) -> Result<(Tensor, Option<Tensor>)> {
+    let device = hf.device();
+    let mut losses = Vec::new();
+    let mut dhf = if want_grad { Some(hf.zeros_like()?) } else { None };
+    for start in (0..targets.len()).step_by(chunk.max(1)) {
+        let end = (start + chunk.max(1)).min(targets.len());
+        let rows = Tensor::from_slice(&targets.rows[start..end], end - start, device)?;
+        let tokens = Tensor::from_slice(&targets.tokens[start..end], end - start, device)?;
+        let z = linear_forward(&hf.index_select(&rows, 0)?, lm_head, None)?;
+        let (loss, dz) = super::cuda::cross_entropy_rows(&z, &tokens, want_grad)?;
+        drop(z);
+        losses.push(loss.sum_all()?);
+        if let (Some(acc), Some(dz)) = (dhf.as_mut(), dz) {
+            *acc = acc.index_add(&rows, &linear_backward(&dz, lm_head)?, 0)?;
+        }
+    }
+    let loss_sum = match losses.len() {
+        0 => Tensor::new(0f64, device)?,
+        _ => Tensor::stack(&losses, 0)?.sum_all()?.to_dtype(DType::F64)?,
+    };
     Ok((loss_sum, dhf))
 }

@@ -14,6 +14,9 @@
 //! and their gradients are f32 (f64 in gradient-check tests).
 pub mod attention;
 pub mod config;
+#[cfg(feature = "cuda")]
+pub mod cuda;
+pub mod fusion;
 pub mod loss;
 pub mod ops;
 pub mod qwen;

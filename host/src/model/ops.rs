@@ -34,7 +34,14 @@ pub struct RmsNormSaved {
     rstd: Tensor,
 }
 
-pub fn rmsnorm_forward(x: &Tensor, w: &Tensor, eps: f64) -> Result<(Tensor, RmsNormSaved)> {
+/// `fused`: use the GPU kernel when it applies (see [`super::fusion`]).
+pub fn rmsnorm_forward(x: &Tensor, w: &Tensor, eps: f64, fused: bool) -> Result<(Tensor, RmsNormSaved)> {
+    #[cfg(feature = "cuda")]
+    if super::fusion::on(fused, x) {
+        let (y, rstd) = super::cuda::rmsnorm_forward(x, w, eps)?;
+        return Ok((y, RmsNormSaved { x: x.clone(), rstd }));
+    }
+    let _ = fused;
     let dtype = x.dtype();
     let xf = x.to_dtype(acc_dtype(dtype))?;
     let rstd = (xf.sqr()?.mean_keepdim(D::Minus1)? + eps)?.sqrt()?.recip()?;
@@ -46,14 +53,23 @@ pub fn rmsnorm_forward(x: &Tensor, w: &Tensor, eps: f64) -> Result<(Tensor, RmsN
 /// With xhat = x * rstd and g = dy * w (per feature):
 ///   dx = rstd * (g - xhat * mean(g * xhat))
 /// (the second term is the gradient through rstd, which depends on every feature of the row).
-pub fn rmsnorm_backward(saved: &RmsNormSaved, w: &Tensor, dy: &Tensor) -> Result<Tensor> {
+/// `dres`, when given, is added to dx: the gradient the residual branch carries past the norm.
+pub fn rmsnorm_backward(saved: &RmsNormSaved, w: &Tensor, dy: &Tensor, dres: Option<&Tensor>, fused: bool) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if super::fusion::on(fused, dy) {
+        return super::cuda::rmsnorm_backward(&saved.x, &saved.rstd, w, dy, dres);
+    }
+    let _ = fused;
     let dtype = dy.dtype();
     let acc = saved.rstd.dtype();
     let g = dy.broadcast_mul(w)?.to_dtype(acc)?;
     let xhat = saved.x.to_dtype(acc)?.broadcast_mul(&saved.rstd)?;
     let proj = (&g * &xhat)?.mean_keepdim(D::Minus1)?;
-    let dx = (g - xhat.broadcast_mul(&proj)?)?.broadcast_mul(&saved.rstd)?;
-    dx.to_dtype(dtype)
+    let dx = (g - xhat.broadcast_mul(&proj)?)?.broadcast_mul(&saved.rstd)?.to_dtype(dtype)?;
+    match dres {
+        Some(r) => dx + r,
+        None => Ok(dx),
+    }
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -83,20 +99,41 @@ pub struct LoraSaved {
     h: Tensor,
     /// scale * h A^T.
     u: Tensor,
-    /// The dropout mask (0 or 1/(1-p)); None when dropout is off.
-    mask: Option<Tensor>,
+    /// The dropout applied to x; its backward applies the same mask to dh.
+    dropout: Option<Dropout>,
 }
 
-pub fn lora_forward(x: &Tensor, a: &Tensor, b: &Tensor, scale: f64, mask: Option<&Tensor>) -> Result<(Tensor, LoraSaved)> {
+/// LoRA dropout: either a mask tensor (0 or 1/(1-p)), or, on the GPU, the key and p of a counter-based
+/// mask the kernel recomputes (the same values, never stored).
+#[derive(Clone)]
+pub enum Dropout {
+    Mask(Tensor),
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    Key { key: u64, p: f64 },
+}
+
+impl Dropout {
+    fn apply(&self, x: &Tensor) -> Result<Tensor> {
+        match self {
+            Dropout::Mask(m) => x * m,
+            #[cfg(feature = "cuda")]
+            Dropout::Key { key, p } => super::cuda::dropout(x, *key, *p),
+            #[cfg(not(feature = "cuda"))]
+            Dropout::Key { .. } => unreachable!("key dropout is only built for the GPU"),
+        }
+    }
+}
+
+pub fn lora_forward(x: &Tensor, a: &Tensor, b: &Tensor, scale: f64, dropout: Option<Dropout>) -> Result<(Tensor, LoraSaved)> {
     let dtype = x.dtype();
     let (a, b) = (a.to_dtype(dtype)?, b.to_dtype(dtype)?);
-    let h = match mask {
-        Some(m) => (x * m)?,
+    let h = match &dropout {
+        Some(d) => d.apply(x)?,
         None => x.clone(),
     };
     let u = (h.matmul(&a.t()?)? * scale)?;
     let delta = u.matmul(&b.t()?)?;
-    Ok((delta, LoraSaved { h, u, mask: mask.cloned() }))
+    Ok((delta, LoraSaved { h, u, dropout }))
 }
 
 /// Backward of `delta = (scale * h A^T) B^T`, given d(delta) = dy:
@@ -113,8 +150,8 @@ pub fn lora_backward(saved: &LoraSaved, a: &Tensor, b: &Tensor, scale: f64, dy: 
     let du = (dy.matmul(&b_c)? * scale)?;
     let da = du.t()?.matmul(&saved.h)?;
     let dh = du.matmul(&a_c)?;
-    let dx = match &saved.mask {
-        Some(m) => (dh * m)?,
+    let dx = match &saved.dropout {
+        Some(d) => d.apply(&dh)?,
         None => dh,
     };
     Ok((dx, da.to_dtype(pdtype)?, db.to_dtype(pdtype)?))
@@ -145,12 +182,23 @@ pub struct SwiGluSaved {
     g: Tensor,
 }
 
-pub fn swiglu_forward(a: &Tensor, g: &Tensor) -> Result<(Tensor, SwiGluSaved)> {
+pub fn swiglu_forward(a: &Tensor, g: &Tensor, fused: bool) -> Result<(Tensor, SwiGluSaved)> {
+    #[cfg(feature = "cuda")]
+    if super::fusion::on(fused, a) {
+        let h = super::cuda::swiglu_forward(a, g)?;
+        return Ok((h, SwiGluSaved { a: a.clone(), g: g.clone() }));
+    }
+    let _ = fused;
     let h = (a * g.silu()?)?;
     Ok((h, SwiGluSaved { a: a.clone(), g: g.clone() }))
 }
 
-pub fn swiglu_backward(saved: &SwiGluSaved, dh: &Tensor) -> Result<(Tensor, Tensor)> {
+pub fn swiglu_backward(saved: &SwiGluSaved, dh: &Tensor, fused: bool) -> Result<(Tensor, Tensor)> {
+    #[cfg(feature = "cuda")]
+    if super::fusion::on(fused, dh) {
+        return super::cuda::swiglu_backward(&saved.a, &saved.g, dh);
+    }
+    let _ = fused;
     let g = &saved.g;
     let s = (g.neg()?.exp()? + 1.0)?.recip()?; // sigmoid(g)
     let silu = (g * &s)?;

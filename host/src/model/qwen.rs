@@ -11,8 +11,9 @@
 //! masks are a pure function of (step seed, layer, module), so the recomputed layer is bit-identical.
 use super::attention::{self, AttnSaved, Rope};
 use super::config::{QwenConfig, Site};
+use super::fusion::Fusion;
 use super::loss::{self, Targets};
-use super::ops::{self, LoraSaved, RmsNormSaved, SwiGluSaved};
+use super::ops::{self, Dropout, LoraSaved, RmsNormSaved, SwiGluSaved};
 use super::rng::{self, Rng};
 use super::weights::{Checkpoint, QwenWeights};
 use crate::lora::{Lora, LoraGrads};
@@ -28,6 +29,8 @@ pub struct QwenModel {
     pub device: Device,
     /// Tokens per chunk in the lm_head + loss (bounds the [chunk, vocab] logits).
     pub loss_chunk: usize,
+    /// Which fused GPU kernels to use (all by default; they apply only to bf16 on a GPU).
+    pub fusion: Fusion,
 }
 
 /// Result of one training micro-step. `grads` are gradients of `loss_sum` (not of the mean): divide by
@@ -58,8 +61,10 @@ struct Ctx<'a> {
     b: usize,
     t: usize,
     rope: Rope,
-    mask: Tensor,
+    /// The additive causal mask, for the composite attention only.
+    mask: Option<Tensor>,
     lora: Option<&'a Lora>,
+    fusion: Fusion,
     /// (step seed, p) when dropout is active.
     dropout: Option<(u64, f64)>,
 }
@@ -85,7 +90,7 @@ impl QwenModel {
     pub fn load(dir: &Path, dtype: DType, device: &Device) -> Result<QwenModel> {
         let ckpt = Checkpoint::open(dir)?;
         let weights = ckpt.load_weights(dtype, device)?;
-        Ok(QwenModel { config: ckpt.config, weights, dtype, device: device.clone(), loss_chunk: 512 })
+        Ok(QwenModel { config: ckpt.config, weights, dtype, device: device.clone(), loss_chunk: 512, fusion: Fusion::default() })
     }
 
     // ----- inference ------------------------------------------------------------------------------------
@@ -102,8 +107,8 @@ impl QwenModel {
     pub fn eval_loss(&self, ids: &Tensor, labels: &Tensor, lora: Option<&Lora>) -> Result<(f64, usize)> {
         let targets = self.targets(ids, labels)?;
         let hf = self.hidden_states(ids, lora)?;
-        let (loss, _) = loss::cross_entropy(&hf, &self.weights.lm_head, &targets, self.loss_chunk, false)?;
-        Ok((loss, targets.len()))
+        let (loss, _) = loss::cross_entropy(&hf, &self.weights.lm_head, &targets, self.loss_chunk, false, self.fusion.loss)?;
+        Ok((loss.to_scalar::<f64>()?, targets.len()))
     }
 
     /// Final-norm hidden states [B*T, C].
@@ -113,7 +118,7 @@ impl QwenModel {
         for layer in 0..self.config.num_layers {
             x = self.block_forward(&ctx, layer, &x)?.0;
         }
-        Ok(ops::rmsnorm_forward(&x, &self.weights.ln_f, self.config.eps)?.0)
+        Ok(ops::rmsnorm_forward(&x, &self.weights.ln_f, self.config.eps, self.fusion.norm)?.0)
     }
 
     /// Autoregressive generation for one prompt; returns the new tokens only. Recomputes the full forward
@@ -161,7 +166,8 @@ impl QwenModel {
     /// One micro-step: forward, summed masked loss, backward to the LoRA parameters.
     ///
     /// - `ids` [B, T] token ids; `labels` [B, T] i64, HF convention (-100 = not trained; position t
-    ///   predicts `labels[t + 1]`).
+    ///   predicts `labels[t + 1]`). Both may live on the CPU for a GPU model (the trainer passes them so:
+    ///   checking them then costs no device synchronisation; the ids are uploaded here).
     /// - `dropout_rng` gives this step's dropout seed (one draw per call, also when dropout is 0).
     /// - `recompute`: keep only each layer's input and recompute the layer during backward (bounded
     ///   memory, one extra forward); gives bit-identical results on CPU.
@@ -192,13 +198,13 @@ impl QwenModel {
             }
             x = y;
         }
-        let (hf, ln_f) = ops::rmsnorm_forward(&x, &self.weights.ln_f, self.config.eps)?;
+        let (hf, ln_f) = ops::rmsnorm_forward(&x, &self.weights.ln_f, self.config.eps, self.fusion.norm)?;
         drop(x);
 
         // Loss and its gradient w.r.t. the final hidden states, chunk by chunk.
-        let (loss_sum, dhf) = loss::cross_entropy(&hf, &self.weights.lm_head, &targets, self.loss_chunk, true)?;
+        let (loss_sum, dhf) = loss::cross_entropy(&hf, &self.weights.lm_head, &targets, self.loss_chunk, true, self.fusion.loss)?;
         let dhf = dhf.expect("gradient requested");
-        let mut dx = ops::rmsnorm_backward(&ln_f, &self.weights.ln_f, &dhf)?;
+        let mut dx = ops::rmsnorm_backward(&ln_f, &self.weights.ln_f, &dhf, None, self.fusion.norm)?;
         drop((hf, dhf, ln_f));
 
         // Backward, top layer first.
@@ -219,6 +225,7 @@ impl QwenModel {
             }
         }
         let (a, b) = grads.into_iter().map(|g| g.expect("every adapter sits at or above the lowest layer")).unzip();
+        let loss_sum = loss_sum.to_scalar::<f64>()?; // after the backward is queued: no idle device
         Ok(LossAndGrads { loss_sum, n_tokens: targets.len(), grads: LoraGrads { a, b } })
     }
 
@@ -229,22 +236,23 @@ impl QwenModel {
         let cfg = &self.config;
         let (h, d) = (cfg.num_heads, cfg.head_dim);
 
+        let f = ctx.fusion;
+
         // Attention branch.
-        let (h1, ln_1) = ops::rmsnorm_forward(x, &w.ln_1, cfg.eps)?;
-        let (qkv, c_attn) = self.adapted_forward(ctx, layer, Site::CAttn, &h1)?;
-        let (q, k, v) = attention::split_qkv(&qkv, ctx.b, ctx.t, h, d)?;
-        let q = attention::rope_forward(&q, &ctx.rope)?;
-        let k = attention::rope_forward(&k, &ctx.rope)?;
-        let (y, attn) = attention::attention_forward(&q, &k, &v, &ctx.mask)?;
-        let y = attention::merge_heads(&y)?;
+        let (h1, ln_1) = ops::rmsnorm_forward(x, &w.ln_1, cfg.eps, f.norm)?;
+        let (qkv, delta, c_attn) = self.adapted_parts(ctx, layer, Site::CAttn, &h1)?;
+        let (q, k, v) = attention::qkv_forward(&qkv, &w.c_attn_bias, delta.as_ref(), &ctx.rope, ctx.b, ctx.t, h, d, f.rope)?;
+        drop((qkv, delta));
+        let (y, attn) = attention::attention_forward(&q, &k, &v, ctx.mask.as_ref(), f.attention)?;
+        let y = attention::merge_heads(&y, &ctx.rope, f.rope)?;
         let (o, attn_c_proj) = self.adapted_forward(ctx, layer, Site::AttnCProj, &y)?;
         let x1 = (x + o)?;
 
         // MLP branch.
-        let (h2, ln_2) = ops::rmsnorm_forward(&x1, &w.ln_2, cfg.eps)?;
+        let (h2, ln_2) = ops::rmsnorm_forward(&x1, &w.ln_2, cfg.eps, f.norm)?;
         let (a, w1) = self.adapted_forward(ctx, layer, Site::W1, &h2)?;
         let (g, w2) = self.adapted_forward(ctx, layer, Site::W2, &h2)?;
-        let (m, swiglu) = ops::swiglu_forward(&a, &g)?;
+        let (m, swiglu) = ops::swiglu_forward(&a, &g, f.swiglu)?;
         let (o2, mlp_c_proj) = self.adapted_forward(ctx, layer, Site::MlpCProj, &m)?;
         let x2 = (&x1 + o2)?;
 
@@ -261,47 +269,66 @@ impl QwenModel {
         // MLP branch: x2 = x1 + mlp(ln_2(x1)), so d(x1) = d(x2) + ln_2^T(mlp^T(d(x2))).
         let (dm, g) = self.adapted_backward(ctx, layer, Site::MlpCProj, s.mlp_c_proj.as_ref(), dx2)?;
         grads[Site::MlpCProj.index()] = g;
-        let (da, dg) = ops::swiglu_backward(&s.swiglu, &dm)?;
+        let f = ctx.fusion;
+        let (da, dg) = ops::swiglu_backward(&s.swiglu, &dm, f.swiglu)?;
         let (dh2_a, g) = self.adapted_backward(ctx, layer, Site::W1, s.w1.as_ref(), &da)?;
         grads[Site::W1.index()] = g;
         let (dh2_g, g) = self.adapted_backward(ctx, layer, Site::W2, s.w2.as_ref(), &dg)?;
         grads[Site::W2.index()] = g;
         let dh2 = (dh2_a + dh2_g)?; // h2 feeds both w1 and w2
-        let dx1 = (dx2 + ops::rmsnorm_backward(&s.ln_2, &w.ln_2, &dh2)?)?;
+        let dx1 = ops::rmsnorm_backward(&s.ln_2, &w.ln_2, &dh2, Some(dx2), f.norm)?;
 
         // Attention branch: x1 = x + attn(ln_1(x)).
         let (dy, g) = self.adapted_backward(ctx, layer, Site::AttnCProj, s.attn_c_proj.as_ref(), &dx1)?;
         grads[Site::AttnCProj.index()] = g;
         let dy = attention::merge_heads_backward(&dy, ctx.b, ctx.t, h, d)?;
-        let (dq, dk, dv) = attention::attention_backward(&s.attn, &dy)?;
-        let dq = attention::rope_backward(&dq, &ctx.rope)?;
-        let dk = attention::rope_backward(&dk, &ctx.rope)?;
-        let dqkv = attention::split_qkv_backward(&dq, &dk, &dv)?;
+        let (dq, dk, dv) = attention::attention_backward(&s.attn, &dy, f.attention)?;
+        let dqkv = attention::qkv_backward(&dq, &dk, &dv, &ctx.rope, f.rope)?;
         let (dh1, g) = self.adapted_backward(ctx, layer, Site::CAttn, s.c_attn.as_ref(), &dqkv)?;
         grads[Site::CAttn.index()] = g;
-        let dx = (dx1 + ops::rmsnorm_backward(&s.ln_1, &w.ln_1, &dh1)?)?;
+        let dx = ops::rmsnorm_backward(&s.ln_1, &w.ln_1, &dh1, Some(&dx1), f.norm)?;
         Ok((dx, grads))
     }
 
-    /// A frozen linear plus, when the adapter targets it, its LoRA term.
+    /// A frozen linear (with bias) plus, when the adapter targets it, its LoRA term.
     fn adapted_forward(&self, ctx: &Ctx, layer: usize, site: Site, x: &Tensor) -> Result<(Tensor, Option<LoraSaved>)> {
-        let lw = &self.weights.layers[layer];
-        let bias = (site == Site::CAttn).then_some(&lw.c_attn_bias);
-        let y = ops::linear_forward(x, lw.linear(site), bias)?;
+        let (mut y, delta, saved) = self.adapted_parts(ctx, layer, site, x)?;
+        if site == Site::CAttn {
+            y = y.broadcast_add(&self.weights.layers[layer].c_attn_bias)?;
+        }
+        if let Some(delta) = delta {
+            y = (y + delta)?;
+        }
+        Ok((y, saved))
+    }
+
+    /// The parts of an adapted linear, left for the caller to add: x W^T (no bias) and the LoRA delta.
+    fn adapted_parts(&self, ctx: &Ctx, layer: usize, site: Site, x: &Tensor) -> Result<(Tensor, Option<Tensor>, Option<LoraSaved>)> {
+        let y = ops::linear_forward(x, self.weights.layers[layer].linear(site), None)?;
         let Some(adapter) = ctx.lora.and_then(|l| l.adapter(layer, site)) else {
-            return Ok((y, None));
+            return Ok((y, None, None));
         };
-        let mask = match ctx.dropout {
+        let dropout = match ctx.dropout {
             Some((seed, p)) => {
                 let key = rng::stream_key(seed, &[layer as u64, site.index() as u64]);
-                let (n, k) = x.dims2()?;
-                Some(ops::dropout_mask(key, n, k, p, x.dtype(), x.device())?)
+                Some(self.dropout(ctx, key, p, x)?)
             }
             None => None,
         };
         let scale = ctx.lora.map(|l| l.scale()).unwrap_or(0.0);
-        let (delta, saved) = ops::lora_forward(x, &adapter.a, &adapter.b, scale, mask.as_ref())?;
-        Ok(((y + delta)?, Some(saved)))
+        let (delta, saved) = ops::lora_forward(x, &adapter.a, &adapter.b, scale, dropout)?;
+        Ok((y, Some(delta), Some(saved)))
+    }
+
+    /// The dropout of stream `key` for x: regenerated in the kernel on the GPU, a mask tensor elsewhere.
+    fn dropout(&self, ctx: &Ctx, key: u64, p: f64, x: &Tensor) -> Result<Dropout> {
+        #[cfg(feature = "cuda")]
+        if super::fusion::on(ctx.fusion.dropout, x) {
+            return Ok(Dropout::Key { key, p });
+        }
+        let _ = ctx;
+        let (n, k) = x.dims2()?;
+        Ok(Dropout::Mask(ops::dropout_mask(key, n, k, p, x.dtype(), x.device())?))
     }
 
     fn adapted_backward(&self, ctx: &Ctx, layer: usize, site: Site, saved: Option<&LoraSaved>, dy: &Tensor) -> Result<(Tensor, Option<(Tensor, Tensor)>)> {
@@ -343,8 +370,12 @@ impl QwenModel {
             l.check_fits(&self.config)?;
         }
         let rope = Rope::new(t, self.config.head_dim, self.config.rope_base, self.dtype, &self.device)?;
-        let mask = attention::causal_mask(t, self.dtype, &self.device)?;
-        Ok(Ctx { b, t, rope, mask, lora, dropout })
+        let fusion = self.fusion;
+        let mask = match super::fusion::on_for(fusion.attention, self.dtype, &self.device) {
+            true => None,
+            false => Some(attention::causal_mask(t, self.dtype, &self.device)?),
+        };
+        Ok(Ctx { b, t, rope, mask, lora, dropout, fusion })
     }
 
     fn targets(&self, ids: &Tensor, labels: &Tensor) -> Result<Targets> {

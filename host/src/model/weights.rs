@@ -168,6 +168,28 @@ pub struct QwenWeights {
 }
 
 impl QwenWeights {
+    /// A copy in `dtype` on `device` (e.g. a CPU f32 model's exact weights as bf16 on the GPU).
+    pub fn to(&self, dtype: DType, device: &Device) -> Result<QwenWeights> {
+        let cv = |t: &Tensor| -> Result<Tensor> { Ok(t.to_dtype(dtype)?.to_device(device)?) };
+        let layers = self
+            .layers
+            .iter()
+            .map(|l| {
+                Ok(LayerWeights {
+                    ln_1: cv(&l.ln_1)?,
+                    c_attn: cv(&l.c_attn)?,
+                    c_attn_bias: cv(&l.c_attn_bias)?,
+                    attn_c_proj: cv(&l.attn_c_proj)?,
+                    ln_2: cv(&l.ln_2)?,
+                    w1: cv(&l.w1)?,
+                    w2: cv(&l.w2)?,
+                    mlp_c_proj: cv(&l.mlp_c_proj)?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(QwenWeights { wte: cv(&self.wte)?, layers, ln_f: cv(&self.ln_f)?, lm_head: cv(&self.lm_head)? })
+    }
+
     /// Random weights of `config`'s shape made directly on `device` (normal with `std`, norms at 1): for
     /// benchmarks at the real shapes without a checkpoint. Not reproducible across devices.
     pub fn random(config: &QwenConfig, std: f64, dtype: DType, device: &Device) -> Result<QwenWeights> {

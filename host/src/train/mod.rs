@@ -1,5 +1,6 @@
-//! Training: for now the optimizer (AdamW, gradient clipping). The loop, schedules, accumulation and
-//! checkpoints will join here.
+//! Training: the loop (run.rs), its batches (prefetched on a host thread), the optimizer, checkpoints and
+//! the loss curve.
+pub mod batches;
 pub mod checkpoint;
 pub mod optim;
 pub mod plot;

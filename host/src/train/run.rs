@@ -4,6 +4,7 @@
 //! optimizer step: `grad_accum` micro-batches of forward+backward, gradients normalised by the trained
 //! tokens of the whole step, clipped, the scheduler plugin's learning rate, an AdamW step; log, checkpoint,
 //! evaluate -> the PEFT adapter, the metrics log and the loss curve in the run folder.
+use super::batches::{self, HostBatch, Schedule};
 use super::checkpoint::{self, State};
 use super::optim::{self, AdamW, AdamWConfig};
 use crate::data::{self, TokenStream};
@@ -12,9 +13,8 @@ use crate::manifest::{DType, Manifest};
 use crate::model::qwen::QwenModel;
 use crate::model::rng::Rng as ModelRng;
 use crate::model::tiny;
-use crate::rng::Rng;
 use anyhow::{bail, Context};
-use candle_core::{Device, Tensor};
+use candle_core::Device;
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::PathBuf;
@@ -118,32 +118,6 @@ fn lora_config(m: &Manifest) -> LoraConfig {
     }
 }
 
-/// The order of training records in `epoch`: the stream's order first, then a seeded reshuffle per epoch.
-fn epoch_order(n_train: usize, epoch: u64, seed: u64) -> Vec<usize> {
-    let mut order: Vec<usize> = (0..n_train).collect();
-    if epoch > 0 {
-        Rng::derive(seed, &format!("epoch/{epoch}")).shuffle(&mut order);
-    }
-    order
-}
-
-/// Ids and HF-style labels (-100 where not trained) for records `rows` of the stream, padded.
-fn tensors(stream: &TokenStream, offsets: &[usize], rows: &[usize], pad: u32, device: &Device) -> anyhow::Result<(Tensor, Tensor)> {
-    let seq = rows.iter().map(|&i| stream.lengths[i] as usize).max().unwrap_or(1);
-    let mut ids = vec![pad; rows.len() * seq];
-    let mut labels = vec![-100i64; rows.len() * seq];
-    for (r, &i) in rows.iter().enumerate() {
-        let (rec, mask) = stream.record(offsets, i);
-        for (t, (&id, &m)) in rec.iter().zip(mask).enumerate() {
-            ids[r * seq + t] = id;
-            if m == 1 {
-                labels[r * seq + t] = id as i64;
-            }
-        }
-    }
-    Ok((Tensor::from_vec(ids, (rows.len(), seq), device)?, Tensor::from_vec(labels, (rows.len(), seq), device)?))
-}
-
 /// What the run is, for refusing a checkpoint of a different one: data inputs and training settings.
 fn identity(m: &Manifest, lock_key: &str, scheduler_sha: &str, model_config: &str) -> BTreeMap<String, String> {
     let t = &m.train;
@@ -186,8 +160,8 @@ pub fn run(m: &Manifest, opts: &RunOptions) -> anyhow::Result<RunSummary> {
     let model_config = std::fs::read_to_string(m.model.path.join("config.json")).unwrap_or_default();
     let identity = identity(m, &prepared.lock.key(), &plan.scheduler_sha(), &model_config);
 
-    let per_step = m.train.micro_batch * m.train.grad_accum;
-    let steps_per_epoch = stream.n_train.div_ceil(per_step) as u64;
+    let schedule = Schedule { n_train: stream.n_train, micro_batch: m.train.micro_batch, grad_accum: m.train.grad_accum, seed: m.run.seed, pad };
+    let steps_per_epoch = schedule.steps_per_epoch();
     let mut total = steps_per_epoch * m.train.epochs as u64;
     if let Some(max) = m.train.max_steps {
         total = total.min(max);
@@ -231,81 +205,85 @@ pub fn run(m: &Manifest, opts: &RunOptions) -> anyhow::Result<RunSummary> {
     let eval_rows: Vec<usize> = (stream.n_train..stream.len()).collect();
     let mut step = start_step;
 
-    // 4. The loop: one iteration per optimizer step.
-    while step < total {
-        let epoch = step / steps_per_epoch;
-        let order = epoch_order(stream.n_train, epoch, m.run.seed);
-        let in_epoch = (step % steps_per_epoch) as usize;
-        let records = &order[in_epoch * per_step..((in_epoch + 1) * per_step).min(order.len())];
-        let t0 = Instant::now();
+    // 4. The loop: one iteration per optimizer step, its batches built ahead on a host thread.
+    std::thread::scope(|scope| -> anyhow::Result<()> {
+        let upcoming = batches::prefetch(scope, stream, schedule.clone(), start_step..total, 2);
+        while step < total {
+            let step_batches = upcoming.recv().context("the batch thread stopped")?;
+            debug_assert_eq!(step_batches.step, step);
+            let t0 = Instant::now();
 
-        // Forward and backward of each micro-batch; gradients summed, normalised once by the trained tokens of
-        // the whole step (not per micro-batch: transformers PR #34191).
-        let mut grads = LoraGrads::zeros_like(&lora)?;
-        let (mut loss_sum, mut n_tokens) = (0.0f64, 0usize);
-        for (micro, rows) in records.chunks(m.train.micro_batch).enumerate() {
-            let (ids, labels) = tensors(stream, &offsets, rows, pad, &device)?;
-            let mut dropout = ModelRng::for_stream(m.run.seed, &[step, micro as u64]);
-            let out = model.loss_and_grads(&ids, &labels, &lora, &mut dropout, m.train.recompute)?;
-            grads.add_assign(&out.grads)?;
-            loss_sum += out.loss_sum;
-            n_tokens += out.n_tokens;
-        }
-        let loss = if n_tokens > 0 { loss_sum / n_tokens as f64 } else { 0.0 };
-        if !loss.is_finite() {
-            bail!("the loss is {loss} at step {} (learning rate too high? bad data?); stopping without writing", step + 1);
-        }
-        if n_tokens > 0 {
-            grads.scale(1.0 / n_tokens as f64)?;
-        }
-        let grad_norm = match m.train.clip {
-            Some(c) => optim::clip_grad_norm(&mut grads.tensors_mut(), c)?,
-            None => optim::global_norm(&grads.tensors())?,
-        };
-        let lr = scheduler.lr(step, total, m.train.lr)?;
-        opt.step(&mut lora.params_mut(), &grads.tensors(), lr)?;
-        step += 1;
+            // Forward and backward of each micro-batch; gradients summed, normalised once by the trained tokens
+            // of the whole step (not per micro-batch: transformers PR #34191).
+            let mut grads = LoraGrads::zeros_like(&lora)?;
+            let (mut loss_sum, mut n_tokens) = (0.0f64, 0usize);
+            for (micro, batch) in step_batches.micro.iter().enumerate() {
+                let (ids, labels) = batch.tensors()?;
+                let mut dropout = ModelRng::for_stream(m.run.seed, &[step, micro as u64]);
+                let out = model.loss_and_grads(&ids, &labels, &lora, &mut dropout, m.train.recompute)?;
+                grads.add_assign(&out.grads)?;
+                loss_sum += out.loss_sum;
+                n_tokens += out.n_tokens;
+            }
+            let loss = if n_tokens > 0 { loss_sum / n_tokens as f64 } else { 0.0 };
+            if !loss.is_finite() {
+                bail!("the loss is {loss} at step {} (learning rate too high? bad data?); stopping without writing", step + 1);
+            }
+            if n_tokens > 0 {
+                grads.scale(1.0 / n_tokens as f64)?;
+            }
+            let grad_norm = match m.train.clip {
+                Some(c) => optim::clip_grad_norm(&mut grads.tensors_mut(), c)?,
+                None => optim::global_norm(&grads.tensors())?,
+            };
+            if !grad_norm.is_finite() {
+                bail!("the gradient norm is {grad_norm} at step {} (loss {loss}); stopping without writing", step + 1);
+            }
+            let lr = scheduler.lr(step, total, m.train.lr)?;
+            opt.step(&mut lora.params_mut(), &grads.tensors(), lr)?;
+            step += 1;
 
-        let dt = t0.elapsed().as_secs_f64();
-        let tokens: usize = records.iter().map(|&i| stream.lengths[i] as usize).sum();
-        let mut log = StepLog {
-            step,
-            epoch: step as f64 / steps_per_epoch as f64,
-            loss,
-            lr,
-            grad_norm,
-            trained_tokens: n_tokens,
-            tokens_per_s: tokens as f64 / dt.max(1e-9),
-            elapsed_s: started.elapsed().as_secs_f64(),
-            eval_loss: None,
-        };
-        let stop_now = opts.stop_after.is_some_and(|s| step >= s)
-            || opts.interrupt.as_ref().is_some_and(|f| f.load(Ordering::SeqCst));
-        let checkpoint_due = m.train.checkpoint_every.is_some_and(|n| step % n == 0) || step == total || stop_now;
-        if checkpoint_due && !eval_rows.is_empty() {
-            log.eval_loss = Some(eval_loss(&model, &lora, stream, &offsets, &eval_rows, m.train.micro_batch, pad, &device)?);
+            let dt = t0.elapsed().as_secs_f64();
+            let mut log = StepLog {
+                step,
+                epoch: step as f64 / steps_per_epoch as f64,
+                loss,
+                lr,
+                grad_norm,
+                trained_tokens: n_tokens,
+                tokens_per_s: step_batches.tokens() as f64 / dt.max(1e-9),
+                elapsed_s: started.elapsed().as_secs_f64(),
+                eval_loss: None,
+            };
+            let stop_now = opts.stop_after.is_some_and(|s| step >= s)
+                || opts.interrupt.as_ref().is_some_and(|f| f.load(Ordering::SeqCst));
+            let checkpoint_due = m.train.checkpoint_every.is_some_and(|n| step % n == 0) || step == total || stop_now;
+            if checkpoint_due && !eval_rows.is_empty() {
+                log.eval_loss = Some(eval_loss(&model, &lora, stream, &offsets, &eval_rows, m.train.micro_batch, pad)?);
+            }
+            let line = serde_json::to_string(&log)?;
+            writeln!(metrics_file, "{line}")?;
+            metrics.push(line);
+            if let Some(b) = &bar {
+                b.set_position(step);
+                b.set_message(format!("loss {loss:.4}  {:.0} tok/s", log.tokens_per_s));
+            }
+            if checkpoint_due {
+                let state = State { format: checkpoint::FORMAT.into(), step, identity: identity.clone(), metrics: metrics.clone() };
+                checkpoint::write(&run_dir, &state, |dir| {
+                    lora.save(&dir.join(checkpoint::ADAPTER_DIR))?;
+                    opt.save(&dir.join(checkpoint::OPTIMIZER_FILE))?;
+                    Ok(())
+                })?;
+                checkpoint::prune(&run_dir, 3)?;
+            }
+            if stop_now && step < total {
+                interrupted = true;
+                break;
+            }
         }
-        let line = serde_json::to_string(&log)?;
-        writeln!(metrics_file, "{line}")?;
-        metrics.push(line);
-        if let Some(b) = &bar {
-            b.set_position(step);
-            b.set_message(format!("loss {loss:.4}  {:.0} tok/s", log.tokens_per_s));
-        }
-        if checkpoint_due {
-            let state = State { format: checkpoint::FORMAT.into(), step, identity: identity.clone(), metrics: metrics.clone() };
-            checkpoint::write(&run_dir, &state, |dir| {
-                lora.save(&dir.join(checkpoint::ADAPTER_DIR))?;
-                opt.save(&dir.join(checkpoint::OPTIMIZER_FILE))?;
-                Ok(())
-            })?;
-            checkpoint::prune(&run_dir, 3)?;
-        }
-        if stop_now && step < total {
-            interrupted = true;
-            break;
-        }
-    }
+        Ok(())
+    })?;
     if let Some(b) = &bar {
         b.finish_and_clear();
     }
@@ -327,20 +305,10 @@ pub fn run(m: &Manifest, opts: &RunOptions) -> anyhow::Result<RunSummary> {
     Ok(RunSummary { run_dir, steps_done: step, total_steps: total, losses, eval_losses, resumed_from, interrupted, adapter_dir })
 }
 
-#[allow(clippy::too_many_arguments)]
-fn eval_loss(
-    model: &QwenModel,
-    lora: &Lora,
-    stream: &TokenStream,
-    offsets: &[usize],
-    rows: &[usize],
-    micro_batch: usize,
-    pad: u32,
-    device: &Device,
-) -> anyhow::Result<f64> {
+fn eval_loss(model: &QwenModel, lora: &Lora, stream: &TokenStream, offsets: &[usize], rows: &[usize], micro_batch: usize, pad: u32) -> anyhow::Result<f64> {
     let (mut sum, mut n) = (0.0, 0usize);
     for chunk in rows.chunks(micro_batch) {
-        let (ids, labels) = tensors(stream, offsets, chunk, pad, device)?;
+        let (ids, labels) = HostBatch::gather(stream, offsets, chunk, pad).tensors()?;
         let (s, k) = model.eval_loss(&ids, &labels, Some(lora))?;
         sum += s;
         n += k;

@@ -1,0 +1,227 @@
+//! `lorahost bench numerics`: the GPU's bf16 training step against the CPU's f32 one, on the same inputs.
+//!
+//! Op by op, each fused kernel (through the same `ops::` / `attention::` / `loss::` entry points the model
+//! calls) against its composite twin; then a whole small model: loss and every adapter gradient. Inputs are
+//! drawn once in f32 and rounded to bf16 for both sides, so the differences are the GPU path's rounding
+//! alone. The error of a tensor is ||gpu - cpu|| / ||cpu|| (relative, in the 2-norm).
+use crate::lora::{Lora, LoraConfig};
+use crate::model::attention::{self, Rope};
+use crate::model::config::{Family, QwenConfig};
+use crate::model::fusion::Fusion;
+use crate::model::loss::{self, Targets};
+use crate::model::ops;
+use crate::model::qwen::QwenModel;
+use crate::model::rng::Rng as ModelRng;
+use crate::model::weights::QwenWeights;
+use anyhow::{bail, Result};
+use candle_core::{DType, Device, Tensor};
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Check {
+    pub name: String,
+    pub rel_err: f64,
+    pub tolerance: f64,
+    pub ok: bool,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct NumericsReport {
+    pub device: String,
+    pub checks: Vec<Check>,
+    pub ok: bool,
+}
+
+/// Per-op tolerance: a few bf16 roundings (2^-8 each) of the inputs and the output.
+const OP_TOL: f64 = 1e-2;
+/// Whole step: the "relative error around 1e-2"; gradients pass through every layer's rounding.
+const LOSS_TOL: f64 = 1e-2;
+const GRAD_TOL: f64 = 3e-2;
+
+pub fn run(gpu: &Device) -> Result<NumericsReport> {
+    if gpu.is_cpu() {
+        bail!("bench numerics compares a GPU with the CPU: pass --device cuda:N");
+    }
+    let mut checks = Vec::new();
+    ops_checks(gpu, &mut checks)?;
+    model_checks(gpu, &mut checks)?;
+    let ok = checks.iter().all(|c| c.ok);
+    Ok(NumericsReport { device: format!("{gpu:?}"), checks, ok })
+}
+
+fn rel_err(gpu: &Tensor, cpu: &Tensor) -> Result<f64> {
+    let g = gpu.to_device(&Device::Cpu)?.to_dtype(DType::F64)?;
+    let c = cpu.to_dtype(DType::F64)?;
+    let diff = (g - &c)?.sqr()?.sum_all()?.to_scalar::<f64>()?.sqrt();
+    let norm = c.sqr()?.sum_all()?.to_scalar::<f64>()?.sqrt();
+    Ok(if norm > 0.0 { diff / norm } else { diff })
+}
+
+fn push(checks: &mut Vec<Check>, name: &str, gpu: &Tensor, cpu: &Tensor, tolerance: f64) -> Result<()> {
+    let rel_err = rel_err(gpu, cpu)?;
+    checks.push(Check { name: name.into(), rel_err, tolerance, ok: rel_err <= tolerance });
+    Ok(())
+}
+
+/// A pair of the same values: (CPU f32, GPU bf16), the f32 side already rounded through bf16.
+struct Pair {
+    cpu: Tensor,
+    gpu: Tensor,
+}
+
+fn pair(rng: &mut ModelRng, shape: &[usize], mean: f64, std: f64, gpu: &Device) -> Result<Pair> {
+    let n: usize = shape.iter().product();
+    let v: Vec<f32> = (0..n).map(|_| (mean + std * rng.normal()) as f32).collect();
+    let bf = Tensor::from_vec(v, shape, &Device::Cpu)?.to_dtype(DType::BF16)?;
+    Ok(Pair { cpu: bf.to_dtype(DType::F32)?, gpu: bf.to_device(gpu)? })
+}
+
+fn ops_checks(gpu: &Device, checks: &mut Vec<Check>) -> Result<()> {
+    let mut rng = ModelRng::new(11);
+    let (b, t, h, d) = (2usize, 48usize, 4usize, 32usize);
+    let (n, c, f) = (b * t, h * d, 352usize);
+    let eps = 1e-6;
+
+    // RMSNorm, with a residual gradient in backward.
+    let x = pair(&mut rng, &[n, c], 0.0, 1.5, gpu)?;
+    let w = pair(&mut rng, &[c], 1.0, 0.1, gpu)?;
+    let (yc, sc) = ops::rmsnorm_forward(&x.cpu, &w.cpu, eps, false)?;
+    let (yg, sg) = ops::rmsnorm_forward(&x.gpu, &w.gpu, eps, true)?;
+    push(checks, "rmsnorm forward", &yg, &yc, OP_TOL)?;
+    let dy = pair(&mut rng, &[n, c], 0.0, 1.0, gpu)?;
+    let dr = pair(&mut rng, &[n, c], 0.0, 1.0, gpu)?;
+    let dxc = ops::rmsnorm_backward(&sc, &w.cpu, &dy.cpu, Some(&dr.cpu), false)?;
+    let dxg = ops::rmsnorm_backward(&sg, &w.gpu, &dy.gpu, Some(&dr.gpu), true)?;
+    push(checks, "rmsnorm backward (+ residual)", &dxg, &dxc, OP_TOL)?;
+
+    // c_attn output -> q, k, v with RoPE, and back.
+    let rope_c = Rope::new(t, d, 10000.0, DType::F32, &Device::Cpu)?;
+    let rope_g = Rope::new(t, d, 10000.0, DType::BF16, gpu)?;
+    let base = pair(&mut rng, &[n, 3 * c], 0.0, 1.0, gpu)?;
+    let bias = pair(&mut rng, &[3 * c], 0.0, 0.5, gpu)?;
+    let delta = pair(&mut rng, &[n, 3 * c], 0.0, 0.1, gpu)?;
+    let (qc, kc, vc) = attention::qkv_forward(&base.cpu, &bias.cpu, Some(&delta.cpu), &rope_c, b, t, h, d, false)?;
+    let (qg, kg, vg) = attention::qkv_forward(&base.gpu, &bias.gpu, Some(&delta.gpu), &rope_g, b, t, h, d, true)?;
+    push(checks, "qkv split + rope: q", &qg, &qc, OP_TOL)?;
+    push(checks, "qkv split + rope: k", &kg, &kc, OP_TOL)?;
+    push(checks, "qkv split + rope: v", &vg, &vc, OP_TOL)?;
+    let g = (0..3).map(|_| pair(&mut rng, &[b, h, t, d], 0.0, 1.0, gpu)).collect::<Result<Vec<_>>>()?;
+    let dqkv_c = attention::qkv_backward(&g[0].cpu, &g[1].cpu, &g[2].cpu, &rope_c, false)?;
+    let dqkv_g = attention::qkv_backward(&g[0].gpu, &g[1].gpu, &g[2].gpu, &rope_g, true)?;
+    push(checks, "qkv backward (un-rope + merge)", &dqkv_g, &dqkv_c, OP_TOL)?;
+    let mc = attention::merge_heads(&g[0].cpu, &rope_c, false)?;
+    let mg = attention::merge_heads(&g[0].gpu, &rope_g, true)?;
+    push(checks, "merge heads", &mg, &mc, OP_TOL)?;
+
+    // Causal attention, forward and backward (q, k scaled up so the softmax is far from uniform).
+    let q = pair(&mut rng, &[b, h, t, d], 0.0, 2.0, gpu)?;
+    let k = pair(&mut rng, &[b, h, t, d], 0.0, 2.0, gpu)?;
+    let v = pair(&mut rng, &[b, h, t, d], 0.0, 1.0, gpu)?;
+    let mask = attention::causal_mask(t, DType::F32, &Device::Cpu)?;
+    let (yc, sc) = attention::attention_forward(&q.cpu, &k.cpu, &v.cpu, Some(&mask), false)?;
+    let (yg, sg) = attention::attention_forward(&q.gpu, &k.gpu, &v.gpu, None, true)?;
+    push(checks, "attention forward", &yg, &yc, OP_TOL)?;
+    let dy = pair(&mut rng, &[b, h, t, d], 0.0, 1.0, gpu)?;
+    let (dqc, dkc, dvc) = attention::attention_backward(&sc, &dy.cpu, false)?;
+    let (dqg, dkg, dvg) = attention::attention_backward(&sg, &dy.gpu, true)?;
+    push(checks, "attention backward: dq", &dqg, &dqc, OP_TOL)?;
+    push(checks, "attention backward: dk", &dkg, &dkc, OP_TOL)?;
+    push(checks, "attention backward: dv", &dvg, &dvc, OP_TOL)?;
+
+    // SwiGLU.
+    let a = pair(&mut rng, &[n, f], 0.0, 1.0, gpu)?;
+    let gate = pair(&mut rng, &[n, f], 0.0, 2.0, gpu)?;
+    let (hc, sc) = ops::swiglu_forward(&a.cpu, &gate.cpu, false)?;
+    let (hg, sg) = ops::swiglu_forward(&a.gpu, &gate.gpu, true)?;
+    push(checks, "swiglu forward", &hg, &hc, OP_TOL)?;
+    let dh = pair(&mut rng, &[n, f], 0.0, 1.0, gpu)?;
+    let (dac, dgc) = ops::swiglu_backward(&sc, &dh.cpu, false)?;
+    let (dag, dgg) = ops::swiglu_backward(&sg, &dh.gpu, true)?;
+    push(checks, "swiglu backward: da", &dag, &dac, OP_TOL)?;
+    push(checks, "swiglu backward: dg", &dgg, &dgc, OP_TOL)?;
+
+    // Dropout: the kernel's hash must drop exactly the elements the CPU mask drops.
+    #[cfg(feature = "cuda")]
+    {
+        let key = crate::model::rng::stream_key(5, &[3, 1]);
+        let x = pair(&mut rng, &[n, f], 0.0, 1.0, gpu)?;
+        let yc = (&x.cpu * ops::dropout_mask(key, n, f, 0.1, DType::F32, &Device::Cpu)?)?;
+        let yg = crate::model::cuda::dropout(&x.gpu, key, 0.1)?;
+        push(checks, "dropout (values)", &yg, &yc, OP_TOL)?;
+        let zc = yc.eq(0f32)?.to_dtype(DType::F32)?;
+        let zg = yg.to_device(&Device::Cpu)?.to_dtype(DType::F32)?.eq(0f32)?.to_dtype(DType::F32)?;
+        let differ = (zc - zg)?.abs()?.sum_all()?.to_scalar::<f32>()? as f64;
+        checks.push(Check { name: "dropout (same mask, elements differing)".into(), rel_err: differ, tolerance: 0.0, ok: differ == 0.0 });
+    }
+
+    // lm_head + cross-entropy over a real-size vocabulary, every other row counted.
+    let vocab = 151_936;
+    let hf = pair(&mut rng, &[n, c], 0.0, 1.0, gpu)?;
+    let lm = pair(&mut rng, &[vocab, c], 0.0, 0.2, gpu)?;
+    let labels: Vec<Vec<i64>> =
+        (0..b).map(|_| (0..t).map(|i| if i % 2 == 0 { (rng.next_u64() % vocab as u64) as i64 } else { -100 }).collect()).collect();
+    let targets = Targets::from_labels(&labels, vocab)?;
+    let (lc, dc) = loss::cross_entropy(&hf.cpu, &lm.cpu, &targets, 16, true, false)?;
+    let (lg, dg) = loss::cross_entropy(&hf.gpu, &lm.gpu, &targets, 16, true, true)?;
+    push(checks, "cross-entropy: loss", &lg, &lc, OP_TOL)?;
+    push(checks, "cross-entropy: d(hidden)", &dg.expect("grad"), &dc.expect("grad"), OP_TOL)?;
+    Ok(())
+}
+
+/// A 4-layer model, CPU f32 vs GPU bf16 with every fused kernel: loss and adapter gradients, dropout on.
+fn model_checks(gpu: &Device, checks: &mut Vec<Check>) -> Result<()> {
+    let config = QwenConfig {
+        family: Family::QwenV1,
+        hidden_size: 256,
+        num_layers: 4,
+        num_heads: 4,
+        head_dim: 64,
+        intermediate_size: 1024,
+        vocab_size: 151_936,
+        eps: 1e-6,
+        rope_base: 10000.0,
+        seq_length: 256,
+        tie_word_embeddings: false,
+    };
+    let weights = QwenWeights::random(&config, 0.05, DType::F32, &Device::Cpu)?;
+    // The GPU model holds the bf16 weights; the CPU model the same values back in f32.
+    let weights_gpu = weights.to(DType::BF16, gpu)?;
+    let weights_cpu = weights_gpu.to(DType::F32, &Device::Cpu)?;
+    let cpu_model = QwenModel { config: config.clone(), weights: weights_cpu, dtype: DType::F32, device: Device::Cpu, loss_chunk: 64, fusion: Fusion::NONE };
+    let gpu_model = QwenModel { config: config.clone(), weights: weights_gpu, dtype: DType::BF16, device: gpu.clone(), loss_chunk: 64, fusion: Fusion::ALL };
+
+    let lora_cfg = LoraConfig { r: 8, alpha: 32.0, dropout: 0.1, targets: vec!["c_attn".into(), "c_proj".into()], base_model_name_or_path: "numerics".into() };
+    let mut lora_cpu = Lora::new(lora_cfg, &config, 3, &Device::Cpu)?;
+    // B starts at zero in a fresh adapter, which would make every dA zero: give it values.
+    let mut rng = ModelRng::new(5);
+    for p in lora_cpu.params_mut().into_iter().skip(1).step_by(2) {
+        let n = p.elem_count();
+        let v: Vec<f32> = (0..n).map(|_| (0.02 * rng.normal()) as f32).collect();
+        *p = Tensor::from_vec(v, p.shape(), &Device::Cpu)?;
+    }
+    let mut lora_gpu = lora_cpu.clone();
+    for p in lora_gpu.params_mut() {
+        *p = p.to_device(gpu)?;
+    }
+
+    let (b, t) = (2usize, 96usize);
+    let ids: Vec<u32> = (0..b * t).map(|_| (rng.next_u64() % 151_000) as u32).collect();
+    let labels: Vec<i64> = ids.iter().enumerate().map(|(i, &id)| if i % 5 == 0 { -100 } else { id as i64 }).collect();
+    let ids = Tensor::from_vec(ids, (b, t), &Device::Cpu)?;
+    let labels = Tensor::from_vec(labels, (b, t), &Device::Cpu)?;
+    for recompute in [false, true] {
+        let tag = if recompute { " (recompute)" } else { "" };
+        let oc = cpu_model.loss_and_grads(&ids, &labels, &lora_cpu, &mut ModelRng::new(9), recompute)?;
+        let og = gpu_model.loss_and_grads(&ids, &labels, &lora_gpu, &mut ModelRng::new(9), recompute)?;
+        let loss_err = (og.loss_sum - oc.loss_sum).abs() / oc.loss_sum.abs();
+        checks.push(Check { name: format!("model loss{tag}"), rel_err: loss_err, tolerance: LOSS_TOL, ok: loss_err <= LOSS_TOL });
+        let (mut worst, mut worst_name) = (0.0f64, String::new());
+        for ((name, gc), gg) in lora_cpu.param_names().iter().zip(oc.grads.tensors()).zip(og.grads.tensors()) {
+            let e = rel_err(gg, gc)?;
+            if e > worst {
+                (worst, worst_name) = (e, name.clone());
+            }
+        }
+        checks.push(Check { name: format!("model adapter gradients, worst of all{tag}: {worst_name}"), rel_err: worst, tolerance: GRAD_TOL, ok: worst <= GRAD_TOL });
+    }
+    Ok(())
+}

@@ -1,0 +1,242 @@
+// Fused kernels of the bf16 training step. Each one replaces a chain of candle's one-op-per-kernel
+// composites (see ops.rs, attention.rs, loss.rs for the same math written with tensors, which is also
+// the CPU path and the reference these kernels are checked against by `lorahost bench kernels`).
+//
+// Conventions: activations are bf16 and row-major contiguous; all arithmetic is f32; a value is rounded
+// to bf16 once, when it is stored. Row kernels run one block per row; elementwise kernels one thread per
+// element (or per rotated pair).
+#include <cuda_bf16.h>
+#include <stdint.h>
+
+typedef __nv_bfloat16 bf16;
+
+#define NEG_INF __int_as_float(0xff800000)
+
+static __device__ __forceinline__ float ld(bf16 v) { return __bfloat162float(v); }
+static __device__ __forceinline__ bf16 st(float v) { return __float2bfloat16_rn(v); }
+
+// Sum (or max) over the block; every thread gets the result. blockDim.x must be a multiple of 32.
+static __device__ float block_reduce(float v, bool is_max) {
+    __shared__ float partial[32];
+    for (int o = 16; o > 0; o >>= 1) {
+        float u = __shfl_xor_sync(0xffffffffu, v, o);
+        v = is_max ? fmaxf(v, u) : v + u;
+    }
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
+    __syncthreads();  // readers of the previous call are done with `partial`
+    if (lane == 0) partial[warp] = v;
+    __syncthreads();
+    v = lane < nwarps ? partial[lane] : (is_max ? NEG_INF : 0.f);
+    for (int o = 16; o > 0; o >>= 1) {
+        float u = __shfl_xor_sync(0xffffffffu, v, o);
+        v = is_max ? fmaxf(v, u) : v + u;
+    }
+    return v;  // every warp reduced the same partials
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// RMSNorm (Qwen v1): y = w * bf16(x * rstd), rstd = 1 / sqrt(mean(x^2) + eps). Saves rstd [rows] (f32).
+
+extern "C" __global__ void rmsnorm_fwd(const bf16* __restrict__ x, const bf16* __restrict__ w,
+                                       bf16* __restrict__ y, float* __restrict__ rstd, int cols, float eps) {
+    const size_t row = blockIdx.x;
+    const bf16* xr = x + row * cols;
+    bf16* yr = y + row * cols;
+    float ss = 0.f;
+    for (int i = threadIdx.x; i < cols; i += blockDim.x) {
+        float v = ld(xr[i]);
+        ss += v * v;
+    }
+    const float r = rsqrtf(block_reduce(ss, false) / cols + eps);
+    if (threadIdx.x == 0) rstd[row] = r;
+    for (int i = threadIdx.x; i < cols; i += blockDim.x) yr[i] = st(ld(st(ld(xr[i]) * r)) * ld(w[i]));
+}
+
+// dx = rstd * (g - xhat * mean(g * xhat)), g = dy * w, xhat = x * rstd; plus `dres` (the residual
+// branch's gradient) when has_res, which saves the separate add of the block's backward.
+extern "C" __global__ void rmsnorm_bwd(const bf16* __restrict__ x, const bf16* __restrict__ w,
+                                       const float* __restrict__ rstd, const bf16* __restrict__ dy,
+                                       const bf16* __restrict__ dres, bf16* __restrict__ dx, int cols,
+                                       int has_res) {
+    const size_t row = blockIdx.x;
+    const size_t off = row * cols;
+    const float r = rstd[row];
+    float dot = 0.f;
+    for (int i = threadIdx.x; i < cols; i += blockDim.x) dot += ld(dy[off + i]) * ld(w[i]) * ld(x[off + i]) * r;
+    const float mean = block_reduce(dot, false) / cols;
+    for (int i = threadIdx.x; i < cols; i += blockDim.x) {
+        float g = ld(dy[off + i]) * ld(w[i]);
+        float v = r * (g - ld(x[off + i]) * r * mean);
+        if (has_res) v += ld(dres[off + i]);
+        dx[off + i] = st(v);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// c_attn output -> q, k, v. Input rows n = b*T + t of [N, 3C] (q | k | v, head h at h*D..(h+1)*D), plus the
+// bias [3C] and the LoRA delta [N, 3C] when present; q and k are rotated (RoPE, rotate_half over the
+// full head dim, tables cos/sin [T, D]); outputs [B, H, T, D]. One thread per (n, part, h, j < D/2).
+extern "C" __global__ void qkv_split_rope(const bf16* __restrict__ base, const bf16* __restrict__ delta,
+                                          const bf16* __restrict__ bias, const float* __restrict__ cos_t,
+                                          const float* __restrict__ sin_t, bf16* __restrict__ q,
+                                          bf16* __restrict__ k, bf16* __restrict__ v, int n_rows, int T,
+                                          int H, int D, int has_delta, int has_bias) {
+    const int half = D / 2;
+    const size_t total = (size_t)n_rows * 3 * H * half;
+    const size_t idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (idx >= total) return;
+    const int j = idx % half;
+    size_t rest = idx / half;
+    const int h = rest % H;
+    rest /= H;
+    const int part = rest % 3;
+    const size_t n = rest / 3;
+    const int C = H * D;
+    const int col1 = part * C + h * D + j, col2 = col1 + half;
+    const size_t in = n * 3 * C;
+    float x1 = ld(base[in + col1]), x2 = ld(base[in + col2]);
+    if (has_bias) {
+        x1 += ld(bias[col1]);
+        x2 += ld(bias[col2]);
+    }
+    if (has_delta) {
+        x1 += ld(delta[in + col1]);
+        x2 += ld(delta[in + col2]);
+    }
+    const size_t b = n / T, t = n % T;
+    const size_t o = ((b * H + h) * T + t) * D + j;
+    bf16* out = part == 0 ? q : (part == 1 ? k : v);
+    if (part < 2) {
+        const float c1 = cos_t[t * D + j], s1 = sin_t[t * D + j];
+        const float c2 = cos_t[t * D + j + half], s2 = sin_t[t * D + j + half];
+        out[o] = st(x1 * c1 - x2 * s1);
+        out[o + half] = st(x2 * c2 + x1 * s2);
+    } else {
+        out[o] = st(x1);
+        out[o + half] = st(x2);
+    }
+}
+
+// [B, H, T, D] -> columns col0.. of a [N, stride] matrix (heads side by side), optionally applying the
+// inverse rotation (the backward of RoPE). Forward: attention output -> c_proj input (no rope).
+// Backward: dq, dk (inverse rope) and dv -> d(c_attn output), one call per part.
+extern "C" __global__ void heads_merge(const bf16* __restrict__ src, const float* __restrict__ cos_t,
+                                       const float* __restrict__ sin_t, bf16* __restrict__ dst, int stride,
+                                       int col0, int n_rows, int T, int H, int D, int inverse_rope) {
+    const int half = D / 2;
+    const size_t total = (size_t)n_rows * H * half;
+    const size_t idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (idx >= total) return;
+    const int j = idx % half;
+    size_t rest = idx / half;
+    const int h = rest % H;
+    const size_t n = rest / H;
+    const size_t b = n / T, t = n % T;
+    const size_t s = ((b * H + h) * T + t) * D + j;
+    const float g1 = ld(src[s]), g2 = ld(src[s + half]);
+    float y1 = g1, y2 = g2;
+    if (inverse_rope) {
+        // y = x cos + rotate_half(x) sin is a rotation per pair (j, j + D/2); its transpose:
+        const float c1 = cos_t[t * D + j], s1 = sin_t[t * D + j];
+        const float c2 = cos_t[t * D + j + half], s2 = sin_t[t * D + j + half];
+        y1 = g1 * c1 + g2 * s2;
+        y2 = g2 * c2 - g1 * s1;
+    }
+    const size_t d = n * stride + col0 + h * D + j;
+    dst[d] = st(y1);
+    dst[d + half] = st(y2);
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Causal softmax over keys. Rows r of [B*H*T, T] are queries (t = r % T); keys j > t are masked. The
+// scores come in f32, already scaled by 1/sqrt(D) in the GEMM; probabilities go out in bf16.
+
+extern "C" __global__ void causal_softmax_fwd(const float* __restrict__ s, bf16* __restrict__ p, int T) {
+    const size_t row = blockIdx.x;
+    const size_t off = row * T;
+    const int n = (int)(row % T) + 1;  // keys 0..=t
+    float m = NEG_INF;
+    for (int j = threadIdx.x; j < n; j += blockDim.x) m = fmaxf(m, s[off + j]);
+    m = block_reduce(m, true);
+    float sum = 0.f;
+    for (int j = threadIdx.x; j < n; j += blockDim.x) sum += expf(s[off + j] - m);
+    const float inv = 1.f / block_reduce(sum, false);
+    for (int j = threadIdx.x; j < T; j += blockDim.x) p[off + j] = st(j < n ? expf(s[off + j] - m) * inv : 0.f);
+}
+
+// ds = scale * p * (dp - sum_keys(p * dp)); zero for masked keys (p = 0 there).
+extern "C" __global__ void causal_softmax_bwd(const bf16* __restrict__ p, const bf16* __restrict__ dp,
+                                              bf16* __restrict__ ds, int T, float scale) {
+    const size_t row = blockIdx.x;
+    const size_t off = row * T;
+    const int n = (int)(row % T) + 1;
+    float dot = 0.f;
+    for (int j = threadIdx.x; j < n; j += blockDim.x) dot += ld(p[off + j]) * ld(dp[off + j]);
+    dot = block_reduce(dot, false);
+    for (int j = threadIdx.x; j < T; j += blockDim.x)
+        ds[off + j] = st(j < n ? scale * ld(p[off + j]) * (ld(dp[off + j]) - dot) : 0.f);
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// SwiGLU: h = a * silu(g); da = dh * silu(g), dg = dh * a * s * (1 + g (1 - s)), s = sigmoid(g).
+
+extern "C" __global__ void swiglu_fwd(const bf16* __restrict__ a, const bf16* __restrict__ g,
+                                      bf16* __restrict__ h, size_t n) {
+    const size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    const float gv = ld(g[i]);
+    h[i] = st(ld(a[i]) * gv / (1.f + expf(-gv)));
+}
+
+extern "C" __global__ void swiglu_bwd(const bf16* __restrict__ a, const bf16* __restrict__ g,
+                                      const bf16* __restrict__ dh, bf16* __restrict__ da,
+                                      bf16* __restrict__ dg, size_t n) {
+    const size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    const float gv = ld(g[i]), d = ld(dh[i]);
+    const float s = 1.f / (1.f + expf(-gv));
+    da[i] = st(d * gv * s);
+    dg[i] = st(d * ld(a[i]) * s * (1.f + gv * (1.f - s)));
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Dropout with a counter-based mask: element i of stream `key` is dropped when
+// uniform(key, i) < p, exactly as model/rng.rs computes it on the CPU, so the mask is never stored: the
+// backward (and a recomputed forward) regenerate it. Kept elements are scaled by 1 / (1 - p).
+
+static __device__ __forceinline__ uint64_t mix64(uint64_t z) {
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    return z ^ (z >> 31);
+}
+
+extern "C" __global__ void dropout(const bf16* __restrict__ x, bf16* __restrict__ y, size_t n, uint64_t key,
+                                   float p, float keep_scale) {
+    const size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    const uint64_t bits = mix64(key + ((uint64_t)i + 1) * 0x9E3779B97F4A7C15ull);
+    const float u = (float)(bits >> 40) * (1.f / 16777216.f);
+    y[i] = st(u < p ? 0.f : ld(x[i]) * keep_scale);
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Cross-entropy of one logits row z [V] against its target y: loss = logsumexp(z) - z[y] (f32 out) and,
+// when want_grad, dz = softmax(z) - onehot(y) (bf16 out).
+
+extern "C" __global__ void cross_entropy_rows(const bf16* __restrict__ z, const uint32_t* __restrict__ y,
+                                              float* __restrict__ loss, bf16* __restrict__ dz, int V,
+                                              int want_grad) {
+    const size_t row = blockIdx.x;
+    const size_t off = row * V;
+    float m = NEG_INF;
+    for (int j = threadIdx.x; j < V; j += blockDim.x) m = fmaxf(m, ld(z[off + j]));
+    m = block_reduce(m, true);
+    float sum = 0.f;
+    for (int j = threadIdx.x; j < V; j += blockDim.x) sum += expf(ld(z[off + j]) - m);
+    const float lse = m + logf(block_reduce(sum, false));
+    const uint32_t target = y[row];
+    if (threadIdx.x == 0) loss[row] = lse - ld(z[off + target]);
+    if (!want_grad) return;
+    for (int j = threadIdx.x; j < V; j += blockDim.x)
+        dz[off + j] = st(expf(ld(z[off + j]) - lse) - (j == (int)target ? 1.f : 0.f));
+}

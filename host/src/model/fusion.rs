@@ -1,0 +1,55 @@
+//! Which fused GPU kernels (model/cuda/) the model uses in place of the composite candle ops. A kernel is
+//! used only when its switch is on, the crate is built with the `cuda` feature and the tensors are bf16 on
+//! a GPU; everywhere else (the CPU, f32, tests) the composite ops of ops.rs / attention.rs / loss.rs run.
+//! All switches are on by default; `lorahost bench train --levers` turns them on one at a time to measure
+//! what each one buys (the levers table of BENCHMARKS.md).
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct Fusion {
+    /// LoRA dropout from a counter-based hash inside the kernel: no mask built on the host, uploaded or kept.
+    pub dropout: bool,
+    /// RMSNorm forward/backward in one kernel each (backward also adds the residual gradient).
+    pub norm: bool,
+    /// c_attn output + bias + LoRA delta -> rotated q, k and v in one kernel; heads merged (and un-rotated in
+    /// backward) in one kernel.
+    pub rope: bool,
+    /// f32 scores from one cuBLAS GEMM, causal softmax and its backward in one kernel each; bf16 probabilities.
+    pub attention: bool,
+    /// SwiGLU forward and backward in one kernel each.
+    pub swiglu: bool,
+    /// Cross-entropy (logsumexp, loss and softmax - onehot) in one kernel per chunk of logits.
+    pub loss: bool,
+}
+
+impl Fusion {
+    pub const ALL: Fusion = Fusion { dropout: true, norm: true, rope: true, attention: true, swiglu: true, loss: true };
+    pub const NONE: Fusion = Fusion { dropout: false, norm: false, rope: false, attention: false, swiglu: false, loss: false };
+
+    /// The levers in the order the benchmark adds them, each with the switch it turns on.
+    pub const LEVERS: [(&'static str, fn(&mut Fusion)); 6] = [
+        ("dropout", |f| f.dropout = true),
+        ("norm", |f| f.norm = true),
+        ("rope", |f| f.rope = true),
+        ("attention", |f| f.attention = true),
+        ("swiglu", |f| f.swiglu = true),
+        ("loss", |f| f.loss = true),
+    ];
+}
+
+impl Default for Fusion {
+    fn default() -> Self {
+        Fusion::ALL
+    }
+}
+
+/// True when a switched-on kernel can run on `t` (built with `cuda`, bf16 on a GPU).
+#[inline]
+pub fn on(switch: bool, t: &candle_core::Tensor) -> bool {
+    on_for(switch, t.dtype(), t.device())
+}
+
+/// [`on`] for tensors of `dtype` on `device`.
+#[inline]
+pub fn on_for(switch: bool, dtype: candle_core::DType, device: &candle_core::Device) -> bool {
+    switch && cfg!(feature = "cuda") && device.is_cuda() && dtype == candle_core::DType::BF16
+}
