@@ -91,8 +91,43 @@ fn bench_train_runs_the_real_trainer_at_a_named_shape() {
     // LoRA r8 on c_attn (64 -> 192), attn.c_proj (64 -> 64) and mlp.c_proj (128 -> 64), two layers.
     assert_eq!(v["lora_params"], 2 * 8 * ((64 + 192) + (64 + 64) + (128 + 64)));
     assert_eq!(v["timed_steps"], 1);
-    assert!(v["final_loss"].as_f64().unwrap().is_finite());
+    assert!(v["losses"][0].as_f64().unwrap().is_finite());
     assert!(v["tokens_per_s"].as_f64().unwrap() > 0.0);
+    assert_eq!(v["peak_gib"], serde_json::Value::Null, "no GPU memory on the CPU");
     let o = lorahost(&["bench", "train", "--shape", "qwen-99b"], &root);
     assert!(!o.status.success() && text(&o).contains("unknown shape"));
+    let o = lorahost(&["bench", "train", "--fusion", "some"], &root);
+    assert!(!o.status.success() && text(&o).contains("--fusion some: all or none"));
+}
+
+#[test]
+fn bench_train_on_a_manifests_tokens_lowers_the_loss() {
+    let root = common::repo_root();
+    let args = ["bench", "train", "--shape", "tiny", "--warmup", "0", "--steps", "8", "--lr", "1e-2", "--manifest", "examples/quickstart.toml"];
+    let o = lorahost(&args, &root);
+    assert!(o.status.success(), "{}", text(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["data"], "examples/quickstart.toml");
+    let losses: Vec<f64> = v["losses"].as_array().unwrap().iter().map(|l| l.as_f64().unwrap()).collect();
+    assert_eq!(losses.len(), 8);
+    let (first, last) = (losses[..2].iter().sum::<f64>(), losses[6..].iter().sum::<f64>());
+    assert!(last < first, "the loss should fall on real tokens: {losses:?}");
+}
+
+#[test]
+fn bench_ops_accounts_for_every_op_of_a_step() {
+    let root = common::repo_root();
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("ops.json");
+    let o = lorahost(&["bench", "ops", "--shape", "tiny", "--seq", "32", "--json", json.to_str().unwrap()], &root);
+    assert!(o.status.success(), "{}", text(&o));
+    let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert!(report["predicted_step_ms"].as_f64().unwrap() > 0.0);
+    let t = text(&o);
+    for op in ["linear c_attn forward", "lora mlp.c_proj backward", "attention backward", "swiglu forward", "lm_head + loss", "optimizer"] {
+        assert!(t.contains(op), "missing {op}: {t}");
+    }
+    assert!(t.contains("predicted step:"), "{t}");
+    let o = lorahost(&["bench", "numerics", "--device", "cpu"], &root);
+    assert!(!o.status.success() && text(&o).contains("pass --device cuda:N"), "{}", text(&o));
 }

@@ -173,6 +173,27 @@ enum BenchCommand {
         #[arg(long)]
         json: Option<PathBuf>,
     },
+    /// Where a training step's time goes: each op of one layer at the shape, timed alone, times its calls per
+    /// step; plus the loss and the optimizer step.
+    Ops {
+        #[arg(long, default_value = "tiny")]
+        shape: String,
+        #[arg(long, default_value = "cpu")]
+        device: String,
+        #[arg(long, default_value = "f32")]
+        dtype: String,
+        #[arg(long, default_value_t = 2)]
+        micro_batch: usize,
+        #[arg(long, default_value_t = 256)]
+        seq: usize,
+        #[arg(long)]
+        recompute: bool,
+        /// all or none
+        #[arg(long, default_value = "all")]
+        fusion: String,
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
     /// The GPU's fused bf16 training step against the CPU's f32 one: each kernel, then a small model's loss
     /// and adapter gradients. Exits non-zero when an error is over its tolerance.
     Numerics {
@@ -210,7 +231,13 @@ fn main() -> ExitCode {
 
 fn write_json(path: Option<PathBuf>, value: &impl serde::Serialize) -> anyhow::Result<()> {
     if let Some(path) = path {
-        lorahost::fsutil::write_atomic(&path, serde_json::to_string_pretty(value)?.as_bytes())?;
+        let text = serde_json::to_string_pretty(value)?;
+        // A regular file is replaced atomically; anything else (/dev/stdout, a pipe) is written to as it is,
+        // never renamed over.
+        match std::fs::metadata(&path) {
+            Ok(meta) if !meta.is_file() => std::fs::write(&path, text)?,
+            _ => lorahost::fsutil::write_atomic(&path, text.as_bytes())?,
+        }
     }
     Ok(())
 }
@@ -260,17 +287,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 write_json(json, &report)?;
             }
             BenchCommand::Train { shape, device, dtype, micro_batch, seq, recompute, warmup, steps, fusion, levers, manifest, lr, json } => {
-                let device = parse_device(&device)?;
-                let dtype = match dtype.as_str() {
-                    "f32" => candle_core::DType::F32,
-                    "bf16" => candle_core::DType::BF16,
-                    other => anyhow::bail!("--dtype {other}: f32 or bf16"),
-                };
-                let fusion = match fusion.as_str() {
-                    "all" => lorahost::model::fusion::Fusion::ALL,
-                    "none" => lorahost::model::fusion::Fusion::NONE,
-                    other => anyhow::bail!("--fusion {other}: all or none"),
-                };
+                let (device, dtype, fusion) = (parse_device(&device)?, parse_dtype(&dtype)?, parse_fusion(&fusion)?);
                 let o = lorahost::bench::train::Options { shape, device, dtype, micro_batch, seq, recompute, warmup, steps, fusion, manifest, lr };
                 if levers {
                     let rows = lorahost::bench::train::run_levers(&o)?;
@@ -281,6 +298,16 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     println!("{}", serde_json::to_string_pretty(&report)?);
                     write_json(json, &report)?;
                 }
+            }
+            BenchCommand::Ops { shape, device, dtype, micro_batch, seq, recompute, fusion, json } => {
+                let (device, dtype, fusion) = (parse_device(&device)?, parse_dtype(&dtype)?, parse_fusion(&fusion)?);
+                let o = lorahost::bench::train::Options { shape, device, dtype, micro_batch, seq, recompute, warmup: 0, steps: 0, fusion, manifest: None, lr: 0.0 };
+                let report = lorahost::bench::ops::run(&o)?;
+                for r in &report.ops {
+                    println!("{:>9.3} ms x {:>3} = {:>8.2} ms  {}", r.ms, r.calls_per_step, r.step_ms, r.op);
+                }
+                println!("predicted step: {:.1} ms", report.predicted_step_ms);
+                write_json(json, &report)?;
             }
             BenchCommand::Numerics { device, json } => {
                 let report = lorahost::bench::numerics::run(&parse_device(&device)?)?;
@@ -310,4 +337,20 @@ fn parse_device(d: &str) -> anyhow::Result<candle_core::Device> {
     }
     let n = d.strip_prefix("cuda:").and_then(|n| n.parse().ok()).context("--device: cpu or cuda:N")?;
     Ok(candle_core::Device::new_cuda(n)?)
+}
+
+fn parse_dtype(d: &str) -> anyhow::Result<candle_core::DType> {
+    match d {
+        "f32" => Ok(candle_core::DType::F32),
+        "bf16" => Ok(candle_core::DType::BF16),
+        other => anyhow::bail!("--dtype {other}: f32 or bf16"),
+    }
+}
+
+fn parse_fusion(f: &str) -> anyhow::Result<lorahost::model::fusion::Fusion> {
+    match f {
+        "all" => Ok(lorahost::model::fusion::Fusion::ALL),
+        "none" => Ok(lorahost::model::fusion::Fusion::NONE),
+        other => anyhow::bail!("--fusion {other}: all or none"),
+    }
 }

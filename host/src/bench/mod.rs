@@ -1,5 +1,6 @@
 //! `lorahost bench`: measured numbers for BENCHMARKS.md. Each bench reports its baseline from the same run.
 pub mod numerics;
+pub mod ops;
 pub mod pipeline;
 pub mod plugins;
 pub mod train;

@@ -98,9 +98,10 @@ fn ops_checks(gpu: &Device, checks: &mut Vec<Check>) -> Result<()> {
     let rope_g = Rope::new(t, d, 10000.0, DType::BF16, gpu)?;
     let base = pair(&mut rng, &[n, 3 * c], 0.0, 1.0, gpu)?;
     let bias = pair(&mut rng, &[3 * c], 0.0, 0.5, gpu)?;
-    let delta = pair(&mut rng, &[n, 3 * c], 0.0, 0.1, gpu)?;
-    let (qc, kc, vc) = attention::qkv_forward(&base.cpu, &bias.cpu, Some(&delta.cpu), &rope_c, b, t, h, d, false)?;
-    let (qg, kg, vg) = attention::qkv_forward(&base.gpu, &bias.gpu, Some(&delta.gpu), &rope_g, b, t, h, d, true)?;
+    let u = pair(&mut rng, &[n, 8], 0.0, 1.0, gpu)?;
+    let lb = pair(&mut rng, &[3 * c, 8], 0.0, 0.1, gpu)?;
+    let (qc, kc, vc) = attention::qkv_forward(&base.cpu, &bias.cpu, Some((&u.cpu, &lb.cpu)), &rope_c, b, t, h, d, false)?;
+    let (qg, kg, vg) = attention::qkv_forward(&base.gpu, &bias.gpu, Some((&u.gpu, &lb.gpu)), &rope_g, b, t, h, d, true)?;
     push(checks, "qkv split + rope: q", &qg, &qc, OP_TOL)?;
     push(checks, "qkv split + rope: k", &kg, &kc, OP_TOL)?;
     push(checks, "qkv split + rope: v", &vg, &vc, OP_TOL)?;
@@ -111,6 +112,9 @@ fn ops_checks(gpu: &Device, checks: &mut Vec<Check>) -> Result<()> {
     let mc = attention::merge_heads(&g[0].cpu, &rope_c, false)?;
     let mg = attention::merge_heads(&g[0].gpu, &rope_g, true)?;
     push(checks, "merge heads", &mg, &mc, OP_TOL)?;
+    let sc = attention::merge_heads_backward(&mc, b, t, h, d, false)?;
+    let sg = attention::merge_heads_backward(&mg, b, t, h, d, true)?;
+    push(checks, "merge heads backward", &sg, &sc, OP_TOL)?;
 
     // Causal attention, forward and backward (q, k scaled up so the softmax is far from uniform).
     let q = pair(&mut rng, &[b, h, t, d], 0.0, 2.0, gpu)?;
@@ -151,6 +155,32 @@ fn ops_checks(gpu: &Device, checks: &mut Vec<Check>) -> Result<()> {
         let zg = yg.to_device(&Device::Cpu)?.to_dtype(DType::F32)?.eq(0f32)?.to_dtype(DType::F32)?;
         let differ = (zc - zg)?.abs()?.sum_all()?.to_scalar::<f32>()? as f64;
         checks.push(Check { name: "dropout (same mask, elements differing)".into(), rel_err: differ, tolerance: 0.0, ok: differ == 0.0 });
+    }
+
+    // LoRA folded into a frozen linear, forward and backward, with the kernel's dropout against the mask.
+    #[cfg(feature = "cuda")]
+    {
+        use crate::model::ops::Dropout;
+        let (fan_in, fan_out) = (c, 3 * c);
+        let key = crate::model::rng::stream_key(9, &[1, 0]);
+        let x = pair(&mut rng, &[n, fan_in], 0.0, 1.0, gpu)?;
+        let a = pair(&mut rng, &[8, fan_in], 0.0, 0.1, gpu)?;
+        let lb = pair(&mut rng, &[fan_out, 8], 0.0, 0.1, gpu)?;
+        let y = pair(&mut rng, &[n, fan_out], 0.0, 1.0, gpu)?;
+        let dy = pair(&mut rng, &[n, fan_out], 0.0, 1.0, gpu)?;
+        let dx = pair(&mut rng, &[n, fan_in], 0.0, 1.0, gpu)?;
+        let mask = Dropout::Mask(ops::dropout_mask(key, n, fan_in, 0.1, DType::F32, &Device::Cpu)?);
+        let sc = ops::lora_forward(&x.cpu, &a.cpu, 4.0, Some(mask))?;
+        let sg = ops::lora_forward(&x.gpu, &a.gpu, 4.0, Some(Dropout::Key { key, p: 0.1 }))?;
+        // Fresh copies: the fused path adds in place.
+        let yc = ops::lora_add(y.cpu.copy()?, &sc, &lb.cpu, false)?;
+        let yg = ops::lora_add(y.gpu.copy()?, &sg, &lb.gpu, true)?;
+        push(checks, "lora forward (added to the output)", &yg, &yc, OP_TOL)?;
+        let (dxc, dac, dbc) = ops::lora_backward(&sc, &a.cpu, &lb.cpu, 4.0, &dy.cpu, dx.cpu.copy()?, false)?;
+        let (dxg, dag, dbg) = ops::lora_backward(&sg, &a.gpu, &lb.gpu, 4.0, &dy.gpu, dx.gpu.copy()?, true)?;
+        push(checks, "lora backward: dx (added to the input gradient)", &dxg, &dxc, OP_TOL)?;
+        push(checks, "lora backward: dA", &dag, &dac, OP_TOL)?;
+        push(checks, "lora backward: dB", &dbg, &dbc, OP_TOL)?;
     }
 
     // lm_head + cross-entropy over a real-size vocabulary, every other row counted.

@@ -125,6 +125,7 @@ fn run_on(model: &mut QwenModel, o: &Options) -> anyhow::Result<TrainBench> {
     };
     let mut lora = Lora::new(lora_cfg, &config, 42, &o.device)?;
     let mut opt = AdamW::new(AdamWConfig::default(), lora.param_names(), &lora.params())?;
+    opt.fused = model.fusion.optimizer;
     let total = o.warmup + o.steps;
     let batches = match &o.manifest {
         Some(path) => real_batches(path, o.micro_batch, total)?,
@@ -150,17 +151,18 @@ fn run_on(model: &mut QwenModel, o: &Options) -> anyhow::Result<TrainBench> {
             let t0 = Instant::now();
             let (ids, labels) = batch.tensors()?;
             let mut dropout = ModelRng::for_stream(42, &[step as u64]);
-            let mut out = model.loss_and_grads(&ids, &labels, &lora, &mut dropout, o.recompute)?;
+            let out = model.loss_and_grads(&ids, &labels, &lora, &mut dropout, o.recompute)?;
             let loss = out.loss_sum / out.n_tokens.max(1) as f64;
             if !loss.is_finite() {
                 bail!("the loss is {loss} at step {}", step + 1);
             }
-            out.grads.scale(1.0 / out.n_tokens.max(1) as f64)?;
-            let norm = optim::clip_grad_norm(&mut out.grads.tensors_mut(), 1.0)?;
+            // As `lorahost run` does it: normalise by the tokens and clip to 1 inside the optimizer step.
+            let per_token = 1.0 / out.n_tokens.max(1) as f64;
+            let norm = optim::global_norm_with(&out.grads.tensors(), model.fusion.optimizer)? * per_token;
             if !norm.is_finite() {
                 bail!("the gradient norm is {norm} at step {}", step + 1);
             }
-            opt.step(&mut lora.params_mut(), &out.grads.tensors(), o.lr)?;
+            opt.step_scaled(&mut lora.params_mut(), &out.grads.tensors(), o.lr, per_token * optim::clip_coefficient(norm, 1.0))?;
             o.device.synchronize()?;
             losses.push(loss);
             if step >= o.warmup {

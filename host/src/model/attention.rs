@@ -15,18 +15,24 @@ pub fn split_qkv(qkv: &Tensor, b: usize, t: usize, h: usize, d: usize) -> Result
     Ok((part(0)?, part(1)?, part(2)?))
 }
 
-/// c_attn's output, as its parts (base = x W^T; bias; LoRA delta), to rotated q, k and v [B, H, T, D].
-/// The fused kernel adds the parts, splits the heads and applies RoPE in one pass.
+/// c_attn's output, as its parts (base = x W^T; bias; the LoRA delta u B^T from `lora` = (u [N, r],
+/// B [3C, r])), to rotated q, k and v [B, H, T, D]. The fused kernel adds the parts, splits the heads and
+/// applies RoPE in one pass.
 #[allow(clippy::too_many_arguments)]
-pub fn qkv_forward(base: &Tensor, bias: &Tensor, delta: Option<&Tensor>, rope: &Rope, b: usize, t: usize, h: usize, d: usize, fused: bool) -> Result<(Tensor, Tensor, Tensor)> {
+pub fn qkv_forward(base: &Tensor, bias: &Tensor, lora: Option<(&Tensor, &Tensor)>, rope: &Rope, b: usize, t: usize, h: usize, d: usize, fused: bool) -> Result<(Tensor, Tensor, Tensor)> {
+    let lora = match lora {
+        Some((u, lb)) => Some((u, lb.to_dtype(base.dtype())?)),
+        None => None,
+    };
     #[cfg(feature = "cuda")]
     if super::fusion::on(fused, base) {
-        return super::cuda::qkv_split_rope(base, Some(bias), delta, &rope.cos, &rope.sin, b, t, h, d);
+        let lora = lora.as_ref().map(|(u, lb)| (*u, lb));
+        return super::cuda::qkv_split_rope(base, Some(bias), lora, &rope.cos, &rope.sin, b, t, h, d);
     }
     let _ = fused;
     let mut qkv = base.broadcast_add(bias)?;
-    if let Some(delta) = delta {
-        qkv = (qkv + delta)?;
+    if let Some((u, lb)) = &lora {
+        qkv = (qkv + u.matmul(&lb.t()?)?)?;
     }
     let (q, k, v) = split_qkv(&qkv, b, t, h, d)?;
     Ok((rope_forward(&q, rope)?, rope_forward(&k, rope)?, v))
@@ -56,7 +62,12 @@ pub fn merge_heads(y: &Tensor, rope: &Rope, fused: bool) -> Result<Tensor> {
 }
 
 /// Backward of [`merge_heads`]: [N, C] -> [B, H, T, D].
-pub fn merge_heads_backward(dy: &Tensor, b: usize, t: usize, h: usize, d: usize) -> Result<Tensor> {
+pub fn merge_heads_backward(dy: &Tensor, b: usize, t: usize, h: usize, d: usize, fused: bool) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if super::fusion::on(fused, dy) {
+        return super::cuda::split_heads(dy, b, t, h, d);
+    }
+    let _ = fused;
     dy.reshape((b, t, h, d))?.transpose(1, 2)?.contiguous()
 }
 

@@ -19,20 +19,38 @@ pub struct Fusion {
     pub swiglu: bool,
     /// Cross-entropy (logsumexp, loss and softmax - onehot) in one kernel per chunk of logits.
     pub loss: bool,
+    /// LoRA's up-projection added into the frozen linear's output, and its input gradient into the linear's,
+    /// in place (no [N, out] delta, no [N, in] branch gradient, no separate add).
+    pub lora: bool,
+    /// The optimizer step (and the gradient norm) over all adapter tensors in one kernel launch each, instead
+    /// of a dozen small ops per tensor.
+    pub optimizer: bool,
 }
 
 impl Fusion {
-    pub const ALL: Fusion = Fusion { dropout: true, norm: true, rope: true, attention: true, swiglu: true, loss: true };
-    pub const NONE: Fusion = Fusion { dropout: false, norm: false, rope: false, attention: false, swiglu: false, loss: false };
+    pub const ALL: Fusion =
+        Fusion { dropout: true, norm: true, rope: true, attention: true, swiglu: true, loss: true, lora: true, optimizer: true };
+    pub const NONE: Fusion = Fusion {
+        dropout: false,
+        norm: false,
+        rope: false,
+        attention: false,
+        swiglu: false,
+        loss: false,
+        lora: false,
+        optimizer: false,
+    };
 
     /// The levers in the order the benchmark adds them, each with the switch it turns on.
-    pub const LEVERS: [(&'static str, fn(&mut Fusion)); 6] = [
+    pub const LEVERS: [(&'static str, fn(&mut Fusion)); 8] = [
         ("dropout", |f| f.dropout = true),
         ("norm", |f| f.norm = true),
         ("rope", |f| f.rope = true),
         ("attention", |f| f.attention = true),
         ("swiglu", |f| f.swiglu = true),
         ("loss", |f| f.loss = true),
+        ("lora", |f| f.lora = true),
+        ("optimizer", |f| f.optimizer = true),
     ];
 }
 

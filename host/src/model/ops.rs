@@ -92,7 +92,9 @@ pub fn linear_backward(dy: &Tensor, w: &Tensor) -> Result<Tensor> {
 // LoRA on a linear (PEFT): y += scale * B A dropout(x), A [r, in], B [out, r], scale = alpha / r.
 // Computed as h = dropout(x); u = scale * (h A^T) [N, r]; delta = u B^T [N, out], so the scale touches
 // only the small [N, r] tensor. Parameters are f32 (or f64); they are cast to the activation dtype here and
-// their gradients come back in the parameter dtype.
+// their gradients come back in the parameter dtype. On the GPU (`fused`) the [N, out] delta and the
+// [N, in] input gradient of the branch are never formed: kernels add them into the frozen linear's
+// output (forward) and input gradient (backward) in place.
 
 pub struct LoraSaved {
     /// dropout(x): the input A saw.
@@ -101,6 +103,13 @@ pub struct LoraSaved {
     u: Tensor,
     /// The dropout applied to x; its backward applies the same mask to dh.
     dropout: Option<Dropout>,
+}
+
+impl LoraSaved {
+    /// u = scale * dropout(x) A^T [N, r]: the branch's rank-r activation.
+    pub fn u(&self) -> &Tensor {
+        &self.u
+    }
 }
 
 /// LoRA dropout: either a mask tensor (0 or 1/(1-p)), or, on the GPU, the key and p of a counter-based
@@ -124,37 +133,67 @@ impl Dropout {
     }
 }
 
-pub fn lora_forward(x: &Tensor, a: &Tensor, b: &Tensor, scale: f64, dropout: Option<Dropout>) -> Result<(Tensor, LoraSaved)> {
-    let dtype = x.dtype();
-    let (a, b) = (a.to_dtype(dtype)?, b.to_dtype(dtype)?);
+/// The branch up to rank r: h = dropout(x), u = scale * h A^T. Add it to a linear's output with
+/// [`lora_add`].
+pub fn lora_forward(x: &Tensor, a: &Tensor, scale: f64, dropout: Option<Dropout>) -> Result<LoraSaved> {
+    let a = a.to_dtype(x.dtype())?;
     let h = match &dropout {
         Some(d) => d.apply(x)?,
         None => x.clone(),
     };
     let u = (h.matmul(&a.t()?)? * scale)?;
-    let delta = u.matmul(&b.t()?)?;
-    Ok((delta, LoraSaved { h, u, dropout }))
+    Ok(LoraSaved { h, u, dropout })
 }
 
-/// Backward of `delta = (scale * h A^T) B^T`, given d(delta) = dy:
+/// y + u B^T. `y` is consumed: on the GPU the kernel adds into it in place (it must be a fresh GEMM output).
+pub fn lora_add(y: Tensor, saved: &LoraSaved, b: &Tensor, fused: bool) -> Result<Tensor> {
+    let b = b.to_dtype(y.dtype())?;
+    #[cfg(feature = "cuda")]
+    if super::fusion::on(fused, &y) {
+        super::cuda::lora_up_add_(&y, &saved.u, &b)?;
+        return Ok(y);
+    }
+    let _ = fused;
+    y + saved.u.matmul(&b.t()?)?
+}
+
+/// Backward of `delta = (scale * h A^T) B^T`, given d(delta) = dy, added onto the frozen linear's input
+/// gradient `dx` (consumed; updated in place on the GPU):
 ///   dB = dy^T u            [out, r]
 ///   du = dy B              [N, r]  -> d(h A^T) = scale * du
 ///   dA = (scale du)^T h    [r, in]
-///   dh = (scale du) A      [N, in] -> dx = dh * mask (dropout passes gradient only where it kept x)
+///   dh = (scale du) A      [N, in] -> dx += dh * mask (dropout passes gradient only where it kept x)
 /// Returns (dx, dA, dB); dA, dB in the parameter dtype.
-pub fn lora_backward(saved: &LoraSaved, a: &Tensor, b: &Tensor, scale: f64, dy: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
+#[allow(clippy::too_many_arguments)]
+pub fn lora_backward(saved: &LoraSaved, a: &Tensor, b: &Tensor, scale: f64, dy: &Tensor, dx: Tensor, fused: bool) -> Result<(Tensor, Tensor, Tensor)> {
     let dtype = dy.dtype();
     let pdtype = a.dtype();
     let (a_c, b_c) = (a.to_dtype(dtype)?, b.to_dtype(dtype)?);
     let db = dy.t()?.matmul(&saved.u)?;
     let du = (dy.matmul(&b_c)? * scale)?;
     let da = du.t()?.matmul(&saved.h)?;
-    let dh = du.matmul(&a_c)?;
-    let dx = match &saved.dropout {
+    let dx = lora_input_grad(dx, &du, &a_c, saved.dropout.as_ref(), fused)?;
+    Ok((dx, da.to_dtype(pdtype)?, db.to_dtype(pdtype)?))
+}
+
+/// dx + dropout(du A).
+fn lora_input_grad(dx: Tensor, du: &Tensor, a: &Tensor, dropout: Option<&Dropout>, fused: bool) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if super::fusion::on(fused, &dx) && !matches!(dropout, Some(Dropout::Mask(_))) {
+        let key = match dropout {
+            Some(Dropout::Key { key, p }) => Some((*key, *p)),
+            _ => None,
+        };
+        super::cuda::lora_down_add_(&dx, du, a, key)?;
+        return Ok(dx);
+    }
+    let _ = fused;
+    let dh = du.matmul(a)?;
+    let dh = match dropout {
         Some(d) => d.apply(&dh)?,
         None => dh,
     };
-    Ok((dx, da.to_dtype(pdtype)?, db.to_dtype(pdtype)?))
+    dx + dh
 }
 
 /// A dropout mask [rows, cols] of 0 (probability p) and 1/(1-p), a pure function of `key` (see

@@ -240,9 +240,11 @@ impl QwenModel {
 
         // Attention branch.
         let (h1, ln_1) = ops::rmsnorm_forward(x, &w.ln_1, cfg.eps, f.norm)?;
-        let (qkv, delta, c_attn) = self.adapted_parts(ctx, layer, Site::CAttn, &h1)?;
-        let (q, k, v) = attention::qkv_forward(&qkv, &w.c_attn_bias, delta.as_ref(), &ctx.rope, ctx.b, ctx.t, h, d, f.rope)?;
-        drop((qkv, delta));
+        let (qkv, c_attn) = self.adapted_parts(ctx, layer, Site::CAttn, &h1)?;
+        let lora_b = ctx.lora.and_then(|l| l.adapter(layer, Site::CAttn)).map(|a| &a.b);
+        let lora = c_attn.as_ref().zip(lora_b).map(|(s, b)| (s.u(), b));
+        let (q, k, v) = attention::qkv_forward(&qkv, &w.c_attn_bias, lora, &ctx.rope, ctx.b, ctx.t, h, d, f.rope)?;
+        drop(qkv);
         let (y, attn) = attention::attention_forward(&q, &k, &v, ctx.mask.as_ref(), f.attention)?;
         let y = attention::merge_heads(&y, &ctx.rope, f.rope)?;
         let (o, attn_c_proj) = self.adapted_forward(ctx, layer, Site::AttnCProj, &y)?;
@@ -281,7 +283,7 @@ impl QwenModel {
         // Attention branch: x1 = x + attn(ln_1(x)).
         let (dy, g) = self.adapted_backward(ctx, layer, Site::AttnCProj, s.attn_c_proj.as_ref(), &dx1)?;
         grads[Site::AttnCProj.index()] = g;
-        let dy = attention::merge_heads_backward(&dy, ctx.b, ctx.t, h, d)?;
+        let dy = attention::merge_heads_backward(&dy, ctx.b, ctx.t, h, d, f.rope)?;
         let (dq, dk, dv) = attention::attention_backward(&s.attn, &dy, f.attention)?;
         let dqkv = attention::qkv_backward(&dq, &dk, &dv, &ctx.rope, f.rope)?;
         let (dh1, g) = self.adapted_backward(ctx, layer, Site::CAttn, s.c_attn.as_ref(), &dqkv)?;
@@ -292,21 +294,21 @@ impl QwenModel {
 
     /// A frozen linear (with bias) plus, when the adapter targets it, its LoRA term.
     fn adapted_forward(&self, ctx: &Ctx, layer: usize, site: Site, x: &Tensor) -> Result<(Tensor, Option<LoraSaved>)> {
-        let (mut y, delta, saved) = self.adapted_parts(ctx, layer, site, x)?;
+        let (mut y, saved) = self.adapted_parts(ctx, layer, site, x)?;
         if site == Site::CAttn {
             y = y.broadcast_add(&self.weights.layers[layer].c_attn_bias)?;
         }
-        if let Some(delta) = delta {
-            y = (y + delta)?;
+        if let (Some(s), Some(adapter)) = (&saved, ctx.lora.and_then(|l| l.adapter(layer, site))) {
+            y = ops::lora_add(y, s, &adapter.b, ctx.fusion.lora)?;
         }
         Ok((y, saved))
     }
 
-    /// The parts of an adapted linear, left for the caller to add: x W^T (no bias) and the LoRA delta.
-    fn adapted_parts(&self, ctx: &Ctx, layer: usize, site: Site, x: &Tensor) -> Result<(Tensor, Option<Tensor>, Option<LoraSaved>)> {
+    /// The parts of an adapted linear, left for the caller to add: x W^T (no bias) and the LoRA branch.
+    fn adapted_parts(&self, ctx: &Ctx, layer: usize, site: Site, x: &Tensor) -> Result<(Tensor, Option<LoraSaved>)> {
         let y = ops::linear_forward(x, self.weights.layers[layer].linear(site), None)?;
         let Some(adapter) = ctx.lora.and_then(|l| l.adapter(layer, site)) else {
-            return Ok((y, None, None));
+            return Ok((y, None));
         };
         let dropout = match ctx.dropout {
             Some((seed, p)) => {
@@ -316,8 +318,8 @@ impl QwenModel {
             None => None,
         };
         let scale = ctx.lora.map(|l| l.scale()).unwrap_or(0.0);
-        let (delta, saved) = ops::lora_forward(x, &adapter.a, &adapter.b, scale, dropout)?;
-        Ok((y, Some(delta), Some(saved)))
+        let saved = ops::lora_forward(x, &adapter.a, scale, dropout)?;
+        Ok((y, Some(saved)))
     }
 
     /// The dropout of stream `key` for x: regenerated in the kernel on the GPU, a mask tensor elsewhere.
@@ -336,8 +338,8 @@ impl QwenModel {
         match (saved, ctx.lora.and_then(|l| l.adapter(layer, site))) {
             (Some(saved), Some(adapter)) => {
                 let scale = ctx.lora.map(|l| l.scale()).unwrap_or(0.0);
-                let (dx_lora, da, db) = ops::lora_backward(saved, &adapter.a, &adapter.b, scale, dy)?;
-                Ok(((dx + dx_lora)?, Some((da, db))))
+                let (dx, da, db) = ops::lora_backward(saved, &adapter.a, &adapter.b, scale, dy, dx, ctx.fusion.lora)?;
+                Ok((dx, Some((da, db))))
             }
             _ => Ok((dx, None)),
         }

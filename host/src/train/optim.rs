@@ -8,7 +8,10 @@
 //! v  = beta2 * v + (1 - beta2) * g^2
 //! p  = p - (lr / (1 - beta1^t)) * m / (sqrt(v) / sqrt(1 - beta2^t) + eps)
 //! ```
-//! Parameters are updated by replacing the tensors (no in-place kernels yet).
+//! Parameters are updated by replacing the tensors. On the GPU (f32 parameters) the whole step is one kernel
+//! launch over every tensor (model/cuda: `adamw_multi`) instead of a dozen small ops per tensor; the gradient
+//! norm likewise. The gradient may be scaled on the way in (`grad_scale`: the 1/tokens normalisation and the
+//! clipping coefficient), which saves a pass over the gradients.
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use std::collections::HashMap;
@@ -38,6 +41,8 @@ pub struct AdamW {
     /// First and second moments, f32 (f64 when the parameter is f64).
     m: Vec<Tensor>,
     v: Vec<Tensor>,
+    /// Use the one-launch GPU kernel when the parameters are f32 on a GPU (default).
+    pub fused: bool,
 }
 
 fn moment_dtype(param: DType) -> DType {
@@ -59,7 +64,7 @@ impl AdamW {
         let zeros = |p: &&Tensor| p.zeros_like()?.to_dtype(moment_dtype(p.dtype()));
         let m = params.iter().map(zeros).collect::<candle_core::Result<Vec<_>>>()?;
         let v = params.iter().map(zeros).collect::<candle_core::Result<Vec<_>>>()?;
-        Ok(AdamW { config, step: 0, names, m, v })
+        Ok(AdamW { config, step: 0, names, m, v, fused: true })
     }
 
     /// Steps taken so far.
@@ -69,6 +74,11 @@ impl AdamW {
 
     /// One update of every parameter with its gradient, at learning rate `lr` (from the schedule).
     pub fn step(&mut self, params: &mut [&mut Tensor], grads: &[&Tensor], lr: f64) -> Result<()> {
+        self.step_scaled(params, grads, lr, 1.0)
+    }
+
+    /// [`AdamW::step`] with every gradient multiplied by `grad_scale` first.
+    pub fn step_scaled(&mut self, params: &mut [&mut Tensor], grads: &[&Tensor], lr: f64, grad_scale: f64) -> Result<()> {
         if params.len() != self.m.len() || grads.len() != self.m.len() {
             bail!("AdamW: built for {} parameters, got {} parameters and {} gradients", self.m.len(), params.len(), grads.len());
         }
@@ -79,12 +89,39 @@ impl AdamW {
         let bias_correction2_sqrt = (1.0 - c.beta2.powi(t)).sqrt();
         let step_size = lr / bias_correction1;
         for i in 0..params.len() {
-            let p = &mut *params[i];
-            if p.dims() != grads[i].dims() || p.dims() != self.m[i].dims() {
-                bail!("AdamW: parameter {} has shape {:?}, gradient {:?}, state {:?}", self.names[i], p.dims(), grads[i].dims(), self.m[i].dims());
+            if params[i].dims() != grads[i].dims() || params[i].dims() != self.m[i].dims() {
+                bail!("AdamW: parameter {} has shape {:?}, gradient {:?}, state {:?}", self.names[i], params[i].dims(), grads[i].dims(), self.m[i].dims());
             }
+        }
+        #[cfg(feature = "cuda")]
+        if self.fused && all_on_gpu_f32(params.iter().map(|p| &**p).chain(grads.iter().copied())) {
+            use crate::model::cuda;
+            let items: Vec<_> = (0..params.len()).map(|i| (&*params[i], grads[i], &self.m[i], &self.v[i])).collect();
+            let h = cuda::AdamWStep {
+                lr,
+                beta1: c.beta1,
+                beta2: c.beta2,
+                eps: c.eps,
+                weight_decay: c.weight_decay,
+                step_size,
+                bias_correction2_sqrt,
+                grad_scale,
+            };
+            let new = cuda::adamw_multi(&items, &h)?;
+            for (i, (p, m, v)) in new.into_iter().enumerate() {
+                *params[i] = p;
+                self.m[i] = m;
+                self.v[i] = v;
+            }
+            return Ok(());
+        }
+        for i in 0..params.len() {
+            let p = &mut *params[i];
             let work = self.m[i].dtype();
-            let g = grads[i].to_dtype(work)?;
+            let mut g = grads[i].to_dtype(work)?;
+            if grad_scale != 1.0 {
+                g = (g * grad_scale)?;
+            }
             let pw = (p.to_dtype(work)? * (1.0 - lr * c.weight_decay))?;
             self.m[i] = ((&self.m[i] * c.beta1)? + (&g * (1.0 - c.beta1))?)?;
             self.v[i] = ((&self.v[i] * c.beta2)? + (g.sqr()? * (1.0 - c.beta2))?)?;
@@ -151,18 +188,46 @@ impl AdamW {
                 out.push(t);
             }
         }
-        Ok(AdamW { config, step, names, m, v })
+        Ok(AdamW { config, step, names, m, v, fused: true })
     }
+}
+
+/// True when every tensor is f32 on a GPU (what the multi-tensor kernels take).
+#[cfg(feature = "cuda")]
+fn all_on_gpu_f32<'a>(mut tensors: impl Iterator<Item = &'a Tensor>) -> bool {
+    tensors.all(|t| t.device().is_cuda() && t.dtype() == DType::F32)
 }
 
 /// sqrt(sum of squares of every element of every tensor), in f64.
 pub fn global_norm(tensors: &[&Tensor]) -> Result<f64> {
+    global_norm_with(tensors, true)
+}
+
+/// [`global_norm`]; `fused`: one kernel launch (and one device synchronisation) for f32 tensors on a GPU.
+pub fn global_norm_with(tensors: &[&Tensor], fused: bool) -> Result<f64> {
+    #[cfg(feature = "cuda")]
+    if fused && !tensors.is_empty() && all_on_gpu_f32(tensors.iter().copied()) {
+        let sum = crate::model::cuda::sum_squares_multi(tensors)?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+        return Ok(sum.sqrt());
+    }
+    let _ = fused;
     let mut sum = 0.0f64;
     for t in tensors {
         let work = if t.dtype() == DType::F64 { DType::F64 } else { DType::F32 };
         sum += t.to_dtype(work)?.sqr()?.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
     }
     Ok(sum.sqrt())
+}
+
+/// The factor that brings a gradient of norm `norm` down to `max_norm` (PyTorch's `clip_grad_norm_`:
+/// max_norm / (norm + 1e-6) when that is below 1), else 1. A non-finite norm gives 1.
+pub fn clip_coefficient(norm: f64, max_norm: f64) -> f64 {
+    let coef = max_norm / (norm + 1e-6);
+    if norm.is_finite() && coef < 1.0 {
+        coef
+    } else {
+        1.0
+    }
 }
 
 /// Scales the gradients so that their global norm is at most `max_norm` (PyTorch: multiply by

@@ -171,6 +171,7 @@ pub fn run(m: &Manifest, opts: &RunOptions) -> anyhow::Result<RunSummary> {
     // 3. Resume from the last checkpoint, unless told to start over.
     let mut lora = Lora::new(lora_config(m), &model.config, m.run.seed, &device)?;
     let mut opt = AdamW::new(adamw.clone(), lora.param_names(), &lora.params())?;
+    opt.fused = model.fusion.optimizer;
     let mut start_step = 0u64;
     let mut metrics: Vec<String> = Vec::new();
     let mut resumed_from = None;
@@ -229,18 +230,16 @@ pub fn run(m: &Manifest, opts: &RunOptions) -> anyhow::Result<RunSummary> {
             if !loss.is_finite() {
                 bail!("the loss is {loss} at step {} (learning rate too high? bad data?); stopping without writing", step + 1);
             }
-            if n_tokens > 0 {
-                grads.scale(1.0 / n_tokens as f64)?;
-            }
-            let grad_norm = match m.train.clip {
-                Some(c) => optim::clip_grad_norm(&mut grads.tensors_mut(), c)?,
-                None => optim::global_norm(&grads.tensors())?,
-            };
+            // The step's gradient is the sum over its micro-batches divided by the trained tokens; that division
+            // and the clipping factor are applied inside the optimizer step (one pass, not three).
+            let per_token = 1.0 / n_tokens.max(1) as f64;
+            let grad_norm = optim::global_norm_with(&grads.tensors(), model.fusion.optimizer)? * per_token;
             if !grad_norm.is_finite() {
                 bail!("the gradient norm is {grad_norm} at step {} (loss {loss}); stopping without writing", step + 1);
             }
+            let clip = m.train.clip.map_or(1.0, |c| optim::clip_coefficient(grad_norm, c));
             let lr = scheduler.lr(step, total, m.train.lr)?;
-            opt.step(&mut lora.params_mut(), &grads.tensors(), lr)?;
+            opt.step_scaled(&mut lora.params_mut(), &grads.tensors(), lr, per_token * clip)?;
             step += 1;
 
             let dt = t0.elapsed().as_secs_f64();

@@ -15,6 +15,29 @@ typedef __nv_bfloat16 bf16;
 static __device__ __forceinline__ float ld(bf16 v) { return __bfloat162float(v); }
 static __device__ __forceinline__ bf16 st(float v) { return __float2bfloat16_rn(v); }
 
+// sum_k a[k] * b[k] over the LoRA rank r; 16-byte loads when r is a multiple of 8 (the caller keeps both
+// rows 16-byte aligned then).
+union Bf16x8 {
+    uint4 v;
+    bf16 h[8];
+};
+
+static __device__ __forceinline__ float dot_rank(const bf16* __restrict__ a, const bf16* __restrict__ b, int r) {
+    float acc = 0.f;
+    if ((r & 7) == 0) {
+        for (int k0 = 0; k0 < r; k0 += 8) {
+            Bf16x8 av, bv;
+            av.v = *reinterpret_cast<const uint4*>(a + k0);
+            bv.v = *reinterpret_cast<const uint4*>(b + k0);
+#pragma unroll
+            for (int k = 0; k < 8; ++k) acc += ld(av.h[k]) * ld(bv.h[k]);
+        }
+    } else {
+        for (int k = 0; k < r; ++k) acc += ld(a[k]) * ld(b[k]);
+    }
+    return acc;
+}
+
 // Sum (or max) over the block; every thread gets the result. blockDim.x must be a multiple of 32.
 static __device__ float block_reduce(float v, bool is_max) {
     __shared__ float partial[32];
@@ -74,13 +97,13 @@ extern "C" __global__ void rmsnorm_bwd(const bf16* __restrict__ x, const bf16* _
 
 // ---------------------------------------------------------------------------------------------------------
 // c_attn output -> q, k, v. Input rows n = b*T + t of [N, 3C] (q | k | v, head h at h*D..(h+1)*D), plus the
-// bias [3C] and the LoRA delta [N, 3C] when present; q and k are rotated (RoPE, rotate_half over the
+// bias [3C] and the LoRA delta u B^T (u [N, r], B [3C, r]) when present; q and k are rotated (RoPE, rotate_half over the
 // full head dim, tables cos/sin [T, D]); outputs [B, H, T, D]. One thread per (n, part, h, j < D/2).
-extern "C" __global__ void qkv_split_rope(const bf16* __restrict__ base, const bf16* __restrict__ delta,
-                                          const bf16* __restrict__ bias, const float* __restrict__ cos_t,
-                                          const float* __restrict__ sin_t, bf16* __restrict__ q,
-                                          bf16* __restrict__ k, bf16* __restrict__ v, int n_rows, int T,
-                                          int H, int D, int has_delta, int has_bias) {
+extern "C" __global__ void qkv_split_rope(const bf16* __restrict__ base, const bf16* __restrict__ lora_u,
+                                          const bf16* __restrict__ lora_b, const bf16* __restrict__ bias,
+                                          const float* __restrict__ cos_t, const float* __restrict__ sin_t,
+                                          bf16* __restrict__ q, bf16* __restrict__ k, bf16* __restrict__ v,
+                                          int n_rows, int T, int H, int D, int r, int has_bias) {
     const int half = D / 2;
     const size_t total = (size_t)n_rows * 3 * H * half;
     const size_t idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
@@ -99,9 +122,10 @@ extern "C" __global__ void qkv_split_rope(const bf16* __restrict__ base, const b
         x1 += ld(bias[col1]);
         x2 += ld(bias[col2]);
     }
-    if (has_delta) {
-        x1 += ld(delta[in + col1]);
-        x2 += ld(delta[in + col2]);
+    // LoRA delta (u B^T)[n, col] = sum_k u[n, k] B[col, k]; r = 0 when the site has no adapter.
+    if (r > 0) {
+        x1 += dot_rank(lora_u + n * r, lora_b + (size_t)col1 * r, r);
+        x2 += dot_rank(lora_u + n * r, lora_b + (size_t)col2 * r, r);
     }
     const size_t b = n / T, t = n % T;
     const size_t o = ((b * H + h) * T + t) * D + j;
@@ -148,33 +172,64 @@ extern "C" __global__ void heads_merge(const bf16* __restrict__ src, const float
 }
 
 // ---------------------------------------------------------------------------------------------------------
-// Causal softmax over keys. Rows r of [B*H*T, T] are queries (t = r % T); keys j > t are masked. The
-// scores come in f32, already scaled by 1/sqrt(D) in the GEMM; probabilities go out in bf16.
+// Causal softmax over keys. Rows r of [B*H*T, T] are queries (t = r % T); keys j > t are masked and never
+// read. The scores come in f32, already scaled by 1/sqrt(D) in the GEMM; probabilities go out in bf16.
+// One warp per row (shuffle reductions only, no block barriers: rows are short and many); the row is read
+// again from cache for each pass.
 
-extern "C" __global__ void causal_softmax_fwd(const float* __restrict__ s, bf16* __restrict__ p, int T) {
-    const size_t row = blockIdx.x;
+static __device__ __forceinline__ float warp_sum(float v) {
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+static __device__ __forceinline__ float warp_max(float v) {
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    return v;
+}
+
+extern "C" __global__ void causal_softmax_fwd(const float* __restrict__ s, bf16* __restrict__ p, int T,
+                                              unsigned long long rows) {
+    const size_t row = (size_t)blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
+    if (row >= rows) return;
+    const int lane = threadIdx.x & 31;
     const size_t off = row * T;
     const int n = (int)(row % T) + 1;  // keys 0..=t
     float m = NEG_INF;
-    for (int j = threadIdx.x; j < n; j += blockDim.x) m = fmaxf(m, s[off + j]);
-    m = block_reduce(m, true);
+    for (int j = lane; j < n; j += 32) m = fmaxf(m, s[off + j]);
+    m = warp_max(m);
     float sum = 0.f;
-    for (int j = threadIdx.x; j < n; j += blockDim.x) sum += expf(s[off + j] - m);
-    const float inv = 1.f / block_reduce(sum, false);
-    for (int j = threadIdx.x; j < T; j += blockDim.x) p[off + j] = st(j < n ? expf(s[off + j] - m) * inv : 0.f);
+    for (int j = lane; j < n; j += 32) sum += expf(s[off + j] - m);
+    const float inv = 1.f / warp_sum(sum);
+    for (int j = lane; j < T; j += 32) p[off + j] = st(j < n ? expf(s[off + j] - m) * inv : 0.f);
 }
 
-// ds = scale * p * (dp - sum_keys(p * dp)); zero for masked keys (p = 0 there).
+// ds = scale * p * (dp - sum_keys(p * dp)); zero for masked keys (p = 0 there, not read).
 extern "C" __global__ void causal_softmax_bwd(const bf16* __restrict__ p, const bf16* __restrict__ dp,
-                                              bf16* __restrict__ ds, int T, float scale) {
-    const size_t row = blockIdx.x;
+                                              bf16* __restrict__ ds, int T, float scale, unsigned long long rows) {
+    const size_t row = (size_t)blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
+    if (row >= rows) return;
+    const int lane = threadIdx.x & 31;
     const size_t off = row * T;
     const int n = (int)(row % T) + 1;
     float dot = 0.f;
-    for (int j = threadIdx.x; j < n; j += blockDim.x) dot += ld(p[off + j]) * ld(dp[off + j]);
-    dot = block_reduce(dot, false);
-    for (int j = threadIdx.x; j < T; j += blockDim.x)
-        ds[off + j] = st(j < n ? scale * ld(p[off + j]) * (ld(dp[off + j]) - dot) : 0.f);
+    for (int j = lane; j < n; j += 32) dot += ld(p[off + j]) * ld(dp[off + j]);
+    dot = warp_sum(dot);
+    for (int j = lane; j < T; j += 32) ds[off + j] = st(j < n ? scale * ld(p[off + j]) * (ld(dp[off + j]) - dot) : 0.f);
+}
+
+// [N, C] (heads side by side) -> [B, H, T, D]: the backward of merging the heads (c_proj's input gradient
+// back to the attention output's layout). One thread per element.
+extern "C" __global__ void heads_split(const bf16* __restrict__ src, bf16* __restrict__ dst, int n_rows, int T,
+                                       int H, int D) {
+    const size_t total = (size_t)n_rows * H * D;
+    const size_t idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (idx >= total) return;
+    const int j = idx % D;
+    size_t rest = idx / D;
+    const int h = rest % H;
+    const size_t n = rest / H;
+    const size_t b = n / T, t = n % T;
+    dst[((b * H + h) * T + t) * D + j] = src[idx];
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -239,4 +294,71 @@ extern "C" __global__ void cross_entropy_rows(const bf16* __restrict__ z, const 
     if (!want_grad) return;
     for (int j = threadIdx.x; j < V; j += blockDim.x)
         dz[off + j] = st(expf(ld(z[off + j]) - lse) - (j == (int)target ? 1.f : 0.f));
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// LoRA, folded into the frozen linear's output. Forward: y += u B^T (u = scale * dropout(x) A^T [N, r],
+// B [out, r]); backward: dx += dropout_mask * (du A) (du = scale * dy B [N, r], A [r, in]). Both update
+// a fresh GEMM output in place, so the [N, out] delta and the [N, in] LoRA input gradient never exist.
+
+extern "C" __global__ void lora_up_add(bf16* __restrict__ y, const bf16* __restrict__ u, const bf16* __restrict__ b,
+                                       int n_rows, int cols, int r) {
+    const size_t idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (idx >= (size_t)n_rows * cols) return;
+    const size_t n = idx / cols, j = idx % cols;
+    y[idx] = st(ld(y[idx]) + dot_rank(u + n * r, b + j * r, r));
+}
+
+// `a_t` is A transposed, [in, r], so each element's rank-r dot product reads one contiguous row.
+extern "C" __global__ void lora_down_add(bf16* __restrict__ dx, const bf16* __restrict__ du,
+                                         const bf16* __restrict__ a_t, int n_rows, int cols, int r, uint64_t key,
+                                         float p, float keep_scale, int has_dropout) {
+    const size_t idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (idx >= (size_t)n_rows * cols) return;
+    const size_t n = idx / cols, i = idx % cols;
+    float g = dot_rank(du + n * r, a_t + i * r, r);
+    if (has_dropout) {
+        const uint64_t bits = mix64(key + ((uint64_t)idx + 1) * 0x9E3779B97F4A7C15ull);
+        const float uni = (float)(bits >> 40) * (1.f / 16777216.f);
+        g = uni < p ? 0.f : g * keep_scale;
+    }
+    dx[idx] = st(ld(dx[idx]) + g);
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// The optimizer over every adapter tensor in one launch. `table` holds, per tensor (blockIdx.y), eight
+// 64-bit words: p, g, m, v (inputs), p', m', v' (outputs) as device pointers, and n. f32 throughout.
+
+extern "C" __global__ void adamw_multi(const unsigned long long* __restrict__ table, float lr, float beta1,
+                                       float beta2, float eps, float weight_decay, float step_size,
+                                       float bc2_sqrt, float grad_scale) {
+    const unsigned long long* t = table + 8 * (size_t)blockIdx.y;
+    const float* p = (const float*)t[0];
+    const float* g = (const float*)t[1];
+    const float* m = (const float*)t[2];
+    const float* v = (const float*)t[3];
+    float* p_out = (float*)t[4];
+    float* m_out = (float*)t[5];
+    float* v_out = (float*)t[6];
+    const size_t n = (size_t)t[7];
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
+        const float gi = g[i] * grad_scale;
+        const float mi = beta1 * m[i] + (1.f - beta1) * gi;
+        const float vi = beta2 * v[i] + (1.f - beta2) * gi * gi;
+        p_out[i] = p[i] * (1.f - lr * weight_decay) - step_size * mi / (sqrtf(vi) / bc2_sqrt + eps);
+        m_out[i] = mi;
+        v_out[i] = vi;
+    }
+}
+
+// Sum of squares per tensor: table holds (pointer, n) pairs; out[blockIdx.y] accumulates (zeroed first).
+extern "C" __global__ void sum_squares_multi(const unsigned long long* __restrict__ table, float* __restrict__ out) {
+    const unsigned long long* t = table + 2 * (size_t)blockIdx.y;
+    const float* x = (const float*)t[0];
+    const size_t n = (size_t)t[1];
+    float acc = 0.f;
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x)
+        acc += x[i] * x[i];
+    acc = block_reduce(acc, false);
+    if (threadIdx.x == 0) atomicAdd(out + blockIdx.y, acc);
 }

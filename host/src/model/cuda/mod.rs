@@ -52,7 +52,12 @@ enum Arg<'a> {
 /// Launches `name` with a 1-D grid on the tensors' device (candle's stream, so it is ordered with every
 /// candle op).
 fn launch(dev: &CudaDevice, name: &str, grid: u64, block: u32, args: &[Arg]) -> Result<()> {
-    if grid == 0 {
+    launch_2d(dev, name, (grid, 1), block, args)
+}
+
+/// [`launch`] with a 2-D grid (x, y).
+fn launch_2d(dev: &CudaDevice, name: &str, (grid, grid_y): (u64, u32), block: u32, args: &[Arg]) -> Result<()> {
+    if grid == 0 || grid_y == 0 {
         return Ok(());
     }
     let grid = u32::try_from(grid).map_err(|_| candle_core::Error::Msg(format!("{name}: grid of {grid} blocks is too large")))?;
@@ -76,6 +81,7 @@ fn launch(dev: &CudaDevice, name: &str, grid: u64, block: u32, args: &[Arg]) -> 
             CudaStorageSlice::BF16(s) => s.device_ptr(&stream),
             CudaStorageSlice::F32(s) => s.device_ptr(&stream),
             CudaStorageSlice::U32(s) => s.device_ptr(&stream),
+            CudaStorageSlice::I64(s) => s.device_ptr(&stream),
             _ => bail!("{name}: unsupported dtype {:?}", cs.dtype()),
         };
         ptrs.push(ptr + (layout.start_offset() * cs.dtype().size_in_bytes()) as u64);
@@ -91,7 +97,7 @@ fn launch(dev: &CudaDevice, name: &str, grid: u64, block: u32, args: &[Arg]) -> 
             Arg::U(v) => builder.arg(v),
         };
     }
-    let cfg = LaunchConfig { grid_dim: (grid, 1, 1), block_dim: (block, 1, 1), shared_mem_bytes: 0 };
+    let cfg = LaunchConfig { grid_dim: (grid, grid_y, 1), block_dim: (block, 1, 1), shared_mem_bytes: 0 };
     // SAFETY: the argument list matches the kernel's signature in kernels.cu, and every pointer stays
     // valid until the launch is enqueued (the storage locks and guards are held until then).
     unsafe { builder.launch(cfg) }.w()?;
@@ -151,18 +157,25 @@ pub fn rmsnorm_backward(x: &Tensor, rstd: &Tensor, w: &Tensor, dy: &Tensor, dres
 
 // ----- attention layout and RoPE --------------------------------------------------------------------------
 
-/// c_attn's base output [N, 3C] (+ bias [3C], + LoRA delta [N, 3C]) -> q, k (rotated) and v [B, H, T, D].
+/// c_attn's base output [N, 3C] (+ bias [3C], + the LoRA delta u B^T from u [N, r] and B [3C, r]) -> q, k
+/// (rotated) and v [B, H, T, D].
 #[allow(clippy::too_many_arguments)]
-pub fn qkv_split_rope(base: &Tensor, bias: Option<&Tensor>, delta: Option<&Tensor>, cos: &Tensor, sin: &Tensor, b: usize, t: usize, h: usize, d: usize) -> Result<(Tensor, Tensor, Tensor)> {
+pub fn qkv_split_rope(base: &Tensor, bias: Option<&Tensor>, lora: Option<(&Tensor, &Tensor)>, cos: &Tensor, sin: &Tensor, b: usize, t: usize, h: usize, d: usize) -> Result<(Tensor, Tensor, Tensor)> {
     let dev = cuda_device(base)?;
     let base = base.contiguous()?;
+    let (u, lb) = match lora {
+        Some((u, lb)) => (Some(aligned(u)?), Some(aligned(lb)?)),
+        None => (None, None),
+    };
+    let r = u.as_ref().map_or(0, |u| u.dim(1).unwrap_or(0));
     let n = b * t;
     let q = uninit(&dev, (b, h, t, d), DType::BF16)?;
     let k = uninit(&dev, (b, h, t, d), DType::BF16)?;
     let v = uninit(&dev, (b, h, t, d), DType::BF16)?;
     let args = [
         Arg::T(&base),
-        Arg::T(delta.unwrap_or(&base)),
+        Arg::T(u.as_ref().unwrap_or(&base)),
+        Arg::T(lb.as_ref().unwrap_or(&base)),
         Arg::T(bias.unwrap_or(&base)),
         Arg::T(cos),
         Arg::T(sin),
@@ -173,7 +186,7 @@ pub fn qkv_split_rope(base: &Tensor, bias: Option<&Tensor>, delta: Option<&Tenso
         Arg::I(t as i32),
         Arg::I(h as i32),
         Arg::I(d as i32),
-        Arg::I(delta.is_some() as i32),
+        Arg::I(r as i32),
         Arg::I(bias.is_some() as i32),
     ];
     launch(&dev, "qkv_split_rope", blocks(n * 3 * h * d / 2, EW_THREADS), EW_THREADS, &args)?;
@@ -209,6 +222,18 @@ pub fn merge_heads(y: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     let (b, h, t, d) = y.dims4()?;
     let out = uninit(&cuda_device(y)?, (b * t, h * d), DType::BF16)?;
     heads_merge_into(y, cos, sin, &out, 0, false)?;
+    Ok(out)
+}
+
+/// [N, C] -> [B, H, T, D]: the backward of [`merge_heads`].
+pub fn split_heads(dy: &Tensor, b: usize, t: usize, h: usize, d: usize) -> Result<Tensor> {
+    check_bf16("split_heads", &[dy])?;
+    let dev = cuda_device(dy)?;
+    let dy = dy.contiguous()?;
+    let out = uninit(&dev, (b, h, t, d), DType::BF16)?;
+    let n = b * t;
+    let args = [Arg::T(&dy), Arg::T(&out), Arg::I(n as i32), Arg::I(t as i32), Arg::I(h as i32), Arg::I(d as i32)];
+    launch(&dev, "heads_split", blocks(n * h * d, EW_THREADS), EW_THREADS, &args)?;
     Ok(out)
 }
 
@@ -289,7 +314,9 @@ pub fn causal_softmax(s: &Tensor) -> Result<Tensor> {
     let (b, h, t, _) = s.dims4()?;
     let dev = cuda_device(s)?;
     let p = uninit(&dev, (b, h, t, t), DType::BF16)?;
-    launch(&dev, "causal_softmax_fwd", (b * h * t) as u64, ROW_THREADS, &[Arg::T(s), Arg::T(&p), Arg::I(t as i32)])?;
+    let rows = b * h * t;
+    let args = [Arg::T(s), Arg::T(&p), Arg::I(t as i32), Arg::U(rows as u64)];
+    launch(&dev, "causal_softmax_fwd", blocks(rows, ROW_THREADS / 32), ROW_THREADS, &args)?;
     Ok(p)
 }
 
@@ -300,8 +327,9 @@ pub fn causal_softmax_backward(p: &Tensor, dp: &Tensor, scale: f64) -> Result<Te
     let dev = cuda_device(p)?;
     let dp = dp.contiguous()?;
     let ds = uninit(&dev, (b, h, t, t), DType::BF16)?;
-    let args = [Arg::T(p), Arg::T(&dp), Arg::T(&ds), Arg::I(t as i32), Arg::F(scale as f32)];
-    launch(&dev, "causal_softmax_bwd", (b * h * t) as u64, ROW_THREADS, &args)?;
+    let rows = b * h * t;
+    let args = [Arg::T(p), Arg::T(&dp), Arg::T(&ds), Arg::I(t as i32), Arg::F(scale as f32), Arg::U(rows as u64)];
+    launch(&dev, "causal_softmax_bwd", blocks(rows, ROW_THREADS / 32), ROW_THREADS, &args)?;
     Ok(ds)
 }
 
@@ -394,4 +422,147 @@ pub fn reset_peak_memory(dev: &CudaDevice) -> Result<()> {
     // SAFETY: resetting the high-water mark takes a zero cuuint64_t.
     unsafe { result::mem_pool::set_attribute(pool, sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH, &mut zero as *mut u64 as *mut _) }.w()?;
     Ok(())
+}
+
+// ----- LoRA folded into the frozen linear -----------------------------------------------------------------
+
+/// `t` contiguous and starting on a 16-byte boundary (the rank-r rows are read with 16-byte loads).
+fn aligned(t: &Tensor) -> Result<Tensor> {
+    let t = t.contiguous()?;
+    let offset = t.storage_and_layout().1.start_offset();
+    if offset % 8 == 0 {
+        Ok(t)
+    } else {
+        t.copy()
+    }
+}
+
+/// y += u B^T in place, for y [N, out] (a fresh GEMM output nothing else holds), u [N, r], B [out, r].
+pub fn lora_up_add_(y: &Tensor, u: &Tensor, b: &Tensor) -> Result<()> {
+    check_bf16("lora_up_add", &[y, u, b])?;
+    let (n, cols) = y.dims2()?;
+    let r = u.dim(1)?;
+    let dev = cuda_device(y)?;
+    let (u, b) = (aligned(u)?, aligned(b)?);
+    let args = [Arg::T(y), Arg::T(&u), Arg::T(&b), Arg::I(n as i32), Arg::I(cols as i32), Arg::I(r as i32)];
+    launch(&dev, "lora_up_add", blocks(n * cols, EW_THREADS), EW_THREADS, &args)
+}
+
+/// dx += dropout(du A) in place, for dx [N, in] (a fresh GEMM output nothing else holds), du [N, r],
+/// A [r, in]; the dropout of stream `key` with probability p (the same mask as [`dropout`]).
+pub fn lora_down_add_(dx: &Tensor, du: &Tensor, a: &Tensor, dropout: Option<(u64, f64)>) -> Result<()> {
+    check_bf16("lora_down_add", &[dx, du, a])?;
+    let (n, cols) = dx.dims2()?;
+    let r = du.dim(1)?;
+    let dev = cuda_device(dx)?;
+    let (du, a_t) = (aligned(du)?, a.t()?.contiguous()?);
+    let (key, p) = dropout.unwrap_or((0, 0.0));
+    let args = [
+        Arg::T(dx),
+        Arg::T(&du),
+        Arg::T(&a_t),
+        Arg::I(n as i32),
+        Arg::I(cols as i32),
+        Arg::I(r as i32),
+        Arg::U(key),
+        Arg::F(p as f32),
+        Arg::F((1.0 / (1.0 - p)) as f32),
+        Arg::I(dropout.is_some() as i32),
+    ];
+    launch(&dev, "lora_down_add", blocks(n * cols, EW_THREADS), EW_THREADS, &args)
+}
+
+// ----- optimizer ------------------------------------------------------------------------------------------
+
+/// Device pointer of a contiguous f32 tensor's first element.
+fn f32_ptr(t: &Tensor) -> Result<u64> {
+    let (storage, layout) = t.storage_and_layout();
+    let Storage::Cuda(cs) = &*storage else { bail!("not a GPU tensor") };
+    if !layout.is_contiguous() {
+        bail!("not contiguous");
+    }
+    let stream = cs.device.cuda_stream();
+    let (ptr, _guard) = cs.as_cuda_slice::<f32>()?.device_ptr(&stream);
+    Ok(ptr + (layout.start_offset() * 4) as u64)
+}
+
+/// A table of 64-bit words on the device (pointers and sizes for the multi-tensor kernels).
+fn table(dev: &CudaDevice, words: Vec<u64>) -> Result<Tensor> {
+    let words: Vec<i64> = words.into_iter().map(|w| w as i64).collect();
+    let n = words.len();
+    Tensor::from_vec(words, n, &Device::Cuda(dev.clone()))
+}
+
+/// AdamW hyper-parameters of one step, already combined (see train/optim.rs for the formula).
+pub struct AdamWStep {
+    pub lr: f64,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    pub weight_decay: f64,
+    pub step_size: f64,
+    pub bias_correction2_sqrt: f64,
+    pub grad_scale: f64,
+}
+
+/// One AdamW step of every (param, grad, m, v) in one launch; returns the new (param, m, v) tensors (the
+/// inputs are left as they are). All f32, contiguous, on one GPU.
+pub fn adamw_multi(items: &[(&Tensor, &Tensor, &Tensor, &Tensor)], h: &AdamWStep) -> Result<Vec<(Tensor, Tensor, Tensor)>> {
+    let Some(first) = items.first() else { return Ok(Vec::new()) };
+    let dev = cuda_device(first.0)?;
+    let mut words = Vec::with_capacity(8 * items.len());
+    let mut outs = Vec::with_capacity(items.len());
+    let mut max_n = 0;
+    for (p, g, m, v) in items {
+        let n = p.elem_count();
+        if g.elem_count() != n || m.elem_count() != n || v.elem_count() != n {
+            bail!("adamw_multi: sizes differ");
+        }
+        let (p, g, m, v) = (p.contiguous()?, g.contiguous()?, m.contiguous()?, v.contiguous()?);
+        let out = (uninit(&dev, p.shape(), DType::F32)?, uninit(&dev, p.shape(), DType::F32)?, uninit(&dev, p.shape(), DType::F32)?);
+        for t in [&p, &g, &m, &v, &out.0, &out.1, &out.2] {
+            words.push(f32_ptr(t)?);
+        }
+        words.push(n as u64);
+        max_n = max_n.max(n);
+        // Keep the (possibly copied) inputs alive until the kernel is queued.
+        outs.push((out, [p, g, m, v]));
+    }
+    let table = table(&dev, words)?;
+    let args = [
+        Arg::T(&table),
+        Arg::F(h.lr as f32),
+        Arg::F(h.beta1 as f32),
+        Arg::F(h.beta2 as f32),
+        Arg::F(h.eps as f32),
+        Arg::F(h.weight_decay as f32),
+        Arg::F(h.step_size as f32),
+        Arg::F(h.bias_correction2_sqrt as f32),
+        Arg::F(h.grad_scale as f32),
+    ];
+    let grid_x = blocks(max_n, EW_THREADS).min(64);
+    launch_2d(&dev, "adamw_multi", (grid_x, items.len() as u32), EW_THREADS, &args)?;
+    Ok(outs.into_iter().map(|(out, _inputs)| out).collect())
+}
+
+/// Sum of squares of all elements of all tensors (f32, on one GPU), as an f32 scalar tensor on the GPU.
+pub fn sum_squares_multi(tensors: &[&Tensor]) -> Result<Tensor> {
+    let Some(first) = tensors.first() else { bail!("sum_squares_multi: no tensors") };
+    let dev = cuda_device(first)?;
+    let mut words = Vec::with_capacity(2 * tensors.len());
+    let mut keep = Vec::with_capacity(tensors.len());
+    let mut max_n = 0;
+    for t in tensors {
+        let t = t.contiguous()?;
+        words.push(f32_ptr(&t)?);
+        words.push(t.elem_count() as u64);
+        max_n = max_n.max(t.elem_count());
+        keep.push(t);
+    }
+    let table = table(&dev, words)?;
+    let out = Tensor::zeros(tensors.len(), DType::F32, first.device())?;
+    let grid_x = blocks(max_n, ROW_THREADS).min(64);
+    launch_2d(&dev, "sum_squares_multi", (grid_x, tensors.len() as u32), ROW_THREADS, &[Arg::T(&table), Arg::T(&out)])?;
+    drop(keep);
+    out.sum_all()
 }

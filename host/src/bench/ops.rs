@@ -1,0 +1,166 @@
+//! `lorahost bench ops`: where a training step's time goes. Each op of one layer at the named shape (the
+//! same `ops::` / `attention::` / `loss::` calls the model makes, with the chosen fused kernels), the loss
+//! and the optimizer step are timed alone on the device; times the number of calls per step, their sum
+//! predicts the step that `bench train` measures.
+use super::train::{shape, Options};
+use crate::lora::{Lora, LoraConfig, LoraGrads};
+use crate::model::attention::{self, Rope};
+use crate::model::loss::{self, Targets};
+use crate::model::ops::{self, Dropout};
+use crate::train::optim::{self, AdamW, AdamWConfig};
+use anyhow::Result;
+use candle_core::{Device, Tensor};
+use std::time::Instant;
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct OpTime {
+    pub op: String,
+    /// One call, averaged over repetitions.
+    pub ms: f64,
+    pub calls_per_step: usize,
+    /// ms * calls_per_step.
+    pub step_ms: f64,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct OpsReport {
+    pub shape: String,
+    pub micro_batch: usize,
+    pub seq: usize,
+    pub recompute: bool,
+    pub ops: Vec<OpTime>,
+    /// The sum of `step_ms`: the step these ops predict.
+    pub predicted_step_ms: f64,
+}
+
+/// Mean ms of `f` over `reps` calls after two warm-up calls, the device synchronised around them.
+fn time(device: &Device, reps: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
+    f()?;
+    f()?;
+    device.synchronize()?;
+    let t0 = Instant::now();
+    for _ in 0..reps {
+        f()?;
+    }
+    device.synchronize()?;
+    Ok(t0.elapsed().as_secs_f64() * 1e3 / reps as f64)
+}
+
+pub fn run(o: &Options) -> Result<OpsReport> {
+    let cfg = shape(&o.shape)?;
+    let dev = &o.device;
+    let dt = o.dtype;
+    let f = o.fusion;
+    let (b, t) = (o.micro_batch, o.seq);
+    let (n, c, h, d) = (b * t, cfg.hidden_size, cfg.num_heads, cfg.head_dim);
+    let ff = cfg.intermediate_size / 2;
+    let layers = cfg.num_layers;
+    let fwd = if o.recompute { 2 * layers } else { layers };
+    let rnd = |shape: &[usize], std: f64| -> Result<Tensor> { Ok(Tensor::randn(0f32, std as f32, shape, dev)?.to_dtype(dt)?) };
+    let reps = 10;
+    let mut rows: Vec<OpTime> = Vec::new();
+    let mut add = |op: &str, ms: f64, calls: usize| {
+        rows.push(OpTime { op: op.into(), ms, calls_per_step: calls, step_ms: ms * calls as f64 });
+    };
+
+    // Frozen linears, forward x W^T and backward dy W.
+    for (name, fan_in, fan_out, count) in
+        [("c_attn", c, 3 * c, 1), ("attn.c_proj", c, c, 1), ("w1 / w2", c, ff, 2), ("mlp.c_proj", ff, c, 1)]
+    {
+        let w = rnd(&[fan_out, fan_in], 0.02)?;
+        let x = rnd(&[n, fan_in], 1.0)?;
+        let dy = rnd(&[n, fan_out], 1.0)?;
+        add(&format!("linear {name} forward"), time(dev, reps, || Ok(drop(ops::linear_forward(&x, &w, None)?)))?, count * fwd);
+        add(&format!("linear {name} backward"), time(dev, reps, || Ok(drop(ops::linear_backward(&dy, &w)?)))?, count * layers);
+    }
+
+    // LoRA (r 8, dropout 0.1) on the three adapted sites, and adding its delta to the base output.
+    for (name, fan_in, fan_out) in [("c_attn", c, 3 * c), ("attn.c_proj", c, c), ("mlp.c_proj", ff, c)] {
+        let a = Tensor::randn(0f32, 0.01, (8, fan_in), dev)?;
+        let bm = Tensor::randn(0f32, 0.01, (fan_out, 8), dev)?;
+        let x = rnd(&[n, fan_in], 1.0)?;
+        let dy = rnd(&[n, fan_out], 1.0)?;
+        let dropout = || -> Result<Dropout> {
+            Ok(match crate::model::fusion::on(f.dropout, &x) {
+                true => Dropout::Key { key: 7, p: 0.1 },
+                false => Dropout::Mask(ops::dropout_mask(7, n, fan_in, 0.1, dt, dev)?),
+            })
+        };
+        // The frozen linear's output and input gradient the branch is added to (updated in place on the GPU).
+        let y = rnd(&[n, fan_out], 1.0)?;
+        let dx = rnd(&[n, fan_in], 1.0)?;
+        let forward = || -> Result<()> {
+            let saved = ops::lora_forward(&x, &a, 4.0, Some(dropout()?))?;
+            drop(ops::lora_add(y.clone(), &saved, &bm, f.lora)?);
+            Ok(())
+        };
+        add(&format!("lora {name} forward (+ add to the output)"), time(dev, reps, forward)?, fwd);
+        let saved = ops::lora_forward(&x, &a, 4.0, Some(dropout()?))?;
+        let backward = || Ok(drop(ops::lora_backward(&saved, &a, &bm, 4.0, &dy, dx.clone(), f.lora)?));
+        add(&format!("lora {name} backward (+ add to the input gradient)"), time(dev, reps, backward)?, layers);
+    }
+
+    // Norms and residual adds (two per layer; the final norm once).
+    let x = rnd(&[n, c], 1.0)?;
+    let w = (Tensor::ones(c, dt, dev)? * 1.1)?;
+    let dy = rnd(&[n, c], 1.0)?;
+    add("rmsnorm forward", time(dev, reps, || Ok(drop(ops::rmsnorm_forward(&x, &w, 1e-6, f.norm)?)))?, 2 * fwd + 1);
+    let (_, saved) = ops::rmsnorm_forward(&x, &w, 1e-6, f.norm)?;
+    add("rmsnorm backward (+ residual)", time(dev, reps, || Ok(drop(ops::rmsnorm_backward(&saved, &w, &dy, Some(&x), f.norm)?)))?, 2 * layers + 1);
+    add("residual add", time(dev, reps, || Ok(drop((&x + &dy)?)))?, 2 * fwd);
+
+    // Attention: layout + RoPE, the attention itself, heads merged.
+    let rope = Rope::new(t, d, cfg.rope_base, dt, dev)?;
+    let qkv = rnd(&[n, 3 * c], 1.0)?;
+    let bias = rnd(&[3 * c], 0.1)?;
+    let u = rnd(&[n, 8], 0.1)?;
+    let lb = rnd(&[3 * c, 8], 0.01)?;
+    let lora = Some((&u, &lb));
+    add("qkv split + rope (+ lora delta)", time(dev, reps, || Ok(drop(attention::qkv_forward(&qkv, &bias, lora, &rope, b, t, h, d, f.rope)?)))?, fwd);
+    let (q, k, v) = attention::qkv_forward(&qkv, &bias, lora, &rope, b, t, h, d, f.rope)?;
+    add("qkv backward", time(dev, reps, || Ok(drop(attention::qkv_backward(&q, &k, &v, &rope, f.rope)?)))?, layers);
+    let mask = match crate::model::fusion::on(f.attention, &q) {
+        true => None,
+        false => Some(attention::causal_mask(t, dt, dev)?),
+    };
+    add("attention forward", time(dev, reps, || Ok(drop(attention::attention_forward(&q, &k, &v, mask.as_ref(), f.attention)?)))?, fwd);
+    let (y, saved) = attention::attention_forward(&q, &k, &v, mask.as_ref(), f.attention)?;
+    add("attention backward", time(dev, reps, || Ok(drop(attention::attention_backward(&saved, &y, f.attention)?)))?, layers);
+    add("merge heads", time(dev, reps, || Ok(drop(attention::merge_heads(&y, &rope, f.rope)?)))?, fwd);
+    let dm = rnd(&[n, c], 1.0)?;
+    add("merge heads backward", time(dev, reps, || Ok(drop(attention::merge_heads_backward(&dm, b, t, h, d, f.rope)?)))?, layers);
+
+    // SwiGLU.
+    let a = rnd(&[n, ff], 1.0)?;
+    let g = rnd(&[n, ff], 1.0)?;
+    add("swiglu forward", time(dev, reps, || Ok(drop(ops::swiglu_forward(&a, &g, f.swiglu)?)))?, fwd);
+    let (hm, saved) = ops::swiglu_forward(&a, &g, f.swiglu)?;
+    add("swiglu backward", time(dev, reps, || Ok(drop(ops::swiglu_backward(&saved, &hm, f.swiglu)?)))?, layers);
+
+    // lm_head + loss over every position, forward and backward.
+    let hf = rnd(&[n, c], 1.0)?;
+    let lm = rnd(&[cfg.vocab_size, c], 0.02)?;
+    let labels: Vec<Vec<i64>> = (0..b).map(|r| (0..t).map(|i| ((r * 7919 + i * 104_729) % 151_000) as i64).collect()).collect();
+    let targets = Targets::from_labels(&labels, cfg.vocab_size)?;
+    let chunk = if dev.is_cuda() { 1024 } else { 512 };
+    add("lm_head + loss, forward and backward", time(dev, 3, || Ok(drop(loss::cross_entropy(&hf, &lm, &targets, chunk, true, f.loss)?)))?, 1);
+
+    // The optimizer step over every adapter: normalise, clip, AdamW.
+    let lora_cfg = LoraConfig { r: 8, alpha: 32.0, dropout: 0.1, targets: vec!["c_attn".into(), "c_proj".into()], base_model_name_or_path: o.shape.clone() };
+    let mut lora = Lora::new(lora_cfg, &cfg, 1, dev)?;
+    let mut opt = AdamW::new(AdamWConfig::default(), lora.param_names(), &lora.params())?;
+    opt.fused = f.optimizer;
+    let mut grads = LoraGrads::zeros_like(&lora)?;
+    for gt in grads.tensors_mut() {
+        *gt = gt.randn_like(0.0, 1e-3)?;
+    }
+    let ms = time(dev, 3, || {
+        let norm = optim::global_norm_with(&grads.tensors(), f.optimizer)? * 0.5;
+        opt.step_scaled(&mut lora.params_mut(), &grads.tensors(), 1e-4, 0.5 * optim::clip_coefficient(norm, 1.0))?;
+        Ok(())
+    })?;
+    add("optimizer: norm, clip, AdamW", ms, 1);
+
+    let predicted_step_ms = rows.iter().map(|r| r.step_ms).sum();
+    Ok(OpsReport { shape: o.shape.clone(), micro_batch: b, seq: t, recompute: o.recompute, ops: rows, predicted_step_ms })
+}
