@@ -332,11 +332,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
 
 /// `cpu` or `cuda:N`.
 fn parse_device(d: &str) -> anyhow::Result<candle_core::Device> {
-    if d == "cpu" {
-        return Ok(candle_core::Device::Cpu);
-    }
-    let n = d.strip_prefix("cuda:").and_then(|n| n.parse().ok()).context("--device: cpu or cuda:N")?;
-    Ok(candle_core::Device::new_cuda(n)?)
+    lorahost::model::device::open(d).context("--device")
 }
 
 fn parse_dtype(d: &str) -> anyhow::Result<candle_core::DType> {

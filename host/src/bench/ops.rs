@@ -98,6 +98,13 @@ pub fn run(o: &Options) -> Result<OpsReport> {
         let saved = ops::lora_forward(&x, &a, 4.0, Some(dropout()?))?;
         let backward = || Ok(drop(ops::lora_backward(&saved, &a, &bm, 4.0, &dy, dx.clone(), f.lora)?));
         add(&format!("lora {name} backward (+ add to the input gradient)"), time(dev, reps, backward)?, layers);
+        // Its rank-8 GEMMs alone (already inside the two rows above: not added again).
+        let (a16, b16) = (a.to_dtype(dt)?, bm.to_dtype(dt)?);
+        let u = saved.u().clone();
+        add(&format!("  of which x A^T ({name})"), time(dev, reps, || Ok(drop(x.matmul(&a16.t()?)?)))?, 0);
+        add(&format!("  of which dy B ({name})"), time(dev, reps, || Ok(drop(dy.matmul(&b16)?)))?, 0);
+        add(&format!("  of which dy^T u ({name})"), time(dev, reps, || Ok(drop(dy.t()?.matmul(&u)?)))?, 0);
+        add(&format!("  of which du^T h ({name})"), time(dev, reps, || Ok(drop(u.t()?.matmul(&x)?)))?, 0);
     }
 
     // Norms and residual adds (two per layer; the final norm once).

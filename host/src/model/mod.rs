@@ -16,6 +16,7 @@ pub mod attention;
 pub mod config;
 #[cfg(feature = "cuda")]
 pub mod cuda;
+pub mod device;
 pub mod fusion;
 pub mod loss;
 pub mod ops;

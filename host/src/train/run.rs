@@ -67,8 +67,8 @@ pub fn device_of(m: &Manifest) -> anyhow::Result<Device> {
     if d == "cpu" {
         return Ok(Device::Cpu);
     }
-    if let Some(n) = d.strip_prefix("cuda:").and_then(|n| n.parse::<usize>().ok()) {
-        return Device::new_cuda(n).with_context(|| {
+    if d.strip_prefix("cuda:").and_then(|n| n.parse::<usize>().ok()).is_some() {
+        return crate::model::device::open(d).with_context(|| {
             format!("{}: `model.device = \"{d}\"`: no CUDA device (build with `--features cuda`, or use \"cpu\")", m.file.display())
         });
     }

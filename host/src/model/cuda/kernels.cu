@@ -3,7 +3,8 @@
 // the CPU path and the reference these kernels are checked against by `lorahost bench kernels`).
 //
 // Conventions: activations are bf16 and row-major contiguous; all arithmetic is f32; a value is rounded
-// to bf16 once, when it is stored. Row kernels run one block per row; elementwise kernels one thread per
+// to bf16 once, when it is stored. Thread indices are decomposed in 32-bit arithmetic (64-bit division is
+// many instructions on a GPU); the launcher checks that the index space fits. Row kernels run one block per row; elementwise kernels one thread per
 // element (or per rotated pair).
 #include <cuda_bf16.h>
 #include <stdint.h>
@@ -37,6 +38,41 @@ static __device__ __forceinline__ float dot_rank(const bf16* __restrict__ a, con
     }
     return acc;
 }
+
+// The rank-r weights of one column (a row of B [out, r], or of A^T [in, r]), which a thread multiplies with
+// the rank-r activation of every row it walks: held in registers when r is 8 or 16 (R), else read through
+// dot_rank each time (R = 0).
+template <int R>
+struct RankRow {
+    float w[R];
+    __device__ __forceinline__ void load(const bf16* __restrict__ p, int) {
+#pragma unroll
+        for (int k0 = 0; k0 < R; k0 += 8) {
+            Bf16x8 v;
+            v.v = *reinterpret_cast<const uint4*>(p + k0);
+#pragma unroll
+            for (int k = 0; k < 8; ++k) w[k0 + k] = ld(v.h[k]);
+        }
+    }
+    __device__ __forceinline__ float dot(const bf16* __restrict__ u, int) const {
+        float acc = 0.f;
+#pragma unroll
+        for (int k0 = 0; k0 < R; k0 += 8) {
+            Bf16x8 v;
+            v.v = *reinterpret_cast<const uint4*>(u + k0);
+#pragma unroll
+            for (int k = 0; k < 8; ++k) acc += ld(v.h[k]) * w[k0 + k];
+        }
+        return acc;
+    }
+};
+
+template <>
+struct RankRow<0> {
+    const bf16* p;
+    __device__ __forceinline__ void load(const bf16* q, int) { p = q; }
+    __device__ __forceinline__ float dot(const bf16* __restrict__ u, int r) const { return dot_rank(u, p, r); }
+};
 
 // Sum (or max) over the block; every thread gets the result. blockDim.x must be a multiple of 32.
 static __device__ float block_reduce(float v, bool is_max) {
@@ -95,50 +131,85 @@ extern "C" __global__ void rmsnorm_bwd(const bf16* __restrict__ x, const bf16* _
     }
 }
 
+// Kernels that add a rank-r product (LoRA) walk ROWS_PER_THREAD rows per thread with the column fixed, so
+// the column's rank-r weights come from L1 after the first row instead of from L2 for every row. They
+// load all their rows first and compute after, so the loads are in flight together (a loop that loads,
+// computes and stores row by row waits out the memory latency once per row).
+#define ROWS_PER_THREAD 8
+
 // ---------------------------------------------------------------------------------------------------------
 // c_attn output -> q, k, v. Input rows n = b*T + t of [N, 3C] (q | k | v, head h at h*D..(h+1)*D), plus the
-// bias [3C] and the LoRA delta u B^T (u [N, r], B [3C, r]) when present; q and k are rotated (RoPE, rotate_half over the
-// full head dim, tables cos/sin [T, D]); outputs [B, H, T, D]. One thread per (n, part, h, j < D/2).
+// bias [3C] and the LoRA delta u B^T (u [N, r], B [3C, r]) when present; q and k are rotated (RoPE,
+// rotate_half over the full head dim, tables cos/sin [T, D]); outputs [B, H, T, D]. One thread per
+// (ROWS_PER_THREAD rows, part, h, j < D/2).
+template <int R>
+static __device__ __forceinline__ void qkv_split_rope_body(const bf16* __restrict__ base, const bf16* __restrict__ lora_u,
+                                          const bf16* __restrict__ lora_b, const bf16* __restrict__ bias,
+                                          const float* __restrict__ cos_t, const float* __restrict__ sin_t,
+                                          bf16* __restrict__ q, bf16* __restrict__ k, bf16* __restrict__ v,
+                                          int n_rows, int T, int H, int D, int r, int has_bias) {
+    const unsigned half = D / 2;
+    const unsigned row_blocks = (n_rows + ROWS_PER_THREAD - 1) / ROWS_PER_THREAD;
+    const unsigned idx = blockIdx.x * blockDim.x + threadIdx.x;  // 32-bit: 64-bit division is slow
+    if (idx >= row_blocks * 3 * H * half) return;
+    const unsigned j = idx % half;
+    unsigned rest = idx / half;
+    const unsigned h = rest % H;
+    rest /= H;
+    const unsigned part = rest % 3;
+    const unsigned row0 = (rest / 3) * ROWS_PER_THREAD;
+    const int C = H * D;
+    const int col1 = part * C + h * D + j, col2 = col1 + half;
+    const float bias1 = has_bias ? ld(bias[col1]) : 0.f, bias2 = has_bias ? ld(bias[col2]) : 0.f;
+    bf16* out = part == 0 ? q : (part == 1 ? k : v);
+    RankRow<R> w1, w2;
+    if (r > 0) {
+        w1.load(lora_b + (size_t)col1 * r, r);
+        w2.load(lora_b + (size_t)col2 * r, r);
+    }
+    float x1s[ROWS_PER_THREAD], x2s[ROWS_PER_THREAD];
+#pragma unroll
+    for (int k = 0; k < ROWS_PER_THREAD; ++k) {
+        const unsigned n = row0 + k;
+        const size_t in = (size_t)n * 3 * C;
+        x1s[k] = n < (unsigned)n_rows ? ld(base[in + col1]) : 0.f;
+        x2s[k] = n < (unsigned)n_rows ? ld(base[in + col2]) : 0.f;
+    }
+#pragma unroll
+    for (int k = 0; k < ROWS_PER_THREAD; ++k) {
+        const unsigned n = row0 + k;
+        if (n >= (unsigned)n_rows) break;
+        float x1 = x1s[k] + bias1, x2 = x2s[k] + bias2;
+        // LoRA delta (u B^T)[n, col] = sum_k u[n, k] B[col, k]; r = 0 when the site has no adapter.
+        if (r > 0) {
+            x1 += w1.dot(lora_u + (size_t)n * r, r);
+            x2 += w2.dot(lora_u + (size_t)n * r, r);
+        }
+        const unsigned b = n / T, t = n % T;
+        const size_t o = ((size_t)(b * H + h) * T + t) * D + j;
+        if (part < 2) {
+            const float c1 = cos_t[t * D + j], s1 = sin_t[t * D + j];
+            const float c2 = cos_t[t * D + j + half], s2 = sin_t[t * D + j + half];
+            out[o] = st(x1 * c1 - x2 * s1);
+            out[o + half] = st(x2 * c2 + x1 * s2);
+        } else {
+            out[o] = st(x1);
+            out[o + half] = st(x2);
+        }
+    }
+}
+
 extern "C" __global__ void qkv_split_rope(const bf16* __restrict__ base, const bf16* __restrict__ lora_u,
                                           const bf16* __restrict__ lora_b, const bf16* __restrict__ bias,
                                           const float* __restrict__ cos_t, const float* __restrict__ sin_t,
                                           bf16* __restrict__ q, bf16* __restrict__ k, bf16* __restrict__ v,
                                           int n_rows, int T, int H, int D, int r, int has_bias) {
-    const int half = D / 2;
-    const size_t total = (size_t)n_rows * 3 * H * half;
-    const size_t idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
-    if (idx >= total) return;
-    const int j = idx % half;
-    size_t rest = idx / half;
-    const int h = rest % H;
-    rest /= H;
-    const int part = rest % 3;
-    const size_t n = rest / 3;
-    const int C = H * D;
-    const int col1 = part * C + h * D + j, col2 = col1 + half;
-    const size_t in = n * 3 * C;
-    float x1 = ld(base[in + col1]), x2 = ld(base[in + col2]);
-    if (has_bias) {
-        x1 += ld(bias[col1]);
-        x2 += ld(bias[col2]);
-    }
-    // LoRA delta (u B^T)[n, col] = sum_k u[n, k] B[col, k]; r = 0 when the site has no adapter.
-    if (r > 0) {
-        x1 += dot_rank(lora_u + n * r, lora_b + (size_t)col1 * r, r);
-        x2 += dot_rank(lora_u + n * r, lora_b + (size_t)col2 * r, r);
-    }
-    const size_t b = n / T, t = n % T;
-    const size_t o = ((b * H + h) * T + t) * D + j;
-    bf16* out = part == 0 ? q : (part == 1 ? k : v);
-    if (part < 2) {
-        const float c1 = cos_t[t * D + j], s1 = sin_t[t * D + j];
-        const float c2 = cos_t[t * D + j + half], s2 = sin_t[t * D + j + half];
-        out[o] = st(x1 * c1 - x2 * s1);
-        out[o + half] = st(x2 * c2 + x1 * s2);
-    } else {
-        out[o] = st(x1);
-        out[o + half] = st(x2);
-    }
+    if (r == 8)
+        qkv_split_rope_body<8>(base, lora_u, lora_b, bias, cos_t, sin_t, q, k, v, n_rows, T, H, D, r, has_bias);
+    else if (r == 16)
+        qkv_split_rope_body<16>(base, lora_u, lora_b, bias, cos_t, sin_t, q, k, v, n_rows, T, H, D, r, has_bias);
+    else
+        qkv_split_rope_body<0>(base, lora_u, lora_b, bias, cos_t, sin_t, q, k, v, n_rows, T, H, D, r, has_bias);
 }
 
 // [B, H, T, D] -> columns col0.. of a [N, stride] matrix (heads side by side), optionally applying the
@@ -147,16 +218,15 @@ extern "C" __global__ void qkv_split_rope(const bf16* __restrict__ base, const b
 extern "C" __global__ void heads_merge(const bf16* __restrict__ src, const float* __restrict__ cos_t,
                                        const float* __restrict__ sin_t, bf16* __restrict__ dst, int stride,
                                        int col0, int n_rows, int T, int H, int D, int inverse_rope) {
-    const int half = D / 2;
-    const size_t total = (size_t)n_rows * H * half;
-    const size_t idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
-    if (idx >= total) return;
-    const int j = idx % half;
-    size_t rest = idx / half;
-    const int h = rest % H;
-    const size_t n = rest / H;
-    const size_t b = n / T, t = n % T;
-    const size_t s = ((b * H + h) * T + t) * D + j;
+    const unsigned half = D / 2;
+    const unsigned idx = blockIdx.x * blockDim.x + threadIdx.x;
+    if (idx >= (unsigned)n_rows * H * half) return;
+    const unsigned j = idx % half;
+    const unsigned rest = idx / half;
+    const unsigned h = rest % H;
+    const unsigned n = rest / H;
+    const unsigned b = n / T, t = n % T;
+    const size_t s = ((size_t)(b * H + h) * T + t) * D + j;
     const float g1 = ld(src[s]), g2 = ld(src[s + half]);
     float y1 = g1, y2 = g2;
     if (inverse_rope) {
@@ -166,7 +236,7 @@ extern "C" __global__ void heads_merge(const bf16* __restrict__ src, const float
         y1 = g1 * c1 + g2 * s2;
         y2 = g2 * c2 - g1 * s1;
     }
-    const size_t d = n * stride + col0 + h * D + j;
+    const size_t d = (size_t)n * stride + col0 + h * D + j;
     dst[d] = st(y1);
     dst[d + half] = st(y2);
 }
@@ -193,7 +263,7 @@ extern "C" __global__ void causal_softmax_fwd(const float* __restrict__ s, bf16*
     if (row >= rows) return;
     const int lane = threadIdx.x & 31;
     const size_t off = row * T;
-    const int n = (int)(row % T) + 1;  // keys 0..=t
+    const int n = (int)((unsigned)row % (unsigned)T) + 1;  // keys 0..=t (rows < 2^32)
     float m = NEG_INF;
     for (int j = lane; j < n; j += 32) m = fmaxf(m, s[off + j]);
     m = warp_max(m);
@@ -210,7 +280,7 @@ extern "C" __global__ void causal_softmax_bwd(const bf16* __restrict__ p, const 
     if (row >= rows) return;
     const int lane = threadIdx.x & 31;
     const size_t off = row * T;
-    const int n = (int)(row % T) + 1;
+    const int n = (int)((unsigned)row % (unsigned)T) + 1;
     float dot = 0.f;
     for (int j = lane; j < n; j += 32) dot += ld(p[off + j]) * ld(dp[off + j]);
     dot = warp_sum(dot);
@@ -221,37 +291,75 @@ extern "C" __global__ void causal_softmax_bwd(const bf16* __restrict__ p, const 
 // back to the attention output's layout). One thread per element.
 extern "C" __global__ void heads_split(const bf16* __restrict__ src, bf16* __restrict__ dst, int n_rows, int T,
                                        int H, int D) {
-    const size_t total = (size_t)n_rows * H * D;
-    const size_t idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
-    if (idx >= total) return;
-    const int j = idx % D;
-    size_t rest = idx / D;
-    const int h = rest % H;
-    const size_t n = rest / H;
-    const size_t b = n / T, t = n % T;
-    dst[((b * H + h) * T + t) * D + j] = src[idx];
+    const unsigned idx = blockIdx.x * blockDim.x + threadIdx.x;
+    if (idx >= (unsigned)n_rows * H * D) return;
+    const unsigned j = idx % D;
+    const unsigned rest = idx / D;
+    const unsigned h = rest % H;
+    const unsigned n = rest / H;
+    const unsigned b = n / T, t = n % T;
+    dst[((size_t)(b * H + h) * T + t) * D + j] = src[idx];
 }
 
 // ---------------------------------------------------------------------------------------------------------
+// Elementwise kernels take 8 consecutive elements per thread: one 16-byte load or store per tensor when
+// the 8 are in range and the buffers 16-byte aligned (`vec`, checked by the caller), else one by one.
+
+#define EW_PER_THREAD 8
+
+static __device__ __forceinline__ void load8(const bf16* p, size_t i, size_t n, bool vec, float* out) {
+    if (vec && i + EW_PER_THREAD <= n) {
+        Bf16x8 v;
+        v.v = *reinterpret_cast<const uint4*>(p + i);
+#pragma unroll
+        for (int k = 0; k < EW_PER_THREAD; ++k) out[k] = ld(v.h[k]);
+    } else {
+        for (int k = 0; k < EW_PER_THREAD; ++k) out[k] = i + k < n ? ld(p[i + k]) : 0.f;
+    }
+}
+
+static __device__ __forceinline__ void store8(bf16* p, size_t i, size_t n, bool vec, const float* in) {
+    if (vec && i + EW_PER_THREAD <= n) {
+        Bf16x8 v;
+#pragma unroll
+        for (int k = 0; k < EW_PER_THREAD; ++k) v.h[k] = st(in[k]);
+        *reinterpret_cast<uint4*>(p + i) = v.v;
+    } else {
+        for (int k = 0; k < EW_PER_THREAD && i + k < n; ++k) p[i + k] = st(in[k]);
+    }
+}
+
 // SwiGLU: h = a * silu(g); da = dh * silu(g), dg = dh * a * s * (1 + g (1 - s)), s = sigmoid(g).
 
 extern "C" __global__ void swiglu_fwd(const bf16* __restrict__ a, const bf16* __restrict__ g,
-                                      bf16* __restrict__ h, size_t n) {
-    const size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+                                      bf16* __restrict__ h, size_t n, int vec) {
+    const size_t i = ((size_t)blockIdx.x * blockDim.x + threadIdx.x) * EW_PER_THREAD;
     if (i >= n) return;
-    const float gv = ld(g[i]);
-    h[i] = st(ld(a[i]) * gv / (1.f + expf(-gv)));
+    float av[EW_PER_THREAD], gv[EW_PER_THREAD], hv[EW_PER_THREAD];
+    load8(a, i, n, vec, av);
+    load8(g, i, n, vec, gv);
+#pragma unroll
+    for (int k = 0; k < EW_PER_THREAD; ++k) hv[k] = av[k] * gv[k] / (1.f + expf(-gv[k]));
+    store8(h, i, n, vec, hv);
 }
 
 extern "C" __global__ void swiglu_bwd(const bf16* __restrict__ a, const bf16* __restrict__ g,
                                       const bf16* __restrict__ dh, bf16* __restrict__ da,
-                                      bf16* __restrict__ dg, size_t n) {
-    const size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+                                      bf16* __restrict__ dg, size_t n, int vec) {
+    const size_t i = ((size_t)blockIdx.x * blockDim.x + threadIdx.x) * EW_PER_THREAD;
     if (i >= n) return;
-    const float gv = ld(g[i]), d = ld(dh[i]);
-    const float s = 1.f / (1.f + expf(-gv));
-    da[i] = st(d * gv * s);
-    dg[i] = st(d * ld(a[i]) * s * (1.f + gv * (1.f - s)));
+    float av[EW_PER_THREAD], gv[EW_PER_THREAD], dv[EW_PER_THREAD], dav[EW_PER_THREAD], dgv[EW_PER_THREAD];
+    load8(a, i, n, vec, av);
+    load8(g, i, n, vec, gv);
+    load8(dh, i, n, vec, dv);
+#pragma unroll
+    for (int k = 0; k < EW_PER_THREAD; ++k) {
+        const float s = 1.f / (1.f + expf(-gv[k]));
+        dav[k] = dv[k] * gv[k] * s;
+        dgv[k] = dv[k] * av[k] * s * (1.f + gv[k] * (1.f - s));
+    }
+    store8(da, i, n, vec, dav);
+    store8(dg, i, n, vec, dgv);
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -265,13 +373,20 @@ static __device__ __forceinline__ uint64_t mix64(uint64_t z) {
     return z ^ (z >> 31);
 }
 
+static __device__ __forceinline__ bool dropped(uint64_t key, uint64_t i, float p) {
+    const uint64_t bits = mix64(key + (i + 1) * 0x9E3779B97F4A7C15ull);
+    return (float)(bits >> 40) * (1.f / 16777216.f) < p;
+}
+
 extern "C" __global__ void dropout(const bf16* __restrict__ x, bf16* __restrict__ y, size_t n, uint64_t key,
-                                   float p, float keep_scale) {
-    const size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+                                   float p, float keep_scale, int vec) {
+    const size_t i = ((size_t)blockIdx.x * blockDim.x + threadIdx.x) * EW_PER_THREAD;
     if (i >= n) return;
-    const uint64_t bits = mix64(key + ((uint64_t)i + 1) * 0x9E3779B97F4A7C15ull);
-    const float u = (float)(bits >> 40) * (1.f / 16777216.f);
-    y[i] = st(u < p ? 0.f : ld(x[i]) * keep_scale);
+    float v[EW_PER_THREAD];
+    load8(x, i, n, vec, v);
+#pragma unroll
+    for (int k = 0; k < EW_PER_THREAD; ++k) v[k] = dropped(key, i + k, p) ? 0.f : v[k] * keep_scale;
+    store8(y, i, n, vec, v);
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -301,28 +416,76 @@ extern "C" __global__ void cross_entropy_rows(const bf16* __restrict__ z, const 
 // B [out, r]); backward: dx += dropout_mask * (du A) (du = scale * dy B [N, r], A [r, in]). Both update
 // a fresh GEMM output in place, so the [N, out] delta and the [N, in] LoRA input gradient never exist.
 
+template <int R>
+static __device__ __forceinline__ void lora_up_add_body(bf16* __restrict__ y, const bf16* __restrict__ u,
+                                                        const bf16* __restrict__ b, int n_rows, int cols, int r) {
+    const unsigned row_blocks = (n_rows + ROWS_PER_THREAD - 1) / ROWS_PER_THREAD;
+    const unsigned idx = blockIdx.x * blockDim.x + threadIdx.x;
+    if (idx >= row_blocks * cols) return;
+    const unsigned j = idx % cols, row0 = (idx / cols) * ROWS_PER_THREAD;
+    RankRow<R> w;
+    w.load(b + (size_t)j * r, r);
+    float ys[ROWS_PER_THREAD];
+#pragma unroll
+    for (int k = 0; k < ROWS_PER_THREAD; ++k) {
+        const unsigned n = row0 + k;
+        ys[k] = n < (unsigned)n_rows ? ld(y[(size_t)n * cols + j]) : 0.f;
+    }
+#pragma unroll
+    for (int k = 0; k < ROWS_PER_THREAD; ++k) {
+        const unsigned n = row0 + k;
+        if (n >= (unsigned)n_rows) break;
+        y[(size_t)n * cols + j] = st(ys[k] + w.dot(u + (size_t)n * r, r));
+    }
+}
+
 extern "C" __global__ void lora_up_add(bf16* __restrict__ y, const bf16* __restrict__ u, const bf16* __restrict__ b,
                                        int n_rows, int cols, int r) {
-    const size_t idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
-    if (idx >= (size_t)n_rows * cols) return;
-    const size_t n = idx / cols, j = idx % cols;
-    y[idx] = st(ld(y[idx]) + dot_rank(u + n * r, b + j * r, r));
+    if (r == 8)
+        lora_up_add_body<8>(y, u, b, n_rows, cols, r);
+    else if (r == 16)
+        lora_up_add_body<16>(y, u, b, n_rows, cols, r);
+    else
+        lora_up_add_body<0>(y, u, b, n_rows, cols, r);
 }
 
 // `a_t` is A transposed, [in, r], so each element's rank-r dot product reads one contiguous row.
+template <int R>
+static __device__ __forceinline__ void lora_down_add_body(bf16* __restrict__ dx, const bf16* __restrict__ du,
+                                                          const bf16* __restrict__ a_t, int n_rows, int cols, int r,
+                                                          uint64_t key, float p, float keep_scale, int has_dropout) {
+    const unsigned row_blocks = (n_rows + ROWS_PER_THREAD - 1) / ROWS_PER_THREAD;
+    const unsigned idx = blockIdx.x * blockDim.x + threadIdx.x;
+    if (idx >= row_blocks * cols) return;
+    const unsigned i = idx % cols, row0 = (idx / cols) * ROWS_PER_THREAD;
+    RankRow<R> w;
+    w.load(a_t + (size_t)i * r, r);
+    float xs[ROWS_PER_THREAD];
+#pragma unroll
+    for (int k = 0; k < ROWS_PER_THREAD; ++k) {
+        const unsigned n = row0 + k;
+        xs[k] = n < (unsigned)n_rows ? ld(dx[(size_t)n * cols + i]) : 0.f;
+    }
+#pragma unroll
+    for (int k = 0; k < ROWS_PER_THREAD; ++k) {
+        const unsigned n = row0 + k;
+        if (n >= (unsigned)n_rows) break;
+        const size_t e = (size_t)n * cols + i;
+        float g = w.dot(du + (size_t)n * r, r);
+        if (has_dropout) g = dropped(key, e, p) ? 0.f : g * keep_scale;
+        dx[e] = st(xs[k] + g);
+    }
+}
+
 extern "C" __global__ void lora_down_add(bf16* __restrict__ dx, const bf16* __restrict__ du,
                                          const bf16* __restrict__ a_t, int n_rows, int cols, int r, uint64_t key,
                                          float p, float keep_scale, int has_dropout) {
-    const size_t idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
-    if (idx >= (size_t)n_rows * cols) return;
-    const size_t n = idx / cols, i = idx % cols;
-    float g = dot_rank(du + n * r, a_t + i * r, r);
-    if (has_dropout) {
-        const uint64_t bits = mix64(key + ((uint64_t)idx + 1) * 0x9E3779B97F4A7C15ull);
-        const float uni = (float)(bits >> 40) * (1.f / 16777216.f);
-        g = uni < p ? 0.f : g * keep_scale;
-    }
-    dx[idx] = st(ld(dx[idx]) + g);
+    if (r == 8)
+        lora_down_add_body<8>(dx, du, a_t, n_rows, cols, r, key, p, keep_scale, has_dropout);
+    else if (r == 16)
+        lora_down_add_body<16>(dx, du, a_t, n_rows, cols, r, key, p, keep_scale, has_dropout);
+    else
+        lora_down_add_body<0>(dx, du, a_t, n_rows, cols, r, key, p, keep_scale, has_dropout);
 }
 
 // ---------------------------------------------------------------------------------------------------------

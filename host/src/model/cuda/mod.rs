@@ -19,6 +19,16 @@ const MODULE: &str = "lorahost_kernels";
 /// Threads per block of the row kernels and the elementwise kernels.
 const ROW_THREADS: u32 = 256;
 const EW_THREADS: u32 = 256;
+/// Rows each thread of the LoRA-adding kernels walks (ROWS_PER_THREAD in kernels.cu).
+const ROWS_PER_THREAD: usize = 8;
+/// Elements per thread of the elementwise kernels (EW_PER_THREAD in kernels.cu).
+const EW_PER_THREAD: usize = 8;
+
+/// Whether every tensor starts on a 16-byte boundary (the 8-wide loads of the elementwise kernels).
+fn vec_ok(ts: &[&Tensor]) -> Arg<'static> {
+    let ok = ts.iter().all(|t| t.storage_and_layout().1.start_offset() % 8 == 0);
+    Arg::I(ok as i32)
+}
 
 fn cuda_device(t: &Tensor) -> Result<CudaDevice> {
     match t.device() {
@@ -105,7 +115,10 @@ fn launch_2d(dev: &CudaDevice, name: &str, (grid, grid_y): (u64, u32), block: u3
     Ok(())
 }
 
+/// Blocks for n threads. The kernels decompose their thread index in 32 bits, so n (and the element count
+/// it stands for) must stay below 2^32; larger inputs panic here instead of computing garbage.
 fn blocks(n: usize, threads: u32) -> u64 {
+    assert!(n < u32::MAX as usize, "a fused kernel was asked for {n} threads (at most 2^32)");
     (n as u64).div_ceil(threads as u64)
 }
 
@@ -189,7 +202,7 @@ pub fn qkv_split_rope(base: &Tensor, bias: Option<&Tensor>, lora: Option<(&Tenso
         Arg::I(r as i32),
         Arg::I(bias.is_some() as i32),
     ];
-    launch(&dev, "qkv_split_rope", blocks(n * 3 * h * d / 2, EW_THREADS), EW_THREADS, &args)?;
+    launch(&dev, "qkv_split_rope", blocks(n.div_ceil(ROWS_PER_THREAD) * 3 * h * d / 2, EW_THREADS), EW_THREADS, &args)?;
     Ok((q, k, v))
 }
 
@@ -341,7 +354,8 @@ pub fn swiglu_forward(a: &Tensor, g: &Tensor) -> Result<Tensor> {
     let (a, g) = (a.contiguous()?, g.contiguous()?);
     let n = a.elem_count();
     let h = uninit(&dev, a.shape(), DType::BF16)?;
-    launch(&dev, "swiglu_fwd", blocks(n, EW_THREADS), EW_THREADS, &[Arg::T(&a), Arg::T(&g), Arg::T(&h), Arg::U(n as u64)])?;
+    let args = [Arg::T(&a), Arg::T(&g), Arg::T(&h), Arg::U(n as u64), vec_ok(&[&a, &g])];
+    launch(&dev, "swiglu_fwd", blocks(n.div_ceil(EW_PER_THREAD), EW_THREADS), EW_THREADS, &args)?;
     Ok(h)
 }
 
@@ -353,8 +367,8 @@ pub fn swiglu_backward(a: &Tensor, g: &Tensor, dh: &Tensor) -> Result<(Tensor, T
     let n = a.elem_count();
     let da = uninit(&dev, a.shape(), DType::BF16)?;
     let dg = uninit(&dev, a.shape(), DType::BF16)?;
-    let args = [Arg::T(a), Arg::T(g), Arg::T(&dh), Arg::T(&da), Arg::T(&dg), Arg::U(n as u64)];
-    launch(&dev, "swiglu_bwd", blocks(n, EW_THREADS), EW_THREADS, &args)?;
+    let args = [Arg::T(a), Arg::T(g), Arg::T(&dh), Arg::T(&da), Arg::T(&dg), Arg::U(n as u64), vec_ok(&[a, g, &dh])];
+    launch(&dev, "swiglu_bwd", blocks(n.div_ceil(EW_PER_THREAD), EW_THREADS), EW_THREADS, &args)?;
     Ok((da, dg))
 }
 
@@ -368,8 +382,8 @@ pub fn dropout(x: &Tensor, key: u64, p: f64) -> Result<Tensor> {
     let x = x.contiguous()?;
     let n = x.elem_count();
     let y = uninit(&dev, x.shape(), DType::BF16)?;
-    let args = [Arg::T(&x), Arg::T(&y), Arg::U(n as u64), Arg::U(key), Arg::F(p as f32), Arg::F((1.0 / (1.0 - p)) as f32)];
-    launch(&dev, "dropout", blocks(n, EW_THREADS), EW_THREADS, &args)?;
+    let args = [Arg::T(&x), Arg::T(&y), Arg::U(n as u64), Arg::U(key), Arg::F(p as f32), Arg::F((1.0 / (1.0 - p)) as f32), vec_ok(&[&x])];
+    launch(&dev, "dropout", blocks(n.div_ceil(EW_PER_THREAD), EW_THREADS), EW_THREADS, &args)?;
     Ok(y)
 }
 
@@ -415,6 +429,16 @@ pub fn peak_memory(dev: &CudaDevice) -> Result<u64> {
     Ok(v)
 }
 
+/// Sets the pool's release threshold to "never": freed blocks stay in the pool for the next step.
+pub fn keep_pool_memory(dev: &CudaDevice) -> Result<()> {
+    use candle_core::cuda_backend::cudarc::driver::{result, sys};
+    let pool = default_pool(dev)?;
+    let mut threshold: u64 = u64::MAX;
+    // SAFETY: RELEASE_THRESHOLD is a cuuint64_t attribute.
+    unsafe { result::mem_pool::set_attribute(pool, sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD, &mut threshold as *mut u64 as *mut _) }.w()?;
+    Ok(())
+}
+
 pub fn reset_peak_memory(dev: &CudaDevice) -> Result<()> {
     use candle_core::cuda_backend::cudarc::driver::{result, sys};
     let pool = default_pool(dev)?;
@@ -445,7 +469,7 @@ pub fn lora_up_add_(y: &Tensor, u: &Tensor, b: &Tensor) -> Result<()> {
     let dev = cuda_device(y)?;
     let (u, b) = (aligned(u)?, aligned(b)?);
     let args = [Arg::T(y), Arg::T(&u), Arg::T(&b), Arg::I(n as i32), Arg::I(cols as i32), Arg::I(r as i32)];
-    launch(&dev, "lora_up_add", blocks(n * cols, EW_THREADS), EW_THREADS, &args)
+    launch(&dev, "lora_up_add", blocks(n.div_ceil(ROWS_PER_THREAD) * cols, EW_THREADS), EW_THREADS, &args)
 }
 
 /// dx += dropout(du A) in place, for dx [N, in] (a fresh GEMM output nothing else holds), du [N, r],
@@ -469,7 +493,7 @@ pub fn lora_down_add_(dx: &Tensor, du: &Tensor, a: &Tensor, dropout: Option<(u64
         Arg::F((1.0 / (1.0 - p)) as f32),
         Arg::I(dropout.is_some() as i32),
     ];
-    launch(&dev, "lora_down_add", blocks(n * cols, EW_THREADS), EW_THREADS, &args)
+    launch(&dev, "lora_down_add", blocks(n.div_ceil(ROWS_PER_THREAD) * cols, EW_THREADS), EW_THREADS, &args)
 }
 
 // ----- optimizer ------------------------------------------------------------------------------------------
