@@ -172,3 +172,18 @@ fn the_quickstart_halves_its_loss() {
     let diff = (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
     assert!(diff < 1e-4, "merged logits differ by {diff}");
 }
+
+#[test]
+fn a_diverging_run_stops_at_the_first_non_finite_step_and_writes_no_adapter() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = small_manifest(dir.path(), "");
+    // A learning rate that overflows f32 in one update (step 1 has lr 0: one warm-up step), so step 3 is
+    // the first non-finite one.
+    let text = std::fs::read_to_string(&m).unwrap().replace("lr = 5e-3", "lr = 1e36").replace("clip = 1.0\n", "");
+    std::fs::write(&m, text).unwrap();
+    let err = format!("{:#}", train(&m, RunOptions::default()).unwrap_err());
+    assert!(err.contains("is NaN at step 3") && err.contains("stopping without writing"), "{err}");
+    assert!(!dir.path().join("out/adapter").exists(), "no adapter from a diverged run");
+    let log = std::fs::read_to_string(dir.path().join("out/metrics.jsonl")).unwrap();
+    assert_eq!(log.lines().count(), 2, "the finite steps before it are logged: {log}");
+}

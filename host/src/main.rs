@@ -223,7 +223,16 @@ fn main() -> ExitCode {
     match run(Cli::parse()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            let text = format!("{e:#}");
+            if text.contains("CUDA_ERROR_OUT_OF_MEMORY") {
+                // candle's error carries a backtrace; the useful part is what to change.
+                eprintln!(
+                    "error: out of GPU memory. Set `train.recompute = true` (bench: --recompute), or lower \
+                     `train.micro_batch` / `train.max_seq_len`."
+                );
+            } else {
+                eprintln!("error: {text}");
+            }
             ExitCode::FAILURE
         }
     }
