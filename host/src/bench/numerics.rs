@@ -121,8 +121,8 @@ fn ops_checks(gpu: &Device, checks: &mut Vec<Check>) -> Result<()> {
     let k = pair(&mut rng, &[b, h, t, d], 0.0, 2.0, gpu)?;
     let v = pair(&mut rng, &[b, h, t, d], 0.0, 1.0, gpu)?;
     let mask = attention::causal_mask(t, DType::F32, &Device::Cpu)?;
-    let (yc, sc) = attention::attention_forward(&q.cpu, &k.cpu, &v.cpu, Some(&mask), false)?;
-    let (yg, sg) = attention::attention_forward(&q.gpu, &k.gpu, &v.gpu, None, true)?;
+    let (yc, sc) = attention::attention_forward(&q.cpu, &k.cpu, &v.cpu, Some(&mask), false, false)?;
+    let (yg, sg) = attention::attention_forward(&q.gpu, &k.gpu, &v.gpu, None, true, false)?;
     push(checks, "attention forward", &yg, &yc, OP_TOL)?;
     let dy = pair(&mut rng, &[b, h, t, d], 0.0, 1.0, gpu)?;
     let (dqc, dkc, dvc) = attention::attention_backward(&sc, &dy.cpu, false)?;
@@ -130,6 +130,25 @@ fn ops_checks(gpu: &Device, checks: &mut Vec<Check>) -> Result<()> {
     push(checks, "attention backward: dq", &dqg, &dqc, OP_TOL)?;
     push(checks, "attention backward: dk", &dkg, &dkc, OP_TOL)?;
     push(checks, "attention backward: dv", &dvg, &dvc, OP_TOL)?;
+
+    // Flash attention at head dim 128, over a length that is not a multiple of its 64-row blocks.
+    #[cfg(feature = "cuda")]
+    {
+        let (b, h, t, d) = (2usize, 3usize, 200usize, crate::model::cuda::FLASH_HEAD_DIM);
+        let q = pair(&mut rng, &[b, h, t, d], 0.0, 1.5, gpu)?;
+        let k = pair(&mut rng, &[b, h, t, d], 0.0, 1.5, gpu)?;
+        let v = pair(&mut rng, &[b, h, t, d], 0.0, 1.0, gpu)?;
+        let mask = attention::causal_mask(t, DType::F32, &Device::Cpu)?;
+        let (yc, sc) = attention::attention_forward(&q.cpu, &k.cpu, &v.cpu, Some(&mask), false, false)?;
+        let (yg, sg) = attention::attention_forward(&q.gpu, &k.gpu, &v.gpu, None, true, true)?;
+        push(checks, "flash attention forward (d 128, T 200)", &yg, &yc, OP_TOL)?;
+        let dy = pair(&mut rng, &[b, h, t, d], 0.0, 1.0, gpu)?;
+        let (dqc, dkc, dvc) = attention::attention_backward(&sc, &dy.cpu, false)?;
+        let (dqg, dkg, dvg) = attention::attention_backward(&sg, &dy.gpu, true)?;
+        push(checks, "flash attention backward: dq", &dqg, &dqc, OP_TOL)?;
+        push(checks, "flash attention backward: dk", &dkg, &dkc, OP_TOL)?;
+        push(checks, "flash attention backward: dv", &dvg, &dvc, OP_TOL)?;
+    }
 
     // SwiGLU.
     let a = pair(&mut rng, &[n, f], 0.0, 1.0, gpu)?;
@@ -197,14 +216,16 @@ fn ops_checks(gpu: &Device, checks: &mut Vec<Check>) -> Result<()> {
     Ok(())
 }
 
-/// A 4-layer model, CPU f32 vs GPU bf16 with every fused kernel: loss and adapter gradients, dropout on.
+/// A 4-layer model, CPU f32 vs GPU bf16 with every fused kernel (flash attention included): loss and adapter
+/// gradients, dropout on.
 fn model_checks(gpu: &Device, checks: &mut Vec<Check>) -> Result<()> {
     let config = QwenConfig {
         family: Family::QwenV1,
         hidden_size: 256,
         num_layers: 4,
-        num_heads: 4,
-        head_dim: 64,
+        // head dim 128: the whole step goes through flash attention too.
+        num_heads: 2,
+        head_dim: 128,
         intermediate_size: 1024,
         vocab_size: 151_936,
         eps: 1e-6,

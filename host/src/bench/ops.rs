@@ -130,8 +130,11 @@ pub fn run(o: &Options) -> Result<OpsReport> {
         true => None,
         false => Some(attention::causal_mask(t, dt, dev)?),
     };
-    add("attention forward", time(dev, reps, || Ok(drop(attention::attention_forward(&q, &k, &v, mask.as_ref(), f.attention)?)))?, fwd);
-    let (y, saved) = attention::attention_forward(&q, &k, &v, mask.as_ref(), f.attention)?;
+    // As the model decides: flash attention for long sequences without recomputation.
+    let flash = f.flash && t >= attention::FLASH_MIN_SEQ && !o.recompute;
+    let attn_fwd = || attention::attention_forward(&q, &k, &v, mask.as_ref(), f.attention, flash);
+    add("attention forward", time(dev, reps, || Ok(drop(attn_fwd()?)))?, fwd);
+    let (y, saved) = attn_fwd()?;
     add("attention backward", time(dev, reps, || Ok(drop(attention::attention_backward(&saved, &y, f.attention)?)))?, layers);
     add("merge heads", time(dev, reps, || Ok(drop(attention::merge_heads(&y, &rope, f.rope)?)))?, fwd);
     let dm = rnd(&[n, c], 1.0)?;

@@ -102,7 +102,8 @@ pub fn run(o: &Options) -> anyhow::Result<TrainBench> {
 /// weights are made once). The first row has none of them; each next row adds one.
 pub fn run_levers(o: &Options) -> anyhow::Result<Vec<TrainBench>> {
     let mut model = model(o)?;
-    let mut fusion = Fusion::NONE;
+    // Flash attention stays as `o.fusion` has it (on by default; the model decides by length).
+    let mut fusion = Fusion { flash: o.fusion.flash, ..Fusion::NONE };
     let mut rows = Vec::new();
     model.fusion = fusion;
     rows.push(run_on(&mut model, o)?);

@@ -25,11 +25,14 @@ pub struct Fusion {
     /// The optimizer step (and the gradient norm) over all adapter tensors in one kernel launch each, instead
     /// of a dozen small ops per tensor.
     pub optimizer: bool,
+    /// With `attention`: flash attention (tensor-core kernels, online softmax, no [T, T] scores in memory,
+    /// backward from the saved log-sum-exp) when the head dim is 128.
+    pub flash: bool,
 }
 
 impl Fusion {
     pub const ALL: Fusion =
-        Fusion { dropout: true, norm: true, rope: true, attention: true, swiglu: true, loss: true, lora: true, optimizer: true };
+        Fusion { dropout: true, norm: true, rope: true, attention: true, swiglu: true, loss: true, lora: true, optimizer: true, flash: true };
     pub const NONE: Fusion = Fusion {
         dropout: false,
         norm: false,
@@ -39,9 +42,12 @@ impl Fusion {
         loss: false,
         lora: false,
         optimizer: false,
+        flash: false,
     };
 
     /// The levers in the order the benchmark adds them, each with the switch it turns on.
+    /// (Flash attention is not among them: the model uses it only from `FLASH_MIN_SEQ` tokens on, without
+    /// recomputation; BENCHMARKS.md measures it at 2048.)
     pub const LEVERS: [(&'static str, fn(&mut Fusion)); 8] = [
         ("dropout", |f| f.dropout = true),
         ("norm", |f| f.norm = true),

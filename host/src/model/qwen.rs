@@ -113,7 +113,8 @@ impl QwenModel {
 
     /// Final-norm hidden states [B*T, C].
     fn hidden_states(&self, ids: &Tensor, lora: Option<&Lora>) -> Result<Tensor> {
-        let ctx = self.context(ids, lora, None)?;
+        let mut ctx = self.context(ids, lora, None)?;
+        ctx.fusion.flash = false; // nothing is kept for a backward: the scores live one layer at a time
         let mut x = self.embed(ids)?;
         for layer in 0..self.config.num_layers {
             x = self.block_forward(&ctx, layer, &x)?.0;
@@ -175,7 +176,11 @@ impl QwenModel {
         let targets = self.targets(ids, labels)?;
         let step_seed = dropout_rng.next_u64();
         let p = lora.config.dropout;
-        let ctx = self.context(ids, Some(lora), (p > 0.0).then_some((step_seed, p)))?;
+        let mut ctx = self.context(ids, Some(lora), (p > 0.0).then_some((step_seed, p)))?;
+        // Flash attention where it pays (BENCHMARKS.md, the levers table): long sequences whose [T, T]
+        // probabilities would otherwise be kept for every layer. Shorter ones, or one layer at a time
+        // (recompute), are faster with the scores in memory.
+        ctx.fusion.flash &= ctx.t >= attention::FLASH_MIN_SEQ && !recompute;
         let n_layers = self.config.num_layers;
 
         // Layers below the lowest adapted one need no backward at all.
@@ -245,7 +250,7 @@ impl QwenModel {
         let lora = c_attn.as_ref().zip(lora_b).map(|(s, b)| (s.u(), b));
         let (q, k, v) = attention::qkv_forward(&qkv, &w.c_attn_bias, lora, &ctx.rope, ctx.b, ctx.t, h, d, f.rope)?;
         drop(qkv);
-        let (y, attn) = attention::attention_forward(&q, &k, &v, ctx.mask.as_ref(), f.attention)?;
+        let (y, attn) = attention::attention_forward(&q, &k, &v, ctx.mask.as_ref(), f.attention, f.flash)?;
         let y = attention::merge_heads(&y, &ctx.rope, f.rope)?;
         let (o, attn_c_proj) = self.adapted_forward(ctx, layer, Site::AttnCProj, &y)?;
         let x1 = (x + o)?;

@@ -7,14 +7,16 @@
 //! contiguous bf16 unless stated otherwise.
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::cublas::{result as cublas, sys as blas_sys};
-use candle_core::cuda_backend::cudarc::driver::{DevicePtr, LaunchConfig, PushKernelArg};
+use candle_core::cuda_backend::cudarc::driver::sys::CUfunction_attribute;
+use candle_core::cuda_backend::cudarc::driver::{CudaFunction, CudaModule, DevicePtr, LaunchConfig, PushKernelArg};
 use candle_core::cuda_backend::{CudaDevice, CudaStorageSlice, WrapErr};
 use candle_core::op::BackpropOp;
 use candle_core::{bail, CudaStorage, DType, Device, Result, Shape, Storage, Tensor};
 use half::bf16;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock};
 
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/lorahost_kernels.ptx"));
-const MODULE: &str = "lorahost_kernels";
 
 /// Threads per block of the row kernels and the elementwise kernels.
 const ROW_THREADS: u32 = 256;
@@ -66,12 +68,49 @@ fn launch(dev: &CudaDevice, name: &str, grid: u64, block: u32, args: &[Arg]) -> 
 }
 
 /// [`launch`] with a 2-D grid (x, y).
-fn launch_2d(dev: &CudaDevice, name: &str, (grid, grid_y): (u64, u32), block: u32, args: &[Arg]) -> Result<()> {
+fn launch_2d(dev: &CudaDevice, name: &str, grid: (u64, u32), block: u32, args: &[Arg]) -> Result<()> {
+    launch_smem(dev, name, grid, block, 0, args)
+}
+
+/// The kernels' module, loaded once per GPU, and each kernel function once (with its dynamic shared-memory
+/// limit raised to what it asks for: the flash-attention kernels need more than the default 48 KiB).
+fn function(dev: &CudaDevice, name: &str, smem: u32) -> Result<CudaFunction> {
+    type Cache = Mutex<HashMap<(usize, String), CudaFunction>>;
+    static MODULES: OnceLock<Mutex<HashMap<usize, Arc<CudaModule>>>> = OnceLock::new();
+    static FUNCTIONS: OnceLock<Cache> = OnceLock::new();
+    let stream = dev.cuda_stream();
+    let ctx = stream.context();
+    let key = (ctx.ordinal(), name.to_string());
+    let functions = FUNCTIONS.get_or_init(Default::default);
+    if let Some(f) = functions.lock().expect("kernel cache").get(&key) {
+        return Ok(f.clone());
+    }
+    let module = {
+        let mut modules = MODULES.get_or_init(Default::default).lock().expect("module cache");
+        match modules.get(&ctx.ordinal()) {
+            Some(m) => m.clone(),
+            None => {
+                let m = ctx.load_module(PTX.into()).w()?;
+                modules.insert(ctx.ordinal(), m.clone());
+                m
+            }
+        }
+    };
+    let f = module.load_function(name).w()?;
+    if smem > 48 * 1024 {
+        f.set_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem as i32).w()?;
+    }
+    functions.lock().expect("kernel cache").insert(key, f.clone());
+    Ok(f)
+}
+
+/// [`launch_2d`] with `smem` bytes of dynamic shared memory.
+fn launch_smem(dev: &CudaDevice, name: &str, (grid, grid_y): (u64, u32), block: u32, smem: u32, args: &[Arg]) -> Result<()> {
     if grid == 0 || grid_y == 0 {
         return Ok(());
     }
     let grid = u32::try_from(grid).map_err(|_| candle_core::Error::Msg(format!("{name}: grid of {grid} blocks is too large")))?;
-    let func = dev.get_or_load_custom_func(name, MODULE, PTX)?;
+    let func = function(dev, name, smem)?;
     let stream = dev.cuda_stream();
     let locks: Vec<_> = args
         .iter()
@@ -97,7 +136,7 @@ fn launch_2d(dev: &CudaDevice, name: &str, (grid, grid_y): (u64, u32), block: u3
         ptrs.push(ptr + (layout.start_offset() * cs.dtype().size_in_bytes()) as u64);
         guards.push(guard);
     }
-    let mut builder = func.builder();
+    let mut builder = stream.launch_builder(&func);
     let mut next_ptr = ptrs.iter();
     for a in args {
         match a {
@@ -107,7 +146,7 @@ fn launch_2d(dev: &CudaDevice, name: &str, (grid, grid_y): (u64, u32), block: u3
             Arg::U(v) => builder.arg(v),
         };
     }
-    let cfg = LaunchConfig { grid_dim: (grid, grid_y, 1), block_dim: (block, 1, 1), shared_mem_bytes: 0 };
+    let cfg = LaunchConfig { grid_dim: (grid, grid_y, 1), block_dim: (block, 1, 1), shared_mem_bytes: smem };
     // SAFETY: the argument list matches the kernel's signature in kernels.cu, and every pointer stays
     // valid until the launch is enqueued (the storage locks and guards are held until then).
     unsafe { builder.launch(cfg) }.w()?;
@@ -589,4 +628,64 @@ pub fn sum_squares_multi(tensors: &[&Tensor]) -> Result<Tensor> {
     launch_2d(&dev, "sum_squares_multi", (grid_x, tensors.len() as u32), ROW_THREADS, &[Arg::T(&table), Arg::T(&out)])?;
     drop(keep);
     out.sum_all()
+}
+
+// ----- flash attention ------------------------------------------------------------------------------------
+
+/// The head dimension the flash kernels are built for (Qwen-7B and -14B); other shapes take the
+/// scores-in-memory path.
+pub const FLASH_HEAD_DIM: usize = 128;
+const FLASH_BLOCK: usize = 64;
+const FLASH_THREADS: u32 = 128;
+// Dynamic shared memory of each kernel (see the layouts at the top of each kernel in kernels.cu).
+const LDK: usize = 136;
+const LDP: usize = 72;
+const LDS: usize = 68;
+/// f32 row stride of the output scratch; 4 warps of [16, LDO] must fit in two [64, LDK] bf16 tiles.
+const LDO: usize = 132;
+const _: () = assert!(4 * 16 * LDO * 4 <= 2 * 64 * LDK * 2);
+const FLASH_FWD_SMEM: usize = 2 * 64 * LDK * 2 + 4 * 16 * LDS * 4 + 4 * 16 * LDP * 2 + 4 * 16 * 4;
+const FLASH_DKDV_SMEM: usize = 4 * 64 * LDK * 2 + 2 * 64 * LDP * 2 + 4 * 16 * LDS * 4 + 2 * 64 * 4;
+const FLASH_DQ_SMEM: usize = 4 * 64 * LDK * 2 + 64 * LDP * 2 + 4 * 16 * LDS * 4 + 2 * 64 * 4;
+
+/// Causal attention of q, k, v [B, H, T, 128] (bf16) without the [T, T] scores in memory: the output
+/// [B, H, T, 128] and each row's log-sum-exp [B, H, T] (f32) for the backward.
+pub fn flash_forward(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<(Tensor, Tensor)> {
+    check_bf16("flash_forward", &[q, k, v])?;
+    let (b, h, t, d) = q.dims4()?;
+    if d != FLASH_HEAD_DIM {
+        bail!("flash_forward: head dim {d}, the kernel is built for {FLASH_HEAD_DIM}");
+    }
+    let dev = cuda_device(q)?;
+    let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
+    let o = uninit(&dev, (b, h, t, d), DType::BF16)?;
+    let lse = uninit(&dev, (b, h, t), DType::F32)?;
+    let args = [Arg::T(&q), Arg::T(&k), Arg::T(&v), Arg::T(&o), Arg::T(&lse), Arg::I(t as i32), Arg::F(scale as f32)];
+    let grid = (t.div_ceil(FLASH_BLOCK) as u64, (b * h) as u32);
+    launch_smem(&dev, "flash_fwd", grid, FLASH_THREADS, FLASH_FWD_SMEM as u32, &args)?;
+    Ok((o, lse))
+}
+
+/// (dq, dk, dv) of [`flash_forward`] given its output `o`, `lse` and d(o).
+#[allow(clippy::too_many_arguments)]
+pub fn flash_backward(q: &Tensor, k: &Tensor, v: &Tensor, o: &Tensor, lse: &Tensor, d_o: &Tensor, scale: f64) -> Result<(Tensor, Tensor, Tensor)> {
+    check_bf16("flash_backward", &[q, k, v, o, d_o])?;
+    let (b, h, t, d) = q.dims4()?;
+    let dev = cuda_device(q)?;
+    let d_o = d_o.contiguous()?;
+    let rows = b * h * t;
+    let dot = uninit(&dev, (b, h, t), DType::F32)?;
+    let dot_args = [Arg::T(o), Arg::T(&d_o), Arg::T(&dot), Arg::U(rows as u64)];
+    launch(&dev, "flash_bwd_dot", blocks(rows, ROW_THREADS / 32), ROW_THREADS, &dot_args)?;
+    let dq = uninit(&dev, (b, h, t, d), DType::BF16)?;
+    let dk = uninit(&dev, (b, h, t, d), DType::BF16)?;
+    let dv = uninit(&dev, (b, h, t, d), DType::BF16)?;
+    let grid = (t.div_ceil(FLASH_BLOCK) as u64, (b * h) as u32);
+    let (ti, sc) = (Arg::I(t as i32), Arg::F(scale as f32));
+    let args = [Arg::T(q), Arg::T(k), Arg::T(v), Arg::T(&d_o), Arg::T(lse), Arg::T(&dot), Arg::T(&dk), Arg::T(&dv), ti, sc];
+    launch_smem(&dev, "flash_bwd_dkdv", grid, FLASH_THREADS, FLASH_DKDV_SMEM as u32, &args)?;
+    let (ti, sc) = (Arg::I(t as i32), Arg::F(scale as f32));
+    let args = [Arg::T(q), Arg::T(k), Arg::T(v), Arg::T(&d_o), Arg::T(lse), Arg::T(&dot), Arg::T(&dq), ti, sc];
+    launch_smem(&dev, "flash_bwd_dq", grid, FLASH_THREADS, FLASH_DQ_SMEM as u32, &args)?;
+    Ok((dq, dk, dv))
 }
