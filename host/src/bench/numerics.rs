@@ -274,5 +274,18 @@ fn model_checks(gpu: &Device, checks: &mut Vec<Check>) -> Result<()> {
         }
         checks.push(Check { name: format!("model adapter gradients, worst of all{tag}: {worst_name}"), rel_err: worst, tolerance: GRAD_TOL, ok: worst <= GRAD_TOL });
     }
+
+    // Reproducibility: the same step twice on the GPU gives the same loss and gradients, bit for bit, and
+    // so does the gradient norm the optimizer clips with.
+    let a = gpu_model.loss_and_grads(&ids, &labels, &lora_gpu, &mut ModelRng::new(9), false)?;
+    let b = gpu_model.loss_and_grads(&ids, &labels, &lora_gpu, &mut ModelRng::new(9), false)?;
+    let mut differ = (a.loss_sum != b.loss_sum) as usize;
+    for (ga, gb) in a.grads.tensors().iter().zip(b.grads.tensors()) {
+        differ += ga.ne(gb)?.to_dtype(DType::F32)?.sum_all()?.to_scalar::<f32>()? as usize;
+    }
+    let norms = (crate::train::optim::global_norm(&a.grads.tensors())?, crate::train::optim::global_norm(&b.grads.tensors())?);
+    differ += (norms.0 != norms.1) as usize;
+    let name = "the same GPU step twice: values differing (loss, gradients, gradient norm)";
+    checks.push(Check { name: name.into(), rel_err: differ as f64, tolerance: 0.0, ok: differ == 0 });
     Ok(())
 }

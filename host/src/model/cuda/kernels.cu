@@ -515,7 +515,8 @@ extern "C" __global__ void adamw_multi(const unsigned long long* __restrict__ ta
     }
 }
 
-// Sum of squares per tensor: table holds (pointer, n) pairs; out[blockIdx.y] accumulates (zeroed first).
+// Sums of squares: table holds (pointer, n) pairs; block (x, y) writes the partial sum of its slice of
+// tensor y to out[y * gridDim.x + x] (no atomics: the same gradients give the same norm, bit for bit).
 extern "C" __global__ void sum_squares_multi(const unsigned long long* __restrict__ table, float* __restrict__ out) {
     const unsigned long long* t = table + 2 * (size_t)blockIdx.y;
     const float* x = (const float*)t[0];
@@ -524,7 +525,7 @@ extern "C" __global__ void sum_squares_multi(const unsigned long long* __restric
     for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x)
         acc += x[i] * x[i];
     acc = block_reduce(acc, false);
-    if (threadIdx.x == 0) atomicAdd(out + blockIdx.y, acc);
+    if (threadIdx.x == 0) out[(size_t)blockIdx.y * gridDim.x + blockIdx.x] = acc;
 }
 
 // ---------------------------------------------------------------------------------------------------------

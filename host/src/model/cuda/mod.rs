@@ -623,8 +623,9 @@ pub fn sum_squares_multi(tensors: &[&Tensor]) -> Result<Tensor> {
         keep.push(t);
     }
     let table = table(&dev, words)?;
-    let out = Tensor::zeros(tensors.len(), DType::F32, first.device())?;
     let grid_x = blocks(max_n, ROW_THREADS).min(64);
+    // One partial sum per block, summed by candle (a fixed reduction order: deterministic).
+    let out = uninit(&dev, (tensors.len(), grid_x as usize), DType::F32)?;
     launch_2d(&dev, "sum_squares_multi", (grid_x, tensors.len() as u32), ROW_THREADS, &[Arg::T(&table), Arg::T(&out)])?;
     drop(keep);
     out.sum_all()
