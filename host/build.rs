@@ -68,12 +68,14 @@ fn main() {
     }
 }
 
-/// With the `cuda` feature: compiles the fused training kernels (src/model/cuda/kernels.cu) to PTX with
+/// With the `cuda` feature: compiles the fused training kernels (src/model/cuda/kernels.cu and what it
+/// includes) to PTX with
 /// the same nvcc candle uses, for `CUDA_COMPUTE_CAP` (default 90: H100/H200). Loaded at run time by
 /// src/model/cuda/mod.rs.
 fn build_cuda_kernels(host_dir: &Path) {
     let src = host_dir.join("src/model/cuda/kernels.cu");
-    println!("cargo:rerun-if-changed={}", src.display());
+    // kernels.cu includes the other .cu / .cuh files of its folder.
+    println!("cargo:rerun-if-changed={}", host_dir.join("src/model/cuda").display());
     println!("cargo:rerun-if-env-changed=CUDA_COMPUTE_CAP");
     println!("cargo:rerun-if-env-changed=NVCC");
     let cap = env::var("CUDA_COMPUTE_CAP").unwrap_or_else(|_| "90".into());

@@ -1,0 +1,229 @@
+// The block's pointwise and row-wise ops: RMSNorm, the attention layout (qkv split + bias + LoRA delta +
+// RoPE, head merges), SwiGLU, dropout, the cross-entropy rows.
+#include "common.cuh"
+
+// ---------------------------------------------------------------------------------------------------------
+// RMSNorm (Qwen v1): y = w * bf16(x * rstd), rstd = 1 / sqrt(mean(x^2) + eps). Saves rstd [rows] (f32).
+
+extern "C" __global__ void rmsnorm_fwd(const bf16* __restrict__ x, const bf16* __restrict__ w,
+                                       bf16* __restrict__ y, float* __restrict__ rstd, int cols, float eps) {
+    const size_t row = blockIdx.x;
+    const bf16* xr = x + row * cols;
+    bf16* yr = y + row * cols;
+    float ss = 0.f;
+    for (int i = threadIdx.x; i < cols; i += blockDim.x) {
+        float v = ld(xr[i]);
+        ss += v * v;
+    }
+    const float r = rsqrtf(block_reduce(ss, false) / cols + eps);
+    if (threadIdx.x == 0) rstd[row] = r;
+    for (int i = threadIdx.x; i < cols; i += blockDim.x) yr[i] = st(ld(st(ld(xr[i]) * r)) * ld(w[i]));
+}
+
+// dx = rstd * (g - xhat * mean(g * xhat)), g = dy * w, xhat = x * rstd; plus `dres` (the residual
+// branch's gradient) when has_res, which saves the separate add of the block's backward.
+extern "C" __global__ void rmsnorm_bwd(const bf16* __restrict__ x, const bf16* __restrict__ w,
+                                       const float* __restrict__ rstd, const bf16* __restrict__ dy,
+                                       const bf16* __restrict__ dres, bf16* __restrict__ dx, int cols,
+                                       int has_res) {
+    const size_t row = blockIdx.x;
+    const size_t off = row * cols;
+    const float r = rstd[row];
+    float dot = 0.f;
+    for (int i = threadIdx.x; i < cols; i += blockDim.x) dot += ld(dy[off + i]) * ld(w[i]) * ld(x[off + i]) * r;
+    const float mean = block_reduce(dot, false) / cols;
+    for (int i = threadIdx.x; i < cols; i += blockDim.x) {
+        float g = ld(dy[off + i]) * ld(w[i]);
+        float v = r * (g - ld(x[off + i]) * r * mean);
+        if (has_res) v += ld(dres[off + i]);
+        dx[off + i] = st(v);
+    }
+}
+
+// Kernels that add a rank-r product (LoRA) walk ROWS_PER_THREAD rows per thread with the column fixed, so
+// the column's rank-r weights come from L1 after the first row instead of from L2 for every row. They
+// load all their rows first and compute after, so the loads are in flight together (a loop that loads,
+// computes and stores row by row waits out the memory latency once per row).
+// ---------------------------------------------------------------------------------------------------------
+// c_attn output -> q, k, v. Input rows n = b*T + t of [N, 3C] (q | k | v, head h at h*D..(h+1)*D), plus the
+// bias [3C] and the LoRA delta u B^T (u [N, r], B [3C, r]) when present; q and k are rotated (RoPE,
+// rotate_half over the full head dim, tables cos/sin [T, D]); outputs [B, H, T, D]. One thread per
+// (ROWS_PER_THREAD rows, part, h, j < D/2).
+template <int R>
+static __device__ __forceinline__ void qkv_split_rope_body(const bf16* __restrict__ base, const bf16* __restrict__ lora_u,
+                                          const bf16* __restrict__ lora_b, const bf16* __restrict__ bias,
+                                          const float* __restrict__ cos_t, const float* __restrict__ sin_t,
+                                          bf16* __restrict__ q, bf16* __restrict__ k, bf16* __restrict__ v,
+                                          int n_rows, int T, int H, int D, int r, int has_bias) {
+    const unsigned half = D / 2;
+    const unsigned row_blocks = (n_rows + ROWS_PER_THREAD - 1) / ROWS_PER_THREAD;
+    const unsigned idx = blockIdx.x * blockDim.x + threadIdx.x;  // 32-bit: 64-bit division is slow
+    if (idx >= row_blocks * 3 * H * half) return;
+    const unsigned j = idx % half;
+    unsigned rest = idx / half;
+    const unsigned h = rest % H;
+    rest /= H;
+    const unsigned part = rest % 3;
+    const unsigned row0 = (rest / 3) * ROWS_PER_THREAD;
+    const int C = H * D;
+    const int col1 = part * C + h * D + j, col2 = col1 + half;
+    const float bias1 = has_bias ? ld(bias[col1]) : 0.f, bias2 = has_bias ? ld(bias[col2]) : 0.f;
+    bf16* out = part == 0 ? q : (part == 1 ? k : v);
+    RankRow<R> w1, w2;
+    if (r > 0) {
+        w1.load(lora_b + (size_t)col1 * r, r);
+        w2.load(lora_b + (size_t)col2 * r, r);
+    }
+    float x1s[ROWS_PER_THREAD], x2s[ROWS_PER_THREAD];
+#pragma unroll
+    for (int k = 0; k < ROWS_PER_THREAD; ++k) {
+        const unsigned n = row0 + k;
+        const size_t in = (size_t)n * 3 * C;
+        x1s[k] = n < (unsigned)n_rows ? ld(base[in + col1]) : 0.f;
+        x2s[k] = n < (unsigned)n_rows ? ld(base[in + col2]) : 0.f;
+    }
+#pragma unroll
+    for (int k = 0; k < ROWS_PER_THREAD; ++k) {
+        const unsigned n = row0 + k;
+        if (n >= (unsigned)n_rows) break;
+        float x1 = x1s[k] + bias1, x2 = x2s[k] + bias2;
+        // LoRA delta (u B^T)[n, col] = sum_k u[n, k] B[col, k]; r = 0 when the site has no adapter.
+        if (r > 0) {
+            x1 += w1.dot(lora_u + (size_t)n * r, r);
+            x2 += w2.dot(lora_u + (size_t)n * r, r);
+        }
+        const unsigned b = n / T, t = n % T;
+        const size_t o = ((size_t)(b * H + h) * T + t) * D + j;
+        if (part < 2) {
+            const float c1 = cos_t[t * D + j], s1 = sin_t[t * D + j];
+            const float c2 = cos_t[t * D + j + half], s2 = sin_t[t * D + j + half];
+            out[o] = st(x1 * c1 - x2 * s1);
+            out[o + half] = st(x2 * c2 + x1 * s2);
+        } else {
+            out[o] = st(x1);
+            out[o + half] = st(x2);
+        }
+    }
+}
+
+extern "C" __global__ void qkv_split_rope(const bf16* __restrict__ base, const bf16* __restrict__ lora_u,
+                                          const bf16* __restrict__ lora_b, const bf16* __restrict__ bias,
+                                          const float* __restrict__ cos_t, const float* __restrict__ sin_t,
+                                          bf16* __restrict__ q, bf16* __restrict__ k, bf16* __restrict__ v,
+                                          int n_rows, int T, int H, int D, int r, int has_bias) {
+    if (r == 8)
+        qkv_split_rope_body<8>(base, lora_u, lora_b, bias, cos_t, sin_t, q, k, v, n_rows, T, H, D, r, has_bias);
+    else if (r == 16)
+        qkv_split_rope_body<16>(base, lora_u, lora_b, bias, cos_t, sin_t, q, k, v, n_rows, T, H, D, r, has_bias);
+    else
+        qkv_split_rope_body<0>(base, lora_u, lora_b, bias, cos_t, sin_t, q, k, v, n_rows, T, H, D, r, has_bias);
+}
+
+// [B, H, T, D] -> columns col0.. of a [N, stride] matrix (heads side by side), optionally applying the
+// inverse rotation (the backward of RoPE). Forward: attention output -> c_proj input (no rope).
+// Backward: dq, dk (inverse rope) and dv -> d(c_attn output), one call per part.
+extern "C" __global__ void heads_merge(const bf16* __restrict__ src, const float* __restrict__ cos_t,
+                                       const float* __restrict__ sin_t, bf16* __restrict__ dst, int stride,
+                                       int col0, int n_rows, int T, int H, int D, int inverse_rope) {
+    const unsigned half = D / 2;
+    const unsigned idx = blockIdx.x * blockDim.x + threadIdx.x;
+    if (idx >= (unsigned)n_rows * H * half) return;
+    const unsigned j = idx % half;
+    const unsigned rest = idx / half;
+    const unsigned h = rest % H;
+    const unsigned n = rest / H;
+    const unsigned b = n / T, t = n % T;
+    const size_t s = ((size_t)(b * H + h) * T + t) * D + j;
+    const float g1 = ld(src[s]), g2 = ld(src[s + half]);
+    float y1 = g1, y2 = g2;
+    if (inverse_rope) {
+        // y = x cos + rotate_half(x) sin is a rotation per pair (j, j + D/2); its transpose:
+        const float c1 = cos_t[t * D + j], s1 = sin_t[t * D + j];
+        const float c2 = cos_t[t * D + j + half], s2 = sin_t[t * D + j + half];
+        y1 = g1 * c1 + g2 * s2;
+        y2 = g2 * c2 - g1 * s1;
+    }
+    const size_t d = (size_t)n * stride + col0 + h * D + j;
+    dst[d] = st(y1);
+    dst[d + half] = st(y2);
+}
+
+extern "C" __global__ void heads_split(const bf16* __restrict__ src, bf16* __restrict__ dst, int n_rows, int T,
+                                       int H, int D) {
+    const unsigned idx = blockIdx.x * blockDim.x + threadIdx.x;
+    if (idx >= (unsigned)n_rows * H * D) return;
+    const unsigned j = idx % D;
+    const unsigned rest = idx / D;
+    const unsigned h = rest % H;
+    const unsigned n = rest / H;
+    const unsigned b = n / T, t = n % T;
+    dst[((size_t)(b * H + h) * T + t) * D + j] = src[idx];
+}
+
+// SwiGLU: h = a * silu(g); da = dh * silu(g), dg = dh * a * s * (1 + g (1 - s)), s = sigmoid(g).
+
+extern "C" __global__ void swiglu_fwd(const bf16* __restrict__ a, const bf16* __restrict__ g,
+                                      bf16* __restrict__ h, size_t n, int vec) {
+    const size_t i = ((size_t)blockIdx.x * blockDim.x + threadIdx.x) * EW_PER_THREAD;
+    if (i >= n) return;
+    float av[EW_PER_THREAD], gv[EW_PER_THREAD], hv[EW_PER_THREAD];
+    load8(a, i, n, vec, av);
+    load8(g, i, n, vec, gv);
+#pragma unroll
+    for (int k = 0; k < EW_PER_THREAD; ++k) hv[k] = av[k] * gv[k] / (1.f + expf(-gv[k]));
+    store8(h, i, n, vec, hv);
+}
+
+extern "C" __global__ void swiglu_bwd(const bf16* __restrict__ a, const bf16* __restrict__ g,
+                                      const bf16* __restrict__ dh, bf16* __restrict__ da,
+                                      bf16* __restrict__ dg, size_t n, int vec) {
+    const size_t i = ((size_t)blockIdx.x * blockDim.x + threadIdx.x) * EW_PER_THREAD;
+    if (i >= n) return;
+    float av[EW_PER_THREAD], gv[EW_PER_THREAD], dv[EW_PER_THREAD], dav[EW_PER_THREAD], dgv[EW_PER_THREAD];
+    load8(a, i, n, vec, av);
+    load8(g, i, n, vec, gv);
+    load8(dh, i, n, vec, dv);
+#pragma unroll
+    for (int k = 0; k < EW_PER_THREAD; ++k) {
+        const float s = 1.f / (1.f + expf(-gv[k]));
+        dav[k] = dv[k] * gv[k] * s;
+        dgv[k] = dv[k] * av[k] * s * (1.f + gv[k] * (1.f - s));
+    }
+    store8(da, i, n, vec, dav);
+    store8(dg, i, n, vec, dgv);
+}
+
+// ---------------------------------------------------------------------------------------------------------
+extern "C" __global__ void dropout(const bf16* __restrict__ x, bf16* __restrict__ y, size_t n, uint64_t key,
+                                   float p, float keep_scale, int vec) {
+    const size_t i = ((size_t)blockIdx.x * blockDim.x + threadIdx.x) * EW_PER_THREAD;
+    if (i >= n) return;
+    float v[EW_PER_THREAD];
+    load8(x, i, n, vec, v);
+#pragma unroll
+    for (int k = 0; k < EW_PER_THREAD; ++k) v[k] = dropped(key, i + k, p) ? 0.f : v[k] * keep_scale;
+    store8(y, i, n, vec, v);
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Cross-entropy of one logits row z [V] against its target y: loss = logsumexp(z) - z[y] (f32 out) and,
+// when want_grad, dz = softmax(z) - onehot(y) (bf16 out).
+
+extern "C" __global__ void cross_entropy_rows(const bf16* __restrict__ z, const uint32_t* __restrict__ y,
+                                              float* __restrict__ loss, bf16* __restrict__ dz, int V,
+                                              int want_grad) {
+    const size_t row = blockIdx.x;
+    const size_t off = row * V;
+    float m = NEG_INF;
+    for (int j = threadIdx.x; j < V; j += blockDim.x) m = fmaxf(m, ld(z[off + j]));
+    m = block_reduce(m, true);
+    float sum = 0.f;
+    for (int j = threadIdx.x; j < V; j += blockDim.x) sum += expf(ld(z[off + j]) - m);
+    const float lse = m + logf(block_reduce(sum, false));
+    const uint32_t target = y[row];
+    if (threadIdx.x == 0) loss[row] = lse - ld(z[off + target]);
+    if (!want_grad) return;
+    for (int j = threadIdx.x; j < V; j += blockDim.x)
+        dz[off + j] = st(expf(ld(z[off + j]) - lse) - (j == (int)target ? 1.f : 0.f));
+}
+

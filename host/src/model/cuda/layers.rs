@@ -1,0 +1,196 @@
+//! The block's pointwise and row-wise ops: RMSNorm, SwiGLU, LoRA dropout, the cross-entropy rows, and the
+//! attention layout (qkv split with bias, LoRA delta and RoPE; head merges and their backward).
+use super::launch::*;
+use candle_core::{bail, DType, Result, Tensor};
+
+// ----- RMSNorm --------------------------------------------------------------------------------------------
+
+/// y [N, C] and rstd [N, 1] (f32) for x [N, C], w [C].
+pub fn rmsnorm_forward(x: &Tensor, w: &Tensor, eps: f64) -> Result<(Tensor, Tensor)> {
+    check_bf16("rmsnorm", &[x, w])?;
+    let (n, c) = x.dims2()?;
+    let dev = cuda_device(x)?;
+    let (x, w) = (x.contiguous()?, w.contiguous()?);
+    let y = uninit(&dev, (n, c), DType::BF16)?;
+    let rstd = uninit(&dev, (n, 1), DType::F32)?;
+    let args = [Arg::T(&x), Arg::T(&w), Arg::T(&y), Arg::T(&rstd), Arg::I(c as i32), Arg::F(eps as f32)];
+    launch(&dev, "rmsnorm_fwd", n as u64, ROW_THREADS, &args)?;
+    Ok((y, rstd))
+}
+
+/// dx (+ dres when given) for the saved x, rstd and the incoming dy.
+pub fn rmsnorm_backward(x: &Tensor, rstd: &Tensor, w: &Tensor, dy: &Tensor, dres: Option<&Tensor>) -> Result<Tensor> {
+    check_bf16("rmsnorm_backward", &[x, w, dy])?;
+    let (n, c) = x.dims2()?;
+    let dev = cuda_device(x)?;
+    let dy = dy.contiguous()?;
+    let dx = uninit(&dev, (n, c), DType::BF16)?;
+    let dres = dres.map(|t| t.contiguous()).transpose()?;
+    let args = [
+        Arg::T(x),
+        Arg::T(w),
+        Arg::T(rstd),
+        Arg::T(&dy),
+        Arg::T(dres.as_ref().unwrap_or(&dy)),
+        Arg::T(&dx),
+        Arg::I(c as i32),
+        Arg::I(dres.is_some() as i32),
+    ];
+    launch(&dev, "rmsnorm_bwd", n as u64, ROW_THREADS, &args)?;
+    Ok(dx)
+}
+
+// ----- attention layout and RoPE --------------------------------------------------------------------------
+
+/// c_attn's base output [N, 3C] (+ bias [3C], + the LoRA delta u B^T from u [N, r] and B [3C, r]) -> q, k
+/// (rotated) and v [B, H, T, D].
+#[allow(clippy::too_many_arguments)]
+pub fn qkv_split_rope(base: &Tensor, bias: Option<&Tensor>, lora: Option<(&Tensor, &Tensor)>, cos: &Tensor, sin: &Tensor, b: usize, t: usize, h: usize, d: usize) -> Result<(Tensor, Tensor, Tensor)> {
+    let dev = cuda_device(base)?;
+    let base = base.contiguous()?;
+    let (u, lb) = match lora {
+        Some((u, lb)) => (Some(aligned(u)?), Some(aligned(lb)?)),
+        None => (None, None),
+    };
+    let r = u.as_ref().map_or(0, |u| u.dim(1).unwrap_or(0));
+    let n = b * t;
+    let q = uninit(&dev, (b, h, t, d), DType::BF16)?;
+    let k = uninit(&dev, (b, h, t, d), DType::BF16)?;
+    let v = uninit(&dev, (b, h, t, d), DType::BF16)?;
+    let args = [
+        Arg::T(&base),
+        Arg::T(u.as_ref().unwrap_or(&base)),
+        Arg::T(lb.as_ref().unwrap_or(&base)),
+        Arg::T(bias.unwrap_or(&base)),
+        Arg::T(cos),
+        Arg::T(sin),
+        Arg::T(&q),
+        Arg::T(&k),
+        Arg::T(&v),
+        Arg::I(n as i32),
+        Arg::I(t as i32),
+        Arg::I(h as i32),
+        Arg::I(d as i32),
+        Arg::I(r as i32),
+        Arg::I(bias.is_some() as i32),
+    ];
+    launch(&dev, "qkv_split_rope", blocks(n.div_ceil(ROWS_PER_THREAD) * 3 * h * d / 2, EW_THREADS), EW_THREADS, &args)?;
+    Ok((q, k, v))
+}
+
+/// Heads [B, H, T, D] side by side into columns col0.. of `dst` [N, stride]; `inverse_rope` applies
+/// RoPE's backward on the way.
+fn heads_merge_into(src: &Tensor, cos: &Tensor, sin: &Tensor, dst: &Tensor, col0: usize, inverse_rope: bool) -> Result<()> {
+    let (b, h, t, d) = src.dims4()?;
+    let (_, stride) = dst.dims2()?;
+    let dev = cuda_device(src)?;
+    let src = src.contiguous()?;
+    let n = b * t;
+    let args = [
+        Arg::T(&src),
+        Arg::T(cos),
+        Arg::T(sin),
+        Arg::T(dst),
+        Arg::I(stride as i32),
+        Arg::I(col0 as i32),
+        Arg::I(n as i32),
+        Arg::I(t as i32),
+        Arg::I(h as i32),
+        Arg::I(d as i32),
+        Arg::I(inverse_rope as i32),
+    ];
+    launch(&dev, "heads_merge", blocks(n * h * d / 2, EW_THREADS), EW_THREADS, &args)
+}
+
+/// [B, H, T, D] -> [N, C] (the attention output into c_proj). `cos`/`sin` are not read.
+pub fn merge_heads(y: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    let (b, h, t, d) = y.dims4()?;
+    let out = uninit(&cuda_device(y)?, (b * t, h * d), DType::BF16)?;
+    heads_merge_into(y, cos, sin, &out, 0, false)?;
+    Ok(out)
+}
+
+/// [N, C] -> [B, H, T, D]: the backward of [`merge_heads`].
+pub fn split_heads(dy: &Tensor, b: usize, t: usize, h: usize, d: usize) -> Result<Tensor> {
+    check_bf16("split_heads", &[dy])?;
+    let dev = cuda_device(dy)?;
+    let dy = dy.contiguous()?;
+    let out = uninit(&dev, (b, h, t, d), DType::BF16)?;
+    let n = b * t;
+    let args = [Arg::T(&dy), Arg::T(&out), Arg::I(n as i32), Arg::I(t as i32), Arg::I(h as i32), Arg::I(d as i32)];
+    launch(&dev, "heads_split", blocks(n * h * d, EW_THREADS), EW_THREADS, &args)?;
+    Ok(out)
+}
+
+/// Backward of [`qkv_split_rope`] (without bias and delta): dq, dk (un-rotated) and dv -> [N, 3C].
+pub fn qkv_merge_unrope(dq: &Tensor, dk: &Tensor, dv: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    let (b, h, t, d) = dq.dims4()?;
+    let c = h * d;
+    let out = uninit(&cuda_device(dq)?, (b * t, 3 * c), DType::BF16)?;
+    heads_merge_into(dq, cos, sin, &out, 0, true)?;
+    heads_merge_into(dk, cos, sin, &out, c, true)?;
+    heads_merge_into(dv, cos, sin, &out, 2 * c, false)?;
+    Ok(out)
+}
+
+// ----- SwiGLU ---------------------------------------------------------------------------------------------
+
+pub fn swiglu_forward(a: &Tensor, g: &Tensor) -> Result<Tensor> {
+    check_bf16("swiglu", &[a, g])?;
+    let dev = cuda_device(a)?;
+    let (a, g) = (a.contiguous()?, g.contiguous()?);
+    let n = a.elem_count();
+    let h = uninit(&dev, a.shape(), DType::BF16)?;
+    let args = [Arg::T(&a), Arg::T(&g), Arg::T(&h), Arg::U(n as u64), vec_ok(&[&a, &g])];
+    launch(&dev, "swiglu_fwd", blocks(n.div_ceil(EW_PER_THREAD), EW_THREADS), EW_THREADS, &args)?;
+    Ok(h)
+}
+
+/// (da, dg).
+pub fn swiglu_backward(a: &Tensor, g: &Tensor, dh: &Tensor) -> Result<(Tensor, Tensor)> {
+    check_bf16("swiglu_backward", &[a, g, dh])?;
+    let dev = cuda_device(a)?;
+    let dh = dh.contiguous()?;
+    let n = a.elem_count();
+    let da = uninit(&dev, a.shape(), DType::BF16)?;
+    let dg = uninit(&dev, a.shape(), DType::BF16)?;
+    let args = [Arg::T(a), Arg::T(g), Arg::T(&dh), Arg::T(&da), Arg::T(&dg), Arg::U(n as u64), vec_ok(&[a, g, &dh])];
+    launch(&dev, "swiglu_bwd", blocks(n.div_ceil(EW_PER_THREAD), EW_THREADS), EW_THREADS, &args)?;
+    Ok((da, dg))
+}
+
+// ----- dropout --------------------------------------------------------------------------------------------
+
+/// x with element i zeroed when `uniform_at(key, i) < p` and the rest scaled by 1 / (1 - p): the same
+/// mask as [`super::ops::dropout_mask`] builds on the CPU. Applying it to a gradient is its backward.
+pub fn dropout(x: &Tensor, key: u64, p: f64) -> Result<Tensor> {
+    check_bf16("dropout", &[x])?;
+    let dev = cuda_device(x)?;
+    let x = x.contiguous()?;
+    let n = x.elem_count();
+    let y = uninit(&dev, x.shape(), DType::BF16)?;
+    let args = [Arg::T(&x), Arg::T(&y), Arg::U(n as u64), Arg::U(key), Arg::F(p as f32), Arg::F((1.0 / (1.0 - p)) as f32), vec_ok(&[&x])];
+    launch(&dev, "dropout", blocks(n.div_ceil(EW_PER_THREAD), EW_THREADS), EW_THREADS, &args)?;
+    Ok(y)
+}
+
+// ----- cross-entropy --------------------------------------------------------------------------------------
+
+/// Per-row loss [n] (f32) and, when `want_grad`, dz = softmax(z) - onehot(y) [n, V] (bf16), for logits
+/// z [n, V] (bf16) and targets y [n] (u32).
+pub fn cross_entropy_rows(z: &Tensor, y: &Tensor, want_grad: bool) -> Result<(Tensor, Option<Tensor>)> {
+    check_bf16("cross_entropy_rows", &[z])?;
+    let (n, v) = z.dims2()?;
+    let dev = cuda_device(z)?;
+    let z = z.contiguous()?;
+    let y = y.contiguous()?;
+    if y.dtype() != DType::U32 || y.elem_count() != n {
+        bail!("cross_entropy_rows: targets must be {n} u32 values");
+    }
+    let loss = uninit(&dev, n, DType::F32)?;
+    let dz = if want_grad { Some(uninit(&dev, (n, v), DType::BF16)?) } else { None };
+    let args = [Arg::T(&z), Arg::T(&y), Arg::T(&loss), Arg::T(dz.as_ref().unwrap_or(&z)), Arg::I(v as i32), Arg::I(want_grad as i32)];
+    launch(&dev, "cross_entropy_rows", n as u64, ROW_THREADS * 4, &args)?;
+    Ok((loss, dz))
+}
+

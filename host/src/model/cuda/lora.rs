@@ -1,0 +1,42 @@
+//! LoRA folded into the frozen linear: its up-projection added into the linear's output, its input
+//! gradient into the linear's, in place.
+use super::launch::*;
+use candle_core::{Result, Tensor};
+
+// ----- LoRA folded into the frozen linear -----------------------------------------------------------------
+
+/// y += u B^T in place, for y [N, out] (a fresh GEMM output nothing else holds), u [N, r], B [out, r].
+pub fn lora_up_add_(y: &Tensor, u: &Tensor, b: &Tensor) -> Result<()> {
+    check_bf16("lora_up_add", &[y, u, b])?;
+    let (n, cols) = y.dims2()?;
+    let r = u.dim(1)?;
+    let dev = cuda_device(y)?;
+    let (u, b) = (aligned(u)?, aligned(b)?);
+    let args = [Arg::T(y), Arg::T(&u), Arg::T(&b), Arg::I(n as i32), Arg::I(cols as i32), Arg::I(r as i32)];
+    launch(&dev, "lora_up_add", blocks(n.div_ceil(ROWS_PER_THREAD) * cols, EW_THREADS), EW_THREADS, &args)
+}
+
+/// dx += dropout(du A) in place, for dx [N, in] (a fresh GEMM output nothing else holds), du [N, r],
+/// A [r, in]; the dropout of stream `key` with probability p (the same mask as [`dropout`]).
+pub fn lora_down_add_(dx: &Tensor, du: &Tensor, a: &Tensor, dropout: Option<(u64, f64)>) -> Result<()> {
+    check_bf16("lora_down_add", &[dx, du, a])?;
+    let (n, cols) = dx.dims2()?;
+    let r = du.dim(1)?;
+    let dev = cuda_device(dx)?;
+    let (du, a_t) = (aligned(du)?, a.t()?.contiguous()?);
+    let (key, p) = dropout.unwrap_or((0, 0.0));
+    let args = [
+        Arg::T(dx),
+        Arg::T(&du),
+        Arg::T(&a_t),
+        Arg::I(n as i32),
+        Arg::I(cols as i32),
+        Arg::I(r as i32),
+        Arg::U(key),
+        Arg::F(p as f32),
+        Arg::F((1.0 / (1.0 - p)) as f32),
+        Arg::I(dropout.is_some() as i32),
+    ];
+    launch(&dev, "lora_down_add", blocks(n.div_ceil(ROWS_PER_THREAD) * cols, EW_THREADS), EW_THREADS, &args)
+}
+

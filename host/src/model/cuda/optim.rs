@@ -1,0 +1,81 @@
+//! The optimizer step and the gradient norm over every adapter tensor, one launch each.
+use super::launch::*;
+use candle_core::{bail, DType, Result, Tensor};
+
+// ----- optimizer ------------------------------------------------------------------------------------------
+
+/// AdamW hyper-parameters of one step, already combined (see train/optim.rs for the formula).
+pub struct AdamWStep {
+    pub lr: f64,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    pub weight_decay: f64,
+    pub step_size: f64,
+    pub bias_correction2_sqrt: f64,
+    pub grad_scale: f64,
+}
+
+/// One AdamW step of every (param, grad, m, v) in one launch; returns the new (param, m, v) tensors (the
+/// inputs are left as they are). All f32, contiguous, on one GPU.
+pub fn adamw_multi(items: &[(&Tensor, &Tensor, &Tensor, &Tensor)], h: &AdamWStep) -> Result<Vec<(Tensor, Tensor, Tensor)>> {
+    let Some(first) = items.first() else { return Ok(Vec::new()) };
+    let dev = cuda_device(first.0)?;
+    let mut words = Vec::with_capacity(8 * items.len());
+    let mut outs = Vec::with_capacity(items.len());
+    let mut max_n = 0;
+    for (p, g, m, v) in items {
+        let n = p.elem_count();
+        if g.elem_count() != n || m.elem_count() != n || v.elem_count() != n {
+            bail!("adamw_multi: sizes differ");
+        }
+        let (p, g, m, v) = (p.contiguous()?, g.contiguous()?, m.contiguous()?, v.contiguous()?);
+        let out = (uninit(&dev, p.shape(), DType::F32)?, uninit(&dev, p.shape(), DType::F32)?, uninit(&dev, p.shape(), DType::F32)?);
+        for t in [&p, &g, &m, &v, &out.0, &out.1, &out.2] {
+            words.push(f32_ptr(t)?);
+        }
+        words.push(n as u64);
+        max_n = max_n.max(n);
+        // Keep the (possibly copied) inputs alive until the kernel is queued.
+        outs.push((out, [p, g, m, v]));
+    }
+    let table = table(&dev, words)?;
+    let args = [
+        Arg::T(&table),
+        Arg::F(h.lr as f32),
+        Arg::F(h.beta1 as f32),
+        Arg::F(h.beta2 as f32),
+        Arg::F(h.eps as f32),
+        Arg::F(h.weight_decay as f32),
+        Arg::F(h.step_size as f32),
+        Arg::F(h.bias_correction2_sqrt as f32),
+        Arg::F(h.grad_scale as f32),
+    ];
+    let grid_x = blocks(max_n, EW_THREADS).min(64);
+    launch_2d(&dev, "adamw_multi", (grid_x, items.len() as u32), EW_THREADS, &args)?;
+    Ok(outs.into_iter().map(|(out, _inputs)| out).collect())
+}
+
+/// Sum of squares of all elements of all tensors (f32, on one GPU), as an f32 scalar tensor on the GPU.
+pub fn sum_squares_multi(tensors: &[&Tensor]) -> Result<Tensor> {
+    let Some(first) = tensors.first() else { bail!("sum_squares_multi: no tensors") };
+    let dev = cuda_device(first)?;
+    let mut words = Vec::with_capacity(2 * tensors.len());
+    let mut keep = Vec::with_capacity(tensors.len());
+    let mut max_n = 0;
+    for t in tensors {
+        let t = t.contiguous()?;
+        words.push(f32_ptr(&t)?);
+        words.push(t.elem_count() as u64);
+        max_n = max_n.max(t.elem_count());
+        keep.push(t);
+    }
+    let table = table(&dev, words)?;
+    let grid_x = blocks(max_n, ROW_THREADS).min(64);
+    // One partial sum per block, summed by candle (a fixed reduction order: deterministic).
+    let out = uninit(&dev, (tensors.len(), grid_x as usize), DType::F32)?;
+    launch_2d(&dev, "sum_squares_multi", (grid_x, tensors.len() as u32), ROW_THREADS, &[Arg::T(&table), Arg::T(&out)])?;
+    drop(keep);
+    out.sum_all()
+}
+
