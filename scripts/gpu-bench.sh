@@ -30,4 +30,6 @@ for cfg in "levers --seq 1024 --warmup 1 --steps 3 --levers" \
   $LH $B "$@" --json "$R/ours_$name.json" > "$R/log_$name.txt" 2>&1 || grep -i "^error" "$R/log_$name.txt"
   [ -f "$R/ours_$name.json" ] && summary "$R/ours_$name.json"
 done
+# The whole trainer on the GPU: the quickstart in bf16 (data pipeline, prefetch, checkpoints, adapter).
+"$LH" run examples/quickstart-gpu.toml > "$R/log_quickstart_gpu.txt" 2>&1; tail -3 "$R/log_quickstart_gpu.txt"
 OUT="$R" python3 "$HF" 2>&1 | tee "$R/log_hf.txt" | tail -4
