@@ -237,8 +237,10 @@ fn model_checks(gpu: &Device, checks: &mut Vec<Check>) -> Result<()> {
     // The GPU model holds the bf16 weights; the CPU model the same values back in f32.
     let weights_gpu = weights.to(DType::BF16, gpu)?;
     let weights_cpu = weights_gpu.to(DType::F32, &Device::Cpu)?;
-    let cpu_model = QwenModel { config: config.clone(), weights: weights_cpu, dtype: DType::F32, device: Device::Cpu, loss_chunk: 64, fusion: Fusion::NONE };
-    let gpu_model = QwenModel { config: config.clone(), weights: weights_gpu, dtype: DType::BF16, device: gpu.clone(), loss_chunk: 64, fusion: Fusion::ALL };
+    let mut cpu_model = QwenModel::new(config.clone(), weights_cpu, DType::F32, &Device::Cpu);
+    let mut gpu_model = QwenModel::new(config.clone(), weights_gpu, DType::BF16, gpu);
+    (cpu_model.loss_chunk, cpu_model.fusion) = (64, Fusion::NONE);
+    (gpu_model.loss_chunk, gpu_model.fusion) = (64, Fusion::ALL);
 
     let lora_cfg = LoraConfig { r: 8, alpha: 32.0, dropout: 0.1, targets: vec!["c_attn".into(), "c_proj".into()], base_model_name_or_path: "numerics".into() };
     let mut lora_cpu = Lora::new(lora_cfg, &config, 3, &Device::Cpu)?;

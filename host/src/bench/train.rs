@@ -88,9 +88,11 @@ pub fn model(o: &Options) -> anyhow::Result<QwenModel> {
         bail!("--seq {} is longer than the shape's {}", o.seq, config.seq_length);
     }
     let weights = QwenWeights::random(&config, 0.02, o.dtype, &o.device)?;
+    let mut model = QwenModel::new(config, weights, o.dtype, &o.device);
     // On the GPU bigger loss chunks mean fewer, fuller launches; 1024 x 152k bf16 logits are 311 MB.
-    let loss_chunk = if o.device.is_cuda() { 1024 } else { 512 };
-    Ok(QwenModel { config, weights, dtype: o.dtype, device: o.device.clone(), loss_chunk, fusion: o.fusion })
+    model.loss_chunk = if o.device.is_cuda() { 1024 } else { 512 };
+    model.fusion = o.fusion;
+    Ok(model)
 }
 
 pub fn run(o: &Options) -> anyhow::Result<TrainBench> {

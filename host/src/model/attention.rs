@@ -78,6 +78,7 @@ pub fn merge_heads_backward(dy: &Tensor, b: usize, t: usize, h: usize, d: usize,
 // the transposed rotation: dx = dy * cos + rotate_half^T(dy * sin),  rotate_half^T([g1, g2]) = [g2, -g1].
 // Computed in f32 (acc dtype) and cast back, as Qwen does.
 
+#[derive(Clone)]
 pub struct Rope {
     /// [T, D] in the accumulation dtype.
     cos: Tensor,
@@ -85,6 +86,11 @@ pub struct Rope {
 }
 
 impl Rope {
+    /// The tables of positions 0..t (rows of these; contiguous views, no copy).
+    pub fn prefix(&self, t: usize) -> Result<Rope> {
+        Ok(Rope { cos: self.cos.narrow(0, 0, t)?, sin: self.sin.narrow(0, 0, t)? })
+    }
+
     /// Tables for positions 0..seq_len. The angles are computed in f32 exactly as the HF code does
     /// (`inv_freq = 1 / base ** (arange(0, D, 2) / D)`, `outer(t, inv_freq)`), then cos/sin.
     pub fn new(seq_len: usize, head_dim: usize, base: f64, model_dtype: DType, device: &Device) -> Result<Rope> {

@@ -31,6 +31,9 @@ pub struct QwenModel {
     pub loss_chunk: usize,
     /// Which fused GPU kernels to use (all by default; they apply only to bf16 on a GPU).
     pub fusion: Fusion,
+    /// RoPE tables for every position up to `seq_length`, built on first use; a batch takes its first T rows
+    /// (building them per step would leave the GPU idle while the host computes them).
+    rope: std::sync::OnceLock<Rope>,
 }
 
 /// Result of one training micro-step. `grads` are gradients of `loss_sum` (not of the mean): divide by
@@ -90,7 +93,12 @@ impl QwenModel {
     pub fn load(dir: &Path, dtype: DType, device: &Device) -> Result<QwenModel> {
         let ckpt = Checkpoint::open(dir)?;
         let weights = ckpt.load_weights(dtype, device)?;
-        Ok(QwenModel { config: ckpt.config, weights, dtype, device: device.clone(), loss_chunk: 512, fusion: Fusion::default() })
+        Ok(QwenModel::new(ckpt.config, weights, dtype, device))
+    }
+
+    /// A model of these weights (loss chunks of 512 tokens, every fused kernel switched on).
+    pub fn new(config: QwenConfig, weights: QwenWeights, dtype: DType, device: &Device) -> QwenModel {
+        QwenModel { config, weights, dtype, device: device.clone(), loss_chunk: 512, fusion: Fusion::default(), rope: Default::default() }
     }
 
     // ----- inference ------------------------------------------------------------------------------------
@@ -376,7 +384,15 @@ impl QwenModel {
         if let Some(l) = lora {
             l.check_fits(&self.config)?;
         }
-        let rope = Rope::new(t, self.config.head_dim, self.config.rope_base, self.dtype, &self.device)?;
+        let rope = match self.rope.get() {
+            Some(r) => r,
+            None => {
+                let c = &self.config;
+                let table = Rope::new(c.seq_length, c.head_dim, c.rope_base, self.dtype, &self.device)?;
+                self.rope.get_or_init(|| table)
+            }
+        }
+        .prefix(t)?;
         let fusion = self.fusion;
         let mask = match super::fusion::on_for(fusion.attention, self.dtype, &self.device) {
             true => None,

@@ -104,6 +104,9 @@ pub fn load_model(m: &Manifest, device: &Device) -> anyhow::Result<QwenModel> {
     // is 39 MB; 512 would be 311 MB of fresh memory per chunk).
     if device.is_cpu() {
         model.loss_chunk = 64;
+    } else {
+        // On the GPU the fused loss kernel takes 1024 rows at a time (1024 x 152k bf16 logits: 311 MB).
+        model.loss_chunk = 1024;
     }
     Ok(model)
 }

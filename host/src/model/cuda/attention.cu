@@ -134,7 +134,10 @@ extern "C" __global__ void __launch_bounds__(128) flash_fwd(const bf16* __restri
     float* row_scale = reinterpret_cast<float*>(Ps + 4 * 16 * LDP);  // 4 warps x 16 rows
     const int warp = threadIdx.x / 32, lane = threadIdx.x & 31;
     const size_t base = (size_t)blockIdx.y * T * FA_D;
-    const int q0 = blockIdx.x * FA_B;
+    // The last query blocks see the most keys: they get the first block indices, so the long blocks start
+    // first and the short ones fill the tail.
+    const int qblock = gridDim.x - 1 - blockIdx.x;
+    const int q0 = qblock * FA_B;
     float* Sw = Ss + warp * 16 * LDS;
     bf16* Pw = Ps + warp * 16 * LDP;
     float* scale_w = row_scale + warp * 16;
@@ -164,7 +167,7 @@ extern "C" __global__ void __launch_bounds__(128) flash_fwd(const bf16* __restri
     float m_i = NEG_INF, l_i = 0.f;
     __syncthreads();
 
-    const int n_blocks = blockIdx.x + 1;  // causal: key blocks up to the diagonal
+    const int n_blocks = qblock + 1;  // causal: key blocks up to the diagonal
     for (int kb = 0; kb < n_blocks; ++kb) {
         const int k0 = kb * FA_B;
         load_tile(Ks, k + base, k0, T);
@@ -338,7 +341,8 @@ extern "C" __global__ void __launch_bounds__(128) flash_bwd_dkdv(const bf16* __r
     store_rows(dv_acc, scratch, dv + base, k0 + warp * 16, T);
 }
 
-// dQ for one 64-query block (blockIdx.x), walking the key blocks up to the diagonal.
+// dQ for one 64-query block (the last ones first, as in flash_fwd), walking the key blocks up to the
+// diagonal.
 extern "C" __global__ void __launch_bounds__(128) flash_bwd_dq(const bf16* __restrict__ q, const bf16* __restrict__ k,
                                                                const bf16* __restrict__ v, const bf16* __restrict__ d_o,
                                                                const float* __restrict__ lse, const float* __restrict__ dot,
@@ -355,7 +359,8 @@ extern "C" __global__ void __launch_bounds__(128) flash_bwd_dq(const bf16* __res
     float* dot_s = lse_s + FA_B;
     const int warp = threadIdx.x / 32;
     const size_t base = (size_t)blockIdx.y * T * FA_D;
-    const int q0 = blockIdx.x * FA_B;
+    const int qblock = gridDim.x - 1 - blockIdx.x;
+    const int q0 = qblock * FA_B;
     load_tile(Qs, q + base, q0, T);
     load_tile(dOs, d_o + base, q0, T);
     for (int i = threadIdx.x; i < FA_B; i += blockDim.x) {
@@ -366,7 +371,7 @@ extern "C" __global__ void __launch_bounds__(128) flash_bwd_dq(const bf16* __res
 #pragma unroll
     for (int j = 0; j < 8; ++j) wmma::fill_fragment(dq_acc[j], 0.f);
     bf16* dSw = dSs + warp * 16 * LDP;
-    for (int kb = 0; kb <= (int)blockIdx.x; ++kb) {
+    for (int kb = 0; kb <= qblock; ++kb) {
         const int k0 = kb * FA_B;
         load_tile(Ks, k + base, k0, T);
         load_tile(Vs, v + base, k0, T);
