@@ -191,10 +191,20 @@ impl QwenWeights {
     }
 
     /// Random weights of `config`'s shape made directly on `device` (normal with `std`, norms at 1): for
-    /// benchmarks at the real shapes without a checkpoint. Not reproducible across devices.
+    /// benchmarks at the real shapes without a checkpoint. Reproducible on the CPU; not across devices.
     pub fn random(config: &QwenConfig, std: f64, dtype: DType, device: &Device) -> Result<QwenWeights> {
+        // On the CPU from our own seeded generator (the same weights every time, for tests); on a GPU from
+        // candle's generator there (fast at 14B scale; fixed seed per device).
+        let next = std::cell::Cell::new(0u64);
         let normal = |t: TensorId| -> Result<Tensor> {
-            Ok(Tensor::randn(0f32, std as f32, config.tensor_shape(t), device)?.to_dtype(dtype)?)
+            let shape = config.tensor_shape(t);
+            next.set(next.get() + 1);
+            if device.is_cpu() {
+                let mut rng = super::rng::Rng::for_stream(0x7EA5, &[next.get()]);
+                let v: Vec<f32> = (0..shape.iter().product::<usize>()).map(|_| (std * rng.normal()) as f32).collect();
+                return Ok(Tensor::from_vec(v, shape, device)?.to_dtype(dtype)?);
+            }
+            Ok(Tensor::randn(0f32, std as f32, shape, device)?.to_dtype(dtype)?)
         };
         let ones = |t: TensorId| -> Result<Tensor> { Ok(Tensor::ones(config.tensor_shape(t), dtype, device)?) };
         let mut layers = Vec::with_capacity(config.num_layers);
