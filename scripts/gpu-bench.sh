@@ -25,7 +25,7 @@ for cfg in "levers --seq 1024 --warmup 1 --steps 3 --levers" \
            "s1024r --seq 1024 --warmup 2 --steps 8 --recompute" \
            "s2048 --seq 2048 --warmup 2 --steps 6" \
            "s2048r --seq 2048 --warmup 2 --steps 6 --recompute" \
-           "real --seq 1024 --warmup 0 --steps 300 --lr 1e-3 --manifest examples/neurips-qwen14b.toml"; do
+           "real --seq 1024 --warmup 0 --steps 300 --lr 2e-4 --manifest examples/neurips-qwen14b.toml"; do
   set -- $cfg; name=$1; shift
   $LH $B "$@" --json "$R/ours_$name.json" > "$R/log_$name.txt" 2>&1 || grep -i "^error" "$R/log_$name.txt"
   [ -f "$R/ours_$name.json" ] && summary "$R/ours_$name.json"
