@@ -124,6 +124,47 @@ enum PluginCommand {
     List,
 }
 
+/// The training step `bench train` and `bench ops` measure.
+#[derive(clap::Args)]
+struct StepArgs {
+    /// qwen-14b, qwen-7b, qwen-1.8b or tiny
+    #[arg(long, default_value = "tiny")]
+    shape: String,
+    /// cpu or cuda:N
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// f32 or bf16
+    #[arg(long, default_value = "f32")]
+    dtype: String,
+    #[arg(long, default_value_t = 2)]
+    micro_batch: usize,
+    #[arg(long, default_value_t = 256)]
+    seq: usize,
+    #[arg(long)]
+    recompute: bool,
+    /// Fused GPU kernels: all or none (they apply to bf16 on a GPU only).
+    #[arg(long, default_value = "all")]
+    fusion: String,
+}
+
+impl StepArgs {
+    fn options(self, warmup: usize, steps: usize, manifest: Option<PathBuf>, lr: f64) -> anyhow::Result<lorahost::bench::train::Options> {
+        Ok(lorahost::bench::train::Options {
+            device: parse_device(&self.device)?,
+            dtype: parse_dtype(&self.dtype)?,
+            fusion: parse_fusion(&self.fusion)?,
+            shape: self.shape,
+            micro_batch: self.micro_batch,
+            seq: self.seq,
+            recompute: self.recompute,
+            warmup,
+            steps,
+            manifest,
+            lr,
+        })
+    }
+}
+
 #[derive(Subcommand)]
 enum BenchCommand {
     /// Records per second through filter plugins at batch 1, 64, 1024, beside native code.
@@ -140,28 +181,12 @@ enum BenchCommand {
     },
     /// Training steps at a model shape with random weights made on the device (no checkpoint needed).
     Train {
-        /// qwen-14b, qwen-7b, qwen-1.8b or tiny
-        #[arg(long, default_value = "tiny")]
-        shape: String,
-        /// cpu or cuda:N
-        #[arg(long, default_value = "cpu")]
-        device: String,
-        /// f32 or bf16
-        #[arg(long, default_value = "f32")]
-        dtype: String,
-        #[arg(long, default_value_t = 2)]
-        micro_batch: usize,
-        #[arg(long, default_value_t = 256)]
-        seq: usize,
-        #[arg(long)]
-        recompute: bool,
+        #[command(flatten)]
+        step: StepArgs,
         #[arg(long, default_value_t = 1)]
         warmup: usize,
         #[arg(long, default_value_t = 3)]
         steps: usize,
-        /// Fused GPU kernels: all or none (they apply to bf16 on a GPU only).
-        #[arg(long, default_value = "all")]
-        fusion: String,
         /// Measure each fused kernel's gain: the same steps with none, then adding one lever at a time.
         #[arg(long)]
         levers: bool,
@@ -176,21 +201,8 @@ enum BenchCommand {
     /// Where a training step's time goes: each op of one layer at the shape, timed alone, times its calls per
     /// step; plus the loss and the optimizer step.
     Ops {
-        #[arg(long, default_value = "tiny")]
-        shape: String,
-        #[arg(long, default_value = "cpu")]
-        device: String,
-        #[arg(long, default_value = "f32")]
-        dtype: String,
-        #[arg(long, default_value_t = 2)]
-        micro_batch: usize,
-        #[arg(long, default_value_t = 256)]
-        seq: usize,
-        #[arg(long)]
-        recompute: bool,
-        /// all or none
-        #[arg(long, default_value = "all")]
-        fusion: String,
+        #[command(flatten)]
+        step: StepArgs,
         #[arg(long)]
         json: Option<PathBuf>,
     },
@@ -295,9 +307,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 print!("{report}");
                 write_json(json, &report)?;
             }
-            BenchCommand::Train { shape, device, dtype, micro_batch, seq, recompute, warmup, steps, fusion, levers, manifest, lr, json } => {
-                let (device, dtype, fusion) = (parse_device(&device)?, parse_dtype(&dtype)?, parse_fusion(&fusion)?);
-                let o = lorahost::bench::train::Options { shape, device, dtype, micro_batch, seq, recompute, warmup, steps, fusion, manifest, lr };
+            BenchCommand::Train { step, warmup, steps, levers, manifest, lr, json } => {
+                let o = step.options(warmup, steps, manifest, lr)?;
                 if levers {
                     let rows = lorahost::bench::train::run_levers(&o)?;
                     println!("{}", serde_json::to_string_pretty(&rows)?);
@@ -308,9 +319,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     write_json(json, &report)?;
                 }
             }
-            BenchCommand::Ops { shape, device, dtype, micro_batch, seq, recompute, fusion, json } => {
-                let (device, dtype, fusion) = (parse_device(&device)?, parse_dtype(&dtype)?, parse_fusion(&fusion)?);
-                let o = lorahost::bench::train::Options { shape, device, dtype, micro_batch, seq, recompute, warmup: 0, steps: 0, fusion, manifest: None, lr: 0.0 };
+            BenchCommand::Ops { step, json } => {
+                let o = step.options(0, 0, None, 0.0)?;
                 let report = lorahost::bench::ops::run(&o)?;
                 for r in &report.ops {
                     println!("{:>9.3} ms x {:>3} = {:>8.2} ms  {}", r.ms, r.calls_per_step, r.step_ms, r.op);
