@@ -96,8 +96,7 @@ pub fn model(o: &Options) -> anyhow::Result<QwenModel> {
 }
 
 pub fn run(o: &Options) -> anyhow::Result<TrainBench> {
-    let mut model = model(o)?;
-    run_on(&mut model, o)
+    run_on(&model(o)?, o)
 }
 
 /// `--levers`: the same steps with the fused kernels switched on one at a time, on one model (the
@@ -108,16 +107,16 @@ pub fn run_levers(o: &Options) -> anyhow::Result<Vec<TrainBench>> {
     let mut fusion = Fusion { flash: o.fusion.flash, ..Fusion::NONE };
     let mut rows = Vec::new();
     model.fusion = fusion;
-    rows.push(run_on(&mut model, o)?);
+    rows.push(run_on(&model, o)?);
     for (_, switch_on) in Fusion::LEVERS {
         switch_on(&mut fusion);
         model.fusion = fusion;
-        rows.push(run_on(&mut model, o)?);
+        rows.push(run_on(&model, o)?);
     }
     Ok(rows)
 }
 
-fn run_on(model: &mut QwenModel, o: &Options) -> anyhow::Result<TrainBench> {
+fn run_on(model: &QwenModel, o: &Options) -> anyhow::Result<TrainBench> {
     let config = model.config.clone();
     let lora_cfg = LoraConfig {
         r: 8,
@@ -139,7 +138,7 @@ fn run_on(model: &mut QwenModel, o: &Options) -> anyhow::Result<TrainBench> {
     let mut losses = Vec::new();
     let mut tokens_timed = 0usize;
     std::thread::scope(|scope| -> anyhow::Result<()> {
-        // The same prefetching thread as `lorahost run` hands the batches over.
+        // A host thread hands the batches over ahead of the steps, as in `lorahost run` (train/batches.rs).
         let (tx, upcoming) = std::sync::mpsc::sync_channel::<HostBatch>(2);
         let source = &batches;
         scope.spawn(move || {
