@@ -74,7 +74,7 @@ pub fn causal_softmax(s: &Tensor) -> Result<Tensor> {
     let p = uninit(&dev, (b, h, t, t), DType::BF16)?;
     let rows = b * h * t;
     let args = [Arg::T(s), Arg::T(&p), Arg::I(t as i32), Arg::U(rows as u64)];
-    launch(&dev, "causal_softmax_fwd", blocks(rows, ROW_THREADS / 32), ROW_THREADS, &args)?;
+    launch(&dev, "causal_softmax_fwd", blocks(rows, ROW_THREADS / 32)?, ROW_THREADS, &args)?;
     Ok(p)
 }
 
@@ -87,7 +87,7 @@ pub fn causal_softmax_backward(p: &Tensor, dp: &Tensor, scale: f64) -> Result<Te
     let ds = uninit(&dev, (b, h, t, t), DType::BF16)?;
     let rows = b * h * t;
     let args = [Arg::T(p), Arg::T(&dp), Arg::T(&ds), Arg::I(t as i32), Arg::F(scale as f32), Arg::U(rows as u64)];
-    launch(&dev, "causal_softmax_bwd", blocks(rows, ROW_THREADS / 32), ROW_THREADS, &args)?;
+    launch(&dev, "causal_softmax_bwd", blocks(rows, ROW_THREADS / 32)?, ROW_THREADS, &args)?;
     Ok(ds)
 }
 
@@ -137,7 +137,7 @@ pub fn flash_backward(q: &Tensor, k: &Tensor, v: &Tensor, o: &Tensor, lse: &Tens
     let rows = b * h * t;
     let dot = uninit(&dev, (b, h, t), DType::F32)?;
     let dot_args = [Arg::T(o), Arg::T(&d_o), Arg::T(&dot), Arg::U(rows as u64)];
-    launch(&dev, "flash_bwd_dot", blocks(rows, ROW_THREADS / 32), ROW_THREADS, &dot_args)?;
+    launch(&dev, "flash_bwd_dot", blocks(rows, ROW_THREADS / 32)?, ROW_THREADS, &dot_args)?;
     let dq = uninit(&dev, (b, h, t, d), DType::BF16)?;
     let dk = uninit(&dev, (b, h, t, d), DType::BF16)?;
     let dv = uninit(&dev, (b, h, t, d), DType::BF16)?;

@@ -150,10 +150,12 @@ pub(super) fn launch_smem(dev: &CudaDevice, name: &str, (grid, grid_y): (u64, u3
 }
 
 /// Blocks for n threads. The kernels decompose their thread index in 32 bits, so n (and the element count
-/// it stands for) must stay below 2^32; larger inputs panic here instead of computing garbage.
-pub(super) fn blocks(n: usize, threads: u32) -> u64 {
-    assert!(n < u32::MAX as usize, "a fused kernel was asked for {n} threads (at most 2^32)");
-    (n as u64).div_ceil(threads as u64)
+/// it stands for) must stay below 2^32: larger inputs are refused with an error, not computed wrongly.
+pub(super) fn blocks(n: usize, threads: u32) -> Result<u64> {
+    if n >= u32::MAX as usize {
+        bail!("a tensor too large for the fused kernels ({n} threads, at most 2^32): use smaller micro-batches");
+    }
+    Ok((n as u64).div_ceil(threads as u64))
 }
 
 pub(super) fn check_bf16(name: &str, ts: &[&Tensor]) -> Result<()> {

@@ -74,7 +74,7 @@ pub fn qkv_split_rope(base: &Tensor, bias: Option<&Tensor>, lora: Option<(&Tenso
         Arg::I(r as i32),
         Arg::I(bias.is_some() as i32),
     ];
-    launch(&dev, "qkv_split_rope", blocks(n.div_ceil(ROWS_PER_THREAD) * 3 * h * d / 2, EW_THREADS), EW_THREADS, &args)?;
+    launch(&dev, "qkv_split_rope", blocks(n.div_ceil(ROWS_PER_THREAD) * 3 * h * d / 2, EW_THREADS)?, EW_THREADS, &args)?;
     Ok((q, k, v))
 }
 
@@ -99,7 +99,7 @@ fn heads_merge_into(src: &Tensor, cos: &Tensor, sin: &Tensor, dst: &Tensor, col0
         Arg::I(d as i32),
         Arg::I(inverse_rope as i32),
     ];
-    launch(&dev, "heads_merge", blocks(n * h * d / 2, EW_THREADS), EW_THREADS, &args)
+    launch(&dev, "heads_merge", blocks(n * h * d / 2, EW_THREADS)?, EW_THREADS, &args)
 }
 
 /// [B, H, T, D] -> [N, C] (the attention output into c_proj). `cos`/`sin` are not read.
@@ -118,7 +118,7 @@ pub fn split_heads(dy: &Tensor, b: usize, t: usize, h: usize, d: usize) -> Resul
     let out = uninit(&dev, (b, h, t, d), DType::BF16)?;
     let n = b * t;
     let args = [Arg::T(&dy), Arg::T(&out), Arg::I(n as i32), Arg::I(t as i32), Arg::I(h as i32), Arg::I(d as i32)];
-    launch(&dev, "heads_split", blocks(n * h * d, EW_THREADS), EW_THREADS, &args)?;
+    launch(&dev, "heads_split", blocks(n * h * d, EW_THREADS)?, EW_THREADS, &args)?;
     Ok(out)
 }
 
@@ -142,7 +142,7 @@ pub fn swiglu_forward(a: &Tensor, g: &Tensor) -> Result<Tensor> {
     let n = a.elem_count();
     let h = uninit(&dev, a.shape(), DType::BF16)?;
     let args = [Arg::T(&a), Arg::T(&g), Arg::T(&h), Arg::U(n as u64), vec_ok(&[&a, &g])];
-    launch(&dev, "swiglu_fwd", blocks(n.div_ceil(EW_PER_THREAD), EW_THREADS), EW_THREADS, &args)?;
+    launch(&dev, "swiglu_fwd", blocks(n.div_ceil(EW_PER_THREAD), EW_THREADS)?, EW_THREADS, &args)?;
     Ok(h)
 }
 
@@ -155,7 +155,7 @@ pub fn swiglu_backward(a: &Tensor, g: &Tensor, dh: &Tensor) -> Result<(Tensor, T
     let da = uninit(&dev, a.shape(), DType::BF16)?;
     let dg = uninit(&dev, a.shape(), DType::BF16)?;
     let args = [Arg::T(a), Arg::T(g), Arg::T(&dh), Arg::T(&da), Arg::T(&dg), Arg::U(n as u64), vec_ok(&[a, g, &dh])];
-    launch(&dev, "swiglu_bwd", blocks(n.div_ceil(EW_PER_THREAD), EW_THREADS), EW_THREADS, &args)?;
+    launch(&dev, "swiglu_bwd", blocks(n.div_ceil(EW_PER_THREAD), EW_THREADS)?, EW_THREADS, &args)?;
     Ok((da, dg))
 }
 
@@ -170,7 +170,7 @@ pub fn dropout(x: &Tensor, key: u64, p: f64) -> Result<Tensor> {
     let n = x.elem_count();
     let y = uninit(&dev, x.shape(), DType::BF16)?;
     let args = [Arg::T(&x), Arg::T(&y), Arg::U(n as u64), Arg::U(key), Arg::F(p as f32), Arg::F((1.0 / (1.0 - p)) as f32), vec_ok(&[&x])];
-    launch(&dev, "dropout", blocks(n.div_ceil(EW_PER_THREAD), EW_THREADS), EW_THREADS, &args)?;
+    launch(&dev, "dropout", blocks(n.div_ceil(EW_PER_THREAD), EW_THREADS)?, EW_THREADS, &args)?;
     Ok(y)
 }
 

@@ -13,7 +13,7 @@ pub fn lora_up_add_(y: &Tensor, u: &Tensor, b: &Tensor) -> Result<()> {
     let dev = cuda_device(y)?;
     let (u, b) = (aligned(u)?, aligned(b)?);
     let args = [Arg::T(y), Arg::T(&u), Arg::T(&b), Arg::I(n as i32), Arg::I(cols as i32), Arg::I(r as i32)];
-    launch(&dev, "lora_up_add", blocks(n.div_ceil(ROWS_PER_THREAD) * cols, EW_THREADS), EW_THREADS, &args)
+    launch(&dev, "lora_up_add", blocks(n.div_ceil(ROWS_PER_THREAD) * cols, EW_THREADS)?, EW_THREADS, &args)
 }
 
 /// dx += dropout(du A) in place, for dx [N, in] (a fresh GEMM output nothing else holds), du [N, r],
@@ -37,6 +37,6 @@ pub fn lora_down_add_(dx: &Tensor, du: &Tensor, a: &Tensor, dropout: Option<(u64
         Arg::F((1.0 / (1.0 - p)) as f32),
         Arg::I(dropout.is_some() as i32),
     ];
-    launch(&dev, "lora_down_add", blocks(n.div_ceil(ROWS_PER_THREAD) * cols, EW_THREADS), EW_THREADS, &args)
+    launch(&dev, "lora_down_add", blocks(n.div_ceil(ROWS_PER_THREAD) * cols, EW_THREADS)?, EW_THREADS, &args)
 }
 

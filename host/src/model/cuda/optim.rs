@@ -51,7 +51,7 @@ pub fn adamw_multi(items: &[(&Tensor, &Tensor, &Tensor, &Tensor)], h: &AdamWStep
         Arg::F(h.bias_correction2_sqrt as f32),
         Arg::F(h.grad_scale as f32),
     ];
-    let grid_x = blocks(max_n, EW_THREADS).min(64);
+    let grid_x = blocks(max_n, EW_THREADS)?.min(64);
     launch_2d(&dev, "adamw_multi", (grid_x, items.len() as u32), EW_THREADS, &args)?;
     Ok(outs.into_iter().map(|(out, _inputs)| out).collect())
 }
@@ -71,7 +71,7 @@ pub fn sum_squares_multi(tensors: &[&Tensor]) -> Result<Tensor> {
         keep.push(t);
     }
     let table = table(&dev, words)?;
-    let grid_x = blocks(max_n, ROW_THREADS).min(64);
+    let grid_x = blocks(max_n, ROW_THREADS)?.min(64);
     // One partial sum per block, summed by candle (a fixed reduction order: deterministic).
     let out = uninit(&dev, (tensors.len(), grid_x as usize), DType::F32)?;
     launch_2d(&dev, "sum_squares_multi", (grid_x, tensors.len() as u32), ROW_THREADS, &[Arg::T(&table), Arg::T(&out)])?;
