@@ -8,75 +8,9 @@ use lorahost_sdk::Example;
 use serde_json::{Map, Value};
 use std::collections::VecDeque;
 use std::fs::File;
-use std::io::{BufRead, BufReader, Read};
+use std::io::{BufReader, Read};
 
-pub use lorahost_record_shapes::{fill, json_error, open, Next};
-
-/// A JSON Lines file read one line at a time.
-pub struct JsonLines {
-    reader: Box<dyn BufRead>,
-    /// The file's base name, which starts ids and messages.
-    pub name: String,
-    /// 1-based number of the last line read.
-    pub line: usize,
-    buf: Vec<u8>,
-}
-
-impl JsonLines {
-    /// Opens the file at the absolute `path`; an error means it cannot be read at all.
-    pub fn open(path: &str) -> Result<JsonLines, String> {
-        let (file, name) = open(path)?;
-        Ok(JsonLines::new(Box::new(BufReader::new(file)), name))
-    }
-
-    pub fn new(reader: Box<dyn BufRead>, name: String) -> JsonLines {
-        JsonLines { reader, name, line: 0, buf: Vec::new() }
-    }
-
-    /// The location of the last line read, `<name>:<line>`: the id of its record and the start of messages.
-    pub fn at(&self) -> String {
-        format!("{}:{}", self.name, self.line)
-    }
-
-    /// The next non-blank line's JSON value, or the message for a line that is not JSON (already naming
-    /// file and line); `None` at the end. An error means the file cannot be read.
-    pub fn next_value(&mut self) -> Result<Option<Result<Value, String>>, String> {
-        loop {
-            self.buf.clear();
-            let n = self
-                .reader
-                .read_until(b'\n', &mut self.buf)
-                .map_err(|e| format!("{}: cannot read line {}: {e}", self.name, self.line + 1))?;
-            if n == 0 {
-                return Ok(None);
-            }
-            self.line += 1;
-            let Ok(text) = std::str::from_utf8(&self.buf) else {
-                return Ok(Some(Err(format!("{}: not valid UTF-8", self.at()))));
-            };
-            let text = if self.line == 1 { text.trim_start_matches('\u{feff}') } else { text };
-            if text.trim().is_empty() {
-                continue;
-            }
-            return Ok(Some(
-                serde_json::from_str(text.trim_end()).map_err(|e| format!("{}: {}", self.at(), json_error(&e))),
-            ));
-        }
-    }
-}
-
-impl JsonLines {
-    /// The next line converted by `convert` (given the value and the line's location, `<name>:<line>`, and
-    /// saying what is wrong without the location), or its message naming file and line; `None` at the end.
-    pub fn next_with(
-        &mut self,
-        mut convert: impl FnMut(&Value, &str) -> Result<Example, String>,
-    ) -> Result<Next, String> {
-        let Some(value) = self.next_value()? else { return Ok(None) };
-        let at = self.at();
-        Ok(Some(value.and_then(|v| convert(&v, &at).map_err(|e| format!("{at}: {e}")))))
-    }
-}
+pub use lorahost_record_shapes::{fill, json_error, open, JsonLines, Next};
 
 /// Reads a whole JSON file: its value and base name. Unreadable or invalid files are errors (a JSON file that
 /// does not parse has no records to skip to).
@@ -206,17 +140,6 @@ mod tests {
         assert_eq!(permutation(0, 1, ""), Vec::<usize>::new());
     }
 
-    #[test]
-    fn json_lines_report_bad_lines() {
-        let text = "{\"a\": 1}\n\n{bad\n\u{0}\n";
-        let mut lines = JsonLines::new(Box::new(std::io::Cursor::new(text.as_bytes().to_vec())), "f.jsonl".into());
-        assert!(lines.next_value().unwrap().unwrap().is_ok());
-        assert_eq!(lines.line, 1);
-        let bad = lines.next_value().unwrap().unwrap().unwrap_err();
-        assert!(bad.starts_with("f.jsonl:3: not valid JSON: key must be a string"), "{bad}");
-        assert!(lines.next_value().unwrap().unwrap().unwrap_err().starts_with("f.jsonl:4: not valid JSON"));
-        assert!(lines.next_value().unwrap().is_none());
-    }
 }
 
 /// A JSON value whose objects keep their keys in file order (serde_json's `Value` sorts them), for the

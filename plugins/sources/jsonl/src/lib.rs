@@ -14,11 +14,9 @@
 //!
 //! A line that cannot be read (bad JSON, a missing field, an unknown role) is reported as malformed, as
 //! `train.jsonl:17: <what is wrong>`, and skipped; blank lines are skipped silently.
-use lorahost_record_shapes::{fill, json_error, open, Next, Shape};
+use lorahost_record_shapes::{fill, JsonLines, Shape};
 use lorahost_sdk::{Batch, Source};
 use std::collections::BTreeMap;
-use std::fs::File;
-use std::io::{BufRead, BufReader};
 
 #[derive(serde::Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -34,64 +32,26 @@ struct Config {
     meta: Vec<String>,
 }
 
-struct Jsonl<R> {
-    reader: R,
-    /// The file's base name, which starts ids and messages.
-    name: String,
+struct Jsonl {
+    lines: JsonLines,
     shape: Shape,
-    /// 1-based number of the last line read.
-    line: usize,
-    buf: Vec<u8>,
 }
 
-impl<R: BufRead> Jsonl<R> {
-    fn new(reader: R, name: String, shape: Shape) -> Self {
-        Jsonl { reader, name, shape, line: 0, buf: Vec::new() }
-    }
-
-    fn next_record(&mut self) -> Result<Next, String> {
-        loop {
-            self.buf.clear();
-            let n = self
-                .reader
-                .read_until(b'\n', &mut self.buf)
-                .map_err(|e| format!("{}: cannot read line {}: {e}", self.name, self.line + 1))?;
-            if n == 0 {
-                return Ok(None);
-            }
-            self.line += 1;
-            let at = format!("{}:{}", self.name, self.line);
-            let Ok(text) = std::str::from_utf8(&self.buf) else {
-                return Ok(Some(Err(format!("{at}: not valid UTF-8"))));
-            };
-            // A byte-order mark may start the file.
-            let text = if self.line == 1 { text.trim_start_matches('\u{feff}') } else { text };
-            if text.trim().is_empty() {
-                continue;
-            }
-            let record = serde_json::from_str(text.trim_end())
-                .map_err(|e| json_error(&e))
-                .and_then(|value| self.shape.convert(&value, &at));
-            return Ok(Some(record.map_err(|e| format!("{at}: {e}"))));
-        }
-    }
-}
-
-impl Source for Jsonl<BufReader<File>> {
+impl Source for Jsonl {
     type Config = Config;
 
     fn open(c: Config) -> Result<Self, String> {
         let shape = Shape::new(c.format, c.fields, c.roles, c.id, c.meta)?;
-        let (file, name) = open(&c.path)?;
-        Ok(Jsonl::new(BufReader::new(file), name, shape))
+        Ok(Jsonl { lines: JsonLines::open(&c.path)?, shape })
     }
 
     fn next_batch(&mut self, max: usize) -> Result<Option<Batch>, String> {
-        fill(max, || self.next_record())
+        let Jsonl { lines, shape } = self;
+        fill(max, || lines.next_with(|value, at| shape.convert(value, at)))
     }
 }
 
-lorahost_sdk::export_source!(Jsonl<BufReader<File>>);
+lorahost_sdk::export_source!(Jsonl);
 
 #[cfg(test)]
 mod tests {
@@ -100,7 +60,7 @@ mod tests {
     use std::path::PathBuf;
 
     /// Writes `contents` to a fresh temporary folder and opens a reader on it with `extra` config.
-    fn open_file(name: &str, contents: impl AsRef<[u8]>, extra: &str) -> (Result<Jsonl<BufReader<File>>, String>, PathBuf) {
+    fn open_file(name: &str, contents: impl AsRef<[u8]>, extra: &str) -> (Result<Jsonl, String>, PathBuf) {
         let (dir, path_line) = lorahost_record_shapes::scratch_file("jsonl", name, contents);
         (parse_config::<Config>(&format!("{path_line}{extra}")).and_then(Jsonl::open), dir)
     }
