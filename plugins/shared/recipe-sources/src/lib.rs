@@ -10,7 +10,7 @@ use std::collections::VecDeque;
 use std::fs::File;
 use std::io::{BufReader, Read};
 
-pub use lorahost_record_shapes::{fill, json_error, open, JsonLines, Next};
+pub use lorahost_record_shapes::{fill, json_error, open, read_all, JsonLines, Next};
 
 /// Reads a whole JSON file: its value and base name. Unreadable or invalid files are errors (a JSON file that
 /// does not parse has no records to skip to).

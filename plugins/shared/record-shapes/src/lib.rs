@@ -479,6 +479,19 @@ mod tests {
     }
 }
 
+/// For tests of source plugins: every record and malformed-record message a source yields, read in batches
+/// of `max`, checking that no batch holds more than `max`.
+#[doc(hidden)]
+pub fn read_all<S: lorahost_sdk::Source>(source: &mut S, max: usize) -> (Vec<Example>, Vec<String>) {
+    let (mut records, mut malformed) = (Vec::new(), Vec::new());
+    while let Some(batch) = source.next_batch(max).expect("the source reads") {
+        assert!(batch.records.len() + batch.malformed.len() <= max, "a batch of more than {max}");
+        records.extend(batch.records);
+        malformed.extend(batch.malformed);
+    }
+    (records, malformed)
+}
+
 /// For tests of source plugins: writes `contents` to `<temp>/lorahost-<tag>-<pid>-<n>/<name>` (a fresh
 /// folder per call) and returns the folder and the `path = ...` config line for the file.
 #[doc(hidden)]

@@ -92,12 +92,7 @@ mod tests {
 
     fn read_all(config: &str) -> (Vec<Example>, Vec<String>) {
         let mut source = parse_config::<Config>(config).and_then(Gsm8k::open).unwrap();
-        let (mut records, mut malformed) = (Vec::new(), Vec::new());
-        while let Some(batch) = source.next_batch(64).unwrap() {
-            records.extend(batch.records);
-            malformed.extend(batch.malformed);
-        }
-        (records, malformed)
+        lorahost_recipe_sources::read_all(&mut source, 64)
     }
 
     #[test]

@@ -173,12 +173,7 @@ mod tests {
 
     fn read_all(config: &str) -> (Vec<Example>, Vec<String>) {
         let mut source = open(config).unwrap();
-        let (mut records, mut malformed) = (Vec::new(), Vec::new());
-        while let Some(batch) = source.next_batch(7).unwrap() {
-            records.extend(batch.records);
-            malformed.extend(batch.malformed);
-        }
-        (records, malformed)
+        lorahost_recipe_sources::read_all(&mut source, 7)
     }
 
     #[test]

@@ -269,12 +269,7 @@ mod tests {
 
     fn read_all(config: &str) -> (Vec<Example>, Vec<String>) {
         let mut source = source(config).unwrap();
-        let (mut records, mut malformed) = (Vec::new(), Vec::new());
-        while let Some(batch) = source.next_batch(8).unwrap() {
-            records.extend(batch.records);
-            malformed.extend(batch.malformed);
-        }
-        (records, malformed)
+        lorahost_record_shapes::read_all(&mut source, 8)
     }
 
     fn config(file: &str) -> String {

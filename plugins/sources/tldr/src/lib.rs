@@ -68,12 +68,7 @@ mod tests {
 
     fn read_all(path: &str) -> (Vec<Example>, Vec<String>) {
         let mut source = parse_config::<Config>(&format!("path = {path:?}")).and_then(Tldr::open).unwrap();
-        let (mut records, mut malformed) = (Vec::new(), Vec::new());
-        while let Some(batch) = source.next_batch(2).unwrap() {
-            records.extend(batch.records);
-            malformed.extend(batch.malformed);
-        }
-        (records, malformed)
+        lorahost_recipe_sources::read_all(&mut source, 2)
     }
 
     #[test]

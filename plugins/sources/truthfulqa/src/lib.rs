@@ -274,12 +274,7 @@ mod tests {
 
     fn read_all(config: &str) -> (Vec<Example>, Vec<String>) {
         let mut source = open(config).unwrap();
-        let (mut records, mut malformed) = (Vec::new(), Vec::new());
-        while let Some(batch) = source.next_batch(32).unwrap() {
-            records.extend(batch.records);
-            malformed.extend(batch.malformed);
-        }
-        (records, malformed)
+        lorahost_recipe_sources::read_all(&mut source, 32)
     }
 
     fn temp(name: &str, text: &str) -> (std::path::PathBuf, String) {
