@@ -162,10 +162,10 @@ fn the_quickstart_halves_its_loss() {
     let manifest = Manifest::load(&m).unwrap();
     let device = candle_core::Device::Cpu;
     let model = lorahost::train::run::load_model(&manifest, &device).unwrap();
-    let lora = lorahost::lora::Lora::load(&dir.path().join("out/adapter"), &model.config, &device).unwrap();
+    let lora = lorahost::model::lora::Lora::load(&dir.path().join("out/adapter"), &model.config, &device).unwrap();
     let merged_dir = dir.path().join("merged");
-    lorahost::lora::merge(&manifest.model.path, &lora, &merged_dir).unwrap();
-    let merged = lorahost::model::qwen::QwenModel::load(&merged_dir, candle_core::DType::F32, &device).unwrap();
+    lorahost::model::lora::merge(&manifest.model.path, &lora, &merged_dir).unwrap();
+    let merged = lorahost::model::transformer::Model::load(&merged_dir, candle_core::DType::F32, &device).unwrap();
     let ids = candle_core::Tensor::new(&[[9707u32, 11, 1879, 0, 2585]], &device).unwrap();
     let a = model.forward(&ids, Some(&lora)).unwrap();
     let b = merged.forward(&ids, None).unwrap();

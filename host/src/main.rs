@@ -88,6 +88,28 @@ enum Command {
         #[arg(long)]
         pieces: bool,
     },
+    /// Write a model's logits for a text file to a safetensors file (ids [T] and logits [T, vocab], f32), to
+    /// compare with another implementation (scripts/hf-check.py compares them with HF transformers).
+    Logits {
+        /// A model folder (config.json, safetensors, tokenizer).
+        model: PathBuf,
+        /// The text to score.
+        #[arg(long)]
+        text: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+        /// A PEFT adapter folder to apply (unmerged).
+        #[arg(long)]
+        adapter: Option<PathBuf>,
+        /// At most this many tokens from the start of the text.
+        #[arg(long, default_value_t = 512)]
+        max_tokens: usize,
+        #[arg(long, default_value = "cpu")]
+        device: String,
+        /// f32 or bf16.
+        #[arg(long, default_value = "f32")]
+        dtype: String,
+    },
     /// Work with plugins: scaffold, inspect, list the standard ones.
     Plugin {
         #[command(subcommand)]
@@ -277,6 +299,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Check { manifest, locked, json } => commands::check(&manifest, locked, json)?,
         Command::Preview { manifest, n, tokens } => commands::preview(&manifest, n, tokens)?,
         Command::Tokenize { tokenizer, text, pieces } => commands::tokenize(&tokenizer, text, pieces)?,
+        Command::Logits { model, text, out, adapter, max_tokens, device, dtype } => {
+            commands::logits(&model, &text, &out, adapter.as_deref(), max_tokens, &parse_device(&device)?, parse_dtype(&dtype)?)?
+        }
         Command::Plugin { command } => match command {
             PluginCommand::New { kind, name, dir, sdk } => {
                 let kind = parse_kind(&kind)?;
