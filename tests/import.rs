@@ -827,8 +827,24 @@ fn llama3_rope_scaling_is_recovered_from_rope_freqs() {
 
     // Divisors that are not Llama 3's: refused, naming the tensor.
     let mut odd = freqs.clone();
-    odd[40] *= 1.5;
+    odd[5] *= 1.5; // a high-frequency divisor (1.0) changed
     let (g, _) = tiny_model("llama", "llama-bpe", true);
     let e = import_err(&g.tensor("rope_freqs.weight", &[64], 0, f32s(&odd)), "odd.gguf");
-    assert!(e.contains("rope_freqs.weight[40]"), "{e}");
+    assert!(e.contains("rope_freqs.weight[5]"), "{e}");
+}
+
+#[test]
+fn the_cli_imports_and_reports() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = tiny_model("qwen3", "qwen2", true).0.write(dir.path(), "cli.gguf");
+    let run = |args: &[&str]| std::process::Command::new(env!("CARGO_BIN_EXE_lorahost")).args(args).output().unwrap();
+    let out = dir.path().join("hf");
+    let o = run(&["import", "gguf", file.to_str().unwrap(), out.to_str().unwrap(), "--dtype", "f32"]);
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{stdout}{}", String::from_utf8_lossy(&o.stderr));
+    assert!(stdout.contains("qwen3") && stdout.contains("Q4_K x1") && stdout.contains("tied embeddings"), "{stdout}");
+    assert_eq!(read_json(&out.join("config.json"))["torch_dtype"], "float32");
+    let o = run(&["import", "gguf", file.to_str().unwrap(), dir.path().join("x").to_str().unwrap(), "--dtype", "f16"]);
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && stderr.contains("--dtype") && stderr.contains("bf16 or f32"), "{stderr}");
 }

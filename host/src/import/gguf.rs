@@ -166,48 +166,37 @@ impl GgufFile {
 
     /// A required unsigned integer.
     pub fn u64(&self, key: &str) -> Result<u64> {
-        let v = self.required(key)?;
-        v.as_u64().with_context(|| self.wrong_type(key, v, "an unsigned integer"))
+        self.u64_opt(key)?.with_context(|| format!("{}: metadata key {key} is missing", self.path.display()))
     }
 
-    /// An optional number.
-    pub fn f64_opt(&self, key: &str) -> Result<Option<f64>> {
-        match self.get(key) {
-            None => Ok(None),
-            Some(v) => v.as_f64().map(Some).with_context(|| self.wrong_type(key, v, "a number")),
-        }
-    }
-
-    /// An optional unsigned integer.
     pub fn u64_opt(&self, key: &str) -> Result<Option<u64>> {
-        match self.get(key) {
-            None => Ok(None),
-            Some(v) => v.as_u64().map(Some).with_context(|| self.wrong_type(key, v, "an unsigned integer")),
-        }
+        self.typed(key, "an unsigned integer", Value::as_u64)
     }
 
-    /// An optional string.
+    pub fn f64_opt(&self, key: &str) -> Result<Option<f64>> {
+        self.typed(key, "a number", Value::as_f64)
+    }
+
     pub fn str_opt(&self, key: &str) -> Result<Option<&str>> {
-        match self.get(key) {
-            None => Ok(None),
-            Some(v) => v.as_str().map(Some).with_context(|| self.wrong_type(key, v, "a string")),
-        }
+        self.typed(key, "a string", Value::as_str)
     }
 
-    /// An optional bool.
     pub fn bool_opt(&self, key: &str) -> Result<Option<bool>> {
+        self.typed(key, "a bool", Value::as_bool)
+    }
+
+    /// An optional value read by `get`; a value of another type is an error naming the key.
+    fn typed<'a, T>(&'a self, key: &str, want: &str, get: impl Fn(&'a Value) -> Option<T>) -> Result<Option<T>> {
         match self.get(key) {
             None => Ok(None),
-            Some(v) => v.as_bool().map(Some).with_context(|| self.wrong_type(key, v, "a bool")),
+            Some(v) => get(v).map(Some).with_context(|| {
+                format!("{}: metadata key {key} is a {}, expected {want}", self.path.display(), v.type_name())
+            }),
         }
     }
 
     pub fn required(&self, key: &str) -> Result<&Value> {
         self.get(key).with_context(|| format!("{}: metadata key {key} is missing", self.path.display()))
-    }
-
-    fn wrong_type(&self, key: &str, v: &Value, want: &str) -> String {
-        format!("{}: metadata key {key} is a {}, expected {want}", self.path.display(), v.type_name())
     }
 }
 
