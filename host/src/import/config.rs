@@ -1,28 +1,17 @@
 //! `config.json` and `generation_config.json` in Hugging Face's format, from the GGUF metadata.
 use super::gguf::GgufFile;
+use crate::model::Family;
 use anyhow::{bail, Context, Result};
 use serde_json::{json, Map, Value};
 
-/// An architecture this importer writes: llama.cpp's `general.architecture`, HF's class and model_type.
-pub struct Family {
-    pub arch: &'static str,
-    pub class: &'static str,
-    pub model_type: &'static str,
-}
-
-pub const FAMILIES: &[Family] = &[
-    Family { arch: "llama", class: "LlamaForCausalLM", model_type: "llama" },
-    Family { arch: "qwen2", class: "Qwen2ForCausalLM", model_type: "qwen2" },
-    Family { arch: "qwen3", class: "Qwen3ForCausalLM", model_type: "qwen3" },
-];
-
-/// The model's family from `general.architecture`.
-pub fn family(g: &GgufFile) -> Result<&'static Family> {
+/// The model's family from `general.architecture`: llama.cpp names these families as HF's `model_type`
+/// does (`llama`, `qwen2`, `qwen3`). Qwen v1 GGUFs (`qwen`) are refused: their tensors are laid out apart.
+pub fn family(g: &GgufFile) -> Result<Family> {
     let arch = g.str_opt("general.architecture")?.with_context(|| format!("{}: metadata key general.architecture is missing", g.path.display()))?;
-    FAMILIES.iter().find(|f| f.arch == arch).with_context(|| {
-        let known: Vec<&str> = FAMILIES.iter().map(|f| f.arch).collect();
-        format!("{}: general.architecture = {arch:?} is not supported (supported: {})", g.path.display(), known.join(", "))
-    })
+    match Family::from_model_type(arch) {
+        Ok(f) if f != Family::QwenV1 => Ok(f),
+        _ => bail!("{}: general.architecture = {arch:?} is not supported (supported: llama, qwen2, qwen3)", g.path.display()),
+    }
 }
 
 /// The shape numbers the tensor conversion also needs.
@@ -34,8 +23,8 @@ pub struct Shape {
 }
 
 /// Reads the attention shape: head counts and the head size (`key_length`, else hidden / heads).
-pub fn shape(g: &GgufFile, f: &Family) -> Result<Shape> {
-    let a = f.arch;
+pub fn shape(g: &GgufFile, f: Family) -> Result<Shape> {
+    let a = f.model_type();
     let hidden = g.u64(&format!("{a}.embedding_length"))?;
     let heads = g.u64(&format!("{a}.attention.head_count"))?;
     let kv_heads = g.u64_opt(&format!("{a}.attention.head_count_kv"))?.unwrap_or(heads);
@@ -54,7 +43,7 @@ pub fn shape(g: &GgufFile, f: &Family) -> Result<Shape> {
     }
     if let Some(r) = g.u64_opt(&format!("{a}.rope.dimension_count"))? {
         if r != head_dim {
-            bail!("{}: {a}.rope.dimension_count = {r} rotates part of each {head_dim}-wide head, which {} does not do", g.path.display(), f.class);
+            bail!("{}: {a}.rope.dimension_count = {r} rotates part of each {head_dim}-wide head, which {} does not do", g.path.display(), f.architecture());
         }
     }
     Ok(Shape { heads: heads as usize, kv_heads: kv_heads as usize, head_dim: head_dim as usize })
@@ -126,8 +115,8 @@ pub struct Extra<'a> {
 }
 
 /// The `config.json` of the model.
-pub fn hf_config(g: &GgufFile, f: &Family, s: &Shape, extra: &Extra) -> Result<Value> {
-    let a = f.arch;
+pub fn hf_config(g: &GgufFile, f: Family, s: &Shape, extra: &Extra) -> Result<Value> {
+    let a = f.model_type();
     let key = |k: &str| format!("{a}.{k}");
     let theta = g.f64_opt(&key("rope.freq_base"))?.unwrap_or(10_000.0);
     let mut rope = rope_scaling(g, a)?;
@@ -139,14 +128,14 @@ pub fn hf_config(g: &GgufFile, f: &Family, s: &Shape, extra: &Extra) -> Result<V
     }
     let mut c = Map::new();
     let mut put = |k: &str, v: Value| c.insert(k.to_string(), v);
-    put("architectures", json!([f.class]));
-    put("model_type", json!(f.model_type));
+    put("architectures", json!([f.architecture()]));
+    put("model_type", json!(f.model_type()));
     put("hidden_size", json!(g.u64(&key("embedding_length"))?));
     put("intermediate_size", json!(g.u64(&key("feed_forward_length"))?));
     put("num_hidden_layers", json!(g.u64(&key("block_count"))?));
     put("num_attention_heads", json!(s.heads));
     put("num_key_value_heads", json!(s.kv_heads));
-    if f.arch != "qwen2" || g.get(&key("attention.key_length")).is_some() {
+    if f != Family::Qwen2 || g.get(&key("attention.key_length")).is_some() {
         put("head_dim", json!(s.head_dim));
     }
     put("hidden_act", json!("silu"));
@@ -162,7 +151,7 @@ pub fn hf_config(g: &GgufFile, f: &Family, s: &Shape, extra: &Extra) -> Result<V
     put("attention_dropout", json!(0.0));
     put("initializer_range", json!(0.02));
     put("use_cache", json!(true));
-    match f.arch {
+    match a {
         "qwen2" => {
             put("use_sliding_window", json!(false));
         }
@@ -171,7 +160,7 @@ pub fn hf_config(g: &GgufFile, f: &Family, s: &Shape, extra: &Extra) -> Result<V
         }
         _ => {}
     }
-    if f.arch == "llama" {
+    if f == Family::Llama {
         put("mlp_bias", json!(false));
     }
     for (name, k) in [("bos_token_id", "tokenizer.ggml.bos_token_id"), ("eos_token_id", "tokenizer.ggml.eos_token_id")] {

@@ -86,7 +86,7 @@ pub fn import_gguf(file: &Path, out: &Path, opts: &Options) -> Result<Report> {
             continue;
         }
         let name = names::hf_name(&t.name).with_context(|| g.path.display().to_string())?;
-        let rows = names::rows(family.arch, &t.name, shape.heads, shape.kv_heads);
+        let rows = names::rows(family.model_type(), &t.name, shape.heads, shape.kv_heads);
         let (cols, n_rows) = t.rows();
         if let Rows::Unpermute { heads } = rows {
             // A 1-D bias is one value per row.
@@ -143,7 +143,7 @@ pub fn import_gguf(file: &Path, out: &Path, opts: &Options) -> Result<Report> {
     }
     tmp.commit(out)?;
     Ok(Report {
-        architecture: family.arch.to_string(),
+        architecture: family.model_type().to_string(),
         gguf_version: g.version,
         tensors: planned.len(),
         parameters: jobs.iter().map(|j| j.info.elements()).sum(),
