@@ -87,8 +87,8 @@ struct MinHashDedup {
 }
 
 impl MinHashDedup {
-    /// Shingle hashes of the selected turns. A turn's role goes in as a token before its words, so the same
-    /// text said by another role is not the same record.
+    /// Shingle hashes of the selected turns. A turn's role goes in as a token before its words, so no shingle
+    /// runs from one turn into the next unmarked.
     fn shingle(&mut self, example: &Example) {
         self.tokens.clear();
         self.shingles.clear();
@@ -242,12 +242,11 @@ mod tests {
         let b = Example::new("2", "d", vec![Turn::new("user", "Another question"), Turn::new("assistant", STORY)]);
         assert_eq!(f.filter(&a), Verdict::Keep);
         assert_eq!(f.filter(&b), Verdict::Drop("near-duplicate of 1 in d".into()));
-        // The same words spoken by the user are another record when every turn counts.
-        let mut all = filter("");
-        let c = Example::new("3", "d", vec![Turn::new("assistant", STORY)]);
-        let d = Example::new("4", "d", vec![Turn::new("user", STORY)]);
-        assert_eq!(all.filter(&c), Verdict::Keep);
-        assert_eq!(all.filter(&d), Verdict::Keep);
+        // When every turn counts, the different questions make b another record.
+        let mut all = filter("shingle = \"chars\"\nn = 4");
+        let short = |q: &str| Example::new(q, "d", vec![Turn::new("user", q), Turn::new("assistant", "Paris.")]);
+        assert_eq!(all.filter(&short("What is the capital of France?")), Verdict::Keep);
+        assert_eq!(all.filter(&short("Which city hosts the Louvre museum?")), Verdict::Keep);
     }
 
     #[test]
