@@ -24,8 +24,8 @@
 //! Bounds are inclusive: a record exactly at a threshold is kept. Share-of-lines rules count non-blank lines
 //! and skip records without any; ratio rules skip records without words (`min_words` catches those).
 use lorahost_sdk::{Example, Filter, Verdict};
-use lorahost_text::Roles;
-use std::collections::{HashMap, HashSet};
+use lorahost_text::{ngram_hashes, word_hash, KeyMap, Roles};
+use std::collections::HashSet;
 
 #[derive(serde::Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -79,18 +79,24 @@ struct Quality {
 struct Stats<'t> {
     words: Vec<&'t str>,
     lines: Vec<&'t str>,
+    /// Per word: its hash (lowercased) and its length in characters, for the n-gram rules.
+    hashes: Vec<u64>,
+    lengths: Vec<usize>,
 }
 
 impl<'t> Stats<'t> {
     fn new(text: &'t str) -> Self {
+        let words: Vec<&str> = text.split_whitespace().collect();
         Stats {
-            words: text.split_whitespace().collect(),
+            hashes: words.iter().map(|w| word_hash(w)).collect(),
+            lengths: words.iter().map(|w| w.chars().count()).collect(),
+            words,
             lines: text.lines().map(str::trim).filter(|l| !l.is_empty()).collect(),
         }
     }
 
     fn mean_word_length(&self) -> f64 {
-        self.words.iter().map(|w| w.chars().count()).sum::<usize>() as f64 / self.words.len() as f64
+        self.lengths.iter().sum::<usize>() as f64 / self.words.len() as f64
     }
 
     fn symbol_ratio(&self) -> f64 {
@@ -110,8 +116,8 @@ impl<'t> Stats<'t> {
         self.words
             .iter()
             .filter(|w| {
-                let w = w.trim_matches(|c: char| !c.is_alphanumeric()).to_lowercase();
-                STOP_WORDS.contains(&w.as_str())
+                let w = w.trim_matches(|c: char| !c.is_alphanumeric());
+                STOP_WORDS.iter().any(|s| s.eq_ignore_ascii_case(w))
             })
             .count()
     }
@@ -122,24 +128,21 @@ impl<'t> Stats<'t> {
     }
 
     /// Share of all word characters covered by the most frequent n-gram (Gopher: only when it occurs twice or
-    /// more), counting its characters once per occurrence.
+    /// more), counting its characters once per occurrence. N-grams are compared by the hash of their
+    /// lowercased words.
     fn top_ngram(&self, n: usize) -> f64 {
         if self.words.len() < n {
             return 0.0;
         }
-        let lower: Vec<String> = self.words.iter().map(|w| w.to_lowercase()).collect();
-        let mut counts: HashMap<&[String], usize> = HashMap::new();
-        for g in lower.windows(n) {
-            *counts.entry(g).or_default() += 1;
+        let mut grams = Vec::with_capacity(self.words.len());
+        ngram_hashes(&self.hashes, n, &mut grams);
+        // Hash -> (occurrences, characters of one occurrence).
+        let mut counts: KeyMap<(usize, usize)> = KeyMap::default();
+        for (i, g) in grams.into_iter().enumerate() {
+            counts.entry(g).or_insert_with(|| (0, self.lengths[i..i + n].iter().sum())).0 += 1;
         }
-        let total: usize = lower.iter().map(|w| w.chars().count()).sum();
-        let best = counts
-            .iter()
-            .filter(|(_, &c)| c >= 2)
-            .map(|(g, &c)| c * g.iter().map(|w| w.chars().count()).sum::<usize>())
-            .max()
-            .unwrap_or(0);
-        best as f64 / total.max(1) as f64
+        let best = counts.values().filter(|(c, _)| *c >= 2).map(|(c, chars)| c * chars).max().unwrap_or(0);
+        best as f64 / self.lengths.iter().sum::<usize>().max(1) as f64
     }
 }
 
