@@ -25,7 +25,7 @@
 //! 0.6 GB for a million, plus the ids' bytes. Fewer bands use less (and catch less); the plugin's memory cap
 //! (`limits.memory_mb`, default 1 GiB) bounds it either way.
 use lorahost_sdk::{Example, Filter, Verdict};
-use lorahost_text::{hash_bytes, mix, ngram_hashes, word_hash, word_hashes, KeyMap, Roles, SplitMix64};
+use lorahost_text::{mix, ngram_hashes, word_hash, word_hashes, KeyMap, Roles, SplitMix64};
 
 #[derive(serde::Deserialize, Clone, Copy, PartialEq, Debug)]
 #[serde(rename_all = "lowercase")]
@@ -128,10 +128,10 @@ impl MinHashDedup {
 
     /// One key per band: a hash of the band's number and its `rows` values.
     fn band_keys(&self) -> impl Iterator<Item = u64> + '_ {
-        self.signature.chunks(self.rows).enumerate().map(|(band, values)| {
-            let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
-            mix(hash_bytes(&bytes) ^ (band as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15))
-        })
+        self.signature
+            .chunks(self.rows)
+            .enumerate()
+            .map(|(band, values)| values.iter().fold(mix(band as u64 + 1), |h, &v| mix(h ^ v as u64)))
     }
 
     fn name(&self, k: u32) -> &str {
@@ -282,8 +282,8 @@ mod tests {
         out
     }
 
-    fn jaccard(a: &[String], b: &[String], n: usize) -> f64 {
-        let grams = |d: &[String]| d.windows(n).map(|w| w.join(" ")).collect::<HashSet<_>>();
+    fn jaccard<'a>(a: &'a [String], b: &'a [String], n: usize) -> f64 {
+        let grams = |d: &'a [String]| d.windows(n).collect::<HashSet<&[String]>>();
         let (a, b) = (grams(a), grams(b));
         a.intersection(&b).count() as f64 / a.union(&b).count() as f64
     }
