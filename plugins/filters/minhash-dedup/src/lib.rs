@@ -16,7 +16,8 @@
 //! Two records are candidates when all `rows` values of one band agree; at Jaccard similarity s (of their
 //! shingle sets) that happens with probability 1 - (1 - s^rows)^bands. With the defaults: s = 0.8 is caught
 //! with probability 0.90 (the documented threshold), 0.9 with 0.9997, 0.7 with 0.44, 0.6 with 0.11, 0.5 with
-//! 0.02. A candidate is dropped with the reason "near-duplicate of <id> in <dataset>" (the kept record).
+//! 0.02. A candidate is dropped with the reason "near-duplicate of <id> in <dataset>" (the kept record), so
+//! `lorahost check` lists one reason per cluster, with its count of dropped copies.
 //! With word 5-gram shingles, editing 1% of a text's words leaves s near 0.9, 2% near 0.8, 5% near 0.6.
 //!
 //! State across batches: only the kept records' band keys (8 bytes each, plus the number of the kept record)

@@ -55,8 +55,11 @@ struct Kind {
     name: String,
     regex: Regex,
     token: String,
-    valid: fn(&str) -> bool,
+    valid: Check,
 }
+
+/// Whether a match of a kind's regex really is one.
+type Check = fn(&str) -> bool;
 
 fn any(_: &str) -> bool {
     true
@@ -119,7 +122,7 @@ impl Filter for Pii {
     type Config = Config;
 
     fn new(c: Config) -> Result<Self, String> {
-        let built_in: [(&str, String, &str, fn(&str) -> bool); 4] = [
+        let built_in: [(&str, String, &str, Check); 4] = [
             ("email", c.email, r"[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}", any),
             // Candidates only; parsing decides.
             ("ip", c.ip.clone(), r"(?i)[0-9a-f:]*:[0-9a-f:]*:[0-9a-f:.]*", ip_address),

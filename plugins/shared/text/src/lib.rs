@@ -71,7 +71,7 @@ impl Hasher for KeyHasher {
     }
     fn write(&mut self, bytes: &[u8]) {
         // Only u64 keys are meant; anything else still hashes correctly, just slower.
-        self.0 = hash_bytes(bytes) ^ self.0;
+        self.0 ^= hash_bytes(bytes);
     }
     fn write_u64(&mut self, v: u64) {
         self.0 = v;
