@@ -9,9 +9,10 @@ pub fn lock_path(m: &Manifest) -> std::path::PathBuf {
     m.run.output.join("run.lock")
 }
 
-pub fn check(manifest: &Path, locked: bool, json: bool) -> anyhow::Result<()> {
+pub fn check(manifest: &Path, locked: bool, json: bool, show_drops: usize) -> anyhow::Result<()> {
     let m = Manifest::load(manifest)?;
-    let plan = data::Plan::new(&m)?;
+    let mut plan = data::Plan::new(&m)?;
+    plan.show_drops = show_drops;
     if locked {
         let want = Lock::read(&lock_path(&m))?;
         let changes = plan.lock.diff(&want);

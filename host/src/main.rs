@@ -67,6 +67,10 @@ enum Command {
         /// Print the report as JSON.
         #[arg(long)]
         json: bool,
+        /// Show the first N dropped records of each filter's drop reasons (id and each turn's first line).
+        /// Reads and filters the data again, past the token cache.
+        #[arg(long, value_name = "N", default_value_t = 0)]
+        show_drops: usize,
     },
     /// Show rendered training examples, marking which tokens are trained.
     Preview {
@@ -223,6 +227,22 @@ enum BenchCommand {
         #[arg(long)]
         json: Option<PathBuf>,
     },
+    /// Records per second through the text filters (minhash-dedup, quality, language) on the sample data
+    /// sets' records scaled up with edited copies; `scripts/filter-baselines.py` runs datasketch and lingua on
+    /// the records `--export` writes.
+    Filters {
+        /// The samples folder (tests/fixtures/samples or ../shared/data/samples).
+        #[arg(long, default_value = "tests/fixtures/samples")]
+        samples: PathBuf,
+        /// Records to make from them.
+        #[arg(long, default_value_t = 20_000)]
+        records: usize,
+        /// Write the records, with the language plugin's label of each, as JSON Lines here.
+        #[arg(long)]
+        export: Option<PathBuf>,
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
     /// Training steps at a model shape with random weights made on the device (no checkpoint needed).
     Train {
         #[command(flatten)]
@@ -318,7 +338,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             commands::generate(&manifest, &prompt, adapter, base, max_new, temperature, seed)?
         }
         Command::Merge { manifest, out, adapter } => commands::merge(&manifest, &out, adapter)?,
-        Command::Check { manifest, locked, json } => commands::check(&manifest, locked, json)?,
+        Command::Check { manifest, locked, json, show_drops } => commands::check(&manifest, locked, json, show_drops)?,
         Command::Preview { manifest, n, tokens } => commands::preview(&manifest, n, tokens)?,
         Command::Tokenize { tokenizer, text, pieces } => commands::tokenize(&tokenizer, text, pieces)?,
         Command::Logits { model, text, out, adapter, max_tokens, device, dtype } => {
@@ -376,6 +396,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Bench { command } => match command {
             BenchCommand::Plugins { record_bytes, seconds, json } => {
                 let report = lorahost::bench::plugins::run(record_bytes, Duration::from_secs_f64(seconds))?;
+                print!("{report}");
+                write_json(json, &report)?;
+            }
+            BenchCommand::Filters { samples, records, export, json } => {
+                let report = lorahost::bench::filters::run(&samples, records, export.as_deref())?;
                 print!("{report}");
                 write_json(json, &report)?;
             }
