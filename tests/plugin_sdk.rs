@@ -31,7 +31,7 @@ fn a_scaffolded_filter_builds_outside_the_workspace_loads_and_runs() {
     let engine = PluginEngine::new(None).unwrap();
     let report = inspect::inspect(&engine, &wasm).unwrap();
     assert_eq!(report.kind.as_deref(), Some("filter"));
-    assert_eq!(report.wit.as_deref(), Some("lorahost:plugin@0.1.0"));
+    assert_eq!(report.wit.as_deref(), Some("lorahost:plugin@0.1.1"));
     assert!(!report.imports.iter().any(|i| i.starts_with("wasi:sockets")));
 
     let plugin = engine.load_file("scaffold-test-filter", &wasm).unwrap();
