@@ -18,19 +18,19 @@ fn handle(api: &Api, limits: &Limits, stream: &TcpStream) {
     let reply = match read_request(stream, limits) {
         Err(e) => Err(e),
         Ok(req) => {
-            let route = |f: fn(&Api, &[u8]) -> Result<serde_json::Value, HttpError>| {
+            let route = |f: &dyn Fn(&[u8]) -> Result<serde_json::Value, HttpError>| {
                 if req.method != "POST" {
                     return Err(HttpError::new(405, format!("{} {}: use POST", req.method, req.path)));
                 }
                 // A panic inside the model or the tokenizer costs this request only.
-                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(api, &req.body)))
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(&req.body)))
                     .unwrap_or_else(|_| Err(HttpError::new(500, "internal error while answering this request")))
             };
             match req.path.as_str() {
-                "/v1/completions" => route(Api::completions),
-                "/process" => route(Api::process),
-                "/tokenize" => route(Api::tokenize),
-                "/decode" => route(Api::decode),
+                "/v1/completions" => route(&|b| api.completions(b)),
+                "/process" => route(&|b| api.process(b)),
+                "/tokenize" => route(&|b| api.tokenize(b)),
+                "/decode" => route(&|b| api.decode(b)),
                 other => Err(HttpError::new(404, format!("no endpoint {other}: use /v1/completions, /process, /tokenize or /decode"))),
             }
         }

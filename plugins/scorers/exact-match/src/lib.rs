@@ -15,7 +15,7 @@
 //! ```
 //!
 //! The extracted answer in the results is the normalised generation.
-use lorahost_answer_match::{compile, extract, Normalizer};
+use lorahost_answer_match::{compile, extract, Normalizer, Regex};
 use lorahost_sdk::{Example, Score, Scorer};
 
 #[derive(serde::Deserialize)]
@@ -40,7 +40,7 @@ fn yes() -> bool {
 
 struct ExactMatch {
     normalizer: Normalizer,
-    extract: Option<(regex::Regex, bool)>,
+    extract: Option<(Regex, bool)>,
 }
 
 impl Scorer for ExactMatch {

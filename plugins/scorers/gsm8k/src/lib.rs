@@ -12,9 +12,8 @@
 //! ```
 //!
 //! The extracted answer in the results reads `strict | flexible` (`[invalid]` where nothing matched).
-use lorahost_answer_match::{compile, extract, Normalizer};
+use lorahost_answer_match::{compile, extract, Normalizer, Regex};
 use lorahost_sdk::{Example, NoConfig, Score, Scorer};
-use regex::Regex;
 
 const STRICT: &str = r"#### (\-?[0-9\.\,]+)";
 const FLEXIBLE: &str = r"(-?[$0-9.,]{2,})|(-?[0-9]+)";
@@ -69,8 +68,9 @@ mod tests {
         assert_eq!(score(" She sold 72 in all.\n#### 72", WORKED), (1.0, 1.0, "72 | 72".into()));
         // No "####": strict fails, flexible reads the last number (its trailing period ignored).
         assert_eq!(score(" 24 in May, so 72.", WORKED), (0.0, 1.0, "[invalid] | 72.".into()));
-        // Thousands separators and dollars are ignored on both sides.
-        assert_eq!(score("#### $1,234", "#### 1234"), (1.0, 1.0, "$1,234 | $1,234".into()));
+        // Thousands separators and dollars are ignored on both sides; strict wants a number right after "#### ".
+        assert_eq!(score("#### 1,234", "#### 1234"), (1.0, 1.0, "1,234 | 1,234".into()));
+        assert_eq!(score("It costs $1,234", "#### 1234"), (0.0, 1.0, "[invalid] | $1,234".into()));
         assert_eq!(score("#### 71", WORKED).0, 0.0);
         assert_eq!(score("", WORKED), (0.0, 0.0, "[invalid] | [invalid]".into()));
         assert_eq!(score("#### -5", "#### -5").0, 1.0, "negative answers");

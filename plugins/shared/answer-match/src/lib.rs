@@ -3,7 +3,7 @@
 //! The harness compares a prediction and a reference after, in this order: removing every match of each
 //! `regexes_to_ignore` pattern, lowercasing (`ignore_case`), and removing ASCII punctuation
 //! (`ignore_punctuation`, Python's `string.punctuation`). [`Normalizer`] does the same to both sides.
-use regex::Regex;
+pub use regex::Regex;
 
 /// The harness's exact-match normalisation options.
 #[derive(Debug, Default)]

@@ -389,12 +389,18 @@ mod tests {
         std::fs::remove_dir_all(dir).ok();
 
         let csv = "Type,Category,Question,Best Answer,Correct Answers,Incorrect Answers,Source\n\
-                   A,C,Q1,Right,Right,Wrong1; Wrong2,s\nA,C,,Right,Right,Wrong,s\nA,C,Q3,Right,Right,,s\n";
+                   A,C,Q1,Right,Right; Also right,Wrong1; Wrong2,s\nA,C,,Right,Right,Wrong,s\nA,C,Q3,Right,Right,,s\n";
         let (dir, path) = temp("t.csv", csv);
         let (records, malformed) = read_all(&format!("path = {path:?}\nshuffle = false"));
         assert_eq!(records[0].turns[0].content, "Question: Q1\nA.Right\nB.Wrong1\nC.Wrong2\nAnswer:");
         assert_eq!(malformed, ["t.csv:3: the Question column is empty", "t.csv:4: no wrong answer among the choices"]);
-        assert!(open(&format!("path = {path:?}\ntargets = \"mc2\"")).err().unwrap().starts_with("targets applies"));
+        assert_eq!(records[0].meta("choices"), Some(r#"["Right","Wrong1","Wrong2"]"#));
+        assert_eq!((records[0].meta("labels"), records[0].meta("gold")), (Some("[1,0,0]"), Some("0")));
+        // MC2 from the CSV: every correct answer is right.
+        let (records, _) = read_all(&format!("path = {path:?}\nshuffle = false\ntargets = \"mc2\""));
+        assert_eq!(records[0].meta("choices"), Some(r#"["Right","Also right","Wrong1","Wrong2"]"#));
+        assert_eq!(records[0].meta("labels"), Some("[1,1,0,0]"));
+        assert_eq!(records[0].turns[1].content, "A, B");
         std::fs::remove_dir_all(dir).ok();
         let (dir, path) = temp("x.csv", "a,b\n1,2\n");
         assert!(open(&format!("path = {path:?}")).err().unwrap().contains("has no `Question` column"));
