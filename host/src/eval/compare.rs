@@ -101,8 +101,9 @@ pub fn table(names: &[String], rows: &[Row]) -> String {
         s.push_str(&format!(" {:>17}", truncate(n, 17)));
     }
     for n in &names[1..] {
-        s.push_str(&format!(" {:>19}", truncate(&format!("{} - {}", n, names[0]), 19)));
+        s.push_str(&format!(" {:>17} ", truncate(&format!("{} - {}", n, names[0]), 17)));
     }
+    s.truncate(s.trim_end().len());
     s.push('\n');
     let mut marked = false;
     for r in rows {
@@ -120,9 +121,10 @@ pub fn table(names: &[String], rows: &[Row]) -> String {
                     marked |= d.larger_than_stderr();
                     s.push_str(&format!(" {:>+8.4} ± {:<6.4}{mark}", d.diff, d.stderr));
                 }
-                None => s.push_str(&format!(" {:>19}", "-")),
+                None => s.push_str(&format!(" {:>17} ", "-")),
             }
         }
+        s.truncate(s.trim_end().len());
         s.push('\n');
     }
     if marked {
