@@ -53,6 +53,21 @@ fn a_scaffolded_scheduler_builds_and_computes() {
 }
 
 #[test]
+fn a_scaffolded_scorer_builds_and_scores() {
+    use lorahost::plugins::scorer::ScoringRequest;
+    let (_dir, wasm) = scaffold_and_build(PluginKind::Scorer, "scaffold-test-scorer");
+    let engine = PluginEngine::new(None).unwrap();
+    let plugin = engine.load_file("scaffold-test-scorer", &wasm).unwrap();
+    assert_eq!(plugin.info.kind, Some(PluginKind::Scorer));
+    let mut s = lorahost::plugins::WasmScorer::new(&engine, &plugin, &Grants::default(), "contains = true").unwrap();
+    let e = examples(1).remove(0);
+    let req = |g: &str| ScoringRequest { generation: g.into(), example: e.clone(), references: vec!["Paris".into()] };
+    let out = s.score_batch(&[req("It is Paris."), req("Lyon")]).unwrap();
+    assert_eq!((out[0].metrics.clone(), out[1].metrics[0].1), (vec![("match".to_string(), 1.0)], 0.0));
+    assert_eq!(out[0].extracted, "It is Paris.");
+}
+
+#[test]
 fn scaffolding_refuses_bad_names_and_existing_folders() {
     let dir = tempfile::tempdir().unwrap();
     let sdk = scaffold::default_sdk_path().unwrap();
