@@ -148,6 +148,11 @@ fn shipped_tasks_build_the_harness_prompts() {
     ));
     assert_eq!(p.references, ["(B)"]);
 
+    // BIG-bench multiple choice: "Q: {input}\nA:", each choice as " {choice}".
+    let p = &run::prompts(&set, &shipped("bigbench_mc"), Some(1)).unwrap()[0].1;
+    assert_eq!(p.context, "Q: How many centimetres are in a metre?\nA:");
+    assert_eq!((p.continuations.clone(), p.gold), (vec![" 10".to_string(), " 100".into(), " 1000".into()], 1));
+
     // GSM8K: five "Question: ...\nAnswer: <worked answer>" examples (never the question itself), then it.
     let items = run::prompts(&set, &shipped("gsm8k"), Some(2)).unwrap();
     let (e, p) = &items[0];

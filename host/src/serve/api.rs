@@ -116,14 +116,19 @@ struct Completed {
 }
 
 impl Api<'_> {
+    fn check_vocab(&self, ids: &[u32]) -> Result<(), HttpError> {
+        let vocab = self.tok.vocab_size() as u32;
+        match ids.iter().find(|&&t| t >= vocab) {
+            Some(id) => Err(bad(format!("token id {id} is outside the vocabulary (0..{vocab})"))),
+            None => Ok(()),
+        }
+    }
+
     fn check_ids(&self, ids: &[u32]) -> Result<(), HttpError> {
         if ids.is_empty() {
             return Err(bad("an empty prompt: give at least one token"));
         }
-        let vocab = self.tok.vocab_size() as u32;
-        if let Some(bad_id) = ids.iter().find(|&&t| t >= vocab) {
-            return Err(bad(format!("token id {bad_id} is outside the vocabulary (0..{vocab})")));
-        }
+        self.check_vocab(ids)?;
         if ids.len() > self.lm.max_length() {
             return Err(bad(format!("the prompt has {} tokens, more than the model's {}", ids.len(), self.lm.max_length())));
         }
@@ -352,10 +357,7 @@ impl Api<'_> {
         }
         let start = Instant::now();
         let r: DecodeRequest = parse(body)?;
-        let vocab = self.tok.vocab_size() as u32;
-        if let Some(t) = r.tokens.iter().find(|&&t| t >= vocab) {
-            return Err(bad(format!("`tokens`: id {t} is outside the vocabulary (0..{vocab})")));
-        }
+        self.check_vocab(&r.tokens)?;
         Ok(json!({ "text": self.tok.decode(&r.tokens), "request_time": start.elapsed().as_secs_f64() }))
     }
 }

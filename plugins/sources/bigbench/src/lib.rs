@@ -66,12 +66,13 @@ fn convert(example: &Ordered, id: String, prefix: &str) -> Result<Example, Strin
                 }
                 choices.push(choice.as_str());
             }
+            let question = format!("{lead}{input}");
             let (instruction, input) = multiple_choice(&input, &choices);
             let gold = best.map_or(0, |(i, _)| i);
             let answer = letter(gold);
             let mut e = Example::instruction(id, "", &format!("{lead}{instruction}"), &input, answer);
             let right: Vec<bool> = (0..choices.len()).map(|i| i == gold).collect();
-            set_choice_fields(&mut e, &format!("{lead}{input}"), &choices, &right);
+            set_choice_fields(&mut e, &question, &choices, &right);
             return Ok(e);
         }
         Some(other) => {
@@ -213,6 +214,10 @@ mod tests {
         );
         assert_eq!(records[0].turns[1].content, "A");
         assert_eq!(records[0].meta("task"), Some("causal_judgment"));
+        // The evaluation fields: the prefixed question, the choices, which is right.
+        assert_eq!(records[0].meta("question"), Some("Answer the question.\nDid the fire cause the smoke?"));
+        assert_eq!((records[1].meta("choices"), records[1].meta("gold")), (Some(r#"["z","a","m"]"#), Some("1")));
+        assert_eq!((records[2].meta("question"), records[2].meta("target")), (Some("Answer the question.\nSay hi"), Some("hi")));
         assert_eq!(records[1].turns[0].content, "Answer the question.\nQuestion: Pick one\nA.z\nB.a\nC.m\nAnswer:");
         assert_eq!(records[1].turns[1].content, "B");
         assert_eq!(records[2].turns[0].content, "Answer the question.\nSay hi");
