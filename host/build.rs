@@ -8,15 +8,20 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-const KINDS: [(&str, &str); 4] =
-    [("sources", "Source"), ("filters", "Filter"), ("templates", "Template"), ("schedulers", "Scheduler")];
+const KINDS: [(&str, &str); 5] = [
+    ("sources", "Source"),
+    ("filters", "Filter"),
+    ("templates", "Template"),
+    ("schedulers", "Scheduler"),
+    ("scorers", "Scorer"),
+];
 const TARGET: &str = "wasm32-wasip2";
 
 fn main() {
     let host_dir = PathBuf::from(env::var("CARGO_MANIFEST_DIR").unwrap());
     let root = host_dir.parent().unwrap().to_path_buf();
     let plugins = root.join("plugins");
-    for p in ["sdk", "shared", "sources", "filters", "templates", "schedulers", "Cargo.toml", "Cargo.lock"] {
+    for p in ["sdk", "shared", "sources", "filters", "templates", "schedulers", "scorers", "Cargo.toml", "Cargo.lock"] {
         println!("cargo:rerun-if-changed={}", plugins.join(p).display());
     }
     println!("cargo:rerun-if-changed={}", root.join("wit").display());

@@ -25,9 +25,9 @@ fn plugin_list_and_inspect() {
     assert!(o.status.success(), "{}", text(&o));
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(v["kind"], "filter");
-    assert_eq!(v["wit"], "lorahost:plugin@0.1.0");
+    assert_eq!(v["wit"], "lorahost:plugin@0.1.1");
     assert_eq!(v["sha256"].as_str().unwrap().len(), 64);
-    assert!(v["imports"].as_array().unwrap().iter().any(|i| i == "lorahost:plugin/types@0.1.0"));
+    assert!(v["imports"].as_array().unwrap().iter().any(|i| i == "lorahost:plugin/types@0.1.1"));
 }
 
 #[test]

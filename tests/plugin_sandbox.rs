@@ -156,10 +156,26 @@ fn a_component_of_another_wit_version_is_refused() {
     let text = err.to_string();
     assert_eq!(
         failure(err, &plugin),
-        Failure::WrongVersion { expected: "lorahost:plugin@0.1.0".into(), found: "lorahost:plugin@0.0.1".into() }
+        Failure::WrongVersion { expected: "lorahost:plugin@0.1.1".into(), found: "lorahost:plugin@0.0.1".into() }
     );
     assert!(text.contains("rebuild it against the matching lorahost-sdk"), "{text}");
     assert_host_healthy(&engine);
+}
+
+#[test]
+fn a_plugin_of_an_earlier_compatible_contract_still_runs() {
+    let engine = engine();
+    let plugin = load(&engine, "contract-0-1-0");
+    assert_eq!(plugin.info.wit_version.as_deref(), Some("0.1.0"));
+    let mut f = WasmFilter::new(&engine, &plugin, &Grants::default(), "").unwrap();
+    let batch = vec![common::example("a:keep", "q", "a"), common::example("b:drop", "q", "a")];
+    let verdicts = f.filter_batch(&batch).unwrap();
+    assert_eq!(verdicts, vec![Verdict::Keep, Verdict::Drop("old".into())]);
+    // Newer than this host, or another 0.MINOR line: refused.
+    for v in ["0.1.2", "0.2.0", "1.1.0", "0.1"] {
+        assert!(!lorahost::plugins::bindings::compatible(v), "{v}");
+    }
+    assert!(lorahost::plugins::bindings::compatible("0.1.0") && lorahost::plugins::bindings::compatible("0.1.1"));
 }
 
 #[test]

@@ -31,7 +31,7 @@ fn a_scaffolded_filter_builds_outside_the_workspace_loads_and_runs() {
     let engine = PluginEngine::new(None).unwrap();
     let report = inspect::inspect(&engine, &wasm).unwrap();
     assert_eq!(report.kind.as_deref(), Some("filter"));
-    assert_eq!(report.wit.as_deref(), Some("lorahost:plugin@0.1.0"));
+    assert_eq!(report.wit.as_deref(), Some("lorahost:plugin@0.1.1"));
     assert!(!report.imports.iter().any(|i| i.starts_with("wasi:sockets")));
 
     let plugin = engine.load_file("scaffold-test-filter", &wasm).unwrap();
@@ -50,6 +50,21 @@ fn a_scaffolded_scheduler_builds_and_computes() {
     assert_eq!(s.lr(25, 100, 1e-4).unwrap(), 0.25e-4);
     let err = WasmScheduler::new(&engine, &plugin, &Grants::default(), "factor = 0.5\nevery = 0").err().unwrap();
     assert_eq!(err.failure, Failure::Refused("`every` must be at least 1".into()));
+}
+
+#[test]
+fn a_scaffolded_scorer_builds_and_scores() {
+    use lorahost::plugins::scorer::ScoringRequest;
+    let (_dir, wasm) = scaffold_and_build(PluginKind::Scorer, "scaffold-test-scorer");
+    let engine = PluginEngine::new(None).unwrap();
+    let plugin = engine.load_file("scaffold-test-scorer", &wasm).unwrap();
+    assert_eq!(plugin.info.kind, Some(PluginKind::Scorer));
+    let mut s = lorahost::plugins::WasmScorer::new(&engine, &plugin, &Grants::default(), "contains = true").unwrap();
+    let e = examples(1).remove(0);
+    let req = |g: &str| ScoringRequest { generation: g.into(), example: e.clone(), references: vec!["Paris".into()] };
+    let out = s.score_batch(&[req("It is Paris."), req("Lyon")]).unwrap();
+    assert_eq!((out[0].metrics.clone(), out[1].metrics[0].1), (vec![("match".to_string(), 1.0)], 0.0));
+    assert_eq!(out[0].extracted, "It is Paris.");
 }
 
 #[test]

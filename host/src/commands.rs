@@ -1,4 +1,5 @@
-//! The data commands of the CLI: `check`, `preview`, `tokenize`. Each is a few calls into the library.
+//! The commands of the CLI: `check`, `preview`, `tokenize`, `run`, `generate`, `merge`, `eval`, `serve`. Each
+//! is a few calls into the library.
 use anyhow::{bail, Context};
 use lorahost::data::{self, batch, lock::Lock};
 use lorahost::manifest::Manifest;
@@ -25,6 +26,7 @@ pub fn check(manifest: &Path, locked: bool, json: bool, show_drops: usize) -> an
         }
     }
     let prepared = data::prepare_plan(&plan)?;
+    let overlaps = decontamination(&plan, &prepared.stream)?;
     if locked {
         let want = Lock::read(&lock_path(&m))?;
         if want.token_stream.is_some() && want.token_stream != prepared.lock.token_stream {
@@ -39,9 +41,16 @@ pub fn check(manifest: &Path, locked: bool, json: bool, show_drops: usize) -> an
         prepared.lock.write(&lock_path(&m))?;
     }
     if json {
-        println!("{}", serde_json::to_string_pretty(&prepared.report)?);
+        let mut v = serde_json::to_value(&prepared.report)?;
+        if let (Some(o), Some(list)) = (v.as_object_mut(), &overlaps) {
+            o.insert("decontamination".into(), serde_json::to_value(list)?);
+        }
+        println!("{}", serde_json::to_string_pretty(&v)?);
     } else {
         print!("{}", prepared.report);
+        if let Some(list) = &overlaps {
+            print!("{}", lorahost::eval::decontam::text(list, 10));
+        }
         if locked {
             println!("lock     matches {}", lock_path(&m).display());
         } else {
@@ -49,6 +58,25 @@ pub fn check(manifest: &Path, locked: bool, json: bool, show_drops: usize) -> an
         }
     }
     Ok(())
+}
+
+/// With `[eval] tasks` in the manifest: which of their records share a 13-gram with the training stream.
+fn decontamination(plan: &data::Plan, stream: &data::TokenStream) -> anyhow::Result<Option<Vec<lorahost::eval::decontam::TaskOverlap>>> {
+    use lorahost::eval::{decontam, run, task};
+    let m = plan.manifest;
+    if m.eval.tasks.is_empty() {
+        return Ok(None);
+    }
+    let dirs = task::search_dirs(m);
+    let mut tasks = Vec::new();
+    for name in &m.eval.tasks {
+        let t = lorahost::eval::Task::load(&task::find(name, &dirs).with_context(|| format!("{}: `eval.tasks`", m.file.display()))?)?;
+        let records = run::read_records(&plan.set, &format!("eval.{}.source", t.name), &t.source)?;
+        tasks.push((t.name, records));
+    }
+    let offsets = stream.offsets();
+    let training = (0..stream.len()).map(|i| plan.tokenizer.decode(stream.record(&offsets, i).0));
+    Ok(Some(decontam::overlaps(&tasks, training)))
 }
 
 pub fn preview(manifest: &Path, n: usize, tokens: bool) -> anyhow::Result<()> {
@@ -248,5 +276,81 @@ pub fn logits(
     let bytes = safetensors::serialize([("ids", &ids_t), ("logits", &logits)], None)?;
     lorahost::fsutil::write_atomic(out, &bytes)?;
     println!("{} tokens, logits {:?} written to {}", ids.len(), logits.dims(), out.display());
+    Ok(())
+}
+
+/// Where `lorahost eval` writes: `--out`, else the run folder's `eval/` (`eval-base/` for `--base`).
+fn eval_dir(m: &Manifest, out: Option<std::path::PathBuf>, base: bool) -> std::path::PathBuf {
+    out.unwrap_or_else(|| m.run.output.join(if base { "eval-base" } else { "eval" }))
+}
+
+pub struct EvalArgs {
+    pub tasks: Vec<String>,
+    pub limit: Option<usize>,
+    pub adapter: Option<std::path::PathBuf>,
+    pub base: bool,
+    pub out: Option<std::path::PathBuf>,
+    pub batch_tokens: usize,
+}
+
+pub fn eval(manifest: &Path, a: EvalArgs) -> anyhow::Result<()> {
+    use lorahost::eval::{run, task, QwenLm, Task};
+    let m = Manifest::load(manifest)?;
+    let names = if a.tasks.is_empty() { m.eval.tasks.clone() } else { a.tasks };
+    if names.is_empty() {
+        bail!("no tasks to run: pass --tasks mmlu,gsm8k, or list them under [eval] tasks in {}", m.file.display());
+    }
+    let dirs = task::search_dirs(&m);
+    let tasks: Vec<Task> = names.iter().map(|n| Task::load(&task::find(n, &dirs)?)).collect::<anyhow::Result<_>>()?;
+    let set = data::plugins::PluginSet::new(&m)?;
+    let tok = data::load_tokenizer(&m)?;
+    let adapter_dir = (!a.base).then(|| a.adapter.clone().unwrap_or_else(|| m.run.output.join("adapter")));
+    let (model, lora) = model_and_adapter(&m, a.adapter, a.base)?;
+    let lm = QwenLm { model: &model, lora: lora.as_ref(), batch_tokens: a.batch_tokens, pad: tok.special_id("<|endoftext|>").unwrap_or(0) };
+    let opts = run::Options {
+        limit: a.limit,
+        progress: std::io::stderr().is_terminal(),
+        model: m.model.path.display().to_string(),
+        adapter: adapter_dir.map(|d| d.display().to_string()),
+    };
+    let out = eval_dir(&m, a.out, a.base);
+    let mut results = Vec::new();
+    for t in &tasks {
+        let r = run::run_task(&set, t, &lm, tok.as_ref(), &opts)?;
+        let path = r.write(&out)?;
+        eprintln!("{}: {} records, written to {}", t.name, r.records.len(), path.display());
+        results.push(r);
+    }
+    print!("{}", run::table(&results));
+    Ok(())
+}
+
+pub fn eval_compare(runs: &[std::path::PathBuf]) -> anyhow::Result<()> {
+    use lorahost::eval::compare;
+    if runs.len() < 2 {
+        bail!("compare needs at least two run folders, e.g. `lorahost eval compare runs/a runs/b`");
+    }
+    let loaded: Vec<_> = runs.iter().map(|r| compare::load_run(r)).collect::<anyhow::Result<_>>()?;
+    let names: Vec<String> = runs.iter().map(|r| r.display().to_string()).collect();
+    print!("{}", compare::table(&names, &compare::compare(&loaded)));
+    Ok(())
+}
+
+pub fn serve(manifest: &Path, host: &str, port: u16, adapter: Option<std::path::PathBuf>, base: bool) -> anyhow::Result<()> {
+    use lorahost::serve::{api, http, serve};
+    let m = Manifest::load(manifest)?;
+    let tok = data::load_tokenizer(&m)?;
+    let (model, lora) = model_and_adapter(&m, adapter, base)?;
+    let lm = lorahost::eval::QwenLm { model: &model, lora: lora.as_ref(), batch_tokens: 1024, pad: tok.special_id("<|endoftext|>").unwrap_or(0) };
+    let api = api::Api {
+        lm: &lm,
+        tok: tok.as_ref(),
+        model_name: m.run.name.clone(),
+        limits: api::ApiLimits::default(),
+        busy: std::sync::Mutex::new(()),
+    };
+    let listener = std::net::TcpListener::bind((host, port)).with_context(|| format!("cannot listen on {host}:{port}"))?;
+    eprintln!("serving {} on http://{} (POST /v1/completions, /process, /tokenize, /decode)", m.run.name, listener.local_addr()?);
+    serve(&listener, &api, &http::Limits::default(), &std::sync::atomic::AtomicBool::new(false));
     Ok(())
 }

@@ -4,11 +4,13 @@
 //! [`plugins`] runs the sandboxed stages; the CLI (`src/main.rs`) is a thin layer over this library.
 pub mod bench;
 pub mod data;
+pub mod eval;
 pub mod fsutil;
 pub mod import;
 pub mod manifest;
 pub mod model;
 pub mod plugins;
 pub mod rng;
+pub mod serve;
 pub mod tokenizer;
 pub mod train;

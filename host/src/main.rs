@@ -114,6 +114,25 @@ enum Command {
         #[arg(long, default_value = "f32")]
         dtype: String,
     },
+    /// Score the model (the run's adapter by default) on evaluation tasks; writes `<run>/eval/<task>.json`.
+    /// `lorahost eval compare runs/a runs/b` puts runs side by side.
+    Eval(EvalCli),
+    /// Serve the model over HTTP: OpenAI-style /v1/completions (echo, logprobs) and the 2023 challenge's
+    /// /process, /tokenize, /decode.
+    Serve {
+        manifest: PathBuf,
+        #[arg(long, default_value_t = 8080)]
+        port: u16,
+        /// The address to listen on; the default answers this machine only.
+        #[arg(long, default_value = "127.0.0.1")]
+        host: String,
+        /// Adapter folder (default: the run folder's `adapter/`).
+        #[arg(long)]
+        adapter: Option<PathBuf>,
+        /// Serve the base model without any adapter.
+        #[arg(long)]
+        base: bool,
+    },
     /// Work with plugins: scaffold, inspect, list the standard ones.
     Plugin {
         #[command(subcommand)]
@@ -131,11 +150,51 @@ enum Command {
     },
 }
 
+#[derive(clap::Args)]
+#[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
+struct EvalCli {
+    #[command(subcommand)]
+    command: Option<EvalCommand>,
+    /// The run manifest.
+    #[arg(required = true)]
+    manifest: Option<PathBuf>,
+    /// Task names or task files, comma-separated (default: the manifest's `[eval] tasks`). A name is looked up
+    /// as <name>.toml in `[eval] dir`, the manifest's eval/ folder, then the shipped examples/eval/.
+    #[arg(long, value_delimiter = ',')]
+    tasks: Vec<String>,
+    /// Score only the first N records of each task.
+    #[arg(long)]
+    limit: Option<usize>,
+    /// Adapter folder (default: the run folder's `adapter/`).
+    #[arg(long)]
+    adapter: Option<PathBuf>,
+    /// Score the base model without any adapter (results go to `<run>/eval-base/`).
+    #[arg(long)]
+    base: bool,
+    /// The folder for the results (default: `<run>/eval/`, or `<run>/eval-base/` with --base).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Rows x tokens per batched forward (bounds the logits' memory: x vocabulary x 4 bytes).
+    #[arg(long, default_value_t = 1024)]
+    batch_tokens: usize,
+}
+
+#[derive(Subcommand)]
+enum EvalCommand {
+    /// Side-by-side table of runs' results, each later run's difference to the first and whether it is larger
+    /// than its standard error (paired bootstrap).
+    Compare {
+        /// Run folders (their eval/ is read) or results folders.
+        #[arg(num_args = 2.., required = true)]
+        runs: Vec<PathBuf>,
+    },
+}
+
 #[derive(Subcommand)]
 enum PluginCommand {
     /// Write a new plugin crate that builds as it is: `lorahost plugin new filter my-filter`.
     New {
-        /// source, filter, template or scheduler
+        /// source, filter, template, scheduler or scorer
         kind: String,
         name: String,
         /// Folder to create the crate in.
@@ -328,7 +387,7 @@ fn write_json(path: Option<PathBuf>, value: &impl serde::Serialize) -> anyhow::R
 }
 
 fn parse_kind(s: &str) -> anyhow::Result<PluginKind> {
-    PluginKind::parse(s).with_context(|| format!("unknown plugin kind `{s}`: use source, filter, template or scheduler"))
+    PluginKind::parse(s).with_context(|| format!("unknown plugin kind `{s}`: use source, filter, template, scheduler or scorer"))
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
@@ -344,6 +403,22 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Logits { model, text, out, adapter, max_tokens, device, dtype } => {
             commands::logits(&model, &text, &out, adapter.as_deref(), max_tokens, &parse_device(&device)?, parse_dtype(&dtype)?)?
         }
+        Command::Eval(e) => match (e.command, e.manifest) {
+            (Some(EvalCommand::Compare { runs }), _) => commands::eval_compare(&runs)?,
+            (None, Some(manifest)) => commands::eval(
+                &manifest,
+                commands::EvalArgs {
+                    tasks: e.tasks,
+                    limit: e.limit,
+                    adapter: e.adapter,
+                    base: e.base,
+                    out: e.out,
+                    batch_tokens: e.batch_tokens,
+                },
+            )?,
+            (None, None) => anyhow::bail!("lorahost eval: give a manifest (or `compare RUN RUN...`)"),
+        },
+        Command::Serve { manifest, port, host, adapter, base } => commands::serve(&manifest, &host, port, adapter, base)?,
         Command::Plugin { command } => match command {
             PluginCommand::New { kind, name, dir, sdk } => {
                 let kind = parse_kind(&kind)?;

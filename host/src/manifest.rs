@@ -316,6 +316,22 @@ struct RawManifest {
     mix: Mix,
     #[serde(default)]
     plugins: BTreeMap<String, PluginFile>,
+    #[serde(default)]
+    eval: Eval,
+}
+
+/// `[eval]`: the evaluation tasks of a run (`lorahost eval` without `--tasks`, the decontamination report of
+/// `lorahost check`).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Eval {
+    /// Task names (looked up as `<name>.toml` in `dir`, the manifest's `eval/` folder, then the shipped
+    /// `examples/eval/`) or paths to task files.
+    #[serde(default)]
+    pub tasks: Vec<String>,
+    /// A folder of task files, searched first.
+    #[serde(default)]
+    pub dir: Option<PathBuf>,
 }
 
 fn default_scheduler() -> PluginUse {
@@ -337,6 +353,7 @@ pub struct Manifest {
     pub filters: Vec<PluginUse>,
     pub mix: Mix,
     pub plugins: BTreeMap<String, PluginFile>,
+    pub eval: Eval,
 }
 
 /// Option keys whose values are paths: resolved against the manifest folder and granted read-only.
@@ -357,25 +374,14 @@ impl Manifest {
 
     /// Parses `text` as if read from `file` (relative paths resolve against its folder).
     pub fn parse(file: &Path, text: &str) -> Result<Manifest, ManifestError> {
-        let line_of = |offset: usize| text[..offset.min(text.len())].matches('\n').count() + 1;
         let err = |line: Option<usize>, key: &str, message: String| ManifestError {
             file: file.to_path_buf(),
             line,
             key: key.to_string(),
             message,
         };
-        let de = toml::Deserializer::parse(text)
-            .map_err(|e| err(e.span().map(|s| line_of(s.start)), "", format!("malformed TOML: {}", e.message().trim())))?;
-        let raw: RawManifest = serde_path_to_error::deserialize(de).map_err(|e| {
-            let key = e.path().to_string();
-            let inner = e.into_inner();
-            let line = inner.span().map(|s| line_of(s.start)).or_else(|| find_key_line(text, &key));
-            let key = if key == "." { String::new() } else { key };
-            err(line, &key, explain(inner.message()))
-        })?;
-        let dir = file.parent().map(Path::to_path_buf).unwrap_or_default();
-        let dir = if dir.as_os_str().is_empty() { PathBuf::from(".") } else { dir };
-        let dir = dir.canonicalize().unwrap_or(dir);
+        let raw: RawManifest = parse_toml(file, text)?;
+        let dir = folder_of(file);
         let mut m = Manifest {
             file: file.to_path_buf(),
             run: raw.run,
@@ -388,6 +394,7 @@ impl Manifest {
             filters: raw.filters,
             mix: raw.mix,
             plugins: raw.plugins,
+            eval: raw.eval,
         };
         m.resolve_paths(&dir);
         m.validate().map_err(|(key, message)| err(find_key_line(text, &key), &key, message))?;
@@ -407,13 +414,11 @@ impl Manifest {
         for p in self.plugins.values_mut() {
             abs(&mut p.path);
         }
+        if let Some(d) = self.eval.dir.as_mut() {
+            abs(d);
+        }
         for u in self.plugin_uses_mut() {
-            u.read.iter_mut().for_each(abs);
-            for (key, value) in u.config.iter_mut() {
-                if is_path_key(key) {
-                    resolve_value(value, dir);
-                }
-            }
+            resolve_plugin_paths(u, dir);
         }
     }
 
@@ -500,6 +505,43 @@ impl Manifest {
     /// The cache folder for this run.
     pub fn cache_dir(&self) -> Option<PathBuf> {
         self.run.cache.clone().or_else(crate::plugins::PluginEngine::default_cache_dir)
+    }
+}
+
+/// Deserializes a strict TOML file (the manifest, an eval task); errors name the file, the line and the key.
+pub fn parse_toml<T: serde::de::DeserializeOwned>(file: &Path, text: &str) -> Result<T, ManifestError> {
+    let line_of = |offset: usize| text[..offset.min(text.len())].matches('\n').count() + 1;
+    let err = |line: Option<usize>, key: &str, message: String| ManifestError {
+        file: file.to_path_buf(),
+        line,
+        key: key.to_string(),
+        message,
+    };
+    let de = toml::Deserializer::parse(text)
+        .map_err(|e| err(e.span().map(|s| line_of(s.start)), "", format!("malformed TOML: {}", e.message().trim())))?;
+    serde_path_to_error::deserialize(de).map_err(|e| {
+        let key = e.path().to_string();
+        let inner = e.into_inner();
+        let line = inner.span().map(|s| line_of(s.start)).or_else(|| find_key_line(text, &key));
+        let key = if key == "." { String::new() } else { key };
+        err(line, &key, explain(inner.message()))
+    })
+}
+
+/// The absolute folder of `file`, against which its relative paths resolve.
+pub fn folder_of(file: &Path) -> PathBuf {
+    let dir = file.parent().map(Path::to_path_buf).unwrap_or_default();
+    let dir = if dir.as_os_str().is_empty() { PathBuf::from(".") } else { dir };
+    dir.canonicalize().unwrap_or(dir)
+}
+
+/// Resolves the path options of a plugin use (`path`, `dir`, `*_path`, ... and `read`) against `dir`.
+pub fn resolve_plugin_paths(u: &mut PluginUse, dir: &Path) {
+    u.read.iter_mut().for_each(|p| *p = absolute(dir, p));
+    for (key, value) in u.config.iter_mut() {
+        if is_path_key(key) {
+            resolve_value(value, dir);
+        }
     }
 }
 

@@ -35,7 +35,7 @@ macro_rules! __lorahost_generate {{
             path: "{wit}",
             world: $world,
             runtime_path: "::lorahost_sdk::__private::wit_bindgen::rt",
-            with: {{ "lorahost:plugin/types@0.1.0": ::lorahost_sdk::types }},
+            with: {{ "lorahost:plugin/types@0.1.1": ::lorahost_sdk::types }},
         }});
     }};
 }}

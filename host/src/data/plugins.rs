@@ -3,7 +3,7 @@
 use crate::manifest::{is_path_key, Manifest, PluginUse};
 use crate::plugins::{
     standard, Grants, LoadedPlugin, NativePlugin, PluginEngine, PluginKind, RecordFilter, RecordSource, WasmFilter,
-    WasmScheduler, WasmSource, WasmTemplate,
+    WasmScheduler, WasmScorer, WasmSource, WasmTemplate,
 };
 use anyhow::{bail, Context};
 use std::path::{Path, PathBuf};
@@ -145,6 +145,10 @@ impl PluginSet<'_> {
 
     pub fn scheduler(&self, r: &Resolved) -> anyhow::Result<WasmScheduler> {
         Ok(WasmScheduler::new(&self.engine, r.wasm.as_ref().expect("schedulers are wasm"), &r.grants, &r.config)?)
+    }
+
+    pub fn scorer(&self, r: &Resolved) -> anyhow::Result<WasmScorer> {
+        Ok(WasmScorer::new(&self.engine, r.wasm.as_ref().expect("scorers are wasm"), &r.grants, &r.config)?)
     }
 }
 

@@ -3,7 +3,7 @@
 //! Compiling a component takes ~0.1-1 s; loading the compiled artifact takes about a millisecond. So each
 //! component is compiled once per content digest (and engine configuration) and kept under the cache
 //! folder; later loads deserialize it.
-use super::bindings::{WIT_PACKAGE, WIT_VERSION};
+use super::bindings::{compatible, WIT_PACKAGE, WIT_VERSION};
 use super::error::{Failure, PluginError};
 use super::kind::PluginKind;
 use super::sandbox::{self, HostState, EPOCH_TICK};
@@ -65,7 +65,7 @@ impl ComponentInfo {
         ComponentInfo { kind, wit_version, imports, exports }
     }
 
-    /// Checks that this component is a `kind` plugin for this host's contract version.
+    /// Checks that this component is a `kind` plugin for a contract version this host runs.
     pub fn expect(&self, kind: PluginKind) -> Result<(), Failure> {
         match (&self.kind, &self.wit_version) {
             (None, _) => Err(Failure::Invalid(format!(
@@ -75,7 +75,7 @@ impl ComponentInfo {
             (Some(found), _) if *found != kind => {
                 Err(Failure::WrongKind { expected: kind.to_string(), found: found.to_string() })
             }
-            (_, Some(v)) if v != WIT_VERSION => Err(Failure::WrongVersion {
+            (_, Some(v)) if !compatible(v) => Err(Failure::WrongVersion {
                 expected: format!("{WIT_PACKAGE}@{WIT_VERSION}"),
                 found: format!("{WIT_PACKAGE}@{v}"),
             }),

@@ -1,4 +1,4 @@
-//! The four kinds of plugin and how each shows itself in a component's exports.
+//! The five kinds of plugin and how each shows itself in a component's exports.
 use std::fmt;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
@@ -8,11 +8,13 @@ pub enum PluginKind {
     Filter,
     Template,
     Scheduler,
+    /// Scores generations in `lorahost eval` (contract 0.1.1 on).
+    Scorer,
 }
 
 impl PluginKind {
-    pub const ALL: [PluginKind; 4] =
-        [PluginKind::Source, PluginKind::Filter, PluginKind::Template, PluginKind::Scheduler];
+    pub const ALL: [PluginKind; 5] =
+        [PluginKind::Source, PluginKind::Filter, PluginKind::Template, PluginKind::Scheduler, PluginKind::Scorer];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -20,6 +22,7 @@ impl PluginKind {
             PluginKind::Filter => "filter",
             PluginKind::Template => "template",
             PluginKind::Scheduler => "scheduler",
+            PluginKind::Scorer => "scorer",
         }
     }
 
@@ -30,6 +33,7 @@ impl PluginKind {
             PluginKind::Filter => "filter-api",
             PluginKind::Template => "template-api",
             PluginKind::Scheduler => "scheduler-api",
+            PluginKind::Scorer => "scorer-api",
         }
     }
 

@@ -164,6 +164,35 @@ impl Scheduler for StepDecay {
 lorahost_sdk::export_scheduler!(StepDecay);
 "#
         }
+        PluginKind::Scorer => {
+            r#"//! A scorer: how good one generation is, given the record's references.
+use lorahost_sdk::{Example, Score, Scorer};
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Config {
+    /// Count a generation as right when it contains a reference anywhere (else: equals one, trimmed).
+    #[serde(default)]
+    contains: bool,
+}
+
+struct Match(Config);
+
+impl Scorer for Match {
+    type Config = Config;
+    fn new(config: Config) -> Result<Self, String> {
+        Ok(Match(config))
+    }
+    fn score(&mut self, generation: &str, _example: &Example, references: &[String]) -> Result<Score, String> {
+        let g = generation.trim();
+        let hit = references.iter().any(|r| if self.0.contains { g.contains(r.trim()) } else { g == r.trim() });
+        Ok(Score::new(g, [("match", f64::from(u8::from(hit)))]))
+    }
+}
+
+lorahost_sdk::export_scorer!(Match);
+"#
+        }
         PluginKind::Source => {
             r#"//! A source: reads records, batch by batch, from a file the manifest grants.
 use lorahost_sdk::{Batch, Example, Source};

@@ -1,6 +1,6 @@
 //! # lorahost-sdk: write a lorahost plugin in a few lines
 //!
-//! A plugin is a Rust crate built for `wasm32-wasip2`. Implement one of the four traits and export it with
+//! A plugin is a Rust crate built for `wasm32-wasip2`. Implement one of the five traits and export it with
 //! the matching macro, at the crate root:
 //!
 //! ```ignore
@@ -88,6 +88,31 @@ pub trait Scheduler: Sized + 'static {
     fn lr(&self, step: u64, total: u64, base: f64) -> f64;
 }
 
+/// Scores one generation of `lorahost eval` against the record's references.
+pub trait Scorer: Sized + 'static {
+    type Config: DeserializeOwned;
+    fn new(config: Self::Config) -> Result<Self, String>;
+    /// `generation` is the model's output cut at the task's stop strings; `example` the evaluation record;
+    /// `references` the answers the task names for it. An error stops the evaluation and names the plugin.
+    fn score(&mut self, generation: &str, example: &Example, references: &[String]) -> Result<Score, String>;
+}
+
+/// A scorer's verdict on one generation.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Score {
+    /// Metric name and value; every score of one scorer names the same metrics in the same order, the first
+    /// being the task's main metric.
+    pub metrics: Vec<(String, f64)>,
+    /// The answer read out of the generation, shown in the per-record results.
+    pub extracted: String,
+}
+
+impl Score {
+    pub fn new<'a>(extracted: impl Into<String>, metrics: impl IntoIterator<Item = (&'a str, f64)>) -> Score {
+        Score { extracted: extracted.into(), metrics: metrics.into_iter().map(|(k, v)| (k.to_string(), v)).collect() }
+    }
+}
+
 /// Parses a plugin's configuration (its manifest table as TOML text).
 pub fn parse_config<T: DeserializeOwned>(text: &str) -> Result<T, String> {
     toml::from_str(text).map_err(|e| format!("invalid configuration: {}", e.message().trim_end()))
@@ -149,6 +174,22 @@ pub mod __private {
     pub fn lr<T: Scheduler>(slot: &RefCell<Option<T>>, step: u64, total: u64, base: f64) -> f64 {
         // The host always calls init first; NaN makes a broken call impossible to miss.
         slot.borrow().as_ref().map_or(f64::NAN, |s| s.lr(step, total, base))
+    }
+
+    pub fn scorer_init<T: Scorer>(slot: &RefCell<Option<T>>, config: &str) -> Result<(), String> {
+        *slot.borrow_mut() = Some(T::new(parse_config(config)?)?);
+        Ok(())
+    }
+
+    /// Scores a batch; the plugin crate converts its generated request type into these parts.
+    pub fn score_batch<T: Scorer, R>(
+        slot: &RefCell<Option<T>>,
+        batch: Vec<R>,
+        parts: impl Fn(R) -> (String, Example, Vec<String>),
+    ) -> Result<Vec<Score>, String> {
+        let mut slot = slot.borrow_mut();
+        let scorer = slot.as_mut().ok_or("score-batch called before init")?;
+        batch.into_iter().map(parts).map(|(g, e, r)| scorer.score(&g, &e, &r)).collect()
     }
 
     pub fn open<T: Source>(config: &str) -> Result<RefCell<T>, String> {
@@ -245,6 +286,35 @@ macro_rules! export_source {
             fn open(config: String) -> Result<exports::lorahost::plugin::source_api::Reader, String> {
                 let reader = $crate::__private::open::<$plugin>(&config)?;
                 Ok(exports::lorahost::plugin::source_api::Reader::new(__LorahostReader(reader)))
+            }
+        }
+        export!(__LorahostExport);
+    };
+}
+
+/// Exports a [`Scorer`] as this crate's plugin. Call once, at the crate root.
+#[macro_export]
+macro_rules! export_scorer {
+    ($plugin:ty) => {
+        $crate::__lorahost_generate!("scorer");
+        ::std::thread_local! {
+            static __LORAHOST_SCORER: ::std::cell::RefCell<Option<$plugin>> = const { ::std::cell::RefCell::new(None) };
+        }
+        struct __LorahostExport;
+        impl exports::lorahost::plugin::scorer_api::Guest for __LorahostExport {
+            fn init(config: String) -> Result<(), String> {
+                __LORAHOST_SCORER.with(|s| $crate::__private::scorer_init(s, &config))
+            }
+            fn score_batch(
+                batch: Vec<exports::lorahost::plugin::scorer_api::ScoringRequest>,
+            ) -> Result<Vec<exports::lorahost::plugin::scorer_api::Scored>, String> {
+                let scores = __LORAHOST_SCORER.with(|s| {
+                    $crate::__private::score_batch(s, batch, |r| (r.generation, r.example, r.references))
+                })?;
+                Ok(scores
+                    .into_iter()
+                    .map(|s| exports::lorahost::plugin::scorer_api::Scored { metrics: s.metrics, extracted: s.extracted })
+                    .collect())
             }
         }
         export!(__LorahostExport);

@@ -73,6 +73,18 @@ pub fn multiple_choice<S: AsRef<str>>(question: &str, choices: &[S]) -> (String,
     (format!("Question: {question}"), input)
 }
 
+/// The evaluation fields of a multiple-choice record (what `lorahost eval` builds prompts from), in its
+/// metadata: `question`, `choices` (a JSON list of the choice texts, in the record's order), `labels` (a JSON
+/// list of 1 for a right choice and 0 for a wrong one) and `gold` (the index of the first right choice).
+pub fn set_choice_fields<S: AsRef<str>>(example: &mut Example, question: &str, choices: &[S], right: &[bool]) {
+    let texts: Vec<&str> = choices.iter().map(AsRef::as_ref).collect();
+    let labels: Vec<u8> = right.iter().map(|&r| u8::from(r)).collect();
+    example.set_meta("question", question);
+    example.set_meta("choices", serde_json::to_string(&texts).expect("strings serialize"));
+    example.set_meta("labels", serde_json::to_string(&labels).expect("numbers serialize"));
+    example.set_meta("gold", right.iter().position(|&r| r).unwrap_or(0).to_string());
+}
+
 /// A permutation of `0..n` that depends only on `seed` and `key` (e.g. the question text), so the order of
 /// a record's choices is the same on every run and machine. FNV-1a seeds a xorshift generator; Fisher-Yates.
 pub fn permutation(n: usize, seed: u64, key: &str) -> Vec<usize> {
@@ -127,6 +139,15 @@ mod tests {
         let (instruction, input) = multiple_choice("Why?", &["x", "y"]);
         assert_eq!(instruction, "Question: Why?");
         assert_eq!(input, "A.x\nB.y\nAnswer:");
+    }
+
+    #[test]
+    fn choice_fields() {
+        let mut e = Example { id: "x".into(), dataset: String::new(), turns: vec![], meta: vec![] };
+        set_choice_fields(&mut e, "Why?", &["a \"b\"", "c"], &[false, true]);
+        assert_eq!(e.meta("question"), Some("Why?"));
+        assert_eq!(e.meta("choices"), Some(r#"["a \"b\"","c"]"#));
+        assert_eq!((e.meta("labels"), e.meta("gold")), (Some("[0,1]"), Some("1")));
     }
 
     #[test]

@@ -24,10 +24,12 @@
 //! (`example_input_prefix` ...) are not used.
 //!
 //! Ids are `<file name>#<0-based index>`; the metadata holds `task` (the file's `name`, else the folder name
-//! for `task.json`, else the file name without `.json`). An example without `input`, or with neither usable
+//! for `task.json`, else the file name without `.json`) and the evaluation fields: `question` (the prefixed
+//! input) and, for `target_scores`, `choices`, `labels`, `gold` (see `set_choice_fields` in
+//! shared/recipe-sources), else `target`. An example without `input`, or with neither usable
 //! `target_scores` nor `target`, is reported as `<file name>#<index>: <what is wrong>` and skipped. A file that
 //! is not JSON or has no `examples` list cannot be read at all.
-use lorahost_recipe_sources::{fill, letter, multiple_choice, Next, Ordered, Queue};
+use lorahost_recipe_sources::{fill, letter, multiple_choice, set_choice_fields, Next, Ordered, Queue};
 use lorahost_sdk::{Batch, Example, Source};
 use std::path::Path;
 
@@ -64,9 +66,14 @@ fn convert(example: &Ordered, id: String, prefix: &str) -> Result<Example, Strin
                 }
                 choices.push(choice.as_str());
             }
+            let question = format!("{lead}{input}");
             let (instruction, input) = multiple_choice(&input, &choices);
-            let answer = letter(best.map_or(0, |(i, _)| i));
-            return Ok(Example::instruction(id, "", &format!("{lead}{instruction}"), &input, answer));
+            let gold = best.map_or(0, |(i, _)| i);
+            let answer = letter(gold);
+            let mut e = Example::instruction(id, "", &format!("{lead}{instruction}"), &input, answer);
+            let right: Vec<bool> = (0..choices.len()).map(|i| i == gold).collect();
+            set_choice_fields(&mut e, &question, &choices, &right);
+            return Ok(e);
         }
         Some(other) => {
             return Err(format!(
@@ -86,7 +93,10 @@ fn convert(example: &Ordered, id: String, prefix: &str) -> Result<Example, Strin
         },
         Some(t) => t.text().ok_or_else(|| format!("target should be text, found {}", t.kind()))?,
     };
-    Ok(Example::instruction(id, "", &format!("{lead}{input}"), "", target))
+    let mut e = Example::instruction(id, "", &format!("{lead}{input}"), "", &target);
+    e.set_meta("question", format!("{lead}{input}"));
+    e.set_meta("target", target);
+    Ok(e)
 }
 
 impl Source for BigBench {
@@ -204,6 +214,10 @@ mod tests {
         );
         assert_eq!(records[0].turns[1].content, "A");
         assert_eq!(records[0].meta("task"), Some("causal_judgment"));
+        // The evaluation fields: the prefixed question, the choices, which is right.
+        assert_eq!(records[0].meta("question"), Some("Answer the question.\nDid the fire cause the smoke?"));
+        assert_eq!((records[1].meta("choices"), records[1].meta("gold")), (Some(r#"["z","a","m"]"#), Some("1")));
+        assert_eq!((records[2].meta("question"), records[2].meta("target")), (Some("Answer the question.\nSay hi"), Some("hi")));
         assert_eq!(records[1].turns[0].content, "Answer the question.\nQuestion: Pick one\nA.z\nB.a\nC.m\nAnswer:");
         assert_eq!(records[1].turns[1].content, "B");
         assert_eq!(records[2].turns[0].content, "Answer the question.\nSay hi");

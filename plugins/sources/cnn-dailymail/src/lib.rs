@@ -16,7 +16,7 @@
 //! answer e.g. `City council votes 7-2 to turn a disused rail line into a park .\nThe three-year project ...`.
 //!
 //! Ids are `<file name>:<line>` (the line a CSV row starts on); the record's own `id` goes into the metadata
-//! as `id`. A row or line without an article or highlights (or, in CSV, with a short row) is reported as
+//! as `id`, the article and highlights as `article` and `highlights` (what `lorahost eval` prompts from). A row or line without an article or highlights (or, in CSV, with a short row) is reported as
 //! `<file name>:<line>: <what is wrong>` and skipped.
 use lorahost_recipe_sources::{field, fill, object, open_buffered, opt_field, JsonLines, Next};
 use lorahost_sdk::{Batch, Example, Source};
@@ -53,7 +53,9 @@ fn record(at: String, article: &str, highlights: String, id: Option<String>) -> 
     if highlights.trim().is_empty() {
         return Err("the highlights are empty".into());
     }
-    let mut example = Example::instruction(at, "", article, INSTRUCTION, highlights);
+    let mut example = Example::instruction(at, "", article, INSTRUCTION, highlights.as_str());
+    example.set_meta("article", article);
+    example.set_meta("highlights", highlights);
     if let Some(id) = id.filter(|i| !i.is_empty()) {
         example.set_meta("id", id);
     }

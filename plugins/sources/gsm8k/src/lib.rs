@@ -16,7 +16,8 @@
 //! `A: Natalia sold 48/2 = <<48/2=24>>24 clips in May.\n...\n#### 72`. With `calculations = false` the
 //! `<<...>>` annotations are removed (`A: Natalia sold 48/2 = 24 clips in May. ...`).
 //!
-//! Ids are `<file name>:<line>`; the final answer goes into the metadata as `final_answer`. A line that is not
+//! Ids are `<file name>:<line>`; the final answer goes into the metadata as `final_answer`, the question and
+//! the worked answer (as the output has it) as `question` and `answer` (what `lorahost eval` prompts from). A line that is not
 //! JSON, lacks `question` or `answer`, or whose answer has no `####` line is reported as
 //! `<file name>:<line>: <what is wrong>` and skipped.
 use lorahost_recipe_sources::{field, fill, object, JsonLines};
@@ -64,6 +65,8 @@ fn convert(value: &Value, at: &str, calculations: bool) -> Result<Example, Strin
     let answer = if calculations { answer } else { strip_calculations(&answer) };
     let mut example = Example::instruction(at, "", &format!("Q: {question}"), "", format!("A: {answer}"));
     example.set_meta("final_answer", final_answer);
+    example.set_meta("question", question);
+    example.set_meta("answer", answer);
     Ok(example)
 }
 

@@ -24,10 +24,11 @@
 //! Each row becomes (the notes' MMLU format, choices joined to their letter with a bare dot):
 //! instruction `Question: {question}`, input `A.{A}\nB.{B}\nC.{C}\nD.{D}\nAnswer:`, output the letter;
 //! so the user turn is `Question: {question}\nA.{A}\nB.{B}\nC.{C}\nD.{D}\nAnswer:` and the answer e.g. `C`.
-//! Ids are `<file name>:<line>` (the line a row starts on); metadata `subject`. A row with the wrong number
+//! Ids are `<file name>:<line>` (the line a row starts on); metadata `subject` and the evaluation fields
+//! `question`, `choices`, `labels`, `gold` (see `set_choice_fields` in shared/recipe-sources). A row with the wrong number
 //! of fields or an answer that is not A-D / 0-3 is reported as `<file name>:<line>: <what is wrong>` and
 //! skipped.
-use lorahost_recipe_sources::{fill, multiple_choice, Next};
+use lorahost_recipe_sources::{fill, multiple_choice, set_choice_fields, Next};
 use lorahost_sdk::{Batch, Example, Source};
 use std::fs::File;
 use std::io::BufReader;
@@ -142,6 +143,8 @@ impl Mmlu {
             let letter = ["A", "B", "C", "D"][answer];
             let mut example = Example::instruction(at, "", &instruction, &input, letter);
             example.set_meta("subject", cur.subject.as_str());
+            let right: Vec<bool> = (0..4).map(|i| i == answer).collect();
+            set_choice_fields(&mut example, &self.record[0], &choices, &right);
             return Ok(Some(Ok(example)));
         }
     }

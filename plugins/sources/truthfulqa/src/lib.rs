@@ -3,7 +3,8 @@
 //!
 //! - `TruthfulQA.csv` (sylinrl/TruthfulQA): columns `Type, Category, Question, Best Answer, Correct Answers,
 //!   Incorrect Answers, Source`, the answer lists separated by `;`. The choices are the best answer plus every
-//!   incorrect answer (how TruthfulQA builds its MC1 task); the best answer is the right one.
+//!   incorrect answer (how TruthfulQA builds its MC1 task); the best answer is the right one. With
+//!   `targets = "mc2"`: every correct answer (right) plus every incorrect one, as MC2 does.
 //! - the multiple-choice JSON (`mc_task.json`, or the HF `truthful_qa` "multiple_choice" rows as a JSON array
 //!   or JSON Lines): records with `question` and `mc1_targets` / `mc2_targets`, each either an object of
 //!   choice -> 1 (true) / 0 (false), in file order, or `{"choices": [...], "labels": [...]}`.
@@ -14,7 +15,7 @@
 //! [dataset.source]
 //! plugin = "truthfulqa"
 //! path = "data/TruthfulQA.csv"   # .csv is the CSV; anything else is JSON (an array, or one object a line)
-//! targets = "mc1"                # JSON only: "mc1" (default, one right answer) or "mc2" (several)
+//! targets = "mc1"                # "mc1" (default, one right answer) or "mc2" (several)
 //! shuffle = true                 # default: put the choices in a seeded order per question
 //! seed = 42                      # default
 //! ```
@@ -28,10 +29,11 @@
 //! Answers are used as written (no period added).
 //!
 //! Ids: CSV `<file name>:<line>`, JSON `<file name>#<0-based index>` (JSON Lines: `<file name>:<line>`).
-//! Metadata: `category` and `type` (CSV). A record without a question, a right answer or a wrong one is
+//! Metadata: `category` and `type` (CSV), and the evaluation fields `question`, `choices`, `labels`, `gold`
+//! (in the record's choice order; see `set_choice_fields` in shared/recipe-sources). A record without a question, a right answer or a wrong one is
 //! reported as `<id>: <what is wrong>` and skipped.
 use lorahost_recipe_sources::{
-    fill, json_error, letter, multiple_choice, open_buffered, permutation, Next, Ordered, Queue,
+    fill, json_error, letter, multiple_choice, open_buffered, permutation, set_choice_fields, Next, Ordered, Queue,
 };
 use lorahost_sdk::{Batch, Example, Source};
 use std::fs::File;
@@ -59,8 +61,10 @@ fn default_seed() -> u64 {
 struct Csv {
     reader: csv::Reader<BufReader<File>>,
     name: String,
-    /// Column indices of Question, Best Answer, Incorrect Answers, Category, Type.
-    columns: [Option<usize>; 5],
+    /// Column indices of Question, Best Answer, Incorrect Answers, Category, Type, Correct Answers.
+    columns: [Option<usize>; 6],
+    /// mc2: the right choices are every correct answer, not the best one alone.
+    mc2: bool,
 }
 
 struct TruthfulQa {
@@ -87,8 +91,11 @@ fn lettered(
     let order = if shuffle { permutation(choices.len(), seed, question) } else { (0..choices.len()).collect() };
     let texts: Vec<&str> = order.iter().map(|&i| choices[i].0.as_str()).collect();
     let answer: Vec<String> = order.iter().enumerate().filter(|(_, &i)| choices[i].1).map(|(k, _)| letter(k)).collect();
+    let right: Vec<bool> = order.iter().map(|&i| choices[i].1).collect();
     let (instruction, input) = multiple_choice(question, &texts);
-    Ok(Example::instruction(id, "", &instruction, &input, answer.join(", ")))
+    let mut example = Example::instruction(id, "", &instruction, &input, answer.join(", "));
+    set_choice_fields(&mut example, question, &texts, &right);
+    Ok(example)
 }
 
 /// The choices of one `mc1_targets` / `mc2_targets` value, in order, with their right/wrong flags.
@@ -163,7 +170,11 @@ impl TruthfulQa {
         } else if best.is_empty() {
             Err("the Best Answer column is empty".to_string())
         } else {
-            let mut choices = vec![(best.to_string(), true)];
+            let mut choices = if csv.mc2 {
+                answers(get(5)).into_iter().map(|a| (a, true)).collect()
+            } else {
+                vec![(best.to_string(), true)]
+            };
             choices.extend(answers(get(2)).into_iter().map(|a| (a, false)));
             lettered(at.clone(), question, choices, self.shuffle, self.seed).map(|mut e| {
                 for (i, key) in [(3, "category"), (4, "type")] {
@@ -189,23 +200,26 @@ impl Source for TruthfulQa {
         };
         let mut source = TruthfulQa { csv: None, queue: Queue::default(), shuffle: c.shuffle, seed: c.seed };
         if c.path.to_ascii_lowercase().ends_with(".csv") {
-            if c.targets.is_some() {
-                return Err(
-                    "targets applies to the multiple-choice JSON only; the CSV gives one right answer (mc1)".into()
-                );
-            }
             let (file, name) = open_buffered(&c.path)?;
             let mut reader = csv::ReaderBuilder::new().flexible(true).from_reader(file);
             let headers = reader.headers().map_err(|e| format!("{name}: cannot read the header: {e}"))?.clone();
             let find = |n: &str| headers.iter().position(|h| h.trim().trim_start_matches('\u{feff}') == n);
-            let columns =
-                [find("Question"), find("Best Answer"), find("Incorrect Answers"), find("Category"), find("Type")];
-            for (i, n) in ["Question", "Best Answer", "Incorrect Answers"].iter().enumerate() {
+            let columns = [
+                find("Question"),
+                find("Best Answer"),
+                find("Incorrect Answers"),
+                find("Category"),
+                find("Type"),
+                find("Correct Answers"),
+            ];
+            let mc2 = key == "mc2_targets";
+            let needed: &[(usize, &str)] = &[(0, "Question"), (1, "Best Answer"), (2, "Incorrect Answers"), (5, "Correct Answers")];
+            for &(i, n) in needed.iter().filter(|(i, _)| *i != 5 || mc2) {
                 if columns[i].is_none() {
                     return Err(format!("{name} has no `{n}` column; is it TruthfulQA.csv?"));
                 }
             }
-            source.csv = Some(Csv { reader, name, columns });
+            source.csv = Some(Csv { reader, name, columns, mc2 });
             return Ok(source);
         }
         let (file, name) = open_buffered(&c.path)?;
@@ -375,12 +389,18 @@ mod tests {
         std::fs::remove_dir_all(dir).ok();
 
         let csv = "Type,Category,Question,Best Answer,Correct Answers,Incorrect Answers,Source\n\
-                   A,C,Q1,Right,Right,Wrong1; Wrong2,s\nA,C,,Right,Right,Wrong,s\nA,C,Q3,Right,Right,,s\n";
+                   A,C,Q1,Right,Right; Also right,Wrong1; Wrong2,s\nA,C,,Right,Right,Wrong,s\nA,C,Q3,Right,Right,,s\n";
         let (dir, path) = temp("t.csv", csv);
         let (records, malformed) = read_all(&format!("path = {path:?}\nshuffle = false"));
         assert_eq!(records[0].turns[0].content, "Question: Q1\nA.Right\nB.Wrong1\nC.Wrong2\nAnswer:");
         assert_eq!(malformed, ["t.csv:3: the Question column is empty", "t.csv:4: no wrong answer among the choices"]);
-        assert!(open(&format!("path = {path:?}\ntargets = \"mc2\"")).err().unwrap().starts_with("targets applies"));
+        assert_eq!(records[0].meta("choices"), Some(r#"["Right","Wrong1","Wrong2"]"#));
+        assert_eq!((records[0].meta("labels"), records[0].meta("gold")), (Some("[1,0,0]"), Some("0")));
+        // MC2 from the CSV: every correct answer is right.
+        let (records, _) = read_all(&format!("path = {path:?}\nshuffle = false\ntargets = \"mc2\""));
+        assert_eq!(records[0].meta("choices"), Some(r#"["Right","Also right","Wrong1","Wrong2"]"#));
+        assert_eq!(records[0].meta("labels"), Some("[1,1,0,0]"));
+        assert_eq!(records[0].turns[1].content, "A, B");
         std::fs::remove_dir_all(dir).ok();
         let (dir, path) = temp("x.csv", "a,b\n1,2\n");
         assert!(open(&format!("path = {path:?}")).err().unwrap().contains("has no `Question` column"));
