@@ -8,7 +8,7 @@ use candle_core::{DType, Device, Tensor};
 use lorahost::data::plugins::PluginSet;
 use lorahost::eval::lm::{encode_pair, LoglikRequest};
 use lorahost::eval::results::{aggregate, RecordResult, TaskResult};
-use lorahost::eval::{compare, run, LanguageModel, QwenLm, Task};
+use lorahost::eval::{compare, run, LanguageModel, ModelLm, Task};
 use lorahost::manifest::Manifest;
 use lorahost::model::tiny::{write_tiny_checkpoint, TinySpec};
 use lorahost::model::Model;
@@ -214,7 +214,7 @@ fn multiple_choice_loglikelihoods_equal_separately_summed_token_logprobs() {
     let tok = tokenizer();
     let bos = tok.special_id("<|endoftext|>").unwrap();
     // Rows of different lengths share forwards (right-padded) within the budget.
-    let lm = QwenLm { model: &model, lora: None, batch_tokens: 400, pad: bos };
+    let lm = ModelLm { model: &model, lora: None, batch_tokens: 400, pad: bos };
     let task = shipped("truthfulqa_mc1");
     let opts = run::Options { limit: Some(1), progress: false, model: "tiny".into(), adapter: None };
     let result = run::run_task(&set, &task, &lm, tok.as_ref(), &opts).unwrap();
@@ -353,7 +353,7 @@ fn serve_answers_like_eval_and_survives_bad_requests() {
     let model = tiny_model(dir.path());
     let tok = tokenizer();
     let bos = tok.special_id("<|endoftext|>").unwrap();
-    let lm = QwenLm { model: &model, lora: None, batch_tokens: 400, pad: bos };
+    let lm = ModelLm { model: &model, lora: None, batch_tokens: 400, pad: bos };
     let api = api::Api { lm: &lm, tok: tok.as_ref(), model_name: "tiny".into(), limits: api::ApiLimits::default(), busy: Default::default() };
     let limits = Limits { max_body_bytes: 64 * 1024, ..Limits::default() };
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();

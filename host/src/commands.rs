@@ -294,7 +294,7 @@ pub struct EvalArgs {
 }
 
 pub fn eval(manifest: &Path, a: EvalArgs) -> anyhow::Result<()> {
-    use lorahost::eval::{run, task, QwenLm, Task};
+    use lorahost::eval::{run, task, ModelLm, Task};
     let m = Manifest::load(manifest)?;
     let names = if a.tasks.is_empty() { m.eval.tasks.clone() } else { a.tasks };
     if names.is_empty() {
@@ -306,7 +306,7 @@ pub fn eval(manifest: &Path, a: EvalArgs) -> anyhow::Result<()> {
     let tok = data::load_tokenizer(&m)?;
     let adapter_dir = (!a.base).then(|| a.adapter.clone().unwrap_or_else(|| m.run.output.join("adapter")));
     let (model, lora) = model_and_adapter(&m, a.adapter, a.base)?;
-    let lm = QwenLm { model: &model, lora: lora.as_ref(), batch_tokens: a.batch_tokens, pad: tok.special_id("<|endoftext|>").unwrap_or(0) };
+    let lm = ModelLm { model: &model, lora: lora.as_ref(), batch_tokens: a.batch_tokens, pad: tok.special_id("<|endoftext|>").unwrap_or(0) };
     let opts = run::Options {
         limit: a.limit,
         progress: std::io::stderr().is_terminal(),
@@ -341,7 +341,7 @@ pub fn serve(manifest: &Path, host: &str, port: u16, adapter: Option<std::path::
     let m = Manifest::load(manifest)?;
     let tok = data::load_tokenizer(&m)?;
     let (model, lora) = model_and_adapter(&m, adapter, base)?;
-    let lm = lorahost::eval::QwenLm { model: &model, lora: lora.as_ref(), batch_tokens: 1024, pad: tok.special_id("<|endoftext|>").unwrap_or(0) };
+    let lm = lorahost::eval::ModelLm { model: &model, lora: lora.as_ref(), batch_tokens: 1024, pad: tok.special_id("<|endoftext|>").unwrap_or(0) };
     let api = api::Api {
         lm: &lm,
         tok: tok.as_ref(),

@@ -1,6 +1,7 @@
 //! The model as evaluation sees it: log-likelihoods of continuations, per-token log-probabilities, and
-//! generation. [`LanguageModel`] is the seam: [`QwenLm`] implements it with the model's public `forward` and
-//! `generate`; a KV-cached implementation can replace it without touching the tasks, `eval` or `serve`.
+//! generation. [`LanguageModel`] is the seam between the tasks, `eval` and `serve` and the model: [`ModelLm`]
+//! implements it with the model's batched `forward` and its KV-cached `generate_with` (stop strings checked
+//! after every token).
 use crate::model::lora::Lora;
 use crate::model::transformer::{GenerateOptions, Model, Sampling};
 use anyhow::{bail, Result};
@@ -54,9 +55,9 @@ pub trait LanguageModel {
     fn generate(&self, prompt: &[u32], req: &GenerateRequest, stop: &mut dyn FnMut(&[u32]) -> bool) -> Result<Vec<u32>>;
 }
 
-/// [`LanguageModel`] over [`Model`]'s public API: right-padded batched `forward` for log-likelihoods,
-/// `generate` in chunks for generation.
-pub struct QwenLm<'a> {
+/// [`LanguageModel`] over [`Model`]: right-padded batched `forward` for log-likelihoods, KV-cached
+/// generation.
+pub struct ModelLm<'a> {
     pub model: &'a Model,
     pub lora: Option<&'a Lora>,
     /// Rows x padded length per forward: bounds the [rows, length, vocab] logits.
@@ -64,9 +65,6 @@ pub struct QwenLm<'a> {
     /// Filler after a row's end; right padding never changes the logits before it (causal attention).
     pub pad: u32,
 }
-
-/// Tokens generated per `generate` call between stop checks.
-const GENERATE_CHUNK: usize = 16;
 
 /// `logits` (one position) as f64 log-probabilities: x - logsumexp(x).
 fn log_softmax(logits: &[f32]) -> Vec<f64> {
@@ -128,7 +126,7 @@ impl Row {
     }
 }
 
-impl QwenLm<'_> {
+impl ModelLm<'_> {
     /// Log-probabilities [len, vocab] at positions `start..start+len` of `row` of a forward's logits.
     fn position_logprobs(logits: &Tensor, row: usize, start: usize, len: usize) -> Result<Vec<Vec<f64>>> {
         let rows: Vec<Vec<f32>> = logits.get(row)?.narrow(0, start, len)?.to_dtype(DType::F32)?.to_vec2()?;
@@ -147,7 +145,7 @@ impl QwenLm<'_> {
     }
 }
 
-impl LanguageModel for QwenLm<'_> {
+impl LanguageModel for ModelLm<'_> {
     fn max_length(&self) -> usize {
         self.model.config.seq_length
     }
@@ -195,31 +193,16 @@ impl LanguageModel for QwenLm<'_> {
     }
 
     fn generate(&self, prompt: &[u32], req: &GenerateRequest, stop: &mut dyn FnMut(&[u32]) -> bool) -> Result<Vec<u32>> {
-        let mut out: Vec<u32> = Vec::new();
-        let mut chunk = 0u64;
-        while out.len() < req.max_new {
-            let mut ids = prompt.to_vec();
-            ids.extend_from_slice(&out);
-            if ids.len() >= self.max_length() {
-                break;
-            }
-            // Greedy decoding gives the same tokens in chunks as in one call; sampling draws each chunk from
-            // its own seeded stream.
-            let sampling = if req.temperature > 0.0 {
-                Sampling::Temperature { temperature: req.temperature, seed: crate::rng::splitmix64(req.seed ^ chunk) }
-            } else {
-                Sampling::Greedy
-            };
-            let opts = GenerateOptions { max_new: GENERATE_CHUNK.min(req.max_new - out.len()), stop_token: req.stop_token, sampling };
-            let new = self.model.generate(&ids, self.lora, &opts)?;
-            let ended = new.is_empty() || new.last() == req.stop_token.as_ref();
-            out.extend(new);
-            if ended || stop(&out) {
-                break;
-            }
-            chunk += 1;
+        let mut prompt = prompt;
+        if prompt.len() >= self.max_length() {
+            prompt = &prompt[prompt.len() + 1 - self.max_length()..]; // keep the last tokens, leave room for one
         }
-        Ok(out)
+        let sampling = match req.temperature > 0.0 {
+            true => Sampling::Temperature { temperature: req.temperature, seed: req.seed },
+            false => Sampling::Greedy,
+        };
+        let opts = GenerateOptions { max_new: req.max_new, stop_token: req.stop_token, sampling };
+        self.model.generate_with(prompt, self.lora, &opts, stop)
     }
 }
 

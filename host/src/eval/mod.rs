@@ -16,6 +16,6 @@ pub mod run;
 pub mod stats;
 pub mod task;
 
-pub use lm::{LanguageModel, QwenLm};
+pub use lm::{LanguageModel, ModelLm};
 pub use results::TaskResult;
 pub use task::Task;

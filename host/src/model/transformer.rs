@@ -199,6 +199,12 @@ impl Model {
     /// Autoregressive generation for one prompt with a KV cache; returns the new tokens only. Stops at
     /// `max_new` tokens, after `stop_token`, or when the context reaches `seq_length`.
     pub fn generate(&self, prompt: &[u32], lora: Option<&Lora>, opts: &GenerateOptions) -> Result<Vec<u32>> {
+        self.generate_with(prompt, lora, opts, &mut |_| false)
+    }
+
+    /// [`Model::generate`] that also ends when `stop` (shown the new tokens after each one) says so: stop
+    /// strings, for instance.
+    pub fn generate_with(&self, prompt: &[u32], lora: Option<&Lora>, opts: &GenerateOptions, stop: &mut dyn FnMut(&[u32]) -> bool) -> Result<Vec<u32>> {
         if prompt.is_empty() {
             bail!("generate: the prompt is empty");
         }
@@ -227,7 +233,7 @@ impl Model {
                 _ => argmax(&logits),
             };
             out.push(next);
-            if opts.stop_token == Some(next) {
+            if opts.stop_token == Some(next) || stop(&out) {
                 break;
             }
             input = vec![next];
