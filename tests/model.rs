@@ -160,7 +160,7 @@ fn forward_matches_numpy_reference() {
     assert!(diff < 1e-4, "logits differ from the NumPy reference by {diff}");
 
     // The masked loss (shift, ignore -100, logsumexp) against the reference too.
-    let (loss, n) = model.eval_loss(&ids, &refs["labels"], None).unwrap();
+    let (loss, n) = model.eval_loss(&ids, &refs["labels"], None, None).unwrap();
     let want_loss = refs["loss_sum"].to_vec1::<f64>().unwrap()[0];
     let want_n = refs["n_tokens"].to_vec1::<i64>().unwrap()[0];
     assert_eq!(n as i64, want_n);
@@ -281,8 +281,8 @@ fn gradient_check(family: Family, dropout: f64) {
     let ids = ids_tensor(&ids);
     let rng0 = Rng::new(99);
 
-    let plain = model.loss_and_grads(&ids, &labels, &lora, &mut rng0.clone(), false).unwrap();
-    let recomputed = model.loss_and_grads(&ids, &labels, &lora, &mut rng0.clone(), true).unwrap();
+    let plain = model.loss_and_grads(&ids, &labels, None, &lora, &mut rng0.clone(), false).unwrap();
+    let recomputed = model.loss_and_grads(&ids, &labels, None, &lora, &mut rng0.clone(), true).unwrap();
     assert_eq!(plain.n_tokens, 11);
     // Recomputation must give bit-identical results.
     assert_eq!(plain.loss_sum.to_bits(), recomputed.loss_sum.to_bits());
@@ -291,7 +291,7 @@ fn gradient_check(family: Family, dropout: f64) {
         assert!(a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()), "recompute changed a gradient");
     }
     // Without dropout the training loss is the evaluation loss; with it, the masks visibly change it.
-    let (eval, n) = model.eval_loss(&ids, &labels, Some(&lora)).unwrap();
+    let (eval, n) = model.eval_loss(&ids, &labels, None, Some(&lora)).unwrap();
     assert_eq!(n, 11);
     if dropout == 0.0 {
         assert!((eval - plain.loss_sum).abs() < 1e-12);
@@ -299,7 +299,7 @@ fn gradient_check(family: Family, dropout: f64) {
         assert!((eval - plain.loss_sum).abs() > 1e-3, "dropout had no effect");
     }
 
-    let loss_at = |l: &Lora| model.loss_and_grads(&ids, &labels, l, &mut rng0.clone(), false).unwrap().loss_sum;
+    let loss_at = |l: &Lora| model.loss_and_grads(&ids, &labels, None, l, &mut rng0.clone(), false).unwrap().loss_sum;
     let eps = 1e-5;
     let mut rng = Rng::new(1);
     let names = lora.param_names();
@@ -396,14 +396,14 @@ fn only_adapted_layers_are_backpropagated() {
     let lora = lora.to_dtype(DType::F64).unwrap();
     let ids = random_ids(1, 6, 64, 8);
     let labels = labels_tensor(&ids, &[0]);
-    let out = model.loss_and_grads(&ids_tensor(&ids), &labels, &lora, &mut Rng::new(0), false).unwrap();
+    let out = model.loss_and_grads(&ids_tensor(&ids), &labels, None, &lora, &mut Rng::new(0), false).unwrap();
     let eps = 1e-5;
     let p = lora.params()[0].clone();
     let dir = randn(p.dims(), 1.0, &mut Rng::new(2), DType::F64);
     let at = |s: f64| {
         let mut l = lora.clone();
         *l.params_mut()[0] = (&p + (&dir * s).unwrap()).unwrap();
-        model.loss_and_grads(&ids_tensor(&ids), &labels, &l, &mut Rng::new(0), false).unwrap().loss_sum
+        model.loss_and_grads(&ids_tensor(&ids), &labels, None, &l, &mut Rng::new(0), false).unwrap().loss_sum
     };
     let numeric = (at(eps) - at(-eps)) / (2.0 * eps);
     let analytic = (&out.grads.a[0] * &dir).unwrap().sum_all().unwrap().to_scalar::<f64>().unwrap();
@@ -806,7 +806,7 @@ fn memorise_run(recompute: bool) -> (Vec<f64>, f64) {
     let mut losses = Vec::new();
     let start = Instant::now();
     for _ in 0..30 {
-        let out = model.loss_and_grads(&ids, &labels, &lora, &mut dropout_rng, recompute).unwrap();
+        let out = model.loss_and_grads(&ids, &labels, None, &lora, &mut dropout_rng, recompute).unwrap();
         losses.push(out.loss_sum / out.n_tokens as f64);
         let mut grads = out.grads;
         grads.scale(1.0 / out.n_tokens as f64).unwrap();
@@ -904,7 +904,7 @@ fn tiny_full_vocab_step_time() {
         let mut times = Vec::new();
         for _ in 0..6 {
             let t = Instant::now();
-            let out = model.loss_and_grads(&ids, &labels, &lora, &mut rng, recompute).unwrap();
+            let out = model.loss_and_grads(&ids, &labels, None, &lora, &mut rng, recompute).unwrap();
             let mut grads = out.grads;
             grads.scale(1.0 / out.n_tokens as f64).unwrap();
             clip_grad_norm(&mut grads.tensors_mut(), 1.0).unwrap();

@@ -1,6 +1,6 @@
 //! The data commands of the CLI: `check`, `preview`, `tokenize`. Each is a few calls into the library.
 use anyhow::{bail, Context};
-use lorahost::data::{self, batch, lock::Lock};
+use lorahost::data::{self, lock::Lock};
 use lorahost::manifest::Manifest;
 use std::io::{IsTerminal, Read};
 use std::path::Path;
@@ -9,7 +9,7 @@ pub fn lock_path(m: &Manifest) -> std::path::PathBuf {
     m.run.output.join("run.lock")
 }
 
-pub fn check(manifest: &Path, locked: bool, json: bool) -> anyhow::Result<()> {
+pub fn check(manifest: &Path, locked: bool, json: bool, lengths: Option<&Path>) -> anyhow::Result<()> {
     let m = Manifest::load(manifest)?;
     let plan = data::Plan::new(&m)?;
     if locked {
@@ -36,6 +36,12 @@ pub fn check(manifest: &Path, locked: bool, json: bool) -> anyhow::Result<()> {
         }
     } else {
         prepared.lock.write(&lock_path(&m))?;
+    }
+    if let Some(path) = lengths {
+        let train = &prepared.stream.lengths[..prepared.stream.n_train];
+        let text: String = train.iter().map(|l| format!("{l}\n")).collect();
+        lorahost::fsutil::write_atomic(path, text.as_bytes()).with_context(|| format!("writing {}", path.display()))?;
+        eprintln!("lengths  {} training records written to {}", train.len(), path.display());
     }
     if json {
         println!("{}", serde_json::to_string_pretty(&prepared.report)?);
@@ -87,9 +93,17 @@ pub fn preview(manifest: &Path, n: usize, tokens: bool) -> anyhow::Result<()> {
         println!();
     }
     let pad = tok.special_id("<|endoftext|>").unwrap_or(0);
-    let batches = batch::micro_batches(stream, 0..stream.n_train.min(m.train.micro_batch), m.train.micro_batch, pad);
-    if let Some(b) = batches.first() {
-        println!("=== first micro-batch: {} x {} tokens, {} trained ===", b.rows, b.seq, b.trained_tokens());
+    if stream.n_train > 0 {
+        let first = lorahost::train::batches::Schedule::of(&m, stream.n_train, pad).step(stream, &offsets, 0);
+        let shapes: Vec<String> = first.passes.iter().map(|b| format!("{} x {}", b.rows, b.seq)).collect();
+        let trained: usize = first.passes.iter().map(|b| b.trained).sum();
+        println!(
+            "=== first step ({} packing): {} passes of {} tokens, {} of them records', {trained} trained ===",
+            m.train.packing.name(),
+            first.passes.len(),
+            shapes.join(", "),
+            first.tokens()
+        );
     }
     Ok(())
 }

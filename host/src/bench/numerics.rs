@@ -263,8 +263,8 @@ fn model_check(gpu: &Device, checks: &mut Vec<Check>, config: ModelConfig) -> Re
     let labels = Tensor::from_vec(labels, (b, t), &Device::Cpu)?;
     for recompute in [false, true] {
         let tag = if recompute { format!(" ({fam}, recompute)") } else { format!(" ({fam})") };
-        let oc = cpu_model.loss_and_grads(&ids, &labels, &lora_cpu, &mut ModelRng::new(9), recompute)?;
-        let og = gpu_model.loss_and_grads(&ids, &labels, &lora_gpu, &mut ModelRng::new(9), recompute)?;
+        let oc = cpu_model.loss_and_grads(&ids, &labels, None, &lora_cpu, &mut ModelRng::new(9), recompute)?;
+        let og = gpu_model.loss_and_grads(&ids, &labels, None, &lora_gpu, &mut ModelRng::new(9), recompute)?;
         let loss_err = (og.loss_sum - oc.loss_sum).abs() / oc.loss_sum.abs();
         checks.push(Check { name: format!("model loss{tag}"), rel_err: loss_err, tolerance: LOSS_TOL, ok: loss_err <= LOSS_TOL });
         let (mut worst, mut worst_name) = (0.0f64, String::new());
@@ -279,8 +279,8 @@ fn model_check(gpu: &Device, checks: &mut Vec<Check>, config: ModelConfig) -> Re
 
     // Reproducibility: the same step twice on the GPU gives the same loss and gradients, bit for bit, and
     // so does the gradient norm the optimizer clips with.
-    let a = gpu_model.loss_and_grads(&ids, &labels, &lora_gpu, &mut ModelRng::new(9), false)?;
-    let b = gpu_model.loss_and_grads(&ids, &labels, &lora_gpu, &mut ModelRng::new(9), false)?;
+    let a = gpu_model.loss_and_grads(&ids, &labels, None, &lora_gpu, &mut ModelRng::new(9), false)?;
+    let b = gpu_model.loss_and_grads(&ids, &labels, None, &lora_gpu, &mut ModelRng::new(9), false)?;
     let mut differ = (a.loss_sum != b.loss_sum) as usize;
     for (ga, gb) in a.grads.tensors().iter().zip(b.grads.tensors()) {
         differ += ga.ne(gb)?.to_dtype(DType::F32)?.sum_all()?.to_scalar::<f32>()? as usize;
