@@ -509,8 +509,10 @@ impl Model {
         if t == 0 || b == 0 {
             bail!("empty batch ({b} x {t})");
         }
-        if t > self.config.seq_length {
-            bail!("sequence of {t} tokens is longer than seq_length {} (dynamic NTK / logn scaling are not implemented)", self.config.seq_length);
+        let packed = cu_seqlens.map(|cu| Packed::new(cu, b, t)).transpose()?;
+        let longest = packed.as_ref().map_or(t, Packed::longest);
+        if longest > self.config.seq_length {
+            bail!("sequence of {longest} tokens is longer than seq_length {} (dynamic NTK / logn scaling are not implemented)", self.config.seq_length);
         }
         let max_id = ids.max_all()?.to_scalar::<u32>()?;
         if max_id as usize >= self.config.vocab_size {
@@ -520,9 +522,8 @@ impl Model {
             l.check_fits(&self.config)?;
         }
         let mut fusion = self.fusion;
-        if let Some(cu) = cu_seqlens {
-            let packed = Packed::new(cu, b, t)?;
-            let rope = self.rope_prefix(packed.longest())?.at(&packed.positions(), b, t)?;
+        if let Some(packed) = packed {
+            let rope = self.rope_prefix(longest)?.at(&packed.positions(), b, t)?;
             // The fused rope/split and softmax kernels (model/cuda/) take one sequence per row at positions
             // 0..T, so a padding-free batch runs the composite RoPE and masked attention on the GPU too, until
             // a varlen attention kernel (taking cu_seqlens and positions) exists.
