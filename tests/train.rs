@@ -270,4 +270,11 @@ fn packing_settings_are_checked_by_key() {
     assert!(e.contains("train.max_tokens_per_pass") && e.contains("less than max_seq_len (48)"), "{e}");
     let m = Manifest::load(&small_manifest(dir.path(), "packing = \"padding-free\"")).unwrap();
     assert_eq!(m.train.tokens_per_pass(), 2 * 48, "micro_batch x max_seq_len by default");
+
+    // A checkpoint of a padded run does not resume as a padding-free one (its dropout masks differ).
+    let m = small_manifest(dir.path(), "");
+    train(&m, RunOptions { stop_after: Some(1), ..Default::default() }).unwrap();
+    let packed = small_manifest(dir.path(), "packing = \"padding-free\"");
+    let e = format!("{:#}", train(&packed, RunOptions::default()).unwrap_err());
+    assert!(e.contains("`train.packing`: new") && e.contains("--fresh"), "{e}");
 }

@@ -98,9 +98,8 @@ pub fn preview(manifest: &Path, n: usize, tokens: bool) -> anyhow::Result<()> {
         let shapes: Vec<String> = first.passes.iter().map(|b| format!("{} x {}", b.rows, b.seq)).collect();
         let trained: usize = first.passes.iter().map(|b| b.trained).sum();
         println!(
-            "=== first step ({} packing): {} passes of {} tokens, {} of them records', {trained} trained ===",
+            "=== first step (packing = \"{}\"): passes {}; {} record tokens, {trained} trained ===",
             m.train.packing.name(),
-            first.passes.len(),
             shapes.join(", "),
             first.tokens()
         );

@@ -31,7 +31,8 @@ pub struct TrainBench {
     /// Tokens per record (random tokens) or the manifest's `max_seq_len`.
     pub seq: usize,
     pub recompute: bool,
-    /// The fused kernels in use (they apply to bf16 on a GPU only).
+    /// The fused kernels in use (they apply to bf16 on a GPU only; a padding-free pass runs without `rope`,
+    /// `attention` and `flash`, see model/fusion.rs).
     pub fusion: Fusion,
     /// "random tokens" or the manifest whose token stream was trained on.
     pub data: String,
