@@ -119,6 +119,11 @@ enum Command {
         #[command(subcommand)]
         command: PluginCommand,
     },
+    /// Convert a model from another format into a Hugging Face folder lorahost (and transformers) can load.
+    Import {
+        #[command(subcommand)]
+        command: ImportCommand,
+    },
     /// Measure speed; prints a table and writes JSON with --json.
     Bench {
         #[command(subcommand)]
@@ -148,6 +153,23 @@ enum PluginCommand {
     },
     /// List the standard plugins built into this binary.
     List,
+}
+
+#[derive(Subcommand)]
+enum ImportCommand {
+    /// A llama.cpp GGUF file (llama, qwen2, qwen3; F32/F16/BF16/Q8_0/Q4_0/Q4_1/Q5_0/Q5_1/Q4_K/Q5_K/Q6_K) to
+    /// config.json, safetensors, tokenizer.json and tokenizer_config.json in a new folder.
+    Gguf {
+        file: PathBuf,
+        /// The folder to create (it must not exist, or be empty).
+        out: PathBuf,
+        /// bf16 or f32
+        #[arg(long, default_value = "bf16")]
+        dtype: String,
+        /// Also print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 /// The training step `bench train` and `bench ops` measure.
@@ -342,6 +364,31 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 }
             }
         },
+        Command::Import { command: ImportCommand::Gguf { file, out, dtype, json } } => {
+            let opts = lorahost::import::Options { dtype: lorahost::import::safetensors_out::OutDtype::parse(&dtype).context("--dtype")?, ..Default::default() };
+            let start = std::time::Instant::now();
+            let report = lorahost::import::import_gguf(&file, &out, &opts)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                let types: Vec<String> = report.types.iter().map(|(t, n)| format!("{t} x{n}")).collect();
+                println!(
+                    "imported {} ({}, GGUF v{}): {} tensors, {} parameters ({}) in {:.1} s{}",
+                    file.display(),
+                    report.architecture,
+                    report.gguf_version,
+                    report.tensors,
+                    report.parameters,
+                    types.join(", "),
+                    start.elapsed().as_secs_f64(),
+                    if report.tied_embeddings { ", tied embeddings" } else { "" }
+                );
+                println!("wrote {}: {}", out.display(), report.files.join(", "));
+                for note in &report.notes {
+                    println!("note: {note}");
+                }
+            }
+        }
         Command::Bench { command } => match command {
             BenchCommand::Plugins { record_bytes, seconds, json } => {
                 let report = lorahost::bench::plugins::run(record_bytes, Duration::from_secs_f64(seconds))?;
