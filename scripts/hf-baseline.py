@@ -51,14 +51,25 @@ def config(shape):
     )
 
 
-def measure(shape, seq, micro_batch, checkpointing, warmup, steps, liger):
-    from peft import LoraConfig, get_peft_model
+# The recipe's adapted matrices (Qwen v1's c_attn + both c_proj) in HF's names.
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "down_proj"]
+
+
+def random_model(shape):
+    """Random bf16 weights of the shape on the GPU (seed 0)."""
     from transformers import AutoModelForCausalLM
 
-    cfg = config(shape)
     torch.manual_seed(0)
     with torch.device("cuda"):
-        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
+        return AutoModelForCausalLM.from_config(config(shape), dtype=torch.bfloat16)
+
+
+def peft_model(shape, checkpointing=False, liger=False, dropout=0.1):
+    """random_model with the recipe's LoRA (r 8, alpha 32); returns the model in training mode and its AdamW
+    optimizer (lr 5e-5)."""
+    from peft import LoraConfig, get_peft_model
+
+    model = random_model(shape)
     if liger:
         from liger_kernel.transformers import _apply_liger_kernel_to_instance
 
@@ -66,12 +77,16 @@ def measure(shape, seq, micro_batch, checkpointing, warmup, steps, liger):
     if checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
-    lora = LoraConfig(r=8, lora_alpha=32, lora_dropout=0.1, task_type="CAUSAL_LM",
-                      target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "down_proj"])
+    lora = LoraConfig(r=8, lora_alpha=32, lora_dropout=dropout, task_type="CAUSAL_LM", target_modules=TARGETS)
     model = get_peft_model(model, lora)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(trainable, lr=5e-5)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-5)
     model.train()
+    return model, opt
+
+
+def measure(shape, seq, micro_batch, checkpointing, warmup, steps, liger):
+    model, opt = peft_model(shape, checkpointing, liger)
+    trainable = [p for p in model.parameters() if p.requires_grad]
     ids = torch.randint(0, 151000, (micro_batch, seq), device="cuda")
 
     def step():

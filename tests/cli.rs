@@ -83,6 +83,15 @@ fn check_writes_the_lock_and_check_locked_names_a_change() {
     assert!(o.status.success(), "{}", text(&o));
     assert!(text(&o).contains("(from cache)"));
 
+    // The training records' lengths, one per line, in the first epoch's order (the token stream's).
+    let lengths = dir.path().join("lengths.txt");
+    let o = lorahost(&["check", m, "--lengths", lengths.to_str().unwrap()], dir.path());
+    assert!(o.status.success(), "{}", text(&o));
+    let written: Vec<u32> = std::fs::read_to_string(&lengths).unwrap().lines().map(|l| l.parse().unwrap()).collect();
+    let prepared = lorahost::data::prepare(&lorahost::manifest::Manifest::load(Path::new(m)).unwrap()).unwrap();
+    assert_eq!(written, prepared.stream.lengths[..prepared.stream.n_train]);
+    assert!(written.len() > 10 && written.iter().all(|&l| l > 0 && l <= 128), "{written:?}");
+
     std::fs::write(&data, std::fs::read_to_string(&data).unwrap().replace("Virgin", "Virgil")).unwrap();
     let o = lorahost(&["check", "--locked", m], dir.path());
     assert!(!o.status.success());
@@ -130,6 +139,17 @@ fn bench_train_on_a_manifests_tokens_lowers_the_loss() {
     let losses: Vec<f64> = v["losses"].as_array().unwrap().iter().map(|l| l.as_f64().unwrap()).collect();
     assert_eq!(losses.len(), 6);
     assert!(losses.windows(2).all(|w| w[1] < w[0]), "the loss should fall at every step on the same real tokens: {losses:?}");
+    assert_eq!((v["packing"].as_str(), v["micro_batch"].as_u64()), (Some("none"), Some(4)), "the manifest's schedule");
+
+    // Padding-free: the same records in one row per step.
+    let o = lorahost(&[&args[..], &["--packing", "padding-free"]].concat(), &root);
+    assert!(o.status.success(), "{}", text(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["packing"], "padding-free");
+    let packed: Vec<f64> = v["losses"].as_array().unwrap().iter().map(|l| l.as_f64().unwrap()).collect();
+    assert!(packed.windows(2).all(|w| w[1] < w[0]), "{packed:?}");
+    let o = lorahost(&[&args[..], &["--packing", "tight"]].concat(), &root);
+    assert!(!o.status.success() && text(&o).contains("--packing tight: none or padding-free"), "{}", text(&o));
 }
 
 #[test]

@@ -6,6 +6,9 @@ use lorahost::model::lora::{self, Lora, LoraConfig, ADAPTER_CONFIG_FILE, ADAPTER
 use lorahost::model::config::{Family, ModelConfig, RopeScaling};
 use lorahost::model::tiny::{write_tiny_checkpoint, TinySpec};
 use lorahost::model::{GenerateOptions, Model, Rng, Sampling, Site};
+use lorahost::data::batch::Layout;
+use lorahost::data::TokenStream;
+use lorahost::manifest::Packing;
 use lorahost::train::optim::{clip_grad_norm, global_norm, AdamW, AdamWConfig};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -160,7 +163,7 @@ fn forward_matches_numpy_reference() {
     assert!(diff < 1e-4, "logits differ from the NumPy reference by {diff}");
 
     // The masked loss (shift, ignore -100, logsumexp) against the reference too.
-    let (loss, n) = model.eval_loss(&ids, &refs["labels"], None).unwrap();
+    let (loss, n) = model.eval_loss(&ids, &refs["labels"], None, None).unwrap();
     let want_loss = refs["loss_sum"].to_vec1::<f64>().unwrap()[0];
     let want_n = refs["n_tokens"].to_vec1::<i64>().unwrap()[0];
     assert_eq!(n as i64, want_n);
@@ -281,8 +284,8 @@ fn gradient_check(family: Family, dropout: f64) {
     let ids = ids_tensor(&ids);
     let rng0 = Rng::new(99);
 
-    let plain = model.loss_and_grads(&ids, &labels, &lora, &mut rng0.clone(), false).unwrap();
-    let recomputed = model.loss_and_grads(&ids, &labels, &lora, &mut rng0.clone(), true).unwrap();
+    let plain = model.loss_and_grads(&ids, &labels, None, &lora, &mut rng0.clone(), false).unwrap();
+    let recomputed = model.loss_and_grads(&ids, &labels, None, &lora, &mut rng0.clone(), true).unwrap();
     assert_eq!(plain.n_tokens, 11);
     // Recomputation must give bit-identical results.
     assert_eq!(plain.loss_sum.to_bits(), recomputed.loss_sum.to_bits());
@@ -291,7 +294,7 @@ fn gradient_check(family: Family, dropout: f64) {
         assert!(a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()), "recompute changed a gradient");
     }
     // Without dropout the training loss is the evaluation loss; with it, the masks visibly change it.
-    let (eval, n) = model.eval_loss(&ids, &labels, Some(&lora)).unwrap();
+    let (eval, n) = model.eval_loss(&ids, &labels, None, Some(&lora)).unwrap();
     assert_eq!(n, 11);
     if dropout == 0.0 {
         assert!((eval - plain.loss_sum).abs() < 1e-12);
@@ -299,7 +302,7 @@ fn gradient_check(family: Family, dropout: f64) {
         assert!((eval - plain.loss_sum).abs() > 1e-3, "dropout had no effect");
     }
 
-    let loss_at = |l: &Lora| model.loss_and_grads(&ids, &labels, l, &mut rng0.clone(), false).unwrap().loss_sum;
+    let loss_at = |l: &Lora| model.loss_and_grads(&ids, &labels, None, l, &mut rng0.clone(), false).unwrap().loss_sum;
     let eps = 1e-5;
     let mut rng = Rng::new(1);
     let names = lora.param_names();
@@ -396,18 +399,118 @@ fn only_adapted_layers_are_backpropagated() {
     let lora = lora.to_dtype(DType::F64).unwrap();
     let ids = random_ids(1, 6, 64, 8);
     let labels = labels_tensor(&ids, &[0]);
-    let out = model.loss_and_grads(&ids_tensor(&ids), &labels, &lora, &mut Rng::new(0), false).unwrap();
+    let out = model.loss_and_grads(&ids_tensor(&ids), &labels, None, &lora, &mut Rng::new(0), false).unwrap();
     let eps = 1e-5;
     let p = lora.params()[0].clone();
     let dir = randn(p.dims(), 1.0, &mut Rng::new(2), DType::F64);
     let at = |s: f64| {
         let mut l = lora.clone();
         *l.params_mut()[0] = (&p + (&dir * s).unwrap()).unwrap();
-        model.loss_and_grads(&ids_tensor(&ids), &labels, &l, &mut Rng::new(0), false).unwrap().loss_sum
+        model.loss_and_grads(&ids_tensor(&ids), &labels, None, &l, &mut Rng::new(0), false).unwrap().loss_sum
     };
     let numeric = (at(eps) - at(-eps)) / (2.0 * eps);
     let analytic = (&out.grads.a[0] * &dir).unwrap().sum_all().unwrap().to_scalar::<f64>().unwrap();
     assert!((numeric - analytic).abs() < 1e-6 * analytic.abs().max(1.0), "{analytic} vs {numeric}");
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Padding-free passes against padded micro-batches.
+
+/// Records of different lengths, the first `prompt` tokens of each untrained.
+fn records(lengths: &[usize], vocab: usize, seed: u64) -> TokenStream {
+    let mut rng = Rng::new(seed);
+    let ids: Vec<u32> = lengths.iter().flat_map(|&l| (0..l).map(|_| (rng.next_u64() % vocab as u64) as u32).collect::<Vec<_>>()).collect();
+    let trained = lengths.iter().flat_map(|&l| (0..l).map(move |t| (t >= l / 3) as u8)).collect();
+    TokenStream { lengths: lengths.iter().map(|&l| l as u32).collect(), ids, trained, dataset: vec![0; lengths.len()], n_train: lengths.len() }
+}
+
+/// Summed loss, counted tokens and summed adapter gradients over the passes of `layout`.
+fn step_sums(model: &Model, lora: &Lora, stream: &TokenStream, layout: &Layout, recompute: bool) -> (f64, usize, Vec<Tensor>, usize) {
+    let records: Vec<usize> = (0..stream.len()).collect();
+    let passes = layout.passes(stream, &stream.offsets(), &records);
+    let (mut loss, mut n, mut grads) = (0.0, 0, None::<lora::LoraGrads>);
+    for b in &passes {
+        let (ids, labels) = b.tensors().unwrap();
+        let out = model.loss_and_grads(&ids, &labels, b.cu_seqlens.as_deref(), lora, &mut Rng::new(5), recompute).unwrap();
+        assert_eq!(out.n_tokens, b.trained);
+        loss += out.loss_sum;
+        n += out.n_tokens;
+        match grads.as_mut() {
+            Some(g) => g.add_assign(&out.grads).unwrap(),
+            None => grads = Some(out.grads),
+        }
+    }
+    (loss, n, grads.unwrap().tensors().into_iter().cloned().collect(), passes.len())
+}
+
+/// max |a - b| / max |b| over the elements of two tensors.
+fn rel_diff(a: &Tensor, b: &Tensor) -> f64 {
+    max_abs_diff(a, b) / to_f64_vec(b).iter().fold(0.0f64, |m, x| m.max(x.abs()))
+}
+
+#[test]
+fn a_padding_free_step_equals_the_padded_step_in_every_family() {
+    // Exact math shows in f64 (1e-12); f32 adds only its rounding of differently shaped matmuls.
+    for (dtype, loss_tol, grad_tol) in [(DType::F64, 1e-12, 1e-10), (DType::F32, 1e-6, 1e-5)] {
+        let (mut worst_loss, mut worst) = (0.0f64, 0.0f64);
+        for family in [Family::QwenV1, Family::Qwen2, Family::Qwen3, Family::Llama] {
+            let (l, g) = packed_against_padded(family, dtype, loss_tol, grad_tol);
+            (worst_loss, worst) = (worst_loss.max(l), worst.max(g));
+        }
+        println!("packed vs padded, {dtype:?}: worst relative difference {worst_loss:.1e} (loss), {worst:.1e} (gradients)");
+    }
+}
+
+/// The worst relative differences (loss, gradients) between padded micro-batches of 2 records and
+/// padding-free passes of the same records, at three budgets.
+fn packed_against_padded(family: Family, dtype: DType, loss_tol: f64, grad_tol: f64) -> (f64, f64) {
+    let tmp = tempfile::tempdir().unwrap();
+    let spec = small_spec_of(family);
+    write_small(tmp.path(), &spec, 7);
+    let model = Model::load(tmp.path(), dtype, &CPU).unwrap();
+    let mut lora = Lora::new(lora_config(3, 6.0, 0.0, &["all-linear"]), &model.config, 11, &CPU).unwrap().to_dtype(dtype).unwrap();
+    randomise_b(&mut lora, 0.3, 12);
+    let stream = records(&[5, 11, 3, 8, 1, 7], spec.vocab_size, 21);
+    let layout = |packing, tokens_per_pass| Layout { packing, micro_batch: 2, tokens_per_pass, pad: 0 };
+
+    let (loss, n, grads, passes) = step_sums(&model, &lora, &stream, &layout(Packing::None, 0), false);
+    assert_eq!(passes, 3);
+    let (mut worst_loss, mut worst) = (0.0f64, 0.0f64);
+    // One row of all 35 tokens (longer than the model's 32 positions: each record has its own); then a
+    // budget of 12 tokens, which splits the step into passes of 5, 11, 3 + 8 + 1 and 7 tokens; and the one
+    // row with recomputation.
+    for (tokens_per_pass, recompute, want_passes) in [(64, false, 1), (12, false, 4), (64, true, 1)] {
+        let (p_loss, p_n, p_grads, p_passes) = step_sums(&model, &lora, &stream, &layout(Packing::PaddingFree, tokens_per_pass), recompute);
+        assert_eq!((p_passes, p_n), (want_passes, n), "{family:?}");
+        let loss_err = (p_loss - loss).abs() / loss.abs();
+        assert!(loss_err < loss_tol, "{family:?} {dtype:?} budget {tokens_per_pass}: loss {p_loss} vs padded {loss}");
+        worst_loss = worst_loss.max(loss_err);
+        for (name, (g, want)) in lora.param_names().iter().zip(p_grads.iter().zip(&grads)) {
+            let err = rel_diff(g, want);
+            assert!(err < grad_tol, "{family:?} {dtype:?} budget {tokens_per_pass}: {name} differs from the padded gradient by {err:.2e}");
+            worst = worst.max(err);
+        }
+    }
+    (worst_loss, worst)
+}
+
+#[test]
+fn sequence_offsets_that_do_not_fit_the_batch_are_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    write_small(tmp.path(), &small_spec(), 7);
+    let model = Model::load(tmp.path(), DType::F32, &CPU).unwrap();
+    let ids = random_ids(2, 4, 64, 1);
+    let labels = labels_tensor(&ids, &[0, 0]);
+    let ids = ids_tensor(&ids);
+    let err = |cu: &[u32]| format!("{:#}", model.eval_loss(&ids, &labels, Some(cu), None).unwrap_err());
+    assert!(err(&[0, 3, 8]).contains("crosses the end of row 0"), "{}", err(&[0, 3, 8]));
+    assert!(err(&[0, 4, 7]).contains("from 0 to the 8 tokens"), "{}", err(&[0, 4, 7]));
+    assert!(err(&[0, 4, 4, 8]).contains("rise strictly"));
+    // Offsets at the rows' ends are the padded layout: the same loss.
+    let (packed, n) = model.eval_loss(&ids, &labels, Some(&[0, 4, 8]), None).unwrap();
+    let (padded, m) = model.eval_loss(&ids, &labels, None, None).unwrap();
+    assert_eq!(n, m);
+    assert!((packed - padded).abs() < 1e-6 * padded.abs(), "{packed} vs {padded}");
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -806,7 +909,7 @@ fn memorise_run(recompute: bool) -> (Vec<f64>, f64) {
     let mut losses = Vec::new();
     let start = Instant::now();
     for _ in 0..30 {
-        let out = model.loss_and_grads(&ids, &labels, &lora, &mut dropout_rng, recompute).unwrap();
+        let out = model.loss_and_grads(&ids, &labels, None, &lora, &mut dropout_rng, recompute).unwrap();
         losses.push(out.loss_sum / out.n_tokens as f64);
         let mut grads = out.grads;
         grads.scale(1.0 / out.n_tokens as f64).unwrap();
@@ -904,7 +1007,7 @@ fn tiny_full_vocab_step_time() {
         let mut times = Vec::new();
         for _ in 0..6 {
             let t = Instant::now();
-            let out = model.loss_and_grads(&ids, &labels, &lora, &mut rng, recompute).unwrap();
+            let out = model.loss_and_grads(&ids, &labels, None, &lora, &mut rng, recompute).unwrap();
             let mut grads = out.grads;
             grads.scale(1.0 / out.n_tokens as f64).unwrap();
             clip_grad_norm(&mut grads.tensors_mut(), 1.0).unwrap();

@@ -224,3 +224,57 @@ fn a_gqa_family_run_resumes_bit_for_bit_and_its_adapter_merges() {
     let d = d.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
     assert!(d < 1e-4, "merged model differs from base + adapter by {d}");
 }
+
+#[test]
+fn a_padding_free_run_gives_the_padded_runs_loss_curve() {
+    // Without dropout (its masks are drawn per pass, so they differ between layouts) the curves are equal
+    // up to f32 rounding: the same records per step, the same normalisation. A budget of max_seq_len tokens
+    // splits each step into several passes and changes nothing either.
+    let run_with = |extra: &str| {
+        let dir = tempfile::tempdir().unwrap();
+        let m = small_manifest(dir.path(), extra);
+        std::fs::write(&m, std::fs::read_to_string(&m).unwrap().replace("dropout = 0.1", "dropout = 0.0")).unwrap();
+        let s = train(&m, RunOptions::default()).unwrap();
+        let log = std::fs::read_to_string(dir.path().join("out/metrics.jsonl")).unwrap();
+        let lines: Vec<serde_json::Value> = log.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+        (s, lines)
+    };
+    let (padded, padded_log) = run_with("");
+    let field = |log: &[serde_json::Value], k: &str| log.iter().map(|l| l[k].as_u64().unwrap()).collect::<Vec<_>>();
+    for extra in ["packing = \"padding-free\"", "packing = \"padding-free\"\nmax_tokens_per_pass = 48"] {
+        let (packed, packed_log) = run_with(extra);
+        assert_eq!(packed.losses.len(), padded.losses.len());
+        for (step, (a, b)) in packed.losses.iter().zip(&padded.losses).enumerate() {
+            assert!((a - b).abs() <= 1e-6 * b.abs(), "{extra}: step {}: loss {a} vs padded {b}", step + 1);
+        }
+        let (a, b) = (packed.eval_losses.last().unwrap().1, padded.eval_losses.last().unwrap().1);
+        assert!((a - b).abs() <= 1e-6 * b.abs(), "{extra}: eval loss {a} vs padded {b}");
+        // The same tokens trained and counted per step; tokens/s and the step time are logged.
+        assert_eq!(field(&packed_log, "trained_tokens"), field(&padded_log, "trained_tokens"));
+        assert_eq!(field(&packed_log, "tokens"), field(&padded_log, "tokens"));
+        for l in &packed_log {
+            assert!(l["tokens_per_s"].as_f64().unwrap() > 0.0 && l["step_ms"].as_f64().unwrap() > 0.0, "{l}");
+        }
+    }
+}
+
+#[test]
+fn packing_settings_are_checked_by_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let err = |extra: &str| Manifest::load(&small_manifest(dir.path(), extra)).unwrap_err().to_string();
+    let e = err("packing = \"packed\"");
+    assert!(e.contains("train.packing") && e.contains("padding-free"), "{e}");
+    let e = err("max_tokens_per_pass = 4096");
+    assert!(e.contains("train.max_tokens_per_pass") && e.contains("only with `packing = \"padding-free\"`"), "{e}");
+    let e = err("packing = \"padding-free\"\nmax_tokens_per_pass = 40");
+    assert!(e.contains("train.max_tokens_per_pass") && e.contains("less than max_seq_len (48)"), "{e}");
+    let m = Manifest::load(&small_manifest(dir.path(), "packing = \"padding-free\"")).unwrap();
+    assert_eq!(m.train.tokens_per_pass(), 2 * 48, "micro_batch x max_seq_len by default");
+
+    // A checkpoint of a padded run does not resume as a padding-free one (its dropout masks differ).
+    let m = small_manifest(dir.path(), "");
+    train(&m, RunOptions { stop_after: Some(1), ..Default::default() }).unwrap();
+    let packed = small_manifest(dir.path(), "packing = \"padding-free\"");
+    let e = format!("{:#}", train(&packed, RunOptions::default()).unwrap_err());
+    assert!(e.contains("`train.packing`: new") && e.contains("--fresh"), "{e}");
+}

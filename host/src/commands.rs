@@ -1,7 +1,7 @@
 //! The commands of the CLI: `check`, `preview`, `tokenize`, `run`, `generate`, `merge`, `eval`, `serve`. Each
 //! is a few calls into the library.
 use anyhow::{bail, Context};
-use lorahost::data::{self, batch, lock::Lock};
+use lorahost::data::{self, lock::Lock};
 use lorahost::manifest::Manifest;
 use std::io::{IsTerminal, Read};
 use std::path::Path;
@@ -10,7 +10,7 @@ pub fn lock_path(m: &Manifest) -> std::path::PathBuf {
     m.run.output.join("run.lock")
 }
 
-pub fn check(manifest: &Path, locked: bool, json: bool, show_drops: usize) -> anyhow::Result<()> {
+pub fn check(manifest: &Path, locked: bool, json: bool, show_drops: usize, lengths: Option<&Path>) -> anyhow::Result<()> {
     let m = Manifest::load(manifest)?;
     let mut plan = data::Plan::new(&m)?;
     plan.show_drops = show_drops;
@@ -39,6 +39,12 @@ pub fn check(manifest: &Path, locked: bool, json: bool, show_drops: usize) -> an
         }
     } else {
         prepared.lock.write(&lock_path(&m))?;
+    }
+    if let Some(path) = lengths {
+        let train = &prepared.stream.lengths[..prepared.stream.n_train];
+        let text: String = train.iter().map(|l| format!("{l}\n")).collect();
+        lorahost::fsutil::write_atomic(path, text.as_bytes()).with_context(|| format!("writing {}", path.display()))?;
+        eprintln!("lengths  {} training records written to {}", train.len(), path.display());
     }
     if json {
         let mut v = serde_json::to_value(&prepared.report)?;
@@ -116,9 +122,16 @@ pub fn preview(manifest: &Path, n: usize, tokens: bool) -> anyhow::Result<()> {
         println!();
     }
     let pad = tok.special_id("<|endoftext|>").unwrap_or(0);
-    let batches = batch::micro_batches(stream, 0..stream.n_train.min(m.train.micro_batch), m.train.micro_batch, pad);
-    if let Some(b) = batches.first() {
-        println!("=== first micro-batch: {} x {} tokens, {} trained ===", b.rows, b.seq, b.trained_tokens());
+    if stream.n_train > 0 {
+        let first = lorahost::train::batches::Schedule::of(&m, stream.n_train, pad).step(stream, &offsets, 0);
+        let shapes: Vec<String> = first.passes.iter().map(|b| format!("{} x {}", b.rows, b.seq)).collect();
+        let trained: usize = first.passes.iter().map(|b| b.trained).sum();
+        println!(
+            "=== first step (packing = \"{}\"): passes {}; {} record tokens, {trained} trained ===",
+            m.train.packing.name(),
+            shapes.join(", "),
+            first.tokens()
+        );
     }
     Ok(())
 }

@@ -71,6 +71,10 @@ enum Command {
         /// Reads and filters the data again, past the token cache.
         #[arg(long, value_name = "N", default_value_t = 0)]
         show_drops: usize,
+        /// Also write the token length of each training record, one per line, in the first epoch's order
+        /// (for scripts/realdata-baselines.py to replay the same lengths).
+        #[arg(long, value_name = "FILE")]
+        lengths: Option<PathBuf>,
     },
     /// Show rendered training examples, marking which tokens are trained.
     Preview {
@@ -255,7 +259,7 @@ struct StepArgs {
 }
 
 impl StepArgs {
-    fn options(self, warmup: usize, steps: usize, manifest: Option<PathBuf>, lr: f64) -> anyhow::Result<lorahost::bench::train::Options> {
+    fn options(self, warmup: usize, steps: usize, data: DataArgs, lr: f64) -> anyhow::Result<lorahost::bench::train::Options> {
         Ok(lorahost::bench::train::Options {
             device: parse_device(&self.device)?,
             dtype: parse_dtype(&self.dtype)?,
@@ -266,10 +270,23 @@ impl StepArgs {
             recompute: self.recompute,
             warmup,
             steps,
-            manifest,
+            packing: data.packing.as_deref().map(parse_packing).transpose()?,
+            manifest: data.manifest,
             lr,
         })
     }
+}
+
+/// What `bench train` trains on.
+#[derive(clap::Args, Default)]
+struct DataArgs {
+    /// Train on this manifest's token stream with its [train] schedule (micro_batch, grad_accum, packing),
+    /// as `lorahost run` does, instead of random tokens (shows the loss falling).
+    #[arg(long)]
+    manifest: Option<PathBuf>,
+    /// none or padding-free: overrides the manifest's `packing` (random records are packed too).
+    #[arg(long)]
+    packing: Option<String>,
 }
 
 #[derive(Subcommand)]
@@ -313,9 +330,8 @@ enum BenchCommand {
         /// Measure each fused kernel's gain: the same steps with none, then adding one lever at a time.
         #[arg(long)]
         levers: bool,
-        /// Train on this manifest's token stream instead of random tokens (shows the loss falling).
-        #[arg(long)]
-        manifest: Option<PathBuf>,
+        #[command(flatten)]
+        data: DataArgs,
         #[arg(long, default_value_t = 1e-4)]
         lr: f64,
         #[arg(long)]
@@ -397,7 +413,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             commands::generate(&manifest, &prompt, adapter, base, max_new, temperature, seed)?
         }
         Command::Merge { manifest, out, adapter } => commands::merge(&manifest, &out, adapter)?,
-        Command::Check { manifest, locked, json, show_drops } => commands::check(&manifest, locked, json, show_drops)?,
+        Command::Check { manifest, locked, json, show_drops, lengths } => commands::check(&manifest, locked, json, show_drops, lengths.as_deref())?,
         Command::Preview { manifest, n, tokens } => commands::preview(&manifest, n, tokens)?,
         Command::Tokenize { tokenizer, text, pieces } => commands::tokenize(&tokenizer, text, pieces)?,
         Command::Logits { model, text, out, adapter, max_tokens, device, dtype } => {
@@ -479,8 +495,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 print!("{report}");
                 write_json(json, &report)?;
             }
-            BenchCommand::Train { step, warmup, steps, levers, manifest, lr, json } => {
-                let o = step.options(warmup, steps, manifest, lr)?;
+            BenchCommand::Train { step, warmup, steps, levers, data, lr, json } => {
+                let o = step.options(warmup, steps, data, lr)?;
                 if levers {
                     let rows = lorahost::bench::train::run_levers(&o)?;
                     println!("{}", serde_json::to_string_pretty(&rows)?);
@@ -492,7 +508,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 }
             }
             BenchCommand::Ops { step, json } => {
-                let o = step.options(0, 0, None, 0.0)?;
+                let o = step.options(0, 0, DataArgs::default(), 0.0)?;
                 let report = lorahost::bench::ops::run(&o)?;
                 for r in &report.ops {
                     println!("{:>9.3} ms x {:>3} = {:>8.2} ms  {}", r.ms, r.calls_per_step, r.step_ms, r.op);
@@ -531,6 +547,14 @@ fn parse_dtype(d: &str) -> anyhow::Result<candle_core::DType> {
         "f32" => Ok(candle_core::DType::F32),
         "bf16" => Ok(candle_core::DType::BF16),
         other => anyhow::bail!("--dtype {other}: f32 or bf16"),
+    }
+}
+
+fn parse_packing(p: &str) -> anyhow::Result<lorahost::manifest::Packing> {
+    match p {
+        "none" => Ok(lorahost::manifest::Packing::None),
+        "padding-free" => Ok(lorahost::manifest::Packing::PaddingFree),
+        other => anyhow::bail!("--packing {other}: none or padding-free"),
     }
 }
 

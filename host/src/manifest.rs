@@ -154,6 +154,29 @@ pub enum Truncation {
     Halves,
 }
 
+/// How the records of an optimizer step are laid out for the model. Either way a step trains the same
+/// `micro_batch * grad_accum` records with the same loss normalisation (equal losses and gradients, without
+/// dropout; with it, the masks are drawn per pass, so they differ between the two layouts).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum Packing {
+    /// `micro_batch` records per forward pass, each padded to the longest of the pass.
+    #[default]
+    None,
+    /// The step's records laid end to end, no padding: each pass takes records in order while they fit in
+    /// `max_tokens_per_pass` tokens; attention stays within each record.
+    PaddingFree,
+}
+
+impl Packing {
+    pub fn name(self) -> &'static str {
+        match self {
+            Packing::None => "none",
+            Packing::PaddingFree => "padding-free",
+        }
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Train {
@@ -189,6 +212,20 @@ pub struct Train {
     /// Write a checkpoint every N optimizer steps (and always at the end).
     #[serde(default)]
     pub checkpoint_every: Option<u64>,
+    /// "none" (padded micro-batches) or "padding-free".
+    #[serde(default)]
+    pub packing: Packing,
+    /// With padding-free packing: the most tokens one forward pass takes (bounds activation memory);
+    /// default `micro_batch * max_seq_len`, the most a padded micro-batch can hold.
+    #[serde(default)]
+    pub max_tokens_per_pass: Option<usize>,
+}
+
+impl Train {
+    /// The token budget of one padding-free pass.
+    pub fn tokens_per_pass(&self) -> usize {
+        self.max_tokens_per_pass.unwrap_or(self.micro_batch * self.max_seq_len)
+    }
 }
 
 fn one() -> usize {
@@ -459,6 +496,17 @@ impl Manifest {
         }
         if t.max_seq_len < 2 {
             return bad("train.max_seq_len", "must be at least 2");
+        }
+        if let Some(n) = t.max_tokens_per_pass {
+            if t.packing != Packing::PaddingFree {
+                return bad("train.max_tokens_per_pass", "applies only with `packing = \"padding-free\"`: set that, or remove this key");
+            }
+            if n < t.max_seq_len {
+                return bad(
+                    "train.max_tokens_per_pass",
+                    &format!("{n} is less than max_seq_len ({}): a record is never split across passes, so a pass must hold the longest", t.max_seq_len),
+                );
+            }
         }
         if !(0.0..1.0).contains(&t.eval_fraction) {
             return bad("train.eval_fraction", "must be in [0, 1)");

@@ -263,8 +263,8 @@ fn model_check(gpu: &Device, checks: &mut Vec<Check>, config: ModelConfig) -> Re
     let labels = Tensor::from_vec(labels, (b, t), &Device::Cpu)?;
     for recompute in [false, true] {
         let tag = if recompute { format!(" ({fam}, recompute)") } else { format!(" ({fam})") };
-        let oc = cpu_model.loss_and_grads(&ids, &labels, &lora_cpu, &mut ModelRng::new(9), recompute)?;
-        let og = gpu_model.loss_and_grads(&ids, &labels, &lora_gpu, &mut ModelRng::new(9), recompute)?;
+        let oc = cpu_model.loss_and_grads(&ids, &labels, None, &lora_cpu, &mut ModelRng::new(9), recompute)?;
+        let og = gpu_model.loss_and_grads(&ids, &labels, None, &lora_gpu, &mut ModelRng::new(9), recompute)?;
         let loss_err = (og.loss_sum - oc.loss_sum).abs() / oc.loss_sum.abs();
         checks.push(Check { name: format!("model loss{tag}"), rel_err: loss_err, tolerance: LOSS_TOL, ok: loss_err <= LOSS_TOL });
         let (mut worst, mut worst_name) = (0.0f64, String::new());
@@ -279,8 +279,8 @@ fn model_check(gpu: &Device, checks: &mut Vec<Check>, config: ModelConfig) -> Re
 
     // Reproducibility: the same step twice on the GPU gives the same loss and gradients, bit for bit, and
     // so does the gradient norm the optimizer clips with.
-    let a = gpu_model.loss_and_grads(&ids, &labels, &lora_gpu, &mut ModelRng::new(9), false)?;
-    let b = gpu_model.loss_and_grads(&ids, &labels, &lora_gpu, &mut ModelRng::new(9), false)?;
+    let a = gpu_model.loss_and_grads(&ids, &labels, None, &lora_gpu, &mut ModelRng::new(9), false)?;
+    let b = gpu_model.loss_and_grads(&ids, &labels, None, &lora_gpu, &mut ModelRng::new(9), false)?;
     let mut differ = (a.loss_sum != b.loss_sum) as usize;
     for (ga, gb) in a.grads.tensors().iter().zip(b.grads.tensors()) {
         differ += ga.ne(gb)?.to_dtype(DType::F32)?.sum_all()?.to_scalar::<f32>()? as usize;
@@ -289,5 +289,49 @@ fn model_check(gpu: &Device, checks: &mut Vec<Check>, config: ModelConfig) -> Re
     differ += (norms.0 != norms.1) as usize;
     let name = format!("the same GPU step twice ({fam}): values differing (loss, gradients, gradient norm)");
     checks.push(Check { name: name.into(), rel_err: differ as f64, tolerance: 0.0, ok: differ == 0 });
+    packed_check(&gpu_model, &lora_gpu, &fam, checks)
+}
+
+/// Padding-free against padded on the GPU: three records of different lengths as padded micro-batches of
+/// two (every fused kernel) and laid end to end in one row (composite RoPE and block-diagonal attention);
+/// the summed losses and gradients must agree within bf16 rounding. No dropout: its masks are drawn per pass.
+fn packed_check(model: &Model, lora: &Lora, fam: &str, checks: &mut Vec<Check>) -> Result<()> {
+    use crate::data::{batch::Layout, TokenStream};
+    use crate::manifest::Packing;
+    let mut lora = lora.clone();
+    lora.config.dropout = 0.0;
+    let lengths = [96usize, 40, 71];
+    let n: usize = lengths.iter().sum();
+    let mut rng = ModelRng::new(17);
+    let stream = TokenStream {
+        lengths: lengths.iter().map(|&l| l as u32).collect(),
+        ids: (0..n).map(|_| (rng.next_u64() % 151_000) as u32).collect(),
+        trained: (0..n).map(|i| (i % 7 != 0) as u8).collect(),
+        dataset: vec![0; lengths.len()],
+        n_train: lengths.len(),
+    };
+    let sums = |packing| -> Result<(f64, Vec<Tensor>)> {
+        let layout = Layout { packing, micro_batch: 2, tokens_per_pass: n, pad: 0 };
+        let (mut loss, mut grads) = (0.0, None::<crate::model::LoraGrads>);
+        for b in layout.passes(&stream, &stream.offsets(), &[0, 1, 2]) {
+            let (ids, labels) = b.tensors()?;
+            let out = model.loss_and_grads(&ids, &labels, b.cu_seqlens.as_deref(), &lora, &mut ModelRng::new(9), false)?;
+            loss += out.loss_sum;
+            match grads.as_mut() {
+                Some(g) => g.add_assign(&out.grads)?,
+                None => grads = Some(out.grads),
+            }
+        }
+        Ok((loss, grads.expect("three records make passes").tensors().into_iter().cloned().collect()))
+    };
+    let (padded, padded_grads) = sums(Packing::None)?;
+    let (packed, packed_grads) = sums(Packing::PaddingFree)?;
+    let loss_err = (packed - padded).abs() / padded.abs();
+    checks.push(Check { name: format!("padding-free vs padded loss ({fam})"), rel_err: loss_err, tolerance: LOSS_TOL, ok: loss_err <= LOSS_TOL });
+    let mut worst = 0.0f64;
+    for (g, want) in packed_grads.iter().zip(&padded_grads) {
+        worst = worst.max(rel_err(g, &want.to_device(&Device::Cpu)?)?);
+    }
+    checks.push(Check { name: format!("padding-free vs padded adapter gradients, worst of all ({fam})"), rel_err: worst, tolerance: GRAD_TOL, ok: worst <= GRAD_TOL });
     Ok(())
 }

@@ -155,7 +155,7 @@ pub fn run(o: &Options) -> Result<OpsReport> {
     let lm = rnd(&[cfg.vocab_size, c], 0.02)?;
     let labels: Vec<Vec<i64>> = (0..b).map(|r| (0..t).map(|i| ((r * 7919 + i * 104_729) % 151_000) as i64).collect()).collect();
     let targets = Targets::from_labels(&labels, cfg.vocab_size)?;
-    let chunk = if dev.is_cuda() { 1024 } else { 512 };
+    let chunk = loss::default_chunk(dev); // as the model takes it
     add("lm_head + loss, forward and backward", time(dev, 3, || Ok(drop(loss::cross_entropy(&hf, &lm, &targets, chunk, true, f.loss)?)))?, 1);
 
     // The optimizer step over every adapter: normalise, clip, AdamW.

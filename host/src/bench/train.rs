@@ -1,21 +1,22 @@
 //! `lorahost bench train`: training steps of a model at a named shape with random weights made on the
-//! device (no checkpoint), through the real trainer code (the model's forward/backward, LoRA r8 on c_attn +
-//! c_proj, AdamW), printing step time, tokens/s and peak GPU memory as JSON. The GPU numbers of BENCHMARKS.md come from here.
-use crate::data;
-use crate::model::lora::{Lora, LoraConfig};
-use crate::manifest::Manifest;
-use crate::model::fusion::Fusion;
-use crate::train::batches::{HostBatch, Schedule};
-use crate::train::optim;
+//! device (no checkpoint), through the trainer's own step (train/step.rs: the passes' forward/backward,
+//! LoRA r8 on the recipe's matrices, normalisation, clipping, AdamW) and its prefetched batches, printing
+//! step time, tokens/s and peak GPU memory as JSON. The GPU numbers of BENCHMARKS.md come from here.
+use crate::data::batch::Layout;
+use crate::data::{self, TokenStream};
+use crate::manifest::{Manifest, Packing};
 use crate::model::config::{Family, ModelConfig};
-use crate::model::transformer::Model;
+use crate::model::fusion::Fusion;
+use crate::model::lora::{Lora, LoraConfig};
 use crate::model::rng::Rng as ModelRng;
+use crate::model::transformer::Model;
 use crate::model::weights::Weights;
+use crate::train::batches::{self, Schedule};
 use crate::train::optim::{AdamW, AdamWConfig};
+use crate::train::step::{step as train_step, StepConfig};
 use anyhow::bail;
 use candle_core::{DType, Device};
 use std::path::PathBuf;
-use std::time::Instant;
 
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct TrainBench {
@@ -23,9 +24,15 @@ pub struct TrainBench {
     pub device: String,
     pub dtype: String,
     pub micro_batch: usize,
+    /// Passes of `micro_batch` records per step (a manifest's `grad_accum`; 1 on random tokens).
+    pub grad_accum: usize,
+    /// "none" (padded) or "padding-free".
+    pub packing: String,
+    /// Tokens per record (random tokens) or the manifest's `max_seq_len`.
     pub seq: usize,
     pub recompute: bool,
-    /// The fused kernels in use (they apply to bf16 on a GPU only).
+    /// The fused kernels in use (they apply to bf16 on a GPU only; a padding-free pass runs without `rope`,
+    /// `attention` and `flash`, see model/fusion.rs).
     pub fusion: Fusion,
     /// "random tokens" or the manifest whose token stream was trained on.
     pub data: String,
@@ -33,7 +40,7 @@ pub struct TrainBench {
     pub timed_steps: usize,
     /// Median over the timed steps (forward + backward + optimizer), in ms.
     pub step_ms: f64,
-    /// Tokens of the timed steps over their total time.
+    /// Tokens of the timed steps' records (padding excluded) over their total time.
     pub tokens_per_s: f64,
     /// Peak GPU memory in use by tensors (PyTorch's `max_memory_allocated`), GiB; None on the CPU.
     pub peak_gib: Option<f64>,
@@ -100,9 +107,11 @@ pub struct Options {
     pub warmup: usize,
     pub steps: usize,
     pub fusion: Fusion,
-    /// Train on this manifest's token stream (batches prefetched as in `lorahost run`) instead of random
-    /// tokens of length `seq`.
+    /// Train on this manifest's token stream with its `[train]` schedule (micro_batch, grad_accum, packing:
+    /// the steps `lorahost run` takes) instead of records of `seq` random tokens, `micro_batch` per step.
     pub manifest: Option<PathBuf>,
+    /// Overrides the manifest's `packing` (or packs the random records).
+    pub packing: Option<Packing>,
     pub lr: f64,
 }
 
@@ -114,8 +123,6 @@ pub fn model(o: &Options) -> anyhow::Result<Model> {
     }
     let weights = Weights::random(&config, 0.02, o.dtype, &o.device)?;
     let mut model = Model::new(config, weights, o.dtype, &o.device);
-    // On the GPU bigger loss chunks mean fewer, fuller launches; 1024 x 152k bf16 logits are 311 MB.
-    model.loss_chunk = if o.device.is_cuda() { 1024 } else { 512 };
     model.fusion = o.fusion;
     Ok(model)
 }
@@ -154,47 +161,23 @@ fn run_on(model: &Model, o: &Options) -> anyhow::Result<TrainBench> {
     let mut opt = AdamW::new(AdamWConfig::default(), lora.param_names(), &lora.params())?;
     opt.fused = model.fusion.optimizer;
     let total = o.warmup + o.steps;
-    let batches = match &o.manifest {
-        Some(path) => real_batches(path, o.micro_batch, total)?,
-        None => vec![random_batch(o.micro_batch, o.seq)],
+    let (stream, schedule, seq) = match &o.manifest {
+        Some(path) => manifest_data(path, o.packing)?,
+        None => random_data(o, total),
     };
+    let step_config = StepConfig { seed: 42, recompute: o.recompute, clip: Some(1.0) };
     reset_peak(&o.device)?;
     let mut times = Vec::new();
     let mut losses = Vec::new();
     let mut tokens_timed = 0usize;
     std::thread::scope(|scope| -> anyhow::Result<()> {
-        // A host thread hands the batches over ahead of the steps, as in `lorahost run` (train/batches.rs).
-        let (tx, upcoming) = std::sync::mpsc::sync_channel::<HostBatch>(2);
-        let source = &batches;
-        scope.spawn(move || {
-            for step in 0..total {
-                if tx.send(source[step % source.len()].clone()).is_err() {
-                    break;
-                }
-            }
-        });
+        let upcoming = batches::prefetch(scope, &stream, schedule.clone(), 0..total as u64, 2);
         for step in 0..total {
-            let batch = upcoming.recv()?;
-            let t0 = Instant::now();
-            let (ids, labels) = batch.tensors()?;
-            let mut dropout = ModelRng::for_stream(42, &[step as u64]);
-            let out = model.loss_and_grads(&ids, &labels, &lora, &mut dropout, o.recompute)?;
-            let loss = out.loss_sum / out.n_tokens.max(1) as f64;
-            if !loss.is_finite() {
-                bail!("the loss is {loss} at step {}", step + 1);
-            }
-            // As `lorahost run` does it: normalise by the tokens and clip to 1 inside the optimizer step.
-            let per_token = 1.0 / out.n_tokens.max(1) as f64;
-            let norm = optim::global_norm_with(&out.grads.tensors(), model.fusion.optimizer)? * per_token;
-            if !norm.is_finite() {
-                bail!("the gradient norm is {norm} at step {}", step + 1);
-            }
-            opt.step_scaled(&mut lora.params_mut(), &out.grads.tensors(), o.lr, per_token * optim::clip_coefficient(norm, 1.0))?;
-            o.device.synchronize()?;
-            losses.push(loss);
+            let out = train_step(model, &mut lora, &mut opt, &upcoming.recv()?, o.lr, &step_config)?;
+            losses.push(out.loss);
             if step >= o.warmup {
-                times.push(t0.elapsed().as_secs_f64());
-                tokens_timed += batch.tokens;
+                times.push(out.seconds);
+                tokens_timed += out.tokens;
             }
         }
         Ok(())
@@ -208,8 +191,10 @@ fn run_on(model: &Model, o: &Options) -> anyhow::Result<TrainBench> {
         shape: o.shape.clone(),
         device: format!("{:?}", o.device),
         dtype: format!("{:?}", o.dtype),
-        micro_batch: o.micro_batch,
-        seq: o.seq,
+        micro_batch: schedule.layout.micro_batch,
+        grad_accum: schedule.grad_accum,
+        packing: schedule.layout.packing.name().into(),
+        seq,
         recompute: o.recompute,
         fusion: model.fusion,
         data: o.manifest.as_ref().map_or("random tokens".into(), |p| p.display().to_string()),
@@ -222,25 +207,35 @@ fn run_on(model: &Model, o: &Options) -> anyhow::Result<TrainBench> {
     })
 }
 
-/// Random tokens, every position trained: the worst case for the loss over the vocabulary.
-fn random_batch(micro_batch: usize, seq: usize) -> HostBatch {
-    let n = micro_batch * seq;
+/// Records of `seq` random tokens, every position trained (the worst case for the loss over the
+/// vocabulary), `micro_batch` of them per step; the schedule never reshuffles them (one epoch).
+fn random_data(o: &Options, steps: usize) -> (TokenStream, Schedule, usize) {
+    let records = o.micro_batch * steps;
+    let n = records * o.seq;
     let mut rng = ModelRng::new(7);
-    let ids: Vec<u32> = (0..n).map(|_| (rng.next_u64() % 151_000) as u32).collect();
-    let labels: Vec<i64> = ids.iter().map(|&i| i as i64).collect();
-    HostBatch { ids, labels, rows: micro_batch, seq, tokens: n }
+    let stream = TokenStream {
+        lengths: vec![o.seq as u32; records],
+        ids: (0..n).map(|_| (rng.next_u64() % 151_000) as u32).collect(),
+        trained: vec![1; n],
+        dataset: vec![0; records],
+        n_train: records,
+    };
+    let packing = o.packing.unwrap_or_default();
+    let layout = Layout { packing, micro_batch: o.micro_batch, tokens_per_pass: o.micro_batch * o.seq, pad: 0 };
+    (stream, Schedule { n_train: records, grad_accum: 1, seed: 42, layout }, o.seq)
 }
 
-/// The first `steps` micro-batches of a manifest's token stream, in training order.
-fn real_batches(path: &std::path::Path, micro_batch: usize, steps: usize) -> anyhow::Result<Vec<HostBatch>> {
-    let m = Manifest::load(path)?;
+/// A manifest's training stream and the schedule `lorahost run` would take over it.
+fn manifest_data(path: &std::path::Path, packing: Option<Packing>) -> anyhow::Result<(TokenStream, Schedule, usize)> {
+    let mut m = Manifest::load(path)?;
+    if let Some(p) = packing {
+        m.train.packing = p;
+    }
     let plan = data::Plan::new(&m)?;
-    let prepared = data::prepare_plan(&plan)?;
-    let stream = &prepared.stream;
+    let stream = data::prepare_plan(&plan)?.stream;
     let pad = plan.tokenizer.special_id("<|endoftext|>").unwrap_or(0);
-    let schedule = Schedule { n_train: stream.n_train, micro_batch, grad_accum: 1, seed: m.run.seed, pad };
-    let offsets = stream.offsets();
-    Ok((0..steps as u64).flat_map(|s| schedule.step(stream, &offsets, s).micro).collect())
+    let schedule = Schedule::of(&m, stream.n_train, pad);
+    Ok((stream, schedule, m.train.max_seq_len))
 }
 
 fn reset_peak(device: &Device) -> anyhow::Result<()> {

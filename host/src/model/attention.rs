@@ -196,6 +196,17 @@ impl Rope {
     pub fn len(&self) -> usize {
         self.cos.dim(0).unwrap_or(0)
     }
+
+    /// The tables at each token's own position (a padding-free batch, positions restarting at every
+    /// sequence): rows gathered by `positions` [B*T] into [B, 1, T, D], which broadcast over the heads.
+    pub fn at(&self, positions: &[u32], b: usize, t: usize) -> Result<Rope> {
+        let index = Tensor::from_slice(positions, positions.len(), self.cos.device())?;
+        let gather = |table: &Tensor| -> Result<Tensor> {
+            let d = table.dim(1)?;
+            table.index_select(&index, 0)?.reshape((b, 1, t, d))
+        };
+        Ok(Rope { cos: gather(&self.cos)?, sin: gather(&self.sin)? })
+    }
 }
 
 /// One RoPE frequency after `rope_scaling` (HF's `_compute_linear_scaling_rope_parameters` and
@@ -269,6 +280,72 @@ pub fn causal_mask_after(t: usize, past: usize, model_dtype: DType, device: &Dev
     let keys = past + t;
     let m: Vec<f32> = (0..t * keys).map(|i| if i % keys > past + i / keys { f32::NEG_INFINITY } else { 0.0 }).collect();
     Tensor::from_vec(m, (t, keys), device)?.to_dtype(acc_dtype(model_dtype))
+}
+
+/// Sequences laid end to end in the rows of a batch (padding-free): `cu_seqlens` are the cumulative offsets
+/// of the sequences over the flattened [B*T] tokens (0, l0, l0 + l1, ..., B*T), and no sequence crosses
+/// the end of a row. Each sequence attends causally within itself only, and its positions start at 0, so
+/// every sequence computes exactly what it would alone in a row of its own.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Packed {
+    cu_seqlens: Vec<u32>,
+    b: usize,
+    t: usize,
+}
+
+impl Packed {
+    /// Checks that `cu_seqlens` cut the [b, t] batch into non-empty sequences, each within one row.
+    pub fn new(cu_seqlens: &[u32], b: usize, t: usize) -> Result<Packed> {
+        let n = b * t;
+        let ok_ends = cu_seqlens.first() == Some(&0) && cu_seqlens.last().map(|&e| e as usize) == Some(n);
+        if !ok_ends || cu_seqlens.windows(2).any(|w| w[1] <= w[0]) {
+            candle_core::bail!("cu_seqlens {cu_seqlens:?} must rise strictly from 0 to the {n} tokens of the batch");
+        }
+        for row in 1..b {
+            if cu_seqlens.binary_search(&((row * t) as u32)).is_err() {
+                candle_core::bail!("cu_seqlens {cu_seqlens:?}: a sequence crosses the end of row {}", row - 1);
+            }
+        }
+        Ok(Packed { cu_seqlens: cu_seqlens.to_vec(), b, t })
+    }
+
+    fn sequences(&self) -> impl Iterator<Item = std::ops::Range<usize>> + '_ {
+        self.cu_seqlens.windows(2).map(|w| w[0] as usize..w[1] as usize)
+    }
+
+    /// The longest sequence (the RoPE positions needed).
+    pub fn longest(&self) -> usize {
+        self.sequences().map(|s| s.len()).max().unwrap_or(0)
+    }
+
+    /// Each token's position within its sequence, [B*T].
+    pub fn positions(&self) -> Vec<u32> {
+        self.sequences().flat_map(|s| 0..s.len() as u32).collect()
+    }
+
+    /// True at the flattened tokens that begin a sequence: the token before them predicts nothing.
+    pub fn starts(&self) -> Vec<bool> {
+        let mut starts = vec![false; self.b * self.t];
+        for s in self.sequences() {
+            starts[s.start] = true;
+        }
+        starts
+    }
+
+    /// [B, 1, T, T] additive mask in the acc dtype: 0 where the key is at or before the query in the same
+    /// sequence, -inf elsewhere (block-diagonal and causal per sequence).
+    pub fn mask(&self, model_dtype: DType, device: &Device) -> Result<Tensor> {
+        let t = self.t;
+        let mut m = vec![f32::NEG_INFINITY; self.b * t * t];
+        for s in self.sequences() {
+            let (row, first) = (s.start / t, s.start % t);
+            for q in first..first + s.len() {
+                let at = (row * t + q) * t;
+                m[at + first..=at + q].iter_mut().for_each(|x| *x = 0.0);
+            }
+        }
+        Tensor::from_vec(m, (self.b, 1, t, t), device)?.to_dtype(acc_dtype(model_dtype))
+    }
 }
 
 /// From this length on (and without recomputation) the training step uses flash attention: measured on an

@@ -3,6 +3,10 @@
 //! a GPU; everywhere else (the CPU, f32, tests) the composite ops of ops.rs / attention.rs / loss.rs run.
 //! All switches are on by default; `lorahost bench train --levers` turns them on one at a time to measure
 //! what each one buys (the levers table of BENCHMARKS.md).
+//!
+//! A padding-free batch (several sequences per row, `cu_seqlens`) turns `rope`, `attention` and `flash` off
+//! for its call (`Model::context`): those kernels assume one sequence per row at positions 0..T. A varlen
+//! attention kernel is what will bring them back for packed rows.
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct Fusion {

@@ -11,7 +11,7 @@
 //! The training step keeps, per layer, either everything the backward needs (`BlockSaved`) or, with
 //! `recompute`, only the layer's input, and re-runs the layer's forward just before its backward. Dropout
 //! masks are a pure function of (step seed, layer, module), so the recomputed layer is bit-identical.
-use super::attention::{self, AttnSaved, Heads, QkNorm, QkvSaved, Rope};
+use super::attention::{self, AttnSaved, Heads, Packed, QkNorm, QkvSaved, Rope};
 use super::config::{ModelConfig, Site};
 use super::fusion::Fusion;
 use super::loss::{self, Targets};
@@ -65,9 +65,13 @@ pub struct GenerateOptions {
 struct Ctx<'a> {
     b: usize,
     t: usize,
+    /// RoPE tables: [T, D] for rows that each hold one sequence from position 0, or [B, 1, T, D] gathered by
+    /// each token's position in a padding-free batch.
     rope: Rope,
-    /// The additive causal mask, for the composite attention only.
+    /// The additive causal mask, for the composite attention only (block-diagonal in a padding-free batch).
     mask: Option<Tensor>,
+    /// The sequences of a padding-free batch; None when each row is one sequence.
+    packed: Option<Packed>,
     lora: Option<&'a Lora>,
     fusion: Fusion,
     /// (step seed, p) when dropout is active.
@@ -135,9 +139,10 @@ impl Model {
         Ok(Model::new(ckpt.config, weights, dtype, device))
     }
 
-    /// A model of these weights (loss chunks of 512 tokens, every fused kernel switched on).
+    /// A model of these weights (every fused kernel switched on, loss chunks sized for the device).
     pub fn new(config: ModelConfig, weights: Weights, dtype: DType, device: &Device) -> Model {
-        Model { config, weights, dtype, device: device.clone(), loss_chunk: 512, fusion: Fusion::default(), rope: Default::default() }
+        let loss_chunk = loss::default_chunk(device);
+        Model { config, weights, dtype, device: device.clone(), loss_chunk, fusion: Fusion::default(), rope: Default::default() }
     }
 
     // ----- inference ------------------------------------------------------------------------------------
@@ -145,22 +150,23 @@ impl Model {
     /// Logits [B, T, vocab] for token ids [B, T] (u32), optionally with a LoRA adapter (no dropout).
     pub fn forward(&self, ids: &Tensor, lora: Option<&Lora>) -> Result<Tensor> {
         let (b, t) = ids.dims2()?;
-        let hf = self.hidden_states(ids, lora)?;
+        let hf = self.hidden_states(ids, self.context(ids, lora, None, None)?)?;
         let logits = ops::linear_forward(&hf, &self.weights.lm_head, None)?;
         Ok(logits.reshape((b, t, self.config.vocab_size))?)
     }
 
-    /// Summed masked loss and counted tokens, no gradients (evaluation).
-    pub fn eval_loss(&self, ids: &Tensor, labels: &Tensor, lora: Option<&Lora>) -> Result<(f64, usize)> {
-        let targets = self.targets(ids, labels)?;
-        let hf = self.hidden_states(ids, lora)?;
+    /// Summed masked loss and counted tokens, no gradients (evaluation). `cu_seqlens`: as in
+    /// [`Model::loss_and_grads`].
+    pub fn eval_loss(&self, ids: &Tensor, labels: &Tensor, cu_seqlens: Option<&[u32]>, lora: Option<&Lora>) -> Result<(f64, usize)> {
+        let ctx = self.context(ids, lora, None, cu_seqlens)?;
+        let targets = self.targets(ids, labels, ctx.packed.as_ref())?;
+        let hf = self.hidden_states(ids, ctx)?;
         let (loss, _) = loss::cross_entropy(&hf, &self.weights.lm_head, &targets, self.loss_chunk, false, self.fusion.loss)?;
         Ok((loss.to_scalar::<f64>()?, targets.len()))
     }
 
     /// Final-norm hidden states [B*T, C].
-    fn hidden_states(&self, ids: &Tensor, lora: Option<&Lora>) -> Result<Tensor> {
-        let mut ctx = self.context(ids, lora, None)?;
+    fn hidden_states(&self, ids: &Tensor, mut ctx: Ctx) -> Result<Tensor> {
         ctx.fusion.flash = false; // nothing is kept for a backward: the scores live one layer at a time
         let mut x = self.embed(ids)?;
         for layer in 0..self.config.num_layers {
@@ -178,7 +184,7 @@ impl Model {
         if past + t > self.config.seq_length {
             bail!("{} cached + {t} new positions are more than seq_length {}", past, self.config.seq_length);
         }
-        let mut ctx = self.context(ids, lora, None)?;
+        let mut ctx = self.context(ids, lora, None, None)?;
         ctx.rope = self.rope_prefix(past + t)?.slice(past, t)?;
         ctx.fusion.flash = false;
         if past > 0 {
@@ -248,14 +254,19 @@ impl Model {
     /// - `ids` [B, T] token ids; `labels` [B, T] i64, HF convention (-100 = not trained; position t
     ///   predicts `labels[t + 1]`). Both may live on the CPU for a GPU model (the trainer passes them so:
     ///   checking them then costs no device synchronisation; the ids are uploaded here).
+    /// - `cu_seqlens`: None when each row is one sequence (padding is trained on nothing: labels -100);
+    ///   for a padding-free batch, the cumulative offsets of the sequences laid end to end over the
+    ///   flattened [B*T] tokens ([`Packed`]): each attends to itself only, its positions start at 0, and its
+    ///   last token predicts nothing, so the loss and gradients equal those of the same sequences padded.
     /// - `dropout_rng` gives this step's dropout seed (one draw per call, also when dropout is 0).
     /// - `recompute`: keep only each layer's input and recompute the layer during backward (bounded
     ///   memory, one extra forward); gives bit-identical results on CPU.
-    pub fn loss_and_grads(&self, ids: &Tensor, labels: &Tensor, lora: &Lora, dropout_rng: &mut Rng, recompute: bool) -> Result<LossAndGrads> {
-        let targets = self.targets(ids, labels)?;
+    #[allow(clippy::too_many_arguments)]
+    pub fn loss_and_grads(&self, ids: &Tensor, labels: &Tensor, cu_seqlens: Option<&[u32]>, lora: &Lora, dropout_rng: &mut Rng, recompute: bool) -> Result<LossAndGrads> {
         let step_seed = dropout_rng.next_u64();
         let p = lora.config.dropout;
-        let mut ctx = self.context(ids, Some(lora), (p > 0.0).then_some((step_seed, p)))?;
+        let mut ctx = self.context(ids, Some(lora), (p > 0.0).then_some((step_seed, p)), cu_seqlens)?;
+        let targets = self.targets(ids, labels, ctx.packed.as_ref())?;
         // Flash attention where it pays (BENCHMARKS.md, the levers table): long sequences whose [T, T]
         // probabilities would otherwise be kept for every layer. Shorter ones, or one layer at a time
         // (recompute), are faster with the scores in memory.
@@ -494,8 +505,9 @@ impl Model {
         Ok(ops::embedding_forward(&self.weights.wte, &ids)?)
     }
 
-    /// Checks the ids and builds the per-call tables (RoPE, causal mask).
-    fn context<'a>(&self, ids: &Tensor, lora: Option<&'a Lora>, dropout: Option<(u64, f64)>) -> Result<Ctx<'a>> {
+    /// Checks the ids and builds the per-call tables (RoPE, causal mask), for rows of one sequence each or,
+    /// with `cu_seqlens`, a padding-free batch.
+    fn context<'a>(&self, ids: &Tensor, lora: Option<&'a Lora>, dropout: Option<(u64, f64)>, cu_seqlens: Option<&[u32]>) -> Result<Ctx<'a>> {
         let (b, t) = ids.dims2().context("token ids must be a [batch, time] tensor")?;
         if ids.dtype() != DType::U32 {
             bail!("token ids must be u32, got {:?}", ids.dtype());
@@ -503,8 +515,10 @@ impl Model {
         if t == 0 || b == 0 {
             bail!("empty batch ({b} x {t})");
         }
-        if t > self.config.seq_length {
-            bail!("sequence of {t} tokens is longer than seq_length {} (dynamic NTK / logn scaling are not implemented)", self.config.seq_length);
+        let packed = cu_seqlens.map(|cu| Packed::new(cu, b, t)).transpose()?;
+        let longest = packed.as_ref().map_or(t, Packed::longest);
+        if longest > self.config.seq_length {
+            bail!("sequence of {longest} tokens is longer than seq_length {} (dynamic NTK / logn scaling are not implemented)", self.config.seq_length);
         }
         let max_id = ids.max_all()?.to_scalar::<u32>()?;
         if max_id as usize >= self.config.vocab_size {
@@ -513,13 +527,22 @@ impl Model {
         if let Some(l) = lora {
             l.check_fits(&self.config)?;
         }
+        let mut fusion = self.fusion;
+        if let Some(packed) = packed {
+            let rope = self.rope_prefix(longest)?.at(&packed.positions(), b, t)?;
+            // The fused rope/split and softmax kernels (model/cuda/) take one sequence per row at positions
+            // 0..T, so a padding-free batch runs the composite RoPE and masked attention on the GPU too, until
+            // a varlen attention kernel (taking cu_seqlens and positions) exists.
+            (fusion.rope, fusion.attention, fusion.flash) = (false, false, false);
+            let mask = Some(packed.mask(self.dtype, &self.device)?);
+            return Ok(Ctx { b, t, rope, mask, packed: Some(packed), lora, dropout, fusion, cache: None });
+        }
         let rope = self.rope_prefix(t)?;
-        let fusion = self.fusion;
         let mask = match super::fusion::on_for(fusion.attention, self.dtype, &self.device) {
             true => None,
             false => Some(attention::causal_mask(t, self.dtype, &self.device)?),
         };
-        Ok(Ctx { b, t, rope, mask, lora, dropout, fusion, cache: None })
+        Ok(Ctx { b, t, rope, mask, packed: None, lora, dropout, fusion, cache: None })
     }
 
     /// RoPE tables for positions 0..t, from the cached tables (rebuilt larger when a longer sequence comes).
@@ -534,14 +557,20 @@ impl Model {
         Ok(cached.as_ref().expect("built above").prefix(t)?)
     }
 
-    fn targets(&self, ids: &Tensor, labels: &Tensor) -> Result<Targets> {
+    /// The counted positions; in a padding-free batch, never the last token of a sequence (whose next token
+    /// is another sequence's first).
+    fn targets(&self, ids: &Tensor, labels: &Tensor, packed: Option<&Packed>) -> Result<Targets> {
         if labels.dims() != ids.dims() {
             bail!("labels have shape {:?}, ids {:?}: they must match", labels.dims(), ids.dims());
         }
         if labels.dtype() != DType::I64 {
             bail!("labels must be i64 (-100 = ignored), got {:?}", labels.dtype());
         }
-        Targets::from_labels(&labels.to_vec2::<i64>()?, self.config.vocab_size)
+        let mut targets = Targets::from_labels(&labels.to_vec2::<i64>()?, self.config.vocab_size)?;
+        if let Some(p) = packed {
+            targets.drop_before(&p.starts());
+        }
+        Ok(targets)
     }
 }
 

@@ -1,18 +1,19 @@
 //! `lorahost run`: the training loop, top to bottom.
 //!
 //! prepare data -> load (or create) the model -> adapter + optimizer (or the last checkpoint) -> for each
-//! optimizer step: `grad_accum` micro-batches of forward+backward, gradients normalised by the trained
-//! tokens of the whole step, clipped, the scheduler plugin's learning rate, an AdamW step; log, checkpoint,
-//! evaluate -> the PEFT adapter, the metrics log and the loss curve in the run folder.
-use super::batches::{self, HostBatch, Schedule};
+//! optimizer step: the scheduler plugin's learning rate and one [`step`] (its passes, gradients normalised
+//! by the trained tokens of the whole step, clipped, AdamW); log, checkpoint, evaluate -> the PEFT adapter,
+//! the metrics log and the loss curve in the run folder.
+use super::batches::{self, Schedule};
 use super::checkpoint::{self, State};
-use super::optim::{self, AdamW, AdamWConfig};
+use super::optim::{AdamW, AdamWConfig};
+use super::step::{step as train_step, StepConfig};
+use crate::data::batch::Layout;
 use crate::data::{self, TokenStream};
-use crate::model::lora::{Lora, LoraConfig, LoraGrads};
-use crate::manifest::{DType, Manifest};
-use crate::model::transformer::Model;
-use crate::model::rng::Rng as ModelRng;
+use crate::manifest::{DType, Manifest, Packing};
+use crate::model::lora::{Lora, LoraConfig};
 use crate::model::tiny;
+use crate::model::transformer::Model;
 use anyhow::{bail, Context};
 use candle_core::Device;
 use std::collections::BTreeMap;
@@ -56,7 +57,14 @@ pub struct StepLog {
     pub lr: f64,
     pub grad_norm: f64,
     pub trained_tokens: usize,
+    /// Tokens of the step's records (padding excluded).
+    #[serde(default)]
+    pub tokens: usize,
+    /// `tokens` over the step's wall time.
     pub tokens_per_s: f64,
+    /// Wall time of the step (forward, backward, optimizer).
+    #[serde(default)]
+    pub step_ms: f64,
     pub elapsed_s: f64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub eval_loss: Option<f64>,
@@ -102,17 +110,8 @@ pub fn load_model(m: &Manifest, device: &Device) -> anyhow::Result<Model> {
                 .with_context(|| format!("creating the tiny model in {}", m.model.path.display()))?;
         }
     }
-    let mut model = Model::load(&m.model.path, dtype_of(m), device)
-        .with_context(|| format!("{}: `model.path`: loading {}", m.file.display(), m.model.path.display()))?;
-    // On the CPU, smaller loss chunks keep the [chunk, vocab] logits in cache-friendly sizes (64 x 152k f32
-    // is 39 MB; 512 would be 311 MB of fresh memory per chunk).
-    if device.is_cpu() {
-        model.loss_chunk = 64;
-    } else {
-        // On the GPU the fused loss kernel takes 1024 rows at a time (1024 x 152k bf16 logits: 311 MB).
-        model.loss_chunk = 1024;
-    }
-    Ok(model)
+    Model::load(&m.model.path, dtype_of(m), device)
+        .with_context(|| format!("{}: `model.path`: loading {}", m.file.display(), m.model.path.display()))
 }
 
 fn lora_config(m: &Manifest) -> LoraConfig {
@@ -140,6 +139,10 @@ fn identity(m: &Manifest, lock_key: &str, scheduler_sha: &str, model_config: &st
             t.micro_batch, t.grad_accum, t.epochs, t.max_steps, t.lr, t.weight_decay, t.clip, t.recompute
         ),
     );
+    // Only when on, so that checkpoints written before the option existed still resume.
+    if t.packing != Packing::None {
+        id.insert("train.packing".into(), format!("{} max_tokens_per_pass={}", t.packing.name(), t.tokens_per_pass()));
+    }
     id.insert("scheduler".into(), format!("{} {} {:?}", m.scheduler.plugin, scheduler_sha, m.scheduler.config));
     id.insert("seed".into(), m.run.seed.to_string());
     id
@@ -167,7 +170,8 @@ pub fn run(m: &Manifest, opts: &RunOptions) -> anyhow::Result<RunSummary> {
     let model_config = std::fs::read_to_string(m.model.path.join("config.json")).unwrap_or_default();
     let identity = identity(m, &prepared.lock.key(), &plan.scheduler_sha(), &model_config);
 
-    let schedule = Schedule { n_train: stream.n_train, micro_batch: m.train.micro_batch, grad_accum: m.train.grad_accum, seed: m.run.seed, pad };
+    let schedule = Schedule::of(m, stream.n_train, pad);
+    let step_config = StepConfig { seed: m.run.seed, recompute: m.train.recompute, clip: m.train.clip };
     let steps_per_epoch = schedule.steps_per_epoch();
     let mut total = steps_per_epoch * m.train.epochs as u64;
     if let Some(max) = m.train.max_steps {
@@ -219,45 +223,20 @@ pub fn run(m: &Manifest, opts: &RunOptions) -> anyhow::Result<RunSummary> {
         while step < total {
             let step_batches = upcoming.recv().context("the batch thread stopped")?;
             debug_assert_eq!(step_batches.step, step);
-            let t0 = Instant::now();
-
-            // Forward and backward of each micro-batch; gradients summed, normalised once by the trained tokens
-            // of the whole step (not per micro-batch: transformers PR #34191).
-            let mut grads = LoraGrads::zeros_like(&lora)?;
-            let (mut loss_sum, mut n_tokens) = (0.0f64, 0usize);
-            for (micro, batch) in step_batches.micro.iter().enumerate() {
-                let (ids, labels) = batch.tensors()?;
-                let mut dropout = ModelRng::for_stream(m.run.seed, &[step, micro as u64]);
-                let out = model.loss_and_grads(&ids, &labels, &lora, &mut dropout, m.train.recompute)?;
-                grads.add_assign(&out.grads)?;
-                loss_sum += out.loss_sum;
-                n_tokens += out.n_tokens;
-            }
-            let loss = if n_tokens > 0 { loss_sum / n_tokens as f64 } else { 0.0 };
-            if !loss.is_finite() {
-                bail!("the loss is {loss} at step {} (learning rate too high? bad data?); stopping without writing", step + 1);
-            }
-            // The step's gradient is the sum over its micro-batches divided by the trained tokens; that division
-            // and the clipping factor are applied inside the optimizer step (one pass, not three).
-            let per_token = 1.0 / n_tokens.max(1) as f64;
-            let grad_norm = optim::global_norm_with(&grads.tensors(), model.fusion.optimizer)? * per_token;
-            if !grad_norm.is_finite() {
-                bail!("the gradient norm is {grad_norm} at step {} (loss {loss}); stopping without writing", step + 1);
-            }
-            let clip = m.train.clip.map_or(1.0, |c| optim::clip_coefficient(grad_norm, c));
             let lr = scheduler.lr(step, total, m.train.lr)?;
-            opt.step_scaled(&mut lora.params_mut(), &grads.tensors(), lr, per_token * clip)?;
+            let out = train_step(&model, &mut lora, &mut opt, &step_batches, lr, &step_config)?;
             step += 1;
 
-            let dt = t0.elapsed().as_secs_f64();
             let mut log = StepLog {
                 step,
                 epoch: step as f64 / steps_per_epoch as f64,
-                loss,
+                loss: out.loss,
                 lr,
-                grad_norm,
-                trained_tokens: n_tokens,
-                tokens_per_s: step_batches.tokens() as f64 / dt.max(1e-9),
+                grad_norm: out.grad_norm,
+                trained_tokens: out.trained_tokens,
+                tokens: out.tokens,
+                tokens_per_s: out.tokens_per_s(),
+                step_ms: out.seconds * 1e3,
                 elapsed_s: started.elapsed().as_secs_f64(),
                 eval_loss: None,
             };
@@ -265,14 +244,14 @@ pub fn run(m: &Manifest, opts: &RunOptions) -> anyhow::Result<RunSummary> {
                 || opts.interrupt.as_ref().is_some_and(|f| f.load(Ordering::SeqCst));
             let checkpoint_due = m.train.checkpoint_every.is_some_and(|n| step % n == 0) || step == total || stop_now;
             if checkpoint_due && !eval_rows.is_empty() {
-                log.eval_loss = Some(eval_loss(&model, &lora, stream, &offsets, &eval_rows, m.train.micro_batch, pad)?);
+                log.eval_loss = Some(eval_loss(&model, &lora, stream, &offsets, &eval_rows, &schedule.layout)?);
             }
             let line = serde_json::to_string(&log)?;
             writeln!(metrics_file, "{line}")?;
             metrics.push(line);
             if let Some(b) = &bar {
                 b.set_position(step);
-                b.set_message(format!("loss {loss:.4}  {:.0} tok/s", log.tokens_per_s));
+                b.set_message(format!("loss {:.4}  {:.0} tok/s", log.loss, log.tokens_per_s));
             }
             if checkpoint_due {
                 let state = State { format: checkpoint::FORMAT.into(), step, identity: identity.clone(), metrics: metrics.clone() };
@@ -311,11 +290,12 @@ pub fn run(m: &Manifest, opts: &RunOptions) -> anyhow::Result<RunSummary> {
     Ok(RunSummary { run_dir, steps_done: step, total_steps: total, losses, eval_losses, resumed_from, interrupted, adapter_dir })
 }
 
-fn eval_loss(model: &Model, lora: &Lora, stream: &TokenStream, offsets: &[usize], rows: &[usize], micro_batch: usize, pad: u32) -> anyhow::Result<f64> {
+/// Mean loss over the eval records, in the training passes' layout.
+fn eval_loss(model: &Model, lora: &Lora, stream: &TokenStream, offsets: &[usize], rows: &[usize], layout: &Layout) -> anyhow::Result<f64> {
     let (mut sum, mut n) = (0.0, 0usize);
-    for chunk in rows.chunks(micro_batch) {
-        let (ids, labels) = HostBatch::gather(stream, offsets, chunk, pad).tensors()?;
-        let (s, k) = model.eval_loss(&ids, &labels, Some(lora))?;
+    for batch in layout.passes(stream, offsets, rows) {
+        let (ids, labels) = batch.tensors()?;
+        let (s, k) = model.eval_loss(&ids, &labels, batch.cu_seqlens.as_deref(), Some(lora))?;
         sum += s;
         n += k;
     }

@@ -1,0 +1,79 @@
+//! One optimizer step: the step `lorahost run` takes and `lorahost bench train` times, so the benchmark
+//! measures what a run does.
+//!
+//! forward + backward of each pass (padded micro-batch or padding-free row) -> gradients summed ->
+//! normalised once by the trained tokens of the whole step (not per pass: transformers PR #34191) ->
+//! clipped by global norm -> AdamW.
+use super::batches::StepBatches;
+use super::optim::{self, AdamW};
+use crate::model::lora::{Lora, LoraGrads};
+use crate::model::rng::Rng as ModelRng;
+use crate::model::transformer::Model;
+use anyhow::bail;
+use std::time::Instant;
+
+/// What a step needs beyond its batches and learning rate.
+#[derive(Debug, Clone)]
+pub struct StepConfig {
+    /// Seeds each pass's dropout (with the step and pass index).
+    pub seed: u64,
+    /// Recompute each layer in the backward pass instead of keeping its activations.
+    pub recompute: bool,
+    /// Global gradient-norm clip.
+    pub clip: Option<f64>,
+}
+
+/// The outcome of one step.
+#[derive(Debug, Clone)]
+pub struct StepOutcome {
+    /// Mean loss over the trained tokens of the step.
+    pub loss: f64,
+    /// Global norm of the normalised gradient, before clipping.
+    pub grad_norm: f64,
+    /// Positions counted in the loss.
+    pub trained_tokens: usize,
+    /// Tokens of the step's records (padding excluded).
+    pub tokens: usize,
+    /// Wall time of the step, from the first forward to the optimizer's update done on the device.
+    pub seconds: f64,
+}
+
+impl StepOutcome {
+    /// Real tokens (the records', no padding) per second.
+    pub fn tokens_per_s(&self) -> f64 {
+        self.tokens as f64 / self.seconds.max(1e-9)
+    }
+}
+
+/// Trains `lora` one step on `batches` at learning rate `lr`. A non-finite loss or gradient norm stops
+/// with an error naming the step, before the adapter is touched.
+pub fn step(model: &Model, lora: &mut Lora, opt: &mut AdamW, batches: &StepBatches, lr: f64, c: &StepConfig) -> anyhow::Result<StepOutcome> {
+    let t0 = Instant::now();
+    let number = batches.step + 1;
+    let mut grads = LoraGrads::zeros_like(lora)?;
+    let (mut loss_sum, mut n_tokens) = (0.0f64, 0usize);
+    for (pass, batch) in batches.passes.iter().enumerate() {
+        let (ids, labels) = batch.tensors()?;
+        let mut dropout = ModelRng::for_stream(c.seed, &[batches.step, pass as u64]);
+        let out = model.loss_and_grads(&ids, &labels, batch.cu_seqlens.as_deref(), lora, &mut dropout, c.recompute)?;
+        debug_assert_eq!(out.n_tokens, batch.trained, "the model and the batch count the same positions");
+        grads.add_assign(&out.grads)?;
+        loss_sum += out.loss_sum;
+        n_tokens += out.n_tokens;
+    }
+    let loss = if n_tokens > 0 { loss_sum / n_tokens as f64 } else { 0.0 };
+    if !loss.is_finite() {
+        bail!("the loss is {loss} at step {number} (learning rate too high? bad data?); stopping without writing");
+    }
+    // The division by the trained tokens and the clipping factor are applied inside the optimizer step (one
+    // pass over the gradients, not three).
+    let per_token = 1.0 / n_tokens.max(1) as f64;
+    let grad_norm = optim::global_norm_with(&grads.tensors(), model.fusion.optimizer)? * per_token;
+    if !grad_norm.is_finite() {
+        bail!("the gradient norm is {grad_norm} at step {number} (loss {loss}); stopping without writing");
+    }
+    let clip = c.clip.map_or(1.0, |max| optim::clip_coefficient(grad_norm, max));
+    opt.step_scaled(&mut lora.params_mut(), &grads.tensors(), lr, per_token * clip)?;
+    model.device.synchronize()?;
+    Ok(StepOutcome { loss, grad_norm, trained_tokens: n_tokens, tokens: batches.tokens(), seconds: t0.elapsed().as_secs_f64() })
+}
