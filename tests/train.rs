@@ -278,3 +278,115 @@ fn packing_settings_are_checked_by_key() {
     let e = format!("{:#}", train(&packed, RunOptions::default()).unwrap_err());
     assert!(e.contains("`train.packing`: new") && e.contains("--fresh"), "{e}");
 }
+
+// ---------------------------------------------------------------------------------------------------------
+// Several ranks (threads with the in-process all-reduce): the same run, split differently.
+
+/// The small run with six single-record passes per step (2 steps an epoch, 4 in all), so one, two and
+/// three ranks all get a share of every step.
+fn ranks_manifest(dir: &Path) -> PathBuf {
+    let m = small_manifest(dir, "");
+    let text = std::fs::read_to_string(&m).unwrap().replace("micro_batch = 2", "micro_batch = 1").replace("grad_accum = 2", "grad_accum = 6");
+    std::fs::write(&m, text).unwrap();
+    m
+}
+
+fn on_ranks(ranks: usize) -> RunOptions {
+    RunOptions { ranks, ..Default::default() }
+}
+
+/// Every tensor of a run's adapter, by name.
+fn adapter_tensors(run_dir: &Path) -> Vec<(String, Vec<f32>)> {
+    let bytes = read(&run_dir.join("adapter/adapter_model.safetensors"));
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut out: Vec<(String, Vec<f32>)> = st
+        .tensors()
+        .into_iter()
+        .map(|(name, view)| (name, view.data().chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect()))
+        .collect();
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    out
+}
+
+/// Asserts two runs' losses (train and eval) and adapters agree within 1e-6.
+fn assert_same_run(what: &str, a: (&RunSummary, &Path), b: (&RunSummary, &Path)) {
+    assert_eq!(a.0.losses.len(), b.0.losses.len(), "{what}");
+    for (step, (x, y)) in a.0.losses.iter().zip(&b.0.losses).enumerate() {
+        assert!((x - y).abs() <= 1e-6, "{what}: step {}: loss {x} vs {y}", step + 1);
+    }
+    assert_eq!(a.0.eval_losses.len(), b.0.eval_losses.len(), "{what}");
+    for ((s, x), (_, y)) in a.0.eval_losses.iter().zip(&b.0.eval_losses) {
+        assert!((x - y).abs() <= 1e-6, "{what}: eval loss at step {s}: {x} vs {y}");
+    }
+    let (ta, tb) = (adapter_tensors(a.1), adapter_tensors(b.1));
+    assert_eq!(ta.iter().map(|t| &t.0).collect::<Vec<_>>(), tb.iter().map(|t| &t.0).collect::<Vec<_>>(), "{what}");
+    let diff = ta.iter().zip(&tb).flat_map(|(x, y)| x.1.iter().zip(&y.1).map(|(p, q)| (p - q).abs())).fold(0.0f32, f32::max);
+    assert!(diff <= 1e-6, "{what}: the adapters differ by up to {diff}");
+}
+
+fn logged_steps(run_dir: &Path) -> Vec<u64> {
+    let log = std::fs::read_to_string(run_dir.join("metrics.jsonl")).unwrap();
+    log.lines().map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["step"].as_u64().unwrap()).collect()
+}
+
+#[test]
+fn one_two_and_three_ranks_give_the_same_run() {
+    let one_dir = tempfile::tempdir().unwrap();
+    let one = train(&ranks_manifest(one_dir.path()), on_ranks(1)).unwrap();
+    assert_eq!(one.total_steps, 4);
+    let one_out = one_dir.path().join("out");
+    // The loss moved: a run whose ranks did nothing would fail the comparisons below only by luck.
+    assert!(one.losses[3] < one.losses[0], "{:?}", one.losses);
+    for ranks in [2, 3] {
+        let dir = tempfile::tempdir().unwrap();
+        let s = train(&ranks_manifest(dir.path()), on_ranks(ranks)).unwrap();
+        let out = dir.path().join("out");
+        assert_same_run(&format!("{ranks} ranks vs 1"), (&s, &out), (&one, &one_out));
+        // Rank 0 alone writes: each step logged once, one set of checkpoints.
+        assert_eq!(logged_steps(&out), vec![1, 2, 3, 4], "{ranks} ranks");
+        let ckpts: Vec<_> = std::fs::read_dir(out.join("checkpoints")).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert_eq!(ckpts.len(), 2, "{ckpts:?}");
+    }
+}
+
+#[test]
+fn a_two_rank_checkpoint_resumes_on_one_rank_as_the_same_run() {
+    let whole_dir = tempfile::tempdir().unwrap();
+    let whole = train(&ranks_manifest(whole_dir.path()), on_ranks(1)).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let m = ranks_manifest(dir.path());
+    let first = train(&m, RunOptions { stop_after: Some(2), ..on_ranks(2) }).unwrap();
+    assert!(first.interrupted && first.steps_done == 2);
+    let second = train(&m, on_ranks(1)).unwrap();
+    assert_eq!((second.resumed_from, second.steps_done), (Some(2), 4));
+    assert_same_run("2 ranks then 1 vs 1", (&second, &dir.path().join("out")), (&whole, &whole_dir.path().join("out")));
+    assert_eq!(logged_steps(&dir.path().join("out")), vec![1, 2, 3, 4]);
+}
+
+#[test]
+fn a_failing_rank_ends_the_run_with_an_error_naming_it_and_a_rerun_finishes() {
+    let whole_dir = tempfile::tempdir().unwrap();
+    let whole = train(&ranks_manifest(whole_dir.path()), on_ranks(1)).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let m = ranks_manifest(dir.path());
+    let t0 = std::time::Instant::now();
+    // Rank 1 fails in step 3, after the checkpoint of step 2; a generous timeout that must not be waited for.
+    let failing = RunOptions { fail_at: Some((1, 2)), rank_timeout: Some(std::time::Duration::from_secs(120)), ..on_ranks(3) };
+    let err = format!("{:#}", train(&m, failing).unwrap_err());
+    assert!(err.contains("rank 1 of 3 failed") && err.contains("injected failure at step 3"), "{err}");
+    assert!(t0.elapsed().as_secs() < 60, "the other ranks stopped at once, not at the timeout");
+    assert!(!dir.path().join("out/adapter").exists(), "no adapter from a failed run");
+    // Resumed (here on 2 ranks) from the last checkpoint, it finishes as the uninterrupted run.
+    let again = train(&m, on_ranks(2)).unwrap();
+    assert_eq!(again.resumed_from, Some(2));
+    assert_same_run("failed on 3, resumed on 2, vs 1", (&again, &dir.path().join("out")), (&whole, &whole_dir.path().join("out")));
+}
+
+#[test]
+fn ranks_as_threads_refuse_a_gpu_manifest() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = ranks_manifest(dir.path());
+    std::fs::write(&m, std::fs::read_to_string(&m).unwrap().replace("device = \"cpu\"", "device = \"cuda:0\"")).unwrap();
+    let err = format!("{:#}", train(&m, on_ranks(2)).unwrap_err());
+    assert!(err.contains("2 ranks as threads run on the CPU only") && err.contains("NCCL"), "{err}");
+}

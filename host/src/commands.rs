@@ -164,7 +164,17 @@ fn quickstart() -> std::path::PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/quickstart.toml")
 }
 
-pub fn run(manifest: Option<std::path::PathBuf>, fresh: bool, stop_after: Option<u64>) -> anyhow::Result<()> {
+pub fn run(manifest: Option<std::path::PathBuf>, fresh: bool, stop_after: Option<u64>, ranks: usize) -> anyhow::Result<()> {
+    // Under a launcher (torchrun and the like): a world of one runs as usual, more needs the NCCL build.
+    if let Some(env) = lorahost::train::dist::LaunchEnv::from_env()? {
+        env.check_supported()?;
+        if ranks > 1 {
+            anyhow::bail!("--ranks {ranks} under a launcher (WORLD_SIZE={}): give one or the other", env.world_size);
+        }
+    }
+    if ranks == 0 {
+        anyhow::bail!("--ranks 0: a run needs at least one rank");
+    }
     let manifest = manifest.unwrap_or_else(|| {
         let q = quickstart();
         eprintln!("no manifest given: running the quickstart, {}", q.display());
@@ -185,6 +195,8 @@ pub fn run(manifest: Option<std::path::PathBuf>, fresh: bool, stop_after: Option
         stop_after,
         progress: std::io::stderr().is_terminal(),
         interrupt: Some(interrupt),
+        ranks,
+        ..Default::default()
     };
     let summary = lorahost::train::run::run(&m, &opts)?;
     println!("{}", lorahost::train::run::summary_text(&summary));

@@ -28,6 +28,11 @@ enum Command {
         /// Stop with a checkpoint after this many optimizer steps, as if interrupted.
         #[arg(long, hide = true)]
         stop_after: Option<u64>,
+        /// Data-parallel ranks: each takes a share of every step's passes, gradients summed over ranks
+        /// (the same run as one rank). Threads of this process, CPU manifests only, for now; several GPUs
+        /// need the NCCL build (docs/multi-gpu.md).
+        #[arg(long, visible_alias = "gpus", value_name = "N", default_value_t = 1)]
+        ranks: usize,
     },
     /// Generate a reply with the manifest's model, template and (by default) the run's adapter.
     Generate {
@@ -408,7 +413,7 @@ fn parse_kind(s: &str) -> anyhow::Result<PluginKind> {
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Run { manifest, fresh, stop_after } => commands::run(manifest, fresh, stop_after)?,
+        Command::Run { manifest, fresh, stop_after, ranks } => commands::run(manifest, fresh, stop_after, ranks)?,
         Command::Generate { manifest, prompt, adapter, base, max_new, temperature, seed } => {
             commands::generate(&manifest, &prompt, adapter, base, max_new, temperature, seed)?
         }

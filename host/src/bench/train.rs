@@ -13,6 +13,7 @@ use crate::model::transformer::Model;
 use crate::model::weights::Weights;
 use crate::train::batches::{self, Schedule};
 use crate::train::optim::{AdamW, AdamWConfig};
+use crate::train::dist::Single;
 use crate::train::step::{step as train_step, StepConfig};
 use anyhow::bail;
 use candle_core::{DType, Device};
@@ -173,7 +174,7 @@ fn run_on(model: &Model, o: &Options) -> anyhow::Result<TrainBench> {
     std::thread::scope(|scope| -> anyhow::Result<()> {
         let upcoming = batches::prefetch(scope, &stream, schedule.clone(), 0..total as u64, 2);
         for step in 0..total {
-            let out = train_step(model, &mut lora, &mut opt, &upcoming.recv()?, o.lr, &step_config)?;
+            let out = train_step(model, &mut lora, &mut opt, &upcoming.recv()?, o.lr, &step_config, &Single)?;
             losses.push(out.loss);
             if step >= o.warmup {
                 times.push(out.seconds);

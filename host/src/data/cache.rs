@@ -17,6 +17,16 @@ pub fn paths(cache_dir: &Path, key: &str) -> (PathBuf, PathBuf) {
 }
 
 pub fn store(cache_dir: &Path, key: &str, stream: &TokenStream, report: &Report) -> anyhow::Result<()> {
+    let buf = encode(stream);
+    let (bin, json) = paths(cache_dir, key);
+    // The report goes first: a stream without its report is never visible.
+    write_atomic(&json, serde_json::to_string_pretty(report)?.as_bytes())?;
+    write_atomic(&bin, &buf)?;
+    Ok(())
+}
+
+/// A stream in the cache file's format (also how rank 0 hands it to the other ranks).
+pub fn encode(stream: &TokenStream) -> Vec<u8> {
     let n = stream.len();
     let mut buf = Vec::with_capacity(32 + n * 6 + stream.ids.len() * 5);
     buf.extend_from_slice(MAGIC);
@@ -27,11 +37,7 @@ pub fn store(cache_dir: &Path, key: &str, stream: &TokenStream, report: &Report)
     stream.dataset.iter().for_each(|v| buf.extend_from_slice(&v.to_le_bytes()));
     stream.ids.iter().for_each(|v| buf.extend_from_slice(&v.to_le_bytes()));
     buf.extend_from_slice(&stream.trained);
-    let (bin, json) = paths(cache_dir, key);
-    // The report goes first: a stream without its report is never visible.
-    write_atomic(&json, serde_json::to_string_pretty(report)?.as_bytes())?;
-    write_atomic(&bin, &buf)?;
-    Ok(())
+    buf
 }
 
 /// The cached stream and report for `key`, if both are present and whole.
@@ -52,7 +58,8 @@ pub fn load(cache_dir: &Path, key: &str) -> anyhow::Result<Option<(TokenStream, 
     }
 }
 
-fn decode(bytes: &[u8]) -> anyhow::Result<TokenStream> {
+/// The stream [`encode`] wrote; an error when the bytes are not one whole.
+pub fn decode(bytes: &[u8]) -> anyhow::Result<TokenStream> {
     if bytes.len() < 32 || &bytes[..8] != MAGIC {
         bail!("not a token cache file");
     }

@@ -135,6 +135,13 @@ impl AdamW {
     /// Saves the moments and step count (safetensors: `m.<name>`, `v.<name>`; step in the metadata),
     /// atomically.
     pub fn save(&self, path: &Path) -> Result<()> {
+        let bytes = self.to_bytes()?;
+        crate::fsutil::write_atomic(path, &bytes).with_context(|| format!("cannot write {}", path.display()))?;
+        Ok(())
+    }
+
+    /// The state as [`AdamW::save`] writes it (also how rank 0 hands it to the other ranks).
+    pub fn to_bytes(&self) -> Result<Vec<u8>> {
         let mut tensors: Vec<(String, Tensor)> = Vec::new();
         for (i, name) in self.names.iter().enumerate() {
             tensors.push((format!("m.{name}"), self.m[i].to_device(&Device::Cpu)?));
@@ -152,9 +159,7 @@ impl AdamW {
         .into_iter()
         .map(|(k, v)| (k.to_string(), v))
         .collect();
-        let bytes = safetensors::serialize(tensors, Some(metadata)).context("cannot serialise the optimizer state")?;
-        crate::fsutil::write_atomic(path, &bytes).with_context(|| format!("cannot write {}", path.display()))?;
-        Ok(())
+        safetensors::serialize(tensors, Some(metadata)).context("cannot serialise the optimizer state")
     }
 
     /// Restores a state saved by [`AdamW::save`] for the same named parameters (checked).
@@ -162,10 +167,15 @@ impl AdamW {
     /// and moments come from the file).
     pub fn load(path: &Path, config: AdamWConfig, names: Vec<String>, params: &[&Tensor]) -> Result<AdamW> {
         let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
-        let p = path.display();
-        let st = safetensors::SafeTensors::deserialize(&bytes)
+        Self::from_bytes(&bytes, &path.display().to_string(), config, names, params)
+    }
+
+    /// [`AdamW::load`] from bytes [`AdamW::to_bytes`] gave; `origin` names them in errors.
+    pub fn from_bytes(bytes: &[u8], origin: &str, config: AdamWConfig, names: Vec<String>, params: &[&Tensor]) -> Result<AdamW> {
+        let p = origin;
+        let st = safetensors::SafeTensors::deserialize(bytes)
             .map_err(|e| anyhow::anyhow!("{p}: not a valid safetensors file (truncated or corrupt?): {e}"))?;
-        let (_, header) = safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| anyhow::anyhow!("{p}: {e}"))?;
+        let (_, header) = safetensors::SafeTensors::read_metadata(bytes).map_err(|e| anyhow::anyhow!("{p}: {e}"))?;
         let meta = header.metadata().clone().unwrap_or_default();
         if meta.get("format").map(String::as_str) != Some(FORMAT) {
             bail!("{p}: not an AdamW state written by lorahost (format {:?})", meta.get("format"));

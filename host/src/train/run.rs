@@ -4,9 +4,17 @@
 //! optimizer step: the scheduler plugin's learning rate and one [`step`] (its passes, gradients normalised
 //! by the trained tokens of the whole step, clipped, AdamW); log, checkpoint, evaluate -> the PEFT adapter,
 //! the metrics log and the loss curve in the run folder.
+//!
+//! On several ranks ([`dist`]) every rank runs this same loop: rank 0 alone prepares the data, reads the
+//! checkpoint and runs the scheduler, and hands the result to the others ([`handoff`]); each step's passes
+//! are split over the ranks inside [`step`]; rank 0 alone writes (the [`Ledger`]). A checkpoint holds
+//! nothing rank-specific, so a run resumes on any number of ranks.
 use super::batches::{self, Schedule};
 use super::checkpoint::{self, State};
+use super::dist::{self, Collective, Single};
+use super::handoff::{self, Start};
 use super::optim::{AdamW, AdamWConfig};
+use super::split;
 use super::step::{step as train_step, StepConfig};
 use crate::data::batch::Layout;
 use crate::data::{self, TokenStream};
@@ -21,7 +29,7 @@ use std::io::Write;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 #[derive(Debug, Default, Clone)]
 pub struct RunOptions {
@@ -33,6 +41,13 @@ pub struct RunOptions {
     pub progress: bool,
     /// Set to stop at the next step boundary (Ctrl-C).
     pub interrupt: Option<Arc<AtomicBool>>,
+    /// Ranks, as threads of this process with an in-process all-reduce (CPU only); 0 or 1: one rank.
+    pub ranks: usize,
+    /// How long a rank waits for the others in one collective call (default [`dist::DEFAULT_TIMEOUT`]).
+    pub rank_timeout: Option<Duration>,
+    /// Testing: rank `.0` fails with an injected error at 0-based step `.1`.
+    #[doc(hidden)]
+    pub fail_at: Option<(usize, u64)>,
 }
 
 #[derive(Debug, Clone, serde::Serialize)]
@@ -148,119 +163,102 @@ fn identity(m: &Manifest, lock_key: &str, scheduler_sha: &str, model_config: &st
     id
 }
 
+/// Trains as the manifest says, on `opts.ranks` ranks (threads of this process on the CPU; one by default).
 pub fn run(m: &Manifest, opts: &RunOptions) -> anyhow::Result<RunSummary> {
-    let run_dir = m.run.output.clone();
-    std::fs::create_dir_all(&run_dir).with_context(|| format!("creating {}", run_dir.display()))?;
-
-    // 1. Data: the token stream (from the cache when unchanged) and the lock.
-    let plan = data::Plan::new(m)?;
-    let prepared = data::prepare_plan(&plan)?;
-    prepared.lock.write(&run_dir.join("run.lock"))?;
-    for p in prepared.report.plugins.iter().filter(|p| p.native) {
-        eprintln!("WARNING: plugin `{}` ({}) is a native library and runs UNSANDBOXED (trusted = true)", p.name, p.from);
+    let ranks = opts.ranks.max(1);
+    if ranks == 1 {
+        return Ok(run_rank(m, opts, &Single)?.expect("rank 0 gives the summary"));
     }
-    let stream = &prepared.stream;
-    let offsets = stream.offsets();
-    let mut scheduler = plan.scheduler()?;
-    let pad = plan.tokenizer.special_id("<|endoftext|>").unwrap_or(0);
+    if m.model.device != "cpu" {
+        bail!(
+            "{}: {ranks} ranks as threads run on the CPU only (`model.device = \"{}\"`); several GPUs need the NCCL \
+             build, not built yet (docs/multi-gpu.md)",
+            m.file.display(),
+            m.model.device
+        );
+    }
+    let timeout = opts.rank_timeout.unwrap_or(dist::DEFAULT_TIMEOUT);
+    let mut summaries = dist::run_threads(ranks, timeout, |comm| run_rank(m, opts, comm))?;
+    summaries.swap_remove(0).context("rank 0 gives the summary")
+}
 
-    // 2. Model and adapter.
+/// One rank's run; the summary on rank 0, None on the others. World size 1 is the ordinary run.
+pub fn run_rank(m: &Manifest, opts: &RunOptions, comm: &dyn Collective) -> anyhow::Result<Option<RunSummary>> {
     let device = device_of(m)?;
-    let model = load_model(m, &device)?;
-    let model_config = std::fs::read_to_string(m.model.path.join("config.json")).unwrap_or_default();
-    let identity = identity(m, &prepared.lock.key(), &plan.scheduler_sha(), &model_config);
-
-    let schedule = Schedule::of(m, stream.n_train, pad);
-    let step_config = StepConfig { seed: m.run.seed, recompute: m.train.recompute, clip: m.train.clip };
-    let steps_per_epoch = schedule.steps_per_epoch();
-    let mut total = steps_per_epoch * m.train.epochs as u64;
-    if let Some(max) = m.train.max_steps {
-        total = total.min(max);
-    }
     let adamw = AdamWConfig { weight_decay: m.train.weight_decay, ..AdamWConfig::default() };
 
-    // 3. Resume from the last checkpoint, unless told to start over.
-    let mut lora = Lora::new(lora_config(m), &model.config, m.run.seed, &device)?;
-    let mut opt = AdamW::new(adamw.clone(), lora.param_names(), &lora.params())?;
+    // 1. Rank 0: the data, the model files, the checkpoint, the rates. 2. The others: what rank 0 decided,
+    // then their own copy of the model (its files exist by then) and rank 0's adapter and optimizer state.
+    let (start, model, mut lora, mut opt, ledger) = if comm.is_root() {
+        let root = prepare_root(m, opts, &device, &adamw)?;
+        (handoff::share_start(comm, Some(root.start))?, root.model, root.lora, root.opt, Some(root.ledger))
+    } else {
+        let start = handoff::share_start(comm, None)?;
+        let model = load_model(m, &device)?;
+        let lora = Lora::new(lora_config(m), &model.config, m.run.seed, &device)?;
+        let opt = AdamW::new(adamw, lora.param_names(), &lora.params())?;
+        (start, model, lora, opt, None)
+    };
+    handoff::share_state(comm, &mut lora, &mut opt)?;
     opt.fused = model.fusion.optimizer;
-    let mut start_step = 0u64;
-    let mut metrics: Vec<String> = Vec::new();
-    let mut resumed_from = None;
-    if opts.fresh {
-        let _ = std::fs::remove_dir_all(run_dir.join("checkpoints"));
-    } else if let Some(dir) = checkpoint::latest(&run_dir) {
-        let state = checkpoint::read_state(&dir)?;
-        let changes = checkpoint::identity_diff(&identity, &state.identity);
-        if !changes.is_empty() {
-            bail!(
-                "the manifest changed since the checkpoint {}:\n  {}\nrun with --fresh to start over (the old checkpoints are removed)",
-                dir.display(),
-                changes.join("\n  ")
-            );
-        }
-        lora = Lora::load(&dir.join(checkpoint::ADAPTER_DIR), &model.config, &device)
-            .with_context(|| format!("resuming from {}", dir.display()))?;
-        opt = AdamW::load(&dir.join(checkpoint::OPTIMIZER_FILE), adamw, lora.param_names(), &lora.params())
-            .with_context(|| format!("resuming from {}", dir.display()))?;
-        start_step = state.step;
-        metrics = state.metrics;
-        resumed_from = Some(state.step);
-    }
-    // The metrics log restarts from what the checkpoint recorded, so it reads as one uninterrupted run.
-    let metrics_path = run_dir.join("metrics.jsonl");
-    crate::fsutil::write_atomic(&metrics_path, metrics.iter().map(|l| format!("{l}\n")).collect::<String>().as_bytes())?;
-    let mut metrics_file = std::fs::OpenOptions::new().append(true).open(&metrics_path)?;
 
-    let bar = progress_bar(opts.progress, total, start_step);
+    let stream = &start.stream;
+    let offsets = stream.offsets();
+    let schedule = Schedule::of(m, stream.n_train, start.pad);
+    let step_config = StepConfig { seed: m.run.seed, recompute: m.train.recompute, clip: m.train.clip };
+    let steps_per_epoch = schedule.steps_per_epoch();
+    let total = start.total();
+    let mut ledger = ledger.map(|l| l.open()).transpose()?;
+    let bar = progress_bar(opts.progress && ledger.is_some(), total, start.step);
     let started = Instant::now();
     let mut interrupted = false;
     let eval_rows: Vec<usize> = (stream.n_train..stream.len()).collect();
-    let mut step = start_step;
+    let mut step = start.step;
 
-    // 4. The loop: one iteration per optimizer step, its batches built ahead on a host thread.
+    // 3. The loop: one iteration per optimizer step, its batches built ahead on a host thread.
     std::thread::scope(|scope| -> anyhow::Result<()> {
-        let upcoming = batches::prefetch(scope, stream, schedule.clone(), start_step..total, 2);
+        let upcoming = batches::prefetch(scope, stream, schedule.clone(), start.step..total, 2);
         while step < total {
             let step_batches = upcoming.recv().context("the batch thread stopped")?;
             debug_assert_eq!(step_batches.step, step);
-            let lr = scheduler.lr(step, total, m.train.lr)?;
-            let out = train_step(&model, &mut lora, &mut opt, &step_batches, lr, &step_config)?;
+            let lr = start.lrs[(step - start.step) as usize];
+            if opts.fail_at == Some((comm.rank(), step)) {
+                bail!("injected failure at step {} (test)", step + 1);
+            }
+            let out = train_step(&model, &mut lora, &mut opt, &step_batches, lr, &step_config, comm)?;
             step += 1;
 
-            let mut log = StepLog {
-                step,
-                epoch: step as f64 / steps_per_epoch as f64,
-                loss: out.loss,
-                lr,
-                grad_norm: out.grad_norm,
-                trained_tokens: out.trained_tokens,
-                tokens: out.tokens,
-                tokens_per_s: out.tokens_per_s(),
-                step_ms: out.seconds * 1e3,
-                elapsed_s: started.elapsed().as_secs_f64(),
-                eval_loss: None,
-            };
-            let stop_now = opts.stop_after.is_some_and(|s| step >= s)
-                || opts.interrupt.as_ref().is_some_and(|f| f.load(Ordering::SeqCst));
+            // Every rank stops at the same step: a Ctrl-C seen by any rank counts for all.
+            let mut interrupt = [opts.interrupt.as_ref().is_some_and(|f| f.load(Ordering::SeqCst)) as u8 as f64];
+            comm.all_reduce_sum_scalars(&mut interrupt)?;
+            let stop_now = opts.stop_after.is_some_and(|s| step >= s) || interrupt[0] > 0.0;
             let checkpoint_due = m.train.checkpoint_every.is_some_and(|n| step % n == 0) || step == total || stop_now;
-            if checkpoint_due && !eval_rows.is_empty() {
-                log.eval_loss = Some(eval_loss(&model, &lora, stream, &offsets, &eval_rows, &schedule.layout)?);
-            }
-            let line = serde_json::to_string(&log)?;
-            writeln!(metrics_file, "{line}")?;
-            metrics.push(line);
-            if let Some(b) = &bar {
-                b.set_position(step);
-                b.set_message(format!("loss {:.4}  {:.0} tok/s", log.loss, log.tokens_per_s));
-            }
-            if checkpoint_due {
-                let state = State { format: checkpoint::FORMAT.into(), step, identity: identity.clone(), metrics: metrics.clone() };
-                checkpoint::write(&run_dir, &state, |dir| {
-                    lora.save(&dir.join(checkpoint::ADAPTER_DIR))?;
-                    opt.save(&dir.join(checkpoint::OPTIMIZER_FILE))?;
-                    Ok(())
-                })?;
-                checkpoint::prune(&run_dir, 3)?;
+            let eval_loss = match checkpoint_due && !eval_rows.is_empty() {
+                true => Some(eval_loss(&model, &lora, stream, &offsets, &eval_rows, &schedule.layout, comm)?),
+                false => None,
+            };
+            if let Some(ledger) = ledger.as_mut() {
+                let log = StepLog {
+                    step,
+                    epoch: step as f64 / steps_per_epoch as f64,
+                    loss: out.loss,
+                    lr,
+                    grad_norm: out.grad_norm,
+                    trained_tokens: out.trained_tokens,
+                    tokens: out.tokens,
+                    tokens_per_s: out.tokens_per_s(),
+                    step_ms: out.seconds * 1e3,
+                    elapsed_s: started.elapsed().as_secs_f64(),
+                    eval_loss,
+                };
+                ledger.log(&log)?;
+                if let Some(b) = &bar {
+                    b.set_position(step);
+                    b.set_message(format!("loss {:.4}  {:.0} tok/s", log.loss, log.tokens_per_s));
+                }
+                if checkpoint_due {
+                    ledger.checkpoint(step, &lora, &opt)?;
+                }
             }
             if stop_now && step < total {
                 interrupted = true;
@@ -272,34 +270,152 @@ pub fn run(m: &Manifest, opts: &RunOptions) -> anyhow::Result<RunSummary> {
     if let Some(b) = &bar {
         b.finish_and_clear();
     }
-
-    // 5. Outputs: the adapter (PEFT layout) and the loss curve.
-    let logs: Vec<StepLog> = metrics.iter().filter_map(|l| serde_json::from_str(l).ok()).collect();
-    let losses: Vec<f64> = logs.iter().map(|l| l.loss).collect();
-    let eval_losses: Vec<(u64, f64)> = logs.iter().filter_map(|l| l.eval_loss.map(|e| (l.step, e))).collect();
-    let mut adapter_dir = None;
-    if !interrupted {
-        let dir = run_dir.join("adapter");
-        lora.save(&dir)?;
-        adapter_dir = Some(dir);
+    match ledger {
+        Some(ledger) => ledger.finish(m, &lora, step, total, interrupted).map(Some),
+        None => Ok(None),
     }
-    if !logs.is_empty() {
-        let train: Vec<(u64, f64)> = logs.iter().map(|l| (l.step, l.loss)).collect();
-        super::plot::loss_png(&run_dir.join("loss.png"), &train, &eval_losses, &format!("{}: loss", m.run.name))?;
-    }
-    Ok(RunSummary { run_dir, steps_done: step, total_steps: total, losses, eval_losses, resumed_from, interrupted, adapter_dir })
 }
 
-/// Mean loss over the eval records, in the training passes' layout.
-fn eval_loss(model: &Model, lora: &Lora, stream: &TokenStream, offsets: &[usize], rows: &[usize], layout: &Layout) -> anyhow::Result<f64> {
-    let (mut sum, mut n) = (0.0, 0usize);
-    for batch in layout.passes(stream, offsets, rows) {
+/// What rank 0 alone prepares.
+struct Root {
+    start: Start,
+    model: Model,
+    lora: Lora,
+    opt: AdamW,
+    ledger: Ledger,
+}
+
+/// Rank 0's share of the start: the token stream (from the cache when unchanged) and the lock, the model
+/// (created first when `[model.tiny]` asks), the adapter and optimizer (fresh, or the last checkpoint's
+/// unless told to start over) and the scheduler plugin's rate for each remaining step.
+fn prepare_root(m: &Manifest, opts: &RunOptions, device: &Device, adamw: &AdamWConfig) -> anyhow::Result<Root> {
+    let run_dir = m.run.output.clone();
+    std::fs::create_dir_all(&run_dir).with_context(|| format!("creating {}", run_dir.display()))?;
+    let plan = data::Plan::new(m)?;
+    let prepared = data::prepare_plan(&plan)?;
+    prepared.lock.write(&run_dir.join("run.lock"))?;
+    for p in prepared.report.plugins.iter().filter(|p| p.native) {
+        eprintln!("WARNING: plugin `{}` ({}) is a native library and runs UNSANDBOXED (trusted = true)", p.name, p.from);
+    }
+    let pad = plan.tokenizer.special_id("<|endoftext|>").unwrap_or(0);
+
+    let model = load_model(m, device)?;
+    let model_config = std::fs::read_to_string(m.model.path.join("config.json")).unwrap_or_default();
+    let identity = identity(m, &prepared.lock.key(), &plan.scheduler_sha(), &model_config);
+    let schedule = Schedule::of(m, prepared.stream.n_train, pad);
+    let mut total = schedule.steps_per_epoch() * m.train.epochs as u64;
+    if let Some(max) = m.train.max_steps {
+        total = total.min(max);
+    }
+
+    let mut lora = Lora::new(lora_config(m), &model.config, m.run.seed, device)?;
+    let mut opt = AdamW::new(adamw.clone(), lora.param_names(), &lora.params())?;
+    let mut ledger = Ledger { run_dir: run_dir.clone(), identity, metrics: Vec::new(), resumed_from: None, file: None };
+    if opts.fresh {
+        let _ = std::fs::remove_dir_all(run_dir.join("checkpoints"));
+    } else if let Some(dir) = checkpoint::latest(&run_dir) {
+        let state = checkpoint::read_state(&dir)?;
+        let changes = checkpoint::identity_diff(&ledger.identity, &state.identity);
+        if !changes.is_empty() {
+            bail!(
+                "the manifest changed since the checkpoint {}:\n  {}\nrun with --fresh to start over (the old checkpoints are removed)",
+                dir.display(),
+                changes.join("\n  ")
+            );
+        }
+        lora = Lora::load(&dir.join(checkpoint::ADAPTER_DIR), &model.config, device)
+            .with_context(|| format!("resuming from {}", dir.display()))?;
+        opt = AdamW::load(&dir.join(checkpoint::OPTIMIZER_FILE), adamw.clone(), lora.param_names(), &lora.params())
+            .with_context(|| format!("resuming from {}", dir.display()))?;
+        ledger.metrics = state.metrics;
+        ledger.resumed_from = Some(state.step);
+    }
+    let step = ledger.resumed_from.unwrap_or(0);
+    let mut scheduler = plan.scheduler()?;
+    let lrs = (step..total).map(|s| scheduler.lr(s, total, m.train.lr)).collect::<Result<Vec<f64>, _>>()?;
+    Ok(Root { start: Start { stream: prepared.stream, pad, step, lrs }, model, lora, opt, ledger })
+}
+
+/// What rank 0 alone writes: the metrics log, checkpoints, the adapter and the loss curve.
+struct Ledger {
+    run_dir: PathBuf,
+    /// The run's identity, recorded in each checkpoint.
+    identity: BTreeMap<String, String>,
+    /// Metrics lines so far (the checkpoint's, then this run's).
+    metrics: Vec<String>,
+    resumed_from: Option<u64>,
+    file: Option<std::fs::File>,
+}
+
+impl Ledger {
+    /// Rewrites the metrics log from what the checkpoint recorded, so it reads as one uninterrupted run.
+    fn open(mut self) -> anyhow::Result<Ledger> {
+        let path = self.run_dir.join("metrics.jsonl");
+        crate::fsutil::write_atomic(&path, self.metrics.iter().map(|l| format!("{l}\n")).collect::<String>().as_bytes())?;
+        self.file = Some(std::fs::OpenOptions::new().append(true).open(&path)?);
+        Ok(self)
+    }
+
+    fn log(&mut self, log: &StepLog) -> anyhow::Result<()> {
+        let line = serde_json::to_string(log)?;
+        if let Some(f) = self.file.as_mut() {
+            writeln!(f, "{line}")?;
+        }
+        self.metrics.push(line);
+        Ok(())
+    }
+
+    fn checkpoint(&self, step: u64, lora: &Lora, opt: &AdamW) -> anyhow::Result<()> {
+        let state = State { format: checkpoint::FORMAT.into(), step, identity: self.identity.clone(), metrics: self.metrics.clone() };
+        checkpoint::write(&self.run_dir, &state, |dir| {
+            lora.save(&dir.join(checkpoint::ADAPTER_DIR))?;
+            opt.save(&dir.join(checkpoint::OPTIMIZER_FILE))?;
+            Ok(())
+        })?;
+        checkpoint::prune(&self.run_dir, 3)
+    }
+
+    /// The adapter (PEFT layout, unless interrupted) and the loss curve; the run's summary.
+    fn finish(self, m: &Manifest, lora: &Lora, steps_done: u64, total_steps: u64, interrupted: bool) -> anyhow::Result<RunSummary> {
+        let logs: Vec<StepLog> = self.metrics.iter().filter_map(|l| serde_json::from_str(l).ok()).collect();
+        let losses: Vec<f64> = logs.iter().map(|l| l.loss).collect();
+        let eval_losses: Vec<(u64, f64)> = logs.iter().filter_map(|l| l.eval_loss.map(|e| (l.step, e))).collect();
+        let mut adapter_dir = None;
+        if !interrupted {
+            let dir = self.run_dir.join("adapter");
+            lora.save(&dir)?;
+            adapter_dir = Some(dir);
+        }
+        if !logs.is_empty() {
+            let train: Vec<(u64, f64)> = logs.iter().map(|l| (l.step, l.loss)).collect();
+            super::plot::loss_png(&self.run_dir.join("loss.png"), &train, &eval_losses, &format!("{}: loss", m.run.name))?;
+        }
+        let run_dir = self.run_dir;
+        Ok(RunSummary { run_dir, steps_done, total_steps, losses, eval_losses, resumed_from: self.resumed_from, interrupted, adapter_dir })
+    }
+}
+
+/// Mean loss over the eval records, in the training passes' layout, the passes split over the ranks.
+fn eval_loss(
+    model: &Model,
+    lora: &Lora,
+    stream: &TokenStream,
+    offsets: &[usize],
+    rows: &[usize],
+    layout: &Layout,
+    comm: &dyn Collective,
+) -> anyhow::Result<f64> {
+    let passes = layout.passes(stream, offsets, rows);
+    let mut sums = [0.0, 0.0];
+    for i in split::assign(&passes, comm.world_size()).swap_remove(comm.rank()) {
+        let batch = &passes[i];
         let (ids, labels) = batch.tensors()?;
         let (s, k) = model.eval_loss(&ids, &labels, batch.cu_seqlens.as_deref(), Some(lora))?;
-        sum += s;
-        n += k;
+        sums[0] += s;
+        sums[1] += k as f64;
     }
-    Ok(if n > 0 { sum / n as f64 } else { f64::NAN })
+    comm.all_reduce_sum_scalars(&mut sums)?;
+    Ok(if sums[1] > 0.0 { sums[0] / sums[1] } else { f64::NAN })
 }
 
 fn progress_bar(show: bool, total: u64, at: u64) -> Option<indicatif::ProgressBar> {

@@ -4,7 +4,13 @@
 //! forward + backward of each pass (padded micro-batch or padding-free row) -> gradients summed ->
 //! normalised once by the trained tokens of the whole step (not per pass: transformers PR #34191) ->
 //! clipped by global norm -> AdamW.
+//!
+//! On several ranks ([`Collective`]) each rank runs its share of the step's passes ([`split`]), the
+//! gradient and loss sums are all-reduced before the normalisation, and every rank then takes the same
+//! AdamW step on the same summed gradient, so the adapters stay identical. One rank is world size 1.
 use super::batches::StepBatches;
+use super::dist::Collective;
+use super::split;
 use super::optim::{self, AdamW};
 use crate::model::lora::{Lora, LoraGrads};
 use crate::model::rng::Rng as ModelRng;
@@ -45,15 +51,27 @@ impl StepOutcome {
     }
 }
 
-/// Trains `lora` one step on `batches` at learning rate `lr`. A non-finite loss or gradient norm stops
-/// with an error naming the step, before the adapter is touched.
-pub fn step(model: &Model, lora: &mut Lora, opt: &mut AdamW, batches: &StepBatches, lr: f64, c: &StepConfig) -> anyhow::Result<StepOutcome> {
+/// Trains `lora` one step on `batches` (the whole step's passes; this rank runs its share) at learning
+/// rate `lr`. A non-finite loss or gradient norm stops with an error naming the step, before the adapter
+/// is touched (on every rank alike: they see the same sums).
+pub fn step(
+    model: &Model,
+    lora: &mut Lora,
+    opt: &mut AdamW,
+    batches: &StepBatches,
+    lr: f64,
+    c: &StepConfig,
+    comm: &dyn Collective,
+) -> anyhow::Result<StepOutcome> {
     let t0 = Instant::now();
     let number = batches.step + 1;
     let mut grads = LoraGrads::zeros_like(lora)?;
     let (mut loss_sum, mut n_tokens) = (0.0f64, 0usize);
-    for (pass, batch) in batches.passes.iter().enumerate() {
+    let mine = split::assign(&batches.passes, comm.world_size()).swap_remove(comm.rank());
+    for pass in mine {
+        let batch = &batches.passes[pass];
         let (ids, labels) = batch.tensors()?;
+        // Keyed by the pass's index in the whole step, so its draws do not depend on the number of ranks.
         let mut dropout = ModelRng::for_stream(c.seed, &[batches.step, pass as u64]);
         let out = model.loss_and_grads(&ids, &labels, batch.cu_seqlens.as_deref(), lora, &mut dropout, c.recompute)?;
         debug_assert_eq!(out.n_tokens, batch.trained, "the model and the batch count the same positions");
@@ -61,6 +79,12 @@ pub fn step(model: &Model, lora: &mut Lora, opt: &mut AdamW, batches: &StepBatch
         loss_sum += out.loss_sum;
         n_tokens += out.n_tokens;
     }
+    // Gradients in f32, summed over the ranks in rank order (no-ops on one rank).
+    comm.all_reduce_sum(&mut grads.tensors_mut())?;
+    let mut sums = [loss_sum, n_tokens as f64];
+    comm.all_reduce_sum_scalars(&mut sums)?;
+    let (loss_sum, n_tokens) = (sums[0], sums[1] as usize);
+    debug_assert_eq!(n_tokens, batches.passes.iter().map(|b| b.trained).sum::<usize>(), "every pass ran once");
     let loss = if n_tokens > 0 { loss_sum / n_tokens as f64 } else { 0.0 };
     if !loss.is_finite() {
         bail!("the loss is {loss} at step {number} (learning rate too high? bad data?); stopping without writing");
