@@ -177,6 +177,15 @@ pub fn run(m: &Manifest, opts: &RunOptions) -> anyhow::Result<RunSummary> {
             m.model.device
         );
     }
+    // A forward pass is the unit of the split (it keeps each pass's dropout draws whatever the ranks).
+    if m.train.packing == Packing::None && m.train.grad_accum < ranks {
+        eprintln!(
+            "WARNING: a step has {} pass(es) of micro_batch records and {ranks} ranks: {} rank(s) idle; set `train.grad_accum` \
+             to a multiple of {ranks} (and micro_batch down to keep the step's records)",
+            m.train.grad_accum,
+            ranks - m.train.grad_accum
+        );
+    }
     let timeout = opts.rank_timeout.unwrap_or(dist::DEFAULT_TIMEOUT);
     let mut summaries = dist::run_threads(ranks, timeout, |comm| run_rank(m, opts, comm))?;
     summaries.swap_remove(0).context("rank 0 gives the summary")
