@@ -202,3 +202,22 @@ fn check_show_drops_prints_examples_of_each_drop_reason() {
     let examples = &v["datasets"][1]["filters"][0]["examples"]["longer than 60 words"];
     assert_eq!(examples.as_array().map(Vec::len), Some(1), "{v}");
 }
+
+#[test]
+fn run_under_a_multi_process_launcher_is_refused_before_any_work() {
+    // torchrun's environment for rank 1 of 2: this build has no NCCL transport, so it says so and exits.
+    let dir = tempfile::tempdir().unwrap();
+    let o = Command::new(env!("CARGO_BIN_EXE_lorahost"))
+        .args(["run", "missing.toml"])
+        .current_dir(dir.path())
+        .envs([("WORLD_SIZE", "2"), ("RANK", "1"), ("LOCAL_RANK", "1"), ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", "29500")])
+        .output()
+        .unwrap();
+    let t = text(&o);
+    assert!(!o.status.success());
+    assert!(t.contains("rank 1 of WORLD_SIZE=2") && t.contains("NCCL transport is not built") && t.contains("--ranks N"), "{t}");
+    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0, "nothing written");
+    // A world of one is an ordinary run (here: the missing manifest is the error).
+    let o = Command::new(env!("CARGO_BIN_EXE_lorahost")).args(["run", "missing.toml"]).current_dir(dir.path()).env("WORLD_SIZE", "1").output().unwrap();
+    assert!(text(&o).contains("missing.toml") && !text(&o).contains("NCCL"), "{}", text(&o));
+}

@@ -1,4 +1,5 @@
-//! The training loop on CPU: exact resume, refusing a changed run, damaged checkpoints, the quickstart.
+//! The training loop on CPU: exact resume, refusing a changed run, damaged checkpoints, the quickstart, and
+//! several ranks (threads) giving the same run.
 mod common;
 
 use lorahost::manifest::Manifest;
@@ -324,6 +325,13 @@ fn assert_same_run(what: &str, a: (&RunSummary, &Path), b: (&RunSummary, &Path))
     assert!(diff <= 1e-6, "{what}: the adapters differ by up to {diff}");
 }
 
+/// The small ranks run on one rank, start to end: what the others are compared with.
+fn one_rank_run() -> (tempfile::TempDir, RunSummary) {
+    let dir = tempfile::tempdir().unwrap();
+    let s = train(&ranks_manifest(dir.path()), on_ranks(1)).unwrap();
+    (dir, s)
+}
+
 fn logged_steps(run_dir: &Path) -> Vec<u64> {
     let log = std::fs::read_to_string(run_dir.join("metrics.jsonl")).unwrap();
     log.lines().map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["step"].as_u64().unwrap()).collect()
@@ -331,8 +339,7 @@ fn logged_steps(run_dir: &Path) -> Vec<u64> {
 
 #[test]
 fn one_two_and_three_ranks_give_the_same_run() {
-    let one_dir = tempfile::tempdir().unwrap();
-    let one = train(&ranks_manifest(one_dir.path()), on_ranks(1)).unwrap();
+    let (one_dir, one) = one_rank_run();
     assert_eq!(one.total_steps, 4);
     let one_out = one_dir.path().join("out");
     // The loss moved: a run whose ranks did nothing would fail the comparisons below only by luck.
@@ -351,8 +358,7 @@ fn one_two_and_three_ranks_give_the_same_run() {
 
 #[test]
 fn a_two_rank_checkpoint_resumes_on_one_rank_as_the_same_run() {
-    let whole_dir = tempfile::tempdir().unwrap();
-    let whole = train(&ranks_manifest(whole_dir.path()), on_ranks(1)).unwrap();
+    let (whole_dir, whole) = one_rank_run();
     let dir = tempfile::tempdir().unwrap();
     let m = ranks_manifest(dir.path());
     let first = train(&m, RunOptions { stop_after: Some(2), ..on_ranks(2) }).unwrap();
@@ -365,8 +371,7 @@ fn a_two_rank_checkpoint_resumes_on_one_rank_as_the_same_run() {
 
 #[test]
 fn a_failing_rank_ends_the_run_with_an_error_naming_it_and_a_rerun_finishes() {
-    let whole_dir = tempfile::tempdir().unwrap();
-    let whole = train(&ranks_manifest(whole_dir.path()), on_ranks(1)).unwrap();
+    let (whole_dir, whole) = one_rank_run();
     let dir = tempfile::tempdir().unwrap();
     let m = ranks_manifest(dir.path());
     let t0 = std::time::Instant::now();
