@@ -322,6 +322,8 @@ fn assert_same_run(what: &str, a: (&RunSummary, &Path), b: (&RunSummary, &Path))
     let (ta, tb) = (adapter_tensors(a.1), adapter_tensors(b.1));
     assert_eq!(ta.iter().map(|t| &t.0).collect::<Vec<_>>(), tb.iter().map(|t| &t.0).collect::<Vec<_>>(), "{what}");
     let diff = ta.iter().zip(&tb).flat_map(|(x, y)| x.1.iter().zip(&y.1).map(|(p, q)| (p - q).abs())).fold(0.0f32, f32::max);
+    let loss_diff = a.0.losses.iter().zip(&b.0.losses).map(|(x, y)| (x - y).abs()).fold(0.0, f64::max);
+    eprintln!("{what}: losses differ by up to {loss_diff:e}, adapters by up to {diff:e}");
     assert!(diff <= 1e-6, "{what}: the adapters differ by up to {diff}");
 }
 
