@@ -10,5 +10,6 @@ pub mod manifest;
 pub mod model;
 pub mod plugins;
 pub mod rng;
+pub mod run_folder;
 pub mod tokenizer;
 pub mod train;

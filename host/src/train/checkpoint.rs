@@ -30,11 +30,11 @@ pub fn dir_for(run_dir: &Path, step: u64) -> PathBuf {
     run_dir.join("checkpoints").join(format!("step-{step:08}"))
 }
 
-/// The checkpoint with the highest step, if any.
-pub fn latest(run_dir: &Path) -> Option<PathBuf> {
+/// The checkpoints of a run, newest first (folders `step-N` holding a state file).
+pub fn newest_first(run_dir: &Path) -> Vec<PathBuf> {
     let dir = run_dir.join("checkpoints");
-    let mut steps: Vec<(u64, PathBuf)> = std::fs::read_dir(&dir)
-        .ok()?
+    let Ok(entries) = std::fs::read_dir(&dir) else { return Vec::new() };
+    let mut steps: Vec<(u64, PathBuf)> = entries
         .filter_map(|e| e.ok())
         .filter_map(|e| {
             let name = e.file_name().to_string_lossy().into_owned();
@@ -43,30 +43,19 @@ pub fn latest(run_dir: &Path) -> Option<PathBuf> {
         })
         .collect();
     steps.sort();
-    steps.pop().map(|(_, p)| p)
+    steps.into_iter().rev().map(|(_, p)| p).collect()
 }
 
-/// Writes a checkpoint: `fill` writes the adapter and optimizer into the folder it is given.
+/// Writes a checkpoint whole or not at all: `fill` writes the adapter and optimizer into the folder it is given.
 pub fn write(run_dir: &Path, state: &State, fill: impl FnOnce(&Path) -> anyhow::Result<()>) -> anyhow::Result<PathBuf> {
     let final_dir = dir_for(run_dir, state.step);
-    let tmp = final_dir.with_extension(format!("tmp-{}", std::process::id()));
-    if tmp.exists() {
-        std::fs::remove_dir_all(&tmp)?;
-    }
-    std::fs::create_dir_all(&tmp)?;
-    let result = (|| {
-        fill(&tmp)?;
+    std::fs::create_dir_all(run_dir.join("checkpoints"))?;
+    crate::fsutil::write_dir_atomic(&final_dir, |tmp| {
+        fill(tmp)?;
         std::fs::write(tmp.join(STATE_FILE), serde_json::to_vec_pretty(state)?)?;
-        if final_dir.exists() {
-            std::fs::remove_dir_all(&final_dir)?;
-        }
-        std::fs::rename(&tmp, &final_dir)?;
-        Ok(final_dir.clone())
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_dir_all(&tmp);
-    }
-    result
+        Ok(())
+    })?;
+    Ok(final_dir)
 }
 
 pub fn read_state(dir: &Path) -> anyhow::Result<State> {

@@ -17,7 +17,7 @@ use anyhow::{bail, Context};
 use candle_core::Device;
 use std::collections::BTreeMap;
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
@@ -32,6 +32,8 @@ pub struct RunOptions {
     pub progress: bool,
     /// Set to stop at the next step boundary (Ctrl-C).
     pub interrupt: Option<Arc<AtomicBool>>,
+    /// Accept plugins whose files changed since the run folder's lock (and rewrite it).
+    pub relock: bool,
 }
 
 #[derive(Debug, Clone, serde::Serialize)]
@@ -82,22 +84,26 @@ pub fn dtype_of(m: &Manifest) -> candle_core::DType {
     }
 }
 
+/// Creates the tiny random model at `[model] path` when `[model.tiny]` asks for it and none is there.
+pub fn ensure_tiny(m: &Manifest) -> anyhow::Result<()> {
+    let Some(t) = &m.model.tiny else { return Ok(()) };
+    if model_present(&m.model.path) {
+        return Ok(());
+    }
+    let spec = tiny::TinySpec {
+        hidden_size: t.hidden_size,
+        num_layers: t.num_layers,
+        num_heads: t.num_heads,
+        intermediate_size: t.intermediate_size,
+        init_std: t.init_std,
+        ..Default::default()
+    };
+    create_tiny(&m.model.path, &spec, t.seed).with_context(|| format!("creating the tiny model in {}", m.model.path.display()))
+}
+
 /// Loads the manifest's model, creating the tiny random one first when `[model.tiny]` asks for it.
 pub fn load_model(m: &Manifest, device: &Device) -> anyhow::Result<QwenModel> {
-    if let Some(t) = &m.model.tiny {
-        if !m.model.path.join("config.json").exists() {
-            let spec = tiny::TinySpec {
-                hidden_size: t.hidden_size,
-                num_layers: t.num_layers,
-                num_heads: t.num_heads,
-                intermediate_size: t.intermediate_size,
-                init_std: t.init_std,
-                ..Default::default()
-            };
-            tiny::write_tiny_checkpoint(&m.model.path, &spec, t.seed)
-                .with_context(|| format!("creating the tiny model in {}", m.model.path.display()))?;
-        }
-    }
+    ensure_tiny(m)?;
     let mut model = QwenModel::load(&m.model.path, dtype_of(m), device)
         .with_context(|| format!("{}: `model.path`: loading {}", m.file.display(), m.model.path.display()))?;
     // On the CPU, smaller loss chunks keep the [chunk, vocab] logits in cache-friendly sizes (64 x 152k f32
@@ -109,6 +115,40 @@ pub fn load_model(m: &Manifest, device: &Device) -> anyhow::Result<QwenModel> {
         model.loss_chunk = 1024;
     }
     Ok(model)
+}
+
+/// Whether `dir` holds a model: its config and its weights (one file or an index).
+fn model_present(dir: &Path) -> bool {
+    use crate::model::weights::{CONFIG_FILE, INDEX_FILE, SINGLE_FILE};
+    dir.join(CONFIG_FILE).exists() && (dir.join(SINGLE_FILE).exists() || dir.join(INDEX_FILE).exists())
+}
+
+/// Creates the tiny model whole or not at all: written into a temporary folder beside `dir`, which is then
+/// renamed to `dir`; where `dir` already exists (a run killed by an older lorahost left part of a model),
+/// the files are moved in one by one, config.json last.
+fn create_tiny(dir: &Path, spec: &tiny::TinySpec, seed: u64) -> anyhow::Result<()> {
+    let parent = dir.parent().context("the model path has no parent folder")?;
+    std::fs::create_dir_all(parent)?;
+    crate::fsutil::remove_stale_temps(parent);
+    let tmp = crate::fsutil::temp_sibling(dir);
+    let _ = std::fs::remove_dir_all(&tmp);
+    let result = (|| {
+        tiny::write_tiny_checkpoint(&tmp, spec, seed)?;
+        if std::fs::rename(&tmp, dir).is_ok() {
+            return Ok(());
+        }
+        std::fs::create_dir_all(dir)?;
+        let mut names: Vec<_> = std::fs::read_dir(&tmp)?.map(|e| e.map(|e| e.file_name())).collect::<Result<_, _>>()?;
+        names.sort_by_key(|n| n == crate::model::weights::CONFIG_FILE);
+        for n in names {
+            std::fs::rename(tmp.join(&n), dir.join(&n))?;
+        }
+        Ok(std::fs::remove_dir(&tmp)?)
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_dir_all(&tmp);
+    }
+    result
 }
 
 fn lora_config(m: &Manifest) -> LoraConfig {
@@ -143,12 +183,23 @@ fn identity(m: &Manifest, lock_key: &str, scheduler_sha: &str, model_config: &st
 
 pub fn run(m: &Manifest, opts: &RunOptions) -> anyhow::Result<RunSummary> {
     let run_dir = m.run.output.clone();
-    std::fs::create_dir_all(&run_dir).with_context(|| format!("creating {}", run_dir.display()))?;
+    let _held = crate::run_folder::RunLock::acquire(&run_dir, "run")?;
 
     // 1. Data: the token stream (from the cache when unchanged) and the lock.
     let plan = data::Plan::new(m)?;
+    let lock_path = run_dir.join(data::lock::LOCK_FILE);
+    if !opts.relock && lock_path.exists() {
+        let changed = plan.lock.swapped_plugins(&data::lock::Lock::read(&lock_path)?);
+        if !changed.is_empty() {
+            bail!(
+                "a plugin changed since {} was written:\n  {}\nif you replaced it on purpose, run with --relock to accept it",
+                lock_path.display(),
+                changed.join("\n  ")
+            );
+        }
+    }
     let prepared = data::prepare_plan(&plan)?;
-    prepared.lock.write(&run_dir.join("run.lock"))?;
+    prepared.lock.write(&lock_path)?;
     for p in prepared.report.plugins.iter().filter(|p| p.native) {
         eprintln!("WARNING: plugin `{}` ({}) is a native library and runs UNSANDBOXED (trusted = true)", p.name, p.from);
     }
@@ -180,20 +231,12 @@ pub fn run(m: &Manifest, opts: &RunOptions) -> anyhow::Result<RunSummary> {
     let mut resumed_from = None;
     if opts.fresh {
         let _ = std::fs::remove_dir_all(run_dir.join("checkpoints"));
-    } else if let Some(dir) = checkpoint::latest(&run_dir) {
-        let state = checkpoint::read_state(&dir)?;
-        let changes = checkpoint::identity_diff(&identity, &state.identity);
-        if !changes.is_empty() {
-            bail!(
-                "the manifest changed since the checkpoint {}:\n  {}\nrun with --fresh to start over (the old checkpoints are removed)",
-                dir.display(),
-                changes.join("\n  ")
-            );
-        }
-        lora = Lora::load(&dir.join(checkpoint::ADAPTER_DIR), &model.config, &device)
-            .with_context(|| format!("resuming from {}", dir.display()))?;
-        opt = AdamW::load(&dir.join(checkpoint::OPTIMIZER_FILE), adamw, lora.param_names(), &lora.params())
-            .with_context(|| format!("resuming from {}", dir.display()))?;
+    } else if let Some((loaded, state)) = resume(&run_dir, &identity, |dir| {
+        let l = Lora::load(&dir.join(checkpoint::ADAPTER_DIR), &model.config, &device)?;
+        let o = AdamW::load(&dir.join(checkpoint::OPTIMIZER_FILE), adamw.clone(), l.param_names(), &l.params())?;
+        Ok((l, o))
+    })? {
+        (lora, opt) = loaded;
         start_step = state.step;
         metrics = state.metrics;
         resumed_from = Some(state.step);
@@ -297,7 +340,7 @@ pub fn run(m: &Manifest, opts: &RunOptions) -> anyhow::Result<RunSummary> {
     let mut adapter_dir = None;
     if !interrupted {
         let dir = run_dir.join("adapter");
-        lora.save(&dir)?;
+        crate::fsutil::write_dir_atomic(&dir, |tmp| lora.save(tmp))?;
         adapter_dir = Some(dir);
     }
     if !logs.is_empty() {
@@ -305,6 +348,54 @@ pub fn run(m: &Manifest, opts: &RunOptions) -> anyhow::Result<RunSummary> {
         super::plot::loss_png(&run_dir.join("loss.png"), &train, &eval_losses, &format!("{}: loss", m.run.name))?;
     }
     Ok(RunSummary { run_dir, steps_done: step, total_steps: total, losses, eval_losses, resumed_from, interrupted, adapter_dir })
+}
+
+/// The newest intact checkpoint of `run_dir` as `load` reads it, with its state. A damaged one (cut short,
+/// unreadable) is skipped for the one before, saying so; a checkpoint of another run is refused. With no
+/// intact checkpoint left, the newest one's damage is the error.
+fn resume<T>(
+    run_dir: &Path,
+    identity: &BTreeMap<String, String>,
+    load: impl Fn(&Path) -> anyhow::Result<T>,
+) -> anyhow::Result<Option<(T, State)>> {
+    let mut first_damage: Option<anyhow::Error> = None;
+    for dir in checkpoint::newest_first(run_dir) {
+        let loaded = checkpoint::read_state(&dir).and_then(|state| {
+            let changes = checkpoint::identity_diff(identity, &state.identity);
+            Ok((state, changes))
+        });
+        let (state, changes) = match loaded {
+            Ok(x) => x,
+            Err(e) => {
+                eprintln!("note: checkpoint {} is damaged ({e:#}); trying the one before", dir.display());
+                first_damage.get_or_insert(e);
+                continue;
+            }
+        };
+        if !changes.is_empty() {
+            bail!(
+                "the manifest changed since the checkpoint {}:\n  {}\nrun with --fresh to start over (the old checkpoints are removed)",
+                dir.display(),
+                changes.join("\n  ")
+            );
+        }
+        match load(&dir).with_context(|| format!("resuming from {}", dir.display())) {
+            Ok(t) => {
+                if first_damage.is_some() {
+                    eprintln!("note: resuming from {} (step {}), the newest intact checkpoint", dir.display(), state.step);
+                }
+                return Ok(Some((t, state)));
+            }
+            Err(e) => {
+                eprintln!("note: checkpoint {} is damaged ({e:#}); trying the one before", dir.display());
+                first_damage.get_or_insert(e);
+            }
+        }
+    }
+    match first_damage {
+        Some(e) => Err(e.context("no intact checkpoint to resume from (run with --fresh to start over)")),
+        None => Ok(None),
+    }
 }
 
 fn eval_loss(model: &QwenModel, lora: &Lora, stream: &TokenStream, offsets: &[usize], rows: &[usize], micro_batch: usize, pad: u32) -> anyhow::Result<f64> {
