@@ -106,8 +106,11 @@ fn train(manifest: &Path, opts: RunOptions) -> anyhow::Result<lorahost::train::r
     run(&Manifest::load(manifest)?, &opts)
 }
 
-fn err(r: anyhow::Result<impl std::fmt::Debug>) -> String {
-    format!("{:#}", r.expect_err("expected an error"))
+fn err<T>(r: anyhow::Result<T>) -> String {
+    match r {
+        Ok(_) => panic!("expected an error"),
+        Err(e) => format!("{e:#}"),
+    }
 }
 
 // 1. A source that never ends is stopped at its dataset's budget; `memory_mb` has a ceiling.
@@ -151,8 +154,7 @@ fn read_only(manifest: &Path) -> anyhow::Result<read::ReadOutcome> {
     let set = data::plugins::PluginSet::new(&m)?;
     let key = "dataset[0].source";
     let resolved = set.resolve(PluginKind::Source, key, &m.datasets[0].source)?;
-    let mut source = set.source(&resolved)?;
-    read::read_dataset(&m.datasets[0], key, source.as_mut())
+    read::read_dataset(&m.datasets[0], key, &|| set.source(&resolved))
 }
 
 fn long_records(path: &Path, sizes: &[usize]) {

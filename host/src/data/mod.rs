@@ -157,8 +157,7 @@ pub fn run_pipeline(plan: &Plan) -> anyhow::Result<(TokenStream, Report)> {
         .enumerate()
         .map(|(i, d)| -> anyhow::Result<_> {
             let key = format!("dataset[{i}].source");
-            let mut source = plan.set.source(plan.get(&key))?;
-            let outcome = read::read_dataset(d, &key, source.as_mut())?;
+            let outcome = read::read_dataset(d, &key, &|| plan.set.source(plan.get(&key)))?;
             let mut rep = DatasetReport {
                 name: d.name.clone(),
                 read: outcome.records.len(),

@@ -60,10 +60,15 @@ fn next_ask(last_ask: u32, largest: usize) -> u32 {
     last_ask.saturating_mul(2).min(by_bytes).max(1)
 }
 
-/// Reads every record of `dataset` from `source`, stamping each with the dataset's name. Malformed records
-/// stop the run or are counted, as the dataset's `on_malformed` says; going past the budget stops the run.
-pub fn read_dataset(dataset: &Dataset, key: &str, source: &mut dyn RecordSource) -> anyhow::Result<ReadOutcome> {
+/// A fresh reader on a dataset's source.
+pub type OpenSource<'a> = dyn Fn() -> anyhow::Result<Box<dyn RecordSource>> + 'a;
+
+/// Reads every record of `dataset` from the source `open` gives, stamping each with the dataset's name.
+/// Malformed records stop the run or are counted, as the dataset's `on_malformed` says; going past the
+/// budget stops the run.
+pub fn read_dataset(dataset: &Dataset, key: &str, open: &OpenSource) -> anyhow::Result<ReadOutcome> {
     let mut out = ReadOutcome { records: Vec::new(), bytes: 0, malformed: 0, malformed_examples: Vec::new() };
+    let mut source = open()?;
     let budget = &dataset.budget;
     let mut empty_in_a_row = 0;
     let mut ask = 1u32;
@@ -71,7 +76,7 @@ pub fn read_dataset(dataset: &Dataset, key: &str, source: &mut dyn RecordSource)
         let batch = match source.next_batch(ask) {
             Ok(Some(batch)) => batch,
             Ok(None) => break,
-            Err(e) => return Err(reply_error(dataset, key, out.records.len() + out.malformed, ask, e)),
+            Err(e) => return Err(reply_error(dataset, key, open, out.records.len() + out.malformed, ask, e)),
         };
         if let Some(first) = batch.malformed.first() {
             if dataset.on_malformed == OnMalformed::Fail {
@@ -116,13 +121,13 @@ fn over_budget(dataset: &Dataset, key: &str, source: &str, budget: &Budget) -> a
     )
 }
 
-/// A failed `next-batch`; a reply over the copy limit names the record (or records) it carried.
-fn reply_error(dataset: &Dataset, key: &str, done: usize, ask: u32, e: PluginError) -> anyhow::Error {
+/// A failed `next-batch`; a reply over the copy limit names the record it carried.
+fn reply_error(dataset: &Dataset, key: &str, open: &OpenSource, done: usize, ask: u32, e: PluginError) -> anyhow::Error {
     let Failure::ReplyTooBig(limit) = e.failure else { return e.into() };
-    let which = if ask == 1 {
-        format!("record {} (counting from 1, malformed ones included) is", done + 1)
-    } else {
-        format!("records {} to {} (counting from 1) are together", done + 1, done + ask as usize)
+    // The failed call is lost with its instance: read again, one record at a time past `done`, to find it.
+    let which = match find_too_big(open, done, done + ask as usize) {
+        Some(n) => format!("record {n} (counting from 1, malformed ones included) is"),
+        None => format!("one of records {} to {} (counting from 1) is", done + 1, done + ask as usize),
     };
     anyhow::anyhow!(
         "dataset `{}` ({key}): {which} larger than the {} MiB one call may copy out of the plugin `{}`. \
@@ -131,6 +136,25 @@ fn reply_error(dataset: &Dataset, key: &str, done: usize, ask: u32, e: PluginErr
         limit >> 20,
         e.plugin
     )
+}
+
+/// The 1-based position, below `end`, of the first record a fresh reader cannot hand over alone; `None`
+/// when the source does not fail the same way again.
+fn find_too_big(open: &OpenSource, done: usize, end: usize) -> Option<usize> {
+    let mut source = open().ok()?;
+    let (mut seen, mut ask) = (0usize, 1u32);
+    while seen < end {
+        let want = if seen < done { ask.min((done - seen) as u32) } else { 1 };
+        match source.next_batch(want) {
+            Ok(Some(b)) => {
+                seen += b.records.len() + b.malformed.len();
+                ask = next_ask(ask, b.records.iter().map(record_bytes).max().unwrap_or(0));
+            }
+            Err(PluginError { failure: Failure::ReplyTooBig(_), .. }) if seen >= done => return Some(seen + 1),
+            _ => return None,
+        }
+    }
+    None
 }
 
 #[cfg(test)]
