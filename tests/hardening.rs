@@ -2,12 +2,13 @@
 //! everything, counts that add up; one test per finding.
 mod common;
 
+use common::{lorahost, text};
 use lorahost::data::{self, read};
 use lorahost::manifest::Manifest;
 use lorahost::plugins::{standard, PluginKind};
 use lorahost::train::run::{run, RunOptions};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Command;
 
 fn write(path: &Path, text: impl AsRef<[u8]>) -> PathBuf {
     std::fs::create_dir_all(path.parent().unwrap()).unwrap();
@@ -15,13 +16,6 @@ fn write(path: &Path, text: impl AsRef<[u8]>) -> PathBuf {
     path.to_path_buf()
 }
 
-fn lorahost(args: &[&str], cwd: &Path) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_lorahost")).args(args).current_dir(cwd).output().unwrap()
-}
-
-fn text(o: &Output) -> String {
-    format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
-}
 
 fn tokenizer() -> String {
     common::repo_root().join("tests/fixtures/tokenizer/qwen.tiktoken").display().to_string()
