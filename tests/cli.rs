@@ -2,7 +2,6 @@
 mod common;
 
 use common::{lorahost, text};
-use std::path::Path;
 use std::process::Command;
 
 #[test]
