@@ -58,6 +58,54 @@ pub fn write(run_dir: &Path, state: &State, fill: impl FnOnce(&Path) -> anyhow::
     Ok(final_dir)
 }
 
+/// The newest intact checkpoint of `run_dir` as `load` reads it, with its state. A damaged one (cut short,
+/// unreadable) is skipped for the one before, saying so; a checkpoint of another run is refused. With no
+/// intact checkpoint left, the newest one's damage is the error.
+pub fn resume<T>(
+    run_dir: &Path,
+    identity: &BTreeMap<String, String>,
+    load: impl Fn(&Path) -> anyhow::Result<T>,
+) -> anyhow::Result<Option<(T, State)>> {
+    let mut first_damage: Option<anyhow::Error> = None;
+    for dir in newest_first(run_dir) {
+        let loaded = read_state(&dir).and_then(|state| {
+            let changes = identity_diff(identity, &state.identity);
+            Ok((state, changes))
+        });
+        let (state, changes) = match loaded {
+            Ok(x) => x,
+            Err(e) => {
+                eprintln!("note: checkpoint {} is damaged ({e:#}); trying the one before", dir.display());
+                first_damage.get_or_insert(e);
+                continue;
+            }
+        };
+        if !changes.is_empty() {
+            bail!(
+                "the manifest changed since the checkpoint {}:\n  {}\nrun with --fresh to start over (the old checkpoints are removed)",
+                dir.display(),
+                changes.join("\n  ")
+            );
+        }
+        match load(&dir).with_context(|| format!("resuming from {}", dir.display())) {
+            Ok(t) => {
+                if first_damage.is_some() {
+                    eprintln!("note: resuming from {} (step {}), the newest intact checkpoint", dir.display(), state.step);
+                }
+                return Ok(Some((t, state)));
+            }
+            Err(e) => {
+                eprintln!("note: checkpoint {} is damaged ({e:#}); trying the one before", dir.display());
+                first_damage.get_or_insert(e);
+            }
+        }
+    }
+    match first_damage {
+        Some(e) => Err(e.context("no intact checkpoint to resume from (run with --fresh to start over)")),
+        None => Ok(None),
+    }
+}
+
 pub fn read_state(dir: &Path) -> anyhow::Result<State> {
     let path = dir.join(STATE_FILE);
     let bytes = std::fs::read(&path).with_context(|| format!("cannot read {}", path.display()))?;

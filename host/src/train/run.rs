@@ -231,7 +231,7 @@ pub fn run(m: &Manifest, opts: &RunOptions) -> anyhow::Result<RunSummary> {
     let mut resumed_from = None;
     if opts.fresh {
         let _ = std::fs::remove_dir_all(run_dir.join("checkpoints"));
-    } else if let Some((loaded, state)) = resume(&run_dir, &identity, |dir| {
+    } else if let Some((loaded, state)) = checkpoint::resume(&run_dir, &identity, |dir| {
         let l = Lora::load(&dir.join(checkpoint::ADAPTER_DIR), &model.config, &device)?;
         let o = AdamW::load(&dir.join(checkpoint::OPTIMIZER_FILE), adamw.clone(), l.param_names(), &l.params())?;
         Ok((l, o))
@@ -348,54 +348,6 @@ pub fn run(m: &Manifest, opts: &RunOptions) -> anyhow::Result<RunSummary> {
         super::plot::loss_png(&run_dir.join("loss.png"), &train, &eval_losses, &format!("{}: loss", m.run.name))?;
     }
     Ok(RunSummary { run_dir, steps_done: step, total_steps: total, losses, eval_losses, resumed_from, interrupted, adapter_dir })
-}
-
-/// The newest intact checkpoint of `run_dir` as `load` reads it, with its state. A damaged one (cut short,
-/// unreadable) is skipped for the one before, saying so; a checkpoint of another run is refused. With no
-/// intact checkpoint left, the newest one's damage is the error.
-fn resume<T>(
-    run_dir: &Path,
-    identity: &BTreeMap<String, String>,
-    load: impl Fn(&Path) -> anyhow::Result<T>,
-) -> anyhow::Result<Option<(T, State)>> {
-    let mut first_damage: Option<anyhow::Error> = None;
-    for dir in checkpoint::newest_first(run_dir) {
-        let loaded = checkpoint::read_state(&dir).and_then(|state| {
-            let changes = checkpoint::identity_diff(identity, &state.identity);
-            Ok((state, changes))
-        });
-        let (state, changes) = match loaded {
-            Ok(x) => x,
-            Err(e) => {
-                eprintln!("note: checkpoint {} is damaged ({e:#}); trying the one before", dir.display());
-                first_damage.get_or_insert(e);
-                continue;
-            }
-        };
-        if !changes.is_empty() {
-            bail!(
-                "the manifest changed since the checkpoint {}:\n  {}\nrun with --fresh to start over (the old checkpoints are removed)",
-                dir.display(),
-                changes.join("\n  ")
-            );
-        }
-        match load(&dir).with_context(|| format!("resuming from {}", dir.display())) {
-            Ok(t) => {
-                if first_damage.is_some() {
-                    eprintln!("note: resuming from {} (step {}), the newest intact checkpoint", dir.display(), state.step);
-                }
-                return Ok(Some((t, state)));
-            }
-            Err(e) => {
-                eprintln!("note: checkpoint {} is damaged ({e:#}); trying the one before", dir.display());
-                first_damage.get_or_insert(e);
-            }
-        }
-    }
-    match first_damage {
-        Some(e) => Err(e.context("no intact checkpoint to resume from (run with --fresh to start over)")),
-        None => Ok(None),
-    }
 }
 
 fn eval_loss(model: &QwenModel, lora: &Lora, stream: &TokenStream, offsets: &[usize], rows: &[usize], micro_batch: usize, pad: u32) -> anyhow::Result<f64> {
