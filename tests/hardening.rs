@@ -175,6 +175,14 @@ fn records_of_300_kb_and_10_mb_are_read() {
     let out = read_only(&m).unwrap();
     assert_eq!(out.records.iter().map(|r| r.turns[1].content.len()).collect::<Vec<_>>(), vec![10 << 20, 10, 10 << 20]);
 
+    // Short records, then long ones: the host asks for 512 at a time by then, and the source itself stops
+    // each batch at 16 MiB, under a 32 MiB copy limit that 512 of these would break.
+    let mut sizes = vec![100; 600];
+    sizes.extend([1 << 20; 40]);
+    long_records(&dir.path().join("mixed.jsonl"), &sizes);
+    let m = data_manifest(dir.path(), "{ plugin = \"jsonl\", path = \"mixed.jsonl\", limits = { reply_mb = 32 } }", "");
+    assert_eq!(read_only(&m).unwrap().records.len(), 640);
+
     // A record over what one call may copy is named by its place.
     long_records(&dir.path().join("huge.jsonl"), &[10, 10 << 20]);
     let m = data_manifest(dir.path(), "{ plugin = \"jsonl\", path = \"huge.jsonl\", limits = { reply_mb = 4 } }", "");

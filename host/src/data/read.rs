@@ -13,7 +13,9 @@ use anyhow::bail;
 /// The most records asked of a source per call: big enough to amortise the sandbox crossing.
 pub const READ_BATCH: u32 = 512;
 
-/// The size one reply aims at; the number of records asked for follows from the largest record seen.
+/// The size one reply aims at; the number of records asked for follows from the largest record seen. The
+/// SDK's sources stop a batch at the same size (`lorahost_sdk::REPLY_BYTES`) when records grow longer
+/// than the ask assumed.
 pub const BATCH_BYTES: usize = 16 << 20;
 
 /// What reading a dataset gave.
