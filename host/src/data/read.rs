@@ -28,7 +28,7 @@ pub struct ReadOutcome {
     pub malformed_examples: Vec<String>,
 }
 
-/// The bytes a record holds: what the budget counts.
+/// The bytes a record holds: what the budget counts (the SDK's `Example::bytes` counts the same).
 pub fn record_bytes(e: &Example) -> usize {
     let turns: usize = e.turns.iter().map(|t| t.role.len() + t.content.len()).sum();
     let meta: usize = e.meta.iter().map(|(k, v)| k.len() + v.len()).sum();

@@ -189,7 +189,8 @@ pub fn run(m: &Manifest, opts: &RunOptions) -> anyhow::Result<RunSummary> {
     let plan = data::Plan::new(m)?;
     let lock_path = run_dir.join(data::lock::LOCK_FILE);
     if !opts.relock && lock_path.exists() {
-        let changed = plan.lock.swapped_plugins(&data::lock::Lock::read(&lock_path)?);
+        let locked = data::lock::Lock::read(&lock_path).context("run with --relock to write a new lock")?;
+        let changed = plan.lock.swapped_plugins(&locked);
         if !changed.is_empty() {
             bail!(
                 "a plugin changed since {} was written:\n  {}\nif you replaced it on purpose, run with --relock to accept it",
