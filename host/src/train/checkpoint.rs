@@ -67,19 +67,19 @@ pub fn resume<T>(
     load: impl Fn(&Path) -> anyhow::Result<T>,
 ) -> anyhow::Result<Option<(T, State)>> {
     let mut first_damage: Option<anyhow::Error> = None;
-    for dir in newest_first(run_dir) {
-        let loaded = read_state(&dir).and_then(|state| {
-            let changes = identity_diff(identity, &state.identity);
-            Ok((state, changes))
-        });
-        let (state, changes) = match loaded {
-            Ok(x) => x,
+    let mut damaged = |dir: &Path, e: anyhow::Error| {
+        eprintln!("note: checkpoint {} is damaged ({e:#}); trying the one before", dir.display());
+        first_damage.get_or_insert(e);
+    };
+    for (i, dir) in newest_first(run_dir).into_iter().enumerate() {
+        let state = match read_state(&dir) {
+            Ok(state) => state,
             Err(e) => {
-                eprintln!("note: checkpoint {} is damaged ({e:#}); trying the one before", dir.display());
-                first_damage.get_or_insert(e);
+                damaged(&dir, e);
                 continue;
             }
         };
+        let changes = identity_diff(identity, &state.identity);
         if !changes.is_empty() {
             bail!(
                 "the manifest changed since the checkpoint {}:\n  {}\nrun with --fresh to start over (the old checkpoints are removed)",
@@ -89,15 +89,12 @@ pub fn resume<T>(
         }
         match load(&dir).with_context(|| format!("resuming from {}", dir.display())) {
             Ok(t) => {
-                if first_damage.is_some() {
+                if i > 0 {
                     eprintln!("note: resuming from {} (step {}), the newest intact checkpoint", dir.display(), state.step);
                 }
                 return Ok(Some((t, state)));
             }
-            Err(e) => {
-                eprintln!("note: checkpoint {} is damaged ({e:#}); trying the one before", dir.display());
-                first_damage.get_or_insert(e);
-            }
+            Err(e) => damaged(&dir, e),
         }
     }
     match first_damage {
