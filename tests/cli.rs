@@ -2,6 +2,7 @@
 mod common;
 
 use common::{lorahost, text};
+use std::path::Path;
 use std::process::Command;
 
 #[test]
@@ -41,6 +42,20 @@ fn tokenize_from_argument_and_stdin() {
     assert_eq!(String::from_utf8_lossy(&o.stdout).trim(), "[1350, 9639, 91, 8691, 723, 427, 91, 82598]");
 }
 
+/// The quickstart manifest written into `dir` as `m.toml`, with `from -> to` replaced first, its paths
+/// pointing into the repository and its output and cache in `dir`.
+fn quickstart_in(dir: &Path, from: &str, to: &str) -> String {
+    let root = common::repo_root();
+    let manifest = std::fs::read_to_string(root.join("examples/quickstart.toml"))
+        .unwrap()
+        .replace(from, to)
+        .replace("\"../", &format!("\"{}/", root.display()))
+        .replace(&format!("output = \"{}/runs/quickstart\"", root.display()), "output = \"out\"\ncache = \"cache\"");
+    let m = dir.join("m.toml");
+    std::fs::write(&m, manifest).unwrap();
+    m.to_str().unwrap().to_string()
+}
+
 #[test]
 fn check_writes_the_lock_and_check_locked_names_a_change() {
     let root = common::repo_root();
@@ -48,14 +63,8 @@ fn check_writes_the_lock_and_check_locked_names_a_change() {
     // A copy of the quickstart whose data lives in the temporary folder, so it can be changed.
     let data = dir.path().join("dolly.jsonl");
     std::fs::copy(root.join("tests/fixtures/samples/dolly/databricks-dolly-15k.lines1-34.jsonl"), &data).unwrap();
-    let manifest = std::fs::read_to_string(root.join("examples/quickstart.toml"))
-        .unwrap()
-        .replace("../tests/fixtures/samples/dolly/databricks-dolly-15k.lines1-34.jsonl", data.to_str().unwrap())
-        .replace("\"../", &format!("\"{}/", root.display()))
-        .replace(&format!("output = \"{}/runs/quickstart\"", root.display()), "output = \"out\"\ncache = \"cache\"");
-    let m = dir.path().join("m.toml");
-    std::fs::write(&m, manifest).unwrap();
-    let m = m.to_str().unwrap();
+    let m = quickstart_in(dir.path(), "../tests/fixtures/samples/dolly/databricks-dolly-15k.lines1-34.jsonl", data.to_str().unwrap());
+    let m = m.as_str();
 
     let o = lorahost(&["check", m], dir.path());
     assert!(o.status.success(), "{}", text(&o));
@@ -126,10 +135,43 @@ fn bench_ops_accounts_for_every_op_of_a_step() {
     let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
     assert!(report["predicted_step_ms"].as_f64().unwrap() > 0.0);
     let t = text(&o);
-    for op in ["linear c_attn forward", "lora mlp.c_proj backward", "attention backward", "swiglu forward", "lm_head + loss", "optimizer"] {
+    for op in ["linear q|k|v forward", "lora down backward", "attention backward", "swiglu forward", "lm_head + loss", "optimizer"] {
         assert!(t.contains(op), "missing {op}: {t}");
     }
     assert!(t.contains("predicted step:"), "{t}");
     let o = lorahost(&["bench", "numerics", "--device", "cpu"], &root);
     assert!(!o.status.success() && text(&o).contains("pass --device cuda:N"), "{}", text(&o));
+}
+
+#[test]
+fn check_show_drops_prints_examples_of_each_drop_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    // The quickstart with a tighter length filter on GSM8K, so a reason has more drops than are shown.
+    let m = quickstart_in(dir.path(), "unit = \"words\", max = 400", "unit = \"words\", max = 60");
+    let m = m.as_str();
+
+    let o = lorahost(&["check", m], dir.path());
+    assert!(o.status.success(), "{}", text(&o));
+    let plain = text(&o);
+    assert!(plain.contains(": longer than 60 words") && !plain.contains("e.g."), "{plain}");
+
+    let o = lorahost(&["check", "--show-drops", "2", m], dir.path());
+    assert!(o.status.success(), "{}", text(&o));
+    let t = text(&o);
+    let lines: Vec<&str> = t.lines().collect();
+    let at = lines.iter().position(|l| l.contains(": longer than 60 words")).expect("the reason line");
+    let n: usize = lines[at].split(':').next().unwrap().split_whitespace().last().unwrap().parse().unwrap();
+    assert!(n > 2, "the test wants more drops than are shown: {n}");
+    // Two examples under the reason, each its id then one line per turn.
+    let shown: Vec<&str> = lines[at + 1..].iter().take_while(|l| !l.contains("dropped") && !l.contains("filter ")).copied().collect();
+    assert_eq!(shown.iter().filter(|l| l.trim_start().starts_with("e.g. train.first200.jsonl:")).count(), 2, "{t}");
+    assert_eq!(shown.iter().filter(|l| l.trim_start().starts_with("user: ")).count(), 2, "{t}");
+    assert_eq!(shown.iter().filter(|l| l.trim_start().starts_with("assistant: ")).count(), 2, "{t}");
+    // The per-reason counts stay the same.
+    assert!(t.contains(&lines[at].to_string()) && plain.contains(lines[at]), "{t}");
+    // --json carries the examples too.
+    let o = lorahost(&["check", "--json", "--show-drops", "1", m], dir.path());
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let examples = &v["datasets"][1]["filters"][0]["examples"]["longer than 60 words"];
+    assert_eq!(examples.as_array().map(Vec::len), Some(1), "{v}");
 }

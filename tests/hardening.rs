@@ -365,7 +365,7 @@ fn an_eos_the_tokenizer_does_not_know_is_refused_at_check() {
 #[test]
 fn merge_streams_shard_by_shard_and_equals_the_in_memory_merge() {
     use candle_core::{DType, Device};
-    use lorahost::lora::{Lora, LoraConfig};
+    use lorahost::model::lora::{Lora, LoraConfig};
     use lorahost::model::tiny::{write_tiny_checkpoint, TinySpec};
     let dir = tempfile::tempdir().unwrap();
     let base = dir.path().join("base");
@@ -379,7 +379,7 @@ fn merge_streams_shard_by_shard_and_equals_the_in_memory_merge() {
     }
     let out = dir.path().join("merged");
     let mut seen = vec![];
-    lorahost::lora::merge_with_progress(&base, &lora, &out, |i, n, f| seen.push((i, n, f.file_name().unwrap().to_string_lossy().into_owned())))
+    lorahost::model::lora::merge_with_progress(&base, &lora, &out, |i, n, f| seen.push((i, n, f.file_name().unwrap().to_string_lossy().into_owned())))
         .unwrap();
     assert_eq!(seen.len(), 5, "config, index, 3 shards: {seen:?}");
     assert!(seen.iter().enumerate().all(|(k, (i, n, _))| k == *i && *n == 5));

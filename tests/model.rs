@@ -2,10 +2,10 @@
 //! against finite differences, PEFT adapter files and merge, AdamW against hand-computed values, and a
 //! memorisation smoke test. Everything runs on CPU in f32 (f64 for the gradient checks).
 use candle_core::{DType, Device, Tensor};
-use lorahost::lora::{self, Lora, LoraConfig, ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE};
-use lorahost::model::config::QwenConfig;
+use lorahost::model::lora::{self, Lora, LoraConfig, ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE};
+use lorahost::model::config::{Family, ModelConfig, RopeScaling};
 use lorahost::model::tiny::{write_tiny_checkpoint, TinySpec};
-use lorahost::model::{GenerateOptions, QwenModel, Rng, Sampling, Site};
+use lorahost::model::{GenerateOptions, Model, Rng, Sampling, Site};
 use lorahost::train::optim::{clip_grad_norm, global_norm, AdamW, AdamWConfig};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -29,6 +29,7 @@ fn reference_spec() -> TinySpec {
         init_std: 0.125,
         norm_jitter: 0.1,
         shards: 1,
+        ..TinySpec::default()
     }
 }
 const REFERENCE_SEED: u64 = 1234;
@@ -45,6 +46,27 @@ fn small_spec() -> TinySpec {
         init_std: 0.15,
         norm_jitter: 0.1,
         shards: 1,
+        ..TinySpec::default()
+    }
+}
+
+/// [`small_spec`] in another family, with that family's features (GQA, q/k norms, a head dim of its own,
+/// tied embeddings, rope scaling; see `TinySpec::of_family`).
+fn small_spec_of(family: Family) -> TinySpec {
+    let f = TinySpec::of_family(family);
+    TinySpec {
+        family,
+        num_kv_heads: f.num_kv_heads,
+        head_dim: f.head_dim.map(|_| 10),
+        tie_word_embeddings: f.tie_word_embeddings,
+        rope_scaling: match f.rope_scaling {
+            RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, .. } => {
+                RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position_embeddings: 16.0 }
+            }
+            other => other,
+        },
+        intermediate_size: if family == Family::QwenV1 { 48 } else { 24 },
+        ..small_spec()
     }
 }
 
@@ -124,7 +146,7 @@ fn write_reference_fixture() {
 #[test]
 fn forward_matches_numpy_reference() {
     let dir = fixture_dir().join("tiny-ref");
-    let model = QwenModel::load(&dir, DType::F32, &CPU).unwrap();
+    let model = Model::load(&dir, DType::F32, &CPU).unwrap();
     let refs = candle_core::safetensors::load(dir.join("reference.safetensors"), &CPU).unwrap();
     let ids = refs["input_ids"].to_dtype(DType::U32).unwrap();
     let want = &refs["logits"];
@@ -145,7 +167,7 @@ fn forward_matches_numpy_reference() {
     assert!((loss - want_loss).abs() < 1e-4, "loss {loss} vs reference {want_loss}");
 
     // Frozen weights are plain tensors: nothing can ever ask for their gradient.
-    assert!(!model.weights.wte.is_variable() && !model.weights.layers[0].c_attn.is_variable());
+    assert!(!model.weights.wte.is_variable() && !model.weights.layers[0].qkv.is_variable());
 }
 
 #[test]
@@ -166,9 +188,9 @@ fn tiny_checkpoint_is_byte_deterministic() {
     );
     // The default spec is the brief's tiny model: real Qwen vocab, hidden 64, 2 layers, 4 heads.
     let spec = TinySpec::default();
-    let cfg = QwenConfig::from_json_str(&spec.config_json(), "default spec").unwrap();
+    let cfg = ModelConfig::from_json_str(&spec.config_json(), "default spec").unwrap();
     assert_eq!((cfg.vocab_size, cfg.hidden_size, cfg.num_layers, cfg.num_heads, cfg.head_dim), (151936, 64, 2, 4, 16));
-    assert_eq!((cfg.mlp_width(), cfg.seq_length), (128, 512));
+    assert_eq!((cfg.mlp_width, cfg.seq_length), (128, 512));
 }
 
 #[test]
@@ -181,8 +203,8 @@ fn sharded_checkpoint_loads_like_single_file() {
     let ckpt = lorahost::model::Checkpoint::open(tmp.path()).unwrap();
     assert_eq!(ckpt.files.len(), 3);
 
-    let sharded = QwenModel::load(tmp.path(), DType::F32, &CPU).unwrap();
-    let single = QwenModel::load(&fixture_dir().join("tiny-ref"), DType::F32, &CPU).unwrap();
+    let sharded = Model::load(tmp.path(), DType::F32, &CPU).unwrap();
+    let single = Model::load(&fixture_dir().join("tiny-ref"), DType::F32, &CPU).unwrap();
     let ids = ids_tensor(&random_ids(1, 9, 256, 3));
     let a = sharded.forward(&ids, None).unwrap();
     let b = single.forward(&ids, None).unwrap();
@@ -197,21 +219,21 @@ fn config_and_weight_errors_name_file_and_key() {
     write_small(dir, &spec, 1);
     let config_path = dir.join("config.json");
     let good_config = std::fs::read_to_string(&config_path).unwrap();
-    let err_of = |r: anyhow::Result<QwenConfig>| format!("{:#}", r.unwrap_err());
+    let err_of = |r: anyhow::Result<ModelConfig>| format!("{:#}", r.unwrap_err());
 
     // Missing key, wrong type, unsupported family; unknown keys are fine.
     let text = good_config.replace("\"kv_channels\": 8,", "");
     std::fs::write(&config_path, &text).unwrap();
-    let e = err_of(QwenConfig::from_file(&config_path));
+    let e = err_of(ModelConfig::from_file(&config_path));
     assert!(e.contains("kv_channels") && e.contains("missing") && e.contains(&config_path.display().to_string()), "{e}");
     let text = good_config.replace("\"hidden_size\": 32", "\"hidden_size\": \"big\"");
-    let e = err_of(QwenConfig::from_json_str(&text, "cfg.json"));
+    let e = err_of(ModelConfig::from_json_str(&text, "cfg.json"));
     assert!(e.contains("hidden_size") && e.contains("cfg.json"), "{e}");
-    let text = good_config.replace("\"model_type\": \"qwen\"", "\"model_type\": \"qwen2\"");
-    let e = err_of(QwenConfig::from_json_str(&text, "cfg.json"));
-    assert!(e.contains("qwen2") && e.contains("not implemented"), "{e}");
+    let text = good_config.replace("\"model_type\": \"qwen\"", "\"model_type\": \"gpt2\"");
+    let e = err_of(ModelConfig::from_json_str(&text, "cfg.json"));
+    assert!(e.contains("gpt2") && e.contains("model_type") && e.contains("not supported"), "{e}");
     let text = good_config.replace("{\n", "{\n  \"some_future_key\": [1, 2],\n");
-    QwenConfig::from_json_str(&text, "cfg.json").unwrap();
+    ModelConfig::from_json_str(&text, "cfg.json").unwrap();
     std::fs::write(&config_path, &good_config).unwrap();
 
     // A missing tensor and a misshaped one.
@@ -219,11 +241,11 @@ fn config_and_weight_errors_name_file_and_key() {
     let mut tensors = candle_core::safetensors::load(&weights, &CPU).unwrap();
     let w1 = tensors.remove("transformer.h.1.mlp.w1.weight").unwrap();
     candle_core::safetensors::save(&tensors, &weights).unwrap();
-    let e = format!("{:#}", QwenModel::load(dir, DType::F32, &CPU).err().unwrap());
+    let e = format!("{:#}", Model::load(dir, DType::F32, &CPU).err().unwrap());
     assert!(e.contains("transformer.h.1.mlp.w1.weight") && e.contains("missing") && e.contains("model.safetensors"), "{e}");
     tensors.insert("transformer.h.1.mlp.w1.weight".into(), w1.t().unwrap().contiguous().unwrap());
     candle_core::safetensors::save(&tensors, &weights).unwrap();
-    let e = format!("{:#}", QwenModel::load(dir, DType::F32, &CPU).err().unwrap());
+    let e = format!("{:#}", Model::load(dir, DType::F32, &CPU).err().unwrap());
     assert!(e.contains("transformer.h.1.mlp.w1.weight") && e.contains("[32, 24]") && e.contains("[24, 32]"), "{e}");
 
     // Shards: a shard named in the index but absent, and a tensor absent from the weight_map.
@@ -232,27 +254,27 @@ fn config_and_weight_errors_name_file_and_key() {
     let index_path = sharded.path().join("model.safetensors.index.json");
     let index = std::fs::read_to_string(&index_path).unwrap();
     std::fs::write(&index_path, index.replace("model-00002-of-00002", "model-00009-of-00002")).unwrap();
-    let e = format!("{:#}", QwenModel::load(sharded.path(), DType::F32, &CPU).err().unwrap());
+    let e = format!("{:#}", Model::load(sharded.path(), DType::F32, &CPU).err().unwrap());
     assert!(e.contains("model-00009-of-00002.safetensors") && e.contains("does not exist"), "{e}");
     let without_ln_f: String = index.lines().filter(|l| !l.contains("transformer.ln_f.weight")).collect::<Vec<_>>().join("\n");
     std::fs::write(&index_path, without_ln_f).unwrap();
-    let e = format!("{:#}", QwenModel::load(sharded.path(), DType::F32, &CPU).err().unwrap());
+    let e = format!("{:#}", Model::load(sharded.path(), DType::F32, &CPU).err().unwrap());
     assert!(e.contains("transformer.ln_f.weight") && e.contains("weight_map"), "{e}");
 }
 
 // ---------------------------------------------------------------------------------------------------------
 // LoRA gradients against central finite differences (f64).
 
-fn gradient_check(dropout: f64) {
+fn gradient_check(family: Family, dropout: f64) {
     let tmp = tempfile::tempdir().unwrap();
-    let spec = small_spec();
+    let spec = small_spec_of(family);
     write_small(tmp.path(), &spec, 7);
-    let model = QwenModel::load(tmp.path(), DType::F64, &CPU).unwrap();
-    let cfg = lora_config(3, 6.0, dropout, &["c_attn", "c_proj", "w1", "w2"]);
+    let model = Model::load(tmp.path(), DType::F64, &CPU).unwrap();
+    let cfg = lora_config(3, 6.0, dropout, &["all-linear"]);
     let mut lora = Lora::new(cfg, &model.config, 11, &CPU).unwrap().to_dtype(DType::F64).unwrap();
     randomise_b(&mut lora, 0.3, 12);
     // Every module kind is adapted in every layer.
-    assert_eq!(lora.adapters().len(), spec.num_layers * 5);
+    assert_eq!(lora.adapters().len(), spec.num_layers * family.sites().len());
 
     let ids = random_ids(2, 7, spec.vocab_size, 5);
     let labels = labels_tensor(&ids, &[2, 0]);
@@ -321,14 +343,32 @@ fn gradient_check(dropout: f64) {
 
 #[test]
 fn lora_gradients_match_finite_differences() {
-    gradient_check(0.0);
+    gradient_check(Family::QwenV1, 0.0);
 }
 
 #[test]
 fn lora_gradients_with_dropout_match_finite_differences() {
     // Dropout masks are a pure function of the step seed, so the loss is a smooth function of the
     // parameters for a fixed seed and finite differences apply.
-    gradient_check(0.25);
+    gradient_check(Family::QwenV1, 0.25);
+}
+
+#[test]
+fn qwen2_gradients_match_finite_differences() {
+    // GQA (dK/dV summed over each query group), q/k/v biases, separate q/k/v adapters with their own masks.
+    gradient_check(Family::Qwen2, 0.25);
+}
+
+#[test]
+fn qwen3_gradients_match_finite_differences() {
+    // Per-head q/k RMSNorm before RoPE, a head dim that is not hidden / heads, GQA.
+    gradient_check(Family::Qwen3, 0.25);
+}
+
+#[test]
+fn llama_gradients_match_finite_differences() {
+    // GQA, tied embeddings, Llama 3 rope scaling.
+    gradient_check(Family::Llama, 0.0);
 }
 
 #[test]
@@ -348,10 +388,10 @@ fn only_adapted_layers_are_backpropagated() {
     // An adapter on the last layer only: gradients must equal those with all layers present.
     let tmp = tempfile::tempdir().unwrap();
     write_small(tmp.path(), &small_spec(), 7);
-    let model = QwenModel::load(tmp.path(), DType::F64, &CPU).unwrap();
+    let model = Model::load(tmp.path(), DType::F64, &CPU).unwrap();
     let mut lora = Lora::new(lora_config(2, 4.0, 0.0, &["h.1.mlp.w2"]), &model.config, 3, &CPU).unwrap();
     assert_eq!(lora.adapters().len(), 1);
-    assert_eq!((lora.adapters()[0].layer, lora.adapters()[0].site), (1, Site::W2));
+    assert_eq!((lora.adapters()[0].layer, lora.adapters()[0].site), (1, Site::Gate));
     randomise_b(&mut lora, 0.3, 4);
     let lora = lora.to_dtype(DType::F64).unwrap();
     let ids = random_ids(1, 6, 64, 8);
@@ -383,11 +423,11 @@ fn lora_targets_follow_peft_suffix_rule_and_init() {
     // `c_proj` adapts both attn.c_proj and mlp.c_proj.
     assert_eq!(
         sites(&["c_attn", "c_proj"]),
-        vec![(0, Site::CAttn), (0, Site::AttnCProj), (0, Site::MlpCProj), (1, Site::CAttn), (1, Site::AttnCProj), (1, Site::MlpCProj)]
+        vec![(0, Site::Qkv), (0, Site::O), (0, Site::Down), (1, Site::Qkv), (1, Site::O), (1, Site::Down)]
     );
-    assert_eq!(sites(&["attn.c_proj"]), vec![(0, Site::AttnCProj), (1, Site::AttnCProj)]);
-    assert_eq!(sites(&["w1", "w2"]), vec![(0, Site::W1), (0, Site::W2), (1, Site::W1), (1, Site::W2)]);
-    assert_eq!(sites(&["transformer.h.0.mlp.c_proj"]), vec![(0, Site::MlpCProj)]);
+    assert_eq!(sites(&["attn.c_proj"]), vec![(0, Site::O), (1, Site::O)]);
+    assert_eq!(sites(&["w1", "w2"]), vec![(0, Site::Up), (0, Site::Gate), (1, Site::Up), (1, Site::Gate)]);
+    assert_eq!(sites(&["transformer.h.0.mlp.c_proj"]), vec![(0, Site::Down)]);
     // "proj" is not a suffix after a dot: PEFT would not match it either.
     let e = Lora::new(lora_config(4, 8.0, 0.0, &["proj"]), &cfg, 1, &CPU).unwrap_err();
     assert!(format!("{e:#}").contains("\"proj\""), "{e:#}");
@@ -410,7 +450,7 @@ fn lora_targets_follow_peft_suffix_rule_and_init() {
     assert_ne!(to_f64_vec(&l.adapters()[2].a), to_f64_vec(&other.adapters()[2].a));
 
     // The reference recipe on Qwen-14B's shape: rank 8 on c_attn + c_proj is 15,851,520 parameters.
-    let qwen14b = QwenConfig { hidden_size: 5120, num_layers: 40, num_heads: 40, head_dim: 128, intermediate_size: 27392, vocab_size: 152064, seq_length: 2048, ..cfg.clone() };
+    let qwen14b = ModelConfig { hidden_size: 5120, num_layers: 40, num_heads: 40, num_kv_heads: 40, head_dim: 128, mlp_width: 13696, vocab_size: 152064, seq_length: 2048, ..cfg.clone() };
     let l = Lora::new(lora_config(8, 32.0, 0.1, &["c_attn", "c_proj"]), &qwen14b, 42, &CPU).unwrap();
     assert_eq!(l.num_params(), 15_851_520);
     assert_eq!(l.scale(), 4.0);
@@ -527,7 +567,7 @@ fn merged_model_matches_base_plus_adapter() {
     let spec = TinySpec { shards: 2, init_std: 0.1, ..small_spec() };
     write_small(&base, &spec, 21);
     std::fs::write(base.join("tokenizer_config.json"), "{}\n").unwrap(); // other files are carried over
-    let model = QwenModel::load(&base, DType::F32, &CPU).unwrap();
+    let model = Model::load(&base, DType::F32, &CPU).unwrap();
     let mut l = Lora::new(lora_config(4, 8.0, 0.1, &["c_attn", "c_proj", "w1"]), &model.config, 9, &CPU).unwrap();
     randomise_b(&mut l, 0.2, 10);
 
@@ -560,7 +600,7 @@ fn merged_model_matches_base_plus_adapter() {
         }
     }
 
-    let merged = QwenModel::load(&merged_dir, DType::F32, &CPU).unwrap();
+    let merged = Model::load(&merged_dir, DType::F32, &CPU).unwrap();
     let ids = ids_tensor(&random_ids(2, 10, spec.vocab_size, 4));
     let with_adapter = model.forward(&ids, Some(&l)).unwrap();
     let folded = merged.forward(&ids, None).unwrap();
@@ -572,6 +612,98 @@ fn merged_model_matches_base_plus_adapter() {
 
     // Refuses to write over the base.
     assert!(lora::merge(&base, &l, &base).is_err());
+}
+
+#[test]
+fn every_family_writes_peft_keys_and_merges_into_its_own_layout() {
+    for family in [Family::Qwen2, Family::Qwen3, Family::Llama] {
+        let tmp = tempfile::tempdir().unwrap();
+        let base = tmp.path().join("base");
+        let spec = TinySpec { shards: 2, init_std: 0.1, ..small_spec_of(family) };
+        write_small(&base, &spec, 21);
+        let model = Model::load(&base, DType::F32, &CPU).unwrap();
+        let mut l = Lora::new(lora_config(4, 8.0, 0.1, &["q_proj", "v_proj", "down_proj"]), &model.config, 9, &CPU).unwrap();
+        randomise_b(&mut l, 0.2, 10);
+        // PEFT's own names for this family (what PeftModel.from_pretrained looks up).
+        let names = l.param_names();
+        assert_eq!(names.len(), spec.num_layers * 3 * 2);
+        assert_eq!(names[0], "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight", "{family:?}");
+        assert_eq!(names[3], "base_model.model.model.layers.0.self_attn.v_proj.lora_B.weight", "{family:?}");
+        assert_eq!(names[5], "base_model.model.model.layers.0.mlp.down_proj.lora_B.weight", "{family:?}");
+        // The shapes of k_proj-sized adapters follow GQA.
+        let (fan_in, fan_out) = model.config.linear_dims(Site::V);
+        assert_eq!((fan_in, fan_out), (spec.hidden_size, model.config.num_kv_heads * model.config.head_dim));
+        let v = l.adapter(0, Site::V).unwrap();
+        assert_eq!((v.a.dims(), v.b.dims()), (&[4, fan_in][..], &[fan_out, 4][..]));
+
+        // Save / load round trip.
+        let adapter_dir = tmp.path().join("adapter");
+        l.save(&adapter_dir).unwrap();
+        let back = Lora::load(&adapter_dir, &model.config, &CPU).unwrap();
+        assert_eq!(back.param_names(), names);
+
+        // Merge rewrites exactly the adapted weights; the merged model equals base + adapter.
+        let merged_dir = tmp.path().join("merged");
+        lora::merge(&base, &l, &merged_dir).unwrap();
+        let ids = ids_tensor(&random_ids(2, 10, spec.vocab_size, 4));
+        let with_adapter = model.forward(&ids, Some(&l)).unwrap();
+        let plain = model.forward(&ids, None).unwrap();
+        let merged = Model::load(&merged_dir, DType::F32, &CPU).unwrap();
+        let folded = merged.forward(&ids, None).unwrap();
+        assert!(max_abs_diff(&with_adapter, &plain) > 1e-3, "{family:?}: the adapter must visibly change the logits");
+        assert!(max_abs_diff(&with_adapter, &folded) < 1e-5, "{family:?}: merged logits differ");
+        for shard in ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"] {
+            let a = candle_core::safetensors::load(base.join(shard), &CPU).unwrap();
+            let b = candle_core::safetensors::load(merged_dir.join(shard), &CPU).unwrap();
+            for (k, t) in &a {
+                let adapted = ["q_proj.weight", "v_proj.weight", "down_proj.weight"].iter().any(|s| k.ends_with(s));
+                assert_eq!(max_abs_diff(t, &b[k]) > 0.0, adapted, "{family:?}: {k}");
+            }
+        }
+        // A Qwen v1 target name on this family is refused, naming what can be adapted.
+        let e = Lora::new(lora_config(4, 8.0, 0.0, &["c_attn"]), &model.config, 9, &CPU).unwrap_err().to_string();
+        assert!(e.contains("c_attn") && e.contains("q_proj") && e.contains("all-linear"), "{e}");
+    }
+}
+
+#[test]
+fn family_configs_are_read_and_bad_options_named() {
+    let cfg = |text: &str| ModelConfig::from_json_str(text, "config.json");
+    let qwen2 = r#"{"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_size": 896, "intermediate_size": 4864,
+        "num_hidden_layers": 24, "num_attention_heads": 14, "num_key_value_heads": 2, "max_position_embeddings": 32768,
+        "rms_norm_eps": 1e-06, "rope_theta": 1000000.0, "tie_word_embeddings": true, "vocab_size": 151936,
+        "hidden_act": "silu", "use_sliding_window": false, "sliding_window": 32768, "torch_dtype": "bfloat16"}"#;
+    let c = cfg(qwen2).unwrap();
+    assert_eq!((c.family, c.head_dim, c.num_kv_heads, c.kv_groups()), (Family::Qwen2, 64, 2, 7));
+    assert!(c.qkv_bias && !c.qk_norm && c.tie_word_embeddings && c.rope_base == 1e6);
+    assert_eq!(c.qkv_width(), 896 + 2 * 128);
+
+    let qwen3 = r#"{"model_type": "qwen3", "hidden_size": 5120, "intermediate_size": 17408, "num_hidden_layers": 40,
+        "num_attention_heads": 40, "num_key_value_heads": 8, "head_dim": 128, "max_position_embeddings": 40960,
+        "rms_norm_eps": 1e-06, "rope_theta": 1000000, "vocab_size": 151936, "attention_bias": false}"#;
+    let c = cfg(qwen3).unwrap();
+    assert!(c.qk_norm && !c.qkv_bias && !c.tie_word_embeddings);
+    assert_eq!((c.q_width(), c.kv_width()), (5120, 1024));
+
+    let llama = r#"{"model_type": "llama", "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
+        "num_attention_heads": 32, "num_key_value_heads": 8, "max_position_embeddings": 131072, "rms_norm_eps": 1e-05,
+        "rope_theta": 500000.0, "vocab_size": 128256, "rope_scaling": {"factor": 8.0, "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0, "original_max_position_embeddings": 8192, "rope_type": "llama3"}}"#;
+    let c = cfg(llama).unwrap();
+    assert!(matches!(c.rope_scaling, RopeScaling::Llama3 { factor, .. } if factor == 8.0));
+
+    // Options that would change the math are refused by key.
+    for (bad, key) in [
+        (llama.replace(r#""llama3""#, r#""yarn""#), "rope_scaling.rope_type"),
+        (llama.replace(r#""model_type": "llama""#, r#""model_type": "mistral""#), "model_type"),
+        (qwen2.replace(r#""use_sliding_window": false"#, r#""use_sliding_window": true"#), "use_sliding_window"),
+        (qwen2.replace(r#""hidden_act": "silu""#, r#""hidden_act": "gelu""#), "hidden_act"),
+        (qwen2.replace(r#""num_key_value_heads": 2"#, r#""num_key_value_heads": 3"#), "num_key_value_heads"),
+        (qwen2.replace("Qwen2ForCausalLM", "LlamaForCausalLM"), "architectures"),
+    ] {
+        let e = format!("{:#}", cfg(&bad).unwrap_err());
+        assert!(e.contains(key) && e.contains("config.json"), "{key}: {e}");
+    }
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -664,7 +796,7 @@ fn memorise_run(recompute: bool) -> (Vec<f64>, f64) {
     let tmp = tempfile::tempdir().unwrap();
     let spec = TinySpec { vocab_size: 512, seq_length: 64, init_std: 0.1, ..TinySpec::default() };
     write_tiny_checkpoint(tmp.path(), &spec, 42).unwrap();
-    let model = QwenModel::load(tmp.path(), DType::F32, &CPU).unwrap();
+    let model = Model::load(tmp.path(), DType::F32, &CPU).unwrap();
     let mut lora = Lora::new(lora_config(8, 16.0, 0.1, &["c_attn", "c_proj", "w1", "w2"]), &model.config, 42, &CPU).unwrap();
     let ids = random_ids(2, 24, spec.vocab_size, 77);
     let labels = labels_tensor(&ids, &[4, 4]);
@@ -699,7 +831,7 @@ fn memorises_a_small_batch_deterministically() {
 
 #[test]
 fn generate_greedy_and_seeded_sampling() {
-    let model = QwenModel::load(&fixture_dir().join("tiny-ref"), DType::F32, &CPU).unwrap();
+    let model = Model::load(&fixture_dir().join("tiny-ref"), DType::F32, &CPU).unwrap();
     let prompt = vec![3u32, 17, 42, 5];
     let greedy = GenerateOptions { max_new: 5, stop_token: None, sampling: Sampling::Greedy };
     let out = model.generate(&prompt, None, &greedy).unwrap();
@@ -727,6 +859,31 @@ fn generate_greedy_and_seeded_sampling() {
     assert_eq!(sample(1, 1e-4)[..5], out[..]);
 }
 
+#[test]
+fn kv_cached_steps_equal_the_full_forward_in_every_family() {
+    for family in Family::ALL {
+        let tmp = tempfile::tempdir().unwrap();
+        let spec = small_spec_of(family);
+        write_small(tmp.path(), &spec, 3);
+        let model = Model::load(tmp.path(), DType::F32, &CPU).unwrap();
+        let mut lora = Lora::new(lora_config(2, 4.0, 0.0, &["all-linear"]), &model.config, 1, &CPU).unwrap();
+        randomise_b(&mut lora, 0.3, 2);
+        let ids = random_ids(1, 12, spec.vocab_size, 9).remove(0);
+        let full = model.forward(&ids_tensor(&[ids.clone()]), Some(&lora)).unwrap().squeeze(0).unwrap();
+        // The same positions in pieces: a prefill of 5, two single tokens, then 5 more.
+        let cache = lorahost::model::KvCache::default();
+        let mut pieces = Vec::new();
+        for (start, len) in [(0, 5), (5, 1), (6, 1), (7, 5)] {
+            let hf = model.hidden_states_cached(&ids_tensor(&[ids[start..start + len].to_vec()]), Some(&lora), &cache).unwrap();
+            pieces.push(hf.matmul(&model.weights.lm_head.t().unwrap()).unwrap());
+        }
+        assert_eq!(cache.len(), 12);
+        let cached = Tensor::cat(&pieces, 0).unwrap();
+        let diff = max_abs_diff(&cached, &full);
+        assert!(diff < 1e-4, "{family:?}: cached logits differ from the full forward by {diff}");
+    }
+}
+
 /// Timing on the brief's tiny model (real vocab 151936, hidden 64, 2 layers): not a correctness test.
 /// `cargo test --test model -- --ignored --nocapture tiny_full_vocab_step_time`
 #[test]
@@ -735,7 +892,7 @@ fn tiny_full_vocab_step_time() {
     let tmp = tempfile::tempdir().unwrap();
     let t0 = Instant::now();
     write_tiny_checkpoint(tmp.path(), &TinySpec::default(), 1).unwrap();
-    let model = QwenModel::load(tmp.path(), DType::F32, &CPU).unwrap();
+    let model = Model::load(tmp.path(), DType::F32, &CPU).unwrap();
     println!("write + load: {:.0} ms", t0.elapsed().as_secs_f64() * 1e3);
     let mut lora = Lora::new(lora_config(8, 32.0, 0.1, &["c_attn", "c_proj"]), &model.config, 42, &CPU).unwrap();
     let mut opt = AdamW::new(AdamWConfig { weight_decay: 0.0, ..Default::default() }, lora.param_names(), &lora.params()).unwrap();

@@ -162,10 +162,10 @@ fn the_quickstart_halves_its_loss() {
     let manifest = Manifest::load(&m).unwrap();
     let device = candle_core::Device::Cpu;
     let model = lorahost::train::run::load_model(&manifest, &device).unwrap();
-    let lora = lorahost::lora::Lora::load(&dir.path().join("out/adapter"), &model.config, &device).unwrap();
+    let lora = lorahost::model::lora::Lora::load(&dir.path().join("out/adapter"), &model.config, &device).unwrap();
     let merged_dir = dir.path().join("merged");
-    lorahost::lora::merge(&manifest.model.path, &lora, &merged_dir).unwrap();
-    let merged = lorahost::model::qwen::QwenModel::load(&merged_dir, candle_core::DType::F32, &device).unwrap();
+    lorahost::model::lora::merge(&manifest.model.path, &lora, &merged_dir).unwrap();
+    let merged = lorahost::model::transformer::Model::load(&merged_dir, candle_core::DType::F32, &device).unwrap();
     let ids = candle_core::Tensor::new(&[[9707u32, 11, 1879, 0, 2585]], &device).unwrap();
     let a = model.forward(&ids, Some(&lora)).unwrap();
     let b = merged.forward(&ids, None).unwrap();
@@ -186,4 +186,41 @@ fn a_diverging_run_stops_at_the_first_non_finite_step_and_writes_no_adapter() {
     assert!(!dir.path().join("out/adapter").exists(), "no adapter from a diverged run");
     let log = std::fs::read_to_string(dir.path().join("out/metrics.jsonl")).unwrap();
     assert_eq!(log.lines().count(), 2, "the finite steps before it are logged: {log}");
+}
+
+#[test]
+fn a_gqa_family_run_resumes_bit_for_bit_and_its_adapter_merges() {
+    // Qwen3's shape features (GQA, q/k norms) through the whole trainer: the same promises as Qwen v1's.
+    let qwen3 = |dir: &Path| {
+        let m = small_manifest(dir, "");
+        let text = std::fs::read_to_string(&m)
+            .unwrap()
+            .replace("[model.tiny]\n", "[model.tiny]\nfamily = \"qwen3\"\nnum_kv_heads = 1\n")
+            .replace(r#"targets = ["c_attn", "c_proj"]"#, r#"targets = ["q_proj", "k_proj", "v_proj", "o_proj", "down_proj"]"#);
+        std::fs::write(&m, text).unwrap();
+        m
+    };
+    let a = tempfile::tempdir().unwrap();
+    let whole = train(&qwen3(a.path()), RunOptions::default()).unwrap();
+    let b = tempfile::tempdir().unwrap();
+    let m = qwen3(b.path());
+    train(&m, RunOptions { stop_after: Some(3), ..Default::default() }).unwrap();
+    let second = train(&m, RunOptions::default()).unwrap();
+    assert_eq!(second.resumed_from, Some(3));
+    assert_eq!(whole.losses.iter().map(|l| l.to_bits()).collect::<Vec<_>>(), second.losses.iter().map(|l| l.to_bits()).collect::<Vec<_>>());
+    let config = std::fs::read_to_string(a.path().join("model/config.json")).unwrap();
+    assert!(config.contains("Qwen3ForCausalLM") && config.contains("\"num_key_value_heads\": 1"), "{config}");
+
+    // The adapter has PEFT's Qwen3 names, loads back and folds into the base in its own layout.
+    use lorahost::model::{lora, Lora, Model};
+    let device = candle_core::Device::Cpu;
+    let base = Model::load(&a.path().join("model"), candle_core::DType::F32, &device).unwrap();
+    let adapter = Lora::load(&a.path().join("out/adapter"), &base.config, &device).unwrap();
+    assert!(adapter.param_names()[0].starts_with("base_model.model.model.layers.0.self_attn.q_proj.lora_A"));
+    lora::merge(&a.path().join("model"), &adapter, &a.path().join("merged")).unwrap();
+    let merged = Model::load(&a.path().join("merged"), candle_core::DType::F32, &device).unwrap();
+    let ids = candle_core::Tensor::new(&[[9u32, 100, 2000, 30000]], &device).unwrap();
+    let d = (base.forward(&ids, Some(&adapter)).unwrap() - merged.forward(&ids, None).unwrap()).unwrap();
+    let d = d.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+    assert!(d < 1e-4, "merged model differs from base + adapter by {d}");
 }

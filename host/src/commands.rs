@@ -9,9 +9,10 @@ pub fn lock_path(m: &Manifest) -> std::path::PathBuf {
     m.run.output.join(data::lock::LOCK_FILE)
 }
 
-pub fn check(manifest: &Path, locked: bool, json: bool) -> anyhow::Result<()> {
+pub fn check(manifest: &Path, locked: bool, json: bool, show_drops: usize) -> anyhow::Result<()> {
     let m = Manifest::load(manifest)?;
-    let plan = data::Plan::new(&m)?;
+    let mut plan = data::Plan::new(&m)?;
+    plan.show_drops = show_drops;
     if locked {
         let want = Lock::read(&lock_path(&m))?;
         let changes = plan.lock.diff(&want);
@@ -157,14 +158,14 @@ fn model_and_adapter(
     m: &Manifest,
     adapter: Option<std::path::PathBuf>,
     base: bool,
-) -> anyhow::Result<(lorahost::model::qwen::QwenModel, Option<lorahost::lora::Lora>)> {
+) -> anyhow::Result<(lorahost::model::transformer::Model, Option<lorahost::model::lora::Lora>)> {
     let device = lorahost::train::run::device_of(m)?;
     let model = lorahost::train::run::load_model(m, &device)?;
     if base {
         return Ok((model, None));
     }
     let dir = adapter.unwrap_or_else(|| m.run.output.join("adapter"));
-    let lora = lorahost::lora::Lora::load(&dir, &model.config, &device)
+    let lora = lorahost::model::lora::Lora::load(&dir, &model.config, &device)
         .with_context(|| format!("loading the adapter {} (train first, or pass --base or --adapter)", dir.display()))?;
     Ok((model, Some(lora)))
 }
@@ -178,7 +179,7 @@ pub fn generate(
     temperature: Option<f64>,
     seed: u64,
 ) -> anyhow::Result<()> {
-    use lorahost::model::qwen::{GenerateOptions, Sampling};
+    use lorahost::model::transformer::{GenerateOptions, Sampling};
     use lorahost::plugins::{Example, Turn};
     let m = Manifest::load(manifest)?;
     let plan = data::Plan::new(&m)?;
@@ -218,11 +219,44 @@ pub fn merge(manifest: &Path, out: &Path, adapter: Option<std::path::PathBuf>) -
     lorahost::train::run::ensure_tiny(&m)?;
     let config = lorahost::model::weights::Checkpoint::open(&m.model.path)?.config;
     let dir = adapter.unwrap_or_else(|| m.run.output.join("adapter"));
-    let lora = lorahost::lora::Lora::load(&dir, &config, &candle_core::Device::Cpu)
+    let lora = lorahost::model::lora::Lora::load(&dir, &config, &candle_core::Device::Cpu)
         .with_context(|| format!("loading the adapter {} (train first, or pass --adapter)", dir.display()))?;
-    lorahost::lora::merge_with_progress(&m.model.path, &lora, out, |i, n, file| {
+    lorahost::model::lora::merge_with_progress(&m.model.path, &lora, out, |i, n, file| {
         eprintln!("merge: {}/{n} {}", i + 1, file.file_name().unwrap_or_default().to_string_lossy());
     })?;
     println!("merged model written to {}", out.display());
+    Ok(())
+}
+
+/// `lorahost logits`: the model's logits for the first `max_tokens` tokens of a text file.
+pub fn logits(
+    model_dir: &Path,
+    text: &Path,
+    out: &Path,
+    adapter: Option<&Path>,
+    max_tokens: usize,
+    device: &candle_core::Device,
+    dtype: candle_core::DType,
+) -> anyhow::Result<()> {
+    use candle_core::{DType, Tensor};
+    let tok = lorahost::tokenizer::load(model_dir)?;
+    let text = std::fs::read_to_string(text).with_context(|| format!("cannot read {}", text.display()))?;
+    let mut ids = Vec::new();
+    tok.encode_ordinary(&text, &mut ids);
+    ids.truncate(max_tokens);
+    if ids.is_empty() {
+        anyhow::bail!("the text has no tokens");
+    }
+    let model = lorahost::model::Model::load(model_dir, dtype, device)?;
+    let lora = match adapter {
+        Some(dir) => Some(lorahost::model::Lora::load(dir, &model.config, device)?),
+        None => None,
+    };
+    let input = Tensor::from_slice(&ids, (1, ids.len()), device)?;
+    let logits = model.forward(&input, lora.as_ref())?.squeeze(0)?.to_dtype(DType::F32)?.to_device(&candle_core::Device::Cpu)?;
+    let ids_t = Tensor::from_vec(ids.iter().map(|&i| i as i64).collect::<Vec<_>>(), ids.len(), &candle_core::Device::Cpu)?;
+    let bytes = safetensors::serialize([("ids", &ids_t), ("logits", &logits)], None)?;
+    lorahost::fsutil::write_atomic(out, &bytes)?;
+    println!("{} tokens, logits {:?} written to {}", ids.len(), logits.dims(), out.display());
     Ok(())
 }

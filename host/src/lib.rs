@@ -5,7 +5,7 @@
 pub mod bench;
 pub mod data;
 pub mod fsutil;
-pub mod lora;
+pub mod import;
 pub mod manifest;
 pub mod model;
 pub mod plugins;

@@ -70,6 +70,10 @@ enum Command {
         /// Print the report as JSON.
         #[arg(long)]
         json: bool,
+        /// Show the first N dropped records of each filter's drop reasons (id and each turn's first line).
+        /// Reads and filters the data again, past the token cache.
+        #[arg(long, value_name = "N", default_value_t = 0)]
+        show_drops: usize,
     },
     /// Show rendered training examples, marking which tokens are trained.
     Preview {
@@ -91,10 +95,37 @@ enum Command {
         #[arg(long)]
         pieces: bool,
     },
+    /// Write a model's logits for a text file to a safetensors file (ids [T] and logits [T, vocab], f32), to
+    /// compare with another implementation (scripts/hf-check.py compares them with HF transformers).
+    Logits {
+        /// A model folder (config.json, safetensors, tokenizer).
+        model: PathBuf,
+        /// The text to score.
+        #[arg(long)]
+        text: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+        /// A PEFT adapter folder to apply (unmerged).
+        #[arg(long)]
+        adapter: Option<PathBuf>,
+        /// At most this many tokens from the start of the text.
+        #[arg(long, default_value_t = 512)]
+        max_tokens: usize,
+        #[arg(long, default_value = "cpu")]
+        device: String,
+        /// f32 or bf16.
+        #[arg(long, default_value = "f32")]
+        dtype: String,
+    },
     /// Work with plugins: scaffold, inspect, list the standard ones.
     Plugin {
         #[command(subcommand)]
         command: PluginCommand,
+    },
+    /// Convert a model from another format into a Hugging Face folder lorahost (and transformers) can load.
+    Import {
+        #[command(subcommand)]
+        command: ImportCommand,
     },
     /// Measure speed; prints a table and writes JSON with --json.
     Bench {
@@ -125,6 +156,23 @@ enum PluginCommand {
     },
     /// List the standard plugins built into this binary.
     List,
+}
+
+#[derive(Subcommand)]
+enum ImportCommand {
+    /// A llama.cpp GGUF file (llama, qwen2, qwen3; F32/F16/BF16/Q8_0/Q4_0/Q4_1/Q5_0/Q5_1/Q4_K/Q5_K/Q6_K) to
+    /// config.json, safetensors, tokenizer.json and tokenizer_config.json in a new folder.
+    Gguf {
+        file: PathBuf,
+        /// The folder to create (it must not exist, or be empty).
+        out: PathBuf,
+        /// bf16 or f32
+        #[arg(long, default_value = "bf16")]
+        dtype: String,
+        /// Also print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 /// The training step `bench train` and `bench ops` measure.
@@ -179,6 +227,22 @@ enum BenchCommand {
         #[arg(long, default_value_t = 1.0)]
         seconds: f64,
         /// Also write the results as JSON here.
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
+    /// Records per second through the text filters (minhash-dedup, quality, language) on the sample data
+    /// sets' records scaled up with edited copies; `scripts/filter-baselines.py` runs datasketch and lingua on
+    /// the records `--export` writes.
+    Filters {
+        /// The samples folder (tests/fixtures/samples or ../shared/data/samples).
+        #[arg(long, default_value = "tests/fixtures/samples")]
+        samples: PathBuf,
+        /// Records to make from them.
+        #[arg(long, default_value_t = 20_000)]
+        records: usize,
+        /// Write the records, with the language plugin's label of each, as JSON Lines here.
+        #[arg(long)]
+        export: Option<PathBuf>,
         #[arg(long)]
         json: Option<PathBuf>,
     },
@@ -277,9 +341,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             commands::generate(&manifest, &prompt, adapter, base, max_new, temperature, seed)?
         }
         Command::Merge { manifest, out, adapter } => commands::merge(&manifest, &out, adapter)?,
-        Command::Check { manifest, locked, json } => commands::check(&manifest, locked, json)?,
+        Command::Check { manifest, locked, json, show_drops } => commands::check(&manifest, locked, json, show_drops)?,
         Command::Preview { manifest, n, tokens } => commands::preview(&manifest, n, tokens)?,
         Command::Tokenize { tokenizer, text, pieces } => commands::tokenize(&tokenizer, text, pieces)?,
+        Command::Logits { model, text, out, adapter, max_tokens, device, dtype } => {
+            commands::logits(&model, &text, &out, adapter.as_deref(), max_tokens, &parse_device(&device)?, parse_dtype(&dtype)?)?
+        }
         Command::Plugin { command } => match command {
             PluginCommand::New { kind, name, dir, sdk } => {
                 let kind = parse_kind(&kind)?;
@@ -304,9 +371,39 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 }
             }
         },
+        Command::Import { command: ImportCommand::Gguf { file, out, dtype, json } } => {
+            let opts = lorahost::import::Options { dtype: lorahost::import::safetensors_out::OutDtype::parse(&dtype).context("--dtype")?, ..Default::default() };
+            let start = std::time::Instant::now();
+            let report = lorahost::import::import_gguf(&file, &out, &opts)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                let types: Vec<String> = report.types.iter().map(|(t, n)| format!("{t} x{n}")).collect();
+                println!(
+                    "imported {} ({}, GGUF v{}): {} tensors, {} parameters ({}) in {:.1} s{}",
+                    file.display(),
+                    report.architecture,
+                    report.gguf_version,
+                    report.tensors,
+                    report.parameters,
+                    types.join(", "),
+                    start.elapsed().as_secs_f64(),
+                    if report.tied_embeddings { ", tied embeddings" } else { "" }
+                );
+                println!("wrote {}: {}", out.display(), report.files.join(", "));
+                for note in &report.notes {
+                    println!("note: {note}");
+                }
+            }
+        }
         Command::Bench { command } => match command {
             BenchCommand::Plugins { record_bytes, seconds, json } => {
                 let report = lorahost::bench::plugins::run(record_bytes, Duration::from_secs_f64(seconds))?;
+                print!("{report}");
+                write_json(json, &report)?;
+            }
+            BenchCommand::Filters { samples, records, export, json } => {
+                let report = lorahost::bench::filters::run(&samples, records, export.as_deref())?;
                 print!("{report}");
                 write_json(json, &report)?;
             }

@@ -70,7 +70,7 @@ pub struct Model {
     /// A tokenizer file or folder, when it is not in the model folder.
     #[serde(default)]
     pub tokenizer: Option<PathBuf>,
-    /// Create a tiny random Qwen-architecture model at `path` when none is there (quickstarts, tests).
+    /// Create a tiny random model at `path` when none is there (quickstarts, tests).
     #[serde(default)]
     pub tiny: Option<Tiny>,
 }
@@ -79,6 +79,12 @@ pub struct Model {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Tiny {
+    /// The family's HF `model_type`: "qwen" (Qwen v1), "qwen2", "qwen3" or "llama".
+    #[serde(default = "tiny_family")]
+    pub family: String,
+    /// Key/value heads (GQA); default: the family's tiny default (see `TinySpec::of_family`).
+    #[serde(default)]
+    pub num_kv_heads: Option<usize>,
     #[serde(default = "tiny_hidden")]
     pub hidden_size: usize,
     #[serde(default = "tiny_layers")]
@@ -94,6 +100,9 @@ pub struct Tiny {
     pub seed: u64,
 }
 
+fn tiny_family() -> String {
+    "qwen".into()
+}
 fn tiny_hidden() -> usize {
     64
 }

@@ -1,4 +1,5 @@
 //! `lorahost bench`: measured numbers for BENCHMARKS.md. Each bench reports its baseline from the same run.
+pub mod filters;
 pub mod numerics;
 pub mod ops;
 pub mod pipeline;

@@ -4,15 +4,16 @@
 //! calls) against its composite twin; then a whole small model: loss and every adapter gradient. Inputs are
 //! drawn once in f32 and rounded to bf16 for both sides, so the differences are the GPU path's rounding
 //! alone. The error of a tensor is ||gpu - cpu|| / ||cpu|| (relative, in the 2-norm).
-use crate::lora::{Lora, LoraConfig};
+use crate::model::lora::{Lora, LoraConfig};
 use crate::model::attention::{self, Rope};
-use crate::model::config::{Family, QwenConfig};
+use crate::model::config::{Family, ModelConfig, RopeScaling};
+use crate::model::tiny::TinySpec;
 use crate::model::fusion::Fusion;
 use crate::model::loss::{self, Targets};
 use crate::model::ops;
-use crate::model::qwen::QwenModel;
+use crate::model::transformer::Model;
 use crate::model::rng::Rng as ModelRng;
-use crate::model::weights::QwenWeights;
+use crate::model::weights::Weights;
 use anyhow::{bail, Result};
 use candle_core::{DType, Device, Tensor};
 
@@ -93,22 +94,25 @@ fn ops_checks(gpu: &Device, checks: &mut Vec<Check>) -> Result<()> {
     let dxg = ops::rmsnorm_backward(&sg, &w.gpu, &dy.gpu, Some(&dr.gpu), true)?;
     push(checks, "rmsnorm backward (+ residual)", &dxg, &dxc, OP_TOL)?;
 
-    // c_attn output -> q, k, v with RoPE, and back.
-    let rope_c = Rope::new(t, d, 10000.0, DType::F32, &Device::Cpu)?;
-    let rope_g = Rope::new(t, d, 10000.0, DType::BF16, gpu)?;
-    let base = pair(&mut rng, &[n, 3 * c], 0.0, 1.0, gpu)?;
-    let bias = pair(&mut rng, &[3 * c], 0.0, 0.5, gpu)?;
-    let u = pair(&mut rng, &[n, 8], 0.0, 1.0, gpu)?;
-    let lb = pair(&mut rng, &[3 * c, 8], 0.0, 0.1, gpu)?;
-    let (qc, kc, vc) = attention::qkv_forward(&base.cpu, &bias.cpu, Some((&u.cpu, &lb.cpu)), &rope_c, b, t, h, d, false)?;
-    let (qg, kg, vg) = attention::qkv_forward(&base.gpu, &bias.gpu, Some((&u.gpu, &lb.gpu)), &rope_g, b, t, h, d, true)?;
-    push(checks, "qkv split + rope: q", &qg, &qc, OP_TOL)?;
-    push(checks, "qkv split + rope: k", &kg, &kc, OP_TOL)?;
-    push(checks, "qkv split + rope: v", &vg, &vc, OP_TOL)?;
-    let g = (0..3).map(|_| pair(&mut rng, &[b, h, t, d], 0.0, 1.0, gpu)).collect::<Result<Vec<_>>>()?;
-    let dqkv_c = attention::qkv_backward(&g[0].cpu, &g[1].cpu, &g[2].cpu, &rope_c, false)?;
-    let dqkv_g = attention::qkv_backward(&g[0].gpu, &g[1].gpu, &g[2].gpu, &rope_g, true)?;
-    push(checks, "qkv backward (un-rope + merge)", &dqkv_g, &dqkv_c, OP_TOL)?;
+    // The attention input -> q, k, v with RoPE, and back: GQA (2 query heads per kv head) with the LoRA
+    // deltas of separate q, k and v adapters side by side (rank 24), as the Qwen2/Qwen3/Llama models call it.
+    let rope_c = Rope::new(t, d, 10000.0, &RopeScaling::None, DType::F32, &Device::Cpu)?;
+    let rope_g = Rope::new(t, d, 10000.0, &RopeScaling::None, DType::BF16, gpu)?;
+    let heads = attention::Heads { b, t, h, hkv: h / 2, d };
+    let width = (h + 2 * heads.hkv) * d;
+    let base = pair(&mut rng, &[n, width], 0.0, 1.0, gpu)?;
+    let bias = pair(&mut rng, &[width], 0.0, 0.5, gpu)?;
+    let u = pair(&mut rng, &[n, 24], 0.0, 1.0, gpu)?;
+    let lb = pair(&mut rng, &[width, 24], 0.0, 0.1, gpu)?;
+    let (qc, kc, vc, sc) = attention::qkv_forward(&base.cpu, Some(&bias.cpu), Some((&u.cpu, &lb.cpu)), None, &rope_c, heads, false, false)?;
+    let (qg, kg, vg, sg) = attention::qkv_forward(&base.gpu, Some(&bias.gpu), Some((&u.gpu, &lb.gpu)), None, &rope_g, heads, true, true)?;
+    push(checks, "qkv split + rope (GQA): q", &qg, &qc, OP_TOL)?;
+    push(checks, "qkv split + rope (GQA): k", &kg, &kc, OP_TOL)?;
+    push(checks, "qkv split + rope (GQA): v", &vg, &vc, OP_TOL)?;
+    let g = (0..3).map(|i| pair(&mut rng, &[b, if i == 0 { h } else { heads.hkv }, t, d], 0.0, 1.0, gpu)).collect::<Result<Vec<_>>>()?;
+    let dqkv_c = attention::qkv_backward(&sc, &g[0].cpu, &g[1].cpu, &g[2].cpu, &rope_c, false, false)?;
+    let dqkv_g = attention::qkv_backward(&sg, &g[0].gpu, &g[1].gpu, &g[2].gpu, &rope_g, true, true)?;
+    push(checks, "qkv backward (GQA; un-rope + merge)", &dqkv_g, &dqkv_c, OP_TOL)?;
     let mc = attention::merge_heads(&g[0].cpu, &rope_c, false)?;
     let mg = attention::merge_heads(&g[0].gpu, &rope_g, true)?;
     push(checks, "merge heads", &mg, &mc, OP_TOL)?;
@@ -121,8 +125,8 @@ fn ops_checks(gpu: &Device, checks: &mut Vec<Check>) -> Result<()> {
     let k = pair(&mut rng, &[b, h, t, d], 0.0, 2.0, gpu)?;
     let v = pair(&mut rng, &[b, h, t, d], 0.0, 1.0, gpu)?;
     let mask = attention::causal_mask(t, DType::F32, &Device::Cpu)?;
-    let (yc, sc) = attention::attention_forward(&q.cpu, &k.cpu, &v.cpu, Some(&mask), false, false)?;
-    let (yg, sg) = attention::attention_forward(&q.gpu, &k.gpu, &v.gpu, None, true, false)?;
+    let (yc, sc) = attention::attention_forward(&q.cpu, &k.cpu, &v.cpu, 1, Some(&mask), false, false)?;
+    let (yg, sg) = attention::attention_forward(&q.gpu, &k.gpu, &v.gpu, 1, None, true, false)?;
     push(checks, "attention forward", &yg, &yc, OP_TOL)?;
     let dy = pair(&mut rng, &[b, h, t, d], 0.0, 1.0, gpu)?;
     let (dqc, dkc, dvc) = attention::attention_backward(&sc, &dy.cpu, false)?;
@@ -139,8 +143,8 @@ fn ops_checks(gpu: &Device, checks: &mut Vec<Check>) -> Result<()> {
         let k = pair(&mut rng, &[b, h, t, d], 0.0, 1.5, gpu)?;
         let v = pair(&mut rng, &[b, h, t, d], 0.0, 1.0, gpu)?;
         let mask = attention::causal_mask(t, DType::F32, &Device::Cpu)?;
-        let (yc, sc) = attention::attention_forward(&q.cpu, &k.cpu, &v.cpu, Some(&mask), false, false)?;
-        let (yg, sg) = attention::attention_forward(&q.gpu, &k.gpu, &v.gpu, None, true, true)?;
+        let (yc, sc) = attention::attention_forward(&q.cpu, &k.cpu, &v.cpu, 1, Some(&mask), false, false)?;
+        let (yg, sg) = attention::attention_forward(&q.gpu, &k.gpu, &v.gpu, 1, None, true, true)?;
         push(checks, "flash attention forward (d 128, T 200)", &yg, &yc, OP_TOL)?;
         let dy = pair(&mut rng, &[b, h, t, d], 0.0, 1.0, gpu)?;
         let (dqc, dkc, dvc) = attention::attention_backward(&sc, &dy.cpu, false)?;
@@ -216,33 +220,29 @@ fn ops_checks(gpu: &Device, checks: &mut Vec<Check>) -> Result<()> {
     Ok(())
 }
 
-/// A 4-layer model, CPU f32 vs GPU bf16 with every fused kernel (flash attention included): loss and adapter
-/// gradients, dropout on.
+/// A 4-layer model of every family, CPU f32 vs GPU bf16 with every fused kernel (flash attention included:
+/// head dim 128): loss and adapter gradients, dropout on, every linear adapted.
 fn model_checks(gpu: &Device, checks: &mut Vec<Check>) -> Result<()> {
-    let config = QwenConfig {
-        family: Family::QwenV1,
-        hidden_size: 256,
-        num_layers: 4,
-        // head dim 128: the whole step goes through flash attention too.
-        num_heads: 2,
-        head_dim: 128,
-        intermediate_size: 1024,
-        vocab_size: 151_936,
-        eps: 1e-6,
-        rope_base: 10000.0,
-        seq_length: 256,
-        tie_word_embeddings: false,
-    };
-    let weights = QwenWeights::random(&config, 0.05, DType::F32, &Device::Cpu)?;
+    for family in Family::ALL {
+        let spec = TinySpec { num_layers: 4, hidden_size: 256, num_heads: 2, head_dim: Some(128), intermediate_size: 1024, seq_length: 256, ..TinySpec::of_family(family) };
+        let spec = if family == Family::QwenV1 { spec } else { TinySpec { num_heads: 4, num_kv_heads: 2, ..spec } };
+        model_check(gpu, checks, spec.config())?;
+    }
+    Ok(())
+}
+
+fn model_check(gpu: &Device, checks: &mut Vec<Check>, config: ModelConfig) -> Result<()> {
+    let fam = config.family.model_type();
+    let weights = Weights::random(&config, 0.05, DType::F32, &Device::Cpu)?;
     // The GPU model holds the bf16 weights; the CPU model the same values back in f32.
     let weights_gpu = weights.to(DType::BF16, gpu)?;
     let weights_cpu = weights_gpu.to(DType::F32, &Device::Cpu)?;
-    let mut cpu_model = QwenModel::new(config.clone(), weights_cpu, DType::F32, &Device::Cpu);
-    let mut gpu_model = QwenModel::new(config.clone(), weights_gpu, DType::BF16, gpu);
+    let mut cpu_model = Model::new(config.clone(), weights_cpu, DType::F32, &Device::Cpu);
+    let mut gpu_model = Model::new(config.clone(), weights_gpu, DType::BF16, gpu);
     (cpu_model.loss_chunk, cpu_model.fusion) = (64, Fusion::NONE);
     (gpu_model.loss_chunk, gpu_model.fusion) = (64, Fusion::ALL);
 
-    let lora_cfg = LoraConfig { r: 8, alpha: 32.0, dropout: 0.1, targets: vec!["c_attn".into(), "c_proj".into()], base_model_name_or_path: "numerics".into() };
+    let lora_cfg = LoraConfig { r: 8, alpha: 32.0, dropout: 0.1, targets: vec!["all-linear".into()], base_model_name_or_path: "numerics".into() };
     let mut lora_cpu = Lora::new(lora_cfg, &config, 3, &Device::Cpu)?;
     // B starts at zero in a fresh adapter, which would make every dA zero: give it values.
     let mut rng = ModelRng::new(5);
@@ -262,7 +262,7 @@ fn model_checks(gpu: &Device, checks: &mut Vec<Check>) -> Result<()> {
     let ids = Tensor::from_vec(ids, (b, t), &Device::Cpu)?;
     let labels = Tensor::from_vec(labels, (b, t), &Device::Cpu)?;
     for recompute in [false, true] {
-        let tag = if recompute { " (recompute)" } else { "" };
+        let tag = if recompute { format!(" ({fam}, recompute)") } else { format!(" ({fam})") };
         let oc = cpu_model.loss_and_grads(&ids, &labels, &lora_cpu, &mut ModelRng::new(9), recompute)?;
         let og = gpu_model.loss_and_grads(&ids, &labels, &lora_gpu, &mut ModelRng::new(9), recompute)?;
         let loss_err = (og.loss_sum - oc.loss_sum).abs() / oc.loss_sum.abs();
@@ -287,7 +287,7 @@ fn model_checks(gpu: &Device, checks: &mut Vec<Check>) -> Result<()> {
     }
     let norms = (crate::train::optim::global_norm(&a.grads.tensors())?, crate::train::optim::global_norm(&b.grads.tensors())?);
     differ += (norms.0 != norms.1) as usize;
-    let name = "the same GPU step twice: values differing (loss, gradients, gradient norm)";
+    let name = format!("the same GPU step twice ({fam}): values differing (loss, gradients, gradient norm)");
     checks.push(Check { name: name.into(), rel_err: differ as f64, tolerance: 0.0, ok: differ == 0 });
     Ok(())
 }

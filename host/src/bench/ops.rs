@@ -3,7 +3,7 @@
 //! and the optimizer step are timed alone on the device; times the number of calls per step, their sum
 //! predicts the step that `bench train` measures.
 use super::train::{shape, Options};
-use crate::lora::{Lora, LoraConfig, LoraGrads};
+use crate::model::lora::{Lora, LoraConfig, LoraGrads};
 use crate::model::attention::{self, Rope};
 use crate::model::loss::{self, Targets};
 use crate::model::ops::{self, Dropout};
@@ -53,7 +53,7 @@ pub fn run(o: &Options) -> Result<OpsReport> {
     let f = o.fusion;
     let (b, t) = (o.micro_batch, o.seq);
     let (n, c, h, d) = (b * t, cfg.hidden_size, cfg.num_heads, cfg.head_dim);
-    let ff = cfg.intermediate_size / 2;
+    let (ff, qkv) = (cfg.mlp_width, cfg.qkv_width());
     let layers = cfg.num_layers;
     let fwd = if o.recompute { 2 * layers } else { layers };
     let rnd = |shape: &[usize], std: f64| -> Result<Tensor> { Ok(Tensor::randn(0f32, std as f32, shape, dev)?.to_dtype(dt)?) };
@@ -65,7 +65,7 @@ pub fn run(o: &Options) -> Result<OpsReport> {
 
     // Frozen linears, forward x W^T and backward dy W.
     for (name, fan_in, fan_out, count) in
-        [("c_attn", c, 3 * c, 1), ("attn.c_proj", c, c, 1), ("w1 / w2", c, ff, 2), ("mlp.c_proj", ff, c, 1)]
+        [("q|k|v", c, qkv, 1), ("o", cfg.q_width(), c, 1), ("up / gate", c, ff, 2), ("down", ff, c, 1)]
     {
         let w = rnd(&[fan_out, fan_in], 0.02)?;
         let x = rnd(&[n, fan_in], 1.0)?;
@@ -74,8 +74,8 @@ pub fn run(o: &Options) -> Result<OpsReport> {
         add(&format!("linear {name} backward"), time(dev, reps, || Ok(drop(ops::linear_backward(&dy, &w)?)))?, count * layers);
     }
 
-    // LoRA (r 8, dropout 0.1) on the three adapted sites, and adding its delta to the base output.
-    for (name, fan_in, fan_out) in [("c_attn", c, 3 * c), ("attn.c_proj", c, c), ("mlp.c_proj", ff, c)] {
+    // LoRA (r 8, dropout 0.1) on the recipe's adapted sites, and adding its delta to the base output.
+    for (name, fan_in, fan_out) in [("q|k|v", c, qkv), ("o", cfg.q_width(), c), ("down", ff, c)] {
         let a = Tensor::randn(0f32, 0.01, (8, fan_in), dev)?;
         let bm = Tensor::randn(0f32, 0.01, (fan_out, 8), dev)?;
         let x = rnd(&[n, fan_in], 1.0)?;
@@ -117,27 +117,30 @@ pub fn run(o: &Options) -> Result<OpsReport> {
     add("residual add", time(dev, reps, || Ok(drop((&x + &dy)?)))?, 2 * fwd);
 
     // Attention: layout + RoPE, the attention itself, heads merged.
-    let rope = Rope::new(t, d, cfg.rope_base, dt, dev)?;
-    let qkv = rnd(&[n, 3 * c], 1.0)?;
-    let bias = rnd(&[3 * c], 0.1)?;
-    let u = rnd(&[n, 8], 0.1)?;
-    let lb = rnd(&[3 * c, 8], 0.01)?;
+    let rope = Rope::new(t, d, cfg.rope_base, &cfg.rope_scaling, dt, dev)?;
+    let heads = attention::Heads { b, t, h, hkv: cfg.num_kv_heads, d };
+    let qkv_in = rnd(&[n, qkv], 1.0)?;
+    let bias = rnd(&[qkv], 0.1)?;
+    let rank = if cfg.family == crate::model::Family::QwenV1 { 8 } else { 24 }; // q, k and v adapters side by side
+    let u = rnd(&[n, rank], 0.1)?;
+    let lb = rnd(&[qkv, rank], 0.01)?;
     let lora = Some((&u, &lb));
-    add("qkv split + rope (+ lora delta)", time(dev, reps, || Ok(drop(attention::qkv_forward(&qkv, &bias, lora, &rope, b, t, h, d, f.rope)?)))?, fwd);
-    let (q, k, v) = attention::qkv_forward(&qkv, &bias, lora, &rope, b, t, h, d, f.rope)?;
-    add("qkv backward", time(dev, reps, || Ok(drop(attention::qkv_backward(&q, &k, &v, &rope, f.rope)?)))?, layers);
+    let qkv_fwd = || attention::qkv_forward(&qkv_in, Some(&bias), lora, None, &rope, heads, f.rope, f.norm);
+    add("qkv split + rope (+ lora delta)", time(dev, reps, || Ok(drop(qkv_fwd()?)))?, fwd);
+    let (q, k, v, qkv_saved) = qkv_fwd()?;
+    add("qkv backward", time(dev, reps, || Ok(drop(attention::qkv_backward(&qkv_saved, &q, &k, &v, &rope, f.rope, f.norm)?)))?, layers);
     let mask = match crate::model::fusion::on(f.attention, &q) {
         true => None,
         false => Some(attention::causal_mask(t, dt, dev)?),
     };
     // As the model decides: flash attention for long sequences without recomputation.
     let flash = f.flash && t >= attention::FLASH_MIN_SEQ && !o.recompute;
-    let attn_fwd = || attention::attention_forward(&q, &k, &v, mask.as_ref(), f.attention, flash);
+    let attn_fwd = || attention::attention_forward(&q, &k, &v, cfg.kv_groups(), mask.as_ref(), f.attention, flash);
     add("attention forward", time(dev, reps, || Ok(drop(attn_fwd()?)))?, fwd);
     let (y, saved) = attn_fwd()?;
     add("attention backward", time(dev, reps, || Ok(drop(attention::attention_backward(&saved, &y, f.attention)?)))?, layers);
     add("merge heads", time(dev, reps, || Ok(drop(attention::merge_heads(&y, &rope, f.rope)?)))?, fwd);
-    let dm = rnd(&[n, c], 1.0)?;
+    let dm = rnd(&[n, cfg.q_width()], 1.0)?;
     add("merge heads backward", time(dev, reps, || Ok(drop(attention::merge_heads_backward(&dm, b, t, h, d, f.rope)?)))?, layers);
 
     // SwiGLU.
@@ -156,7 +159,7 @@ pub fn run(o: &Options) -> Result<OpsReport> {
     add("lm_head + loss, forward and backward", time(dev, 3, || Ok(drop(loss::cross_entropy(&hf, &lm, &targets, chunk, true, f.loss)?)))?, 1);
 
     // The optimizer step over every adapter: normalise, clip, AdamW.
-    let lora_cfg = LoraConfig { r: 8, alpha: 32.0, dropout: 0.1, targets: vec!["c_attn".into(), "c_proj".into()], base_model_name_or_path: o.shape.clone() };
+    let lora_cfg = LoraConfig { r: 8, alpha: 32.0, dropout: 0.1, targets: super::train::recipe_targets(cfg.family), base_model_name_or_path: o.shape.clone() };
     let mut lora = Lora::new(lora_cfg, &cfg, 1, dev)?;
     let mut opt = AdamW::new(AdamWConfig::default(), lora.param_names(), &lora.params())?;
     opt.fused = f.optimizer;

@@ -2,15 +2,15 @@
 //! device (no checkpoint), through the real trainer code (the model's forward/backward, LoRA r8 on c_attn +
 //! c_proj, AdamW), printing step time, tokens/s and peak GPU memory as JSON. The GPU numbers of BENCHMARKS.md come from here.
 use crate::data;
-use crate::lora::{Lora, LoraConfig};
+use crate::model::lora::{Lora, LoraConfig};
 use crate::manifest::Manifest;
 use crate::model::fusion::Fusion;
 use crate::train::batches::{HostBatch, Schedule};
 use crate::train::optim;
-use crate::model::config::{Family, QwenConfig};
-use crate::model::qwen::QwenModel;
+use crate::model::config::{Family, ModelConfig};
+use crate::model::transformer::Model;
 use crate::model::rng::Rng as ModelRng;
-use crate::model::weights::QwenWeights;
+use crate::model::weights::Weights;
 use crate::train::optim::{AdamW, AdamWConfig};
 use anyhow::bail;
 use candle_core::{DType, Device};
@@ -41,27 +41,52 @@ pub struct TrainBench {
     pub losses: Vec<f64>,
 }
 
-/// The model shapes benchmarks can name.
-pub fn shape(name: &str) -> anyhow::Result<QwenConfig> {
-    let (hidden, layers, heads, intermediate, vocab, seq) = match name {
-        "qwen-14b" => (5120, 40, 40, 27392, 152064, 2048),
-        "qwen-7b" => (4096, 32, 32, 22016, 151936, 2048),
-        "qwen-1.8b" => (2048, 24, 16, 11008, 151936, 2048),
-        "tiny" => (64, 2, 4, 256, 151936, 2048),
-        other => bail!("unknown shape `{other}`: qwen-14b, qwen-7b, qwen-1.8b or tiny"),
+/// The model shapes benchmarks can name: the published configs' numbers, one family each.
+pub const SHAPES: &str = "qwen-14b, qwen-7b, qwen-1.8b, qwen2.5-14b, qwen2.5-7b, qwen2.5-0.5b, qwen3-14b, qwen3-8b, llama-3-8b, tiny";
+
+/// The 2023 recipe's adapted matrices in each family's names: Qwen v1's c_attn + both c_proj, which are
+/// q, k, v, o and down elsewhere (what the Python baselines adapt too).
+pub fn recipe_targets(family: Family) -> Vec<String> {
+    let names: &[&str] = match family {
+        Family::QwenV1 => &["c_attn", "c_proj"],
+        _ => &["q_proj", "k_proj", "v_proj", "o_proj", "down_proj"],
     };
-    Ok(QwenConfig {
-        family: Family::QwenV1,
+    names.iter().map(|s| s.to_string()).collect()
+}
+
+/// The configuration of a named shape.
+pub fn shape(name: &str) -> anyhow::Result<ModelConfig> {
+    use crate::model::config::RopeScaling;
+    // (family, hidden, layers, heads, kv heads, head dim, mlp width, vocab, rope base, tied)
+    let (family, hidden, layers, heads, kv, head_dim, mlp, vocab, rope_base, tied) = match name {
+        "qwen-14b" => (Family::QwenV1, 5120, 40, 40, 40, 128, 13696, 152064, 10000.0, false),
+        "qwen-7b" => (Family::QwenV1, 4096, 32, 32, 32, 128, 11008, 151936, 10000.0, false),
+        "qwen-1.8b" => (Family::QwenV1, 2048, 24, 16, 16, 128, 5504, 151936, 10000.0, false),
+        "qwen2.5-14b" => (Family::Qwen2, 5120, 48, 40, 8, 128, 13824, 152064, 1e6, false),
+        "qwen2.5-7b" => (Family::Qwen2, 3584, 28, 28, 4, 128, 18944, 152064, 1e6, false),
+        "qwen2.5-0.5b" => (Family::Qwen2, 896, 24, 14, 2, 64, 4864, 151936, 1e6, true),
+        "qwen3-14b" => (Family::Qwen3, 5120, 40, 40, 8, 128, 17408, 151936, 1e6, false),
+        "qwen3-8b" => (Family::Qwen3, 4096, 36, 32, 8, 128, 12288, 151936, 1e6, false),
+        "llama-3-8b" => (Family::Llama, 4096, 32, 32, 8, 128, 14336, 128256, 500000.0, false),
+        "tiny" => (Family::QwenV1, 64, 2, 4, 4, 16, 128, 151936, 10000.0, false),
+        other => bail!("unknown shape `{other}`: {SHAPES}"),
+    };
+    Ok(ModelConfig {
+        family,
         hidden_size: hidden,
         num_layers: layers,
         num_heads: heads,
-        head_dim: hidden / heads,
-        intermediate_size: intermediate,
+        num_kv_heads: kv,
+        head_dim,
+        mlp_width: mlp,
         vocab_size: vocab,
         eps: 1e-6,
-        rope_base: 10000.0,
-        seq_length: seq,
-        tie_word_embeddings: false,
+        rope_base,
+        rope_scaling: RopeScaling::None,
+        seq_length: 4096,
+        tie_word_embeddings: tied,
+        qkv_bias: matches!(family, Family::QwenV1 | Family::Qwen2),
+        qk_norm: family == Family::Qwen3,
     })
 }
 
@@ -82,13 +107,13 @@ pub struct Options {
 }
 
 /// Random weights at the named shape on the device, in the bench's model.
-pub fn model(o: &Options) -> anyhow::Result<QwenModel> {
+pub fn model(o: &Options) -> anyhow::Result<Model> {
     let config = shape(&o.shape)?;
     if o.seq > config.seq_length {
         bail!("--seq {} is longer than the shape's {}", o.seq, config.seq_length);
     }
-    let weights = QwenWeights::random(&config, 0.02, o.dtype, &o.device)?;
-    let mut model = QwenModel::new(config, weights, o.dtype, &o.device);
+    let weights = Weights::random(&config, 0.02, o.dtype, &o.device)?;
+    let mut model = Model::new(config, weights, o.dtype, &o.device);
     // On the GPU bigger loss chunks mean fewer, fuller launches; 1024 x 152k bf16 logits are 311 MB.
     model.loss_chunk = if o.device.is_cuda() { 1024 } else { 512 };
     model.fusion = o.fusion;
@@ -116,13 +141,13 @@ pub fn run_levers(o: &Options) -> anyhow::Result<Vec<TrainBench>> {
     Ok(rows)
 }
 
-fn run_on(model: &QwenModel, o: &Options) -> anyhow::Result<TrainBench> {
+fn run_on(model: &Model, o: &Options) -> anyhow::Result<TrainBench> {
     let config = model.config.clone();
     let lora_cfg = LoraConfig {
         r: 8,
         alpha: 32.0,
         dropout: 0.1,
-        targets: vec!["c_attn".into(), "c_proj".into()],
+        targets: recipe_targets(config.family),
         base_model_name_or_path: o.shape.clone(),
     };
     let mut lora = Lora::new(lora_cfg, &config, 42, &o.device)?;

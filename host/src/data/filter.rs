@@ -14,10 +14,34 @@ pub struct FilterStats {
     pub kept: usize,
     pub rewritten: usize,
     pub dropped: BTreeMap<String, usize>,
+    /// Per drop reason, the first few dropped records (`check --show-drops N`): id, then each turn's first line.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub examples: BTreeMap<String, Vec<String>>,
 }
 
-/// Runs `records` through `filter`, returning the survivors (rewritten ones replaced).
-pub fn apply(filter: &mut dyn RecordFilter, key: &str, records: Vec<Example>) -> anyhow::Result<(Vec<Example>, FilterStats)> {
+/// Characters of a turn's first line shown for a dropped record.
+const SHOWN_CHARS: usize = 100;
+
+/// A dropped record as `check --show-drops` prints it: its id, then `role: first line` per turn (cut short).
+pub fn drop_example(e: &Example) -> String {
+    let mut out = e.id.clone();
+    for t in &e.turns {
+        let line = t.content.lines().find(|l| !l.trim().is_empty()).unwrap_or("").trim();
+        let cut: String = line.chars().take(SHOWN_CHARS).collect();
+        let more = if cut.len() < line.len() || t.content.trim().lines().nth(1).is_some() { " …" } else { "" };
+        out.push_str(&format!("\n{}: {cut}{more}", t.role));
+    }
+    out
+}
+
+/// Runs `records` through `filter`, returning the survivors (rewritten ones replaced); the first `show`
+/// dropped records of each reason are kept in the stats as examples.
+pub fn apply(
+    filter: &mut dyn RecordFilter,
+    key: &str,
+    records: Vec<Example>,
+    show: usize,
+) -> anyhow::Result<(Vec<Example>, FilterStats)> {
     let mut stats = FilterStats { plugin: filter.name().to_string(), key: key.to_string(), ..Default::default() };
     let mut out = Vec::with_capacity(records.len());
     let ranges = super::read::byte_batches(records.iter().map(super::read::record_bytes), FILTER_BATCH);
@@ -37,7 +61,15 @@ pub fn apply(filter: &mut dyn RecordFilter, key: &str, records: Vec<Example>) ->
                     stats.rewritten += 1;
                     out.push(new);
                 }
-                Verdict::Drop(reason) => *stats.dropped.entry(reason).or_default() += 1,
+                Verdict::Drop(reason) => {
+                    if show > 0 {
+                        let shown = stats.examples.entry(reason.clone()).or_default();
+                        if shown.len() < show {
+                            shown.push(drop_example(&example));
+                        }
+                    }
+                    *stats.dropped.entry(reason).or_default() += 1;
+                }
             }
         }
     }

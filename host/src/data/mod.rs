@@ -49,6 +49,9 @@ pub struct Plan<'m> {
     pub resolved: Vec<(String, Resolved)>,
     pub tokenizer: Box<dyn Tokenizer>,
     pub lock: Lock,
+    /// Dropped records to keep per filter and reason, for `check --show-drops` (0: none). When set, the
+    /// pipeline runs without the token cache, whose reports hold no examples.
+    pub show_drops: usize,
 }
 
 impl<'m> Plan<'m> {
@@ -64,7 +67,7 @@ impl<'m> Plan<'m> {
             resolved.push((key.clone(), set.resolve(kind, &key, use_)?));
         }
         let lock = lock::input_lock(m, &resolved, tokenizer.as_ref())?;
-        let plan = Plan { manifest: m, set, resolved, tokenizer, lock };
+        let plan = Plan { manifest: m, set, resolved, tokenizer, lock, show_drops: 0 };
         plan.check_eos()?;
         Ok(plan)
     }
@@ -123,7 +126,7 @@ pub fn prepare(m: &Manifest) -> anyhow::Result<Prepared> {
 pub fn prepare_plan(plan: &Plan) -> anyhow::Result<Prepared> {
     let m = plan.manifest;
     let key = plan.lock.key();
-    let cache_dir = m.cache_dir();
+    let cache_dir = if plan.show_drops > 0 { None } else { m.cache_dir() };
     if let Some(dir) = &cache_dir {
         if let Some((stream, mut report)) = cache::load(dir, &key)? {
             report.plugins = plan.origins();
@@ -171,7 +174,7 @@ pub fn run_pipeline(plan: &Plan) -> anyhow::Result<(TokenStream, Report)> {
             for j in 0..d.filters.len() {
                 let fkey = format!("dataset[{i}].filters[{j}]");
                 let mut f = plan.set.filter(plan.get(&fkey))?;
-                let (kept, stats) = filter::apply(f.as_mut(), &fkey, records)?;
+                let (kept, stats) = filter::apply(f.as_mut(), &fkey, records, plan.show_drops)?;
                 records = kept;
                 rep.filters.push(stats);
             }
@@ -187,7 +190,7 @@ pub fn run_pipeline(plan: &Plan) -> anyhow::Result<(TokenStream, Report)> {
         let mut f = plan.set.filter(plan.get(&fkey))?;
         let sizes: Vec<usize> = pools.iter().map(Vec::len).collect();
         let all: Vec<Example> = pools.drain(..).flatten().collect();
-        let (kept, stats) = filter::apply(f.as_mut(), &fkey, all)?;
+        let (kept, stats) = filter::apply(f.as_mut(), &fkey, all, plan.show_drops)?;
         global_stats.push(stats);
         // Re-split by dataset (records keep their dataset name; order is preserved).
         let names: Vec<&str> = m.datasets.iter().map(|d| d.name.as_str()).collect();

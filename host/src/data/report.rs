@@ -146,6 +146,13 @@ fn write_filter(f: &mut fmt::Formatter<'_>, s: &FilterStats, indent: &str) -> fm
     writeln!(f)?;
     for (reason, n) in &s.dropped {
         writeln!(f, "{indent}  dropped {n:>8}: {reason}")?;
+        for example in s.examples.get(reason).into_iter().flatten() {
+            let mut lines = example.lines();
+            writeln!(f, "{indent}      e.g. {}", lines.next().unwrap_or(""))?;
+            for line in lines {
+                writeln!(f, "{indent}        {line}")?;
+            }
+        }
     }
     Ok(())
 }

@@ -1,52 +1,125 @@
 //! Causal self-attention pieces, forward and backward side by side: head split/merge (layout only),
 //! rotary position embeddings (RoPE), and scaled dot-product attention with a causal mask.
 //! Layout inside attention is [B, H, T, D] (batch, head, time, head dim), contiguous.
-use super::ops::acc_dtype;
+use super::config::RopeScaling;
+use super::ops::{acc_dtype, rmsnorm_backward, rmsnorm_forward, RmsNormSaved};
 use candle_core::{DType, Device, Result, Tensor, D};
 
 // ---------------------------------------------------------------------------------------------------------
-// Head split / merge. c_attn's output [N, 3C] holds q | k | v along features, each C = H * D wide with
-// head h at features h*D .. (h+1)*D. The backward of a split is a concatenation and vice versa.
+// Head split / merge. The fused attention-input output [N, (H + 2 Hkv) D] holds q | k | v along features
+// (H query heads, Hkv key/value heads; Hkv = H without GQA), head h of each part at h*D .. (h+1)*D. The
+// backward of a split is a concatenation and vice versa.
 
-/// [N, 3C] -> q, k, v, each [B, H, T, D] contiguous.
-pub fn split_qkv(qkv: &Tensor, b: usize, t: usize, h: usize, d: usize) -> Result<(Tensor, Tensor, Tensor)> {
-    let c = h * d;
-    let part = |i: usize| qkv.narrow(1, i * c, c)?.reshape((b, t, h, d))?.transpose(1, 2)?.contiguous();
-    Ok((part(0)?, part(1)?, part(2)?))
+/// The head layout of one attention call.
+#[derive(Clone, Copy, Debug)]
+pub struct Heads {
+    pub b: usize,
+    pub t: usize,
+    /// Query heads.
+    pub h: usize,
+    /// Key/value heads (h / hkv query heads share each).
+    pub hkv: usize,
+    pub d: usize,
 }
 
-/// c_attn's output, as its parts (base = x W^T; bias; the LoRA delta u B^T from `lora` = (u [N, r],
-/// B [3C, r])), to rotated q, k and v [B, H, T, D]. The fused kernel adds the parts, splits the heads and
-/// applies RoPE in one pass.
+/// [N, (H + 2 Hkv) D] -> q [B, H, T, D], k and v [B, Hkv, T, D], contiguous.
+pub fn split_qkv(qkv: &Tensor, s: Heads) -> Result<(Tensor, Tensor, Tensor)> {
+    let (q_w, kv_w) = (s.h * s.d, s.hkv * s.d);
+    let part = |off: usize, heads: usize| qkv.narrow(1, off, heads * s.d)?.reshape((s.b, s.t, heads, s.d))?.transpose(1, 2)?.contiguous();
+    Ok((part(0, s.h)?, part(q_w, s.hkv)?, part(q_w + kv_w, s.hkv)?))
+}
+
+/// Per-head RMSNorm on q and k before RoPE (Qwen3): weights [D] and epsilon.
+pub struct QkNorm<'a> {
+    pub q: &'a Tensor,
+    pub k: &'a Tensor,
+    pub eps: f64,
+}
+
+/// What [`qkv_backward`] needs beyond the incoming gradients: the q/k norms' saved state, if any.
+pub struct QkvSaved {
+    norms: Option<(RmsNormSaved, RmsNormSaved, Tensor, Tensor)>,
+}
+
+/// The attention input's parts (base = x W^T; bias; the LoRA delta u B^T from `lora` = (u [N, r'],
+/// B [(H + 2 Hkv) D, r'])) to rotated q, k and v. Without q/k norms the fused kernel adds the parts, splits
+/// the heads and applies RoPE in one pass; with them (Qwen3) the norm sits between the split and RoPE.
 #[allow(clippy::too_many_arguments)]
-pub fn qkv_forward(base: &Tensor, bias: &Tensor, lora: Option<(&Tensor, &Tensor)>, rope: &Rope, b: usize, t: usize, h: usize, d: usize, fused: bool) -> Result<(Tensor, Tensor, Tensor)> {
+pub fn qkv_forward(base: &Tensor, bias: Option<&Tensor>, lora: Option<(&Tensor, &Tensor)>, norm: Option<QkNorm>, rope: &Rope, s: Heads, fused: bool, fused_norm: bool) -> Result<(Tensor, Tensor, Tensor, QkvSaved)> {
     let lora = match lora {
         Some((u, lb)) => Some((u, lb.to_dtype(base.dtype())?)),
         None => None,
     };
     #[cfg(feature = "cuda")]
-    if super::fusion::on(fused, base) {
+    if norm.is_none() && super::fusion::on(fused, base) {
         let lora = lora.as_ref().map(|(u, lb)| (*u, lb));
-        return super::cuda::qkv_split_rope(base, Some(bias), lora, &rope.cos, &rope.sin, b, t, h, d);
+        let (q, k, v) = super::cuda::qkv_split_rope(base, bias, lora, &rope.cos, &rope.sin, s.b, s.t, s.h, s.hkv, s.d)?;
+        return Ok((q, k, v, QkvSaved { norms: None }));
     }
     let _ = fused;
-    let mut qkv = base.broadcast_add(bias)?;
+    let mut qkv = match bias {
+        Some(bias) => base.broadcast_add(bias)?,
+        None => base.clone(),
+    };
     if let Some((u, lb)) = &lora {
         qkv = (qkv + u.matmul(&lb.t()?)?)?;
     }
-    let (q, k, v) = split_qkv(&qkv, b, t, h, d)?;
-    Ok((rope_forward(&q, rope)?, rope_forward(&k, rope)?, v))
+    let (q, k, v) = split_qkv(&qkv, s)?;
+    let (q, k, norms) = match norm {
+        None => (q, k, None),
+        Some(n) => {
+            let per_head = |x: &Tensor, w: &Tensor| -> Result<(Tensor, RmsNormSaved)> {
+                let dims = x.dims4()?;
+                let (y, saved) = rmsnorm_forward(&x.reshape((dims.0 * dims.1 * dims.2, dims.3))?, w, n.eps, fused_norm)?;
+                Ok((y.reshape(dims)?, saved))
+            };
+            let (qn, q_saved) = per_head(&q, n.q)?;
+            let (kn, k_saved) = per_head(&k, n.k)?;
+            (qn, kn, Some((q_saved, k_saved, n.q.clone(), n.k.clone())))
+        }
+    };
+    Ok((rope_forward(&q, rope)?, rope_forward(&k, rope)?, v, QkvSaved { norms }))
 }
 
-/// Backward of [`qkv_forward`]: dq, dk (rotated back) and dv -> d(qkv) [N, 3C].
-pub fn qkv_backward(dq: &Tensor, dk: &Tensor, dv: &Tensor, rope: &Rope, fused: bool) -> Result<Tensor> {
+/// Backward of [`qkv_forward`]: dq, dk (rotated back, through the norms) and dv -> d(qkv) [N, (H + 2 Hkv) D].
+pub fn qkv_backward(saved: &QkvSaved, dq: &Tensor, dk: &Tensor, dv: &Tensor, rope: &Rope, fused: bool, fused_norm: bool) -> Result<Tensor> {
     #[cfg(feature = "cuda")]
-    if super::fusion::on(fused, dq) {
+    if saved.norms.is_none() && super::fusion::on(fused, dq) {
         return super::cuda::qkv_merge_unrope(dq, dk, dv, &rope.cos, &rope.sin);
     }
     let _ = fused;
-    let (dq, dk) = (rope_backward(dq, rope)?, rope_backward(dk, rope)?);
+    let (mut dq, mut dk) = (rope_backward(dq, rope)?, rope_backward(dk, rope)?);
+    if let Some((q_saved, k_saved, wq, wk)) = &saved.norms {
+        let per_head = |dy: &Tensor, s: &RmsNormSaved, w: &Tensor| -> Result<Tensor> {
+            let dims = dy.dims4()?;
+            rmsnorm_backward(s, w, &dy.reshape((dims.0 * dims.1 * dims.2, dims.3))?, None, fused_norm)?.reshape(dims)
+        };
+        dq = per_head(&dq, q_saved, wq)?;
+        dk = per_head(&dk, k_saved, wk)?;
+    }
     Tensor::cat(&[merge_heads(&dq, rope, false)?, merge_heads(&dk, rope, false)?, merge_heads(dv, rope, false)?], 1)
+}
+
+// GQA: each key/value head serves `groups` consecutive query heads (query head h reads kv head
+// h / groups). The attention runs on k and v repeated to every query head; the backward sums each group's
+// gradients back onto its kv head.
+
+/// [B, Hkv, T, D] -> [B, Hkv * groups, T, D].
+pub fn repeat_kv(x: &Tensor, groups: usize) -> Result<Tensor> {
+    if groups == 1 {
+        return Ok(x.clone());
+    }
+    let (b, hkv, t, d) = x.dims4()?;
+    x.unsqueeze(2)?.broadcast_as((b, hkv, groups, t, d))?.contiguous()?.reshape((b, hkv * groups, t, d))
+}
+
+/// Backward of [`repeat_kv`]: [B, H, T, D] -> [B, H / groups, T, D], summing each group.
+pub fn sum_kv_groups(dx: &Tensor, groups: usize) -> Result<Tensor> {
+    if groups == 1 {
+        return Ok(dx.clone());
+    }
+    let (b, h, t, d) = dx.dims4()?;
+    dx.reshape((b, h / groups, groups, t, d))?.sum(2)
 }
 
 /// [B, H, T, D] -> [N, C] contiguous (head-major features, as c_proj expects). `rope` is only the
@@ -92,11 +165,13 @@ impl Rope {
     }
 
     /// Tables for positions 0..seq_len. The angles are computed in f32 exactly as the HF code does
-    /// (`inv_freq = 1 / base ** (arange(0, D, 2) / D)`, `outer(t, inv_freq)`), then cos/sin.
-    pub fn new(seq_len: usize, head_dim: usize, base: f64, model_dtype: DType, device: &Device) -> Result<Rope> {
+    /// (`inv_freq = 1 / base ** (arange(0, D, 2) / D)`, scaled as `rope_scaling` says, `outer(t, inv_freq)`),
+    /// then cos/sin.
+    pub fn new(seq_len: usize, head_dim: usize, base: f64, scaling: &RopeScaling, model_dtype: DType, device: &Device) -> Result<Rope> {
         let half = head_dim / 2;
-        let inv_freq: Vec<f32> =
-            (0..half).map(|i| 1.0f32 / (base as f32).powf((2 * i) as f32 / head_dim as f32)).collect();
+        let inv_freq: Vec<f32> = (0..half)
+            .map(|i| scale_frequency(1.0f32 / (base as f32).powf((2 * i) as f32 / head_dim as f32), scaling))
+            .collect();
         let mut cos = Vec::with_capacity(seq_len * head_dim);
         let mut sin = Vec::with_capacity(seq_len * head_dim);
         for t in 0..seq_len {
@@ -110,6 +185,37 @@ impl Rope {
         let cos = Tensor::from_vec(cos, (seq_len, head_dim), device)?.to_dtype(acc)?;
         let sin = Tensor::from_vec(sin, (seq_len, head_dim), device)?.to_dtype(acc)?;
         Ok(Rope { cos, sin })
+    }
+
+    /// The tables of positions start..start + t (a KV-cached step's new positions).
+    pub fn slice(&self, start: usize, t: usize) -> Result<Rope> {
+        Ok(Rope { cos: self.cos.narrow(0, start, t)?, sin: self.sin.narrow(0, start, t)? })
+    }
+
+    /// Positions the tables cover.
+    pub fn len(&self) -> usize {
+        self.cos.dim(0).unwrap_or(0)
+    }
+}
+
+/// One RoPE frequency after `rope_scaling` (HF's `_compute_linear_scaling_rope_parameters` and
+/// `_compute_llama3_parameters`, in f32 like them).
+fn scale_frequency(inv_freq: f32, scaling: &RopeScaling) -> f32 {
+    match *scaling {
+        RopeScaling::None => inv_freq,
+        RopeScaling::Linear { factor } => inv_freq / factor as f32,
+        RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position_embeddings } => {
+            let (factor, low, high, old) = (factor as f32, low_freq_factor as f32, high_freq_factor as f32, original_max_position_embeddings as f32);
+            let wavelen = 2.0 * std::f32::consts::PI / inv_freq;
+            if wavelen > old / low {
+                inv_freq / factor // long wavelengths: interpolated
+            } else if wavelen < old / high {
+                inv_freq // short wavelengths: kept
+            } else {
+                let smooth = (old / wavelen - low) / (high - low);
+                (1.0 - smooth) * inv_freq / factor + smooth * inv_freq
+            }
+        }
     }
 }
 
@@ -154,8 +260,15 @@ pub fn rope_backward(dy: &Tensor, rope: &Rope) -> Result<Tensor> {
 
 /// [T, T] additive causal mask in the acc dtype.
 pub fn causal_mask(t: usize, model_dtype: DType, device: &Device) -> Result<Tensor> {
-    let m: Vec<f32> = (0..t * t).map(|i| if i % t > i / t { f32::NEG_INFINITY } else { 0.0 }).collect();
-    Tensor::from_vec(m, (t, t), device)?.to_dtype(acc_dtype(model_dtype))
+    causal_mask_after(t, 0, model_dtype, device)
+}
+
+/// [T, past + T] additive causal mask for T new queries after `past` cached positions: query i sees keys
+/// 0 ..= past + i.
+pub fn causal_mask_after(t: usize, past: usize, model_dtype: DType, device: &Device) -> Result<Tensor> {
+    let keys = past + t;
+    let m: Vec<f32> = (0..t * keys).map(|i| if i % keys > past + i / keys { f32::NEG_INFINITY } else { 0.0 }).collect();
+    Tensor::from_vec(m, (t, keys), device)?.to_dtype(acc_dtype(model_dtype))
 }
 
 /// From this length on (and without recomputation) the training step uses flash attention: measured on an
@@ -165,8 +278,10 @@ pub const FLASH_MIN_SEQ: usize = 2048;
 
 pub struct AttnSaved {
     q: Tensor,
+    /// k and v repeated to every query head.
     k: Tensor,
     v: Tensor,
+    groups: usize,
     /// Softmax probabilities [B, H, T, T]: the acc dtype on the composite path, bf16 from the fused kernel
     /// (what the following matmul consumes anyway). None after flash attention.
     p: Option<Tensor>,
@@ -176,14 +291,16 @@ pub struct AttnSaved {
     flash: Option<(Tensor, Tensor)>,
 }
 
-/// `mask` is needed only by the composite path (the fused softmax masks by index). `fused`: scores from
-/// one GEMM and the fused softmax kernels; with `flash` too (and head dim 128), flash attention.
-pub fn attention_forward(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>, fused: bool, flash: bool) -> Result<(Tensor, AttnSaved)> {
+/// q [B, H, T, D]; k, v [B, H / groups, T, D] (GQA when groups > 1). `mask` is needed only by the
+/// composite path (the fused softmax masks by index). `fused`: scores from one GEMM and the fused softmax
+/// kernels; with `flash` too (and head dim 128), flash attention.
+pub fn attention_forward(q: &Tensor, k: &Tensor, v: &Tensor, groups: usize, mask: Option<&Tensor>, fused: bool, flash: bool) -> Result<(Tensor, AttnSaved)> {
+    let (k, v) = (&repeat_kv(k, groups)?, &repeat_kv(v, groups)?);
     let dtype = q.dtype();
     let scale = 1.0 / (q.dim(D::Minus1)? as f64).sqrt();
     #[cfg(feature = "cuda")]
     if super::fusion::on(fused, q) {
-        let saved = |p, flash| AttnSaved { q: q.clone(), k: k.clone(), v: v.clone(), p, flash };
+        let saved = |p, flash| AttnSaved { q: q.clone(), k: k.clone(), v: v.clone(), groups, p, flash };
         if flash && q.dim(D::Minus1)? == super::cuda::FLASH_HEAD_DIM {
             let (y, lse) = super::cuda::flash_forward(q, k, v, scale)?;
             return Ok((y.clone(), saved(None, Some((y, lse)))));
@@ -199,11 +316,17 @@ pub fn attention_forward(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tenso
     let e = s.broadcast_sub(&s_max)?.exp()?;
     let p = e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?;
     let y = p.to_dtype(dtype)?.matmul(v)?;
-    Ok((y, AttnSaved { q: q.clone(), k: k.clone(), v: v.clone(), p: Some(p), flash: None }))
+    Ok((y, AttnSaved { q: q.clone(), k: k.clone(), v: v.clone(), groups, p: Some(p), flash: None }))
 }
 
-/// Returns (dq, dk, dv), each [B, H, T, D].
+/// Returns (dq, dk, dv), dq [B, H, T, D], dk and dv [B, H / groups, T, D].
 pub fn attention_backward(saved: &AttnSaved, dy: &Tensor, fused: bool) -> Result<(Tensor, Tensor, Tensor)> {
+    let (dq, dk, dv) = attention_backward_repeated(saved, dy, fused)?;
+    Ok((dq, sum_kv_groups(&dk, saved.groups)?, sum_kv_groups(&dv, saved.groups)?))
+}
+
+/// The backward with k and v at every query head.
+fn attention_backward_repeated(saved: &AttnSaved, dy: &Tensor, fused: bool) -> Result<(Tensor, Tensor, Tensor)> {
     let dtype = dy.dtype();
     let scale = 1.0 / (saved.q.dim(D::Minus1)? as f64).sqrt();
     #[cfg(feature = "cuda")]

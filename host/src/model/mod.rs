@@ -1,12 +1,15 @@
-//! The model: Qwen v1 (Qwen-7B/14B/72B, HF class `QWenLMHeadModel`) with an explicit backward.
+//! The model: decoder-only transformers of four families (Qwen v1, Qwen2/2.5, Qwen3, Llama) with an explicit
+//! backward, and the LoRA adapters trained on them.
 //!
 //! Read in this order:
-//! - [`config`]: the architecture description (one place; a Qwen2 family can join later) read from `config.json`.
+//! - [`config`]: the architecture description read from `config.json`: what differs between families is
+//!   data there (tensor names, GQA, biases, q/k norms, rope scaling), not code paths.
 //! - [`weights`]: frozen weights from safetensors (one file or shards via `model.safetensors.index.json`).
 //! - [`ops`], [`attention`], [`loss`]: every op as a forward and a backward written next to each other
 //!   (llm.c style). No candle autograd anywhere: frozen weights are plain tensors and their gradients are
 //!   never computed; only the input gradient flows down and LoRA parameters get gradients.
-//! - [`qwen`]: the model: inference forward, `generate`, and the training step `loss_and_grads`.
+//! - [`lora`]: adapters with PEFT semantics (init, PEFT files, merge).
+//! - [`transformer`]: the model: inference forward, `generate`, and the training step `loss_and_grads`.
 //! - [`tiny`]: deterministic tiny checkpoints with random weights, for tests and CPU quickstarts.
 //!
 //! Dtypes: the frozen model runs in one dtype (f32 or f64 on CPU, bf16 on GPU; candle's CPU matmul has no
@@ -18,14 +21,16 @@ pub mod config;
 pub mod cuda;
 pub mod device;
 pub mod fusion;
+pub mod lora;
 pub mod loss;
 pub mod ops;
-pub mod qwen;
 pub mod rng;
 pub mod tiny;
+pub mod transformer;
 pub mod weights;
 
-pub use config::{Family, QwenConfig, Site};
-pub use qwen::{GenerateOptions, LossAndGrads, QwenModel, Sampling};
+pub use config::{Family, ModelConfig, Site};
+pub use lora::{Lora, LoraConfig, LoraGrads};
 pub use rng::Rng;
-pub use weights::{Checkpoint, QwenWeights};
+pub use transformer::{GenerateOptions, KvCache, LossAndGrads, Model, Sampling};
+pub use weights::{Checkpoint, Weights};

@@ -1,22 +1,28 @@
-//! Tiny Qwen v1 checkpoints with random weights, written in the real layout (config.json + safetensors,
-//! optionally sharded with an index), deterministic for a seed: the same spec and seed give the same bytes.
-//! Used by tests and CPU quickstarts; with the real vocab size (151936) the real tokenizer can drive it.
-use super::config::{Family, QwenConfig, TensorId};
+//! Tiny checkpoints of any family with random weights, written in the real layout (config.json +
+//! safetensors, optionally sharded with an index), deterministic for a seed: the same spec and seed give the
+//! same bytes. Used by tests and CPU quickstarts; with the real vocab size (151936) the real tokenizer can
+//! drive it.
+use super::config::{Family, ModelConfig, RopeScaling, TensorId};
 use super::rng::Rng;
 use super::weights::{CONFIG_FILE, INDEX_FILE, SINGLE_FILE};
 use crate::fsutil::write_atomic;
 use anyhow::{bail, Context, Result};
 use candle_core::{Device, Tensor};
-use serde_json::{json, Value};
+
 use std::collections::HashMap;
 use std::path::Path;
 
 #[derive(Clone, Debug)]
 pub struct TinySpec {
+    pub family: Family,
     pub hidden_size: usize,
     pub num_layers: usize,
     pub num_heads: usize,
-    /// As in config.json: w1 / w2 are half of it.
+    /// Key/value heads (GQA); ignored for Qwen v1, which has none.
+    pub num_kv_heads: usize,
+    /// None: hidden_size / num_heads (Qwen3 and Llama may set another).
+    pub head_dim: Option<usize>,
+    /// As in config.json: for Qwen v1 w1 / w2 are half of it, for the others it is their width.
     pub intermediate_size: usize,
     pub vocab_size: usize,
     pub seq_length: usize,
@@ -26,66 +32,83 @@ pub struct TinySpec {
     pub norm_jitter: f64,
     /// 1: a single `model.safetensors`; more: that many shards plus `model.safetensors.index.json`.
     pub shards: usize,
+    /// lm_head shares the embedding (Qwen2.5-0.5B, SmolLM2, Llama 3.2 do).
+    pub tie_word_embeddings: bool,
+    /// Llama only: biases on q/k/v (`attention_bias`).
+    pub attention_bias: bool,
+    pub rope_scaling: RopeScaling,
 }
 
 impl Default for TinySpec {
     fn default() -> Self {
         TinySpec {
+            family: Family::QwenV1,
             hidden_size: 64,
             num_layers: 2,
             num_heads: 4,
+            num_kv_heads: 4,
+            head_dim: None,
             intermediate_size: 2 * 128,
             vocab_size: 151936,
             seq_length: 512,
             init_std: 0.02,
             norm_jitter: 0.0,
             shards: 1,
+            tie_word_embeddings: false,
+            attention_bias: false,
+            rope_scaling: RopeScaling::None,
         }
     }
 }
 
 impl TinySpec {
-    pub fn config(&self) -> QwenConfig {
-        QwenConfig {
-            family: Family::QwenV1,
-            hidden_size: self.hidden_size,
-            num_layers: self.num_layers,
-            num_heads: self.num_heads,
-            head_dim: self.hidden_size / self.num_heads,
-            intermediate_size: self.intermediate_size,
-            vocab_size: self.vocab_size,
-            eps: 1e-6,
-            rope_base: 10000.0,
-            seq_length: self.seq_length,
-            tie_word_embeddings: false,
+    /// A small model of `family` with the shape features that family has: GQA (2 query heads per kv head)
+    /// for Qwen2, Qwen3 and Llama; a head dim other than hidden / heads for Qwen3; tied embeddings for
+    /// Llama (as SmolLM2); Llama 3 rope scaling. Everything else as [`TinySpec::default`].
+    pub fn of_family(family: Family) -> TinySpec {
+        let base = TinySpec { family, ..TinySpec::default() };
+        match family {
+            Family::QwenV1 => base,
+            Family::Qwen2 => TinySpec { num_kv_heads: 2, intermediate_size: 96, ..base },
+            Family::Qwen3 => TinySpec { num_kv_heads: 2, head_dim: Some(24), intermediate_size: 96, ..base },
+            Family::Llama => TinySpec {
+                num_kv_heads: 2,
+                intermediate_size: 96,
+                tie_word_embeddings: true,
+                rope_scaling: RopeScaling::Llama3 { factor: 8.0, low_freq_factor: 1.0, high_freq_factor: 4.0, original_max_position_embeddings: 64.0 },
+                ..base
+            },
         }
     }
 
-    /// config.json text with the keys of a real Qwen v1 config (fixed key order, so bytes are stable).
+    pub fn config(&self) -> ModelConfig {
+        let v1 = self.family == Family::QwenV1;
+        ModelConfig {
+            family: self.family,
+            hidden_size: self.hidden_size,
+            num_layers: self.num_layers,
+            num_heads: self.num_heads,
+            num_kv_heads: if v1 { self.num_heads } else { self.num_kv_heads },
+            head_dim: self.head_dim.unwrap_or(self.hidden_size / self.num_heads),
+            mlp_width: if v1 { self.intermediate_size / 2 } else { self.intermediate_size },
+            vocab_size: self.vocab_size,
+            eps: 1e-6,
+            rope_base: if v1 { 10000.0 } else { 1_000_000.0 },
+            rope_scaling: self.rope_scaling.clone(),
+            seq_length: self.seq_length,
+            tie_word_embeddings: self.tie_word_embeddings,
+            qkv_bias: match self.family {
+                Family::QwenV1 | Family::Qwen2 => true,
+                Family::Qwen3 => false,
+                Family::Llama => self.attention_bias,
+            },
+            qk_norm: self.family == Family::Qwen3,
+        }
+    }
+
+    /// config.json text with the keys of a real config of the family (fixed key order, so bytes are stable).
     pub fn config_json(&self) -> String {
-        let c = self.config();
-        let entries: Vec<(&str, Value)> = vec![
-            ("architectures", json!(["QWenLMHeadModel"])),
-            ("model_type", json!("qwen")),
-            ("hidden_size", json!(c.hidden_size)),
-            ("num_hidden_layers", json!(c.num_layers)),
-            ("num_attention_heads", json!(c.num_heads)),
-            ("kv_channels", json!(c.head_dim)),
-            ("intermediate_size", json!(c.intermediate_size)),
-            ("vocab_size", json!(c.vocab_size)),
-            ("layer_norm_epsilon", json!(c.eps)),
-            ("rotary_emb_base", json!(c.rope_base)),
-            ("rotary_pct", json!(1.0)),
-            ("seq_length", json!(c.seq_length)),
-            ("max_position_embeddings", json!(c.seq_length)),
-            ("no_bias", json!(true)),
-            ("tie_word_embeddings", json!(false)),
-            ("use_dynamic_ntk", json!(true)),
-            ("use_logn_attn", json!(true)),
-            ("torch_dtype", json!("float32")),
-        ];
-        let body: Vec<String> = entries.iter().map(|(k, v)| format!("  {k:?}: {v}")).collect();
-        format!("{{\n{}\n}}\n", body.join(",\n"))
+        self.config().to_json()
     }
 }
 
@@ -107,7 +130,7 @@ pub fn write_tiny_checkpoint(dir: &Path, spec: &TinySpec, seed: u64) -> Result<(
         let n: usize = shape.iter().product();
         let mut rng = Rng::for_stream(seed, &[i as u64]);
         let values: Vec<f32> = match id {
-            TensorId::FinalNorm | TensorId::Ln1(_) | TensorId::Ln2(_) => {
+            TensorId::FinalNorm | TensorId::Ln1(_) | TensorId::Ln2(_) | TensorId::QNorm(_) | TensorId::KNorm(_) => {
                 (0..n).map(|_| if spec.norm_jitter == 0.0 { 1.0 } else { (1.0 + spec.norm_jitter * rng.normal()) as f32 }).collect()
             }
             _ => (0..n).map(|_| (spec.init_std * rng.normal()) as f32).collect(),

@@ -1,7 +1,7 @@
 //! Frozen weights from safetensors: one `model.safetensors`, or shards listed by the `weight_map` of
 //! `model.safetensors.index.json` (never a hard-coded shard count). Weights are plain `Tensor`s, not
 //! `Var`s: nothing ever asks for their gradient.
-use super::config::{QwenConfig, Site, TensorId};
+use super::config::{ModelConfig, Site, TensorId};
 use anyhow::{bail, Context, Result};
 use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device, Tensor};
@@ -16,7 +16,7 @@ pub const INDEX_FILE: &str = "model.safetensors.index.json";
 #[derive(Clone, Debug)]
 pub struct Checkpoint {
     pub dir: PathBuf,
-    pub config: QwenConfig,
+    pub config: ModelConfig,
     /// The safetensors files: the single file, or the shards named in the index (sorted, each once).
     pub files: Vec<PathBuf>,
     /// The index file, when the checkpoint is sharded.
@@ -28,7 +28,7 @@ pub struct Checkpoint {
 impl Checkpoint {
     /// Reads `config.json` and finds the tensor files in `dir`.
     pub fn open(dir: &Path) -> Result<Checkpoint> {
-        let config = QwenConfig::from_file(&dir.join(CONFIG_FILE))?;
+        let config = ModelConfig::from_file(&dir.join(CONFIG_FILE))?;
         let index_path = dir.join(INDEX_FILE);
         let single = dir.join(SINGLE_FILE);
         if index_path.exists() {
@@ -83,7 +83,7 @@ impl Checkpoint {
     }
 
     /// Loads every tensor the config calls for, converted to `dtype` on `device`.
-    pub fn load_weights(&self, dtype: DType, device: &Device) -> Result<QwenWeights> {
+    pub fn load_weights(&self, dtype: DType, device: &Device) -> Result<Weights> {
         // Memory-map each file once (the files must not change while loading).
         let mut mapped = Vec::with_capacity(self.files.len());
         for f in &self.files {
@@ -114,51 +114,92 @@ impl Checkpoint {
         };
         let mut layers = Vec::with_capacity(cfg.num_layers);
         for i in 0..cfg.num_layers {
-            layers.push(LayerWeights {
-                ln_1: load(TensorId::Ln1(i))?,
-                c_attn: load(TensorId::Weight(i, Site::CAttn))?,
-                c_attn_bias: load(TensorId::CAttnBias(i))?,
-                attn_c_proj: load(TensorId::Weight(i, Site::AttnCProj))?,
-                ln_2: load(TensorId::Ln2(i))?,
-                w1: load(TensorId::Weight(i, Site::W1))?,
-                w2: load(TensorId::Weight(i, Site::W2))?,
-                mlp_c_proj: load(TensorId::Weight(i, Site::MlpCProj))?,
-            });
+            layers.push(LayerWeights::assemble(cfg, i, &load)?);
         }
         let wte = load(TensorId::Embedding)?;
         let lm_head = if cfg.tie_word_embeddings { wte.clone() } else { load(TensorId::LmHead)? };
-        Ok(QwenWeights { wte, layers, ln_f: load(TensorId::FinalNorm)?, lm_head })
+        Ok(Weights { wte, layers, ln_f: load(TensorId::FinalNorm)?, lm_head })
     }
 }
 
-/// The frozen weights of one block. Linear weights are [out, in] as stored.
+/// The frozen weights of one block. Linear weights are [out, in] as stored, except q, k and v: one fused
+/// [q | k | v, in] weight (one GEMM), whatever the family stores.
 #[derive(Clone, Debug)]
 pub struct LayerWeights {
     pub ln_1: Tensor,
-    pub c_attn: Tensor,
-    pub c_attn_bias: Tensor,
-    pub attn_c_proj: Tensor,
+    pub qkv: Tensor,
+    pub qkv_bias: Option<Tensor>,
+    /// Qwen3's per-head norms on q and k, [head_dim].
+    pub q_norm: Option<Tensor>,
+    pub k_norm: Option<Tensor>,
+    pub o: Tensor,
     pub ln_2: Tensor,
-    pub w1: Tensor,
-    pub w2: Tensor,
-    pub mlp_c_proj: Tensor,
+    pub gate: Tensor,
+    pub up: Tensor,
+    pub down: Tensor,
 }
 
 impl LayerWeights {
+    /// The weights of layer `i` from its checkpoint tensors (`get` loads one); q, k and v are fused here.
+    pub fn assemble(cfg: &ModelConfig, i: usize, get: &dyn Fn(TensorId) -> Result<Tensor>) -> Result<LayerWeights> {
+        let attn_in: Vec<Site> = cfg.sites().iter().copied().filter(|s| s.is_attention_input()).collect();
+        let fuse = |parts: Vec<Tensor>| -> Result<Tensor> {
+            Ok(if parts.len() == 1 { parts.into_iter().next().unwrap() } else { Tensor::cat(&parts, 0)? })
+        };
+        let qkv = fuse(attn_in.iter().map(|&s| get(TensorId::Weight(i, s))).collect::<Result<_>>()?)?;
+        let qkv_bias = match cfg.qkv_bias {
+            true => Some(fuse(attn_in.iter().map(|&s| get(TensorId::Bias(i, s))).collect::<Result<_>>()?)?),
+            false => None,
+        };
+        let (q_norm, k_norm) = match cfg.qk_norm {
+            true => (Some(get(TensorId::QNorm(i))?), Some(get(TensorId::KNorm(i))?)),
+            false => (None, None),
+        };
+        Ok(LayerWeights {
+            ln_1: get(TensorId::Ln1(i))?,
+            qkv,
+            qkv_bias,
+            q_norm,
+            k_norm,
+            o: get(TensorId::Weight(i, Site::O))?,
+            ln_2: get(TensorId::Ln2(i))?,
+            gate: get(TensorId::Weight(i, Site::Gate))?,
+            up: get(TensorId::Weight(i, Site::Up))?,
+            down: get(TensorId::Weight(i, Site::Down))?,
+        })
+    }
+
+    /// The frozen weight of a linear that is not an attention input (those live in `qkv`).
     pub fn linear(&self, site: Site) -> &Tensor {
         match site {
-            Site::CAttn => &self.c_attn,
-            Site::AttnCProj => &self.attn_c_proj,
-            Site::W1 => &self.w1,
-            Site::W2 => &self.w2,
-            Site::MlpCProj => &self.mlp_c_proj,
+            Site::O => &self.o,
+            Site::Gate => &self.gate,
+            Site::Up => &self.up,
+            Site::Down => &self.down,
+            Site::Qkv | Site::Q | Site::K | Site::V => &self.qkv,
         }
+    }
+
+    fn map(&self, f: &dyn Fn(&Tensor) -> Result<Tensor>) -> Result<LayerWeights> {
+        let opt = |t: &Option<Tensor>| t.as_ref().map(f).transpose();
+        Ok(LayerWeights {
+            ln_1: f(&self.ln_1)?,
+            qkv: f(&self.qkv)?,
+            qkv_bias: opt(&self.qkv_bias)?,
+            q_norm: opt(&self.q_norm)?,
+            k_norm: opt(&self.k_norm)?,
+            o: f(&self.o)?,
+            ln_2: f(&self.ln_2)?,
+            gate: f(&self.gate)?,
+            up: f(&self.up)?,
+            down: f(&self.down)?,
+        })
     }
 }
 
 /// All frozen weights.
 #[derive(Clone, Debug)]
-pub struct QwenWeights {
+pub struct Weights {
     /// [vocab, hidden]
     pub wte: Tensor,
     pub layers: Vec<LayerWeights>,
@@ -167,32 +208,17 @@ pub struct QwenWeights {
     pub lm_head: Tensor,
 }
 
-impl QwenWeights {
+impl Weights {
     /// A copy in `dtype` on `device` (e.g. a CPU f32 model's exact weights as bf16 on the GPU).
-    pub fn to(&self, dtype: DType, device: &Device) -> Result<QwenWeights> {
+    pub fn to(&self, dtype: DType, device: &Device) -> Result<Weights> {
         let cv = |t: &Tensor| -> Result<Tensor> { Ok(t.to_dtype(dtype)?.to_device(device)?) };
-        let layers = self
-            .layers
-            .iter()
-            .map(|l| {
-                Ok(LayerWeights {
-                    ln_1: cv(&l.ln_1)?,
-                    c_attn: cv(&l.c_attn)?,
-                    c_attn_bias: cv(&l.c_attn_bias)?,
-                    attn_c_proj: cv(&l.attn_c_proj)?,
-                    ln_2: cv(&l.ln_2)?,
-                    w1: cv(&l.w1)?,
-                    w2: cv(&l.w2)?,
-                    mlp_c_proj: cv(&l.mlp_c_proj)?,
-                })
-            })
-            .collect::<Result<Vec<_>>>()?;
-        Ok(QwenWeights { wte: cv(&self.wte)?, layers, ln_f: cv(&self.ln_f)?, lm_head: cv(&self.lm_head)? })
+        let layers = self.layers.iter().map(|l| l.map(&cv)).collect::<Result<Vec<_>>>()?;
+        Ok(Weights { wte: cv(&self.wte)?, layers, ln_f: cv(&self.ln_f)?, lm_head: cv(&self.lm_head)? })
     }
 
     /// Random weights of `config`'s shape made directly on `device` (normal with `std`, norms at 1): for
     /// benchmarks at the real shapes without a checkpoint. Reproducible on the CPU; not across devices.
-    pub fn random(config: &QwenConfig, std: f64, dtype: DType, device: &Device) -> Result<QwenWeights> {
+    pub fn random(config: &ModelConfig, std: f64, dtype: DType, device: &Device) -> Result<Weights> {
         // On the CPU from our own seeded generator (the same weights every time, for tests); on a GPU from
         // candle's generator there (fast at 14B scale; fixed seed per device).
         let next = std::cell::Cell::new(0u64);
@@ -207,24 +233,13 @@ impl QwenWeights {
             Ok(Tensor::randn(0f32, std as f32, shape, device)?.to_dtype(dtype)?)
         };
         let ones = |t: TensorId| -> Result<Tensor> { Ok(Tensor::ones(config.tensor_shape(t), dtype, device)?) };
-        let mut layers = Vec::with_capacity(config.num_layers);
-        for i in 0..config.num_layers {
-            layers.push(LayerWeights {
-                ln_1: ones(TensorId::Ln1(i))?,
-                c_attn: normal(TensorId::Weight(i, Site::CAttn))?,
-                c_attn_bias: normal(TensorId::CAttnBias(i))?,
-                attn_c_proj: normal(TensorId::Weight(i, Site::AttnCProj))?,
-                ln_2: ones(TensorId::Ln2(i))?,
-                w1: normal(TensorId::Weight(i, Site::W1))?,
-                w2: normal(TensorId::Weight(i, Site::W2))?,
-                mlp_c_proj: normal(TensorId::Weight(i, Site::MlpCProj))?,
-            });
-        }
-        Ok(QwenWeights {
-            wte: normal(TensorId::Embedding)?,
-            layers,
-            ln_f: ones(TensorId::FinalNorm)?,
-            lm_head: normal(TensorId::LmHead)?,
-        })
+        let get = |t: TensorId| match t {
+            TensorId::Ln1(_) | TensorId::Ln2(_) | TensorId::QNorm(_) | TensorId::KNorm(_) | TensorId::FinalNorm => ones(t),
+            _ => normal(t),
+        };
+        let layers = (0..config.num_layers).map(|i| LayerWeights::assemble(config, i, &get)).collect::<Result<Vec<_>>>()?;
+        let wte = normal(TensorId::Embedding)?;
+        let lm_head = if config.tie_word_embeddings { wte.clone() } else { normal(TensorId::LmHead)? };
+        Ok(Weights { wte, layers, ln_f: ones(TensorId::FinalNorm)?, lm_head })
     }
 }

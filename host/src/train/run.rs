@@ -8,9 +8,9 @@ use super::batches::{self, HostBatch, Schedule};
 use super::checkpoint::{self, State};
 use super::optim::{self, AdamW, AdamWConfig};
 use crate::data::{self, TokenStream};
-use crate::lora::{Lora, LoraConfig, LoraGrads};
+use crate::model::lora::{Lora, LoraConfig, LoraGrads};
 use crate::manifest::{DType, Manifest};
-use crate::model::qwen::QwenModel;
+use crate::model::transformer::Model;
 use crate::model::rng::Rng as ModelRng;
 use crate::model::tiny;
 use anyhow::{bail, Context};
@@ -90,21 +90,24 @@ pub fn ensure_tiny(m: &Manifest) -> anyhow::Result<()> {
     if model_present(&m.model.path) {
         return Ok(());
     }
+    let family = crate::model::Family::from_model_type(&t.family).with_context(|| format!("{}: `model.tiny.family`", m.file.display()))?;
+    let defaults = tiny::TinySpec::of_family(family);
     let spec = tiny::TinySpec {
         hidden_size: t.hidden_size,
         num_layers: t.num_layers,
         num_heads: t.num_heads,
+        num_kv_heads: t.num_kv_heads.unwrap_or(defaults.num_kv_heads.min(t.num_heads)),
         intermediate_size: t.intermediate_size,
         init_std: t.init_std,
-        ..Default::default()
+        ..defaults
     };
     create_tiny(&m.model.path, &spec, t.seed).with_context(|| format!("creating the tiny model in {}", m.model.path.display()))
 }
 
 /// Loads the manifest's model, creating the tiny random one first when `[model.tiny]` asks for it.
-pub fn load_model(m: &Manifest, device: &Device) -> anyhow::Result<QwenModel> {
+pub fn load_model(m: &Manifest, device: &Device) -> anyhow::Result<Model> {
     ensure_tiny(m)?;
-    let mut model = QwenModel::load(&m.model.path, dtype_of(m), device)
+    let mut model = Model::load(&m.model.path, dtype_of(m), device)
         .with_context(|| format!("{}: `model.path`: loading {}", m.file.display(), m.model.path.display()))?;
     // On the CPU, smaller loss chunks keep the [chunk, vocab] logits in cache-friendly sizes (64 x 152k f32
     // is 39 MB; 512 would be 311 MB of fresh memory per chunk).
@@ -351,7 +354,7 @@ pub fn run(m: &Manifest, opts: &RunOptions) -> anyhow::Result<RunSummary> {
     Ok(RunSummary { run_dir, steps_done: step, total_steps: total, losses, eval_losses, resumed_from, interrupted, adapter_dir })
 }
 
-fn eval_loss(model: &QwenModel, lora: &Lora, stream: &TokenStream, offsets: &[usize], rows: &[usize], micro_batch: usize, pad: u32) -> anyhow::Result<f64> {
+fn eval_loss(model: &Model, lora: &Lora, stream: &TokenStream, offsets: &[usize], rows: &[usize], micro_batch: usize, pad: u32) -> anyhow::Result<f64> {
     let (mut sum, mut n) = (0.0, 0usize);
     for chunk in rows.chunks(micro_batch) {
         let (ids, labels) = HostBatch::gather(stream, offsets, chunk, pad).tensors()?;

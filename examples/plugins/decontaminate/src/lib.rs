@@ -1,6 +1,10 @@
 //! `decontaminate`: drops training records that share a word n-gram with an evaluation set, so a model is
 //! not trained on the questions it will be scored on.
 //!
+//! This is the short version, as a user would write it; the standard `decontaminate` filter
+//! (plugins/filters/decontaminate) does the same faster, over several JSON Lines, JSON, CSV or text files, and
+//! can mark records instead of dropping them. A `[plugins]` entry of the same name takes the standard one's place.
+//!
 //! ```toml
 //! [plugins]
 //! decontaminate = { path = "plugins/decontaminate/target/wasm32-wasip2/release/decontaminate.wasm" }

@@ -45,28 +45,31 @@ extern "C" __global__ void rmsnorm_bwd(const bf16* __restrict__ x, const bf16* _
 // load all their rows first and compute after, so the loads are in flight together (a loop that loads,
 // computes and stores row by row waits out the memory latency once per row).
 // ---------------------------------------------------------------------------------------------------------
-// c_attn output -> q, k, v. Input rows n = b*T + t of [N, 3C] (q | k | v, head h at h*D..(h+1)*D), plus the
-// bias [3C] and the LoRA delta u B^T (u [N, r], B [3C, r]) when present; q and k are rotated (RoPE,
-// rotate_half over the full head dim, tables cos/sin [T, D]); outputs [B, H, T, D]. One thread per
-// (ROWS_PER_THREAD rows, part, h, j < D/2).
+// The attention input -> q, k, v. Input rows n = b*T + t of [N, W], W = (H + 2 Hkv) D (q | k | v: H query
+// heads, then Hkv key heads, then Hkv value heads, head h of a part at h*D..(h+1)*D), plus the bias [W] and
+// the LoRA delta u B^T (u [N, r], B [W, r]) when present; q and k are rotated (RoPE, rotate_half over the
+// full head dim, tables cos/sin [T, D]); outputs q [B, H, T, D], k and v [B, Hkv, T, D]. One thread per
+// (ROWS_PER_THREAD rows, head slot s < H + 2 Hkv, j < D/2).
 template <int R>
 static __device__ __forceinline__ void qkv_split_rope_body(const bf16* __restrict__ base, const bf16* __restrict__ lora_u,
                                           const bf16* __restrict__ lora_b, const bf16* __restrict__ bias,
                                           const float* __restrict__ cos_t, const float* __restrict__ sin_t,
                                           bf16* __restrict__ q, bf16* __restrict__ k, bf16* __restrict__ v,
-                                          int n_rows, int T, int H, int D, int r, int has_bias) {
+                                          int n_rows, int T, int H, int Hkv, int D, int r, int has_bias) {
     const unsigned half = D / 2;
+    const unsigned slots = H + 2 * Hkv;
     const unsigned row_blocks = (n_rows + ROWS_PER_THREAD - 1) / ROWS_PER_THREAD;
     const unsigned idx = blockIdx.x * blockDim.x + threadIdx.x;  // 32-bit: 64-bit division is slow
-    if (idx >= row_blocks * 3 * H * half) return;
+    if (idx >= row_blocks * slots * half) return;
     const unsigned j = idx % half;
     unsigned rest = idx / half;
-    const unsigned h = rest % H;
-    rest /= H;
-    const unsigned part = rest % 3;
-    const unsigned row0 = (rest / 3) * ROWS_PER_THREAD;
-    const int C = H * D;
-    const int col1 = part * C + h * D + j, col2 = col1 + half;
+    const unsigned slot = rest % slots;
+    const unsigned row0 = (rest / slots) * ROWS_PER_THREAD;
+    const unsigned part = slot < (unsigned)H ? 0 : (slot < (unsigned)(H + Hkv) ? 1 : 2);
+    const unsigned h = part == 0 ? slot : (part == 1 ? slot - H : slot - H - Hkv);
+    const unsigned heads = part == 0 ? H : Hkv;
+    const int W = slots * D;
+    const int col1 = slot * D + j, col2 = col1 + half;
     const float bias1 = has_bias ? ld(bias[col1]) : 0.f, bias2 = has_bias ? ld(bias[col2]) : 0.f;
     bf16* out = part == 0 ? q : (part == 1 ? k : v);
     RankRow<R> w1, w2;
@@ -78,7 +81,7 @@ static __device__ __forceinline__ void qkv_split_rope_body(const bf16* __restric
 #pragma unroll
     for (int k = 0; k < ROWS_PER_THREAD; ++k) {
         const unsigned n = row0 + k;
-        const size_t in = (size_t)n * 3 * C;
+        const size_t in = (size_t)n * W;
         x1s[k] = n < (unsigned)n_rows ? ld(base[in + col1]) : 0.f;
         x2s[k] = n < (unsigned)n_rows ? ld(base[in + col2]) : 0.f;
     }
@@ -93,7 +96,7 @@ static __device__ __forceinline__ void qkv_split_rope_body(const bf16* __restric
             x2 += w2.dot(lora_u + (size_t)n * r, r);
         }
         const unsigned b = n / T, t = n % T;
-        const size_t o = ((size_t)(b * H + h) * T + t) * D + j;
+        const size_t o = ((size_t)(b * heads + h) * T + t) * D + j;
         if (part < 2) {
             const float c1 = cos_t[t * D + j], s1 = sin_t[t * D + j];
             const float c2 = cos_t[t * D + j + half], s2 = sin_t[t * D + j + half];
@@ -110,13 +113,16 @@ extern "C" __global__ void qkv_split_rope(const bf16* __restrict__ base, const b
                                           const bf16* __restrict__ lora_b, const bf16* __restrict__ bias,
                                           const float* __restrict__ cos_t, const float* __restrict__ sin_t,
                                           bf16* __restrict__ q, bf16* __restrict__ k, bf16* __restrict__ v,
-                                          int n_rows, int T, int H, int D, int r, int has_bias) {
+                                          int n_rows, int T, int H, int Hkv, int D, int r, int has_bias) {
+    // r = 24 / 48: separate q, k and v adapters of rank 8 / 16 side by side (B block-diagonal).
     if (r == 8)
-        qkv_split_rope_body<8>(base, lora_u, lora_b, bias, cos_t, sin_t, q, k, v, n_rows, T, H, D, r, has_bias);
+        qkv_split_rope_body<8>(base, lora_u, lora_b, bias, cos_t, sin_t, q, k, v, n_rows, T, H, Hkv, D, r, has_bias);
     else if (r == 16)
-        qkv_split_rope_body<16>(base, lora_u, lora_b, bias, cos_t, sin_t, q, k, v, n_rows, T, H, D, r, has_bias);
+        qkv_split_rope_body<16>(base, lora_u, lora_b, bias, cos_t, sin_t, q, k, v, n_rows, T, H, Hkv, D, r, has_bias);
+    else if (r == 24)
+        qkv_split_rope_body<24>(base, lora_u, lora_b, bias, cos_t, sin_t, q, k, v, n_rows, T, H, Hkv, D, r, has_bias);
     else
-        qkv_split_rope_body<0>(base, lora_u, lora_b, bias, cos_t, sin_t, q, k, v, n_rows, T, H, D, r, has_bias);
+        qkv_split_rope_body<0>(base, lora_u, lora_b, bias, cos_t, sin_t, q, k, v, n_rows, T, H, Hkv, D, r, has_bias);
 }
 
 // [B, H, T, D] -> columns col0.. of a [N, stride] matrix (heads side by side), optionally applying the

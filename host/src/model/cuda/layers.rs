@@ -42,10 +42,10 @@ pub fn rmsnorm_backward(x: &Tensor, rstd: &Tensor, w: &Tensor, dy: &Tensor, dres
 
 // ----- attention layout and RoPE --------------------------------------------------------------------------
 
-/// c_attn's base output [N, 3C] (+ bias [3C], + the LoRA delta u B^T from u [N, r] and B [3C, r]) -> q, k
-/// (rotated) and v [B, H, T, D].
+/// The attention input's base output [N, W], W = (H + 2 Hkv) D (+ bias [W], + the LoRA delta u B^T from
+/// u [N, r] and B [W, r]) -> q [B, H, T, D] (rotated), k [B, Hkv, T, D] (rotated) and v [B, Hkv, T, D].
 #[allow(clippy::too_many_arguments)]
-pub fn qkv_split_rope(base: &Tensor, bias: Option<&Tensor>, lora: Option<(&Tensor, &Tensor)>, cos: &Tensor, sin: &Tensor, b: usize, t: usize, h: usize, d: usize) -> Result<(Tensor, Tensor, Tensor)> {
+pub fn qkv_split_rope(base: &Tensor, bias: Option<&Tensor>, lora: Option<(&Tensor, &Tensor)>, cos: &Tensor, sin: &Tensor, b: usize, t: usize, h: usize, hkv: usize, d: usize) -> Result<(Tensor, Tensor, Tensor)> {
     let dev = cuda_device(base)?;
     let base = base.contiguous()?;
     let (u, lb) = match lora {
@@ -55,8 +55,8 @@ pub fn qkv_split_rope(base: &Tensor, bias: Option<&Tensor>, lora: Option<(&Tenso
     let r = u.as_ref().map_or(0, |u| u.dim(1).unwrap_or(0));
     let n = b * t;
     let q = uninit(&dev, (b, h, t, d), DType::BF16)?;
-    let k = uninit(&dev, (b, h, t, d), DType::BF16)?;
-    let v = uninit(&dev, (b, h, t, d), DType::BF16)?;
+    let k = uninit(&dev, (b, hkv, t, d), DType::BF16)?;
+    let v = uninit(&dev, (b, hkv, t, d), DType::BF16)?;
     let args = [
         Arg::T(&base),
         Arg::T(u.as_ref().unwrap_or(&base)),
@@ -70,11 +70,12 @@ pub fn qkv_split_rope(base: &Tensor, bias: Option<&Tensor>, lora: Option<(&Tenso
         Arg::I(n as i32),
         Arg::I(t as i32),
         Arg::I(h as i32),
+        Arg::I(hkv as i32),
         Arg::I(d as i32),
         Arg::I(r as i32),
         Arg::I(bias.is_some() as i32),
     ];
-    launch(&dev, "qkv_split_rope", blocks(n.div_ceil(ROWS_PER_THREAD) * 3 * h * d / 2, EW_THREADS)?, EW_THREADS, &args)?;
+    launch(&dev, "qkv_split_rope", blocks(n.div_ceil(ROWS_PER_THREAD) * (h + 2 * hkv) * d / 2, EW_THREADS)?, EW_THREADS, &args)?;
     Ok((q, k, v))
 }
 
@@ -122,14 +123,15 @@ pub fn split_heads(dy: &Tensor, b: usize, t: usize, h: usize, d: usize) -> Resul
     Ok(out)
 }
 
-/// Backward of [`qkv_split_rope`] (without bias and delta): dq, dk (un-rotated) and dv -> [N, 3C].
+/// Backward of [`qkv_split_rope`] (without bias and delta): dq, dk (un-rotated) and dv -> [N, (H + 2 Hkv) D].
 pub fn qkv_merge_unrope(dq: &Tensor, dk: &Tensor, dv: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     let (b, h, t, d) = dq.dims4()?;
-    let c = h * d;
-    let out = uninit(&cuda_device(dq)?, (b * t, 3 * c), DType::BF16)?;
+    let hkv = dk.dim(1)?;
+    let (q_w, kv_w) = (h * d, hkv * d);
+    let out = uninit(&cuda_device(dq)?, (b * t, q_w + 2 * kv_w), DType::BF16)?;
     heads_merge_into(dq, cos, sin, &out, 0, true)?;
-    heads_merge_into(dk, cos, sin, &out, c, true)?;
-    heads_merge_into(dv, cos, sin, &out, 2 * c, false)?;
+    heads_merge_into(dk, cos, sin, &out, q_w, true)?;
+    heads_merge_into(dv, cos, sin, &out, q_w + kv_w, false)?;
     Ok(out)
 }
 

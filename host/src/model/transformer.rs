@@ -1,39 +1,41 @@
-//! Qwen v1: the block as a sequence of ops (forward and backward next to each other), the inference
-//! forward and `generate`, and the training step `loss_and_grads`.
+//! The decoder of every family (Qwen v1, Qwen2, Qwen3, Llama; see [`super::config`]): the block as a
+//! sequence of ops (forward and backward next to each other), the inference forward and `generate`, and
+//! the training step `loss_and_grads`.
 //!
 //! Block (pre-norm, two residual branches):
 //! ```text
-//! h1 = ln_1(x)                       x1 = x + c_proj(attn(rope(q), rope(k), v)),  q|k|v = c_attn(h1)
-//! h2 = ln_2(x1)                      x2 = x1 + mlp.c_proj(w1(h2) * silu(w2(h2)))
+//! h1 = ln_1(x)      q|k|v = qkv(h1) (+ bias)      q, k = rope(norm(q)), rope(norm(k))   (norm: Qwen3 only)
+//!                   x1 = x + o(attn(q, k, v))      (GQA: each k/v head serves H / Hkv query heads)
+//! h2 = ln_2(x1)     x2 = x1 + down(up(h2) * silu(gate(h2)))
 //! ```
 //! The training step keeps, per layer, either everything the backward needs (`BlockSaved`) or, with
 //! `recompute`, only the layer's input, and re-runs the layer's forward just before its backward. Dropout
 //! masks are a pure function of (step seed, layer, module), so the recomputed layer is bit-identical.
-use super::attention::{self, AttnSaved, Rope};
-use super::config::{QwenConfig, Site};
+use super::attention::{self, AttnSaved, Heads, QkNorm, QkvSaved, Rope};
+use super::config::{ModelConfig, Site};
 use super::fusion::Fusion;
 use super::loss::{self, Targets};
 use super::ops::{self, Dropout, LoraSaved, RmsNormSaved, SwiGluSaved};
 use super::rng::{self, Rng};
-use super::weights::{Checkpoint, QwenWeights};
-use crate::lora::{Lora, LoraGrads};
+use super::weights::{Checkpoint, Weights};
+use crate::model::lora::{Lora, LoraGrads};
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use std::path::Path;
 
-/// A frozen Qwen v1 model.
-pub struct QwenModel {
-    pub config: QwenConfig,
-    pub weights: QwenWeights,
+/// A frozen model of any supported family.
+pub struct Model {
+    pub config: ModelConfig,
+    pub weights: Weights,
     pub dtype: DType,
     pub device: Device,
     /// Tokens per chunk in the lm_head + loss (bounds the [chunk, vocab] logits).
     pub loss_chunk: usize,
     /// Which fused GPU kernels to use (all by default; they apply only to bf16 on a GPU).
     pub fusion: Fusion,
-    /// RoPE tables for every position up to `seq_length`, built on first use; a batch takes its first T rows
+    /// RoPE tables for the longest sequence seen so far, grown on demand; a batch takes its first T rows
     /// (building them per step would leave the GPU idle while the host computes them).
-    rope: std::sync::OnceLock<Rope>,
+    rope: std::sync::Mutex<Option<Rope>>,
 }
 
 /// Result of one training micro-step. `grads` are gradients of `loss_sum` (not of the mean): divide by
@@ -70,35 +72,72 @@ struct Ctx<'a> {
     fusion: Fusion,
     /// (step seed, p) when dropout is active.
     dropout: Option<(u64, f64)>,
+    /// Inference with a KV cache: the keys and values of earlier positions, extended by this call.
+    cache: Option<&'a KvCache>,
+}
+
+/// The keys (after RoPE) and values of every layer for the positions run so far, [B, Hkv, T, D] each, so
+/// generation runs one new token per step instead of the whole sequence (inference only).
+#[derive(Default)]
+pub struct KvCache {
+    layers: std::cell::RefCell<Vec<Option<(Tensor, Tensor)>>>,
+    len: std::cell::Cell<usize>,
+}
+
+impl KvCache {
+    /// Positions cached.
+    pub fn len(&self) -> usize {
+        self.len.get()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Appends this call's k and v for `layer`; returns the keys and values of every position.
+    fn extend(&self, layer: usize, k: Tensor, v: Tensor) -> Result<(Tensor, Tensor)> {
+        let mut layers = self.layers.borrow_mut();
+        if layers.len() <= layer {
+            layers.resize(layer + 1, None);
+        }
+        let all = match layers[layer].take() {
+            None => (k, v),
+            Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?),
+        };
+        layers[layer] = Some(all.clone());
+        Ok(all)
+    }
 }
 
 /// What one block's backward needs.
 struct BlockSaved {
     ln_1: RmsNormSaved,
-    c_attn: Option<LoraSaved>,
+    /// The LoRA branches of the attention-input linears (Qkv, or Q, K, V), by site.
+    qkv_lora: Vec<(Site, LoraSaved)>,
+    qkv: QkvSaved,
     attn: AttnSaved,
-    attn_c_proj: Option<LoraSaved>,
+    o: Option<LoraSaved>,
     ln_2: RmsNormSaved,
-    w1: Option<LoraSaved>,
-    w2: Option<LoraSaved>,
+    up: Option<LoraSaved>,
+    gate: Option<LoraSaved>,
     swiglu: SwiGluSaved,
-    mlp_c_proj: Option<LoraSaved>,
+    down: Option<LoraSaved>,
 }
 
 /// LoRA gradients (dA, dB) of one block, by site.
-type BlockGrads = [Option<(Tensor, Tensor)>; 5];
+type BlockGrads = [Option<(Tensor, Tensor)>; Site::COUNT];
 
-impl QwenModel {
+impl Model {
     /// Loads `config.json` and the weights from a checkpoint folder.
-    pub fn load(dir: &Path, dtype: DType, device: &Device) -> Result<QwenModel> {
+    pub fn load(dir: &Path, dtype: DType, device: &Device) -> Result<Model> {
         let ckpt = Checkpoint::open(dir)?;
         let weights = ckpt.load_weights(dtype, device)?;
-        Ok(QwenModel::new(ckpt.config, weights, dtype, device))
+        Ok(Model::new(ckpt.config, weights, dtype, device))
     }
 
     /// A model of these weights (loss chunks of 512 tokens, every fused kernel switched on).
-    pub fn new(config: QwenConfig, weights: QwenWeights, dtype: DType, device: &Device) -> QwenModel {
-        QwenModel { config, weights, dtype, device: device.clone(), loss_chunk: 512, fusion: Fusion::default(), rope: Default::default() }
+    pub fn new(config: ModelConfig, weights: Weights, dtype: DType, device: &Device) -> Model {
+        Model { config, weights, dtype, device: device.clone(), loss_chunk: 512, fusion: Fusion::default(), rope: Default::default() }
     }
 
     // ----- inference ------------------------------------------------------------------------------------
@@ -130,9 +169,35 @@ impl QwenModel {
         Ok(ops::rmsnorm_forward(&x, &self.weights.ln_f, self.config.eps, self.fusion.norm)?.0)
     }
 
-    /// Autoregressive generation for one prompt; returns the new tokens only. Recomputes the full forward
-    /// per token (no KV cache yet). Stops at `max_new` tokens, after `stop_token`, or when the context
-    /// reaches `seq_length`.
+    /// Final-norm hidden states [B*T, C] of `ids` [B, T] placed after the positions `cache` holds, which it
+    /// then holds too. The keys of earlier positions come from the cache, so each new token costs one
+    /// position's work.
+    pub fn hidden_states_cached(&self, ids: &Tensor, lora: Option<&Lora>, cache: &KvCache) -> Result<Tensor> {
+        let past = cache.len();
+        let t = ids.dim(1)?;
+        if past + t > self.config.seq_length {
+            bail!("{} cached + {t} new positions are more than seq_length {}", past, self.config.seq_length);
+        }
+        let mut ctx = self.context(ids, lora, None)?;
+        ctx.rope = self.rope_prefix(past + t)?.slice(past, t)?;
+        ctx.fusion.flash = false;
+        if past > 0 {
+            // The fused softmax masks a square [T, T]; the rectangle of new queries over every key takes the
+            // composite path.
+            ctx.fusion.attention = false;
+            ctx.mask = Some(attention::causal_mask_after(t, past, self.dtype, &self.device)?);
+        }
+        ctx.cache = Some(cache);
+        let mut x = self.embed(ids)?;
+        for layer in 0..self.config.num_layers {
+            x = self.block_forward(&ctx, layer, &x)?.0;
+        }
+        cache.len.set(past + t);
+        Ok(ops::rmsnorm_forward(&x, &self.weights.ln_f, self.config.eps, self.fusion.norm)?.0)
+    }
+
+    /// Autoregressive generation for one prompt with a KV cache; returns the new tokens only. Stops at
+    /// `max_new` tokens, after `stop_token`, or when the context reaches `seq_length`.
     pub fn generate(&self, prompt: &[u32], lora: Option<&Lora>, opts: &GenerateOptions) -> Result<Vec<u32>> {
         if prompt.is_empty() {
             bail!("generate: the prompt is empty");
@@ -146,12 +211,12 @@ impl QwenModel {
                 Some(Rng::new(seed))
             }
         };
-        let mut ids = prompt.to_vec();
+        let cache = KvCache::default();
+        let mut input = prompt.to_vec();
         let mut out = Vec::new();
-        while out.len() < opts.max_new && ids.len() < self.config.seq_length {
-            let t = ids.len();
-            let input = Tensor::from_slice(&ids, (1, t), &self.device)?;
-            let hf = self.hidden_states(&input, lora)?;
+        while out.len() < opts.max_new && cache.len() + input.len() <= self.config.seq_length {
+            let t = input.len();
+            let hf = self.hidden_states_cached(&Tensor::from_slice(&input, (1, t), &self.device)?, lora, &cache)?;
             let last = hf.narrow(0, t - 1, 1)?;
             let logits: Vec<f32> = ops::linear_forward(&last, &self.weights.lm_head, None)?
                 .to_dtype(DType::F32)?
@@ -161,11 +226,11 @@ impl QwenModel {
                 (Sampling::Temperature { temperature, .. }, Some(rng)) => sample(&logits, *temperature, rng),
                 _ => argmax(&logits),
             };
-            ids.push(next);
             out.push(next);
             if opts.stop_token == Some(next) {
                 break;
             }
+            input = vec![next];
         }
         Ok(out)
     }
@@ -247,81 +312,140 @@ impl QwenModel {
     fn block_forward(&self, ctx: &Ctx, layer: usize, x: &Tensor) -> Result<(Tensor, BlockSaved)> {
         let w = &self.weights.layers[layer];
         let cfg = &self.config;
-        let (h, d) = (cfg.num_heads, cfg.head_dim);
-
         let f = ctx.fusion;
 
         // Attention branch.
         let (h1, ln_1) = ops::rmsnorm_forward(x, &w.ln_1, cfg.eps, f.norm)?;
-        let (qkv, c_attn) = self.adapted_parts(ctx, layer, Site::CAttn, &h1)?;
-        let lora_b = ctx.lora.and_then(|l| l.adapter(layer, Site::CAttn)).map(|a| &a.b);
-        let lora = c_attn.as_ref().zip(lora_b).map(|(s, b)| (s.u(), b));
-        let (q, k, v) = attention::qkv_forward(&qkv, &w.c_attn_bias, lora, &ctx.rope, ctx.b, ctx.t, h, d, f.rope)?;
-        drop(qkv);
-        let (y, attn) = attention::attention_forward(&q, &k, &v, ctx.mask.as_ref(), f.attention, f.flash)?;
+        let base = ops::linear_forward(&h1, &w.qkv, None)?;
+        let qkv_lora = self.qkv_lora_forward(ctx, layer, &h1)?;
+        let delta = self.qkv_lora_delta(ctx, layer, &qkv_lora)?;
+        let norm = w.q_norm.as_ref().zip(w.k_norm.as_ref()).map(|(q, k)| QkNorm { q, k, eps: cfg.eps });
+        let heads = self.heads(ctx);
+        let (q, k, v, qkv) =
+            attention::qkv_forward(&base, w.qkv_bias.as_ref(), delta.as_ref().map(|(u, b)| (u, b)), norm, &ctx.rope, heads, f.rope, f.norm)?;
+        drop((base, delta));
+        let (k, v) = match ctx.cache {
+            Some(cache) => cache.extend(layer, k, v)?,
+            None => (k, v),
+        };
+        let (y, attn) = attention::attention_forward(&q, &k, &v, cfg.kv_groups(), ctx.mask.as_ref(), f.attention, f.flash)?;
         let y = attention::merge_heads(&y, &ctx.rope, f.rope)?;
-        let (o, attn_c_proj) = self.adapted_forward(ctx, layer, Site::AttnCProj, &y)?;
+        let (o, o_lora) = self.adapted_forward(ctx, layer, Site::O, &y)?;
         let x1 = (x + o)?;
 
         // MLP branch.
         let (h2, ln_2) = ops::rmsnorm_forward(&x1, &w.ln_2, cfg.eps, f.norm)?;
-        let (a, w1) = self.adapted_forward(ctx, layer, Site::W1, &h2)?;
-        let (g, w2) = self.adapted_forward(ctx, layer, Site::W2, &h2)?;
+        let (a, up) = self.adapted_forward(ctx, layer, Site::Up, &h2)?;
+        let (g, gate) = self.adapted_forward(ctx, layer, Site::Gate, &h2)?;
         let (m, swiglu) = ops::swiglu_forward(&a, &g, f.swiglu)?;
-        let (o2, mlp_c_proj) = self.adapted_forward(ctx, layer, Site::MlpCProj, &m)?;
+        let (o2, down) = self.adapted_forward(ctx, layer, Site::Down, &m)?;
         let x2 = (&x1 + o2)?;
 
-        Ok((x2, BlockSaved { ln_1, c_attn, attn, attn_c_proj, ln_2, w1, w2, swiglu, mlp_c_proj }))
+        Ok((x2, BlockSaved { ln_1, qkv_lora, qkv, attn, o: o_lora, ln_2, up, gate, swiglu, down }))
     }
 
     /// Given d(x2), returns d(x) and the block's LoRA gradients.
     fn block_backward(&self, ctx: &Ctx, layer: usize, s: &BlockSaved, dx2: &Tensor) -> Result<(Tensor, BlockGrads)> {
         let w = &self.weights.layers[layer];
         let cfg = &self.config;
-        let (h, d) = (cfg.num_heads, cfg.head_dim);
         let mut grads: BlockGrads = Default::default();
+        let f = ctx.fusion;
 
         // MLP branch: x2 = x1 + mlp(ln_2(x1)), so d(x1) = d(x2) + ln_2^T(mlp^T(d(x2))).
-        let (dm, g) = self.adapted_backward(ctx, layer, Site::MlpCProj, s.mlp_c_proj.as_ref(), dx2)?;
-        grads[Site::MlpCProj.index()] = g;
-        let f = ctx.fusion;
+        let (dm, g) = self.adapted_backward(ctx, layer, Site::Down, s.down.as_ref(), dx2)?;
+        grads[Site::Down.index()] = g;
         let (da, dg) = ops::swiglu_backward(&s.swiglu, &dm, f.swiglu)?;
-        let (dh2_a, g) = self.adapted_backward(ctx, layer, Site::W1, s.w1.as_ref(), &da)?;
-        grads[Site::W1.index()] = g;
-        let (dh2_g, g) = self.adapted_backward(ctx, layer, Site::W2, s.w2.as_ref(), &dg)?;
-        grads[Site::W2.index()] = g;
-        let dh2 = (dh2_a + dh2_g)?; // h2 feeds both w1 and w2
+        let (dh2_a, g) = self.adapted_backward(ctx, layer, Site::Up, s.up.as_ref(), &da)?;
+        grads[Site::Up.index()] = g;
+        let (dh2_g, g) = self.adapted_backward(ctx, layer, Site::Gate, s.gate.as_ref(), &dg)?;
+        grads[Site::Gate.index()] = g;
+        let dh2 = (dh2_a + dh2_g)?; // h2 feeds both up and gate
         let dx1 = ops::rmsnorm_backward(&s.ln_2, &w.ln_2, &dh2, Some(dx2), f.norm)?;
 
         // Attention branch: x1 = x + attn(ln_1(x)).
-        let (dy, g) = self.adapted_backward(ctx, layer, Site::AttnCProj, s.attn_c_proj.as_ref(), &dx1)?;
-        grads[Site::AttnCProj.index()] = g;
-        let dy = attention::merge_heads_backward(&dy, ctx.b, ctx.t, h, d, f.rope)?;
+        let (dy, g) = self.adapted_backward(ctx, layer, Site::O, s.o.as_ref(), &dx1)?;
+        grads[Site::O.index()] = g;
+        let heads = self.heads(ctx);
+        let dy = attention::merge_heads_backward(&dy, heads.b, heads.t, heads.h, heads.d, f.rope)?;
         let (dq, dk, dv) = attention::attention_backward(&s.attn, &dy, f.attention)?;
-        let dqkv = attention::qkv_backward(&dq, &dk, &dv, &ctx.rope, f.rope)?;
-        let (dh1, g) = self.adapted_backward(ctx, layer, Site::CAttn, s.c_attn.as_ref(), &dqkv)?;
-        grads[Site::CAttn.index()] = g;
+        let dqkv = attention::qkv_backward(&s.qkv, &dq, &dk, &dv, &ctx.rope, f.rope, f.norm)?;
+        let mut dh1 = ops::linear_backward(&dqkv, &w.qkv)?;
+        for (site, saved) in &s.qkv_lora {
+            let adapter = ctx.lora.and_then(|l| l.adapter(layer, *site)).expect("a saved branch has its adapter");
+            let (off, rows) = cfg.qkv_rows(*site);
+            // Each linear's share of d(qkv): its own rows (all of them for Qwen v1's fused c_attn).
+            let dy_site = if rows == cfg.qkv_width() { dqkv.clone() } else { dqkv.narrow(1, off, rows)?.contiguous()? };
+            let scale = ctx.lora.map(|l| l.scale()).unwrap_or(0.0);
+            let (d, da, db) = ops::lora_backward(saved, &adapter.a, &adapter.b, scale, &dy_site, dh1, f.lora)?;
+            dh1 = d;
+            grads[site.index()] = Some((da, db));
+        }
         let dx = ops::rmsnorm_backward(&s.ln_1, &w.ln_1, &dh1, Some(&dx1), f.norm)?;
         Ok((dx, grads))
     }
 
-    /// A frozen linear (with bias) plus, when the adapter targets it, its LoRA term.
-    fn adapted_forward(&self, ctx: &Ctx, layer: usize, site: Site, x: &Tensor) -> Result<(Tensor, Option<LoraSaved>)> {
-        let (mut y, saved) = self.adapted_parts(ctx, layer, site, x)?;
-        if site == Site::CAttn {
-            y = y.broadcast_add(&self.weights.layers[layer].c_attn_bias)?;
+    /// The LoRA branches (u = scale * dropout(x) A^T) of the adapted attention-input linears.
+    fn qkv_lora_forward(&self, ctx: &Ctx, layer: usize, h1: &Tensor) -> Result<Vec<(Site, LoraSaved)>> {
+        let mut out = Vec::new();
+        for &site in self.config.sites().iter().filter(|s| s.is_attention_input()) {
+            if let Some(saved) = self.lora_branch(ctx, layer, site, h1)? {
+                out.push((site, saved));
+            }
         }
+        Ok(out)
+    }
+
+    /// The attention input's LoRA delta as one rank-r' product (u [N, r'], B [(H + 2 Hkv) D, r']) for the
+    /// fused split kernel: the branches' u side by side and their B placed block-diagonally at their rows
+    /// (each branch keeps its own dropout mask; the zero blocks cost r'-wide dot products, nothing more).
+    fn qkv_lora_delta(&self, ctx: &Ctx, layer: usize, branches: &[(Site, LoraSaved)]) -> Result<Option<(Tensor, Tensor)>> {
+        let lora = match (ctx.lora, branches) {
+            (Some(l), [_, ..]) => l,
+            _ => return Ok(None),
+        };
+        let width = self.config.qkv_width();
+        let mut us = Vec::new();
+        let mut bs = Vec::new();
+        for (site, saved) in branches {
+            let b = &lora.adapter(layer, *site).expect("a branch has its adapter").b;
+            let (off, rows) = self.config.qkv_rows(*site);
+            let r = b.dim(1)?;
+            let mut rows_of_b = Vec::new();
+            if off > 0 {
+                rows_of_b.push(Tensor::zeros((off, r), b.dtype(), b.device())?);
+            }
+            rows_of_b.push(b.clone());
+            if off + rows < width {
+                rows_of_b.push(Tensor::zeros((width - off - rows, r), b.dtype(), b.device())?);
+            }
+            us.push(saved.u().clone());
+            bs.push(if rows_of_b.len() == 1 { b.clone() } else { Tensor::cat(&rows_of_b, 0)? });
+        }
+        if us.len() == 1 {
+            return Ok(Some((us.pop().unwrap(), bs.pop().unwrap())));
+        }
+        Ok(Some((Tensor::cat(&us, 1)?, Tensor::cat(&bs, 1)?)))
+    }
+
+    fn heads(&self, ctx: &Ctx) -> Heads {
+        let c = &self.config;
+        Heads { b: ctx.b, t: ctx.t, h: c.num_heads, hkv: c.num_kv_heads, d: c.head_dim }
+    }
+
+    /// A frozen linear (no bias) plus, when the adapter targets it, its LoRA term.
+    fn adapted_forward(&self, ctx: &Ctx, layer: usize, site: Site, x: &Tensor) -> Result<(Tensor, Option<LoraSaved>)> {
+        let mut y = ops::linear_forward(x, self.weights.layers[layer].linear(site), None)?;
+        let saved = self.lora_branch(ctx, layer, site, x)?;
         if let (Some(s), Some(adapter)) = (&saved, ctx.lora.and_then(|l| l.adapter(layer, site))) {
             y = ops::lora_add(y, s, &adapter.b, ctx.fusion.lora)?;
         }
         Ok((y, saved))
     }
 
-    /// The parts of an adapted linear, left for the caller to add: x W^T (no bias) and the LoRA branch.
-    fn adapted_parts(&self, ctx: &Ctx, layer: usize, site: Site, x: &Tensor) -> Result<(Tensor, Option<LoraSaved>)> {
-        let y = ops::linear_forward(x, self.weights.layers[layer].linear(site), None)?;
+    /// The LoRA branch of a linear up to rank r (dropout, A, scale), when the adapter targets it.
+    fn lora_branch(&self, ctx: &Ctx, layer: usize, site: Site, x: &Tensor) -> Result<Option<LoraSaved>> {
         let Some(adapter) = ctx.lora.and_then(|l| l.adapter(layer, site)) else {
-            return Ok((y, None));
+            return Ok(None);
         };
         let dropout = match ctx.dropout {
             Some((seed, p)) => {
@@ -331,8 +455,7 @@ impl QwenModel {
             None => None,
         };
         let scale = ctx.lora.map(|l| l.scale()).unwrap_or(0.0);
-        let saved = ops::lora_forward(x, &adapter.a, scale, dropout)?;
-        Ok((y, Some(saved)))
+        Ok(Some(ops::lora_forward(x, &adapter.a, scale, dropout)?))
     }
 
     /// The dropout of stream `key` for x: regenerated in the kernel on the GPU, a mask tensor elsewhere.
@@ -384,21 +507,25 @@ impl QwenModel {
         if let Some(l) = lora {
             l.check_fits(&self.config)?;
         }
-        let rope = match self.rope.get() {
-            Some(r) => r,
-            None => {
-                let c = &self.config;
-                let table = Rope::new(c.seq_length, c.head_dim, c.rope_base, self.dtype, &self.device)?;
-                self.rope.get_or_init(|| table)
-            }
-        }
-        .prefix(t)?;
+        let rope = self.rope_prefix(t)?;
         let fusion = self.fusion;
         let mask = match super::fusion::on_for(fusion.attention, self.dtype, &self.device) {
             true => None,
             false => Some(attention::causal_mask(t, self.dtype, &self.device)?),
         };
-        Ok(Ctx { b, t, rope, mask, lora, dropout, fusion })
+        Ok(Ctx { b, t, rope, mask, lora, dropout, fusion, cache: None })
+    }
+
+    /// RoPE tables for positions 0..t, from the cached tables (rebuilt larger when a longer sequence comes).
+    fn rope_prefix(&self, t: usize) -> Result<Rope> {
+        let mut cached = self.rope.lock().unwrap_or_else(|e| e.into_inner());
+        if cached.as_ref().is_none_or(|r| r.len() < t) {
+            // At least 2048 positions (or all of them), so short batches do not rebuild the table each time.
+            let c = &self.config;
+            let len = t.max(2048.min(c.seq_length));
+            *cached = Some(Rope::new(len, c.head_dim, c.rope_base, &c.rope_scaling, self.dtype, &self.device)?);
+        }
+        Ok(cached.as_ref().expect("built above").prefix(t)?)
     }
 
     fn targets(&self, ids: &Tensor, labels: &Tensor) -> Result<Targets> {

@@ -3,16 +3,18 @@
 //!
 //! - Targets match module paths by suffix, as PEFT does: a module `transformer.h.3.attn.c_proj` is adapted
 //!   when a target equals it or it ends with `.` + target. So `c_proj` adapts both attn.c_proj and
-//!   mlp.c_proj; `attn.c_proj` only the attention one.
+//!   mlp.c_proj; `attn.c_proj` only the attention one. `all-linear` adapts every linear of every block
+//!   (PEFT's shorthand; never lm_head). Module names are the family's own (`q_proj`, ..., `down_proj` for
+//!   Qwen2/Qwen3/Llama; `c_attn`, `c_proj`, `w1`, `w2` for Qwen v1), as PEFT would name them.
 //! - Forward: `y = W x + (alpha / r) * B A dropout(x)`; A [r, in] kaiming-uniform(a = sqrt(5)), which is
 //!   U(-1/sqrt(in), 1/sqrt(in)); B [out, r] zeros, so a fresh adapter changes nothing.
 //! - Parameters are f32 whatever the model dtype (cast in the forward).
 //! - On disk: a folder with `adapter_config.json` and `adapter_model.safetensors`, keys
 //!   `base_model.model.<module path>.lora_A.weight` [r, in] / `.lora_B.weight` [out, r].
 use crate::fsutil::write_atomic;
-use crate::model::config::{Family, QwenConfig, Site};
-use crate::model::rng::Rng;
-use crate::model::weights::Checkpoint;
+use super::config::{Family, ModelConfig, Site};
+use super::rng::Rng;
+use super::weights::Checkpoint;
 use anyhow::{anyhow, bail, Context, Result};
 use candle_core::safetensors::Load;
 use candle_core::{DType, Device, Tensor};
@@ -82,7 +84,7 @@ pub struct Lora {
     family: Family,
     adapters: Vec<Adapter>,
     /// slots[layer][site] = index into `adapters`.
-    slots: Vec<[Option<usize>; 5]>,
+    slots: Vec<[Option<usize>; Site::COUNT]>,
 }
 
 /// Gradients for every adapter, aligned with [`Lora::adapters`].
@@ -95,7 +97,7 @@ pub struct LoraGrads {
 impl Lora {
     /// A fresh adapter: A kaiming-uniform from `seed` (each adapter from its own stream (seed, layer,
     /// site), so adding a target does not change the others), B zeros; f32 on `device`.
-    pub fn new(config: LoraConfig, model: &QwenConfig, seed: u64, device: &Device) -> Result<Lora> {
+    pub fn new(config: LoraConfig, model: &ModelConfig, seed: u64, device: &Device) -> Result<Lora> {
         config.validate()?;
         let sites = matched_sites(&config, model)?;
         let mut adapters = Vec::with_capacity(sites.len());
@@ -111,8 +113,8 @@ impl Lora {
         Ok(Self::from_adapters(config, model, adapters))
     }
 
-    fn from_adapters(config: LoraConfig, model: &QwenConfig, adapters: Vec<Adapter>) -> Lora {
-        let mut slots = vec![[None; 5]; model.num_layers];
+    fn from_adapters(config: LoraConfig, model: &ModelConfig, adapters: Vec<Adapter>) -> Lora {
+        let mut slots = vec![[None; Site::COUNT]; model.num_layers];
         for (i, ad) in adapters.iter().enumerate() {
             slots[ad.layer][ad.site.index()] = Some(i);
         }
@@ -182,7 +184,7 @@ impl Lora {
     }
 
     /// Errors unless every adapter has the shape the model's linear needs.
-    pub fn check_fits(&self, model: &QwenConfig) -> Result<()> {
+    pub fn check_fits(&self, model: &ModelConfig) -> Result<()> {
         if self.slots.len() != model.num_layers || self.family != model.family {
             bail!("the LoRA adapter was built for a model with {} layers, this one has {}", self.slots.len(), model.num_layers);
         }
@@ -245,7 +247,7 @@ impl Lora {
 
     /// Reads a PEFT LoRA adapter for `model`. Everything is checked (config fields, every expected key
     /// present with its exact shape, no foreign keys) before anything is returned; nothing is written.
-    pub fn load(dir: &Path, model: &QwenConfig, device: &Device) -> Result<Lora> {
+    pub fn load(dir: &Path, model: &ModelConfig, device: &Device) -> Result<Lora> {
         let config_path = dir.join(ADAPTER_CONFIG_FILE);
         let config = read_adapter_config(&config_path)?;
         let sites = matched_sites(&config, model).with_context(|| config_path.display().to_string())?;
@@ -300,21 +302,30 @@ fn peft_key(module_path: &str, which: &str) -> String {
     format!("base_model.model.{module_path}.{which}.weight")
 }
 
+/// PEFT's target that adapts every linear of the blocks.
+pub const ALL_LINEAR: &str = "all-linear";
+
 /// (layer, site) of every module a config adapts, in order; errors when a target matches nothing.
-fn matched_sites(config: &LoraConfig, model: &QwenConfig) -> Result<Vec<(usize, Site)>> {
+fn matched_sites(config: &LoraConfig, model: &ModelConfig) -> Result<Vec<(usize, Site)>> {
+    let all = config.targets.iter().any(|t| t == ALL_LINEAR);
     let mut sites = Vec::new();
     for layer in 0..model.num_layers {
-        for site in Site::ALL {
+        for &site in model.sites() {
             let path = model.module_path(layer, site);
-            if config.targets.iter().any(|t| target_matches(&path, t)) {
+            if all || config.targets.iter().any(|t| target_matches(&path, t)) {
                 sites.push((layer, site));
             }
         }
     }
-    for t in &config.targets {
-        let hit = (0..model.num_layers).any(|l| Site::ALL.iter().any(|&s| target_matches(&model.module_path(l, s), t)));
+    for t in config.targets.iter().filter(|t| *t != ALL_LINEAR) {
+        let hit = (0..model.num_layers).any(|l| model.sites().iter().any(|&s| target_matches(&model.module_path(l, s), t)));
         if !hit {
-            bail!("LoRA target {t:?} matches no linear layer of the model (adaptable: c_attn, attn.c_proj, mlp.c_proj, c_proj, w1, w2)");
+            let names: Vec<String> = model.sites().iter().map(|&s| model.module_path(0, s).rsplit('.').next().unwrap_or("").to_string()).collect();
+            bail!(
+                "LoRA target {t:?} matches no linear layer of this {} model (adaptable: {}, or {ALL_LINEAR:?})",
+                model.family.architecture(),
+                names.join(", ")
+            );
         }
     }
     Ok(sites)
@@ -486,7 +497,7 @@ pub fn merge_with_progress(base_dir: &Path, lora: &Lora, out_dir: &Path, mut pro
 
 /// Writes the merged shard to `out` and returns true, or returns false when it holds no adapted weight
 /// (copy it as it is). Only this shard is in memory, and the output is streamed to the file.
-fn merge_shard(path: &Path, cfg: &QwenConfig, lora: &Lora, out: &Path) -> Result<bool> {
+fn merge_shard(path: &Path, cfg: &ModelConfig, lora: &Lora, out: &Path) -> Result<bool> {
     let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
     let st = SafeTensors::deserialize(&bytes).map_err(|e| anyhow!("{}: not a valid safetensors file: {e}", path.display()))?;
     let (_, header) = SafeTensors::read_metadata(&bytes).map_err(|e| anyhow!("{}: {e}", path.display()))?;
