@@ -28,6 +28,9 @@ enum Command {
         /// Stop with a checkpoint after this many optimizer steps, as if interrupted.
         #[arg(long, hide = true)]
         stop_after: Option<u64>,
+        /// Accept plugins whose files changed since the run's lock (run.lock), and rewrite it.
+        #[arg(long)]
+        relock: bool,
     },
     /// Generate a reply with the manifest's model, template and (by default) the run's adapter.
     Generate {
@@ -408,7 +411,7 @@ fn parse_kind(s: &str) -> anyhow::Result<PluginKind> {
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Run { manifest, fresh, stop_after } => commands::run(manifest, fresh, stop_after)?,
+        Command::Run { manifest, fresh, stop_after, relock } => commands::run(manifest, fresh, stop_after, relock)?,
         Command::Generate { manifest, prompt, adapter, base, max_new, temperature, seed } => {
             commands::generate(&manifest, &prompt, adapter, base, max_new, temperature, seed)?
         }

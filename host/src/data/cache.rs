@@ -28,6 +28,10 @@ pub fn store(cache_dir: &Path, key: &str, stream: &TokenStream, report: &Report)
     stream.ids.iter().for_each(|v| buf.extend_from_slice(&v.to_le_bytes()));
     buf.extend_from_slice(&stream.trained);
     let (bin, json) = paths(cache_dir, key);
+    // What a killed run was writing here is of no use to anyone.
+    if let Some(dir) = bin.parent() {
+        crate::fsutil::remove_stale_temps(dir);
+    }
     // The report goes first: a stream without its report is never visible.
     write_atomic(&json, serde_json::to_string_pretty(report)?.as_bytes())?;
     write_atomic(&bin, &buf)?;
