@@ -1,16 +1,9 @@
 //! The command line as a user types it: exit codes and what it prints.
 mod common;
 
+use common::{lorahost, text};
 use std::path::Path;
-use std::process::{Command, Output};
-
-fn lorahost(args: &[&str], cwd: &Path) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_lorahost")).args(args).current_dir(cwd).output().unwrap()
-}
-
-fn text(o: &Output) -> String {
-    format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
-}
+use std::process::Command;
 
 #[test]
 fn plugin_list_and_inspect() {

@@ -7,7 +7,7 @@ use std::io::{IsTerminal, Read};
 use std::path::Path;
 
 pub fn lock_path(m: &Manifest) -> std::path::PathBuf {
-    m.run.output.join("run.lock")
+    m.run.output.join(data::lock::LOCK_FILE)
 }
 
 pub fn check(manifest: &Path, locked: bool, json: bool, show_drops: usize, lengths: Option<&Path>) -> anyhow::Result<()> {
@@ -38,6 +38,8 @@ pub fn check(manifest: &Path, locked: bool, json: bool, show_drops: usize, lengt
             );
         }
     } else {
+        // The run folder's lock file keeps a running `lorahost run` from having its lock rewritten.
+        let _held = lorahost::run_folder::RunLock::acquire(&m.run.output, "check")?;
         prepared.lock.write(&lock_path(&m))?;
     }
     if let Some(path) = lengths {
@@ -164,7 +166,7 @@ fn quickstart() -> std::path::PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/quickstart.toml")
 }
 
-pub fn run(manifest: Option<std::path::PathBuf>, fresh: bool, stop_after: Option<u64>, ranks: usize) -> anyhow::Result<()> {
+pub fn run(manifest: Option<std::path::PathBuf>, fresh: bool, stop_after: Option<u64>, relock: bool, ranks: usize) -> anyhow::Result<()> {
     // Under a launcher (torchrun and the like): a world of one runs as usual, more needs the NCCL build.
     if let Some(env) = lorahost::train::dist::LaunchEnv::from_env()? {
         env.check_supported()?;
@@ -195,6 +197,7 @@ pub fn run(manifest: Option<std::path::PathBuf>, fresh: bool, stop_after: Option
         stop_after,
         progress: std::io::stderr().is_terminal(),
         interrupt: Some(interrupt),
+        relock,
         ranks,
         ..Default::default()
     };
@@ -265,8 +268,15 @@ pub fn generate(
 
 pub fn merge(manifest: &Path, out: &Path, adapter: Option<std::path::PathBuf>) -> anyhow::Result<()> {
     let m = Manifest::load(manifest)?;
-    let (_, lora) = model_and_adapter(&m, adapter, false)?;
-    lorahost::model::lora::merge(&m.model.path, lora.as_ref().expect("adapter loaded"), out)?;
+    // Only the config and the adapter are loaded: the weights are read one shard at a time by the merge.
+    lorahost::train::run::ensure_tiny(&m)?;
+    let config = lorahost::model::weights::Checkpoint::open(&m.model.path)?.config;
+    let dir = adapter.unwrap_or_else(|| m.run.output.join("adapter"));
+    let lora = lorahost::model::lora::Lora::load(&dir, &config, &candle_core::Device::Cpu)
+        .with_context(|| format!("loading the adapter {} (train first, or pass --adapter)", dir.display()))?;
+    lorahost::model::lora::merge_with_progress(&m.model.path, &lora, out, |i, n, file| {
+        eprintln!("merge: {}/{n} {}", i + 1, file.file_name().unwrap_or_default().to_string_lossy());
+    })?;
     println!("merged model written to {}", out.display());
     Ok(())
 }

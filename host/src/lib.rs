@@ -11,6 +11,7 @@ pub mod manifest;
 pub mod model;
 pub mod plugins;
 pub mod rng;
+pub mod run_folder;
 pub mod serve;
 pub mod tokenizer;
 pub mod train;

@@ -28,6 +28,9 @@ enum Command {
         /// Stop with a checkpoint after this many optimizer steps, as if interrupted.
         #[arg(long, hide = true)]
         stop_after: Option<u64>,
+        /// Accept plugins whose files changed since the run's lock (run.lock), and rewrite it.
+        #[arg(long)]
+        relock: bool,
         /// Data-parallel ranks: each takes a share of every step's passes, gradients summed over ranks
         /// (the same run as one rank). Threads of this process, CPU manifests only, for now; several GPUs
         /// need the NCCL build (docs/multi-gpu.md).
@@ -413,7 +416,7 @@ fn parse_kind(s: &str) -> anyhow::Result<PluginKind> {
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Run { manifest, fresh, stop_after, ranks } => commands::run(manifest, fresh, stop_after, ranks)?,
+        Command::Run { manifest, fresh, stop_after, relock, ranks } => commands::run(manifest, fresh, stop_after, relock, ranks)?,
         Command::Generate { manifest, prompt, adapter, base, max_new, temperature, seed } => {
             commands::generate(&manifest, &prompt, adapter, base, max_new, temperature, seed)?
         }

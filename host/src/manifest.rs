@@ -291,6 +291,32 @@ pub struct Dataset {
     pub count: Option<usize>,
     #[serde(default)]
     pub on_malformed: OnMalformed,
+    /// The most this dataset's source may give; past it the source is stopped with an error.
+    #[serde(default)]
+    pub budget: Budget,
+}
+
+/// Host-side bounds on what one dataset's source may yield, so a source that never ends (or data far
+/// larger than expected) stops with an error instead of exhausting memory. Generous by default.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Budget {
+    /// Records read (malformed ones not counted).
+    pub records: u64,
+    /// MiB of text read (ids, roles, contents, metadata).
+    pub mb: u64,
+}
+
+impl Default for Budget {
+    fn default() -> Self {
+        Budget { records: 20_000_000, mb: 8192 }
+    }
+}
+
+impl Budget {
+    pub fn bytes(&self) -> u64 {
+        self.mb.saturating_mul(1 << 20)
+    }
 }
 
 fn one_u32() -> u32 {
@@ -486,6 +512,9 @@ impl Manifest {
             if d.repeat == 0 {
                 return bad(&key("repeat"), "must be at least 1 (leave the dataset out to drop it)");
             }
+            if d.budget.records == 0 || d.budget.mb == 0 {
+                return bad(&key("budget"), "records and mb must be at least 1");
+            }
         }
         if !(self.mix.fraction > 0.0 && self.mix.fraction <= 1.0) {
             return bad("mix.fraction", &format!("{} is not in (0, 1]", self.mix.fraction));
@@ -522,6 +551,11 @@ impl Manifest {
         }
         if self.lora.targets.is_empty() {
             return bad("lora.targets", "name at least one module, e.g. [\"c_attn\", \"c_proj\"]");
+        }
+        for (_, key, use_) in self.plugin_uses() {
+            if let Some(l) = &use_.limits {
+                l.check().map_err(|(field, msg)| (format!("{key}.limits.{field}"), msg))?;
+            }
         }
         for (name, p) in &self.plugins {
             if let Some(d) = &p.sha256 {

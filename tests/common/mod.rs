@@ -26,6 +26,16 @@ pub fn cargo() -> Command {
     cmd
 }
 
+/// Runs the `lorahost` binary of this build with `args` in `cwd`.
+pub fn lorahost(args: &[&str], cwd: &Path) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_lorahost")).args(args).current_dir(cwd).output().unwrap()
+}
+
+/// Everything a command printed, stdout then stderr.
+pub fn text(o: &std::process::Output) -> String {
+    format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
+}
+
 fn run(mut cmd: Command, what: &str) {
     let out = cmd.output().unwrap_or_else(|e| panic!("cannot run cargo for {what}: {e}"));
     assert!(out.status.success(), "building {what} failed:\n{}", String::from_utf8_lossy(&out.stderr));

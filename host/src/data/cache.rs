@@ -19,6 +19,10 @@ pub fn paths(cache_dir: &Path, key: &str) -> (PathBuf, PathBuf) {
 pub fn store(cache_dir: &Path, key: &str, stream: &TokenStream, report: &Report) -> anyhow::Result<()> {
     let buf = encode(stream);
     let (bin, json) = paths(cache_dir, key);
+    // What a killed run was writing here is of no use to anyone.
+    if let Some(dir) = bin.parent() {
+        crate::fsutil::remove_stale_temps(dir);
+    }
     // The report goes first: a stream without its report is never visible.
     write_atomic(&json, serde_json::to_string_pretty(report)?.as_bytes())?;
     write_atomic(&bin, &buf)?;

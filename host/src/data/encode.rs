@@ -10,8 +10,10 @@
 //!
 //! The end-of-sequence token is part of the answer, so a long answer can lose it, as in the original.
 use crate::manifest::Truncation;
-use crate::plugins::Segment;
+use crate::plugins::{Example, Segment, WasmTemplate};
 use crate::tokenizer::Tokenizer;
+use rayon::prelude::*;
+use std::sync::Mutex;
 
 /// One record as tokens.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -97,6 +99,49 @@ pub fn truncate(pieces: Vec<(Vec<u32>, bool)>, cutoff: usize, policy: Truncation
         enc.trained.truncate(cutoff);
     }
     enc
+}
+
+/// Records rendered and tokenized per parallel task (fewer when they are long).
+const ENCODE_CHUNK: usize = 256;
+
+/// Renders and tokenizes `needed` records in parallel; template instances are pooled, one per worker.
+pub fn encode_records(
+    plan: &super::Plan,
+    pools: &[Vec<Example>],
+    needed: &[(u16, u32)],
+) -> anyhow::Result<Vec<Result<Encoded, String>>> {
+    let m = plan.manifest;
+    let templates: Mutex<Vec<WasmTemplate>> = Mutex::new(vec![plan.template()?]);
+    let tok = plan.tokenizer.as_ref();
+    let record = |&(d, r): &(u16, u32)| &pools[d as usize][r as usize];
+    let ranges = super::read::byte_batches(needed.iter().map(|k| super::read::record_bytes(record(k))), ENCODE_CHUNK);
+    let chunks: Vec<Vec<Result<Encoded, String>>> = ranges
+        .into_par_iter()
+        .map(|range| -> anyhow::Result<_> {
+            let chunk = &needed[range];
+            let popped = templates.lock().unwrap().pop();
+            let mut template = match popped {
+                Some(t) => t,
+                None => plan.template()?,
+            };
+            let batch: Vec<Example> = chunk.iter().map(|k| record(k).clone()).collect();
+            let rendered = template.render_batch(&batch);
+            templates.lock().unwrap().push(template);
+            let rendered = rendered?;
+            rendered
+                .into_iter()
+                .map(|r| match r {
+                    // The template rejected this record: counted by reason, not fatal.
+                    Err(reason) => Ok(Err(reason)),
+                    Ok(segments) => {
+                        let pieces = tokenize_segments(tok, &segments).map_err(anyhow::Error::msg)?;
+                        Ok(Ok(truncate(pieces, m.train.max_seq_len, m.train.truncation)))
+                    }
+                })
+                .collect::<anyhow::Result<Vec<_>>>()
+        })
+        .collect::<anyhow::Result<_>>()?;
+    Ok(chunks.into_iter().flatten().collect())
 }
 
 #[cfg(test)]

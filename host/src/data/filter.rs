@@ -44,11 +44,12 @@ pub fn apply(
 ) -> anyhow::Result<(Vec<Example>, FilterStats)> {
     let mut stats = FilterStats { plugin: filter.name().to_string(), key: key.to_string(), ..Default::default() };
     let mut out = Vec::with_capacity(records.len());
-    let mut records = records.into_iter().peekable();
+    let ranges = super::read::byte_batches(records.iter().map(super::read::record_bytes), FILTER_BATCH);
+    let mut records = records.into_iter();
     let mut batch = Vec::with_capacity(FILTER_BATCH);
-    while records.peek().is_some() {
+    for range in ranges {
         batch.clear();
-        batch.extend(records.by_ref().take(FILTER_BATCH));
+        batch.extend(records.by_ref().take(range.len()));
         let verdicts = filter.filter_batch(&batch)?;
         stats.seen += batch.len();
         for (example, verdict) in batch.drain(..).zip(verdicts) {

@@ -3,13 +3,25 @@
 //! Every run writes `run.lock` in its folder; `lorahost check --locked` recomputes the inputs and fails,
 //! naming each difference, when they no longer match. The cache key is the digest of the lock's inputs,
 //! so "same lock inputs" and "cache hit" mean the same thing.
+//!
+//! Data files are recorded by their path relative to the manifest's folder (`../data/x.jsonl` for one
+//! beside it) and their content digest, so a moved or copied checkout still matches its lock.
+use super::plugins::Resolved;
+use crate::manifest::{is_path_key, Manifest, PluginUse};
+use crate::tokenizer::Tokenizer;
 use anyhow::Context;
 use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Component, Path};
 
 /// Bump when the pipeline's output for the same inputs changes (it invalidates every cache entry).
 pub const PIPELINE_VERSION: u32 = 1;
+
+/// The lock's file name in the run folder.
+pub const LOCK_FILE: &str = "run.lock";
+
+/// The manifest key of the scheduler, which the lock pins but the token stream does not depend on.
+const SCHEDULER_KEY: &str = "scheduler";
 
 #[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Lock {
@@ -30,10 +42,13 @@ pub struct Lock {
 }
 
 impl Lock {
-    /// The cache key: the digest of the inputs (everything but the stream).
+    /// The cache key: the digest of the inputs of the token stream (everything but the stream and the
+    /// scheduler).
     pub fn key(&self) -> String {
         let mut inputs = self.clone();
         inputs.token_stream = None;
+        inputs.plugins.remove(SCHEDULER_KEY);
+        inputs.configs.remove(SCHEDULER_KEY);
         let json = serde_json::to_vec(&inputs).expect("a lock serializes");
         hex::encode(Sha256::digest(json))
     }
@@ -68,6 +83,26 @@ impl Lock {
         diff_maps(&mut out, "setting", &self.settings, &locked.settings);
         out
     }
+
+    /// Plugin uses whose plugin is the same by name but not by content since `locked`: a file replaced
+    /// under the manifest, one line each. (A manifest that names another plugin is a change of the run,
+    /// which the checkpoint's identity catches.)
+    pub fn swapped_plugins(&self, locked: &Lock) -> Vec<String> {
+        let mut out = Vec::new();
+        for (key, now) in &self.plugins {
+            let Some(was) = locked.plugins.get(key) else { continue };
+            let ((name, sha), (old_name, old_sha)) = (split_plugin(now), split_plugin(was));
+            if name == old_name && sha != old_sha {
+                out.push(format!("`{key}`: plugin `{name}` has sha256 {} (locked {})", short(sha), short(old_sha)));
+            }
+        }
+        out
+    }
+}
+
+/// "name sha256" as recorded in [`Lock::plugins`].
+fn split_plugin(entry: &str) -> (&str, &str) {
+    entry.rsplit_once(' ').unwrap_or((entry, ""))
 }
 
 fn short(s: &str) -> &str {
@@ -128,4 +163,101 @@ fn collect_files(dir: &Path, out: &mut Vec<std::path::PathBuf>) -> anyhow::Resul
         }
     }
     Ok(())
+}
+
+/// The lock of a manifest's inputs (no token stream yet).
+pub fn input_lock(m: &Manifest, resolved: &[(String, Resolved)], tok: &dyn Tokenizer) -> anyhow::Result<Lock> {
+    let base = m.file.parent().map(Path::to_path_buf).unwrap_or_default();
+    let base = base.canonicalize().unwrap_or(base);
+    let mut lock = Lock { pipeline_version: PIPELINE_VERSION, tokenizer: tok.digest().to_string(), ..Default::default() };
+    let mut digests: BTreeMap<String, String> = BTreeMap::new();
+    // Every plugin, the scheduler included (it shapes training, not tokens: [`Lock::key`] leaves it out).
+    for ((_, key, use_), (_, r)) in m.plugin_uses().into_iter().zip(resolved) {
+        lock.plugins.insert(key.clone(), format!("{} {}", r.origin.name, r.origin.sha256));
+        let normalized = normalized_config(use_, &base, &mut digests, &mut lock.files)?;
+        lock.configs.insert(key, hex::encode(<sha2::Sha256 as sha2::Digest>::digest(normalized.as_bytes())));
+    }
+    let s = &mut lock.settings;
+    s.insert("seed".into(), m.run.seed.to_string());
+    s.insert("mix".into(), format!("fraction={} shuffle={}", m.mix.fraction, m.mix.shuffle));
+    s.insert("train.max_seq_len".into(), m.train.max_seq_len.to_string());
+    s.insert("train.truncation".into(), format!("{:?}", m.train.truncation).to_lowercase());
+    s.insert("train.eval".into(), format!("fraction={} count={:?}", m.train.eval_fraction, m.train.eval_count));
+    for (i, d) in m.datasets.iter().enumerate() {
+        s.insert(
+            format!("dataset[{i}]"),
+            format!("name={} repeat={} fraction={:?} count={:?} on_malformed={:?}", d.name, d.repeat, d.fraction, d.count, d.on_malformed),
+        );
+    }
+    Ok(lock)
+}
+
+/// A plugin's options with every path replaced by its content digest, so the lock and the cache key do
+/// not depend on where the data sits, only on what it is.
+fn normalized_config(
+    use_: &PluginUse,
+    base: &Path,
+    digests: &mut BTreeMap<String, String>,
+    files: &mut BTreeMap<String, String>,
+) -> anyhow::Result<String> {
+    let mut config = use_.config.clone();
+    for (key, value) in config.iter_mut() {
+        if !is_path_key(key) {
+            continue;
+        }
+        let mut replace = |s: &mut String| -> anyhow::Result<()> {
+            let d = match digests.get(s.as_str()) {
+                Some(d) => d.clone(),
+                None => {
+                    let d = digest_path(Path::new(s.as_str()))?;
+                    digests.insert(s.clone(), d.clone());
+                    d
+                }
+            };
+            files.insert(relative_to(Path::new(s.as_str()), base), d.clone());
+            *s = format!("sha256:{d}");
+            Ok(())
+        };
+        match value {
+            toml::Value::String(s) => replace(s)?,
+            toml::Value::Array(items) => {
+                for v in items {
+                    if let toml::Value::String(s) = v {
+                        replace(s)?;
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    Ok(toml::to_string(&config)?)
+}
+
+/// `path` relative to the folder `base` (both absolute), with `..` where `path` is outside it; absolute
+/// when the two share nothing below the root (a system folder stays where it is when a checkout moves).
+fn relative_to(path: &Path, base: &Path) -> String {
+    let (p, b): (Vec<Component>, Vec<Component>) = (path.components().collect(), base.components().collect());
+    let common = p.iter().zip(&b).take_while(|(x, y)| x == y).count();
+    if common <= 1 {
+        return path.display().to_string();
+    }
+    let mut rel = std::path::PathBuf::new();
+    for _ in common..b.len() {
+        rel.push("..");
+    }
+    rel.extend(&p[common..]);
+    rel.display().to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn data_paths_are_relative_to_the_manifest_folder() {
+        let base = Path::new("/home/u/proj/examples");
+        assert_eq!(relative_to(Path::new("/home/u/proj/examples/data/a.jsonl"), base), "data/a.jsonl");
+        assert_eq!(relative_to(Path::new("/home/u/proj/tests/x.csv"), base), "../tests/x.csv");
+        assert_eq!(relative_to(Path::new("/srv/d.json"), base), "/srv/d.json");
+    }
 }

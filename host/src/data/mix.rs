@@ -54,7 +54,7 @@ mod tests {
 
     fn dataset(repeat: u32, fraction: Option<f64>, count: Option<usize>) -> Dataset {
         let source = toml::from_str("plugin = \"jsonl\"").unwrap();
-        Dataset { name: "d".into(), source, filters: vec![], repeat, fraction, count, on_malformed: Default::default() }
+        Dataset { name: "d".into(), source, filters: vec![], repeat, fraction, count, on_malformed: Default::default(), budget: Default::default() }
     }
 
     #[test]

@@ -15,17 +15,15 @@ pub mod read;
 pub mod report;
 pub mod stream;
 
-use crate::manifest::{is_path_key, Manifest, PluginUse};
-use crate::plugins::{Example, PluginKind, WasmTemplate};
+use crate::manifest::Manifest;
+use crate::plugins::{Example, WasmTemplate};
 use crate::tokenizer::Tokenizer;
 use anyhow::Context;
-use lock::{Lock, PIPELINE_VERSION};
+use lock::Lock;
 use plugins::{PluginOrigin, PluginSet, Resolved};
 use rayon::prelude::*;
 use report::{DatasetReport, Report};
 use std::collections::BTreeMap;
-use std::path::Path;
-use std::sync::Mutex;
 pub use stream::TokenStream;
 
 /// The outcome of preparing a manifest's data.
@@ -68,8 +66,31 @@ impl<'m> Plan<'m> {
         for (kind, key, use_) in m.plugin_uses() {
             resolved.push((key.clone(), set.resolve(kind, &key, use_)?));
         }
-        let lock = input_lock(m, &resolved, tokenizer.as_ref())?;
-        Ok(Plan { manifest: m, set, resolved, tokenizer, lock, show_drops: 0 })
+        let lock = lock::input_lock(m, &resolved, tokenizer.as_ref())?;
+        let plan = Plan { manifest: m, set, resolved, tokenizer, lock, show_drops: 0 };
+        plan.check_eos()?;
+        Ok(plan)
+    }
+
+    /// Refuses a template whose end-of-sequence token the tokenizer does not know: the model would never
+    /// learn to stop, and `generate` would never stop.
+    fn check_eos(&self) -> anyhow::Result<()> {
+        let template = self.template()?;
+        let eos = &template.info().eos;
+        if self.tokenizer.special_id(eos).is_some() {
+            return Ok(());
+        }
+        let known: Vec<&str> = ["<|endoftext|>", "<|im_end|>", "</s>", "<eos>", "<|eot_id|>"]
+            .into_iter()
+            .filter(|t| self.tokenizer.special_id(t).is_some())
+            .collect();
+        anyhow::bail!(
+            "{}: `template`: plugin `{}` ends answers with eos `{eos}`, which the tokenizer does not have as a \
+             special token. Set `eos` in [template] to one it has ({})",
+            self.manifest.file.display(),
+            self.manifest.template.plugin,
+            if known.is_empty() { "see the tokenizer's special tokens".to_string() } else { known.join(", ") }
+        )
     }
 
     fn get(&self, key: &str) -> &Resolved {
@@ -110,6 +131,10 @@ pub fn prepare_plan(plan: &Plan) -> anyhow::Result<Prepared> {
         if let Some((stream, mut report)) = cache::load(dir, &key)? {
             report.plugins = plan.origins();
             report.from_cache = true;
+            // Budgets are not inputs of the stream (they only stop a run): show the manifest's own.
+            for (r, d) in report.datasets.iter_mut().zip(&m.datasets) {
+                r.budget = d.budget.clone();
+            }
             let mut lock = plan.lock.clone();
             lock.token_stream = Some(report.token_stream_sha256.clone());
             return Ok(Prepared { stream, report, lock, from_cache: true });
@@ -135,11 +160,12 @@ pub fn run_pipeline(plan: &Plan) -> anyhow::Result<(TokenStream, Report)> {
         .enumerate()
         .map(|(i, d)| -> anyhow::Result<_> {
             let key = format!("dataset[{i}].source");
-            let mut source = plan.set.source(plan.get(&key))?;
-            let outcome = read::read_dataset(d, &key, source.as_mut())?;
+            let outcome = read::read_dataset(d, &key, &|| plan.set.source(plan.get(&key)))?;
             let mut rep = DatasetReport {
                 name: d.name.clone(),
                 read: outcome.records.len(),
+                bytes: outcome.bytes,
+                budget: d.budget.clone(),
                 malformed: outcome.malformed,
                 malformed_examples: outcome.malformed_examples,
                 ..Default::default()
@@ -201,7 +227,7 @@ pub fn run_pipeline(plan: &Plan) -> anyhow::Result<(TokenStream, Report)> {
     let mut needed: Vec<(u16, u32)> = order.clone();
     needed.sort_unstable();
     needed.dedup();
-    let encoded = encode_records(plan, &pools, &needed)?;
+    let encoded = encode::encode_records(plan, &pools, &needed)?;
     let lookup: BTreeMap<(u16, u32), usize> = needed.iter().enumerate().map(|(k, v)| (*v, k)).collect();
 
     // Assemble the stream in mix order, dropping records the template rejected or truncation emptied.
@@ -210,7 +236,8 @@ pub fn run_pipeline(plan: &Plan) -> anyhow::Result<(TokenStream, Report)> {
     for (pos, key) in order.iter().enumerate() {
         match &encoded[lookup[key]] {
             Err(reason) => *report.template_rejected.entry(reason.clone()).or_default() += 1,
-            Ok(e) if !e.trained.contains(&true) => report.no_trained_tokens += 1,
+            Ok(e) if !e.trained.contains(&true) && e.truncated => report.no_trained_tokens += 1,
+            Ok(e) if !e.trained.contains(&true) => report.template_untrained += 1,
             Ok(_) => kept_order.push(pos),
         }
     }
@@ -227,7 +254,7 @@ pub fn run_pipeline(plan: &Plan) -> anyhow::Result<(TokenStream, Report)> {
         report.truncated += e.truncated as usize;
     }
     if stream.n_train == 0 {
-        anyhow::bail!("no training records are left after the mix: check fractions, filters and the template");
+        anyhow::bail!("{}", nothing_left(m, &report, order.len(), n_eval));
     }
     report.datasets = dreports;
     report.train_records = stream.n_train;
@@ -241,114 +268,31 @@ pub fn run_pipeline(plan: &Plan) -> anyhow::Result<(TokenStream, Report)> {
     Ok((stream, report))
 }
 
-/// Records rendered and tokenized per parallel task.
-const ENCODE_CHUNK: usize = 256;
-
-/// Renders and tokenizes `needed` records in parallel; template instances are pooled, one per worker.
-fn encode_records(
-    plan: &Plan,
-    pools: &[Vec<Example>],
-    needed: &[(u16, u32)],
-) -> anyhow::Result<Vec<Result<encode::Encoded, String>>> {
-    let m = plan.manifest;
-    let templates: Mutex<Vec<WasmTemplate>> = Mutex::new(vec![plan.template()?]);
-    let tok = plan.tokenizer.as_ref();
-    let chunks: Vec<Vec<Result<encode::Encoded, String>>> = needed
-        .par_chunks(ENCODE_CHUNK)
-        .map(|chunk| -> anyhow::Result<_> {
-            let popped = templates.lock().unwrap().pop();
-            let mut template = match popped {
-                Some(t) => t,
-                None => plan.template()?,
-            };
-            let batch: Vec<Example> = chunk.iter().map(|&(d, r)| pools[d as usize][r as usize].clone()).collect();
-            let rendered = template.render_batch(&batch);
-            templates.lock().unwrap().push(template);
-            let rendered = rendered?;
-            rendered
-                .into_iter()
-                .map(|r| match r {
-                    // The template rejected this record: counted by reason, not fatal.
-                    Err(reason) => Ok(Err(reason)),
-                    Ok(segments) => {
-                        let pieces = encode::tokenize_segments(tok, &segments).map_err(anyhow::Error::msg)?;
-                        Ok(Ok(encode::truncate(pieces, m.train.max_seq_len, m.train.truncation)))
-                    }
-                })
-                .collect::<anyhow::Result<Vec<_>>>()
-        })
-        .collect::<anyhow::Result<_>>()?;
-    Ok(chunks.into_iter().flatten().collect())
-}
-
-/// The lock of a manifest's inputs (no token stream yet).
-fn input_lock(m: &Manifest, resolved: &[(String, Resolved)], tok: &dyn Tokenizer) -> anyhow::Result<Lock> {
-    let base = m.file.parent().map(Path::to_path_buf).unwrap_or_default();
-    let base = base.canonicalize().unwrap_or(base);
-    let mut lock = Lock { pipeline_version: PIPELINE_VERSION, tokenizer: tok.digest().to_string(), ..Default::default() };
-    let mut digests: BTreeMap<String, String> = BTreeMap::new();
-    for ((kind, key, use_), (_, r)) in m.plugin_uses().into_iter().zip(resolved) {
-        // The scheduler shapes training, not tokens: it is locked by the run, not here.
-        if kind == PluginKind::Scheduler {
-            continue;
-        }
-        lock.plugins.insert(key.clone(), format!("{} {}", r.origin.name, r.origin.sha256));
-        let normalized = normalized_config(use_, &base, &mut digests, &mut lock.files)?;
-        lock.configs.insert(key, hex::encode(<sha2::Sha256 as sha2::Digest>::digest(normalized.as_bytes())));
+/// Why no training record is left, naming the template and what it did to the records that reached it.
+fn nothing_left(m: &Manifest, report: &Report, mixed: usize, n_eval: usize) -> String {
+    let rejected: usize = report.template_rejected.values().sum();
+    let mut why = vec![];
+    if rejected > 0 {
+        let reasons: Vec<String> = report.template_rejected.iter().take(3).map(|(r, n)| format!("{n}: {r}")).collect();
+        why.push(format!("rejected {rejected} ({})", reasons.join("; ")));
     }
-    let s = &mut lock.settings;
-    s.insert("seed".into(), m.run.seed.to_string());
-    s.insert("mix".into(), format!("fraction={} shuffle={}", m.mix.fraction, m.mix.shuffle));
-    s.insert("train.max_seq_len".into(), m.train.max_seq_len.to_string());
-    s.insert("train.truncation".into(), format!("{:?}", m.train.truncation).to_lowercase());
-    s.insert("train.eval".into(), format!("fraction={} count={:?}", m.train.eval_fraction, m.train.eval_count));
-    for (i, d) in m.datasets.iter().enumerate() {
-        s.insert(
-            format!("dataset[{i}]"),
-            format!("name={} repeat={} fraction={:?} count={:?} on_malformed={:?}", d.name, d.repeat, d.fraction, d.count, d.on_malformed),
-        );
+    if report.template_untrained > 0 {
+        why.push(format!("rendered {} with no trained segment (nothing for the loss)", report.template_untrained));
     }
-    Ok(lock)
-}
-
-/// A plugin's options with every path replaced by its content digest, so the lock and the cache key do
-/// not depend on where the data sits, only on what it is.
-fn normalized_config(
-    use_: &PluginUse,
-    base: &Path,
-    digests: &mut BTreeMap<String, String>,
-    files: &mut BTreeMap<String, String>,
-) -> anyhow::Result<String> {
-    let mut config = use_.config.clone();
-    for (key, value) in config.iter_mut() {
-        if !is_path_key(key) {
-            continue;
-        }
-        let mut replace = |s: &mut String| -> anyhow::Result<()> {
-            let d = match digests.get(s.as_str()) {
-                Some(d) => d.clone(),
-                None => {
-                    let d = lock::digest_path(Path::new(s.as_str()))?;
-                    digests.insert(s.clone(), d.clone());
-                    d
-                }
-            };
-            let rel = Path::new(s.as_str()).strip_prefix(base).map(|p| p.display().to_string()).unwrap_or_else(|_| s.clone());
-            files.insert(rel, d.clone());
-            *s = format!("sha256:{d}");
-            Ok(())
-        };
-        match value {
-            toml::Value::String(s) => replace(s)?,
-            toml::Value::Array(items) => {
-                for v in items {
-                    if let toml::Value::String(s) = v {
-                        replace(s)?;
-                    }
-                }
-            }
-            _ => {}
-        }
+    if report.no_trained_tokens > 0 {
+        why.push(format!(
+            "{} lost every trained token to truncation at `train.max_seq_len = {}`",
+            report.no_trained_tokens, m.train.max_seq_len
+        ));
     }
-    Ok(toml::to_string(&config)?)
+    if n_eval > 0 {
+        why.push(format!("{n_eval} went to the eval hold-out"));
+    }
+    format!(
+        "no training records are left after the mix: {mixed} records reached the template plugin `{}` ([template]), \
+         which {}. Check the template's options and that its renderings mark the answer as trained \
+         (`lorahost preview` shows them)",
+        m.template.plugin,
+        if why.is_empty() { "left none".to_string() } else { why.join(", ") }
+    )
 }

@@ -9,6 +9,11 @@ use std::fmt;
 pub struct DatasetReport {
     pub name: String,
     pub read: usize,
+    /// Bytes of text read, and the budget they were read under.
+    #[serde(default)]
+    pub bytes: u64,
+    #[serde(default)]
+    pub budget: crate::manifest::Budget,
     pub malformed: usize,
     pub malformed_examples: Vec<String>,
     pub filters: Vec<FilterStats>,
@@ -27,6 +32,9 @@ pub struct Report {
     pub template_rejected: BTreeMap<String, usize>,
     /// Records dropped because truncation left no trained token.
     pub no_trained_tokens: usize,
+    /// Records dropped because the template rendered no trained segment for them.
+    #[serde(default)]
+    pub template_untrained: usize,
     pub train_records: usize,
     pub eval_records: usize,
     pub truncated: usize,
@@ -78,6 +86,13 @@ impl fmt::Display for Report {
                 write!(f, "  malformed (skipped) {}", d.malformed)?;
             }
             writeln!(f, "  kept {:>8}  in mix {:>8}", d.kept, d.in_mix)?;
+            writeln!(
+                f,
+                "      {:.1} MiB of text; budget {} records, {} MiB (`budget` in its [[dataset]])",
+                d.bytes as f64 / (1u64 << 20) as f64,
+                d.budget.records,
+                d.budget.mb
+            )?;
             for m in &d.malformed_examples {
                 writeln!(f, "      malformed: {m}")?;
             }
@@ -93,6 +108,9 @@ impl fmt::Display for Report {
         }
         for (reason, n) in &self.template_rejected {
             writeln!(f, "template rejected {n}: {reason}")?;
+        }
+        if self.template_untrained > 0 {
+            writeln!(f, "template rendered {} with no trained segment (dropped)", self.template_untrained)?;
         }
         if self.no_trained_tokens > 0 {
             writeln!(f, "dropped {} with no trained token left after truncation", self.no_trained_tokens)?;

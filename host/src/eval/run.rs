@@ -29,7 +29,6 @@ const BLOCK: usize = 16;
 /// Reads every record of a plugin use (`key` names it in messages); malformed records stop the run.
 pub fn read_records(set: &PluginSet, key: &str, use_: &PluginUse) -> anyhow::Result<Vec<Example>> {
     let resolved = set.resolve(PluginKind::Source, key, use_)?;
-    let mut source = set.source(&resolved)?;
     let dataset = Dataset {
         name: key.to_string(),
         source: use_.clone(),
@@ -38,8 +37,9 @@ pub fn read_records(set: &PluginSet, key: &str, use_: &PluginUse) -> anyhow::Res
         fraction: None,
         count: None,
         on_malformed: OnMalformed::Fail,
+        budget: Default::default(),
     };
-    Ok(crate::data::read::read_dataset(&dataset, key, source.as_mut())?.records)
+    Ok(crate::data::read::read_dataset(&dataset, key, &|| set.source(&resolved))?.records)
 }
 
 /// A task's records (the first `limit`) with their prompts. Few-shot examples come from the few-shot source,

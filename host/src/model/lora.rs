@@ -458,6 +458,12 @@ impl View for &OutTensor<'_> {
 /// Every top-level file of the base is reproduced (safetensors shards rewritten where they hold an adapted
 /// weight, everything else copied), each written atomically.
 pub fn merge(base_dir: &Path, lora: &Lora, out_dir: &Path) -> Result<()> {
+    merge_with_progress(base_dir, lora, out_dir, |_, _, _| {})
+}
+
+/// [`merge`], one file at a time (peak memory about one shard), calling `progress(done, of, file)` before
+/// each file.
+pub fn merge_with_progress(base_dir: &Path, lora: &Lora, out_dir: &Path, mut progress: impl FnMut(usize, usize, &Path)) -> Result<()> {
     let ckpt = Checkpoint::open(base_dir)?;
     let cfg = &ckpt.config;
     lora.check_fits(cfg)?;
@@ -467,25 +473,35 @@ pub fn merge(base_dir: &Path, lora: &Lora, out_dir: &Path) -> Result<()> {
     }
     let mut entries: Vec<_> = std::fs::read_dir(base_dir)?.collect::<std::io::Result<_>>()?;
     entries.sort_by_key(|e| e.file_name());
-    for entry in entries {
+    // Sub-folders are not part of an HF model layout.
+    entries.retain(|e| e.file_type().is_ok_and(|t| t.is_file()));
+    for (i, entry) in entries.iter().enumerate() {
         let src = entry.path();
-        if !entry.file_type()?.is_file() {
-            continue; // sub-folders are not part of an HF model layout
-        }
+        progress(i, entries.len(), &src);
         let dst = out_dir.join(entry.file_name());
-        let bytes = std::fs::read(&src).with_context(|| format!("cannot read {}", src.display()))?;
-        let out = if ckpt.files.contains(&src) { merge_shard(&src, &bytes, cfg, lora)? } else { None };
-        let bytes = out.as_deref().unwrap_or(&bytes);
-        write_atomic(&dst, bytes).with_context(|| format!("cannot write {}", dst.display()))?;
+        let tmp = crate::fsutil::temp_sibling(&dst);
+        let written = if ckpt.files.contains(&src) { merge_shard(&src, cfg, lora, &tmp)? } else { false };
+        let result = (|| {
+            if !written {
+                std::fs::copy(&src, &tmp).with_context(|| format!("cannot copy {}", src.display()))?;
+            }
+            std::fs::rename(&tmp, &dst).with_context(|| format!("cannot write {}", dst.display()))
+        })();
+        if result.is_err() {
+            let _ = std::fs::remove_file(&tmp);
+        }
+        result?;
     }
     Ok(())
 }
 
-/// The merged bytes of one shard, or None when it holds no adapted weight (copy it as it is).
-fn merge_shard(path: &Path, bytes: &[u8], cfg: &ModelConfig, lora: &Lora) -> Result<Option<Vec<u8>>> {
-    let st = SafeTensors::deserialize(bytes).map_err(|e| anyhow!("{}: not a valid safetensors file: {e}", path.display()))?;
-    let (_, header) = SafeTensors::read_metadata(bytes).map_err(|e| anyhow!("{}: {e}", path.display()))?;
-    let mut out: Vec<(String, OutTensor)> = Vec::new();
+/// Writes the merged shard to `out` and returns true, or returns false when it holds no adapted weight
+/// (copy it as it is). Only this shard is in memory, and the output is streamed to the file.
+fn merge_shard(path: &Path, cfg: &ModelConfig, lora: &Lora, out: &Path) -> Result<bool> {
+    let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let st = SafeTensors::deserialize(&bytes).map_err(|e| anyhow!("{}: not a valid safetensors file: {e}", path.display()))?;
+    let (_, header) = SafeTensors::read_metadata(&bytes).map_err(|e| anyhow!("{}: {e}", path.display()))?;
+    let mut tensors: Vec<(String, OutTensor)> = Vec::new();
     let mut changed = false;
     for (name, view) in st.tensors() {
         let adapter = cfg.linear_of_tensor(&name).and_then(|(l, s)| lora.adapter(l, s));
@@ -501,12 +517,13 @@ fn merge_shard(path: &Path, bytes: &[u8], cfg: &ModelConfig, lora: &Lora) -> Res
             }
             None => OutTensor::Base(view),
         };
-        out.push((name, t));
+        tensors.push((name, t));
     }
     if !changed {
-        return Ok(None);
+        return Ok(false);
     }
-    let data = out.iter().map(|(n, t)| (n.as_str(), t));
-    let bytes = safetensors::serialize(data, header.metadata().clone()).context("cannot serialise the merged shard")?;
-    Ok(Some(bytes))
+    let data = tensors.iter().map(|(n, t)| (n.as_str(), t));
+    safetensors::serialize_to_file(data, header.metadata().clone(), out)
+        .with_context(|| format!("cannot write the merged shard {}", out.display()))?;
+    Ok(true)
 }

@@ -164,6 +164,9 @@ impl PluginEngine {
                 let c = Component::from_binary(&self.engine, bytes)
                     .map_err(|e| fail(Failure::Invalid(format!("{e:#}"))))?;
                 if let Some(path) = &cached {
+                    if let Some(dir) = path.parent() {
+                        crate::fsutil::remove_stale_temps(dir);
+                    }
                     // A cache that cannot be written only costs time on the next run.
                     if let Ok(bytes) = c.serialize() {
                         let _ = crate::fsutil::write_atomic(path, &bytes);

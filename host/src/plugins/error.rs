@@ -14,6 +14,8 @@ pub enum Failure {
     OutOfFuel(u64),
     /// The plugin tried to grow its memory past the cap (bytes).
     MemoryCap(u64),
+    /// One reply was larger than what a call may copy into the host (bytes).
+    ReplyTooBig(u64),
     /// The plugin panicked (message from its stderr).
     Panic(String),
     /// Any other trap: an invalid memory access, `unreachable`, a stack overflow.
@@ -48,6 +50,11 @@ impl fmt::Display for Failure {
             Failure::MemoryCap(n) => write!(
                 f,
                 "tried to use more than its memory cap of {} MiB (raise `memory_mb` in the plugin's `limits`)",
+                n / (1 << 20)
+            ),
+            Failure::ReplyTooBig(n) => write!(
+                f,
+                "replied with more than the {} MiB one call may copy into the host (raise `reply_mb` in the plugin's `limits`)",
                 n / (1 << 20)
             ),
             Failure::Panic(m) => write!(f, "panicked: {m}"),

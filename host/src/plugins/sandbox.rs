@@ -34,13 +34,19 @@ pub struct Limits {
     pub fuel: Option<u64>,
     /// Cap on the plugin's linear memory, in MiB.
     pub memory_mb: u64,
+    /// The most one call's reply may copy out of the sandbox into the host, in MiB (wasmtime's
+    /// "hostcall fuel"); the host sizes its requests to stay far below it.
+    pub reply_mb: u64,
 }
 
 impl Default for Limits {
     fn default() -> Self {
-        Limits { timeout_ms: 60_000, fuel: None, memory_mb: 1024 }
+        Limits { timeout_ms: 60_000, fuel: None, memory_mb: 1024, reply_mb: 256 }
     }
 }
+
+/// The host's ceiling on `memory_mb` and `reply_mb`: all a wasm32 plugin can address.
+pub const MAX_MEMORY_MB: u64 = 4096;
 
 impl Limits {
     pub fn timeout(&self) -> Duration {
@@ -48,6 +54,22 @@ impl Limits {
     }
     pub fn memory_bytes(&self) -> u64 {
         self.memory_mb.saturating_mul(1 << 20)
+    }
+    pub fn reply_bytes(&self) -> u64 {
+        self.reply_mb.saturating_mul(1 << 20)
+    }
+
+    /// The field that is out of range and why, for the manifest's message.
+    pub fn check(&self) -> Result<(), (&'static str, String)> {
+        for (field, mb) in [("memory_mb", self.memory_mb), ("reply_mb", self.reply_mb)] {
+            if mb == 0 || mb > MAX_MEMORY_MB {
+                return Err((field, format!("{mb} is not in 1..={MAX_MEMORY_MB} MiB (a wasm32 plugin cannot address more)")));
+            }
+        }
+        if self.timeout_ms == 0 {
+            return Err(("timeout_ms", "must be at least 1".into()));
+        }
+        Ok(())
     }
 }
 
@@ -207,6 +229,9 @@ pub fn new_store(engine: &wasmtime::Engine, grants: &Grants) -> anyhow::Result<S
     };
     let mut store = Store::new(engine, state);
     store.limiter(|s| &mut s.limiter);
+    // Set deliberately rather than left at wasmtime's default (128 MiB): the cap on what one reply copies
+    // into the host, so a plugin cannot make the host allocate without bound.
+    store.set_hostcall_fuel(usize::try_from(grants.limits.reply_bytes()).unwrap_or(usize::MAX));
     store.epoch_deadline_trap();
     Ok(store)
 }
@@ -261,6 +286,8 @@ pub fn classify(store: &mut Store<HostState>, limits: &Limits, err: &wasmtime::E
     match err.downcast_ref::<wasmtime::Trap>() {
         Some(wasmtime::Trap::Interrupt) => Failure::Timeout(limits.timeout()),
         Some(wasmtime::Trap::OutOfFuel) => Failure::OutOfFuel(limits.fuel.unwrap_or(u64::MAX)),
+        // wasmtime's error type for this is private; its message is stable.
+        None if format!("{err:#}").contains("fuel allocated for hostcalls") => Failure::ReplyTooBig(limits.reply_bytes()),
         other => {
             let stderr = store.data().stderr.text();
             if let Some(at) = stderr.rfind("panicked at") {

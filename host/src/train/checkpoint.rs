@@ -30,11 +30,11 @@ pub fn dir_for(run_dir: &Path, step: u64) -> PathBuf {
     run_dir.join("checkpoints").join(format!("step-{step:08}"))
 }
 
-/// The checkpoint with the highest step, if any.
-pub fn latest(run_dir: &Path) -> Option<PathBuf> {
+/// The checkpoints of a run, newest first (folders `step-N` holding a state file).
+pub fn newest_first(run_dir: &Path) -> Vec<PathBuf> {
     let dir = run_dir.join("checkpoints");
-    let mut steps: Vec<(u64, PathBuf)> = std::fs::read_dir(&dir)
-        .ok()?
+    let Ok(entries) = std::fs::read_dir(&dir) else { return Vec::new() };
+    let mut steps: Vec<(u64, PathBuf)> = entries
         .filter_map(|e| e.ok())
         .filter_map(|e| {
             let name = e.file_name().to_string_lossy().into_owned();
@@ -43,30 +43,64 @@ pub fn latest(run_dir: &Path) -> Option<PathBuf> {
         })
         .collect();
     steps.sort();
-    steps.pop().map(|(_, p)| p)
+    steps.into_iter().rev().map(|(_, p)| p).collect()
 }
 
-/// Writes a checkpoint: `fill` writes the adapter and optimizer into the folder it is given.
+/// Writes a checkpoint whole or not at all: `fill` writes the adapter and optimizer into the folder it is given.
 pub fn write(run_dir: &Path, state: &State, fill: impl FnOnce(&Path) -> anyhow::Result<()>) -> anyhow::Result<PathBuf> {
     let final_dir = dir_for(run_dir, state.step);
-    let tmp = final_dir.with_extension(format!("tmp-{}", std::process::id()));
-    if tmp.exists() {
-        std::fs::remove_dir_all(&tmp)?;
-    }
-    std::fs::create_dir_all(&tmp)?;
-    let result = (|| {
-        fill(&tmp)?;
+    std::fs::create_dir_all(run_dir.join("checkpoints"))?;
+    crate::fsutil::write_dir_atomic(&final_dir, |tmp| {
+        fill(tmp)?;
         std::fs::write(tmp.join(STATE_FILE), serde_json::to_vec_pretty(state)?)?;
-        if final_dir.exists() {
-            std::fs::remove_dir_all(&final_dir)?;
+        Ok(())
+    })?;
+    Ok(final_dir)
+}
+
+/// The newest intact checkpoint of `run_dir` as `load` reads it, with its state. A damaged one (cut short,
+/// unreadable) is skipped for the one before, saying so; a checkpoint of another run is refused. With no
+/// intact checkpoint left, the newest one's damage is the error.
+pub fn resume<T>(
+    run_dir: &Path,
+    identity: &BTreeMap<String, String>,
+    load: impl Fn(&Path) -> anyhow::Result<T>,
+) -> anyhow::Result<Option<(T, State)>> {
+    let mut first_damage: Option<anyhow::Error> = None;
+    let mut damaged = |dir: &Path, e: anyhow::Error| {
+        eprintln!("note: checkpoint {} is damaged ({e:#}); trying the one before", dir.display());
+        first_damage.get_or_insert(e);
+    };
+    for (i, dir) in newest_first(run_dir).into_iter().enumerate() {
+        let state = match read_state(&dir) {
+            Ok(state) => state,
+            Err(e) => {
+                damaged(&dir, e);
+                continue;
+            }
+        };
+        let changes = identity_diff(identity, &state.identity);
+        if !changes.is_empty() {
+            bail!(
+                "the manifest changed since the checkpoint {}:\n  {}\nrun with --fresh to start over (the old checkpoints are removed)",
+                dir.display(),
+                changes.join("\n  ")
+            );
         }
-        std::fs::rename(&tmp, &final_dir)?;
-        Ok(final_dir.clone())
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_dir_all(&tmp);
+        match load(&dir).with_context(|| format!("resuming from {}", dir.display())) {
+            Ok(t) => {
+                if i > 0 {
+                    eprintln!("note: resuming from {} (step {}), the newest intact checkpoint", dir.display(), state.step);
+                }
+                return Ok(Some((t, state)));
+            }
+            Err(e) => damaged(&dir, e),
+        }
     }
-    result
+    match first_damage {
+        Some(e) => Err(e.context("no intact checkpoint to resume from (run with --fresh to start over)")),
+        None => Ok(None),
+    }
 }
 
 pub fn read_state(dir: &Path) -> anyhow::Result<State> {

@@ -26,7 +26,7 @@ use anyhow::{bail, Context};
 use candle_core::Device;
 use std::collections::BTreeMap;
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -41,6 +41,8 @@ pub struct RunOptions {
     pub progress: bool,
     /// Set to stop at the next step boundary (Ctrl-C).
     pub interrupt: Option<Arc<AtomicBool>>,
+    /// Accept plugins whose files changed since the run folder's lock (and rewrite it).
+    pub relock: bool,
     /// Ranks, as threads of this process with an in-process all-reduce (CPU only); 0 or 1: one rank.
     pub ranks: usize,
     /// How long a rank waits for the others in one collective call (default [`dist::DEFAULT_TIMEOUT`]).
@@ -105,28 +107,65 @@ pub fn dtype_of(m: &Manifest) -> candle_core::DType {
     }
 }
 
+/// Creates the tiny random model at `[model] path` when `[model.tiny]` asks for it and none is there.
+pub fn ensure_tiny(m: &Manifest) -> anyhow::Result<()> {
+    let Some(t) = &m.model.tiny else { return Ok(()) };
+    if model_present(&m.model.path) {
+        return Ok(());
+    }
+    let family = crate::model::Family::from_model_type(&t.family).with_context(|| format!("{}: `model.tiny.family`", m.file.display()))?;
+    let defaults = tiny::TinySpec::of_family(family);
+    let spec = tiny::TinySpec {
+        hidden_size: t.hidden_size,
+        num_layers: t.num_layers,
+        num_heads: t.num_heads,
+        num_kv_heads: t.num_kv_heads.unwrap_or(defaults.num_kv_heads.min(t.num_heads)),
+        intermediate_size: t.intermediate_size,
+        init_std: t.init_std,
+        ..defaults
+    };
+    create_tiny(&m.model.path, &spec, t.seed).with_context(|| format!("creating the tiny model in {}", m.model.path.display()))
+}
+
 /// Loads the manifest's model, creating the tiny random one first when `[model.tiny]` asks for it.
 pub fn load_model(m: &Manifest, device: &Device) -> anyhow::Result<Model> {
-    if let Some(t) = &m.model.tiny {
-        if !m.model.path.join("config.json").exists() {
-            let family = crate::model::Family::from_model_type(&t.family)
-                .with_context(|| format!("{}: `model.tiny.family`", m.file.display()))?;
-            let defaults = tiny::TinySpec::of_family(family);
-            let spec = tiny::TinySpec {
-                hidden_size: t.hidden_size,
-                num_layers: t.num_layers,
-                num_heads: t.num_heads,
-                num_kv_heads: t.num_kv_heads.unwrap_or(defaults.num_kv_heads.min(t.num_heads)),
-                intermediate_size: t.intermediate_size,
-                init_std: t.init_std,
-                ..defaults
-            };
-            tiny::write_tiny_checkpoint(&m.model.path, &spec, t.seed)
-                .with_context(|| format!("creating the tiny model in {}", m.model.path.display()))?;
-        }
-    }
+    ensure_tiny(m)?;
     Model::load(&m.model.path, dtype_of(m), device)
         .with_context(|| format!("{}: `model.path`: loading {}", m.file.display(), m.model.path.display()))
+}
+
+/// Whether `dir` holds a model: its config and its weights (one file or an index).
+fn model_present(dir: &Path) -> bool {
+    use crate::model::weights::{CONFIG_FILE, INDEX_FILE, SINGLE_FILE};
+    dir.join(CONFIG_FILE).exists() && (dir.join(SINGLE_FILE).exists() || dir.join(INDEX_FILE).exists())
+}
+
+/// Creates the tiny model whole or not at all: written into a temporary folder beside `dir`, which is then
+/// renamed to `dir`; where `dir` already exists (a run killed by an older lorahost left part of a model),
+/// the files are moved in one by one, config.json last.
+fn create_tiny(dir: &Path, spec: &tiny::TinySpec, seed: u64) -> anyhow::Result<()> {
+    let parent = dir.parent().context("the model path has no parent folder")?;
+    std::fs::create_dir_all(parent)?;
+    crate::fsutil::remove_stale_temps(parent);
+    let tmp = crate::fsutil::temp_sibling(dir);
+    let _ = std::fs::remove_dir_all(&tmp);
+    let result = (|| {
+        tiny::write_tiny_checkpoint(&tmp, spec, seed)?;
+        if std::fs::rename(&tmp, dir).is_ok() {
+            return Ok(());
+        }
+        std::fs::create_dir_all(dir)?;
+        let mut names: Vec<_> = std::fs::read_dir(&tmp)?.map(|e| e.map(|e| e.file_name())).collect::<Result<_, _>>()?;
+        names.sort_by_key(|n| n == crate::model::weights::CONFIG_FILE);
+        for n in names {
+            std::fs::rename(tmp.join(&n), dir.join(&n))?;
+        }
+        Ok(std::fs::remove_dir(&tmp)?)
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_dir_all(&tmp);
+    }
+    result
 }
 
 fn lora_config(m: &Manifest) -> LoraConfig {
@@ -299,10 +338,22 @@ struct Root {
 /// unless told to start over) and the scheduler plugin's rate for each remaining step.
 fn prepare_root(m: &Manifest, opts: &RunOptions, device: &Device, adamw: &AdamWConfig) -> anyhow::Result<Root> {
     let run_dir = m.run.output.clone();
-    std::fs::create_dir_all(&run_dir).with_context(|| format!("creating {}", run_dir.display()))?;
+    let held = crate::run_folder::RunLock::acquire(&run_dir, "run")?;
     let plan = data::Plan::new(m)?;
+    let lock_path = run_dir.join(data::lock::LOCK_FILE);
+    if !opts.relock && lock_path.exists() {
+        let locked = data::lock::Lock::read(&lock_path).context("run with --relock to write a new lock")?;
+        let changed = plan.lock.swapped_plugins(&locked);
+        if !changed.is_empty() {
+            bail!(
+                "a plugin changed since {} was written:\n  {}\nif you replaced it on purpose, run with --relock to accept it",
+                lock_path.display(),
+                changed.join("\n  ")
+            );
+        }
+    }
     let prepared = data::prepare_plan(&plan)?;
-    prepared.lock.write(&run_dir.join("run.lock"))?;
+    prepared.lock.write(&lock_path)?;
     for p in prepared.report.plugins.iter().filter(|p| p.native) {
         eprintln!("WARNING: plugin `{}` ({}) is a native library and runs UNSANDBOXED (trusted = true)", p.name, p.from);
     }
@@ -319,23 +370,15 @@ fn prepare_root(m: &Manifest, opts: &RunOptions, device: &Device, adamw: &AdamWC
 
     let mut lora = Lora::new(lora_config(m), &model.config, m.run.seed, device)?;
     let mut opt = AdamW::new(adamw.clone(), lora.param_names(), &lora.params())?;
-    let mut ledger = Ledger { run_dir: run_dir.clone(), identity, metrics: Vec::new(), resumed_from: None, file: None };
+    let mut ledger = Ledger { run_dir: run_dir.clone(), _held: held, identity, metrics: Vec::new(), resumed_from: None, file: None };
     if opts.fresh {
         let _ = std::fs::remove_dir_all(run_dir.join("checkpoints"));
-    } else if let Some(dir) = checkpoint::latest(&run_dir) {
-        let state = checkpoint::read_state(&dir)?;
-        let changes = checkpoint::identity_diff(&ledger.identity, &state.identity);
-        if !changes.is_empty() {
-            bail!(
-                "the manifest changed since the checkpoint {}:\n  {}\nrun with --fresh to start over (the old checkpoints are removed)",
-                dir.display(),
-                changes.join("\n  ")
-            );
-        }
-        lora = Lora::load(&dir.join(checkpoint::ADAPTER_DIR), &model.config, device)
-            .with_context(|| format!("resuming from {}", dir.display()))?;
-        opt = AdamW::load(&dir.join(checkpoint::OPTIMIZER_FILE), adamw.clone(), lora.param_names(), &lora.params())
-            .with_context(|| format!("resuming from {}", dir.display()))?;
+    } else if let Some((loaded, state)) = checkpoint::resume(&run_dir, &ledger.identity, |dir| {
+        let l = Lora::load(&dir.join(checkpoint::ADAPTER_DIR), &model.config, device)?;
+        let o = AdamW::load(&dir.join(checkpoint::OPTIMIZER_FILE), adamw.clone(), l.param_names(), &l.params())?;
+        Ok((l, o))
+    })? {
+        (lora, opt) = loaded;
         ledger.metrics = state.metrics;
         ledger.resumed_from = Some(state.step);
     }
@@ -348,6 +391,8 @@ fn prepare_root(m: &Manifest, opts: &RunOptions, device: &Device, adamw: &AdamWC
 /// What rank 0 alone writes: the metrics log, checkpoints, the adapter and the loss curve.
 struct Ledger {
     run_dir: PathBuf,
+    /// The run folder's lock, held until the run ends.
+    _held: crate::run_folder::RunLock,
     /// The run's identity, recorded in each checkpoint.
     identity: BTreeMap<String, String>,
     /// Metrics lines so far (the checkpoint's, then this run's).
@@ -392,7 +437,7 @@ impl Ledger {
         let mut adapter_dir = None;
         if !interrupted {
             let dir = self.run_dir.join("adapter");
-            lora.save(&dir)?;
+            crate::fsutil::write_dir_atomic(&dir, |tmp| lora.save(tmp))?;
             adapter_dir = Some(dir);
         }
         if !logs.is_empty() {

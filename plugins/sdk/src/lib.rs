@@ -48,11 +48,18 @@ use serde::de::DeserializeOwned;
 
 include!(concat!(env!("OUT_DIR"), "/generate.rs"));
 
+/// The size a source's batch should stop growing at (bytes of [`Example::bytes`]): the host asks for
+/// fewer records when they are long, and a source returns fewer than asked once a batch holds this much,
+/// so one reply stays far below what a call may copy into the host (`limits.reply_mb`). The host sizes
+/// its requests by the same number (`host/src/data/read.rs`, `BATCH_BYTES`).
+pub const REPLY_BYTES: usize = 16 << 20;
+
 /// Reads records. One value per `open` call; the host asks for batches until `None`.
 pub trait Source: Sized + 'static {
     type Config: DeserializeOwned;
     fn open(config: Self::Config) -> Result<Self, String>;
-    /// At most `max` records, or `None` once the input is exhausted. Records that cannot be read go into
+    /// At most `max` records (fewer once the batch holds [`REPLY_BYTES`]), or `None` once the input is
+    /// exhausted. Records that cannot be read go into
     /// `Batch::malformed` (naming file and line) rather than failing the call: the manifest decides whether
     /// they stop the run. Return `Err` only when the input cannot be read at all.
     fn next_batch(&mut self, max: usize) -> Result<Option<Batch>, String>;

@@ -51,6 +51,14 @@ impl Example {
         self.contents().map(|c| c.chars().count()).sum()
     }
 
+    /// Bytes of text the record holds (id, roles, contents, metadata): what batch sizes and the host's
+    /// dataset budgets count.
+    pub fn bytes(&self) -> usize {
+        let turns: usize = self.turns.iter().map(|t| t.role.len() + t.content.len()).sum();
+        let meta: usize = self.meta.iter().map(|(k, v)| k.len() + v.len()).sum();
+        self.id.len() + turns + meta
+    }
+
     /// Whitespace-separated words over all turns.
     pub fn words(&self) -> usize {
         self.contents().map(|c| c.split_whitespace().count()).sum()

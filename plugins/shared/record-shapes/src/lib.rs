@@ -269,12 +269,17 @@ pub fn open(path: &str) -> Result<(File, String), String> {
 pub type Next = Option<Result<Example, String>>;
 
 /// Fills one batch of at most `max` entries (records and malformed messages together, so a file of bad lines
-/// still comes in bounded batches) by calling `next`; `None` once nothing is left.
+/// still comes in bounded batches) by calling `next`, stopping early once the records hold
+/// [`lorahost_sdk::REPLY_BYTES`]; `None` once nothing is left.
 pub fn fill(max: usize, mut next: impl FnMut() -> Result<Next, String>) -> Result<Option<Batch>, String> {
     let mut batch = Batch { records: Vec::new(), malformed: Vec::new() };
-    while batch.records.len() + batch.malformed.len() < max.max(1) {
+    let mut bytes = 0;
+    while batch.records.len() + batch.malformed.len() < max.max(1) && bytes < lorahost_sdk::REPLY_BYTES {
         match next()? {
-            Some(Ok(example)) => batch.records.push(example),
+            Some(Ok(example)) => {
+                bytes += example.bytes();
+                batch.records.push(example)
+            }
             Some(Err(message)) => batch.malformed.push(message),
             None => break,
         }
@@ -464,6 +469,14 @@ mod tests {
         assert_eq!((first.records.len(), first.malformed), (1, vec!["bad".to_string()]));
         assert_eq!(fill(2, &mut next).unwrap().unwrap().records[0].id, "2");
         assert!(fill(2, &mut next).unwrap().is_none());
+    }
+
+    #[test]
+    fn long_records_make_shorter_batches() {
+        let mb = "m".repeat(1 << 20);
+        let mut next = || Ok(Some(Ok(Example::new("x", "", vec![Turn::new("user", mb.as_str())]))));
+        let batch = fill(100, &mut next).unwrap().unwrap();
+        assert_eq!(batch.records.len(), 16, "stops once 16 MiB (REPLY_BYTES) are held");
     }
 
     #[test]

@@ -17,7 +17,9 @@
 //! ```
 //!
 //! A row that cannot be read (the wrong number of fields, bad JSON in a conversation column, an unknown
-//! role) is reported as malformed, as `support.csv:12: <what is wrong>`, and skipped.
+//! role) is reported as malformed, as `support.csv:12: <what is wrong>`, and skipped. A malformed row
+//! that runs over several lines (an unclosed quote swallows the rows after it) counts once per line, so
+//! rows read plus rows malformed add up to the rows in the file.
 use lorahost_record_shapes::{fill, json_error, open, Next, Shape};
 use lorahost_sdk::{Batch, Source};
 use serde_json::{Map, Value};
@@ -54,6 +56,10 @@ struct Csv<R> {
     name: String,
     shape: Shape,
     row: csv::StringRecord,
+    /// Malformed-row messages still to hand out: the further lines of a malformed row that ran over several.
+    pending: std::collections::VecDeque<String>,
+    /// A second handle on the file, to look at a multi-line row's raw text for an unclosed quote.
+    raw: Option<File>,
 }
 
 impl<R: Read> Csv<R> {
@@ -88,16 +94,29 @@ impl<R: Read> Csv<R> {
                 ));
             }
         }
-        Ok(Csv { reader, columns, name, shape, row: csv::StringRecord::new() })
+        Ok(Csv { reader, columns, name, shape, row: csv::StringRecord::new(), pending: Default::default(), raw: None })
     }
 
     fn next_record(&mut self) -> Result<Next, String> {
+        if let Some(message) = self.pending.pop_front() {
+            return Ok(Some(Err(message)));
+        }
         match self.reader.read_record(&mut self.row) {
             Ok(false) => Ok(None),
             Ok(true) => {
                 let line = self.row.position().map_or(0, |p| p.line());
                 let at = format!("{}:{line}", self.name);
-                Ok(Some(self.convert(&at).map_err(|e| format!("{at}: {e}"))))
+                let start = self.row.position().map_or(0, |p| p.byte());
+                let multi_line = self.reader.position().line() > line + 1 || self.reader.is_done();
+                let record = if multi_line && self.unclosed_quote(start, self.reader.position().byte()) {
+                    Err(format!("{at}: a quote opened in this row is never closed, so the rest of the file is one broken row"))
+                } else {
+                    self.convert(&at).map_err(|e| format!("{at}: {e}"))
+                };
+                if record.is_err() {
+                    self.count_swallowed_lines(line);
+                }
+                Ok(Some(record))
             }
             Err(e) => match e.kind() {
                 csv::ErrorKind::Utf8 { pos, .. } => {
@@ -107,6 +126,39 @@ impl<R: Read> Csv<R> {
                 _ => Err(format!("cannot read {}: {e}", self.name)),
             },
         }
+    }
+
+    /// Whether the raw bytes `start..end` of the file hold an odd number of quotes: a quoted field the
+    /// parser ran to the end of the file (it does not report that itself).
+    fn unclosed_quote(&mut self, start: u64, end: u64) -> bool {
+        use std::io::{Seek, SeekFrom};
+        let Some(raw) = self.raw.as_mut() else { return false };
+        let mut bytes = Vec::new();
+        let read = raw.seek(SeekFrom::Start(start)).and_then(|_| raw.by_ref().take(end.saturating_sub(start)).read_to_end(&mut bytes));
+        read.is_ok() && bytes.iter().filter(|&&b| b == b'"').count() % 2 == 1
+    }
+
+    /// A malformed row from `first` that ran over several lines: each further line counts as a malformed
+    /// row of its own (most likely rows an unclosed quote swallowed).
+    fn count_swallowed_lines(&mut self, first: u64) {
+        let next = self.reader.position().line();
+        // The line count advances at each newline: at the end of a file without a final one, the line the
+        // reader is on was read too.
+        let last = if self.reader.is_done() && !self.ends_with_newline() { next } else { next - 1 };
+        for line in first + 1..=last {
+            self.pending.push_back(format!(
+                "{}:{line}: inside the row that starts on line {first}, which runs over {} lines (an unclosed quote?)",
+                self.name,
+                last - first + 1
+            ));
+        }
+    }
+
+    fn ends_with_newline(&mut self) -> bool {
+        use std::io::{Seek, SeekFrom};
+        let Some(raw) = self.raw.as_mut() else { return true };
+        let mut last = [0u8];
+        raw.seek(SeekFrom::End(-1)).and_then(|_| raw.read_exact(&mut last)).map_or(true, |_| last[0] == b'\n')
     }
 
     fn convert(&self, at: &str) -> Result<lorahost_sdk::Example, String> {
@@ -155,7 +207,11 @@ impl Source for Csv<File> {
             }
         };
         let (file, name) = open(&c.path)?;
-        Csv::new(file, name, columns, delimiter, shape)
+        // Its own handle (a clone would share the reader's file offset).
+        let raw = File::open(&c.path).ok();
+        let mut csv = Csv::new(file, name, columns, delimiter, shape)?;
+        csv.raw = raw;
+        Ok(csv)
     }
 
     fn next_batch(&mut self, max: usize) -> Result<Option<Batch>, String> {
@@ -219,6 +275,17 @@ mod tests {
         let ids: Vec<_> = batch.records.iter().map(|r| r.id.as_str()).collect();
         assert_eq!(ids, ["bytes.csv:2", "bytes.csv:4"]);
         assert_eq!(batch.malformed, ["bytes.csv:3: not valid UTF-8"]);
+        std::fs::remove_dir_all(dir).ok();
+    }
+
+    #[test]
+    fn an_unclosed_quote_counts_every_row_it_swallows() {
+        let text = "text\nfirst\n\"broken,x\nthird\nfourth\nfifth\n";
+        let (source, dir) = open_file("q.csv", text, "format = \"text\"");
+        let batch = source.unwrap().next_batch(100).unwrap().unwrap();
+        assert_eq!(batch.records.len() + batch.malformed.len(), 5, "{batch:?}");
+        assert_eq!(batch.records.len(), 1);
+        assert!(batch.malformed[1].starts_with("q.csv:4: inside the row that starts on line 3"), "{:?}", batch.malformed);
         std::fs::remove_dir_all(dir).ok();
     }
 
