@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The model-families checks on real weights, on the GPU machine, in one run (BENCHMARKS.md, "Model families"):
 #   scripts/gpu-families.sh LORAHOST QWEN_GGUF SMOL_GGUF OUT
+# OUT: a folder for the results (bring it back as one tarball: at most 8 files come back from the machine).
 # LORAHOST: a `--features cuda` build; the GGUFs: what scripts/real-weights.sh fetches (Qwen2.5-Coder-0.5B-Instruct
 # Q4_K_M, SmolLM2-135M-Instruct Q4_1). Needs python3 with torch, transformers and peft (the GPU machine has them).
 # 1. import both GGUFs; 2. `bench numerics` (every kernel, a 4-layer model of every family, CPU f32 vs GPU bf16);
@@ -53,15 +54,26 @@ EOF
   echo "--- $m:"; "$LH" generate /tmp/fam/$m.toml "What is the capital of France?" --base --max-new 40 | tee "$OUT/generate-$m.txt"
 done
 
-step "fine-tune examples/qwen2.5-0.5b-gsm8k.toml"
+step "eval of the base model (examples/qwen2.5-0.5b-gsm8k.toml's [eval] tasks)"
 mkdir -p "$HERE/models" && ln -sfn /tmp/fam/qwen2.5-0.5b "$HERE/models/qwen2.5-0.5b"
+E="$HERE/examples/qwen2.5-0.5b-gsm8k.toml"
+"$LH" eval "$E" --base --limit "${EVAL_LIMIT:-200}" 2>&1 | tail -8
+python3 "$HERE/scripts/hf-eval-check.py" /tmp/fam/qwen2.5-0.5b "$HERE/runs/qwen2.5-0.5b-gsm8k/eval-base/mmlu.json" --json "$OUT/hf-eval-check-mmlu.json"
+
+step "fine-tune examples/qwen2.5-0.5b-gsm8k.toml"
 "$LH" run "$HERE/examples/qwen2.5-0.5b-gsm8k.toml" > "$OUT/finetune.log" 2>&1; echo "run exit $?"
 tail -5 "$OUT/finetune.log"
 cp "$HERE/runs/qwen2.5-0.5b-gsm8k/metrics.jsonl" "$OUT/finetune-metrics.jsonl" 2>/dev/null
 A="$HERE/runs/qwen2.5-0.5b-gsm8k/adapter"
 "$LH" logits /tmp/fam/qwen2.5-0.5b --adapter "$A" --text /tmp/fam/text.txt --out /tmp/fam/adapted.logits.safetensors --max-tokens 400 --device cuda:0 --dtype bf16
 python3 "$HERE/scripts/hf-check.py" /tmp/fam/qwen2.5-0.5b /tmp/fam/adapted.logits.safetensors --adapter "$A" --json "$OUT/hf-check-peft.json"
-"$LH" generate "$HERE/examples/qwen2.5-0.5b-gsm8k.toml" "Q: Tom has 3 apples and buys 5 more. How many apples does he have?" --max-new 60 | tee "$OUT/generate-finetuned.txt"
+"$LH" generate "$E" "Q: Tom has 3 apples and buys 5 more. How many apples does he have?" --max-new 60 | tee "$OUT/generate-finetuned.txt"
+
+step "eval after the fine-tune, and the comparison"
+"$LH" eval "$E" --limit "${EVAL_LIMIT:-200}" 2>&1 | tail -8
+"$LH" eval compare "$HERE/runs/qwen2.5-0.5b-gsm8k/eval-base" "$HERE/runs/qwen2.5-0.5b-gsm8k/eval" | tee "$OUT/eval-compare.txt"
+cp -r "$HERE/runs/qwen2.5-0.5b-gsm8k/eval-base" "$OUT/eval-base"; cp -r "$HERE/runs/qwen2.5-0.5b-gsm8k/eval" "$OUT/eval"
+[ "${SKIP_BENCH:-0}" = 1 ] && exit 0
 
 step "bench train at GQA shapes"
 for shape in qwen2.5-14b qwen3-14b; do

@@ -214,3 +214,24 @@ fn run_under_a_multi_process_launcher_is_refused_before_any_work() {
     let o = Command::new(env!("CARGO_BIN_EXE_lorahost")).args(["run", "missing.toml"]).current_dir(dir.path()).env("WORLD_SIZE", "1").output().unwrap();
     assert!(text(&o).contains("missing.toml") && !text(&o).contains("NCCL"), "{}", text(&o));
 }
+
+#[test]
+fn bench_write_model_writes_a_sharded_model_and_an_adapter_that_merge_folds_in() {
+    // The merge benchmark's input at the tiny shape: a loadable checkpoint, an adapter that fits it, and a merge
+    // that changes exactly the adapted weights.
+    let dir = tempfile::tempdir().unwrap();
+    let o = lorahost(&["bench", "write-model", "--shape", "tiny", "--dir", dir.path().to_str().unwrap(), "--dtype", "f32"], dir.path());
+    assert!(o.status.success(), "{}", text(&o));
+    let device = candle_core::Device::Cpu;
+    let ckpt = lorahost::model::Checkpoint::open(&dir.path().join("model")).unwrap();
+    assert!(ckpt.index_path.is_some(), "written with an index, as real sharded checkpoints are");
+    let lora = lorahost::model::Lora::load(&dir.path().join("adapter"), &ckpt.config, &device).unwrap();
+    lorahost::model::lora::merge(&dir.path().join("model"), &lora, &dir.path().join("merged")).unwrap();
+    let shard = "model-00001-of-00001.safetensors";
+    let a = candle_core::safetensors::load(dir.path().join("model").join(shard), &device).unwrap();
+    let b = candle_core::safetensors::load(dir.path().join("merged").join(shard), &device).unwrap();
+    for (k, t) in &a {
+        let changed = (t - &b[k]).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap() > 0.0;
+        assert_eq!(changed, k.ends_with("c_attn.weight") || k.ends_with("c_proj.weight"), "{k}");
+    }
+}

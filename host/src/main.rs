@@ -362,6 +362,17 @@ enum BenchCommand {
         #[arg(long)]
         json: Option<PathBuf>,
     },
+    /// Write a checkpoint at a named shape (~2 GB shards) and a rank-8 adapter for it under DIR/model and
+    /// DIR/adapter, never holding the model in memory: to measure `lorahost merge` at real sizes.
+    WriteModel {
+        #[arg(long)]
+        shape: String,
+        #[arg(long)]
+        dir: PathBuf,
+        /// bf16 or f32.
+        #[arg(long, default_value = "bf16")]
+        dtype: String,
+    },
     /// Tokens per second through the whole data pipeline on generated alpaca records, and a cache hit.
     Pipeline {
         /// The JSONL file to read; generated first when it does not exist.
@@ -532,6 +543,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     anyhow::bail!("numerics: an error is over its tolerance (see \"ok\": false above)");
                 }
             }
+            BenchCommand::WriteModel { shape, dir, dtype } => lorahost::bench::merge::write_model(&shape, &dir, parse_dtype(&dtype)?)?,
             BenchCommand::Pipeline { data, records, tokenizer, json } => {
                 if !data.exists() {
                     lorahost::bench::pipeline::generate(records, &data, 7)?;

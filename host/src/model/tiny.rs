@@ -4,7 +4,7 @@
 //! drive it.
 use super::config::{Family, ModelConfig, RopeScaling, TensorId};
 use super::rng::Rng;
-use super::weights::{CONFIG_FILE, INDEX_FILE, SINGLE_FILE};
+use super::weights::{CONFIG_FILE, SINGLE_FILE};
 use crate::fsutil::write_atomic;
 use anyhow::{bail, Context, Result};
 use candle_core::{Device, Tensor};
@@ -158,12 +158,5 @@ pub fn write_tiny_checkpoint(dir: &Path, spec: &TinySpec, seed: u64) -> Result<(
         let bytes = safetensors::serialize(group.iter().map(|(n, t)| (n.as_str(), t)), metadata.clone())?;
         write_atomic(&dir.join(&file), &bytes)?;
     }
-    weight_map.sort();
-    let map_body: Vec<String> = weight_map.iter().map(|(n, f)| format!("    {n:?}: {f:?}")).collect();
-    let index = format!(
-        "{{\n  \"metadata\": {{\n    \"total_size\": {total_size}\n  }},\n  \"weight_map\": {{\n{}\n  }}\n}}\n",
-        map_body.join(",\n")
-    );
-    write_atomic(&dir.join(INDEX_FILE), index.as_bytes())?;
-    Ok(())
+    super::weights::write_index(dir, weight_map, total_size)
 }

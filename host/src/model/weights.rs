@@ -12,6 +12,19 @@ pub const CONFIG_FILE: &str = "config.json";
 pub const SINGLE_FILE: &str = "model.safetensors";
 pub const INDEX_FILE: &str = "model.safetensors.index.json";
 
+/// Writes `model.safetensors.index.json` for shards: `weight_map` (tensor name -> shard file, sorted) and the
+/// total byte size, in HF's layout (fixed key order, so the bytes are stable).
+pub fn write_index(dir: &Path, mut weight_map: Vec<(String, String)>, total_size: usize) -> Result<()> {
+    weight_map.sort();
+    let map_body: Vec<String> = weight_map.iter().map(|(n, f)| format!("    {n:?}: {f:?}")).collect();
+    let index = format!(
+        "{{\n  \"metadata\": {{\n    \"total_size\": {total_size}\n  }},\n  \"weight_map\": {{\n{}\n  }}\n}}\n",
+        map_body.join(",\n")
+    );
+    crate::fsutil::write_atomic(&dir.join(INDEX_FILE), index.as_bytes())?;
+    Ok(())
+}
+
 /// Where a checkpoint's config and tensors are.
 #[derive(Clone, Debug)]
 pub struct Checkpoint {
