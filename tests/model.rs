@@ -1022,3 +1022,25 @@ fn tiny_full_vocab_step_time() {
     model.forward(&ids, None).unwrap();
     println!("forward with full logits: {:.1} ms", t.elapsed().as_secs_f64() * 1e3);
 }
+
+#[test]
+fn all_linear_is_written_as_peft_reads_it_and_read_back() {
+    // PEFT expands "all-linear" only as the whole `target_modules` value, never inside a list: the adapter file
+    // names the family's modules instead, and a PEFT file with the bare string loads here too.
+    let tmp = tempfile::tempdir().unwrap();
+    let spec = small_spec_of(Family::Qwen2);
+    write_small(tmp.path(), &spec, 1);
+    let model = Model::load(tmp.path(), DType::F32, &CPU).unwrap();
+    let l = Lora::new(lora_config(2, 4.0, 0.0, &["all-linear"]), &model.config, 1, &CPU).unwrap();
+    let dir = tmp.path().join("adapter");
+    l.save(&dir).unwrap();
+    let cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join(ADAPTER_CONFIG_FILE)).unwrap()).unwrap();
+    let names: Vec<&str> = cfg["target_modules"].as_array().unwrap().iter().map(|v| v.as_str().unwrap()).collect();
+    assert_eq!(names, ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]);
+    assert_eq!(Lora::load(&dir, &model.config, &CPU).unwrap().adapters().len(), l.adapters().len());
+    let text = std::fs::read_to_string(dir.join(ADAPTER_CONFIG_FILE)).unwrap();
+    let bare = text.replace(&serde_json::to_string_pretty(&cfg["target_modules"]).unwrap().replace('\n', "\n  "), "\"all-linear\"");
+    assert!(bare.contains("\"all-linear\""), "{bare}");
+    std::fs::write(dir.join(ADAPTER_CONFIG_FILE), bare).unwrap();
+    assert_eq!(Lora::load(&dir, &model.config, &CPU).unwrap().param_names(), l.param_names());
+}

@@ -236,13 +236,29 @@ impl Lora {
             "r": c.r,
             "rank_pattern": {},
             "revision": null,
-            "target_modules": c.targets,
+            "target_modules": self.peft_target_modules(),
             "task_type": "CAUSAL_LM",
         });
         let config_path = dir.join(ADAPTER_CONFIG_FILE);
         let text = serde_json::to_string_pretty(&cfg)? + "\n";
         write_atomic(&config_path, text.as_bytes()).with_context(|| format!("cannot write {}", config_path.display()))?;
         Ok(())
+    }
+
+    /// `target_modules` as PEFT reads it back: the manifest's names, with `all-linear` spelled out as the
+    /// family's module names (PEFT expands `all-linear` only when it is the whole value, not in a list).
+    fn peft_target_modules(&self) -> Vec<String> {
+        if !self.config.targets.iter().any(|t| t == ALL_LINEAR) {
+            return self.config.targets.clone();
+        }
+        let mut names: Vec<String> = Vec::new();
+        for ad in &self.adapters {
+            let leaf = self.module_path(ad).rsplit('.').next().unwrap_or_default().to_string();
+            if !names.contains(&leaf) {
+                names.push(leaf);
+            }
+        }
+        names
     }
 
     /// Reads a PEFT LoRA adapter for `model`. Everything is checked (config fields, every expected key
@@ -348,7 +364,8 @@ fn read_adapter_config(path: &Path) -> Result<LoraConfig> {
             .iter()
             .map(|t| t.as_str().map(String::from).with_context(|| format!("{p}: target_modules entries must be strings")))
             .collect::<Result<_>>()?,
-        Some(Value::String(s)) => bail!("{p}: target_modules is a regular expression ({s:?}); only a list of names is supported"),
+        Some(Value::String(s)) if s == ALL_LINEAR => vec![ALL_LINEAR.to_string()],
+        Some(Value::String(s)) => bail!("{p}: target_modules is a regular expression ({s:?}); only a list of names (or \"all-linear\") is supported"),
         _ => bail!("{p}: missing \"target_modules\""),
     };
     // Options that change the math: refuse rather than silently compute something else.
