@@ -3,7 +3,8 @@
 //! [`prepare`] runs it for a manifest (or takes the result from the cache) and returns the token stream,
 //! the report `lorahost check` prints and the lock. Each stage is its own module:
 //! [`read`], [`filter`], [`mix`], [`encode`] (template segments -> ids, truncation), [`batch`]; around them
-//! [`plugins`] (resolving `plugin = "..."`), [`cache`], [`lock`] and [`report`].
+//! [`plugins`] (resolving `plugin = "..."`), [`eval_sets`] (the evaluation sets a filter reads), [`cache`],
+//! [`lock`] and [`report`].
 pub mod batch;
 pub mod cache;
 pub mod encode;
