@@ -282,5 +282,9 @@ mod tests {
         assert_eq!(relative_to(Path::new("/home/u/proj/examples/data/a.jsonl"), base), "data/a.jsonl");
         assert_eq!(relative_to(Path::new("/home/u/proj/tests/x.csv"), base), "../tests/x.csv");
         assert_eq!(relative_to(Path::new("/srv/d.json"), base), "/srv/d.json");
+        // A file in the cache is named from the cache, wherever the cache is.
+        let places = Places { base, cache: Some(Path::new("/home/u/.cache/lorahost")) };
+        assert_eq!(places.name(Path::new("/home/u/.cache/lorahost/eval-sets/ab/mmlu.jsonl")), "<cache>/eval-sets/ab/mmlu.jsonl");
+        assert_eq!(places.name(Path::new("/home/u/proj/tests/x.csv")), "../tests/x.csv");
     }
 }
