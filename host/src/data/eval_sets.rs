@@ -60,6 +60,9 @@ pub fn expand(set: &PluginSet, m: &Manifest, key: &str, use_: &PluginUse) -> any
         let mut source: PluginUse = value
             .try_into()
             .map_err(|e| err(k.clone(), format!("{e}; each is a source use such as {{ plugin = \"csv\", path = \"eval/test.csv\" }}")))?;
+        if let Some(l) = &source.limits {
+            l.check().map_err(|(field, msg)| err(format!("{k}.limits.{field}"), msg))?;
+        }
         resolve_plugin_paths(&mut source, &dir);
         let records = read_records(set, &format!("{key}.{k}"), &source)?;
         written.push(write_set(&cache, &source_name(&source), &records).map_err(|e| err(k, format!("{e:#}")))?);
