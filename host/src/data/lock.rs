@@ -166,16 +166,20 @@ fn collect_files(dir: &Path, out: &mut Vec<std::path::PathBuf>) -> anyhow::Resul
 }
 
 /// The lock of a manifest's inputs (no token stream yet).
-pub fn input_lock(m: &Manifest, resolved: &[(String, Resolved)], tok: &dyn Tokenizer) -> anyhow::Result<Lock> {
+/// `uses` are the plugin uses as resolved (a filter's evaluation sets already written to the cache), in
+/// [`Manifest::plugin_uses`] order, as `resolved` is.
+pub fn input_lock(m: &Manifest, uses: &[PluginUse], resolved: &[(String, Resolved)], tok: &dyn Tokenizer) -> anyhow::Result<Lock> {
     let base = m.file.parent().map(Path::to_path_buf).unwrap_or_default();
     let base = base.canonicalize().unwrap_or(base);
+    let cache = m.cache_dir().map(|c| c.canonicalize().unwrap_or(c));
+    let places = Places { base: &base, cache: cache.as_deref() };
     let mut lock = Lock { pipeline_version: PIPELINE_VERSION, tokenizer: tok.digest().to_string(), ..Default::default() };
     let mut digests: BTreeMap<String, String> = BTreeMap::new();
     // Every plugin, the scheduler included (it shapes training, not tokens: [`Lock::key`] leaves it out).
-    for ((_, key, use_), (_, r)) in m.plugin_uses().into_iter().zip(resolved) {
+    for (use_, (key, r)) in uses.iter().zip(resolved) {
         lock.plugins.insert(key.clone(), format!("{} {}", r.origin.name, r.origin.sha256));
-        let normalized = normalized_config(use_, &base, &mut digests, &mut lock.files)?;
-        lock.configs.insert(key, hex::encode(<sha2::Sha256 as sha2::Digest>::digest(normalized.as_bytes())));
+        let normalized = normalized_config(use_, &places, &mut digests, &mut lock.files)?;
+        lock.configs.insert(key.clone(), hex::encode(<sha2::Sha256 as sha2::Digest>::digest(normalized.as_bytes())));
     }
     let s = &mut lock.settings;
     s.insert("seed".into(), m.run.seed.to_string());
@@ -196,7 +200,7 @@ pub fn input_lock(m: &Manifest, resolved: &[(String, Resolved)], tok: &dyn Token
 /// not depend on where the data sits, only on what it is.
 fn normalized_config(
     use_: &PluginUse,
-    base: &Path,
+    places: &Places,
     digests: &mut BTreeMap<String, String>,
     files: &mut BTreeMap<String, String>,
 ) -> anyhow::Result<String> {
@@ -214,7 +218,7 @@ fn normalized_config(
                     d
                 }
             };
-            files.insert(relative_to(Path::new(s.as_str()), base), d.clone());
+            files.insert(places.name(Path::new(s.as_str())), d.clone());
             *s = format!("sha256:{d}");
             Ok(())
         };
@@ -231,6 +235,25 @@ fn normalized_config(
         }
     }
     Ok(toml::to_string(&config)?)
+}
+
+/// Where the lock's data files are named from.
+struct Places<'a> {
+    /// The manifest's folder.
+    base: &'a Path,
+    /// The cache folder, which holds the evaluation sets a filter reads ([`super::eval_sets`]).
+    cache: Option<&'a Path>,
+}
+
+impl Places<'_> {
+    /// A data file's name in the lock: `<cache>/...` for one in the cache (wherever the cache is, so a
+    /// checkout on another machine matches), else relative to the manifest's folder.
+    fn name(&self, path: &Path) -> String {
+        match self.cache.and_then(|c| path.strip_prefix(c).ok()) {
+            Some(rest) => format!("<cache>/{}", rest.display()),
+            None => relative_to(path, self.base),
+        }
+    }
 }
 
 /// `path` relative to the folder `base` (both absolute), with `..` where `path` is outside it; absolute
@@ -259,5 +282,9 @@ mod tests {
         assert_eq!(relative_to(Path::new("/home/u/proj/examples/data/a.jsonl"), base), "data/a.jsonl");
         assert_eq!(relative_to(Path::new("/home/u/proj/tests/x.csv"), base), "../tests/x.csv");
         assert_eq!(relative_to(Path::new("/srv/d.json"), base), "/srv/d.json");
+        // A file in the cache is named from the cache, wherever the cache is.
+        let places = Places { base, cache: Some(Path::new("/home/u/.cache/lorahost")) };
+        assert_eq!(places.name(Path::new("/home/u/.cache/lorahost/eval-sets/ab/mmlu.jsonl")), "<cache>/eval-sets/ab/mmlu.jsonl");
+        assert_eq!(places.name(Path::new("/home/u/proj/tests/x.csv")), "../tests/x.csv");
     }
 }

@@ -3,10 +3,12 @@
 //! [`prepare`] runs it for a manifest (or takes the result from the cache) and returns the token stream,
 //! the report `lorahost check` prints and the lock. Each stage is its own module:
 //! [`read`], [`filter`], [`mix`], [`encode`] (template segments -> ids, truncation), [`batch`]; around them
-//! [`plugins`] (resolving `plugin = "..."`), [`cache`], [`lock`] and [`report`].
+//! [`plugins`] (resolving `plugin = "..."`), [`eval_sets`] (the evaluation sets a filter reads), [`cache`],
+//! [`lock`] and [`report`].
 pub mod batch;
 pub mod cache;
 pub mod encode;
+pub mod eval_sets;
 pub mod filter;
 pub mod lock;
 pub mod mix;
@@ -62,11 +64,14 @@ impl<'m> Plan<'m> {
         for name in m.plugins.keys() {
             set.read_pinned(name)?;
         }
-        let mut resolved = Vec::new();
+        let (mut uses, mut resolved) = (Vec::new(), Vec::new());
         for (kind, key, use_) in m.plugin_uses() {
-            resolved.push((key.clone(), set.resolve(kind, &key, use_)?));
+            // A filter's evaluation sets are read here, through source plugins, into files it is granted.
+            let use_ = if kind == crate::plugins::PluginKind::Filter { eval_sets::expand(&set, m, &key, use_)? } else { use_.clone() };
+            resolved.push((key.clone(), set.resolve(kind, &key, &use_)?));
+            uses.push(use_);
         }
-        let lock = lock::input_lock(m, &resolved, tokenizer.as_ref())?;
+        let lock = lock::input_lock(m, &uses, &resolved, tokenizer.as_ref())?;
         let plan = Plan { manifest: m, set, resolved, tokenizer, lock, show_drops: 0 };
         plan.check_eos()?;
         Ok(plan)

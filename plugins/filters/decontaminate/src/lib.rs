@@ -10,6 +10,20 @@
 //! roles = ["user"]    # the turns checked (default: all)
 //! ```
 //!
+//! Evaluation sets in any format a source plugin reads (MMLU's folder, Parquet, TruthfulQA's CSV) are named
+//! with two keys the host takes before the plugin starts (host/src/data/eval_sets.rs):
+//!
+//! ```toml
+//! eval_tasks = ["mmlu", "gsm8k"]     # eval task names or .toml files, found as `lorahost eval --tasks` finds them
+//! eval_sources = [{ plugin = "truthfulqa", path = "data/TruthfulQA.csv" }]   # source uses, as a dataset's `source`
+//! ```
+//!
+//! The host reads each set through its source plugin (a task's `[source]`: the records it scores), writes
+//! one JSON Lines file per set into the run's cache (each record's turn contents as a list of strings, the
+//! file named after the task, or the source's plugin and file) and appends it to `files`, granted
+//! read-only; so the plugin reads nothing but files, and drop reasons name the set: "shares a 13-gram with
+//! mmlu.jsonl". `files`, `eval_tasks` and `eval_sources` may be combined.
+//!
 //! How files are read: `.jsonl` line by line, every string of each JSON value a text; `.json` every string of
 //! the document; any other file (CSV, TSV, plain text) one text per line. Words are runs of letters and digits,
 //! lowercased, so case, punctuation and layout do not hide an overlap. Evaluation texts shorter than `n` words
@@ -87,7 +101,10 @@ fn texts(path: &str) -> Result<Vec<String>, String> {
             strings(&v, &mut out);
         }
         "parquet" | "arrow" | "gz" | "zst" => {
-            return Err(format!("{path}: a .{ext} file cannot be read here; convert it to JSON Lines or CSV"))
+            return Err(format!(
+                "{path}: a .{ext} file cannot be read here; name it in `eval_sources` with a source plugin that reads \
+                 it (e.g. {{ plugin = \"parquet\", path = ... }}), or convert it to JSON Lines or CSV"
+            ))
         }
         _ => out.extend(data.lines().map(str::to_string)),
     }
