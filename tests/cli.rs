@@ -223,7 +223,7 @@ fn bench_write_model_writes_a_sharded_model_and_an_adapter_that_merge_folds_in()
     let o = lorahost(&["bench", "write-model", "--shape", "tiny", "--dir", dir.path().to_str().unwrap(), "--dtype", "f32"], dir.path());
     assert!(o.status.success(), "{}", text(&o));
     let device = candle_core::Device::Cpu;
-    let ckpt = lorahost::model::Checkpoint::open(&dir.path().join("model")).unwrap();
+    let ckpt = lorahost::model::ModelFiles::open(&dir.path().join("model")).unwrap();
     assert!(ckpt.index_path.is_some(), "written with an index, as real sharded checkpoints are");
     let lora = lorahost::model::Lora::load(&dir.path().join("adapter"), &ckpt.config, &device).unwrap();
     lorahost::model::lora::merge(&dir.path().join("model"), &lora, &dir.path().join("merged")).unwrap();

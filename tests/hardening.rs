@@ -371,7 +371,7 @@ fn merge_streams_shard_by_shard_and_equals_the_in_memory_merge() {
     let base = dir.path().join("base");
     let spec = TinySpec { hidden_size: 16, num_layers: 2, num_heads: 2, intermediate_size: 32, vocab_size: 64, shards: 3, ..Default::default() };
     write_tiny_checkpoint(&base, &spec, 1).unwrap();
-    let cfg = lorahost::model::weights::Checkpoint::open(&base).unwrap().config;
+    let cfg = lorahost::model::weights::ModelFiles::open(&base).unwrap().config;
     let lc = LoraConfig { r: 2, alpha: 4.0, dropout: 0.0, targets: vec!["c_attn".into(), "w2".into()], base_model_name_or_path: "t".into() };
     let mut lora = Lora::new(lc, &cfg, 7, &Device::Cpu).unwrap();
     for ad in lora.adapters_mut() {

@@ -5,7 +5,8 @@ use candle_core::{DType, Device, Tensor};
 use lorahost::model::lora::{self, Lora, LoraConfig, ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE};
 use lorahost::model::config::{Family, ModelConfig, RopeScaling};
 use lorahost::model::tiny::{write_tiny_checkpoint, TinySpec};
-use lorahost::model::{GenerateOptions, Model, Rng, Sampling, Site};
+use lorahost::model::{GenerateOptions, Model, Sampling, Site};
+use lorahost::rng::SplitMix;
 use lorahost::data::batch::Layout;
 use lorahost::data::TokenStream;
 use lorahost::manifest::Packing;
@@ -83,7 +84,7 @@ fn lora_config(r: usize, alpha: f64, dropout: f64, targets: &[&str]) -> LoraConf
     }
 }
 
-fn randn(shape: &[usize], std: f64, rng: &mut Rng, dtype: DType) -> Tensor {
+fn randn(shape: &[usize], std: f64, rng: &mut SplitMix, dtype: DType) -> Tensor {
     let n: usize = shape.iter().product();
     let v: Vec<f64> = (0..n).map(|_| std * rng.normal()).collect();
     Tensor::from_vec(v, shape, &CPU).unwrap().to_dtype(dtype).unwrap()
@@ -91,7 +92,7 @@ fn randn(shape: &[usize], std: f64, rng: &mut Rng, dtype: DType) -> Tensor {
 
 /// LoRA B is zero at init; tests that need the adapter to matter set it to random values.
 fn randomise_b(lora: &mut Lora, std: f64, seed: u64) {
-    let mut rng = Rng::new(seed);
+    let mut rng = SplitMix::new(seed);
     for ad in lora.adapters_mut() {
         let dtype = ad.b.dtype();
         ad.b = randn(ad.b.dims(), std, &mut rng, dtype);
@@ -99,7 +100,7 @@ fn randomise_b(lora: &mut Lora, std: f64, seed: u64) {
 }
 
 fn random_ids(b: usize, t: usize, vocab: usize, seed: u64) -> Vec<Vec<u32>> {
-    let mut rng = Rng::new(seed);
+    let mut rng = SplitMix::new(seed);
     (0..b).map(|_| (0..t).map(|_| (rng.next_u64() % vocab as u64) as u32).collect()).collect()
 }
 
@@ -203,7 +204,7 @@ fn sharded_checkpoint_loads_like_single_file() {
     write_tiny_checkpoint(tmp.path(), &spec, REFERENCE_SEED).unwrap();
     assert!(tmp.path().join("model.safetensors.index.json").exists());
     assert!(!tmp.path().join("model.safetensors").exists());
-    let ckpt = lorahost::model::Checkpoint::open(tmp.path()).unwrap();
+    let ckpt = lorahost::model::ModelFiles::open(tmp.path()).unwrap();
     assert_eq!(ckpt.files.len(), 3);
 
     let sharded = Model::load(tmp.path(), DType::F32, &CPU).unwrap();
@@ -282,7 +283,7 @@ fn gradient_check(family: Family, dropout: f64) {
     let ids = random_ids(2, 7, spec.vocab_size, 5);
     let labels = labels_tensor(&ids, &[2, 0]);
     let ids = ids_tensor(&ids);
-    let rng0 = Rng::new(99);
+    let rng0 = SplitMix::new(99);
 
     let plain = model.loss_and_grads(&ids, &labels, None, &lora, &mut rng0.clone(), false).unwrap();
     let recomputed = model.loss_and_grads(&ids, &labels, None, &lora, &mut rng0.clone(), true).unwrap();
@@ -304,7 +305,7 @@ fn gradient_check(family: Family, dropout: f64) {
 
     let loss_at = |l: &Lora| model.loss_and_grads(&ids, &labels, None, l, &mut rng0.clone(), false).unwrap().loss_sum;
     let eps = 1e-5;
-    let mut rng = Rng::new(1);
+    let mut rng = SplitMix::new(1);
     let names = lora.param_names();
     let grads: Vec<Tensor> = plain.grads.tensors().into_iter().cloned().collect();
     let mut worst = 0.0f64;
@@ -399,14 +400,14 @@ fn only_adapted_layers_are_backpropagated() {
     let lora = lora.to_dtype(DType::F64).unwrap();
     let ids = random_ids(1, 6, 64, 8);
     let labels = labels_tensor(&ids, &[0]);
-    let out = model.loss_and_grads(&ids_tensor(&ids), &labels, None, &lora, &mut Rng::new(0), false).unwrap();
+    let out = model.loss_and_grads(&ids_tensor(&ids), &labels, None, &lora, &mut SplitMix::new(0), false).unwrap();
     let eps = 1e-5;
     let p = lora.params()[0].clone();
-    let dir = randn(p.dims(), 1.0, &mut Rng::new(2), DType::F64);
+    let dir = randn(p.dims(), 1.0, &mut SplitMix::new(2), DType::F64);
     let at = |s: f64| {
         let mut l = lora.clone();
         *l.params_mut()[0] = (&p + (&dir * s).unwrap()).unwrap();
-        model.loss_and_grads(&ids_tensor(&ids), &labels, None, &l, &mut Rng::new(0), false).unwrap().loss_sum
+        model.loss_and_grads(&ids_tensor(&ids), &labels, None, &l, &mut SplitMix::new(0), false).unwrap().loss_sum
     };
     let numeric = (at(eps) - at(-eps)) / (2.0 * eps);
     let analytic = (&out.grads.a[0] * &dir).unwrap().sum_all().unwrap().to_scalar::<f64>().unwrap();
@@ -418,7 +419,7 @@ fn only_adapted_layers_are_backpropagated() {
 
 /// Records of different lengths, the first `prompt` tokens of each untrained.
 fn records(lengths: &[usize], vocab: usize, seed: u64) -> TokenStream {
-    let mut rng = Rng::new(seed);
+    let mut rng = SplitMix::new(seed);
     let ids: Vec<u32> = lengths.iter().flat_map(|&l| (0..l).map(|_| (rng.next_u64() % vocab as u64) as u32).collect::<Vec<_>>()).collect();
     let trained = lengths.iter().flat_map(|&l| (0..l).map(move |t| (t >= l / 3) as u8)).collect();
     TokenStream { lengths: lengths.iter().map(|&l| l as u32).collect(), ids, trained, dataset: vec![0; lengths.len()], n_train: lengths.len() }
@@ -431,7 +432,7 @@ fn step_sums(model: &Model, lora: &Lora, stream: &TokenStream, layout: &Layout, 
     let (mut loss, mut n, mut grads) = (0.0, 0, None::<lora::LoraGrads>);
     for b in &passes {
         let (ids, labels) = b.tensors().unwrap();
-        let out = model.loss_and_grads(&ids, &labels, b.cu_seqlens.as_deref(), lora, &mut Rng::new(5), recompute).unwrap();
+        let out = model.loss_and_grads(&ids, &labels, b.cu_seqlens.as_deref(), lora, &mut SplitMix::new(5), recompute).unwrap();
         assert_eq!(out.n_tokens, b.trained);
         loss += out.loss_sum;
         n += out.n_tokens;
@@ -905,7 +906,7 @@ fn memorise_run(recompute: bool) -> (Vec<f64>, f64) {
     let labels = labels_tensor(&ids, &[4, 4]);
     let ids = ids_tensor(&ids);
     let mut opt = AdamW::new(AdamWConfig { weight_decay: 0.0, ..Default::default() }, lora.param_names(), &lora.params()).unwrap();
-    let mut dropout_rng = Rng::new(42);
+    let mut dropout_rng = SplitMix::new(42);
     let mut losses = Vec::new();
     let start = Instant::now();
     for _ in 0..30 {
@@ -1002,7 +1003,7 @@ fn tiny_full_vocab_step_time() {
     let ids = random_ids(2, 128, model.config.vocab_size, 1);
     let labels = labels_tensor(&ids, &[64, 64]);
     let ids = ids_tensor(&ids);
-    let mut rng = Rng::new(0);
+    let mut rng = SplitMix::new(0);
     for recompute in [false, true] {
         let mut times = Vec::new();
         for _ in 0..6 {

@@ -270,7 +270,7 @@ pub fn merge(manifest: &Path, out: &Path, adapter: Option<std::path::PathBuf>) -
     let m = Manifest::load(manifest)?;
     // Only the config and the adapter are loaded: the weights are read one shard at a time by the merge.
     lorahost::train::run::ensure_tiny(&m)?;
-    let config = lorahost::model::weights::Checkpoint::open(&m.model.path)?.config;
+    let config = lorahost::model::weights::ModelFiles::open(&m.model.path)?.config;
     let dir = adapter.unwrap_or_else(|| m.run.output.join("adapter"));
     let lora = lorahost::model::lora::Lora::load(&dir, &config, &candle_core::Device::Cpu)
         .with_context(|| format!("loading the adapter {} (train first, or pass --adapter)", dir.display()))?;

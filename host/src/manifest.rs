@@ -128,7 +128,7 @@ fn default_device() -> String {
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct Lora {
+pub struct LoraSection {
     pub rank: usize,
     pub alpha: f64,
     #[serde(default)]
@@ -137,9 +137,9 @@ pub struct Lora {
     pub targets: Vec<String>,
 }
 
-impl Default for Lora {
+impl Default for LoraSection {
     fn default() -> Self {
-        Lora { rank: 8, alpha: 16.0, dropout: 0.0, targets: vec!["c_attn".into()] }
+        LoraSection { rank: 8, alpha: 16.0, dropout: 0.0, targets: vec!["c_attn".into()] }
     }
 }
 
@@ -365,7 +365,7 @@ struct RawManifest {
     run: Run,
     model: Model,
     #[serde(default)]
-    lora: Lora,
+    lora: LoraSection,
     #[serde(default)]
     train: Train,
     #[serde(default = "default_scheduler")]
@@ -408,7 +408,7 @@ pub struct Manifest {
     pub file: PathBuf,
     pub run: Run,
     pub model: Model,
-    pub lora: Lora,
+    pub lora: LoraSection,
     pub train: Train,
     pub scheduler: PluginUse,
     pub template: PluginUse,

@@ -1,10 +1,15 @@
-//! The one random number generator of the pipeline and trainer: xoshiro256++ seeded through splitmix64.
-//!
-//! Written out here (rather than taken from a crate whose stream may change between versions) because the
-//! token stream and the loss curve must be the same for the same seed on every machine, forever.
+//! The random numbers of lorahost, written out here (rather than taken from a crate whose stream may change
+//! between versions) because the token stream and the loss curve must be the same for the same seed on every
+//! machine, forever. Two generators, each for its own job, and counter-based values:
+//! - [`Rng`], xoshiro256++ seeded through splitmix64: the data pipeline's shuffles and samples (one stream per
+//!   named purpose, [`Rng::derive`]).
+//! - [`SplitMix`], SplitMix64: the model's (weight and LoRA init, dropout seeds, sampling); one u64 of state.
+//! - [`stream_key`] / [`uniform_at`]: the value for element `i` of stream `key` depends only on `(key, i)`.
+//!   Dropout masks use them, so a mask is regenerated exactly when a layer is recomputed during backward, and
+//!   the GPU kernel produces the same mask with the same formula.
 
-/// The SplitMix64 finaliser: a bijective 64-bit mix with good avalanche (also the model's counter-based
-/// dropout streams build on it, see `model::rng`).
+/// The SplitMix64 finaliser: a bijective 64-bit mix with good avalanche (the counter-based streams below build
+/// on it too).
 #[inline]
 pub fn mix(mut z: u64) -> u64 {
     z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
@@ -91,6 +96,68 @@ impl Rng {
         idx.truncate(k);
         idx.sort_unstable();
         idx
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Counter-based streams and the model's sequential generator.
+
+const GOLDEN: u64 = 0x9e37_79b9_7f4a_7c15;
+
+/// A key for an independent stream derived from a seed and a few small integers (e.g. layer, module).
+pub fn stream_key(seed: u64, parts: &[u64]) -> u64 {
+    let mut k = mix(seed ^ GOLDEN);
+    for &p in parts {
+        k = mix(k ^ mix(p.wrapping_add(GOLDEN)));
+    }
+    k
+}
+
+/// A uniform number in [0, 1) with 24 bits (exact in f32) for element `i` of stream `key`.
+#[inline]
+pub fn uniform_at(key: u64, i: u64) -> f32 {
+    let bits = mix(key.wrapping_add(i.wrapping_add(1).wrapping_mul(GOLDEN)));
+    (bits >> 40) as f32 * (1.0 / (1u64 << 24) as f32)
+}
+
+/// SplitMix64: one u64 of state, so it is trivially saved in a checkpoint. The model's generator: weight and
+/// LoRA init, each step's dropout seed, sampling in `generate`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SplitMix {
+    state: u64,
+}
+
+impl SplitMix {
+    pub fn new(seed: u64) -> Self {
+        SplitMix { state: seed }
+    }
+
+    /// A generator for the stream `(seed, parts...)`, independent of other streams.
+    pub fn for_stream(seed: u64, parts: &[u64]) -> Self {
+        SplitMix { state: stream_key(seed, parts) }
+    }
+
+    /// The whole state (to save); `SplitMix::new(state)` restores it.
+    pub fn state(&self) -> u64 {
+        self.state
+    }
+
+    pub fn next_u64(&mut self) -> u64 {
+        self.state = self.state.wrapping_add(GOLDEN);
+        mix(self.state)
+    }
+
+    /// Uniform in [0, 1) with 53 bits.
+    pub fn uniform(&mut self) -> f64 {
+        (self.next_u64() >> 11) as f64 * (1.0 / (1u64 << 53) as f64)
+    }
+
+    /// Standard normal by Box-Muller (one value per call; simple over fast).
+    pub fn normal(&mut self) -> f64 {
+        // 1 - u is in (0, 1], so the log is finite.
+        let u1 = 1.0 - self.uniform();
+        let u2 = self.uniform();
+        (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()
     }
 }
 

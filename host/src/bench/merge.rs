@@ -4,7 +4,7 @@
 //! not a trained model: merge's time and memory do not depend on them.
 use crate::model::config::TensorId;
 use crate::model::lora::{Lora, LoraConfig};
-use crate::model::rng::uniform_at;
+use crate::rng::uniform_at;
 use crate::model::weights::{write_index, CONFIG_FILE};
 use anyhow::{Context, Result};
 use candle_core::{DType, Device, Tensor};

@@ -12,7 +12,7 @@ use crate::model::fusion::Fusion;
 use crate::model::loss::{self, Targets};
 use crate::model::ops;
 use crate::model::transformer::Model;
-use crate::model::rng::Rng as ModelRng;
+use crate::rng::SplitMix;
 use crate::model::weights::Weights;
 use anyhow::{bail, Result};
 use candle_core::{DType, Device, Tensor};
@@ -69,7 +69,7 @@ struct Pair {
     gpu: Tensor,
 }
 
-fn pair(rng: &mut ModelRng, shape: &[usize], mean: f64, std: f64, gpu: &Device) -> Result<Pair> {
+fn pair(rng: &mut SplitMix, shape: &[usize], mean: f64, std: f64, gpu: &Device) -> Result<Pair> {
     let n: usize = shape.iter().product();
     let v: Vec<f32> = (0..n).map(|_| (mean + std * rng.normal()) as f32).collect();
     let bf = Tensor::from_vec(v, shape, &Device::Cpu)?.to_dtype(DType::BF16)?;
@@ -77,7 +77,7 @@ fn pair(rng: &mut ModelRng, shape: &[usize], mean: f64, std: f64, gpu: &Device) 
 }
 
 fn ops_checks(gpu: &Device, checks: &mut Vec<Check>) -> Result<()> {
-    let mut rng = ModelRng::new(11);
+    let mut rng = SplitMix::new(11);
     let (b, t, h, d) = (2usize, 48usize, 4usize, 32usize);
     let (n, c, f) = (b * t, h * d, 352usize);
     let eps = 1e-6;
@@ -169,7 +169,7 @@ fn ops_checks(gpu: &Device, checks: &mut Vec<Check>) -> Result<()> {
     // Dropout: the kernel's hash must drop exactly the elements the CPU mask drops.
     #[cfg(feature = "cuda")]
     {
-        let key = crate::model::rng::stream_key(5, &[3, 1]);
+        let key = crate::rng::stream_key(5, &[3, 1]);
         let x = pair(&mut rng, &[n, f], 0.0, 1.0, gpu)?;
         let yc = (&x.cpu * ops::dropout_mask(key, n, f, 0.1, DType::F32, &Device::Cpu)?)?;
         let yg = crate::model::cuda::dropout(&x.gpu, key, 0.1)?;
@@ -185,7 +185,7 @@ fn ops_checks(gpu: &Device, checks: &mut Vec<Check>) -> Result<()> {
     {
         use crate::model::ops::Dropout;
         let (fan_in, fan_out) = (c, 3 * c);
-        let key = crate::model::rng::stream_key(9, &[1, 0]);
+        let key = crate::rng::stream_key(9, &[1, 0]);
         let x = pair(&mut rng, &[n, fan_in], 0.0, 1.0, gpu)?;
         let a = pair(&mut rng, &[8, fan_in], 0.0, 0.1, gpu)?;
         let lb = pair(&mut rng, &[fan_out, 8], 0.0, 0.1, gpu)?;
@@ -245,7 +245,7 @@ fn model_check(gpu: &Device, checks: &mut Vec<Check>, config: ModelConfig) -> Re
     let lora_cfg = LoraConfig { r: 8, alpha: 32.0, dropout: 0.1, targets: vec!["all-linear".into()], base_model_name_or_path: "numerics".into() };
     let mut lora_cpu = Lora::new(lora_cfg, &config, 3, &Device::Cpu)?;
     // B starts at zero in a fresh adapter, which would make every dA zero: give it values.
-    let mut rng = ModelRng::new(5);
+    let mut rng = SplitMix::new(5);
     for p in lora_cpu.params_mut().into_iter().skip(1).step_by(2) {
         let n = p.elem_count();
         let v: Vec<f32> = (0..n).map(|_| (0.02 * rng.normal()) as f32).collect();
@@ -263,8 +263,8 @@ fn model_check(gpu: &Device, checks: &mut Vec<Check>, config: ModelConfig) -> Re
     let labels = Tensor::from_vec(labels, (b, t), &Device::Cpu)?;
     for recompute in [false, true] {
         let tag = if recompute { format!(" ({fam}, recompute)") } else { format!(" ({fam})") };
-        let oc = cpu_model.loss_and_grads(&ids, &labels, None, &lora_cpu, &mut ModelRng::new(9), recompute)?;
-        let og = gpu_model.loss_and_grads(&ids, &labels, None, &lora_gpu, &mut ModelRng::new(9), recompute)?;
+        let oc = cpu_model.loss_and_grads(&ids, &labels, None, &lora_cpu, &mut SplitMix::new(9), recompute)?;
+        let og = gpu_model.loss_and_grads(&ids, &labels, None, &lora_gpu, &mut SplitMix::new(9), recompute)?;
         let loss_err = (og.loss_sum - oc.loss_sum).abs() / oc.loss_sum.abs();
         checks.push(Check { name: format!("model loss{tag}"), rel_err: loss_err, tolerance: LOSS_TOL, ok: loss_err <= LOSS_TOL });
         let (mut worst, mut worst_name) = (0.0f64, String::new());
@@ -279,8 +279,8 @@ fn model_check(gpu: &Device, checks: &mut Vec<Check>, config: ModelConfig) -> Re
 
     // Reproducibility: the same step twice on the GPU gives the same loss and gradients, bit for bit, and
     // so does the gradient norm the optimizer clips with.
-    let a = gpu_model.loss_and_grads(&ids, &labels, None, &lora_gpu, &mut ModelRng::new(9), false)?;
-    let b = gpu_model.loss_and_grads(&ids, &labels, None, &lora_gpu, &mut ModelRng::new(9), false)?;
+    let a = gpu_model.loss_and_grads(&ids, &labels, None, &lora_gpu, &mut SplitMix::new(9), false)?;
+    let b = gpu_model.loss_and_grads(&ids, &labels, None, &lora_gpu, &mut SplitMix::new(9), false)?;
     let mut differ = (a.loss_sum != b.loss_sum) as usize;
     for (ga, gb) in a.grads.tensors().iter().zip(b.grads.tensors()) {
         differ += ga.ne(gb)?.to_dtype(DType::F32)?.sum_all()?.to_scalar::<f32>()? as usize;
@@ -302,7 +302,7 @@ fn packed_check(model: &Model, lora: &Lora, fam: &str, checks: &mut Vec<Check>) 
     lora.config.dropout = 0.0;
     let lengths = [96usize, 40, 71];
     let n: usize = lengths.iter().sum();
-    let mut rng = ModelRng::new(17);
+    let mut rng = SplitMix::new(17);
     let stream = TokenStream {
         lengths: lengths.iter().map(|&l| l as u32).collect(),
         ids: (0..n).map(|_| (rng.next_u64() % 151_000) as u32).collect(),
@@ -315,7 +315,7 @@ fn packed_check(model: &Model, lora: &Lora, fam: &str, checks: &mut Vec<Check>) 
         let (mut loss, mut grads) = (0.0, None::<crate::model::LoraGrads>);
         for b in layout.passes(&stream, &stream.offsets(), &[0, 1, 2]) {
             let (ids, labels) = b.tensors()?;
-            let out = model.loss_and_grads(&ids, &labels, b.cu_seqlens.as_deref(), &lora, &mut ModelRng::new(9), false)?;
+            let out = model.loss_and_grads(&ids, &labels, b.cu_seqlens.as_deref(), &lora, &mut SplitMix::new(9), false)?;
             loss += out.loss_sum;
             match grads.as_mut() {
                 Some(g) => g.add_assign(&out.grads)?,

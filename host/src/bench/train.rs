@@ -8,7 +8,7 @@ use crate::manifest::{Manifest, Packing};
 use crate::model::config::{Family, ModelConfig};
 use crate::model::fusion::Fusion;
 use crate::model::lora::{Lora, LoraConfig};
-use crate::model::rng::Rng as ModelRng;
+use crate::rng::SplitMix;
 use crate::model::transformer::Model;
 use crate::model::weights::Weights;
 use crate::train::batches::{self, Schedule};
@@ -213,7 +213,7 @@ fn run_on(model: &Model, o: &Options) -> anyhow::Result<TrainBench> {
 fn random_data(o: &Options, steps: usize) -> (TokenStream, Schedule, usize) {
     let records = o.micro_batch * steps;
     let n = records * o.seq;
-    let mut rng = ModelRng::new(7);
+    let mut rng = SplitMix::new(7);
     let stream = TokenStream {
         lengths: vec![o.seq as u32; records],
         ids: (0..n).map(|_| (rng.next_u64() % 151_000) as u32).collect(),

@@ -13,8 +13,8 @@
 //!   `base_model.model.<module path>.lora_A.weight` [r, in] / `.lora_B.weight` [out, r].
 use crate::fsutil::write_atomic;
 use super::config::{Family, ModelConfig, Site};
-use super::rng::Rng;
-use super::weights::Checkpoint;
+use crate::rng::SplitMix;
+use super::weights::ModelFiles;
 use anyhow::{anyhow, bail, Context, Result};
 use candle_core::safetensors::Load;
 use candle_core::{DType, Device, Tensor};
@@ -104,7 +104,7 @@ impl Lora {
         for (layer, site) in sites {
             let (fan_in, fan_out) = model.linear_dims(site);
             let bound = 1.0 / (fan_in as f64).sqrt();
-            let mut rng = Rng::for_stream(seed, &[layer as u64, site.index() as u64]);
+            let mut rng = SplitMix::for_stream(seed, &[layer as u64, site.index() as u64]);
             let a: Vec<f32> = (0..config.r * fan_in).map(|_| ((2.0 * rng.uniform() - 1.0) * bound) as f32).collect();
             let a = Tensor::from_vec(a, (config.r, fan_in), device)?;
             let b = Tensor::zeros((fan_out, config.r), DType::F32, device)?;
@@ -481,7 +481,7 @@ pub fn merge(base_dir: &Path, lora: &Lora, out_dir: &Path) -> Result<()> {
 /// [`merge`], one file at a time (peak memory about one shard), calling `progress(done, of, file)` before
 /// each file.
 pub fn merge_with_progress(base_dir: &Path, lora: &Lora, out_dir: &Path, mut progress: impl FnMut(usize, usize, &Path)) -> Result<()> {
-    let ckpt = Checkpoint::open(base_dir)?;
+    let ckpt = ModelFiles::open(base_dir)?;
     let cfg = &ckpt.config;
     lora.check_fits(cfg)?;
     std::fs::create_dir_all(out_dir).with_context(|| format!("cannot create {}", out_dir.display()))?;

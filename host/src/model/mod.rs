@@ -24,13 +24,11 @@ pub mod fusion;
 pub mod lora;
 pub mod loss;
 pub mod ops;
-pub mod rng;
 pub mod tiny;
 pub mod transformer;
 pub mod weights;
 
 pub use config::{Family, ModelConfig, Site};
 pub use lora::{Lora, LoraConfig, LoraGrads};
-pub use rng::Rng;
 pub use transformer::{GenerateOptions, KvCache, LossAndGrads, Model, Sampling};
-pub use weights::{Checkpoint, Weights};
+pub use weights::{ModelFiles, Weights};

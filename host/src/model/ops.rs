@@ -4,7 +4,7 @@
 //! - Frozen weights are never differentiated: a linear's backward returns dX only.
 //! - `*_forward` returns the output plus whatever its backward needs (`*Saved`); nothing else is kept.
 //! - Matmuls take contiguous operands or `.t()` of contiguous ones (what CUDA's GEMM accepts).
-use super::rng;
+use crate::rng;
 use candle_core::{DType, Device, Result, Tensor, D};
 
 /// The dtype for precision-sensitive math (norm statistics, RoPE, softmax, loss): f32 for half-precision

@@ -3,7 +3,7 @@
 //! same bytes. Used by tests and CPU quickstarts; with the real vocab size (151936) the real tokenizer can
 //! drive it.
 use super::config::{Family, ModelConfig, RopeScaling, TensorId};
-use super::rng::Rng;
+use crate::rng::SplitMix;
 use super::weights::{CONFIG_FILE, SINGLE_FILE};
 use crate::fsutil::write_atomic;
 use anyhow::{bail, Context, Result};
@@ -128,7 +128,7 @@ pub fn write_tiny_checkpoint(dir: &Path, spec: &TinySpec, seed: u64) -> Result<(
     for (i, &id) in ids.iter().enumerate() {
         let shape = cfg.tensor_shape(id);
         let n: usize = shape.iter().product();
-        let mut rng = Rng::for_stream(seed, &[i as u64]);
+        let mut rng = SplitMix::for_stream(seed, &[i as u64]);
         let values: Vec<f32> = match id {
             TensorId::FinalNorm | TensorId::Ln1(_) | TensorId::Ln2(_) | TensorId::QNorm(_) | TensorId::KNorm(_) => {
                 (0..n).map(|_| if spec.norm_jitter == 0.0 { 1.0 } else { (1.0 + spec.norm_jitter * rng.normal()) as f32 }).collect()

@@ -16,8 +16,8 @@ use super::config::{ModelConfig, Site};
 use super::fusion::Fusion;
 use super::loss::{self, Targets};
 use super::ops::{self, Dropout, LoraSaved, RmsNormSaved, SwiGluSaved};
-use super::rng::{self, Rng};
-use super::weights::{Checkpoint, Weights};
+use crate::rng::{self, SplitMix};
+use super::weights::{ModelFiles, Weights};
 use crate::model::lora::{Lora, LoraGrads};
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
@@ -134,7 +134,7 @@ type BlockGrads = [Option<(Tensor, Tensor)>; Site::COUNT];
 impl Model {
     /// Loads `config.json` and the weights from a checkpoint folder.
     pub fn load(dir: &Path, dtype: DType, device: &Device) -> Result<Model> {
-        let ckpt = Checkpoint::open(dir)?;
+        let ckpt = ModelFiles::open(dir)?;
         let weights = ckpt.load_weights(dtype, device)?;
         Ok(Model::new(ckpt.config, weights, dtype, device))
     }
@@ -220,7 +220,7 @@ impl Model {
                 if temperature.is_nan() || temperature <= 0.0 {
                     bail!("generate: temperature must be > 0 (use Sampling::Greedy for 0), got {temperature}");
                 }
-                Some(Rng::new(seed))
+                Some(SplitMix::new(seed))
             }
         };
         let cache = KvCache::default();
@@ -262,7 +262,7 @@ impl Model {
     /// - `recompute`: keep only each layer's input and recompute the layer during backward (bounded
     ///   memory, one extra forward); gives bit-identical results on CPU.
     #[allow(clippy::too_many_arguments)]
-    pub fn loss_and_grads(&self, ids: &Tensor, labels: &Tensor, cu_seqlens: Option<&[u32]>, lora: &Lora, dropout_rng: &mut Rng, recompute: bool) -> Result<LossAndGrads> {
+    pub fn loss_and_grads(&self, ids: &Tensor, labels: &Tensor, cu_seqlens: Option<&[u32]>, lora: &Lora, dropout_rng: &mut SplitMix, recompute: bool) -> Result<LossAndGrads> {
         let step_seed = dropout_rng.next_u64();
         let p = lora.config.dropout;
         let mut ctx = self.context(ids, Some(lora), (p > 0.0).then_some((step_seed, p)), cu_seqlens)?;
@@ -585,7 +585,7 @@ fn argmax(v: &[f32]) -> u32 {
 }
 
 /// Draws from softmax(logits / temperature).
-fn sample(logits: &[f32], temperature: f64, rng: &mut Rng) -> u32 {
+fn sample(logits: &[f32], temperature: f64, rng: &mut SplitMix) -> u32 {
     let max = logits.iter().cloned().fold(f32::NEG_INFINITY, f32::max) as f64;
     let weights: Vec<f64> = logits.iter().map(|&z| ((z as f64 - max) / temperature).exp()).collect();
     let total: f64 = weights.iter().sum();

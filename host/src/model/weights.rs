@@ -25,9 +25,9 @@ pub fn write_index(dir: &Path, mut weight_map: Vec<(String, String)>, total_size
     Ok(())
 }
 
-/// Where a checkpoint's config and tensors are.
+/// Where a model folder's config and tensors are (the frozen base; training checkpoints are train::checkpoint).
 #[derive(Clone, Debug)]
-pub struct Checkpoint {
+pub struct ModelFiles {
     pub dir: PathBuf,
     pub config: ModelConfig,
     /// The safetensors files: the single file, or the shards named in the index (sorted, each once).
@@ -38,9 +38,9 @@ pub struct Checkpoint {
     weight_map: BTreeMap<String, usize>,
 }
 
-impl Checkpoint {
+impl ModelFiles {
     /// Reads `config.json` and finds the tensor files in `dir`.
-    pub fn open(dir: &Path) -> Result<Checkpoint> {
+    pub fn open(dir: &Path) -> Result<ModelFiles> {
         let config = ModelConfig::from_file(&dir.join(CONFIG_FILE))?;
         let index_path = dir.join(INDEX_FILE);
         let single = dir.join(SINGLE_FILE);
@@ -76,9 +76,9 @@ impl Checkpoint {
                 .iter()
                 .map(|(t, f)| (t.clone(), names.binary_search(&f.as_str().unwrap().to_string()).unwrap()))
                 .collect();
-            Ok(Checkpoint { dir: dir.to_path_buf(), config, files, index_path: Some(index_path), weight_map })
+            Ok(ModelFiles { dir: dir.to_path_buf(), config, files, index_path: Some(index_path), weight_map })
         } else if single.is_file() {
-            Ok(Checkpoint { dir: dir.to_path_buf(), config, files: vec![single], index_path: None, weight_map: BTreeMap::new() })
+            Ok(ModelFiles { dir: dir.to_path_buf(), config, files: vec![single], index_path: None, weight_map: BTreeMap::new() })
         } else {
             bail!("{}: neither {SINGLE_FILE} nor {INDEX_FILE} found", dir.display())
         }
@@ -239,7 +239,7 @@ impl Weights {
             let shape = config.tensor_shape(t);
             next.set(next.get() + 1);
             if device.is_cpu() {
-                let mut rng = super::rng::Rng::for_stream(0x7EA5, &[next.get()]);
+                let mut rng = crate::rng::SplitMix::for_stream(0x7EA5, &[next.get()]);
                 let v: Vec<f32> = (0..shape.iter().product::<usize>()).map(|_| (std * rng.normal()) as f32).collect();
                 return Ok(Tensor::from_vec(v, shape, device)?.to_dtype(dtype)?);
             }

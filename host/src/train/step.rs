@@ -13,7 +13,7 @@ use super::dist::Collective;
 use super::split;
 use super::optim::{self, AdamW};
 use crate::model::lora::{Lora, LoraGrads};
-use crate::model::rng::Rng as ModelRng;
+use crate::rng::SplitMix;
 use crate::model::transformer::Model;
 use anyhow::bail;
 use std::time::Instant;
@@ -72,7 +72,7 @@ pub fn step(
         let batch = &batches.passes[pass];
         let (ids, labels) = batch.tensors()?;
         // Keyed by the pass's index in the whole step, so its draws do not depend on the number of ranks.
-        let mut dropout = ModelRng::for_stream(c.seed, &[batches.step, pass as u64]);
+        let mut dropout = SplitMix::for_stream(c.seed, &[batches.step, pass as u64]);
         let out = model.loss_and_grads(&ids, &labels, batch.cu_seqlens.as_deref(), lora, &mut dropout, c.recompute)?;
         debug_assert_eq!(out.n_tokens, batch.trained, "the model and the batch count the same positions");
         grads.add_assign(&out.grads)?;
