@@ -43,6 +43,7 @@ mod record;
 /// The record types shared by every plugin, generated from `wit/lorahost.wit`.
 pub use bindings::lorahost::plugin::types;
 pub use types::{Batch, Example, Segment, TemplateInfo, Turn, Verdict};
+pub use record::TrainOn;
 
 use serde::de::DeserializeOwned;
 

@@ -81,3 +81,31 @@ impl Segment {
         Segment { text: name.into(), trained, special: true }
     }
 }
+
+/// Which assistant turns a chat template trains: the `train_on` option of the chat templates.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TrainOn {
+    /// Every assistant turn (the default).
+    All,
+    /// Only the last assistant turn.
+    Last,
+}
+
+impl TrainOn {
+    /// `train_on = "all" | "last"`; absent means all.
+    pub fn parse(value: Option<&str>) -> Result<TrainOn, String> {
+        match value.unwrap_or("all") {
+            "all" => Ok(TrainOn::All),
+            "last" => Ok(TrainOn::Last),
+            other => Err(format!("train_on = {other:?} is not a choice; use \"all\" or \"last\"")),
+        }
+    }
+
+    /// For each turn of `example`, whether its content is trained; an error when there is no assistant turn.
+    pub fn flags(self, example: &Example) -> Result<Vec<bool>, String> {
+        let Some(last) = example.turns.iter().rposition(|t| t.role == "assistant") else {
+            return Err("no assistant turn to train on".into());
+        };
+        Ok(example.turns.iter().enumerate().map(|(i, t)| t.role == "assistant" && (self == TrainOn::All || i == last)).collect())
+    }
+}

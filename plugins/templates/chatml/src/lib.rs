@@ -11,7 +11,7 @@
 //!
 //! Adjacent text of the same kind is joined into one segment, so `user\n` and the user's words tokenize
 //! together as they would in the whole rendered text.
-use lorahost_sdk::{Example, Segment, Template};
+use lorahost_sdk::{Example, Segment, Template, TrainOn};
 
 const START: &str = "<|im_start|>";
 const END: &str = "<|im_end|>";
@@ -25,7 +25,7 @@ struct Config {
 
 struct ChatMl {
     default_system: Option<String>,
-    last_only: bool,
+    train_on: TrainOn,
 }
 
 /// Appends text, joined to the previous segment when that is text with the same `trained` flag.
@@ -40,12 +40,8 @@ impl Template for ChatMl {
     type Config = Config;
 
     fn new(config: Config) -> Result<Self, String> {
-        let last_only = match config.train_on.as_deref().unwrap_or("all") {
-            "all" => false,
-            "last" => true,
-            other => return Err(format!("train_on = {other:?} is not a choice; use \"all\" or \"last\"")),
-        };
-        Ok(ChatMl { default_system: config.default_system, last_only })
+        let train_on = TrainOn::parse(config.train_on.as_deref())?;
+        Ok(ChatMl { default_system: config.default_system, train_on })
     }
 
     fn eos(&self) -> String {
@@ -53,9 +49,7 @@ impl Template for ChatMl {
     }
 
     fn render(&self, example: &Example) -> Result<Vec<Segment>, String> {
-        let Some(last_assistant) = example.turns.iter().rposition(|t| t.role == "assistant") else {
-            return Err("no assistant turn to train on".into());
-        };
+        let trained_turns = self.train_on.flags(example)?;
         let mut segments = Vec::new();
         if let Some(system) = &self.default_system {
             if !example.turns.iter().any(|t| t.role == "system") {
@@ -65,8 +59,7 @@ impl Template for ChatMl {
                 push_text(&mut segments, "\n", false);
             }
         }
-        for (i, turn) in example.turns.iter().enumerate() {
-            let trained = turn.role == "assistant" && (!self.last_only || i == last_assistant);
+        for (turn, &trained) in example.turns.iter().zip(&trained_turns) {
             segments.push(Segment::special(START, false));
             push_text(&mut segments, &format!("{}\n", turn.role), false);
             push_text(&mut segments, &turn.content, trained);

@@ -10,7 +10,7 @@
 //! train_on = "last"   # train only the last assistant turn; "all" (the default) trains every one
 //! bos = false         # leave out <|begin_of_text|> (default: true, as the model's own template)
 //! ```
-use lorahost_sdk::{Example, Segment, Template};
+use lorahost_sdk::{Example, Segment, Template, TrainOn};
 
 const BOS: &str = "<|begin_of_text|>";
 const HEADER_START: &str = "<|start_header_id|>";
@@ -27,7 +27,7 @@ struct Config {
 
 struct Llama3 {
     default_system: Option<String>,
-    last_only: bool,
+    train_on: TrainOn,
     bos: bool,
 }
 
@@ -50,12 +50,8 @@ impl Template for Llama3 {
     type Config = Config;
 
     fn new(config: Config) -> Result<Self, String> {
-        let last_only = match config.train_on.as_deref().unwrap_or("all") {
-            "all" => false,
-            "last" => true,
-            other => return Err(format!("train_on = {other:?} is not a choice; use \"all\" or \"last\"")),
-        };
-        Ok(Llama3 { default_system: config.default_system, last_only, bos: config.bos.unwrap_or(true) })
+        let train_on = TrainOn::parse(config.train_on.as_deref())?;
+        Ok(Llama3 { default_system: config.default_system, train_on, bos: config.bos.unwrap_or(true) })
     }
 
     fn eos(&self) -> String {
@@ -63,9 +59,7 @@ impl Template for Llama3 {
     }
 
     fn render(&self, example: &Example) -> Result<Vec<Segment>, String> {
-        let Some(last_assistant) = example.turns.iter().rposition(|t| t.role == "assistant") else {
-            return Err("no assistant turn to train on".into());
-        };
+        let trained_turns = self.train_on.flags(example)?;
         let mut segments = Vec::new();
         if self.bos {
             segments.push(Segment::special(BOS, false));
@@ -75,8 +69,7 @@ impl Template for Llama3 {
                 Self::turn(&mut segments, "system", system, false);
             }
         }
-        for (i, turn) in example.turns.iter().enumerate() {
-            let trained = turn.role == "assistant" && (!self.last_only || i == last_assistant);
+        for (turn, &trained) in example.turns.iter().zip(&trained_turns) {
             Self::turn(&mut segments, &turn.role, &turn.content, trained);
         }
         Ok(segments)
