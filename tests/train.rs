@@ -377,10 +377,11 @@ fn a_failing_rank_ends_the_run_with_an_error_naming_it_and_a_rerun_finishes() {
     let dir = tempfile::tempdir().unwrap();
     let m = ranks_manifest(dir.path());
     let t0 = std::time::Instant::now();
-    // Rank 1 fails in step 3, after the checkpoint of step 2; a generous timeout that must not be waited for.
-    let failing = RunOptions { fail_at: Some((1, 2)), rank_timeout: Some(std::time::Duration::from_secs(120)), ..on_ranks(3) };
+    // Rank 0 fails in step 3, after it wrote the checkpoint of step 2 (a failure on another rank can cut rank 0
+    // short inside step 2's last collective, before that checkpoint); a generous timeout that must not be waited for.
+    let failing = RunOptions { fail_at: Some((0, 2)), rank_timeout: Some(std::time::Duration::from_secs(120)), ..on_ranks(3) };
     let err = format!("{:#}", train(&m, failing).unwrap_err());
-    assert!(err.contains("rank 1 of 3 failed") && err.contains("injected failure at step 3"), "{err}");
+    assert!(err.contains("rank 0 of 3 failed") && err.contains("injected failure at step 3"), "{err}");
     assert!(t0.elapsed().as_secs() < 60, "the other ranks stopped at once, not at the timeout");
     assert!(!dir.path().join("out/adapter").exists(), "no adapter from a failed run");
     // Resumed (here on 2 ranks) from the last checkpoint, it finishes as the uninterrupted run.
