@@ -3,7 +3,7 @@
 //! implements it with the model's batched `forward` and its KV-cached `generate_with` (stop strings checked
 //! after every token).
 use crate::model::lora::Lora;
-use crate::model::transformer::{GenerateOptions, Model, Sampling};
+use crate::model::transformer::{argmax, GenerateOptions, Model, Sampling};
 use anyhow::{bail, Result};
 use candle_core::{DType, Tensor};
 
@@ -72,16 +72,6 @@ fn log_softmax(logits: &[f32]) -> Vec<f64> {
     let sum: f64 = logits.iter().map(|&x| (x as f64 - max).exp()).sum();
     let lse = max + sum.ln();
     logits.iter().map(|&x| x as f64 - lse).collect()
-}
-
-fn argmax(v: &[f64]) -> u32 {
-    let mut best = 0;
-    for (i, x) in v.iter().enumerate() {
-        if *x > v[best] {
-            best = i;
-        }
-    }
-    best as u32
 }
 
 /// The `k` largest entries of `v`, largest first (ties: the lower id first).
@@ -171,7 +161,7 @@ impl LanguageModel for ModelLm<'_> {
             for (k, row) in rows[i..j].iter().enumerate() {
                 let lp = Self::position_logprobs(&logits, k, row.start, row.targets.len())?;
                 let logprob = lp.iter().zip(&row.targets).map(|(p, &t)| p[t as usize]).sum();
-                let greedy = lp.iter().zip(&row.targets).all(|(p, &t)| argmax(p) == t);
+                let greedy = lp.iter().zip(&row.targets).all(|(p, &t)| argmax(p.iter().copied()) == t as usize);
                 out.push(Loglik { logprob, greedy });
             }
             i = j;
@@ -230,7 +220,7 @@ mod tests {
         let lp = log_softmax(&[1.0, 2.0, 3.0]);
         let total: f64 = lp.iter().map(|x| x.exp()).sum();
         assert!((total - 1.0).abs() < 1e-12);
-        assert_eq!(argmax(&lp), 2);
+        assert_eq!(argmax(lp.iter().copied()), 2);
         assert_eq!(top_k(&lp, 2).iter().map(|t| t.0).collect::<Vec<_>>(), vec![2, 1]);
         assert_eq!(top_k(&[0.5, 0.5, 0.1], 2).iter().map(|t| t.0).collect::<Vec<_>>(), vec![0, 1]);
         let r = Row::new(&LoglikRequest { context: vec![1, 2, 3], continuation: vec![4, 5] }, 100).unwrap();

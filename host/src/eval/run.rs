@@ -4,6 +4,7 @@ use super::prompt::{self, Prompted};
 use super::results::{aggregate, RecordResult, TaskResult};
 use super::task::{Kind, Metric, Task};
 use crate::data::plugins::PluginSet;
+use crate::model::transformer::argmax;
 use crate::manifest::{Dataset, OnMalformed, PluginUse};
 use crate::plugins::scorer::ScoringRequest;
 use crate::plugins::{Example, PluginKind};
@@ -105,17 +106,6 @@ pub fn run_task(set: &PluginSet, task: &Task, lm: &dyn LanguageModel, tok: &dyn 
         metrics: aggregate(&names, &records),
         records,
     })
-}
-
-/// The index of the largest value (the first on a tie, as numpy's argmax).
-fn argmax(v: impl Iterator<Item = f64>) -> usize {
-    let mut best = (0, f64::NEG_INFINITY);
-    for (i, x) in v.enumerate() {
-        if x > best.1 {
-            best = (i, x);
-        }
-    }
-    best.0
 }
 
 /// MC2: the probability mass of the right choices among all (softmax of the log-likelihoods).

@@ -236,7 +236,7 @@ impl Model {
                 .to_vec1()?;
             let next = match (&opts.sampling, rng.as_mut()) {
                 (Sampling::Temperature { temperature, .. }, Some(rng)) => sample(&logits, *temperature, rng),
-                _ => argmax(&logits),
+                _ => argmax(logits.iter().copied()) as u32,
             };
             out.push(next);
             if opts.stop_token == Some(next) || stop(&out) {
@@ -574,14 +574,16 @@ impl Model {
     }
 }
 
-fn argmax(v: &[f32]) -> u32 {
-    let mut best = 0;
-    for (i, &x) in v.iter().enumerate() {
-        if x > v[best] {
-            best = i;
+/// The index of the largest value, the first on a tie (as numpy's argmax); 0 for an empty input. Greedy
+/// decoding and evaluation's choices both pick with it.
+pub fn argmax<T: PartialOrd>(values: impl IntoIterator<Item = T>) -> usize {
+    let mut best: Option<(usize, T)> = None;
+    for (i, x) in values.into_iter().enumerate() {
+        if best.as_ref().is_none_or(|(_, b)| x > *b) {
+            best = Some((i, x));
         }
     }
-    best as u32
+    best.map_or(0, |(i, _)| i)
 }
 
 /// Draws from softmax(logits / temperature).
