@@ -133,8 +133,8 @@ pub fn run(o: &Options) -> Result<OpsReport> {
         true => None,
         false => Some(attention::causal_mask(t, dt, dev)?),
     };
-    // As the model decides: flash attention for long sequences without recomputation.
-    let flash = match t >= attention::FLASH_MIN_SEQ && !o.recompute && attention::flash_runs(f, dt, dev, d) {
+    // As the model decides: flash attention wherever its kernels run.
+    let flash = match attention::flash_runs(f, dt, dev, d) {
         true => Some(attention::FlashBlocks::rows(b, t, dev)?),
         false => None,
     };

@@ -348,12 +348,6 @@ impl Packed {
     }
 }
 
-/// From this length on (and without recomputation) a training step with one sequence per row uses flash
-/// attention: measured on an H100 at the Qwen-14B shape, 1024-token steps are faster with the scores in
-/// memory, while 2048-token steps only fit in 80 GB without recomputation with flash attention. A
-/// padding-free batch always takes flash attention where the kernels run (its alternative is a [T, T] mask).
-pub const FLASH_MIN_SEQ: usize = 2048;
-
 /// The head dimensions the flash kernels are built for; other shapes take the scores-in-memory path.
 pub const FLASH_HEAD_DIMS: [usize; 2] = [64, 128];
 

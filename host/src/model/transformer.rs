@@ -189,9 +189,10 @@ impl Model {
         let mut ctx = self.context(ids, lora, None, None)?;
         ctx.rope = self.rope_prefix(past + t)?.slice(past, t)?;
         if past > 0 {
-            // The fused softmax masks a square [T, T]; the rectangle of new queries over every key takes the
-            // composite path.
+            // The fused softmax and flash attention take a square [T, T]; the rectangle of new queries over
+            // every key takes the composite path.
             ctx.fusion.attention = false;
+            ctx.flash = None;
             ctx.mask = Some(attention::causal_mask_after(t, past, self.dtype, &self.device)?);
         }
         ctx.cache = Some(cache);
@@ -266,14 +267,8 @@ impl Model {
     pub fn loss_and_grads(&self, ids: &Tensor, labels: &Tensor, cu_seqlens: Option<&[u32]>, lora: &Lora, dropout_rng: &mut SplitMix, recompute: bool) -> Result<LossAndGrads> {
         let step_seed = dropout_rng.next_u64();
         let p = lora.config.dropout;
-        let mut ctx = self.context(ids, Some(lora), (p > 0.0).then_some((step_seed, p)), cu_seqlens)?;
+        let ctx = self.context(ids, Some(lora), (p > 0.0).then_some((step_seed, p)), cu_seqlens)?;
         let targets = self.targets(ids, labels, ctx.packed.as_ref())?;
-        // Flash attention where it pays (BENCHMARKS.md, the levers table): long sequences whose [T, T]
-        // probabilities would otherwise be kept for every layer. Shorter ones, or one layer at a time
-        // (recompute), are faster with the scores in memory. (A padding-free batch has it already.)
-        if ctx.packed.is_none() && ctx.t >= attention::FLASH_MIN_SEQ && !recompute && self.flash_runs(ctx.fusion) {
-            ctx.flash = Some(FlashBlocks::rows(ctx.b, ctx.t, &self.device)?);
-        }
         let n_layers = self.config.num_layers;
 
         // Layers below the lowest adapted one need no backward at all.
@@ -549,7 +544,11 @@ impl Model {
             true => None,
             false => Some(attention::causal_mask(t, self.dtype, &self.device)?),
         };
-        Ok(Ctx { b, t, rope, mask, packed: None, flash: None, lora, dropout, fusion, cache: None })
+        let flash = match self.flash_runs(fusion) {
+            true => Some(FlashBlocks::rows(b, t, &self.device)?),
+            false => None,
+        };
+        Ok(Ctx { b, t, rope, mask, packed: None, flash, lora, dropout, fusion, cache: None })
     }
 
     fn flash_runs(&self, fusion: Fusion) -> bool {
