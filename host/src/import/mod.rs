@@ -139,7 +139,9 @@ pub fn import_gguf(file: &Path, out: &Path, opts: &Options) -> Result<Report> {
         files.push(name);
     }
     if shards.len() > 1 {
-        files.push(json_file(INDEX_FILE, &safetensors_out::index_json(&planned, &shards, opts.dtype))?);
+        let total: u64 = planned.iter().map(|t| t.bytes(opts.dtype)).sum();
+        crate::model::weights::write_index(&tmp.path, safetensors_out::weight_map(&planned, &shards), total as usize)?;
+        files.push(INDEX_FILE.to_string());
     }
     tmp.commit(out)?;
     Ok(Report {

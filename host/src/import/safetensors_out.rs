@@ -98,16 +98,13 @@ pub fn shard_name(i: usize, n: usize) -> String {
     }
 }
 
-/// The `model.safetensors.index.json` for the shards.
-pub fn index_json(tensors: &[Planned], shards: &[Range<usize>], dtype: OutDtype) -> Value {
-    let mut map = Map::new();
+/// Each tensor's shard file, for `model::weights::write_index`.
+pub fn weight_map(tensors: &[Planned], shards: &[Range<usize>]) -> Vec<(String, String)> {
+    let mut map = Vec::with_capacity(tensors.len());
     for (i, r) in shards.iter().enumerate() {
-        for t in &tensors[r.clone()] {
-            map.insert(t.name.clone(), json!(shard_name(i, shards.len())));
-        }
+        map.extend(tensors[r.clone()].iter().map(|t| (t.name.clone(), shard_name(i, shards.len()))));
     }
-    let total: u64 = tensors.iter().map(|t| t.bytes(dtype)).sum();
-    json!({"metadata": {"total_size": total}, "weight_map": map})
+    map
 }
 
 /// A shard being written: the header is out, the tensors follow in the planned order.
