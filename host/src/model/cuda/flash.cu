@@ -159,6 +159,36 @@ __device__ __forceinline__ void rows_times_tile_t(float (*acc)[4], const bf16* a
     }
 }
 
+// acc (16 x 64 as 8 C tiles) = A (16 x D, held in registers as KD operands) . tile^T.
+template <int D>
+__device__ __forceinline__ void regs_times_tile_t(float (*acc)[4], const uint32_t (*a)[4], const bf16* tile) {
+#pragma unroll
+    for (int j = 0; j < 8; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
+#pragma unroll
+    for (int kk = 0; kk < Dims<D>::KD; ++kk) {
+#pragma unroll
+        for (int np = 0; np < 4; ++np) {
+            uint32_t b[4];
+            load_b_rows<D>(b, tile, np, kk);
+            mma(acc[2 * np], a[kk], b[0], b[1]);
+            mma(acc[2 * np + 1], a[kk], b[2], b[3]);
+        }
+    }
+}
+
+// Key block kb's K and V tiles (buffer kb & 1) are in shared memory when this returns; block kb + 1's are
+// on their way into the other buffer (up to key block `last`), loaded while kb is computed.
+template <int D>
+__device__ __forceinline__ void next_key_block(bf16* Ks, bf16* Vs, const bf16* kp, const bf16* vp, int kb, int last, int L) {
+    if (kb < last) {
+        load_tile<D>(Ks + ((kb + 1) & 1) * Dims<D>::TILE, kp, (kb + 1) * BLOCK, L);
+        load_tile<D>(Vs + ((kb + 1) & 1) * Dims<D>::TILE, vp, (kb + 1) * BLOCK, L);
+    }
+    cp_commit();
+    cp_wait<1>();
+    __syncthreads();
+}
+
 // acc (16 x D as ND C tiles) += P (16 x 64, given as 8 C tiles, rounded to bf16) . tile (64 x D).
 template <int D>
 __device__ __forceinline__ void probs_times_tile(float (*acc)[4], float (*p)[4], const bf16* tile) {
@@ -238,28 +268,11 @@ __device__ __forceinline__ void forward(const bf16* __restrict__ q, const bf16* 
     for (int kb = 0; kb <= e.blk; ++kb) {  // causal: key blocks up to the diagonal
         const bf16* Kb = Ks + (kb & 1) * TILE;
         const bf16* Vb = Vs + (kb & 1) * TILE;
-        if (kb < e.blk) {  // the next key block, while this one is computed
-            load_tile<D>(Ks + ((kb + 1) & 1) * TILE, kp, (kb + 1) * BLOCK, L);
-            load_tile<D>(Vs + ((kb + 1) & 1) * TILE, vp, (kb + 1) * BLOCK, L);
-        }
-        cp_commit();
-        cp_wait<1>();
-        __syncthreads();
+        next_key_block<D>(Ks, Vs, kp, vp, kb, e.blk, L);
 
         // S = Q K^T (16 x 64 per warp), Q from registers.
         float s[8][4];
-#pragma unroll
-        for (int j = 0; j < 8; ++j) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.f;
-#pragma unroll
-        for (int kk = 0; kk < KD; ++kk) {
-#pragma unroll
-            for (int np = 0; np < 4; ++np) {
-                uint32_t b[4];
-                load_b_rows<D>(b, Kb, np, kk);
-                mma(s[2 * np], qf[kk], b[0], b[1]);
-                mma(s[2 * np + 1], qf[kk], b[2], b[3]);
-            }
-        }
+        regs_times_tile_t<D>(s, qf, Kb);
         // Online softmax: mask (only the diagonal block holds keys after a query or past L), row max over
         // the 4 lanes of a row, rescale, exponentiate.
         const bool diagonal = kb == e.blk;
@@ -386,27 +399,10 @@ __device__ __forceinline__ void backward_dq(const bf16* __restrict__ q, const bf
     for (int kb = 0; kb <= e.blk; ++kb) {
         const bf16* Kb = Ks + (kb & 1) * TILE;
         const bf16* Vb = Vs + (kb & 1) * TILE;
-        if (kb < e.blk) {
-            load_tile<D>(Ks + ((kb + 1) & 1) * TILE, kp, (kb + 1) * BLOCK, L);
-            load_tile<D>(Vs + ((kb + 1) & 1) * TILE, vp, (kb + 1) * BLOCK, L);
-        }
-        cp_commit();
-        cp_wait<1>();
-        __syncthreads();
+        next_key_block<D>(Ks, Vs, kp, vp, kb, e.blk, L);
 
         float s[8][4];
-#pragma unroll
-        for (int j = 0; j < 8; ++j) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.f;
-#pragma unroll
-        for (int kk = 0; kk < KD; ++kk) {
-#pragma unroll
-            for (int np = 0; np < 4; ++np) {
-                uint32_t b[4];
-                load_b_rows<D>(b, Kb, np, kk);
-                mma(s[2 * np], qf[kk], b[0], b[1]);
-                mma(s[2 * np + 1], qf[kk], b[2], b[3]);
-            }
-        }
+        regs_times_tile_t<D>(s, qf, Kb);
         float dp[8][4];
         rows_times_tile_t<D>(dp, dOw, Vb);
         // dS = P (dP - D), P recomputed (0 where masked).
