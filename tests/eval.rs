@@ -216,7 +216,7 @@ fn multiple_choice_loglikelihoods_equal_separately_summed_token_logprobs() {
     // Rows of different lengths share forwards (right-padded) within the budget.
     let lm = ModelLm { model: &model, lora: None, batch_tokens: 400, pad: bos };
     let task = shipped("truthfulqa_mc1");
-    let opts = run::Options { limit: Some(1), progress: false, model: "tiny".into(), adapter: None };
+    let opts = run::Options { limit: Some(1), progress: false, model: "tiny".into(), adapter: None, batch: 2 };
     let result = run::run_task(&set, &task, &lm, tok.as_ref(), &opts).unwrap();
     let items = run::prompts(&set, &task, Some(1)).unwrap();
     assert_eq!(result.records.len(), 1);

@@ -186,9 +186,13 @@ struct EvalCli {
     /// The folder for the results (default: `<run>/eval/`, or `<run>/eval-base/` with --base).
     #[arg(long)]
     out: Option<PathBuf>,
-    /// Rows x tokens per batched forward (bounds the logits' memory: x vocabulary x 4 bytes).
-    #[arg(long, default_value_t = 1024)]
+    /// Rows x tokens per batched forward of the log-likelihood tasks (bounds activations, the prompt caches'
+    /// copies and the logits: x vocabulary x 4 bytes).
+    #[arg(long, default_value_t = lorahost::eval::lm::BATCH_TOKENS)]
     batch_tokens: usize,
+    /// Prompts generated together by the `generate` tasks (rows of one batched decode).
+    #[arg(long, default_value_t = lorahost::eval::run::GENERATE_BATCH)]
+    batch: usize,
 }
 
 #[derive(Subcommand)]
@@ -449,6 +453,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     base: e.base,
                     out: e.out,
                     batch_tokens: e.batch_tokens,
+                    batch: e.batch,
                 },
             )?,
             (None, None) => anyhow::bail!("lorahost eval: give a manifest (or `compare RUN RUN...`)"),
