@@ -316,4 +316,16 @@ mod tests {
         assert_eq!((r.input, r.start, r.targets), (vec![2, 3, 4], 1, vec![4, 5]));
         assert!(Row::new(&LoglikRequest { context: vec![], continuation: vec![1] }, 3).is_err());
     }
+
+    #[test]
+    fn shared_prefixes_and_runs() {
+        let row = |context: Vec<u32>, continuation: Vec<u32>| Row::new(&LoglikRequest { context, continuation }, 100).unwrap();
+        let r = row(vec![1, 2], vec![3, 4, 5]);
+        assert_eq!((r.prefix(), r.rest()), (&[1u32, 2][..], &[3u32, 4][..]));
+        let rows = [row(vec![1, 2], vec![3]), row(vec![1, 2], vec![4, 5]), row(vec![1], vec![2]), row(vec![1, 2], vec![3])];
+        assert_eq!(shared_prefixes(&rows), vec![0..2, 2..3, 3..4]);
+        // count x longest within the budget; an item over it runs alone.
+        assert_eq!(runs_within(&[3, 3, 5, 1, 9, 2], 10), vec![0..2, 2..4, 4..5, 5..6]);
+        assert_eq!(runs_within(&[3, 3], 0), vec![0..1, 1..2]);
+    }
 }
