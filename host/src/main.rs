@@ -349,6 +349,40 @@ enum BenchCommand {
         #[arg(long)]
         json: Option<PathBuf>,
     },
+    /// Evaluation throughput at a model shape with random weights, through the code `lorahost eval` runs:
+    /// log-likelihood tokens/s over MMLU-like records (their choices sharing the prompt) and generated
+    /// tokens/s of batched greedy decoding. Prints one JSON line.
+    Eval {
+        /// A `bench train` shape: qwen-14b, qwen2.5-0.5b, tiny, ...
+        #[arg(long, default_value = "tiny")]
+        shape: String,
+        /// cpu, cuda or cuda:N
+        #[arg(long, default_value = "cpu")]
+        device: String,
+        /// f32 or bf16
+        #[arg(long, default_value = "f32")]
+        dtype: String,
+        /// Records scored by log-likelihood.
+        #[arg(long, default_value_t = 64)]
+        records: usize,
+        /// Choices per record (1 to 3 tokens each).
+        #[arg(long, default_value_t = 4)]
+        choices: usize,
+        /// The longest prompt (records' prompts run from about 3/4 of it up to it).
+        #[arg(long, default_value_t = 512)]
+        prompt_tokens: usize,
+        /// As `lorahost eval --batch-tokens`.
+        #[arg(long, default_value_t = lorahost::eval::lm::BATCH_TOKENS)]
+        batch_tokens: usize,
+        /// Prompts decoded together.
+        #[arg(long, default_value_t = lorahost::eval::run::GENERATE_BATCH)]
+        batch: usize,
+        /// Tokens generated per prompt (greedy, no stop).
+        #[arg(long, default_value_t = 128)]
+        new_tokens: usize,
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
     /// Where a training step's time goes: each op of one layer at the shape, timed alone, times its calls per
     /// step; plus the loss and the optimizer step.
     Ops {
@@ -531,6 +565,22 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     write_json(json, &report)?;
                 }
             }
+            BenchCommand::Eval { shape, device, dtype, records, choices, prompt_tokens, batch_tokens, batch, new_tokens, json } => {
+                let o = lorahost::bench::eval::Options {
+                    shape,
+                    device: parse_device(&device)?,
+                    dtype: parse_dtype(&dtype)?,
+                    records,
+                    choices,
+                    prompt_tokens,
+                    batch_tokens,
+                    batch,
+                    new_tokens,
+                };
+                let report = lorahost::bench::eval::run(&o)?;
+                println!("{}", serde_json::to_string(&report)?);
+                write_json(json, &report)?;
+            }
             BenchCommand::Ops { step, json } => {
                 let o = step.options(0, 0, DataArgs::default(), 0.0)?;
                 let report = lorahost::bench::ops::run(&o)?;
@@ -562,7 +612,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `cpu` or `cuda:N`.
+/// `cpu`, `cuda` or `cuda:N`.
 fn parse_device(d: &str) -> anyhow::Result<candle_core::Device> {
     lorahost::model::device::open(d).context("--device")
 }
