@@ -77,12 +77,24 @@ pub struct ModelLm<'a> {
     pub pad: u32,
 }
 
-/// `logits` (one position) as f64 log-probabilities: x - logsumexp(x).
-fn log_softmax(logits: &[f32]) -> Vec<f64> {
+/// logsumexp of `logits` (one position), in f64.
+fn logsumexp(logits: &[f32]) -> f64 {
     let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
     let sum: f64 = logits.iter().map(|&x| (x as f64 - max).exp()).sum();
-    let lse = max + sum.ln();
+    max + sum.ln()
+}
+
+/// `logits` (one position) as f64 log-probabilities: x - logsumexp(x).
+fn log_softmax(logits: &[f32]) -> Vec<f64> {
+    let lse = logsumexp(logits);
     logits.iter().map(|&x| x as f64 - lse).collect()
+}
+
+/// Adds one position to a [`Loglik`]: the target's log-probability under `logits`, and whether it is the
+/// most likely token (argmax of the logits: the same order as of the log-probabilities).
+fn add_position(acc: &mut Loglik, logits: &[f32], target: u32) {
+    acc.logprob += logits[target as usize] as f64 - logsumexp(logits);
+    acc.greedy &= argmax(logits.iter().copied()) == target as usize;
 }
 
 /// The `k` largest entries of `v`, largest first (ties: the lower id first).
@@ -190,26 +202,26 @@ impl ModelLm<'_> {
 
     /// The rows of `groups` (each sharing its prefix): the prefixes run once, right-padded in one batch; the
     /// last prefix position predicts each row's first target; the rows' rests then run against a copy of
-    /// their prefix's cache, batched. Per row, the log-probabilities at its target positions.
-    fn shared_logprobs(&self, rows: &[Row], groups: &[std::ops::Range<usize>]) -> Result<Vec<Vec<Vec<f64>>>> {
+    /// their prefix's cache, batched. One answer per row, in order.
+    fn shared_logliks(&self, rows: &[Row], groups: &[std::ops::Range<usize>]) -> Result<Vec<Loglik>> {
+        let device = &self.model.device;
         let prefixes: Vec<&[u32]> = groups.iter().map(|g| rows[g.start].prefix()).collect();
         let lens: Vec<usize> = prefixes.iter().map(|p| p.len()).collect();
         let t = lens.iter().copied().max().unwrap_or(0);
         let cache = KvCache::default();
-        let hf = self.model.hidden_states_cached(&padded(&prefixes, self.pad, &self.model.device)?, self.lora, &cache)?;
+        let hf = self.model.hidden_states_cached(&padded(&prefixes, self.pad, device)?, self.lora, &cache)?;
         cache.end_rows_at(&lens)?;
         let last: Vec<u32> = lens.iter().enumerate().map(|(g, &l)| (g * t + l - 1) as u32).collect();
-        let last = hf.index_select(&Tensor::from_vec(last, groups.len(), &self.model.device)?, 0)?;
+        let last = hf.index_select(&Tensor::from_vec(last, groups.len(), device)?, 0)?;
         let first: Vec<Vec<f32>> = self.model.logits(&last)?.to_dtype(DType::F32)?.to_vec2()?;
-        let first: Vec<Vec<f64>> = first.iter().map(|l| log_softmax(l)).collect();
 
         let offset = groups[0].start;
-        let mut out: Vec<Vec<Vec<f64>>> = vec![Vec::new(); groups.last().map_or(0, |g| g.end) - offset];
-        // (row, its group) for the rows with more than one target; one-token choices are done already.
+        let mut out = vec![Loglik { logprob: 0.0, greedy: true }; groups.last().map_or(0, |g| g.end) - offset];
+        // (row, its group) for the rows with more than one target; one-token choices are done here.
         let mut longer = Vec::new();
         for (gi, g) in groups.iter().enumerate() {
             for i in g.clone() {
-                out[i - offset].push(first[gi].clone());
+                add_position(&mut out[i - offset], &first[gi], rows[i].targets[0]);
                 if rows[i].targets.len() > 1 {
                     longer.push((i, gi));
                 }
@@ -222,10 +234,13 @@ impl ModelLm<'_> {
             let sub = cache.rows(&part.iter().map(|&(_, g)| g).collect::<Vec<_>>())?;
             let rests: Vec<&[u32]> = part.iter().map(|&(i, _)| rows[i].rest()).collect();
             let width = rests.iter().map(|r| r.len()).max().unwrap_or(0);
-            let hf = self.model.hidden_states_cached(&padded(&rests, self.pad, &self.model.device)?, self.lora, &sub)?;
+            let hf = self.model.hidden_states_cached(&padded(&rests, self.pad, device)?, self.lora, &sub)?;
             let logits = self.model.logits(&hf)?.reshape((part.len(), width, self.model.config.vocab_size))?;
             for (k, (&(i, _), rest)) in part.iter().zip(&rests).enumerate() {
-                out[i - offset].extend(Self::position_logprobs(&logits, k, 0, rest.len())?);
+                let positions: Vec<Vec<f32>> = logits.get(k)?.narrow(0, 0, rest.len())?.to_dtype(DType::F32)?.to_vec2()?;
+                for (p, &target) in positions.iter().zip(&rows[i].targets[1..]) {
+                    add_position(&mut out[i - offset], p, target);
+                }
             }
         }
         Ok(out)
@@ -244,14 +259,7 @@ impl LanguageModel for ModelLm<'_> {
         // Records whose prefixes fill one batched run within the budget.
         let lens: Vec<usize> = groups.iter().map(|g| rows[g.start].prefix().len()).collect();
         for run in runs_within(&lens, self.batch_tokens) {
-            let batch = &groups[run];
-            let first = batch[0].start;
-            for (k, lp) in self.shared_logprobs(&rows, batch)?.into_iter().enumerate() {
-                let targets = &rows[first + k].targets;
-                let logprob = lp.iter().zip(targets).map(|(p, &t)| p[t as usize]).sum();
-                let greedy = lp.iter().zip(targets).all(|(p, &t)| argmax(p.iter().copied()) == t as usize);
-                out.push(Loglik { logprob, greedy });
-            }
+            out.extend(self.shared_logliks(&rows, &groups[run])?);
         }
         Ok(out)
     }
