@@ -2,7 +2,7 @@
 //! several ranks (threads) giving the same run.
 mod common;
 
-use lorahost::manifest::Manifest;
+use lorahost::manifest::{Manifest, Packing};
 use lorahost::train::run::{run, RunOptions, RunSummary};
 use std::path::{Path, PathBuf};
 
@@ -260,13 +260,30 @@ fn a_padding_free_run_gives_the_padded_runs_loss_curve() {
 }
 
 #[test]
+fn unset_packing_is_padding_free_on_a_gpu_and_padded_on_the_cpu() {
+    let dir = tempfile::tempdir().unwrap();
+    let on = |device: &str, extra: &str| {
+        let path = small_manifest(dir.path(), extra);
+        let text = std::fs::read_to_string(&path).unwrap().replace("device = \"cpu\"", &format!("device = \"{device}\""));
+        std::fs::write(&path, text).unwrap();
+        Manifest::load(&path).unwrap().packing()
+    };
+    assert_eq!(on("cpu", ""), Packing::None);
+    assert_eq!(on("cuda:0", ""), Packing::PaddingFree);
+    assert_eq!(on("cuda:0", "packing = \"none\""), Packing::None, "a manifest's own choice wins");
+    assert_eq!(on("cpu", "packing = \"padding-free\""), Packing::PaddingFree);
+    // The token budget goes with the GPU's default too.
+    assert_eq!(on("cuda:0", "max_tokens_per_pass = 96"), Packing::PaddingFree);
+}
+
+#[test]
 fn packing_settings_are_checked_by_key() {
     let dir = tempfile::tempdir().unwrap();
     let err = |extra: &str| Manifest::load(&small_manifest(dir.path(), extra)).unwrap_err().to_string();
     let e = err("packing = \"packed\"");
     assert!(e.contains("train.packing") && e.contains("padding-free"), "{e}");
     let e = err("max_tokens_per_pass = 4096");
-    assert!(e.contains("train.max_tokens_per_pass") && e.contains("only with `packing = \"padding-free\"`"), "{e}");
+    assert!(e.contains("train.max_tokens_per_pass") && e.contains("only to padding-free packing") && e.contains("set `packing = \"padding-free\"`"), "{e}");
     let e = err("packing = \"padding-free\"\nmax_tokens_per_pass = 40");
     assert!(e.contains("train.max_tokens_per_pass") && e.contains("less than max_seq_len (48)"), "{e}");
     let m = Manifest::load(&small_manifest(dir.path(), "packing = \"padding-free\"")).unwrap();
