@@ -18,7 +18,6 @@ transformers (the GPU machine has them); never run by CI.
 """
 import argparse
 import importlib.util
-import json
 import os
 import time
 
@@ -146,14 +145,7 @@ def main():
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--json")
     a = ap.parse_args()
-    try:
-        r = measure(a)
-    except torch.OutOfMemoryError:
-        r = {"shape": a.shape, "batch": a.batch, "prompt_tokens": a.prompt_tokens, "error": "out of memory"}
-    print(json.dumps(r))
-    if a.json:
-        with open(a.json, "w") as f:
-            json.dump(r, f, indent=1)
+    baseline().report(lambda: measure(a), {"shape": a.shape, "batch": a.batch, "prompt_tokens": a.prompt_tokens}, a.json)
 
 
 if __name__ == "__main__":

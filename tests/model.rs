@@ -963,15 +963,21 @@ fn generate_greedy_and_seeded_sampling() {
     assert_eq!(sample(1, 1e-4)[..5], out[..]);
 }
 
+/// A small f32 model of `family` (written under `tmp`) with an all-linear adapter whose B is random.
+fn small_model_with_lora(family: Family, tmp: &Path) -> (TinySpec, Model, Lora) {
+    let spec = small_spec_of(family);
+    write_small(tmp, &spec, 3);
+    let model = Model::load(tmp, DType::F32, &CPU).unwrap();
+    let mut lora = Lora::new(lora_config(2, 4.0, 0.0, &["all-linear"]), &model.config, 1, &CPU).unwrap();
+    randomise_b(&mut lora, 0.3, 2);
+    (spec, model, lora)
+}
+
 #[test]
 fn kv_cached_steps_equal_the_full_forward_in_every_family() {
     for family in Family::ALL {
         let tmp = tempfile::tempdir().unwrap();
-        let spec = small_spec_of(family);
-        write_small(tmp.path(), &spec, 3);
-        let model = Model::load(tmp.path(), DType::F32, &CPU).unwrap();
-        let mut lora = Lora::new(lora_config(2, 4.0, 0.0, &["all-linear"]), &model.config, 1, &CPU).unwrap();
-        randomise_b(&mut lora, 0.3, 2);
+        let (spec, model, lora) = small_model_with_lora(family, tmp.path());
         let ids = random_ids(1, 12, spec.vocab_size, 9).remove(0);
         let full = model.forward(&ids_tensor(&[ids.clone()]), Some(&lora)).unwrap().squeeze(0).unwrap();
         // The same positions in pieces: a prefill of 5, two single tokens, then 5 more.
@@ -1050,11 +1056,7 @@ fn all_linear_is_written_as_peft_reads_it_and_read_back() {
 fn batched_generation_equals_one_prompt_at_a_time_in_every_family() {
     for family in Family::ALL {
         let tmp = tempfile::tempdir().unwrap();
-        let spec = small_spec_of(family);
-        write_small(tmp.path(), &spec, 3);
-        let model = Model::load(tmp.path(), DType::F32, &CPU).unwrap();
-        let mut lora = Lora::new(lora_config(2, 4.0, 0.0, &["all-linear"]), &model.config, 1, &CPU).unwrap();
-        randomise_b(&mut lora, 0.3, 2);
+        let (spec, model, lora) = small_model_with_lora(family, tmp.path());
         // Prompts of different lengths; the last ends 3 positions short of seq_length (32).
         let prompts: Vec<Vec<u32>> =
             [5, 1, 9, 3, 29].iter().enumerate().map(|(i, &t)| random_ids(1, t, spec.vocab_size, 20 + i as u64).remove(0)).collect();

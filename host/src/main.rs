@@ -247,18 +247,25 @@ enum ImportCommand {
     },
 }
 
-/// The training step `bench train` and `bench ops` measure.
+/// The model a bench makes: random weights at a named shape, on a device, in a dtype.
 #[derive(clap::Args)]
-struct StepArgs {
-    /// qwen-14b, qwen-7b, qwen-1.8b or tiny
+struct ShapeArgs {
+    /// qwen-14b, qwen-7b, qwen-1.8b, qwen2.5-14b, qwen2.5-7b, qwen2.5-0.5b, qwen3-14b, qwen3-8b, llama-3-8b or tiny
     #[arg(long, default_value = "tiny")]
     shape: String,
-    /// cpu or cuda:N
+    /// cpu, cuda or cuda:N
     #[arg(long, default_value = "cpu")]
     device: String,
     /// f32 or bf16
     #[arg(long, default_value = "f32")]
     dtype: String,
+}
+
+/// The training step `bench train` and `bench ops` measure.
+#[derive(clap::Args)]
+struct StepArgs {
+    #[command(flatten)]
+    model: ShapeArgs,
     #[arg(long, default_value_t = 2)]
     micro_batch: usize,
     #[arg(long, default_value_t = 256)]
@@ -274,10 +281,10 @@ struct StepArgs {
 impl StepArgs {
     fn options(self, warmup: usize, steps: usize, data: DataArgs, lr: f64) -> anyhow::Result<lorahost::bench::train::Options> {
         Ok(lorahost::bench::train::Options {
-            device: parse_device(&self.device)?,
-            dtype: parse_dtype(&self.dtype)?,
+            device: parse_device(&self.model.device)?,
+            dtype: parse_dtype(&self.model.dtype)?,
             fusion: parse_fusion(&self.fusion)?,
-            shape: self.shape,
+            shape: self.model.shape,
             micro_batch: self.micro_batch,
             seq: self.seq,
             recompute: self.recompute,
@@ -354,15 +361,8 @@ enum BenchCommand {
     /// log-likelihood tokens/s over MMLU-like records (their choices sharing the prompt) and generated
     /// tokens/s of batched greedy decoding. Prints one JSON line.
     Eval {
-        /// A `bench train` shape: qwen-14b, qwen2.5-0.5b, tiny, ...
-        #[arg(long, default_value = "tiny")]
-        shape: String,
-        /// cpu, cuda or cuda:N
-        #[arg(long, default_value = "cpu")]
-        device: String,
-        /// f32 or bf16
-        #[arg(long, default_value = "f32")]
-        dtype: String,
+        #[command(flatten)]
+        model: ShapeArgs,
         /// Records scored by log-likelihood.
         #[arg(long, default_value_t = 64)]
         records: usize,
@@ -566,11 +566,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     write_json(json, &report)?;
                 }
             }
-            BenchCommand::Eval { shape, device, dtype, records, choices, prompt_tokens, batch_tokens, batch, new_tokens, json } => {
+            BenchCommand::Eval { model, records, choices, prompt_tokens, batch_tokens, batch, new_tokens, json } => {
                 let o = lorahost::bench::eval::Options {
-                    shape,
-                    device: parse_device(&device)?,
-                    dtype: parse_dtype(&dtype)?,
+                    device: parse_device(&model.device)?,
+                    dtype: parse_dtype(&model.dtype)?,
+                    shape: model.shape,
                     records,
                     choices,
                     prompt_tokens,
