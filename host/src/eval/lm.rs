@@ -235,9 +235,11 @@ impl ModelLm<'_> {
             let rests: Vec<&[u32]> = part.iter().map(|&(i, _)| rows[i].rest()).collect();
             let width = rests.iter().map(|r| r.len()).max().unwrap_or(0);
             let hf = self.model.hidden_states_cached(&padded(&rests, self.pad, device)?, self.lora, &sub)?;
-            let logits = self.model.logits(&hf)?.reshape((part.len(), width, self.model.config.vocab_size))?;
-            for (k, (&(i, _), rest)) in part.iter().zip(&rests).enumerate() {
-                let positions: Vec<Vec<f32>> = logits.get(k)?.narrow(0, 0, rest.len())?.to_dtype(DType::F32)?.to_vec2()?;
+            // One transfer per chunk (pad positions included: the rests differ by a token or two).
+            let logits: Vec<Vec<Vec<f32>>> =
+                self.model.logits(&hf)?.reshape((part.len(), width, self.model.config.vocab_size))?.to_dtype(DType::F32)?.to_vec3()?;
+            for (&(i, _), positions) in part.iter().zip(&logits) {
+                // zip stops at the row's own targets: its pad positions are never read.
                 for (p, &target) in positions.iter().zip(&rows[i].targets[1..]) {
                     add_position(&mut out[i - offset], p, target);
                 }

@@ -222,8 +222,7 @@ impl Model {
     pub fn forward(&self, ids: &Tensor, lora: Option<&Lora>) -> Result<Tensor> {
         let (b, t) = ids.dims2()?;
         let hf = self.hidden_states(ids, self.context(ids, lora, None, None)?)?;
-        let logits = ops::linear_forward(&hf, &self.weights.lm_head, None)?;
-        Ok(logits.reshape((b, t, self.config.vocab_size))?)
+        Ok(self.logits(&hf)?.reshape((b, t, self.config.vocab_size))?)
     }
 
     /// Summed masked loss and counted tokens, no gradients (evaluation). `cu_seqlens`: as in
