@@ -4,7 +4,7 @@
 //! continuations run as one batch against its cache), and generation runs batched
 //! (`Model::generate_batch`, stop strings checked after every token).
 use crate::model::lora::Lora;
-use crate::model::transformer::{argmax, GenerateOptions, KvCache, Model, Sampling};
+use crate::model::transformer::{argmax, right_padded, GenerateOptions, KvCache, Model, Sampling};
 use anyhow::{bail, Result};
 use candle_core::{DType, Tensor};
 
@@ -178,17 +178,6 @@ fn runs_within(lens: &[usize], budget: usize) -> Vec<std::ops::Range<usize>> {
     out
 }
 
-/// `rows` right-padded with `pad` to the longest, as a [rows, longest] tensor on `device`.
-fn padded(rows: &[&[u32]], pad: u32, device: &candle_core::Device) -> Result<Tensor> {
-    let t = rows.iter().map(|r| r.len()).max().unwrap_or(0);
-    let mut ids = Vec::with_capacity(rows.len() * t);
-    for r in rows {
-        ids.extend_from_slice(r);
-        ids.extend(std::iter::repeat_n(pad, t - r.len()));
-    }
-    Ok(Tensor::from_vec(ids, (rows.len(), t), device)?)
-}
-
 impl ModelLm<'_> {
     /// Log-probabilities [len, vocab] at positions `start..start+len` of `row` of a forward's logits.
     fn position_logprobs(logits: &Tensor, row: usize, start: usize, len: usize) -> Result<Vec<Vec<f64>>> {
@@ -197,7 +186,7 @@ impl ModelLm<'_> {
     }
 
     fn forward(&self, inputs: &[&[u32]]) -> Result<Tensor> {
-        self.model.forward(&padded(inputs, self.pad, &self.model.device)?, self.lora)
+        self.model.forward(&right_padded(inputs, self.pad, &self.model.device)?, self.lora)
     }
 
     /// The rows of `groups` (each sharing its prefix): the prefixes run once, right-padded in one batch; the
@@ -209,7 +198,7 @@ impl ModelLm<'_> {
         let lens: Vec<usize> = prefixes.iter().map(|p| p.len()).collect();
         let t = lens.iter().copied().max().unwrap_or(0);
         let cache = KvCache::default();
-        let hf = self.model.hidden_states_cached(&padded(&prefixes, self.pad, device)?, self.lora, &cache)?;
+        let hf = self.model.hidden_states_cached(&right_padded(&prefixes, self.pad, device)?, self.lora, &cache)?;
         cache.end_rows_at(&lens)?;
         let last: Vec<u32> = lens.iter().enumerate().map(|(g, &l)| (g * t + l - 1) as u32).collect();
         let last = hf.index_select(&Tensor::from_vec(last, groups.len(), device)?, 0)?;
@@ -234,7 +223,7 @@ impl ModelLm<'_> {
             let sub = cache.rows(&part.iter().map(|&(_, g)| g).collect::<Vec<_>>())?;
             let rests: Vec<&[u32]> = part.iter().map(|&(i, _)| rows[i].rest()).collect();
             let width = rests.iter().map(|r| r.len()).max().unwrap_or(0);
-            let hf = self.model.hidden_states_cached(&padded(&rests, self.pad, device)?, self.lora, &sub)?;
+            let hf = self.model.hidden_states_cached(&right_padded(&rests, self.pad, device)?, self.lora, &sub)?;
             // One transfer per chunk (pad positions included: the rests differ by a token or two).
             let logits: Vec<Vec<Vec<f32>>> =
                 self.model.logits(&hf)?.reshape((part.len(), width, self.model.config.vocab_size))?.to_dtype(DType::F32)?.to_vec3()?;

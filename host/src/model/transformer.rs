@@ -330,13 +330,9 @@ impl Model {
         }
         let lens: Vec<usize> = live.iter().map(|&i| prompts[i].len()).collect();
         let t = lens.iter().copied().max().unwrap_or(0);
-        let mut ids = Vec::with_capacity(live.len() * t);
-        for &i in &live {
-            ids.extend_from_slice(prompts[i]);
-            ids.extend(std::iter::repeat_n(0, t - prompts[i].len())); // padding: any valid id
-        }
+        let rows: Vec<&[u32]> = live.iter().map(|&i| prompts[i]).collect();
         let mut cache = KvCache::default();
-        let hf = self.hidden_states_cached(&Tensor::from_vec(ids, (live.len(), t), &self.device)?, lora, &cache)?;
+        let hf = self.hidden_states_cached(&right_padded(&rows, 0, &self.device)?, lora, &cache)?;
         cache.end_rows_at(&lens)?;
         let last: Vec<u32> = lens.iter().enumerate().map(|(r, &l)| (r * t + l - 1) as u32).collect();
         let mut hidden = hf.index_select(&Tensor::from_vec(last, live.len(), &self.device)?, 0)?;
@@ -700,6 +696,18 @@ impl Model {
         }
         Ok(targets)
     }
+}
+
+/// `rows` right-padded with `pad` (any valid id: causal attention keeps it out of the rows' own positions)
+/// to the longest, as a [rows, longest] tensor on `device`.
+pub fn right_padded(rows: &[&[u32]], pad: u32, device: &Device) -> Result<Tensor> {
+    let t = rows.iter().map(|r| r.len()).max().unwrap_or(0);
+    let mut ids = Vec::with_capacity(rows.len() * t);
+    for r in rows {
+        ids.extend_from_slice(r);
+        ids.extend(std::iter::repeat_n(pad, t - r.len()));
+    }
+    Ok(Tensor::from_vec(ids, (rows.len(), t), device)?)
 }
 
 /// The index of the largest value, the first on a tie (as numpy's argmax); 0 for an empty input. Greedy
