@@ -237,7 +237,15 @@ fn choices_sharing_a_prompt_equal_separate_forwards_in_f32() {
     }
     let greedy_cont = model.generate(&records[1].0, None, &lorahost::model::GenerateOptions { max_new: 2, stop_token: None, sampling: lorahost::model::Sampling::Greedy }).unwrap();
     requests.insert(5, LoglikRequest { context: records[1].0.clone(), continuation: greedy_cont });
-    let want: Vec<(f64, bool)> = requests.iter().map(|r| (separate_logprob(&model, r), separate_greedy(&model, r))).collect();
+    // Longer than the model (64 positions): each row keeps its last 65 tokens, so the two choices' contexts
+    // differ (the 3-token one loses its first 2) and run as two prompts; the reference is the kept tokens.
+    let long = ids(64);
+    let (one, three) = (ids(1), ids(3));
+    requests.push(LoglikRequest { context: long.clone(), continuation: one.clone() });
+    requests.push(LoglikRequest { context: long.clone(), continuation: three.clone() });
+    let kept = [LoglikRequest { context: long.clone(), continuation: one }, LoglikRequest { context: long[2..].to_vec(), continuation: three }];
+    let references: Vec<&LoglikRequest> = requests[..requests.len() - 2].iter().chain(&kept).collect();
+    let want: Vec<(f64, bool)> = references.iter().map(|r| (separate_logprob(&model, r), separate_greedy(&model, r))).collect();
     assert!(want[5].1 && !want[0].1, "the greedy continuation is recognised");
     // One run for all; several runs with chunked continuations; one record at a time.
     for budget in [100_000, 40, 1] {

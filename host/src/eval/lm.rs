@@ -216,9 +216,17 @@ impl ModelLm<'_> {
                 }
             }
         }
-        // Each chunk copies its rows' prefix caches: rows x (prefix + rest) within the budget.
+        // A row whose prompt ends near the model's length runs alone: padded to a longer rest, its padding
+        // would sit past the last position. The others run in chunks that copy their rows' prefix caches:
+        // rows x (prefix + rest) within the budget.
+        let widest = longer.iter().map(|&(i, _)| rows[i].rest().len()).max().unwrap_or(0);
+        let (mut longer, edge): (Vec<_>, Vec<_>) =
+            longer.into_iter().partition(|&(i, _)| rows[i].prefix().len() + widest <= self.max_length());
         let spans: Vec<usize> = longer.iter().map(|&(i, _)| t + rows[i].rest().len()).collect();
-        for chunk in runs_within(&spans, self.batch_tokens) {
+        let mut chunks = runs_within(&spans, self.batch_tokens);
+        chunks.extend((longer.len()..longer.len() + edge.len()).map(|k| k..k + 1));
+        longer.extend(edge);
+        for chunk in chunks {
             let part = &longer[chunk];
             let sub = cache.rows(&part.iter().map(|&(_, g)| g).collect::<Vec<_>>())?;
             let rests: Vec<&[u32]> = part.iter().map(|&(i, _)| rows[i].rest()).collect();
