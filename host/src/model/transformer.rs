@@ -88,7 +88,9 @@ struct Ctx<'a> {
 ///
 /// Rows of different lengths: a batch is prefilled right-padded, then [`KvCache::end_rows_at`] marks each
 /// row's padding slots as a gap that no later query sees; the positions of later slots close the gap, so
-/// every row computes what it would alone.
+/// every row computes what it would alone. A later call with rows of different lengths is right-padded too,
+/// and that padding stays in the cache (a row has one gap), so such a call must be the last on its cache
+/// (log-likelihood continuations run on a copy, [`KvCache::rows`]); decoding adds one token per row.
 #[derive(Default)]
 pub struct KvCache {
     layers: std::cell::RefCell<Vec<Option<(Tensor, Tensor)>>>,
