@@ -130,13 +130,20 @@ def main():
     ap.add_argument("--liger", action="store_true", help="apply Liger Kernel's Triton kernels (pip install liger-kernel)")
     ap.add_argument("--json")
     a = ap.parse_args()
+    oom = {"shape": a.shape, "seq": a.seq, "micro_batch": a.micro_batch, "checkpointing": a.checkpointing}
+    report(lambda: measure(a.shape, a.seq, a.micro_batch, a.checkpointing, a.warmup, a.steps, a.liger), oom, a.json)
+
+
+def report(measure, oom, path):
+    """Prints measure()'s result as one JSON line (`oom` plus an error when the card ran out of memory) and
+    writes it to `path` when given."""
     try:
-        r = measure(a.shape, a.seq, a.micro_batch, a.checkpointing, a.warmup, a.steps, a.liger)
+        r = measure()
     except torch.OutOfMemoryError:
-        r = {"shape": a.shape, "seq": a.seq, "micro_batch": a.micro_batch, "checkpointing": a.checkpointing, "error": "out of memory"}
+        r = dict(oom, error="out of memory")
     print(json.dumps(r))
-    if a.json:
-        with open(a.json, "w") as f:
+    if path:
+        with open(path, "w") as f:
             json.dump(r, f, indent=1)
 
 

@@ -111,6 +111,26 @@ fn bench_train_runs_the_real_trainer_at_a_named_shape() {
 }
 
 #[test]
+fn bench_eval_measures_loglikelihood_and_generation_at_a_shape() {
+    use lorahost::bench::eval::{choice_length, prompt_length};
+    let root = common::repo_root();
+    let args = ["bench", "eval", "--shape", "tiny", "--records", "5", "--prompt-tokens", "24", "--batch", "3", "--new-tokens", "4"];
+    let o = lorahost(&args, &root);
+    assert!(o.status.success(), "{}", text(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    // Each record's prompt once plus its four choices' tokens.
+    let want: usize = (0..5).map(|i| prompt_length(24, i) + (0..4).map(|k| choice_length(i, k)).sum::<usize>()).sum();
+    assert_eq!(v["loglik_tokens"].as_u64(), Some(want as u64));
+    assert!((18..=24).contains(&prompt_length(24, 3)) && prompt_length(24, 1) != prompt_length(24, 0), "ragged prompts");
+    assert_eq!((v["generated_tokens"].as_u64(), v["batch"].as_u64()), (Some(12), Some(3)));
+    assert!(v["loglik_tokens_per_s"].as_f64().unwrap() > 0.0 && v["generated_tokens_per_s"].as_f64().unwrap() > 0.0);
+    assert_eq!((v["implementation"].as_str(), v["shape"].as_str()), (Some("lorahost"), Some("tiny")));
+    assert_eq!(v["peak_gib"], serde_json::Value::Null, "no GPU memory on the CPU");
+    let o = lorahost(&["bench", "eval", "--prompt-tokens", "4000", "--new-tokens", "200"], &root);
+    assert!(!o.status.success() && text(&o).contains("more than the shape's 4096"), "{}", text(&o));
+}
+
+#[test]
 fn bench_train_on_a_manifests_tokens_lowers_the_loss() {
     // The quickstart's data cut to two records: one micro-batch of 2, seen at every step, so the adapter
     // can only get better at it.

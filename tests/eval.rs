@@ -201,8 +201,82 @@ fn separate_logprob(model: &Model, r: &LoglikRequest) -> f64 {
     let start = r.context.len() - 1;
     let lp = candle_nn::ops::log_softmax(&logits.narrow(0, start, r.continuation.len()).unwrap(), 1).unwrap();
     (0..r.continuation.len())
-        .map(|k| lp.get(k).unwrap().get(r.continuation[k] as usize).unwrap().to_scalar::<f64>().unwrap())
+        .map(|k| lp.get(k).unwrap().get(r.continuation[k] as usize).unwrap().to_dtype(DType::F64).unwrap().to_scalar::<f64>().unwrap())
         .sum()
+}
+
+/// Whether the argmax of every continuation position is its token, from one unpadded forward.
+fn separate_greedy(model: &Model, r: &LoglikRequest) -> bool {
+    let all: Vec<u32> = r.context.iter().chain(&r.continuation).copied().collect();
+    let input = Tensor::from_slice(&all[..all.len() - 1], (1, all.len() - 1), &Device::Cpu).unwrap();
+    let logits = model.forward(&input, None).unwrap().squeeze(0).unwrap();
+    let best: Vec<u32> = logits.narrow(0, r.context.len() - 1, r.continuation.len()).unwrap().argmax(1).unwrap().to_vec1().unwrap();
+    best == r.continuation
+}
+
+#[test]
+fn choices_sharing_a_prompt_equal_separate_forwards_in_f32() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = TinySpec { init_std: 0.2, seq_length: 64, ..Default::default() };
+    write_tiny_checkpoint(&dir.path().join("model"), &spec, 3).unwrap();
+    let model = Model::load(&dir.path().join("model"), DType::F32, &Device::Cpu).unwrap();
+    let mut seed = 100u64;
+    let mut ids = |n: usize| -> Vec<u32> {
+        let mut rng = lorahost::rng::SplitMix::new(seed);
+        seed += 1;
+        (0..n).map(|_| (rng.next_u64() % spec.vocab_size as u64) as u32).collect()
+    };
+    // Records of different context lengths; choices of 1 to 4 tokens, one record of one-token choices (as
+    // MMLU's " A" .. " D"), one choice the model's own greedy continuation.
+    let records: Vec<(Vec<u32>, Vec<usize>)> = vec![(ids(12), vec![1, 3, 1, 2]), (ids(5), vec![2, 1, 4]), (ids(20), vec![1, 1, 1, 1]), (ids(1), vec![3])];
+    let mut requests = Vec::new();
+    for (context, lens) in &records {
+        for &n in lens {
+            requests.push(LoglikRequest { context: context.clone(), continuation: ids(n) });
+        }
+    }
+    let greedy_cont = model.generate(&records[1].0, None, &lorahost::model::GenerateOptions { max_new: 2, stop_token: None, sampling: lorahost::model::Sampling::Greedy }).unwrap();
+    requests.insert(5, LoglikRequest { context: records[1].0.clone(), continuation: greedy_cont });
+    // Longer than the model (64 positions): each row keeps its last 65 tokens, so the two choices' contexts
+    // differ (the 3-token one loses its first 2) and run as two prompts; the reference is the kept tokens.
+    let long = ids(64);
+    let (one, three) = (ids(1), ids(3));
+    requests.push(LoglikRequest { context: long.clone(), continuation: one.clone() });
+    requests.push(LoglikRequest { context: long.clone(), continuation: three.clone() });
+    let kept = [LoglikRequest { context: long.clone(), continuation: one }, LoglikRequest { context: long[2..].to_vec(), continuation: three }];
+    let references: Vec<&LoglikRequest> = requests[..requests.len() - 2].iter().chain(&kept).collect();
+    let want: Vec<(f64, bool)> = references.iter().map(|r| (separate_logprob(&model, r), separate_greedy(&model, r))).collect();
+    assert!(want[5].1 && !want[0].1, "the greedy continuation is recognised");
+    // One run for all; several runs with chunked continuations; one record at a time.
+    for budget in [100_000, 40, 1] {
+        let lm = ModelLm { model: &model, lora: None, batch_tokens: budget, pad: 0 };
+        let got = lm.loglikelihoods(&requests).unwrap();
+        assert_eq!(got.len(), requests.len());
+        for (g, (lp, greedy)) in got.iter().zip(&want) {
+            assert!((g.logprob - lp).abs() < 1e-5, "budget {budget}: {} vs {lp}", g.logprob);
+            assert_eq!(g.greedy, *greedy);
+        }
+    }
+}
+
+#[test]
+fn batched_generate_tasks_equal_one_record_at_a_time() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = manifest(dir.path(), "");
+    let set = PluginSet::new(&m).unwrap();
+    let model = tiny_model(dir.path());
+    let tok = tokenizer();
+    let lm = ModelLm { model: &model, lora: None, batch_tokens: 4096, pad: 0 };
+    let task = shipped("bbh_snarks");
+    let run_with = |batch| {
+        let opts = run::Options { limit: Some(3), progress: false, model: "tiny".into(), adapter: None, batch };
+        run::run_task(&set, &task, &lm, tok.as_ref(), &opts).unwrap()
+    };
+    let (one, three) = (run_with(1), run_with(3));
+    let gens = |r: &TaskResult| r.records.iter().map(|x| x.generation.clone().unwrap()).collect::<Vec<_>>();
+    assert_eq!(gens(&one), gens(&three));
+    assert_eq!(one.records.len(), 3);
+    assert!(gens(&one).iter().any(|g| !g.is_empty()), "something was generated");
 }
 
 #[test]
@@ -216,7 +290,7 @@ fn multiple_choice_loglikelihoods_equal_separately_summed_token_logprobs() {
     // Rows of different lengths share forwards (right-padded) within the budget.
     let lm = ModelLm { model: &model, lora: None, batch_tokens: 400, pad: bos };
     let task = shipped("truthfulqa_mc1");
-    let opts = run::Options { limit: Some(1), progress: false, model: "tiny".into(), adapter: None };
+    let opts = run::Options { limit: Some(1), progress: false, model: "tiny".into(), adapter: None, batch: 2 };
     let result = run::run_task(&set, &task, &lm, tok.as_ref(), &opts).unwrap();
     let items = run::prompts(&set, &task, Some(1)).unwrap();
     assert_eq!(result.records.len(), 1);

@@ -963,15 +963,21 @@ fn generate_greedy_and_seeded_sampling() {
     assert_eq!(sample(1, 1e-4)[..5], out[..]);
 }
 
+/// A small f32 model of `family` (written under `tmp`) with an all-linear adapter whose B is random.
+fn small_model_with_lora(family: Family, tmp: &Path) -> (TinySpec, Model, Lora) {
+    let spec = small_spec_of(family);
+    write_small(tmp, &spec, 3);
+    let model = Model::load(tmp, DType::F32, &CPU).unwrap();
+    let mut lora = Lora::new(lora_config(2, 4.0, 0.0, &["all-linear"]), &model.config, 1, &CPU).unwrap();
+    randomise_b(&mut lora, 0.3, 2);
+    (spec, model, lora)
+}
+
 #[test]
 fn kv_cached_steps_equal_the_full_forward_in_every_family() {
     for family in Family::ALL {
         let tmp = tempfile::tempdir().unwrap();
-        let spec = small_spec_of(family);
-        write_small(tmp.path(), &spec, 3);
-        let model = Model::load(tmp.path(), DType::F32, &CPU).unwrap();
-        let mut lora = Lora::new(lora_config(2, 4.0, 0.0, &["all-linear"]), &model.config, 1, &CPU).unwrap();
-        randomise_b(&mut lora, 0.3, 2);
+        let (spec, model, lora) = small_model_with_lora(family, tmp.path());
         let ids = random_ids(1, 12, spec.vocab_size, 9).remove(0);
         let full = model.forward(&ids_tensor(&[ids.clone()]), Some(&lora)).unwrap().squeeze(0).unwrap();
         // The same positions in pieces: a prefill of 5, two single tokens, then 5 more.
@@ -1044,6 +1050,46 @@ fn all_linear_is_written_as_peft_reads_it_and_read_back() {
     assert!(bare.contains("\"all-linear\""), "{bare}");
     std::fs::write(dir.join(ADAPTER_CONFIG_FILE), bare).unwrap();
     assert_eq!(Lora::load(&dir, &model.config, &CPU).unwrap().param_names(), l.param_names());
+}
+
+#[test]
+fn batched_generation_equals_one_prompt_at_a_time_in_every_family() {
+    for family in Family::ALL {
+        let tmp = tempfile::tempdir().unwrap();
+        let (spec, model, lora) = small_model_with_lora(family, tmp.path());
+        // Prompts of different lengths; the last ends 3 positions short of seq_length (32).
+        let prompts: Vec<Vec<u32>> =
+            [5, 1, 9, 3, 29].iter().enumerate().map(|(i, &t)| random_ids(1, t, spec.vocab_size, 20 + i as u64).remove(0)).collect();
+        let rows: Vec<&[u32]> = prompts.iter().map(|p| p.as_slice()).collect();
+        for sampling in [Sampling::Greedy, Sampling::Temperature { temperature: 1.0, seed: 5 }] {
+            let opts = GenerateOptions { max_new: 8, stop_token: None, sampling };
+            let alone: Vec<Vec<u32>> = prompts.iter().map(|p| model.generate(p, Some(&lora), &opts).unwrap()).collect();
+            let batched = model.generate_batch(&rows, Some(&lora), &opts, &mut |_, _| false).unwrap();
+            assert_eq!(batched, alone, "{family:?} {:?}", opts.sampling);
+            assert!(alone[..4].iter().all(|o| o.len() == 8));
+            assert_eq!(alone[4].len(), 4, "the context's end: 29 + 4 tokens fill seq_length 32 positions");
+
+            // Each row ends at its own point: row 0 after 3 tokens, row 2 at its 5th token's value (a stop
+            // rule per row, like a stop string), every row at the stop token (row 3's 2nd).
+            let opts = GenerateOptions { stop_token: Some(alone[3][1]), ..opts };
+            let rule = |row: usize, so_far: &[u32]| match row {
+                0 => so_far.len() == 3,
+                2 => so_far.last() == Some(&alone[2][4]),
+                _ => false,
+            };
+            let alone: Vec<Vec<u32>> = prompts
+                .iter()
+                .enumerate()
+                .map(|(i, p)| model.generate_with(p, Some(&lora), &opts, &mut |s| rule(i, s)).unwrap())
+                .collect();
+            let batched = model.generate_batch(&rows, Some(&lora), &opts, &mut |i, s| rule(i, s)).unwrap();
+            assert_eq!(batched, alone, "{family:?} with stops");
+            assert!(alone[0].len() <= 3 && alone[2].len() <= 5 && alone[3].len() <= 2);
+            let mut ends: Vec<usize> = alone.iter().map(|o| o.len()).collect();
+            ends.dedup();
+            assert!(ends.len() > 2, "rows end at different points: {ends:?}");
+        }
+    }
 }
 
 #[test]

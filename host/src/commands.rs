@@ -326,6 +326,7 @@ pub struct EvalArgs {
     pub base: bool,
     pub out: Option<std::path::PathBuf>,
     pub batch_tokens: usize,
+    pub batch: usize,
 }
 
 pub fn eval(manifest: &Path, a: EvalArgs) -> anyhow::Result<()> {
@@ -347,6 +348,7 @@ pub fn eval(manifest: &Path, a: EvalArgs) -> anyhow::Result<()> {
         progress: std::io::stderr().is_terminal(),
         model: m.model.path.display().to_string(),
         adapter: adapter_dir.map(|d| d.display().to_string()),
+        batch: a.batch,
     };
     let out = eval_dir(&m, a.out, a.base);
     let mut results = Vec::new();
@@ -376,7 +378,7 @@ pub fn serve(manifest: &Path, host: &str, port: u16, adapter: Option<std::path::
     let m = Manifest::load(manifest)?;
     let tok = data::load_tokenizer(&m)?;
     let (model, lora) = model_and_adapter(&m, adapter, base)?;
-    let lm = lorahost::eval::ModelLm { model: &model, lora: lora.as_ref(), batch_tokens: 1024, pad: tok.special_id("<|endoftext|>").unwrap_or(0) };
+    let lm = lorahost::eval::ModelLm { model: &model, lora: lora.as_ref(), batch_tokens: lorahost::eval::lm::BATCH_TOKENS, pad: tok.special_id("<|endoftext|>").unwrap_or(0) };
     let api = api::Api {
         lm: &lm,
         tok: tok.as_ref(),

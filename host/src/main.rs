@@ -186,9 +186,13 @@ struct EvalCli {
     /// The folder for the results (default: `<run>/eval/`, or `<run>/eval-base/` with --base).
     #[arg(long)]
     out: Option<PathBuf>,
-    /// Rows x tokens per batched forward (bounds the logits' memory: x vocabulary x 4 bytes).
-    #[arg(long, default_value_t = 1024)]
+    /// Rows x tokens per batched forward of the log-likelihood tasks (bounds activations, the prompt caches'
+    /// copies and the logits: x vocabulary x 4 bytes).
+    #[arg(long, default_value_t = lorahost::eval::lm::BATCH_TOKENS)]
     batch_tokens: usize,
+    /// Prompts generated together by the `generate` tasks (rows of one batched decode).
+    #[arg(long, default_value_t = lorahost::eval::run::GENERATE_BATCH)]
+    batch: usize,
 }
 
 #[derive(Subcommand)]
@@ -243,18 +247,25 @@ enum ImportCommand {
     },
 }
 
-/// The training step `bench train` and `bench ops` measure.
+/// The model a bench makes: random weights at a named shape, on a device, in a dtype.
 #[derive(clap::Args)]
-struct StepArgs {
-    /// qwen-14b, qwen-7b, qwen-1.8b or tiny
+struct ShapeArgs {
+    /// qwen-14b, qwen-7b, qwen-1.8b, qwen2.5-14b, qwen2.5-7b, qwen2.5-0.5b, qwen3-14b, qwen3-8b, llama-3-8b or tiny
     #[arg(long, default_value = "tiny")]
     shape: String,
-    /// cpu or cuda:N
+    /// cpu, cuda or cuda:N
     #[arg(long, default_value = "cpu")]
     device: String,
     /// f32 or bf16
     #[arg(long, default_value = "f32")]
     dtype: String,
+}
+
+/// The training step `bench train` and `bench ops` measure.
+#[derive(clap::Args)]
+struct StepArgs {
+    #[command(flatten)]
+    model: ShapeArgs,
     #[arg(long, default_value_t = 2)]
     micro_batch: usize,
     #[arg(long, default_value_t = 256)]
@@ -270,10 +281,10 @@ struct StepArgs {
 impl StepArgs {
     fn options(self, warmup: usize, steps: usize, data: DataArgs, lr: f64) -> anyhow::Result<lorahost::bench::train::Options> {
         Ok(lorahost::bench::train::Options {
-            device: parse_device(&self.device)?,
-            dtype: parse_dtype(&self.dtype)?,
+            device: parse_device(&self.model.device)?,
+            dtype: parse_dtype(&self.model.dtype)?,
             fusion: parse_fusion(&self.fusion)?,
-            shape: self.shape,
+            shape: self.model.shape,
             micro_batch: self.micro_batch,
             seq: self.seq,
             recompute: self.recompute,
@@ -343,6 +354,33 @@ enum BenchCommand {
         data: DataArgs,
         #[arg(long, default_value_t = 1e-4)]
         lr: f64,
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
+    /// Evaluation throughput at a model shape with random weights, through the code `lorahost eval` runs:
+    /// log-likelihood tokens/s over MMLU-like records (their choices sharing the prompt) and generated
+    /// tokens/s of batched greedy decoding. Prints one JSON line.
+    Eval {
+        #[command(flatten)]
+        model: ShapeArgs,
+        /// Records scored by log-likelihood.
+        #[arg(long, default_value_t = 64)]
+        records: usize,
+        /// Choices per record (1 to 3 tokens each).
+        #[arg(long, default_value_t = 4)]
+        choices: usize,
+        /// The longest prompt (records' prompts run from about 3/4 of it up to it).
+        #[arg(long, default_value_t = 512)]
+        prompt_tokens: usize,
+        /// As `lorahost eval --batch-tokens`.
+        #[arg(long, default_value_t = lorahost::eval::lm::BATCH_TOKENS)]
+        batch_tokens: usize,
+        /// Prompts decoded together.
+        #[arg(long, default_value_t = lorahost::eval::run::GENERATE_BATCH)]
+        batch: usize,
+        /// Tokens generated per prompt (greedy, no stop).
+        #[arg(long, default_value_t = 128)]
+        new_tokens: usize,
         #[arg(long)]
         json: Option<PathBuf>,
     },
@@ -450,6 +488,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     base: e.base,
                     out: e.out,
                     batch_tokens: e.batch_tokens,
+                    batch: e.batch,
                 },
             )?,
             (None, None) => anyhow::bail!("lorahost eval: give a manifest (or `compare RUN RUN...`)"),
@@ -527,6 +566,22 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     write_json(json, &report)?;
                 }
             }
+            BenchCommand::Eval { model, records, choices, prompt_tokens, batch_tokens, batch, new_tokens, json } => {
+                let o = lorahost::bench::eval::Options {
+                    device: parse_device(&model.device)?,
+                    dtype: parse_dtype(&model.dtype)?,
+                    shape: model.shape,
+                    records,
+                    choices,
+                    prompt_tokens,
+                    batch_tokens,
+                    batch,
+                    new_tokens,
+                };
+                let report = lorahost::bench::eval::run(&o)?;
+                println!("{}", serde_json::to_string(&report)?);
+                write_json(json, &report)?;
+            }
             BenchCommand::Ops { step, json } => {
                 let o = step.options(0, 0, DataArgs::default(), 0.0)?;
                 let report = lorahost::bench::ops::run(&o)?;
@@ -558,7 +613,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `cpu` or `cuda:N`.
+/// `cpu`, `cuda` or `cuda:N`.
 fn parse_device(d: &str) -> anyhow::Result<candle_core::Device> {
     lorahost::model::device::open(d).context("--device")
 }

@@ -237,7 +237,7 @@ fn manifest_data(path: &std::path::Path, packing: Option<Packing>, cuda: bool) -
     Ok((stream, schedule, m.train.max_seq_len))
 }
 
-fn reset_peak(device: &Device) -> anyhow::Result<()> {
+pub(crate) fn reset_peak(device: &Device) -> anyhow::Result<()> {
     #[cfg(feature = "cuda")]
     if let Device::Cuda(d) = device {
         crate::model::cuda::reset_peak_memory(d)?;
@@ -247,7 +247,7 @@ fn reset_peak(device: &Device) -> anyhow::Result<()> {
 }
 
 /// Peak bytes in use on the GPU since [`reset_peak`]; None on the CPU.
-fn peak(device: &Device) -> anyhow::Result<Option<u64>> {
+pub(crate) fn peak(device: &Device) -> anyhow::Result<Option<u64>> {
     #[cfg(feature = "cuda")]
     if let Device::Cuda(d) = device {
         return Ok(Some(crate::model::cuda::peak_memory(d)?));

@@ -1,9 +1,10 @@
 //! The model as evaluation sees it: log-likelihoods of continuations, per-token log-probabilities, and
 //! generation. [`LanguageModel`] is the seam between the tasks, `eval` and `serve` and the model: [`ModelLm`]
-//! implements it with the model's batched `forward` and its KV-cached `generate_with` (stop strings checked
-//! after every token).
+//! implements it over the model's KV cache: a record's choices share one run of the prompt (their
+//! continuations run as one batch against its cache), and generation runs batched
+//! (`Model::generate_batch`, stop strings checked after every token).
 use crate::model::lora::Lora;
-use crate::model::transformer::{argmax, GenerateOptions, Model, Sampling};
+use crate::model::transformer::{argmax, right_padded, GenerateOptions, KvCache, Model, Sampling};
 use anyhow::{bail, Result};
 use candle_core::{DType, Tensor};
 
@@ -50,28 +51,50 @@ pub trait LanguageModel {
     fn loglikelihoods(&self, requests: &[LoglikRequest]) -> Result<Vec<Loglik>>;
     /// For `ids[1..]`: each token's log-probability given the tokens before it, with `top` alternatives.
     fn token_logprobs(&self, ids: &[u32], top: usize) -> Result<Vec<TokenLogprob>>;
-    /// New tokens after `prompt`; `stop` sees the tokens so far and ends the generation when it says so (the
-    /// caller cuts the text; a few tokens past the stop point may be returned).
-    fn generate(&self, prompt: &[u32], req: &GenerateRequest, stop: &mut dyn FnMut(&[u32]) -> bool) -> Result<Vec<u32>>;
+    /// New tokens after each prompt, generated together; `stop` sees a row's index and its tokens so far and
+    /// ends that row when it says so (the caller cuts the text; a few tokens past the stop point may be
+    /// returned). Each row gets what [`LanguageModel::generate`] gives it alone.
+    fn generate_batch(&self, prompts: &[&[u32]], req: &GenerateRequest, stop: &mut dyn FnMut(usize, &[u32]) -> bool) -> Result<Vec<Vec<u32>>>;
+
+    /// [`LanguageModel::generate_batch`] for one prompt.
+    fn generate(&self, prompt: &[u32], req: &GenerateRequest, stop: &mut dyn FnMut(&[u32]) -> bool) -> Result<Vec<u32>> {
+        let mut out = self.generate_batch(&[prompt], req, &mut |_, so_far| stop(so_far))?;
+        Ok(out.pop().expect("one answer per prompt"))
+    }
 }
 
-/// [`LanguageModel`] over [`Model`]: right-padded batched `forward` for log-likelihoods, KV-cached
-/// generation.
+/// The default of `batch_tokens` ([`ModelLm`]; `lorahost eval --batch-tokens`).
+pub const BATCH_TOKENS: usize = 4096;
+
+/// [`LanguageModel`] over [`Model`]: shared-prompt log-likelihoods and batched generation, both KV-cached.
 pub struct ModelLm<'a> {
     pub model: &'a Model,
     pub lora: Option<&'a Lora>,
-    /// Rows x padded length per forward: bounds the [rows, length, vocab] logits.
+    /// Rows x padded length per forward ([`BATCH_TOKENS`] by default): bounds the activations, the cache
+    /// copies and the [rows, length, vocab] logits.
     pub batch_tokens: usize,
     /// Filler after a row's end; right padding never changes the logits before it (causal attention).
     pub pad: u32,
 }
 
-/// `logits` (one position) as f64 log-probabilities: x - logsumexp(x).
-fn log_softmax(logits: &[f32]) -> Vec<f64> {
+/// logsumexp of `logits` (one position), in f64.
+fn logsumexp(logits: &[f32]) -> f64 {
     let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
     let sum: f64 = logits.iter().map(|&x| (x as f64 - max).exp()).sum();
-    let lse = max + sum.ln();
+    max + sum.ln()
+}
+
+/// `logits` (one position) as f64 log-probabilities: x - logsumexp(x).
+fn log_softmax(logits: &[f32]) -> Vec<f64> {
+    let lse = logsumexp(logits);
     logits.iter().map(|&x| x as f64 - lse).collect()
+}
+
+/// Adds one position to a [`Loglik`]: the target's log-probability under `logits`, and whether it is the
+/// most likely token (argmax of the logits: the same order as of the log-probabilities).
+fn add_position(acc: &mut Loglik, logits: &[f32], target: u32) {
+    acc.logprob += logits[target as usize] as f64 - logsumexp(logits);
+    acc.greedy &= argmax(logits.iter().copied()) == target as usize;
 }
 
 /// The `k` largest entries of `v`, largest first (ties: the lower id first).
@@ -90,7 +113,8 @@ fn top_k(v: &[f64], k: usize) -> Vec<(u32, f64)> {
 /// A request as one model row: the input tokens and where the continuation's predictions start.
 struct Row {
     input: Vec<u32>,
-    /// Positions `start..input.len()` predict `targets`.
+    /// Positions `start..input.len()` predict `targets`; `input[..=start]` is the context the continuation
+    /// is scored after (shared by a record's choices).
     start: usize,
     targets: Vec<u32>,
 }
@@ -114,6 +138,44 @@ impl Row {
         all.pop();
         Ok(Row { start: all.len() - n, input: all, targets })
     }
+
+    /// The tokens run once for every row that has the same.
+    fn prefix(&self) -> &[u32] {
+        &self.input[..=self.start]
+    }
+
+    /// The tokens run after the prefix: the continuation but its last.
+    fn rest(&self) -> &[u32] {
+        &self.input[self.start + 1..]
+    }
+}
+
+/// Consecutive rows with the same prefix (a record's choices), as index ranges.
+fn shared_prefixes(rows: &[Row]) -> Vec<std::ops::Range<usize>> {
+    let mut groups: Vec<std::ops::Range<usize>> = Vec::new();
+    for (i, r) in rows.iter().enumerate() {
+        match groups.last_mut() {
+            Some(g) if rows[g.start].prefix() == r.prefix() => g.end = i + 1,
+            _ => groups.push(i..i + 1),
+        }
+    }
+    groups
+}
+
+/// Consecutive items in runs whose count x longest `len` stays within `budget` (at least one each).
+fn runs_within(lens: &[usize], budget: usize) -> Vec<std::ops::Range<usize>> {
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < lens.len() {
+        let (mut j, mut longest) = (i + 1, lens[i]);
+        while j < lens.len() && longest.max(lens[j]) * (j + 1 - i) <= budget.max(1) {
+            longest = longest.max(lens[j]);
+            j += 1;
+        }
+        out.push(i..j);
+        i = j;
+    }
+    out
 }
 
 impl ModelLm<'_> {
@@ -124,14 +186,63 @@ impl ModelLm<'_> {
     }
 
     fn forward(&self, inputs: &[&[u32]]) -> Result<Tensor> {
-        let t = inputs.iter().map(|r| r.len()).max().unwrap_or(0);
-        let mut ids = Vec::with_capacity(inputs.len() * t);
-        for r in inputs {
-            ids.extend_from_slice(r);
-            ids.extend(std::iter::repeat_n(self.pad, t - r.len()));
+        self.model.forward(&right_padded(inputs, self.pad, &self.model.device)?, self.lora)
+    }
+
+    /// The rows of `groups` (each sharing its prefix): the prefixes run once, right-padded in one batch; the
+    /// last prefix position predicts each row's first target; the rows' rests then run against a copy of
+    /// their prefix's cache, batched. One answer per row, in order.
+    fn shared_logliks(&self, rows: &[Row], groups: &[std::ops::Range<usize>]) -> Result<Vec<Loglik>> {
+        let device = &self.model.device;
+        let prefixes: Vec<&[u32]> = groups.iter().map(|g| rows[g.start].prefix()).collect();
+        let lens: Vec<usize> = prefixes.iter().map(|p| p.len()).collect();
+        let t = lens.iter().copied().max().unwrap_or(0);
+        let cache = KvCache::default();
+        let hf = self.model.hidden_states_cached(&right_padded(&prefixes, self.pad, device)?, self.lora, &cache)?;
+        cache.end_rows_at(&lens)?;
+        let last: Vec<u32> = lens.iter().enumerate().map(|(g, &l)| (g * t + l - 1) as u32).collect();
+        let last = hf.index_select(&Tensor::from_vec(last, groups.len(), device)?, 0)?;
+        let first: Vec<Vec<f32>> = self.model.logits(&last)?.to_dtype(DType::F32)?.to_vec2()?;
+
+        let offset = groups[0].start;
+        let mut out = vec![Loglik { logprob: 0.0, greedy: true }; groups.last().map_or(0, |g| g.end) - offset];
+        // (row, its group) for the rows with more than one target; one-token choices are done here.
+        let mut longer = Vec::new();
+        for (gi, g) in groups.iter().enumerate() {
+            for i in g.clone() {
+                add_position(&mut out[i - offset], &first[gi], rows[i].targets[0]);
+                if rows[i].targets.len() > 1 {
+                    longer.push((i, gi));
+                }
+            }
         }
-        let ids = Tensor::from_vec(ids, (inputs.len(), t), &self.model.device)?;
-        self.model.forward(&ids, self.lora)
+        // A row whose prompt ends near the model's length runs alone: padded to a longer rest, its padding
+        // would sit past the last position. The others run in chunks that copy their rows' prefix caches:
+        // rows x (prefix + rest) within the budget.
+        let widest = longer.iter().map(|&(i, _)| rows[i].rest().len()).max().unwrap_or(0);
+        let (mut longer, edge): (Vec<_>, Vec<_>) =
+            longer.into_iter().partition(|&(i, _)| rows[i].prefix().len() + widest <= self.max_length());
+        let spans: Vec<usize> = longer.iter().map(|&(i, _)| t + rows[i].rest().len()).collect();
+        let mut chunks = runs_within(&spans, self.batch_tokens);
+        chunks.extend((longer.len()..longer.len() + edge.len()).map(|k| k..k + 1));
+        longer.extend(edge);
+        for chunk in chunks {
+            let part = &longer[chunk];
+            let sub = cache.rows(&part.iter().map(|&(_, g)| g).collect::<Vec<_>>())?;
+            let rests: Vec<&[u32]> = part.iter().map(|&(i, _)| rows[i].rest()).collect();
+            let width = rests.iter().map(|r| r.len()).max().unwrap_or(0);
+            let hf = self.model.hidden_states_cached(&right_padded(&rests, self.pad, device)?, self.lora, &sub)?;
+            // One transfer per chunk (pad positions included: the rests differ by a token or two).
+            let logits: Vec<Vec<Vec<f32>>> =
+                self.model.logits(&hf)?.reshape((part.len(), width, self.model.config.vocab_size))?.to_dtype(DType::F32)?.to_vec3()?;
+            for (&(i, _), positions) in part.iter().zip(&logits) {
+                // zip stops at the row's own targets: its pad positions are never read.
+                for (p, &target) in positions.iter().zip(&rows[i].targets[1..]) {
+                    add_position(&mut out[i - offset], p, target);
+                }
+            }
+        }
+        Ok(out)
     }
 }
 
@@ -142,29 +253,12 @@ impl LanguageModel for ModelLm<'_> {
 
     fn loglikelihoods(&self, requests: &[LoglikRequest]) -> Result<Vec<Loglik>> {
         let rows: Vec<Row> = requests.iter().map(|r| Row::new(r, self.max_length())).collect::<Result<_>>()?;
+        let groups = shared_prefixes(&rows);
         let mut out = Vec::with_capacity(rows.len());
-        let mut i = 0;
-        while i < rows.len() {
-            // Consecutive rows (a record's choices share the context) fill one forward up to the budget.
-            let mut j = i + 1;
-            let mut longest = rows[i].input.len();
-            while j < rows.len() {
-                let l = longest.max(rows[j].input.len());
-                if l * (j + 1 - i) > self.batch_tokens.max(1) {
-                    break;
-                }
-                longest = l;
-                j += 1;
-            }
-            let inputs: Vec<&[u32]> = rows[i..j].iter().map(|r| r.input.as_slice()).collect();
-            let logits = self.forward(&inputs)?;
-            for (k, row) in rows[i..j].iter().enumerate() {
-                let lp = Self::position_logprobs(&logits, k, row.start, row.targets.len())?;
-                let logprob = lp.iter().zip(&row.targets).map(|(p, &t)| p[t as usize]).sum();
-                let greedy = lp.iter().zip(&row.targets).all(|(p, &t)| argmax(p.iter().copied()) == t as usize);
-                out.push(Loglik { logprob, greedy });
-            }
-            i = j;
+        // Records whose prefixes fill one batched run within the budget.
+        let lens: Vec<usize> = groups.iter().map(|g| rows[g.start].prefix().len()).collect();
+        for run in runs_within(&lens, self.batch_tokens) {
+            out.extend(self.shared_logliks(&rows, &groups[run])?);
         }
         Ok(out)
     }
@@ -182,17 +276,16 @@ impl LanguageModel for ModelLm<'_> {
         Ok(lp.iter().zip(&ids[1..]).map(|(p, &id)| TokenLogprob { id, logprob: p[id as usize], top: top_k(p, top) }).collect())
     }
 
-    fn generate(&self, prompt: &[u32], req: &GenerateRequest, stop: &mut dyn FnMut(&[u32]) -> bool) -> Result<Vec<u32>> {
-        let mut prompt = prompt;
-        if prompt.len() >= self.max_length() {
-            prompt = &prompt[prompt.len() + 1 - self.max_length()..]; // keep the last tokens, leave room for one
-        }
+    fn generate_batch(&self, prompts: &[&[u32]], req: &GenerateRequest, stop: &mut dyn FnMut(usize, &[u32]) -> bool) -> Result<Vec<Vec<u32>>> {
+        // Keep each prompt's last tokens, leaving room for one new token.
+        let keep = self.max_length() - 1;
+        let prompts: Vec<&[u32]> = prompts.iter().map(|p| if p.len() > keep { &p[p.len() - keep..] } else { *p }).collect();
         let sampling = match req.temperature > 0.0 {
             true => Sampling::Temperature { temperature: req.temperature, seed: req.seed },
             false => Sampling::Greedy,
         };
         let opts = GenerateOptions { max_new: req.max_new, stop_token: req.stop_token, sampling };
-        self.model.generate_with(prompt, self.lora, &opts, stop)
+        self.model.generate_batch(&prompts, self.lora, &opts, stop)
     }
 }
 
@@ -229,5 +322,17 @@ mod tests {
         let r = Row::new(&LoglikRequest { context: vec![1, 2, 3], continuation: vec![4, 5] }, 3).unwrap();
         assert_eq!((r.input, r.start, r.targets), (vec![2, 3, 4], 1, vec![4, 5]));
         assert!(Row::new(&LoglikRequest { context: vec![], continuation: vec![1] }, 3).is_err());
+    }
+
+    #[test]
+    fn shared_prefixes_and_runs() {
+        let row = |context: Vec<u32>, continuation: Vec<u32>| Row::new(&LoglikRequest { context, continuation }, 100).unwrap();
+        let r = row(vec![1, 2], vec![3, 4, 5]);
+        assert_eq!((r.prefix(), r.rest()), (&[1u32, 2][..], &[3u32, 4][..]));
+        let rows = [row(vec![1, 2], vec![3]), row(vec![1, 2], vec![4, 5]), row(vec![1], vec![2]), row(vec![1, 2], vec![3])];
+        assert_eq!(shared_prefixes(&rows), vec![0..2, 2..3, 3..4]);
+        // count x longest within the budget; an item over it runs alone.
+        assert_eq!(runs_within(&[3, 3, 5, 1, 9, 2], 10), vec![0..2, 2..4, 4..5, 5..6]);
+        assert_eq!(runs_within(&[3, 3], 0), vec![0..1, 1..2]);
     }
 }

@@ -22,10 +22,15 @@ pub struct Options {
     /// For the results file: the model and adapter folders.
     pub model: String,
     pub adapter: Option<String>,
+    /// Prompts generated together (`generate` tasks): rows of one batched decode.
+    pub batch: usize,
 }
 
 /// Records per call into the model or the scorer (also how often progress is shown).
 const BLOCK: usize = 16;
+
+/// The default of [`Options::batch`] (`lorahost eval --batch`).
+pub const GENERATE_BATCH: usize = 8;
 
 /// Reads every record of a plugin use (`key` names it in messages); malformed records stop the run.
 pub fn read_records(set: &PluginSet, key: &str, use_: &PluginUse) -> anyhow::Result<Vec<Example>> {
@@ -93,7 +98,7 @@ pub fn run_task(set: &PluginSet, task: &Task, lm: &dyn LanguageModel, tok: &dyn 
     let bos = tok.special_id("<|endoftext|>").unwrap_or(0);
     let (records, names) = match task.kind {
         Kind::MultipleChoice => multiple_choice(task, &items, lm, tok, bos, &mut progress)?,
-        Kind::Generate => generate(set, task, &items, lm, tok, &mut progress)?,
+        Kind::Generate => generate(set, task, &items, lm, tok, opts.batch, &mut progress)?,
     };
     Ok(TaskResult {
         task: task.name.clone(),
@@ -182,6 +187,7 @@ fn generate(
     items: &[(Example, Prompted)],
     lm: &dyn LanguageModel,
     tok: &dyn Tokenizer,
+    batch: usize,
     progress: &mut Progress,
 ) -> anyhow::Result<(Vec<RecordResult>, Vec<String>)> {
     let g = task.generation();
@@ -193,19 +199,26 @@ fn generate(
     let budget = lm.max_length().saturating_sub(g.max_tokens).max(1);
     let mut out: Vec<RecordResult> = Vec::with_capacity(items.len());
     let mut names: Vec<String> = vec![];
-    for block in items.chunks(BLOCK) {
+    for block in items.chunks(batch.max(1)) {
+        let prompts: Vec<Vec<u32>> = block
+            .iter()
+            .map(|(_, p)| {
+                let mut ids = Vec::new();
+                tok.encode_ordinary(&p.context, &mut ids);
+                // As the harness does: keep the prompt's last tokens so the generation fits the context.
+                if ids.len() > budget {
+                    ids.drain(..ids.len() - budget);
+                }
+                ids
+            })
+            .collect();
+        let rows: Vec<&[u32]> = prompts.iter().map(|p| p.as_slice()).collect();
+        let generated = lm.generate_batch(&rows, &req, &mut |_, so_far| {
+            let text = tok.decode(so_far);
+            g.stop.iter().any(|s| !s.is_empty() && text.contains(s.as_str()))
+        })?;
         let mut requests = Vec::with_capacity(block.len());
-        for (e, p) in block {
-            let mut ids = Vec::new();
-            tok.encode_ordinary(&p.context, &mut ids);
-            // As the harness does: keep the prompt's last tokens so the generation fits the context.
-            if ids.len() > budget {
-                ids.drain(..ids.len() - budget);
-            }
-            let new = lm.generate(&ids, &req, &mut |so_far| {
-                let text = tok.decode(so_far);
-                g.stop.iter().any(|s| !s.is_empty() && text.contains(s.as_str()))
-            })?;
+        for (new, (e, p)) in generated.into_iter().zip(block) {
             let new: Vec<u32> = new.into_iter().filter(|&t| Some(t) != eos).collect();
             let generation = cut_at_stop(&tok.decode(&new), &g.stop);
             requests.push(ScoringRequest { generation, example: e.clone(), references: p.references.clone() });

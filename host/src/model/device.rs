@@ -1,17 +1,18 @@
-//! Opening the device a model trains on: `cpu` or `cuda:N`.
+//! Opening the device a model trains on: `cpu`, `cuda` (the first GPU) or `cuda:N`.
 
 use anyhow::{bail, Result};
 use candle_core::Device;
 
-/// Opens `cpu` or `cuda:N`. A GPU is prepared for training: its stream-ordered memory pool keeps freed
+/// Opens `cpu`, `cuda` or `cuda:N`. A GPU is prepared for training: its stream-ordered memory pool keeps freed
 /// memory instead of returning it to the driver at every synchronisation (the pool's default), which would
 /// unmap and map again gigabytes of activations each step.
 pub fn open(spec: &str) -> Result<Device> {
     if spec == "cpu" {
         return Ok(Device::Cpu);
     }
+    let spec = if spec == "cuda" { "cuda:0" } else { spec };
     let Some(ordinal) = spec.strip_prefix("cuda:").and_then(|n| n.parse::<usize>().ok()) else {
-        bail!("`{spec}` is not \"cpu\" or \"cuda:N\"");
+        bail!("`{spec}` is not \"cpu\", \"cuda\" or \"cuda:N\"");
     };
     let device = Device::new_cuda(ordinal)?;
     #[cfg(feature = "cuda")]

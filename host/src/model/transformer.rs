@@ -85,20 +85,90 @@ struct Ctx<'a> {
 
 /// The keys (after RoPE) and values of every layer for the positions run so far, [B, Hkv, T, D] each, so
 /// generation runs one new token per step instead of the whole sequence (inference only).
+///
+/// Rows of different lengths: a batch is prefilled right-padded, then [`KvCache::end_rows_at`] marks each
+/// row's padding slots as a gap that no later query sees; the positions of later slots close the gap, so
+/// every row computes what it would alone. A later call with rows of different lengths is right-padded too,
+/// and that padding stays in the cache (a row has one gap), so such a call must be the last on its cache
+/// (log-likelihood continuations run on a copy, [`KvCache::rows`]); decoding adds one token per row.
 #[derive(Default)]
 pub struct KvCache {
     layers: std::cell::RefCell<Vec<Option<(Tensor, Tensor)>>>,
     len: std::cell::Cell<usize>,
+    /// Per row, the padding slots `gap.0..gap.1`; empty when no row has any.
+    gaps: std::cell::RefCell<Vec<(usize, usize)>>,
 }
 
 impl KvCache {
-    /// Positions cached.
+    /// Slots cached (the longest row's positions plus padding).
     pub fn len(&self) -> usize {
         self.len.get()
     }
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    /// After a right-padded prefill: row r's tokens end at slot `lens[r]`, the slots after it up to
+    /// [`KvCache::len`] are padding.
+    pub fn end_rows_at(&self, lens: &[usize]) -> Result<()> {
+        let mut gaps = self.gaps.borrow_mut();
+        if !gaps.is_empty() {
+            bail!("end_rows_at: the rows' ends are already set (once, right after the prefill)");
+        }
+        if let Some(&l) = lens.iter().find(|&&l| l == 0 || l > self.len()) {
+            bail!("end_rows_at: a row ending at {l}, outside 1..={}", self.len());
+        }
+        *gaps = lens.iter().map(|&l| (l, self.len())).collect();
+        Ok(())
+    }
+
+    /// A cache of these rows, in this order (a row may repeat): the live rows of a batched decode, or a
+    /// shared prompt's cache once per choice.
+    pub fn rows(&self, rows: &[usize]) -> Result<KvCache> {
+        let index = rows.iter().map(|&r| r as u32).collect::<Vec<u32>>();
+        let gaps = self.gaps.borrow();
+        let mut picked = Vec::new();
+        for layer in self.layers.borrow().iter() {
+            picked.push(match layer {
+                Some((k, v)) => {
+                    let index = Tensor::from_slice(&index, index.len(), k.device())?;
+                    Some((k.index_select(&index, 0)?, v.index_select(&index, 0)?))
+                }
+                None => None,
+            });
+        }
+        Ok(KvCache {
+            layers: picked.into(),
+            len: self.len.get().into(),
+            gaps: rows.iter().filter_map(|&r| gaps.get(r).copied()).collect::<Vec<_>>().into(),
+        })
+    }
+
+    /// For `t` new tokens of `b` rows: each token's position and the additive mask [B, 1, T, past + T]
+    /// (query i of a row sees the keys up to its own slot, outside the row's gap); None when no row has a
+    /// gap (positions are slots, the causal mask serves).
+    fn gapped_layout(&self, b: usize, t: usize) -> Result<Option<(Vec<u32>, Vec<f32>)>> {
+        let gaps = self.gaps.borrow();
+        if gaps.iter().all(|g| g.0 == g.1) {
+            return Ok(None);
+        }
+        if gaps.len() != b {
+            bail!("the cache holds {} rows, the batch has {b}", gaps.len());
+        }
+        let past = self.len();
+        let keys = past + t;
+        let mut positions = Vec::with_capacity(b * t);
+        let mut mask = vec![f32::NEG_INFINITY; b * t * keys];
+        for (r, &(from, to)) in gaps.iter().enumerate() {
+            for i in 0..t {
+                positions.push((past + i - (to - from)) as u32);
+                let row = &mut mask[(r * t + i) * keys..(r * t + i + 1) * keys];
+                row[..from].fill(0.0);
+                row[to..=past + i].fill(0.0);
+            }
+        }
+        Ok(Some((positions, mask)))
     }
 
     /// Appends this call's k and v for `layer`; returns the keys and values of every position.
@@ -154,8 +224,7 @@ impl Model {
     pub fn forward(&self, ids: &Tensor, lora: Option<&Lora>) -> Result<Tensor> {
         let (b, t) = ids.dims2()?;
         let hf = self.hidden_states(ids, self.context(ids, lora, None, None)?)?;
-        let logits = ops::linear_forward(&hf, &self.weights.lm_head, None)?;
-        Ok(logits.reshape((b, t, self.config.vocab_size))?)
+        Ok(self.logits(&hf)?.reshape((b, t, self.config.vocab_size))?)
     }
 
     /// Summed masked loss and counted tokens, no gradients (evaluation). `cu_seqlens`: as in
@@ -182,18 +251,33 @@ impl Model {
     /// position's work.
     pub fn hidden_states_cached(&self, ids: &Tensor, lora: Option<&Lora>, cache: &KvCache) -> Result<Tensor> {
         let past = cache.len();
-        let t = ids.dim(1)?;
-        if past + t > self.config.seq_length {
-            bail!("{} cached + {t} new positions are more than seq_length {}", past, self.config.seq_length);
-        }
+        let (b, t) = ids.dims2()?;
         let mut ctx = self.context(ids, lora, None, None)?;
-        ctx.rope = self.rope_prefix(past + t)?.slice(past, t)?;
-        if past > 0 {
-            // The fused softmax and flash attention take a square [T, T]; the rectangle of new queries over
-            // every key takes the composite path.
-            ctx.fusion.attention = false;
-            ctx.flash = None;
-            ctx.mask = Some(attention::causal_mask_after(t, past, self.dtype, &self.device)?);
+        match cache.gapped_layout(b, t)? {
+            None => {
+                if past + t > self.config.seq_length {
+                    bail!("{} cached + {t} new positions are more than seq_length {}", past, self.config.seq_length);
+                }
+                ctx.rope = self.rope_prefix(past + t)?.slice(past, t)?;
+                if past > 0 {
+                    // The fused softmax and flash attention take a square [T, T]; the rectangle of new queries
+                    // over every key takes the composite path.
+                    ctx.fusion.attention = false;
+                    ctx.flash = None;
+                    ctx.mask = Some(attention::causal_mask_after(t, past, self.dtype, &self.device)?);
+                }
+            }
+            Some((positions, mask)) => {
+                let last = positions.iter().copied().max().unwrap_or(0) as usize;
+                if last >= self.config.seq_length {
+                    bail!("position {last} is past seq_length {}", self.config.seq_length);
+                }
+                ctx.rope = self.rope_prefix(last + 1)?.at(&positions, b, t)?;
+                // Per-row positions and masks: the composite RoPE and attention (as a padding-free batch).
+                (ctx.fusion.rope, ctx.fusion.attention, ctx.flash) = (false, false, None);
+                let keys = past + t;
+                ctx.mask = Some(Tensor::from_vec(mask, (b, 1, t, keys), &self.device)?.to_dtype(ops::acc_dtype(self.dtype))?);
+            }
         }
         ctx.cache = Some(cache);
         let mut x = self.embed(ids)?;
@@ -202,6 +286,11 @@ impl Model {
         }
         cache.len.set(past + t);
         Ok(ops::rmsnorm_forward(&x, &self.weights.ln_f, self.config.eps, self.fusion.norm)?.0)
+    }
+
+    /// Logits [N, vocab] of final-norm hidden states [N, C].
+    pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
+        Ok(ops::linear_forward(hidden, &self.weights.lm_head, None)?)
     }
 
     /// Autoregressive generation for one prompt with a KV cache; returns the new tokens only. Stops at
@@ -213,40 +302,67 @@ impl Model {
     /// [`Model::generate`] that also ends when `stop` (shown the new tokens after each one) says so: stop
     /// strings, for instance.
     pub fn generate_with(&self, prompt: &[u32], lora: Option<&Lora>, opts: &GenerateOptions, stop: &mut dyn FnMut(&[u32]) -> bool) -> Result<Vec<u32>> {
-        if prompt.is_empty() {
-            bail!("generate: the prompt is empty");
+        let mut out = self.generate_batch(&[prompt], lora, opts, &mut |_, so_far| stop(so_far))?;
+        Ok(out.pop().expect("one row per prompt"))
+    }
+
+    /// [`Model::generate_with`] for several prompts at once: one batched prefill (right-padded), then one
+    /// batched step per token; a row leaves the batch when it ends (`stop` is shown the row's index and its
+    /// new tokens). Each row's tokens are those it would get alone (with sampling, each row draws from its
+    /// own generator seeded alike). A prompt longer than `seq_length` gets no tokens.
+    pub fn generate_batch(&self, prompts: &[&[u32]], lora: Option<&Lora>, opts: &GenerateOptions, stop: &mut dyn FnMut(usize, &[u32]) -> bool) -> Result<Vec<Vec<u32>>> {
+        if let Some(i) = prompts.iter().position(|p| p.is_empty()) {
+            bail!("generate: prompt {i} is empty");
         }
-        let mut rng = match opts.sampling {
+        let seed = match opts.sampling {
             Sampling::Greedy => None,
             Sampling::Temperature { temperature, seed } => {
                 if temperature.is_nan() || temperature <= 0.0 {
                     bail!("generate: temperature must be > 0 (use Sampling::Greedy for 0), got {temperature}");
                 }
-                Some(SplitMix::new(seed))
+                Some(seed)
             }
         };
-        let cache = KvCache::default();
-        let mut input = prompt.to_vec();
-        let mut out = Vec::new();
-        while out.len() < opts.max_new && cache.len() + input.len() <= self.config.seq_length {
-            let t = input.len();
-            let hf = self.hidden_states_cached(&Tensor::from_slice(&input, (1, t), &self.device)?, lora, &cache)?;
-            let last = hf.narrow(0, t - 1, 1)?;
-            let logits: Vec<f32> = ops::linear_forward(&last, &self.weights.lm_head, None)?
-                .to_dtype(DType::F32)?
-                .flatten_all()?
-                .to_vec1()?;
-            let next = match (&opts.sampling, rng.as_mut()) {
-                (Sampling::Temperature { temperature, .. }, Some(rng)) => sample(&logits, *temperature, rng),
-                _ => argmax(logits.iter().copied()) as u32,
-            };
-            out.push(next);
-            if opts.stop_token == Some(next) || stop(&out) {
-                break;
-            }
-            input = vec![next];
+        let mut rngs: Vec<Option<SplitMix>> = prompts.iter().map(|_| seed.map(SplitMix::new)).collect();
+        let mut out: Vec<Vec<u32>> = vec![Vec::new(); prompts.len()];
+        let fits = |p: &[u32], new: usize| p.len() + new <= self.config.seq_length;
+        let mut live: Vec<usize> = (0..prompts.len()).filter(|&i| fits(prompts[i], 0)).collect();
+        if live.is_empty() || opts.max_new == 0 {
+            return Ok(out);
         }
-        Ok(out)
+        let lens: Vec<usize> = live.iter().map(|&i| prompts[i].len()).collect();
+        let t = lens.iter().copied().max().unwrap_or(0);
+        let rows: Vec<&[u32]> = live.iter().map(|&i| prompts[i]).collect();
+        let mut cache = KvCache::default();
+        let hf = self.hidden_states_cached(&right_padded(&rows, 0, &self.device)?, lora, &cache)?;
+        cache.end_rows_at(&lens)?;
+        let last: Vec<u32> = lens.iter().enumerate().map(|(r, &l)| (r * t + l - 1) as u32).collect();
+        let mut hidden = hf.index_select(&Tensor::from_vec(last, live.len(), &self.device)?, 0)?;
+        loop {
+            let logits: Vec<Vec<f32>> = self.logits(&hidden)?.to_dtype(DType::F32)?.to_vec2()?;
+            let (mut keep, mut next_ids) = (Vec::new(), Vec::new());
+            for (k, &row) in live.iter().enumerate() {
+                let next = match (&opts.sampling, rngs[row].as_mut()) {
+                    (Sampling::Temperature { temperature, .. }, Some(rng)) => sample(&logits[k], *temperature, rng),
+                    _ => argmax(logits[k].iter().copied()) as u32,
+                };
+                out[row].push(next);
+                let done = opts.stop_token == Some(next) || stop(row, &out[row]);
+                if !done && out[row].len() < opts.max_new && fits(prompts[row], out[row].len()) {
+                    keep.push(k);
+                    next_ids.push(next);
+                }
+            }
+            if keep.is_empty() {
+                return Ok(out);
+            }
+            if keep.len() < live.len() {
+                cache = cache.rows(&keep)?;
+                live = keep.iter().map(|&k| live[k]).collect();
+            }
+            let n = next_ids.len();
+            hidden = self.hidden_states_cached(&Tensor::from_vec(next_ids, (n, 1), &self.device)?, lora, &cache)?;
+        }
     }
 
     // ----- training -------------------------------------------------------------------------------------
@@ -600,6 +716,18 @@ impl Model {
         }
         Ok(targets)
     }
+}
+
+/// `rows` right-padded with `pad` (any valid id: causal attention keeps it out of the rows' own positions)
+/// to the longest, as a [rows, longest] tensor on `device`.
+pub fn right_padded(rows: &[&[u32]], pad: u32, device: &Device) -> Result<Tensor> {
+    let t = rows.iter().map(|r| r.len()).max().unwrap_or(0);
+    let mut ids = Vec::with_capacity(rows.len() * t);
+    for r in rows {
+        ids.extend_from_slice(r);
+        ids.extend(std::iter::repeat_n(pad, t - r.len()));
+    }
+    Ok(Tensor::from_vec(ids, (rows.len(), t), device)?)
 }
 
 /// The index of the largest value, the first on a tie (as numpy's argmax); 0 for an empty input. Greedy
