@@ -19,24 +19,7 @@ struct Cli {
 enum Command {
     /// Train a LoRA adapter as the manifest says (default: the quickstart). Resumes from the last
     /// checkpoint of the run folder; Ctrl-C stops with a checkpoint.
-    Run {
-        /// The run manifest (default: examples/quickstart.toml of this source tree).
-        manifest: Option<PathBuf>,
-        /// Ignore (and remove) existing checkpoints and start over.
-        #[arg(long)]
-        fresh: bool,
-        /// Stop with a checkpoint after this many optimizer steps, as if interrupted.
-        #[arg(long, hide = true)]
-        stop_after: Option<u64>,
-        /// Accept plugins whose files changed since the run's lock (run.lock), and rewrite it.
-        #[arg(long)]
-        relock: bool,
-        /// Data-parallel ranks: each takes a share of every step's passes, gradients summed over ranks
-        /// (the same run as one rank). Threads of this process, CPU manifests only, for now; several GPUs
-        /// need the NCCL build (docs/multi-gpu.md).
-        #[arg(long, visible_alias = "gpus", value_name = "N", default_value_t = 1)]
-        ranks: usize,
-    },
+    Run(commands::RunArgs),
     /// Generate a reply with the manifest's model, template and (by default) the run's adapter.
     Generate {
         manifest: PathBuf,
@@ -427,7 +410,7 @@ fn parse_kind(s: &str) -> anyhow::Result<PluginKind> {
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Run { manifest, fresh, stop_after, relock, ranks } => commands::run(manifest, fresh, stop_after, relock, ranks)?,
+        Command::Run(args) => commands::run(args)?,
         Command::Generate { manifest, prompt, adapter, base, max_new, temperature, seed } => {
             commands::generate(&manifest, &prompt, adapter, base, max_new, temperature, seed)?
         }

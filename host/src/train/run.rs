@@ -12,6 +12,8 @@
 use super::batches::{self, Schedule};
 use super::checkpoint::{self, State};
 use super::dist::{self, Collective, Single};
+use super::launch::LaunchEnv;
+use super::tcp::TcpRank;
 use super::handoff::{self, Start};
 use super::optim::{AdamW, AdamWConfig};
 use super::split;
@@ -210,13 +212,21 @@ pub fn run(m: &Manifest, opts: &RunOptions) -> anyhow::Result<RunSummary> {
     }
     if m.model.device != "cpu" {
         bail!(
-            "{}: {ranks} ranks as threads run on the CPU only (`model.device = \"{}\"`); several GPUs need the NCCL \
-             build, not built yet (docs/multi-gpu.md)",
+            "{}: {ranks} ranks as threads run on the CPU only (`model.device = \"{}\"`); for several GPUs use \
+             `lorahost run --gpus {ranks}` (one process per GPU, NCCL; docs/multi-gpu.md)",
             m.file.display(),
             m.model.device
         );
     }
-    // A forward pass is the unit of the split (it keeps each pass's dropout draws whatever the ranks).
+    warn_idle_ranks(m, ranks);
+    let timeout = opts.rank_timeout.unwrap_or(dist::DEFAULT_TIMEOUT);
+    let mut summaries = dist::run_threads(ranks, timeout, |comm| run_rank(m, opts, comm))?;
+    summaries.swap_remove(0).context("rank 0 gives the summary")
+}
+
+/// A forward pass is the unit of the split (it keeps each pass's dropout draws whatever the ranks): warns
+/// when a step has fewer passes than ranks.
+fn warn_idle_ranks(m: &Manifest, ranks: usize) {
     if m.train.packing == Packing::None && m.train.grad_accum < ranks {
         eprintln!(
             "WARNING: a step has {} pass(es) of micro_batch records and {ranks} ranks: {} rank(s) idle; set `train.grad_accum` \
@@ -225,9 +235,52 @@ pub fn run(m: &Manifest, opts: &RunOptions) -> anyhow::Result<RunSummary> {
             ranks - m.train.grad_accum
         );
     }
+}
+
+/// This process's share of a run over several processes (`env`: the launcher's environment, or that of
+/// `lorahost run --gpus N`'s children): a CPU manifest talks over TCP ([`TcpRank`]); a CUDA one over NCCL on
+/// the GPU `cuda:LOCAL_RANK` (the manifest's index is replaced). The summary on rank 0, None on the others.
+pub fn run_process(m: &Manifest, opts: &RunOptions, env: &LaunchEnv) -> anyhow::Result<Option<RunSummary>> {
+    let world = env.world_size;
+    let Some(master) = env.master.as_deref().filter(|_| world > 1) else {
+        return run_rank(m, opts, &Single);
+    };
+    if env.rank == 0 {
+        warn_idle_ranks(m, world);
+    }
     let timeout = opts.rank_timeout.unwrap_or(dist::DEFAULT_TIMEOUT);
-    let mut summaries = dist::run_threads(ranks, timeout, |comm| run_rank(m, opts, comm))?;
-    summaries.swap_remove(0).context("rank 0 gives the summary")
+    let tcp = TcpRank::connect(env.rank, world, master, timeout)?;
+    let mut m = m.clone();
+    let comm: Box<dyn Collective> = if m.model.device == "cpu" {
+        Box::new(tcp)
+    } else {
+        m.model.device = format!("cuda:{}", env.local_rank);
+        gpu_group(&m, tcp)?
+    };
+    let out = run_rank(&m, opts, &*comm);
+    match &out {
+        Ok(_) => comm.finish(),
+        Err(e) => comm.abort(&format!("{e:#}")),
+    }
+    out
+}
+
+#[cfg(feature = "cuda")]
+fn gpu_group(m: &Manifest, tcp: TcpRank) -> anyhow::Result<Box<dyn Collective>> {
+    let Device::Cuda(dev) = device_of(m)? else { bail!("{}: `model.device` is not a CUDA device", m.file.display()) };
+    Ok(Box::new(super::nccl::NcclRank::connect(tcp, &dev)?))
+}
+
+#[cfg(not(feature = "cuda"))]
+fn gpu_group(m: &Manifest, tcp: TcpRank) -> anyhow::Result<Box<dyn Collective>> {
+    let reason = format!(
+        "{}: `model.device = \"{}\"` on several processes needs NCCL, and this lorahost was built without CUDA \
+         (build with `--features cuda`, or use a CPU manifest)",
+        m.file.display(),
+        m.model.device
+    );
+    tcp.abort(&reason);
+    bail!(reason)
 }
 
 /// One rank's run; the summary on rank 0, None on the others. World size 1 is the ordinary run.
