@@ -257,12 +257,19 @@ pub fn run_process(m: &Manifest, opts: &RunOptions, env: &LaunchEnv) -> anyhow::
         m.model.device = format!("cuda:{}", env.local_rank);
         gpu_group(&m, tcp)?
     };
-    let out = run_rank(&m, opts, &*comm);
-    match &out {
-        Ok(_) => comm.finish(),
-        Err(e) => comm.abort(&format!("{e:#}")),
+    match run_rank(&m, opts, &*comm) {
+        Ok(out) => {
+            comm.finish();
+            Ok(out)
+        }
+        Err(e) => {
+            comm.abort(&format!("{e:#}"));
+            // The group's errors name their rank already; this rank's own failure gets its name too, as the
+            // ranks' messages interleave on one terminal.
+            let me = format!("rank {} of {world}", env.rank);
+            Err(if format!("{e}").starts_with(&me) { e } else { e.context(format!("{me} failed")) })
+        }
     }
-    out
 }
 
 #[cfg(feature = "cuda")]
