@@ -111,6 +111,22 @@ fn bench_train_runs_the_real_trainer_at_a_named_shape() {
 }
 
 #[test]
+fn bench_train_on_two_ranks_runs_a_step_of_two_passes_and_reports_once() {
+    // `--gpus 2` with `--device cpu`: two processes over TCP, the machinery the GPUs use with NCCL.
+    let root = common::repo_root();
+    let args = ["bench", "train", "--shape", "tiny", "--seq", "32", "--warmup", "0", "--steps", "2", "--device", "cpu", "--gpus", "2"];
+    let o = lorahost(&args, &root);
+    assert!(o.status.success(), "{}", text(&o));
+    // Rank 0 alone reports: one JSON document.
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!((v["ranks"].as_u64(), v["grad_accum"].as_u64(), v["timed_steps"].as_u64()), (Some(2), Some(2), Some(2)));
+    assert!(v["losses"].as_array().unwrap().iter().all(|l| l.as_f64().unwrap().is_finite()));
+    let one = lorahost(&["bench", "train", "--shape", "tiny", "--seq", "32", "--warmup", "0", "--steps", "2"], &root);
+    let one: serde_json::Value = serde_json::from_slice(&one.stdout).unwrap();
+    assert_eq!((one["ranks"].as_u64(), one["grad_accum"].as_u64()), (Some(1), Some(1)));
+}
+
+#[test]
 fn bench_train_on_a_manifests_tokens_lowers_the_loss() {
     // The quickstart's data cut to two records: one micro-batch of 2, seen at every step, so the adapter
     // can only get better at it.

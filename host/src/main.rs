@@ -327,6 +327,10 @@ enum BenchCommand {
         lr: f64,
         #[arg(long)]
         json: Option<PathBuf>,
+        /// Data-parallel over N GPUs (one process each, NCCL): `micro_batch` records per GPU per step, the
+        /// report's tokens/s the whole step's; for the scaling efficiency against `--gpus 1`.
+        #[arg(long, value_name = "N", conflicts_with = "levers")]
+        gpus: Option<usize>,
     },
     /// Where a training step's time goes: each op of one layer at the shape, timed alone, times its calls per
     /// step; plus the loss and the optimizer step.
@@ -402,6 +406,20 @@ fn write_json(path: Option<PathBuf>, value: &impl serde::Serialize) -> anyhow::R
         }
     }
     Ok(())
+}
+
+/// `args` without `flag` and its value (`--flag V` or `--flag=V`).
+fn without_flag(args: Vec<std::ffi::OsString>, flag: &str) -> Vec<std::ffi::OsString> {
+    let mut out = Vec::with_capacity(args.len());
+    let mut it = args.into_iter();
+    while let Some(a) = it.next() {
+        match a.to_str() {
+            Some(s) if s == flag => drop(it.next()),
+            Some(s) if s.starts_with(&format!("{flag}=")) => {}
+            _ => out.push(a),
+        }
+    }
+    out
 }
 
 fn parse_kind(s: &str) -> anyhow::Result<PluginKind> {
@@ -497,9 +515,20 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 print!("{report}");
                 write_json(json, &report)?;
             }
-            BenchCommand::Train { step, warmup, steps, levers, data, lr, json } => {
+            BenchCommand::Train { step, warmup, steps, levers, data, lr, json, gpus } => {
                 let o = step.options(warmup, steps, data, lr)?;
-                if levers {
+                let launched = lorahost::train::launch::LaunchEnv::from_env()?;
+                if let Some(n) = gpus.filter(|_| launched.is_none()) {
+                    // This command line again, once per GPU, without `--gpus` (the ranks see the launcher's env).
+                    let args = without_flag(std::env::args_os().skip(1).collect(), "--gpus");
+                    return lorahost::train::launch::spawn_ranks(n, &args);
+                }
+                if let Some(env) = launched {
+                    if let Some(report) = lorahost::bench::train::run_process(&o, &env)? {
+                        println!("{}", serde_json::to_string_pretty(&report)?);
+                        write_json(json, &report)?;
+                    }
+                } else if levers {
                     let rows = lorahost::bench::train::run_levers(&o)?;
                     println!("{}", serde_json::to_string_pretty(&rows)?);
                     write_json(json, &rows)?;

@@ -5,6 +5,8 @@
 //! would set, and each joins the run as that rank, exactly as under torchrun. The parent only waits: when a
 //! rank exits with a failure, the others learn of it through the group (they stop with an error naming
 //! it, rank 0 after finishing the step it is in), and whatever has not ended after a grace period is killed.
+use super::dist::Collective;
+use super::tcp::TcpRank;
 use anyhow::{bail, Context, Result};
 use std::ffi::OsString;
 use std::process::{Child, Command, ExitStatus};
@@ -20,7 +22,7 @@ pub struct LaunchEnv {
     pub rank: usize,
     pub world_size: usize,
     pub local_rank: usize,
-    /// `MASTER_ADDR:MASTER_PORT`; None for a world of one.
+    /// `MASTER_ADDR:MASTER_PORT`, the rendezvous; may be None for a world of one (then no group is made).
     pub master: Option<String>,
 }
 
@@ -48,17 +50,64 @@ impl LaunchEnv {
             bail!("environment variable RANK={rank} is not below WORLD_SIZE={world_size}");
         }
         let local_rank = num("LOCAL_RANK", Some(rank))?;
-        let master = if world_size > 1 {
-            let addr = get("MASTER_ADDR").context("WORLD_SIZE > 1 needs MASTER_ADDR (rank 0's host, for the rendezvous)")?;
-            let port = num("MASTER_PORT", None)?;
-            if port == 0 || port > 65535 {
-                bail!("environment variable MASTER_PORT={port} is not a TCP port (1-65535)");
+        let master = match get("MASTER_ADDR") {
+            Some(addr) => {
+                let port = num("MASTER_PORT", None)?;
+                if port == 0 || port > 65535 {
+                    bail!("environment variable MASTER_PORT={port} is not a TCP port (1-65535)");
+                }
+                Some(format!("{addr}:{port}"))
             }
-            Some(format!("{addr}:{port}"))
-        } else {
-            None
+            None if world_size > 1 => bail!("WORLD_SIZE > 1 needs MASTER_ADDR (rank 0's host, for the rendezvous)"),
+            None => None,
         };
         Ok(Some(LaunchEnv { rank, world_size, local_rank, master }))
+    }
+}
+
+/// Joins the group `env` describes, whose rendezvous is `master`: over TCP when `device` is "cpu", else over
+/// NCCL on `device` (this process's GPU, `cuda:LOCAL_RANK`). Whatever fails after the rendezvous is told to
+/// the group, so the other ranks stop too instead of waiting.
+pub fn join(env: &LaunchEnv, master: &str, device: &str, timeout: Duration) -> Result<Box<dyn Collective>> {
+    let tcp = TcpRank::connect(env.rank, env.world_size, master, timeout)?;
+    if device == "cpu" {
+        return Ok(Box::new(tcp));
+    }
+    gpu_group(tcp, device, timeout)
+}
+
+#[cfg(feature = "cuda")]
+fn gpu_group(tcp: TcpRank, device: &str, timeout: Duration) -> Result<Box<dyn Collective>> {
+    let dev = match crate::model::device::open(device) {
+        Ok(candle_core::Device::Cuda(dev)) => dev,
+        Ok(_) => bail!("`{device}` is not a GPU"),
+        Err(e) => {
+            tcp.abort(&format!("rank {} cannot open {device}: {e:#}", tcp.rank()));
+            return Err(e.context(format!("opening {device}")));
+        }
+    };
+    Ok(Box::new(super::nccl::NcclRank::connect(tcp, &dev, timeout)?))
+}
+
+#[cfg(not(feature = "cuda"))]
+fn gpu_group(tcp: TcpRank, device: &str, _: Duration) -> Result<Box<dyn Collective>> {
+    let reason = format!(
+        "`{device}` on several processes needs NCCL, and this lorahost was built without CUDA (build with \
+         `--features cuda`, or use the CPU)"
+    );
+    tcp.abort(&reason);
+    bail!(reason)
+}
+
+/// A rank's run failed with `e`: tells the group, and names this rank in its own failure (the group's
+/// errors name their rank already), as the ranks' messages interleave on one terminal.
+pub fn failed(comm: &dyn Collective, e: anyhow::Error) -> anyhow::Error {
+    comm.abort(&format!("{e:#}"));
+    let me = format!("rank {} of {}", comm.rank(), comm.world_size());
+    if format!("{e}").starts_with(&me) {
+        e
+    } else {
+        e.context(format!("{me} failed"))
     }
 }
 

@@ -12,8 +12,7 @@
 use super::batches::{self, Schedule};
 use super::checkpoint::{self, State};
 use super::dist::{self, Collective, Single};
-use super::launch::LaunchEnv;
-use super::tcp::TcpRank;
+use super::launch::{self, LaunchEnv};
 use super::handoff::{self, Start};
 use super::optim::{AdamW, AdamWConfig};
 use super::split;
@@ -242,52 +241,27 @@ fn warn_idle_ranks(m: &Manifest, ranks: usize) {
 /// the GPU `cuda:LOCAL_RANK` (the manifest's index is replaced). The summary on rank 0, None on the others.
 pub fn run_process(m: &Manifest, opts: &RunOptions, env: &LaunchEnv) -> anyhow::Result<Option<RunSummary>> {
     let world = env.world_size;
-    let Some(master) = env.master.as_deref().filter(|_| world > 1) else {
+    // Without a rendezvous (a launcher's world of one) this is the ordinary run; `--gpus 1` gives one, so
+    // that one GPU runs through NCCL as several do.
+    let Some(master) = env.master.as_deref() else {
         return run_rank(m, opts, &Single);
     };
     if env.rank == 0 {
         warn_idle_ranks(m, world);
     }
     let timeout = opts.rank_timeout.unwrap_or(dist::DEFAULT_TIMEOUT);
-    let tcp = TcpRank::connect(env.rank, world, master, timeout)?;
     let mut m = m.clone();
-    let comm: Box<dyn Collective> = if m.model.device == "cpu" {
-        Box::new(tcp)
-    } else {
+    if m.model.device != "cpu" {
         m.model.device = format!("cuda:{}", env.local_rank);
-        gpu_group(&m, tcp)?
-    };
+    }
+    let comm = launch::join(env, master, &m.model.device, timeout)?;
     match run_rank(&m, opts, &*comm) {
         Ok(out) => {
             comm.finish();
             Ok(out)
         }
-        Err(e) => {
-            comm.abort(&format!("{e:#}"));
-            // The group's errors name their rank already; this rank's own failure gets its name too, as the
-            // ranks' messages interleave on one terminal.
-            let me = format!("rank {} of {world}", env.rank);
-            Err(if format!("{e}").starts_with(&me) { e } else { e.context(format!("{me} failed")) })
-        }
+        Err(e) => Err(launch::failed(&*comm, e)),
     }
-}
-
-#[cfg(feature = "cuda")]
-fn gpu_group(m: &Manifest, tcp: TcpRank) -> anyhow::Result<Box<dyn Collective>> {
-    let Device::Cuda(dev) = device_of(m)? else { bail!("{}: `model.device` is not a CUDA device", m.file.display()) };
-    Ok(Box::new(super::nccl::NcclRank::connect(tcp, &dev)?))
-}
-
-#[cfg(not(feature = "cuda"))]
-fn gpu_group(m: &Manifest, tcp: TcpRank) -> anyhow::Result<Box<dyn Collective>> {
-    let reason = format!(
-        "{}: `model.device = \"{}\"` on several processes needs NCCL, and this lorahost was built without CUDA \
-         (build with `--features cuda`, or use a CPU manifest)",
-        m.file.display(),
-        m.model.device
-    );
-    tcp.abort(&reason);
-    bail!(reason)
 }
 
 /// One rank's run; the summary on rank 0, None on the others. World size 1 is the ordinary run.
