@@ -485,3 +485,22 @@ fn a_killed_rank_under_a_launcher_ends_the_others_at_once_and_a_rerun_resumes() 
     assert!(again.status.success() && text.contains("60 of 60 steps") && text.contains("resumed at step"), "{text}");
     assert_eq!(logged_steps(&dir.path().join("out")), (1..=60).collect::<Vec<u64>>());
 }
+
+#[test]
+fn gpus_and_procs_check_the_manifests_device() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = ranks_manifest(dir.path());
+    let path = m.to_str().unwrap();
+    let o = common::lorahost(&["run", "--gpus", "2", path], dir.path());
+    assert!(!o.status.success() && common::text(&o).contains("for processes on the CPU use --procs"), "{}", common::text(&o));
+    std::fs::write(&m, std::fs::read_to_string(&m).unwrap().replace("device = \"cpu\"", "device = \"cuda:0\"")).unwrap();
+    let o = common::lorahost(&["run", "--procs", "2", path], dir.path());
+    assert!(!o.status.success() && common::text(&o).contains("for the GPUs use --gpus"), "{}", common::text(&o));
+    if cfg!(not(feature = "cuda")) {
+        // Both ranks stop with the reason (rank 0 after the rendezvous), none waits for the other.
+        let o = common::lorahost(&["run", "--gpus", "2", "--rank-timeout", "60", path], dir.path());
+        let t = common::text(&o);
+        assert!(!o.status.success() && t.contains("built without CUDA") && t.contains("exited with"), "{t}");
+    }
+}
+

@@ -441,7 +441,9 @@ fn read_peer(s: &Shared, from: usize, stream: TcpStream, tx: Sender<Inbox>) {
             Ok((tag, _)) => s.fail(Failure { rank: from, reason: format!("sent {tag:?} in the middle of the run (a bug)") }),
             Err(e) => {
                 if !s.ended.load(Ordering::SeqCst) {
-                    s.fail(Failure { rank: from, reason: format!("died (its connection closed: {e:#})") });
+                    let eof = e.downcast_ref::<std::io::Error>().is_some_and(|e| e.kind() == std::io::ErrorKind::UnexpectedEof);
+                    let how = if eof { String::new() } else { format!(": {e:#}") };
+                    s.fail(Failure { rank: from, reason: format!("died (its connection closed{how})") });
                 }
                 return;
             }
