@@ -56,6 +56,12 @@ impl LaunchEnv {
                 if port == 0 || port > 65535 {
                     bail!("environment variable MASTER_PORT={port} is not a TCP port (1-65535)");
                 }
+                // torchrun's agent keeps its own store on MASTER_PORT (and says so); lorahost's rendezvous
+                // then takes the next port, the same on every rank.
+                let port = if get("TORCHELASTIC_USE_AGENT_STORE").is_some_and(|v| v.eq_ignore_ascii_case("true")) { port + 1 } else { port };
+                if port > 65535 {
+                    bail!("MASTER_PORT=65535 under torchrun: lorahost's rendezvous needs MASTER_PORT + 1; choose a lower port");
+                }
                 Some(format!("{addr}:{port}"))
             }
             None if world_size > 1 => bail!("WORLD_SIZE > 1 needs MASTER_ADDR (rank 0's host, for the rendezvous)"),
@@ -192,6 +198,9 @@ mod tests {
             .unwrap()
             .unwrap();
         assert_eq!(two, LaunchEnv { rank: 1, world_size: 2, local_rank: 1, master: Some("h0:29500".into()) });
+        // Under torchrun, whose agent holds MASTER_PORT, the rendezvous takes the next port.
+        let torchrun = &[("WORLD_SIZE", "2"), ("RANK", "0"), ("MASTER_ADDR", "h0"), ("MASTER_PORT", "29500"), ("TORCHELASTIC_USE_AGENT_STORE", "True")];
+        assert_eq!(LaunchEnv::parse(env(torchrun)).unwrap().unwrap().master.as_deref(), Some("h0:29501"));
         for (pairs, needle) in [
             (&[("WORLD_SIZE", "two")][..], "WORLD_SIZE=\"two\""),
             (&[("WORLD_SIZE", "2"), ("MASTER_ADDR", "h"), ("MASTER_PORT", "1")][..], "RANK is not"),
