@@ -27,11 +27,11 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | 
 NGPU=$(nvidia-smi --query-gpu=name --format=csv,noheader | wc -l)
 date -u | tee -a "$R/card.txt"
 
-# A short GPU manifest from the quickstart: 2 passes of 2 records per step (its 4 records a step, so the
+# A short GPU manifest from the quickstart: 2 padded passes of 2 records per step (its 4 records a step, so the
 # same run on 1 or 2 GPUs), STEPS steps, its run folder under OUTDIR.
 manifest() {  # name steps
   sed -e "s|\"\.\./runs/quickstart-gpu|\"$R/$1|" -e "s|\"\.\./|\"$ROOT/|g" \
-      -e 's/^micro_batch = 4/micro_batch = 2/' -e 's/^grad_accum = 1/grad_accum = 2/' \
+      -e 's/^micro_batch = 4/micro_batch = 2/' -e 's/^grad_accum = 1/grad_accum = 2\npacking = "none"/' \
       -e "s/^epochs = 20/epochs = 100\nmax_steps = $2/" -e 's/^checkpoint_every = 40/checkpoint_every = 10/' \
       examples/quickstart-gpu.toml > "$R/$1.toml"
   echo "$R/$1.toml"

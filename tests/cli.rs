@@ -213,22 +213,26 @@ fn check_show_drops_prints_examples_of_each_drop_reason() {
 }
 
 #[test]
-fn run_under_a_multi_process_launcher_is_refused_before_any_work() {
-    // torchrun's environment for rank 1 of 2: this build has no NCCL transport, so it says so and exits.
+fn a_launchers_environment_is_checked_before_any_work() {
+    // torchrun's environment, wrong: the error names the variable, and nothing is written.
     let dir = tempfile::tempdir().unwrap();
-    let o = Command::new(env!("CARGO_BIN_EXE_lorahost"))
-        .args(["run", "missing.toml"])
-        .current_dir(dir.path())
-        .envs([("WORLD_SIZE", "2"), ("RANK", "1"), ("LOCAL_RANK", "1"), ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", "29500")])
-        .output()
-        .unwrap();
-    let t = text(&o);
-    assert!(!o.status.success());
-    assert!(t.contains("rank 1 of WORLD_SIZE=2") && t.contains("NCCL transport is not built") && t.contains("--ranks N"), "{t}");
+    let launched = |env: &[(&str, &str)], args: &[&str]| {
+        let o = Command::new(env!("CARGO_BIN_EXE_lorahost")).args(args).current_dir(dir.path()).envs(env.iter().copied()).output().unwrap();
+        (o.status.success(), text(&o))
+    };
+    let rank2 = [("WORLD_SIZE", "2"), ("RANK", "2"), ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", "29500")];
+    let (ok, t) = launched(&rank2, &["run", "missing.toml"]);
+    assert!(!ok && t.contains("RANK=2 is not below WORLD_SIZE=2"), "{t}");
+    let (ok, t) = launched(&[("WORLD_SIZE", "2"), ("RANK", "1")], &["run", "missing.toml"]);
+    assert!(!ok && t.contains("MASTER_ADDR"), "{t}");
+    // Under a launcher, the ranks are the launcher's to start.
+    let rank1 = [("WORLD_SIZE", "2"), ("RANK", "1"), ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", "29500")];
+    let (ok, t) = launched(&rank1, &["run", "--procs", "2", "missing.toml"]);
+    assert!(!ok && t.contains("under a launcher (WORLD_SIZE=2)"), "{t}");
     assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0, "nothing written");
     // A world of one is an ordinary run (here: the missing manifest is the error).
-    let o = Command::new(env!("CARGO_BIN_EXE_lorahost")).args(["run", "missing.toml"]).current_dir(dir.path()).env("WORLD_SIZE", "1").output().unwrap();
-    assert!(text(&o).contains("missing.toml") && !text(&o).contains("NCCL"), "{}", text(&o));
+    let (ok, t) = launched(&[("WORLD_SIZE", "1")], &["run", "missing.toml"]);
+    assert!(!ok && t.contains("missing.toml"), "{t}");
 }
 
 #[test]
