@@ -5,6 +5,7 @@ lengths lorahost trains on, to set beside `lorahost bench train --manifest M` an
 
     lorahost check examples/neurips-qwen14b.toml --lengths lengths.txt
     python3 scripts/realdata-baselines.py lengths.txt --shape qwen-14b [--stacks hf,liger,unsloth] [--json OUT]
+        [--rows 1024,2048]
 
 Each micro-batch takes the next `--micro-batch` records in the file's order (lorahost's first epoch), padded to
 the longest of them with labels -100 and attention mask 0 on the padding (what HF's DataCollatorForSeq2Seq
@@ -12,6 +13,10 @@ and LLaMA-Factory do); token ids are random (the weights are too). An optimizer 
 `--grad-accum` micro-batches. Printed per stack, one JSON line: real tokens/s (the records' own tokens, no
 padding, over the timed wall time), the step time, peak memory, and the wall time of one epoch of the file:
 measured when the whole epoch is timed (`--batches 0`, the default), else estimated from the tokens/s.
+
+`--rows L1,L2`: the same stack, in the same process (one model load), also on full rows of L tokens (random
+ids, every position trained, micro-batch `--micro-batch`, 2 warm-up and `--row-steps` timed steps): the
+anchors of `lorahost bench train --seq L`, one JSON line each.
 
 Shapes, LoRA (r 8, alpha 32, the recipe's q, k, v, o, down) and timing follow scripts/hf-baseline.py, whose
 shape table and model builder this script uses. Each stack runs in a child process of its own (Liger and
@@ -51,6 +56,9 @@ def read_lengths(path, max_len):
     if not lengths:
         sys.exit(f"{path}: no lengths")
     return lengths
+
+
+STACK_NAMES = {"hf": "hf+peft", "liger": "hf+peft+liger", "unsloth": "unsloth"}
 
 
 def micro_batches(lengths, micro_batch):
@@ -123,8 +131,9 @@ def measure(a):
     seconds = time.perf_counter() - t0
     tokens = sum(map(sum, timed))
     tokens_per_s = tokens / seconds
-    return {
-        "stack": {"hf": "hf+peft", "liger": "hf+peft+liger", "unsloth": "unsloth"}[a.stack],
+    peak = torch.cuda.max_memory_allocated() / 2**30
+    results = [{
+        "stack": STACK_NAMES[a.stack],
         "shape": a.shape,
         "records": len(lengths),
         "mean_len": round(sum(lengths) / len(lengths), 1),
@@ -138,9 +147,49 @@ def measure(a):
         "step_ms": round(1e3 * seconds / len(timed) * a.grad_accum, 1),
         "epoch_s": round(seconds if a.batches == 0 else sum(lengths) / tokens_per_s, 1),
         "epoch_measured": a.batches == 0,
-        "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 1),
+        "peak_gib": round(peak, 1),
         "torch": torch.__version__,
         "device": torch.cuda.get_device_name(),
+    }]
+    for seq in [int(x) for x in a.rows.split(",") if x.strip()] if a.rows else []:
+        results.append(full_rows(a, model, opt, seq, gen))
+    return results
+
+
+def full_rows(a, model, opt, seq, gen):
+    """Full rows of `seq` tokens, every position trained: the anchor of `lorahost bench train --seq`."""
+    import torch
+
+    ids = torch.randint(0, 151000, (a.micro_batch, seq), device="cuda", generator=gen)
+
+    def step():
+        model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    try:
+        for _ in range(2):
+            step()
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        t0 = time.perf_counter()
+        for _ in range(a.row_steps):
+            step()
+        torch.cuda.synchronize()
+    except torch.OutOfMemoryError:
+        opt.zero_grad(set_to_none=True)
+        torch.cuda.empty_cache()
+        return {"stack": STACK_NAMES[a.stack], "shape": a.shape, "seq": seq, "error": "out of memory"}
+    step_s = (time.perf_counter() - t0) / a.row_steps
+    return {
+        "stack": STACK_NAMES[a.stack],
+        "shape": a.shape,
+        "seq": seq,
+        "micro_batch": a.micro_batch,
+        "lora_dropout": a.dropout,
+        "step_ms": round(step_s * 1e3, 1),
+        "tokens_per_s": round(a.micro_batch * seq / step_s, 1),
+        "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 1),
     }
 
 
@@ -155,13 +204,16 @@ def main():
     ap.add_argument("--dropout", type=float, default=0.1, help="LoRA dropout (the recipe's 0.1; unsloth is fastest at 0)")
     ap.add_argument("--warmup", type=int, default=5, help="micro-batches before timing")
     ap.add_argument("--batches", type=int, default=0, help="micro-batches to time; 0: the whole epoch")
+    ap.add_argument("--rows", help="also full rows of these lengths, e.g. 1024,2048 (see above)")
+    ap.add_argument("--row-steps", type=int, default=6, help="timed steps per --rows length")
     ap.add_argument("--unsloth-dir", help="model folder for unsloth (see above)")
     ap.add_argument("--json", help="also write the results (a list) here")
     ap.add_argument("--stack", help=argparse.SUPPRESS)  # a child process: measure this one stack
     a = ap.parse_args()
 
     if a.stack:
-        print(json.dumps(measure(a)), flush=True)
+        for result in measure(a):
+            print(json.dumps(result), flush=True)
         return
     read_lengths(a.lengths, a.max_len)  # fail here, not in every child
     base = hf_baseline()
@@ -178,12 +230,13 @@ def main():
         child = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--stack", stack], capture_output=True, text=True)
         lines = [l for l in child.stdout.splitlines() if l.startswith("{")]
         if child.returncode == 0 and lines:
-            result = json.loads(lines[-1])
+            found = [json.loads(l) for l in lines]
         else:
             oom = "OutOfMemoryError" in child.stderr
-            result = {"stack": stack, "error": "out of memory" if oom else child.stderr.strip().splitlines()[-1:]}
-        print(json.dumps(result), flush=True)
-        results.append(result)
+            found = [{"stack": stack, "error": "out of memory" if oom else child.stderr.strip().splitlines()[-1:]}]
+        for result in found:
+            print(json.dumps(result), flush=True)
+        results.extend(found)
     if a.json:
         tmp = a.json + ".tmp"
         with open(tmp, "w") as f:

@@ -1045,3 +1045,27 @@ fn all_linear_is_written_as_peft_reads_it_and_read_back() {
     std::fs::write(dir.join(ADAPTER_CONFIG_FILE), bare).unwrap();
     assert_eq!(Lora::load(&dir, &model.config, &CPU).unwrap().param_names(), l.param_names());
 }
+
+#[test]
+fn the_flash_work_list_covers_every_block_of_every_sequence_once_the_longest_first() {
+    use lorahost::model::attention::{FlashBlocks, Packed};
+    // Two rows of 200: sequences of 70 + 130, and 1 + 64 + 135 tokens.
+    let packed = Packed::new(&[0, 70, 200, 201, 265, 400], 2, 200).unwrap();
+    let seqs: Vec<(usize, usize, usize)> = packed.sequences().map(|s| (s.start / 200, s.start % 200, s.len())).collect();
+    assert_eq!(seqs, vec![(0, 0, 70), (0, 70, 130), (1, 0, 1), (1, 1, 64), (1, 65, 135)]);
+    let e = FlashBlocks::entries(seqs.iter().copied());
+    // 64-token blocks: 2 + 3 + 1 + 1 + 3.
+    assert_eq!(e.len(), 10);
+    assert!(e.windows(2).all(|w| w[0][3] >= w[1][3]), "most work first: {e:?}");
+    // Equal work keeps the batch order; the third blocks of the two 130+ sequences come first.
+    assert_eq!(&e[..2], &[[0, 70, 130, 2], [1, 65, 135, 2]]);
+    for &(row, first, len) in &seqs {
+        let mut blocks: Vec<u32> = e.iter().filter(|x| x[..3] == [row as u32, first as u32, len as u32]).map(|x| x[3]).collect();
+        blocks.sort();
+        assert_eq!(blocks, (0..len.div_ceil(64) as u32).collect::<Vec<_>>(), "sequence {row}/{first}/{len}");
+    }
+    // Rows of one sequence each.
+    let rows = FlashBlocks::rows(3, 100, &candle_core::Device::Cpu).unwrap();
+    let t: Vec<u32> = rows.table.flatten_all().unwrap().to_vec1().unwrap();
+    assert_eq!(t, vec![0, 0, 100, 1, 1, 0, 100, 1, 2, 0, 100, 1, 0, 0, 100, 0, 1, 0, 100, 0, 2, 0, 100, 0]);
+}

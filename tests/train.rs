@@ -2,7 +2,7 @@
 //! several ranks (threads, or processes over TCP) giving the same run.
 mod common;
 
-use lorahost::manifest::Manifest;
+use lorahost::manifest::{Manifest, Packing};
 use lorahost::train::run::{run, RunOptions, RunSummary};
 use std::path::{Path, PathBuf};
 
@@ -260,13 +260,30 @@ fn a_padding_free_run_gives_the_padded_runs_loss_curve() {
 }
 
 #[test]
+fn unset_packing_is_padding_free_on_a_gpu_and_padded_on_the_cpu() {
+    let dir = tempfile::tempdir().unwrap();
+    let on = |device: &str, extra: &str| {
+        let path = small_manifest(dir.path(), extra);
+        let text = std::fs::read_to_string(&path).unwrap().replace("device = \"cpu\"", &format!("device = \"{device}\""));
+        std::fs::write(&path, text).unwrap();
+        Manifest::load(&path).unwrap().packing()
+    };
+    assert_eq!(on("cpu", ""), Packing::None);
+    assert_eq!(on("cuda:0", ""), Packing::PaddingFree);
+    assert_eq!(on("cuda:0", "packing = \"none\""), Packing::None, "a manifest's own choice wins");
+    assert_eq!(on("cpu", "packing = \"padding-free\""), Packing::PaddingFree);
+    // The token budget goes with the GPU's default too.
+    assert_eq!(on("cuda:0", "max_tokens_per_pass = 96"), Packing::PaddingFree);
+}
+
+#[test]
 fn packing_settings_are_checked_by_key() {
     let dir = tempfile::tempdir().unwrap();
     let err = |extra: &str| Manifest::load(&small_manifest(dir.path(), extra)).unwrap_err().to_string();
     let e = err("packing = \"packed\"");
     assert!(e.contains("train.packing") && e.contains("padding-free"), "{e}");
     let e = err("max_tokens_per_pass = 4096");
-    assert!(e.contains("train.max_tokens_per_pass") && e.contains("only with `packing = \"padding-free\"`"), "{e}");
+    assert!(e.contains("train.max_tokens_per_pass") && e.contains("only to padding-free packing") && e.contains("set `packing = \"padding-free\"`"), "{e}");
     let e = err("packing = \"padding-free\"\nmax_tokens_per_pass = 40");
     assert!(e.contains("train.max_tokens_per_pass") && e.contains("less than max_seq_len (48)"), "{e}");
     let m = Manifest::load(&small_manifest(dir.path(), "packing = \"padding-free\"")).unwrap();
@@ -452,8 +469,8 @@ fn a_failing_process_rank_is_named_and_rank_0_keeps_the_step_it_finished() {
 fn a_killed_rank_under_a_launcher_ends_the_others_at_once_and_a_rerun_resumes() {
     let dir = tempfile::tempdir().unwrap();
     let m = ranks_manifest(dir.path());
-    // Long enough (60 steps) to be killed mid-run.
-    std::fs::write(&m, std::fs::read_to_string(&m).unwrap().replace("epochs = 2", "epochs = 30")).unwrap();
+    // Long enough (20 steps) to be killed mid-run.
+    std::fs::write(&m, std::fs::read_to_string(&m).unwrap().replace("epochs = 2", "epochs = 10")).unwrap();
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port().to_string();
     let rank = |r: &str| {
         std::process::Command::new(env!("CARGO_BIN_EXE_lorahost"))
@@ -478,12 +495,12 @@ fn a_killed_rank_under_a_launcher_ends_the_others_at_once_and_a_rerun_resumes() 
     let text = common::text(&out);
     assert!(killed.elapsed().as_secs() < 5, "rank 0 stopped {:?} after the kill", killed.elapsed());
     assert!(!out.status.success() && text.contains("because rank 1 failed: died (its connection closed"), "{text}");
-    assert!(logged_steps(&dir.path().join("out")).len() < 60, "killed mid-run");
+    assert!(logged_steps(&dir.path().join("out")).len() < 20, "killed mid-run");
     // Resumed from the last checkpoint (here by the spawner), it finishes.
     let again = common::lorahost(&["run", "--procs", "2", m.to_str().unwrap()], dir.path());
     let text = common::text(&again);
-    assert!(again.status.success() && text.contains("60 of 60 steps") && text.contains("resumed at step"), "{text}");
-    assert_eq!(logged_steps(&dir.path().join("out")), (1..=60).collect::<Vec<u64>>());
+    assert!(again.status.success() && text.contains("20 of 20 steps") && text.contains("resumed at step"), "{text}");
+    assert_eq!(logged_steps(&dir.path().join("out")), (1..=20).collect::<Vec<u64>>());
 }
 
 #[test]

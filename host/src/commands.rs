@@ -130,7 +130,7 @@ pub fn preview(manifest: &Path, n: usize, tokens: bool) -> anyhow::Result<()> {
         let trained: usize = first.passes.iter().map(|b| b.trained).sum();
         println!(
             "=== first step (packing = \"{}\"): passes {}; {} record tokens, {trained} trained ===",
-            m.train.packing.name(),
+            m.packing().name(),
             shapes.join(", "),
             first.tokens()
         );

@@ -244,7 +244,8 @@ struct StepArgs {
     seq: usize,
     #[arg(long)]
     recompute: bool,
-    /// Fused GPU kernels: all or none (they apply to bf16 on a GPU only).
+    /// Fused GPU kernels: all, none, or no-flash (all but flash attention: the scores-in-memory attention).
+    /// They apply to bf16 on a GPU only.
     #[arg(long, default_value = "all")]
     fusion: String,
 }
@@ -594,6 +595,8 @@ fn parse_fusion(f: &str) -> anyhow::Result<lorahost::model::fusion::Fusion> {
     match f {
         "all" => Ok(lorahost::model::fusion::Fusion::ALL),
         "none" => Ok(lorahost::model::fusion::Fusion::NONE),
-        other => anyhow::bail!("--fusion {other}: all or none"),
+        // Every kernel but flash attention: the scores-in-memory attention, to compare the two.
+        "no-flash" => Ok(lorahost::model::fusion::Fusion { flash: false, ..lorahost::model::fusion::Fusion::ALL }),
+        other => anyhow::bail!("--fusion {other}: all, none or no-flash"),
     }
 }

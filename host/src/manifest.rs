@@ -169,6 +169,17 @@ pub enum Packing {
 }
 
 impl Packing {
+    /// The faster layout on a device when the manifest names none: padding-free on a GPU (the flash kernels
+    /// take the records end to end, no padding computed), padded micro-batches on the CPU (where the
+    /// composite attention over a packed row costs more than the padding it saves; README, "Training").
+    pub fn default_on(cuda: bool) -> Packing {
+        if cuda {
+            Packing::PaddingFree
+        } else {
+            Packing::None
+        }
+    }
+
     pub fn name(self) -> &'static str {
         match self {
             Packing::None => "none",
@@ -212,9 +223,9 @@ pub struct Train {
     /// Write a checkpoint every N optimizer steps (and always at the end).
     #[serde(default)]
     pub checkpoint_every: Option<u64>,
-    /// "none" (padded micro-batches) or "padding-free".
+    /// "none" (padded micro-batches) or "padding-free"; unset: [`Manifest::packing`] picks by device.
     #[serde(default)]
-    pub packing: Packing,
+    pub packing: Option<Packing>,
     /// With padding-free packing: the most tokens one forward pass takes (bounds activation memory);
     /// default `micro_batch * max_seq_len`, the most a padded micro-batch can hold.
     #[serde(default)]
@@ -490,6 +501,12 @@ impl Manifest {
         per_dataset.chain(self.filters.iter_mut()).chain([&mut self.scheduler, &mut self.template])
     }
 
+    /// How a step's records are laid out: `[train] packing`, or when unset the faster layout on the
+    /// manifest's device ([`Packing::default_on`]).
+    pub fn packing(&self) -> Packing {
+        self.train.packing.unwrap_or(Packing::default_on(self.model.device.starts_with("cuda")))
+    }
+
     fn validate(&self) -> Result<(), (String, String)> {
         let bad = |key: &str, msg: &str| Err((key.to_string(), msg.to_string()));
         if self.datasets.is_empty() {
@@ -527,8 +544,11 @@ impl Manifest {
             return bad("train.max_seq_len", "must be at least 2");
         }
         if let Some(n) = t.max_tokens_per_pass {
-            if t.packing != Packing::PaddingFree {
-                return bad("train.max_tokens_per_pass", "applies only with `packing = \"padding-free\"`: set that, or remove this key");
+            if self.packing() != Packing::PaddingFree {
+                return bad(
+                    "train.max_tokens_per_pass",
+                    "applies only to padding-free packing (the default on a GPU): set `packing = \"padding-free\"`, or remove this key",
+                );
             }
             if n < t.max_seq_len {
                 return bad(

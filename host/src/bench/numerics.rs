@@ -125,8 +125,8 @@ fn ops_checks(gpu: &Device, checks: &mut Vec<Check>) -> Result<()> {
     let k = pair(&mut rng, &[b, h, t, d], 0.0, 2.0, gpu)?;
     let v = pair(&mut rng, &[b, h, t, d], 0.0, 1.0, gpu)?;
     let mask = attention::causal_mask(t, DType::F32, &Device::Cpu)?;
-    let (yc, sc) = attention::attention_forward(&q.cpu, &k.cpu, &v.cpu, 1, Some(&mask), false, false)?;
-    let (yg, sg) = attention::attention_forward(&q.gpu, &k.gpu, &v.gpu, 1, None, true, false)?;
+    let (yc, sc) = attention::attention_forward(&q.cpu, &k.cpu, &v.cpu, 1, Some(&mask), false, None)?;
+    let (yg, sg) = attention::attention_forward(&q.gpu, &k.gpu, &v.gpu, 1, None, true, None)?;
     push(checks, "attention forward", &yg, &yc, OP_TOL)?;
     let dy = pair(&mut rng, &[b, h, t, d], 0.0, 1.0, gpu)?;
     let (dqc, dkc, dvc) = attention::attention_backward(&sc, &dy.cpu, false)?;
@@ -135,23 +135,32 @@ fn ops_checks(gpu: &Device, checks: &mut Vec<Check>) -> Result<()> {
     push(checks, "attention backward: dk", &dkg, &dkc, OP_TOL)?;
     push(checks, "attention backward: dv", &dvg, &dvc, OP_TOL)?;
 
-    // Flash attention at head dim 128, over a length that is not a multiple of its 64-row blocks.
+    // Flash attention at each head dim it is built for, with GQA (4 query heads over 2 kv heads), over a
+    // length that is not a multiple of its 64-row blocks: rows of one sequence each, then a padding-free
+    // batch (sequences of 70 + 130 and 1 + 64 + 135 tokens) against the composite path's block mask.
     #[cfg(feature = "cuda")]
-    {
-        let (b, h, t, d) = (2usize, 3usize, 200usize, crate::model::cuda::FLASH_HEAD_DIM);
+    for d in attention::FLASH_HEAD_DIMS {
+        let (b, h, hkv, t) = (2usize, 4usize, 2usize, 200usize);
         let q = pair(&mut rng, &[b, h, t, d], 0.0, 1.5, gpu)?;
-        let k = pair(&mut rng, &[b, h, t, d], 0.0, 1.5, gpu)?;
-        let v = pair(&mut rng, &[b, h, t, d], 0.0, 1.0, gpu)?;
-        let mask = attention::causal_mask(t, DType::F32, &Device::Cpu)?;
-        let (yc, sc) = attention::attention_forward(&q.cpu, &k.cpu, &v.cpu, 1, Some(&mask), false, false)?;
-        let (yg, sg) = attention::attention_forward(&q.gpu, &k.gpu, &v.gpu, 1, None, true, true)?;
-        push(checks, "flash attention forward (d 128, T 200)", &yg, &yc, OP_TOL)?;
+        let k = pair(&mut rng, &[b, hkv, t, d], 0.0, 1.5, gpu)?;
+        let v = pair(&mut rng, &[b, hkv, t, d], 0.0, 1.0, gpu)?;
         let dy = pair(&mut rng, &[b, h, t, d], 0.0, 1.0, gpu)?;
-        let (dqc, dkc, dvc) = attention::attention_backward(&sc, &dy.cpu, false)?;
-        let (dqg, dkg, dvg) = attention::attention_backward(&sg, &dy.gpu, true)?;
-        push(checks, "flash attention backward: dq", &dqg, &dqc, OP_TOL)?;
-        push(checks, "flash attention backward: dk", &dkg, &dkc, OP_TOL)?;
-        push(checks, "flash attention backward: dv", &dvg, &dvc, OP_TOL)?;
+        let packed = attention::Packed::new(&[0, 70, 200, 201, 265, 400], b, t)?;
+        let cases = [
+            ("rows", attention::causal_mask(t, DType::F32, &Device::Cpu)?, attention::FlashBlocks::rows(b, t, gpu)?),
+            ("padding-free", packed.mask(DType::F32, &Device::Cpu)?, attention::FlashBlocks::packed(&packed, gpu)?),
+        ];
+        for (layout, mask, blocks) in cases {
+            let (yc, sc) = attention::attention_forward(&q.cpu, &k.cpu, &v.cpu, h / hkv, Some(&mask), false, None)?;
+            let (yg, sg) = attention::attention_forward(&q.gpu, &k.gpu, &v.gpu, h / hkv, None, true, Some(&blocks))?;
+            let name = |what: &str| format!("flash attention {what} (d {d}, GQA, T {t}, {layout})");
+            push(checks, &name("forward"), &yg, &yc, OP_TOL)?;
+            let (dqc, dkc, dvc) = attention::attention_backward(&sc, &dy.cpu, false)?;
+            let (dqg, dkg, dvg) = attention::attention_backward(&sg, &dy.gpu, true)?;
+            push(checks, &name("backward: dq"), &dqg, &dqc, OP_TOL)?;
+            push(checks, &name("backward: dk"), &dkg, &dkc, OP_TOL)?;
+            push(checks, &name("backward: dv"), &dvg, &dvc, OP_TOL)?;
+        }
     }
 
     // SwiGLU.

@@ -133,9 +133,12 @@ pub fn run(o: &Options) -> Result<OpsReport> {
         true => None,
         false => Some(attention::causal_mask(t, dt, dev)?),
     };
-    // As the model decides: flash attention for long sequences without recomputation.
-    let flash = f.flash && t >= attention::FLASH_MIN_SEQ && !o.recompute;
-    let attn_fwd = || attention::attention_forward(&q, &k, &v, cfg.kv_groups(), mask.as_ref(), f.attention, flash);
+    // As the model decides: flash attention wherever its kernels run.
+    let flash = match attention::flash_runs(f, dt, dev, d) {
+        true => Some(attention::FlashBlocks::rows(b, t, dev)?),
+        false => None,
+    };
+    let attn_fwd = || attention::attention_forward(&q, &k, &v, cfg.kv_groups(), mask.as_ref(), f.attention, flash.as_ref());
     add("attention forward", time(dev, reps, || Ok(drop(attn_fwd()?)))?, fwd);
     let (y, saved) = attn_fwd()?;
     add("attention backward", time(dev, reps, || Ok(drop(attention::attention_backward(&saved, &y, f.attention)?)))?, layers);

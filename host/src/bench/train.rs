@@ -162,8 +162,7 @@ pub fn run_process(o: &Options, env: &LaunchEnv) -> anyhow::Result<Option<TrainB
 /// weights are made once). The first row has none of them; each next row adds one.
 pub fn run_levers(o: &Options) -> anyhow::Result<Vec<TrainBench>> {
     let mut model = model(o)?;
-    // Flash attention stays as `o.fusion` has it (on by default; the model decides by length).
-    let mut fusion = Fusion { flash: o.fusion.flash, ..Fusion::NONE };
+    let mut fusion = Fusion::NONE;
     let mut rows = Vec::new();
     model.fusion = fusion;
     rows.push(run_on(&model, o, &Single)?);
@@ -189,7 +188,7 @@ fn run_on(model: &Model, o: &Options, comm: &dyn Collective) -> anyhow::Result<T
     opt.fused = model.fusion.optimizer;
     let total = o.warmup + o.steps;
     let (stream, schedule, seq) = match &o.manifest {
-        Some(path) => manifest_data(path, o.packing)?,
+        Some(path) => manifest_data(path, o.packing, o.device.is_cuda())?,
         None => random_data(o, total, comm.world_size()),
     };
     let step_config = StepConfig { seed: 42, recompute: o.recompute, clip: Some(1.0) };
@@ -254,12 +253,11 @@ fn random_data(o: &Options, steps: usize, ranks: usize) -> (TokenStream, Schedul
     (stream, Schedule { n_train: records, grad_accum: ranks, seed: 42, layout }, o.seq)
 }
 
-/// A manifest's training stream and the schedule `lorahost run` would take over it.
-fn manifest_data(path: &std::path::Path, packing: Option<Packing>) -> anyhow::Result<(TokenStream, Schedule, usize)> {
+/// A manifest's training stream and the schedule `lorahost run` would take over it, laid out as `packing`
+/// says, else as the manifest says, else as is faster on the benchmark's device.
+fn manifest_data(path: &std::path::Path, packing: Option<Packing>, cuda: bool) -> anyhow::Result<(TokenStream, Schedule, usize)> {
     let mut m = Manifest::load(path)?;
-    if let Some(p) = packing {
-        m.train.packing = p;
-    }
+    m.train.packing = Some(packing.or(m.train.packing).unwrap_or(Packing::default_on(cuda)));
     let plan = data::Plan::new(&m)?;
     let stream = data::prepare_plan(&plan)?.stream;
     let pad = plan.tokenizer.special_id("<|endoftext|>").unwrap_or(0);

@@ -309,7 +309,7 @@ impl Packed {
         Ok(Packed { cu_seqlens: cu_seqlens.to_vec(), b, t })
     }
 
-    fn sequences(&self) -> impl Iterator<Item = std::ops::Range<usize>> + '_ {
+    pub fn sequences(&self) -> impl Iterator<Item = std::ops::Range<usize>> + '_ {
         self.cu_seqlens.windows(2).map(|w| w[0] as usize..w[1] as usize)
     }
 
@@ -348,45 +348,94 @@ impl Packed {
     }
 }
 
-/// From this length on (and without recomputation) the training step uses flash attention: measured on an
-/// H100 at the Qwen-14B shape, 1024-token steps are faster with the scores in memory, while 2048-token
-/// steps only fit in 80 GB without recomputation with flash attention.
-pub const FLASH_MIN_SEQ: usize = 2048;
+/// The head dimensions the flash kernels are built for; other shapes take the scores-in-memory path.
+pub const FLASH_HEAD_DIMS: [usize; 2] = [64, 128];
+
+/// Tokens per block of the flash kernels (queries in the forward and dQ, keys in dK/dV).
+pub const FLASH_BLOCK: usize = 64;
+
+/// The work list of the flash kernels (model/cuda/attention.cu): one entry (row, first, len, block) per
+/// 64-token block of every sequence (tokens first..first + len of batch row `row`), the entries with the
+/// most forward work (the latest blocks of the longest sequences) first, so the long blocks start first
+/// and the short ones fill the tail. Built once per step and shared by every layer.
+#[derive(Clone, Debug)]
+pub struct FlashBlocks {
+    /// u32 [n, 4] on the model's device.
+    pub table: Tensor,
+}
+
+impl FlashBlocks {
+    /// The entries of `sequences` (row, first, len), in launch order.
+    pub fn entries(sequences: impl IntoIterator<Item = (usize, usize, usize)>) -> Vec<[u32; 4]> {
+        let mut e: Vec<[u32; 4]> = sequences
+            .into_iter()
+            .flat_map(|(row, first, len)| (0..len.div_ceil(FLASH_BLOCK)).map(move |blk| [row as u32, first as u32, len as u32, blk as u32]))
+            .collect();
+        // Stable: equal work keeps the batch order.
+        e.sort_by_key(|x| std::cmp::Reverse(x[3]));
+        e
+    }
+
+    /// Rows of one sequence each ([b, t]).
+    pub fn rows(b: usize, t: usize, device: &Device) -> Result<FlashBlocks> {
+        Self::upload(&Self::entries((0..b).map(|row| (row, 0, t))), device)
+    }
+
+    /// The sequences of a padding-free batch.
+    pub fn packed(p: &Packed, device: &Device) -> Result<FlashBlocks> {
+        Self::upload(&Self::entries(p.sequences().map(|s| (s.start / p.t, s.start % p.t, s.len()))), device)
+    }
+
+    fn upload(entries: &[[u32; 4]], device: &Device) -> Result<FlashBlocks> {
+        let flat: Vec<u32> = entries.iter().flatten().copied().collect();
+        Ok(FlashBlocks { table: Tensor::from_vec(flat, (entries.len(), 4), device)? })
+    }
+}
+
+/// Whether the flash kernels run for this dtype, device and head dim (the `flash` and `attention`
+/// switches on, built with `cuda`, bf16 on a GPU).
+pub fn flash_runs(fusion: super::fusion::Fusion, dtype: DType, device: &Device, head_dim: usize) -> bool {
+    FLASH_HEAD_DIMS.contains(&head_dim) && super::fusion::on_for(fusion.flash && fusion.attention, dtype, device)
+}
 
 pub struct AttnSaved {
     q: Tensor,
-    /// k and v repeated to every query head.
+    /// k and v: repeated to every query head on the scores paths; as they came (Hkv heads) after flash
+    /// attention, whose kernels read each kv head for its query heads.
     k: Tensor,
     v: Tensor,
     groups: usize,
     /// Softmax probabilities [B, H, T, T]: the acc dtype on the composite path, bf16 from the fused kernel
     /// (what the following matmul consumes anyway). None after flash attention.
     p: Option<Tensor>,
-    /// Flash attention's output [B, H, T, D] and per-row log-sum-exp [B, H, T] (its backward recomputes
-    /// the probabilities from them).
+    /// Flash attention's output [B, H, T, D], per-row log-sum-exp [B, H, T] (its backward recomputes the
+    /// probabilities from them) and block table.
     #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
-    flash: Option<(Tensor, Tensor)>,
+    flash: Option<(Tensor, Tensor, FlashBlocks)>,
 }
 
 /// q [B, H, T, D]; k, v [B, H / groups, T, D] (GQA when groups > 1). `mask` is needed only by the
 /// composite path (the fused softmax masks by index). `fused`: scores from one GEMM and the fused softmax
-/// kernels; with `flash` too (and head dim 128), flash attention.
-pub fn attention_forward(q: &Tensor, k: &Tensor, v: &Tensor, groups: usize, mask: Option<&Tensor>, fused: bool, flash: bool) -> Result<(Tensor, AttnSaved)> {
-    let (k, v) = (&repeat_kv(k, groups)?, &repeat_kv(v, groups)?);
-    let dtype = q.dtype();
+/// kernels; `flash` (the block table, when [`flash_runs`]): flash attention, which also serves
+/// padding-free batches.
+pub fn attention_forward(q: &Tensor, k: &Tensor, v: &Tensor, groups: usize, mask: Option<&Tensor>, fused: bool, flash: Option<&FlashBlocks>) -> Result<(Tensor, AttnSaved)> {
     let scale = 1.0 / (q.dim(D::Minus1)? as f64).sqrt();
     #[cfg(feature = "cuda")]
+    if let Some(blocks) = flash {
+        let (y, lse) = super::cuda::flash_forward(q, k, v, &blocks.table, scale)?;
+        let saved = AttnSaved { q: q.clone(), k: k.clone(), v: v.clone(), groups, p: None, flash: Some((y.clone(), lse, blocks.clone())) };
+        return Ok((y, saved));
+    }
+    let _ = flash;
+    let (k, v) = (&repeat_kv(k, groups)?, &repeat_kv(v, groups)?);
+    let dtype = q.dtype();
+    #[cfg(feature = "cuda")]
     if super::fusion::on(fused, q) {
-        let saved = |p, flash| AttnSaved { q: q.clone(), k: k.clone(), v: v.clone(), groups, p, flash };
-        if flash && q.dim(D::Minus1)? == super::cuda::FLASH_HEAD_DIM {
-            let (y, lse) = super::cuda::flash_forward(q, k, v, scale)?;
-            return Ok((y.clone(), saved(None, Some((y, lse)))));
-        }
         let p = super::cuda::causal_softmax(&super::cuda::attention_scores(q, k, scale)?)?;
         let y = p.matmul(v)?;
-        return Ok((y, saved(Some(p), None)));
+        return Ok((y, AttnSaved { q: q.clone(), k: k.clone(), v: v.clone(), groups, p: Some(p), flash: None }));
     }
-    let _ = (fused, flash);
+    let _ = fused;
     let Some(mask) = mask else { candle_core::bail!("attention_forward: the composite path needs the causal mask") };
     let s = (q.matmul(&k.t()?)?.to_dtype(mask.dtype())? * scale)?.broadcast_add(mask)?;
     let s_max = s.max_keepdim(D::Minus1)?; // finite: the diagonal is never masked
@@ -398,6 +447,11 @@ pub fn attention_forward(q: &Tensor, k: &Tensor, v: &Tensor, groups: usize, mask
 
 /// Returns (dq, dk, dv), dq [B, H, T, D], dk and dv [B, H / groups, T, D].
 pub fn attention_backward(saved: &AttnSaved, dy: &Tensor, fused: bool) -> Result<(Tensor, Tensor, Tensor)> {
+    #[cfg(feature = "cuda")]
+    if let Some((o, lse, blocks)) = &saved.flash {
+        let scale = 1.0 / (saved.q.dim(D::Minus1)? as f64).sqrt();
+        return super::cuda::flash_backward(&saved.q, &saved.k, &saved.v, o, lse, dy, &blocks.table, scale);
+    }
     let (dq, dk, dv) = attention_backward_repeated(saved, dy, fused)?;
     Ok((dq, sum_kv_groups(&dk, saved.groups)?, sum_kv_groups(&dv, saved.groups)?))
 }
@@ -406,10 +460,6 @@ pub fn attention_backward(saved: &AttnSaved, dy: &Tensor, fused: bool) -> Result
 fn attention_backward_repeated(saved: &AttnSaved, dy: &Tensor, fused: bool) -> Result<(Tensor, Tensor, Tensor)> {
     let dtype = dy.dtype();
     let scale = 1.0 / (saved.q.dim(D::Minus1)? as f64).sqrt();
-    #[cfg(feature = "cuda")]
-    if let Some((o, lse)) = &saved.flash {
-        return super::cuda::flash_backward(&saved.q, &saved.k, &saved.v, o, lse, dy, scale);
-    }
     let Some(p) = &saved.p else { candle_core::bail!("attention_backward: no saved probabilities") };
     #[cfg(feature = "cuda")]
     if super::fusion::on(fused, dy) {

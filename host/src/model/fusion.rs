@@ -4,9 +4,9 @@
 //! All switches are on by default; `lorahost bench train --levers` turns them on one at a time to measure
 //! what each one buys (the levers table of BENCHMARKS.md).
 //!
-//! A padding-free batch (several sequences per row, `cu_seqlens`) turns `rope`, `attention` and `flash` off
-//! for its call (`Model::context`): those kernels assume one sequence per row at positions 0..T. A varlen
-//! attention kernel is what will bring them back for packed rows.
+//! A padding-free batch (several sequences per row, `cu_seqlens`) takes the flash kernels, which walk a list
+//! of sequences, and RoPE tables gathered per token; where flash cannot run (switched off, another head
+//! dim), its attention is the composite one with a block-diagonal mask (`Model::context`).
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct Fusion {
@@ -30,7 +30,8 @@ pub struct Fusion {
     /// of a dozen small ops per tensor.
     pub optimizer: bool,
     /// With `attention`: flash attention (tensor-core kernels, online softmax, no [T, T] scores in memory,
-    /// backward from the saved log-sum-exp) when the head dim is 128.
+    /// backward from the saved log-sum-exp, variable-length sequences, GQA) for head dims 64 and 128, at
+    /// every length (without it, the scores path above). Not for KV-cached decoding steps.
     pub flash: bool,
 }
 
@@ -50,13 +51,12 @@ impl Fusion {
     };
 
     /// The levers in the order the benchmark adds them, each with the switch it turns on.
-    /// (Flash attention is not among them: the model uses it only from `FLASH_MIN_SEQ` tokens on, without
-    /// recomputation; BENCHMARKS.md measures it at 2048.)
-    pub const LEVERS: [(&'static str, fn(&mut Fusion)); 8] = [
+    pub const LEVERS: [(&'static str, fn(&mut Fusion)); 9] = [
         ("dropout", |f| f.dropout = true),
         ("norm", |f| f.norm = true),
         ("rope", |f| f.rope = true),
         ("attention", |f| f.attention = true),
+        ("flash", |f| f.flash = true),
         ("swiglu", |f| f.swiglu = true),
         ("loss", |f| f.loss = true),
         ("lora", |f| f.lora = true),

@@ -11,7 +11,7 @@
 //! The training step keeps, per layer, either everything the backward needs (`BlockSaved`) or, with
 //! `recompute`, only the layer's input, and re-runs the layer's forward just before its backward. Dropout
 //! masks are a pure function of (step seed, layer, module), so the recomputed layer is bit-identical.
-use super::attention::{self, AttnSaved, Heads, Packed, QkNorm, QkvSaved, Rope};
+use super::attention::{self, AttnSaved, FlashBlocks, Heads, Packed, QkNorm, QkvSaved, Rope};
 use super::config::{ModelConfig, Site};
 use super::fusion::Fusion;
 use super::loss::{self, Targets};
@@ -72,6 +72,9 @@ struct Ctx<'a> {
     mask: Option<Tensor>,
     /// The sequences of a padding-free batch; None when each row is one sequence.
     packed: Option<Packed>,
+    /// The flash kernels' work list when attention takes them (a padding-free batch, or long rows in
+    /// training); None for the scores paths.
+    flash: Option<FlashBlocks>,
     lora: Option<&'a Lora>,
     fusion: Fusion,
     /// (step seed, p) when dropout is active.
@@ -166,8 +169,7 @@ impl Model {
     }
 
     /// Final-norm hidden states [B*T, C].
-    fn hidden_states(&self, ids: &Tensor, mut ctx: Ctx) -> Result<Tensor> {
-        ctx.fusion.flash = false; // nothing is kept for a backward: the scores live one layer at a time
+    fn hidden_states(&self, ids: &Tensor, ctx: Ctx) -> Result<Tensor> {
         let mut x = self.embed(ids)?;
         for layer in 0..self.config.num_layers {
             x = self.block_forward(&ctx, layer, &x)?.0;
@@ -186,11 +188,11 @@ impl Model {
         }
         let mut ctx = self.context(ids, lora, None, None)?;
         ctx.rope = self.rope_prefix(past + t)?.slice(past, t)?;
-        ctx.fusion.flash = false;
         if past > 0 {
-            // The fused softmax masks a square [T, T]; the rectangle of new queries over every key takes the
-            // composite path.
+            // The fused softmax and flash attention take a square [T, T]; the rectangle of new queries over
+            // every key takes the composite path.
             ctx.fusion.attention = false;
+            ctx.flash = None;
             ctx.mask = Some(attention::causal_mask_after(t, past, self.dtype, &self.device)?);
         }
         ctx.cache = Some(cache);
@@ -265,12 +267,8 @@ impl Model {
     pub fn loss_and_grads(&self, ids: &Tensor, labels: &Tensor, cu_seqlens: Option<&[u32]>, lora: &Lora, dropout_rng: &mut SplitMix, recompute: bool) -> Result<LossAndGrads> {
         let step_seed = dropout_rng.next_u64();
         let p = lora.config.dropout;
-        let mut ctx = self.context(ids, Some(lora), (p > 0.0).then_some((step_seed, p)), cu_seqlens)?;
+        let ctx = self.context(ids, Some(lora), (p > 0.0).then_some((step_seed, p)), cu_seqlens)?;
         let targets = self.targets(ids, labels, ctx.packed.as_ref())?;
-        // Flash attention where it pays (BENCHMARKS.md, the levers table): long sequences whose [T, T]
-        // probabilities would otherwise be kept for every layer. Shorter ones, or one layer at a time
-        // (recompute), are faster with the scores in memory.
-        ctx.fusion.flash &= ctx.t >= attention::FLASH_MIN_SEQ && !recompute;
         let n_layers = self.config.num_layers;
 
         // Layers below the lowest adapted one need no backward at all.
@@ -345,7 +343,7 @@ impl Model {
             Some(cache) => cache.extend(layer, k, v)?,
             None => (k, v),
         };
-        let (y, attn) = attention::attention_forward(&q, &k, &v, cfg.kv_groups(), ctx.mask.as_ref(), f.attention, f.flash)?;
+        let (y, attn) = attention::attention_forward(&q, &k, &v, cfg.kv_groups(), ctx.mask.as_ref(), f.attention, ctx.flash.as_ref())?;
         let y = attention::merge_heads(&y, &ctx.rope, f.rope)?;
         let (o, o_lora) = self.adapted_forward(ctx, layer, Site::O, &y)?;
         let x1 = (x + o)?;
@@ -529,20 +527,32 @@ impl Model {
         }
         let mut fusion = self.fusion;
         if let Some(packed) = packed {
+            // RoPE tables gathered by each token's position (the fused split kernel reads them per token).
             let rope = self.rope_prefix(longest)?.at(&packed.positions(), b, t)?;
-            // The fused rope/split and softmax kernels (model/cuda/) take one sequence per row at positions
-            // 0..T, so a padding-free batch runs the composite RoPE and masked attention on the GPU too, until
-            // a varlen attention kernel (taking cu_seqlens and positions) exists.
-            (fusion.rope, fusion.attention, fusion.flash) = (false, false, false);
+            // Flash attention takes the sequences as its work list; without it, the composite attention
+            // with a block-diagonal mask (the fused softmax masks one sequence per row).
+            if self.flash_runs(fusion) {
+                let flash = Some(FlashBlocks::packed(&packed, &self.device)?);
+                return Ok(Ctx { b, t, rope, mask: None, packed: Some(packed), flash, lora, dropout, fusion, cache: None });
+            }
+            fusion.attention = false;
             let mask = Some(packed.mask(self.dtype, &self.device)?);
-            return Ok(Ctx { b, t, rope, mask, packed: Some(packed), lora, dropout, fusion, cache: None });
+            return Ok(Ctx { b, t, rope, mask, packed: Some(packed), flash: None, lora, dropout, fusion, cache: None });
         }
         let rope = self.rope_prefix(t)?;
         let mask = match super::fusion::on_for(fusion.attention, self.dtype, &self.device) {
             true => None,
             false => Some(attention::causal_mask(t, self.dtype, &self.device)?),
         };
-        Ok(Ctx { b, t, rope, mask, packed: None, lora, dropout, fusion, cache: None })
+        let flash = match self.flash_runs(fusion) {
+            true => Some(FlashBlocks::rows(b, t, &self.device)?),
+            false => None,
+        };
+        Ok(Ctx { b, t, rope, mask, packed: None, flash, lora, dropout, fusion, cache: None })
+    }
+
+    fn flash_runs(&self, fusion: Fusion) -> bool {
+        attention::flash_runs(fusion, self.dtype, &self.device, self.config.head_dim)
     }
 
     /// RoPE tables for positions 0..t, from the cached tables (rebuilt larger when a longer sequence comes).

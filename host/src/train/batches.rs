@@ -38,7 +38,7 @@ impl Schedule {
     /// The schedule `[train]` and `[run] seed` of a manifest give over `n_train` records.
     pub fn of(m: &Manifest, n_train: usize, pad: u32) -> Schedule {
         let t = &m.train;
-        let layout = Layout { packing: t.packing, micro_batch: t.micro_batch, tokens_per_pass: t.tokens_per_pass(), pad };
+        let layout = Layout { packing: m.packing(), micro_batch: t.micro_batch, tokens_per_pass: t.tokens_per_pass(), pad };
         Schedule { n_train, grad_accum: t.grad_accum, seed: m.run.seed, layout }
     }
 

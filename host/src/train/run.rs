@@ -195,8 +195,8 @@ fn identity(m: &Manifest, lock_key: &str, scheduler_sha: &str, model_config: &st
         ),
     );
     // Only when on, so that checkpoints written before the option existed still resume.
-    if t.packing != Packing::None {
-        id.insert("train.packing".into(), format!("{} max_tokens_per_pass={}", t.packing.name(), t.tokens_per_pass()));
+    if m.packing() != Packing::None {
+        id.insert("train.packing".into(), format!("{} max_tokens_per_pass={}", m.packing().name(), t.tokens_per_pass()));
     }
     id.insert("scheduler".into(), format!("{} {} {:?}", m.scheduler.plugin, scheduler_sha, m.scheduler.config));
     id.insert("seed".into(), m.run.seed.to_string());
@@ -226,7 +226,7 @@ pub fn run(m: &Manifest, opts: &RunOptions) -> anyhow::Result<RunSummary> {
 /// A forward pass is the unit of the split (it keeps each pass's dropout draws whatever the ranks): warns
 /// when a step has fewer passes than ranks.
 fn warn_idle_ranks(m: &Manifest, ranks: usize) {
-    if m.train.packing == Packing::None && m.train.grad_accum < ranks {
+    if m.packing() == Packing::None && m.train.grad_accum < ranks {
         eprintln!(
             "WARNING: a step has {} pass(es) of micro_batch records and {ranks} ranks: {} rank(s) idle; set `train.grad_accum` \
              to a multiple of {ranks} (and micro_batch down to keep the step's records)",

@@ -1,6 +1,6 @@
 //! Causal attention: scores from one cuBLAS GEMM with a fused softmax (and backward), and flash
-//! attention (head dim 128) that never stores the scores.
-use super::launch::*;
+//! attention (head dim 64 or 128, variable-length sequences, GQA) that never stores the scores.
+use super::launch::{blocks as blocks_for, *};
 use candle_core::cuda_backend::cudarc::cublas::{result as cublas, sys as blas_sys};
 use candle_core::cuda_backend::cudarc::driver::DevicePtr;
 use candle_core::{bail, DType, Result, Storage, Tensor};
@@ -74,7 +74,7 @@ pub fn causal_softmax(s: &Tensor) -> Result<Tensor> {
     let p = uninit(&dev, (b, h, t, t), DType::BF16)?;
     let rows = b * h * t;
     let args = [Arg::T(s), Arg::T(&p), Arg::I(t as i32), Arg::U(rows as u64)];
-    launch(&dev, "causal_softmax_fwd", blocks(rows, ROW_THREADS / 32)?, ROW_THREADS, &args)?;
+    launch(&dev, "causal_softmax_fwd", blocks_for(rows, ROW_THREADS / 32)?, ROW_THREADS, &args)?;
     Ok(p)
 }
 
@@ -87,66 +87,78 @@ pub fn causal_softmax_backward(p: &Tensor, dp: &Tensor, scale: f64) -> Result<Te
     let ds = uninit(&dev, (b, h, t, t), DType::BF16)?;
     let rows = b * h * t;
     let args = [Arg::T(p), Arg::T(&dp), Arg::T(&ds), Arg::I(t as i32), Arg::F(scale as f32), Arg::U(rows as u64)];
-    launch(&dev, "causal_softmax_bwd", blocks(rows, ROW_THREADS / 32)?, ROW_THREADS, &args)?;
+    launch(&dev, "causal_softmax_bwd", blocks_for(rows, ROW_THREADS / 32)?, ROW_THREADS, &args)?;
     Ok(ds)
 }
 
 // ----- flash attention ------------------------------------------------------------------------------------
 
-/// The head dimension the flash kernels are built for (Qwen-7B and -14B); other shapes take the
-/// scores-in-memory path.
-pub const FLASH_HEAD_DIM: usize = 128;
-const FLASH_BLOCK: usize = 64;
+use crate::model::attention::FLASH_HEAD_DIMS;
 const FLASH_THREADS: u32 = 128;
-// Dynamic shared memory of each kernel (see the layouts at the top of each kernel in kernels.cu).
-const LDK: usize = 136;
-const LDP: usize = 72;
-const LDS: usize = 68;
-/// f32 row stride of the output scratch; 4 warps of [16, LDO] must fit in two [64, LDK] bf16 tiles.
-const LDO: usize = 132;
-const _: () = assert!(4 * 16 * LDO * 4 <= 2 * 64 * LDK * 2);
-const FLASH_FWD_SMEM: usize = 2 * 64 * LDK * 2 + 4 * 16 * LDS * 4 + 4 * 16 * LDP * 2 + 4 * 16 * 4;
-const FLASH_DKDV_SMEM: usize = 4 * 64 * LDK * 2 + 2 * 64 * LDP * 2 + 4 * 16 * LDS * 4 + 2 * 64 * 4;
-const FLASH_DQ_SMEM: usize = 4 * 64 * LDK * 2 + 64 * LDP * 2 + 4 * 16 * LDS * 4 + 2 * 64 * 4;
+/// Dynamic shared memory of each flash kernel (flash.cu): [64, D + 8] bf16 tiles; forward: Q + 2 K + 2 V,
+/// dQ: Q + dO + 2 K + 2 V, dK/dV: K + V + 2 Q + 2 dO and two buffers of 64 lse and 64 row dots (f32).
+fn smem(kernel: &str, d: usize) -> u32 {
+    let tile = 64 * (d + 8) * 2;
+    let bytes = match kernel {
+        "fwd" => 5 * tile,
+        "dkdv" => 6 * tile + 4 * 64 * 4,
+        _ => 6 * tile,
+    };
+    bytes as u32
+}
 
-/// Causal attention of q, k, v [B, H, T, 128] (bf16) without the [T, T] scores in memory: the output
-/// [B, H, T, 128] and each row's log-sum-exp [B, H, T] (f32) for the backward.
-pub fn flash_forward(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<(Tensor, Tensor)> {
-    check_bf16("flash_forward", &[q, k, v])?;
+fn check_flash(name: &str, q: &Tensor, k: &Tensor, blocks: &Tensor) -> Result<(usize, usize, usize, usize, usize, usize)> {
     let (b, h, t, d) = q.dims4()?;
-    if d != FLASH_HEAD_DIM {
-        bail!("flash_forward: head dim {d}, the kernel is built for {FLASH_HEAD_DIM}");
+    let (kb, hkv, kt, kd) = k.dims4()?;
+    if !FLASH_HEAD_DIMS.contains(&d) {
+        bail!("{name}: head dim {d}, the kernels are built for {FLASH_HEAD_DIMS:?}");
     }
+    if (kb, kt, kd) != (b, t, d) || hkv == 0 || h % hkv != 0 {
+        bail!("{name}: q {:?} and k {:?} do not fit (k/v heads must divide the query heads)", q.dims(), k.dims());
+    }
+    if blocks.dtype() != DType::U32 || blocks.rank() != 2 || blocks.dim(1)? != 4 {
+        bail!("{name}: the block table must be u32 [n, 4], got {:?} {:?}", blocks.dtype(), blocks.dims());
+    }
+    Ok((b, h, hkv, t, d, blocks.dim(0)?))
+}
+
+/// Causal attention of q [B, H, T, D] over k, v [B, Hkv, T, D] (bf16) without the [T, T] scores in memory,
+/// for the sequences and 64-query blocks of `blocks` (model/attention.rs, `FlashBlocks`: each row of the
+/// batch one sequence, or several laid end to end): the output [B, H, T, D] and each row's log-sum-exp
+/// [B, H, T] (f32) for the backward. Every token must lie in a listed sequence.
+pub fn flash_forward(q: &Tensor, k: &Tensor, v: &Tensor, blocks: &Tensor, scale: f64) -> Result<(Tensor, Tensor)> {
+    check_bf16("flash_forward", &[q, k, v])?;
+    let (b, h, hkv, t, d, n) = check_flash("flash_forward", q, k, blocks)?;
     let dev = cuda_device(q)?;
     let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
     let o = uninit(&dev, (b, h, t, d), DType::BF16)?;
     let lse = uninit(&dev, (b, h, t), DType::F32)?;
-    let args = [Arg::T(&q), Arg::T(&k), Arg::T(&v), Arg::T(&o), Arg::T(&lse), Arg::I(t as i32), Arg::F(scale as f32)];
-    let grid = (t.div_ceil(FLASH_BLOCK) as u64, (b * h) as u32);
-    launch_smem(&dev, "flash_fwd", grid, FLASH_THREADS, FLASH_FWD_SMEM as u32, &args)?;
+    let args = [Arg::T(&q), Arg::T(&k), Arg::T(&v), Arg::T(&o), Arg::T(&lse), Arg::T(blocks), Arg::I(t as i32), Arg::I(h as i32), Arg::I(hkv as i32), Arg::F(scale as f32)];
+    launch_smem(&dev, &format!("flash_fwd_{d}"), (n as u64, h as u32), FLASH_THREADS, smem("fwd", d), &args)?;
     Ok((o, lse))
 }
 
-/// (dq, dk, dv) of [`flash_forward`] given its output `o`, `lse` and d(o).
+/// (dq [B, H, T, D], dk and dv [B, Hkv, T, D]) of [`flash_forward`] given its output `o`, `lse` and d(o).
+/// Under GQA each kv head's gradients sum its query heads' in a fixed order (deterministic).
 #[allow(clippy::too_many_arguments)]
-pub fn flash_backward(q: &Tensor, k: &Tensor, v: &Tensor, o: &Tensor, lse: &Tensor, d_o: &Tensor, scale: f64) -> Result<(Tensor, Tensor, Tensor)> {
+pub fn flash_backward(q: &Tensor, k: &Tensor, v: &Tensor, o: &Tensor, lse: &Tensor, d_o: &Tensor, blocks: &Tensor, scale: f64) -> Result<(Tensor, Tensor, Tensor)> {
     check_bf16("flash_backward", &[q, k, v, o, d_o])?;
-    let (b, h, t, d) = q.dims4()?;
+    let (b, h, hkv, t, d, n) = check_flash("flash_backward", q, k, blocks)?;
     let dev = cuda_device(q)?;
     let d_o = d_o.contiguous()?;
     let rows = b * h * t;
     let dot = uninit(&dev, (b, h, t), DType::F32)?;
-    let dot_args = [Arg::T(o), Arg::T(&d_o), Arg::T(&dot), Arg::U(rows as u64)];
-    launch(&dev, "flash_bwd_dot", blocks(rows, ROW_THREADS / 32)?, ROW_THREADS, &dot_args)?;
+    let dot_args = [Arg::T(o), Arg::T(&d_o), Arg::T(&dot), Arg::I(d as i32), Arg::U(rows as u64)];
+    launch(&dev, "flash_bwd_dot", blocks_for(rows, ROW_THREADS / 32)?, ROW_THREADS, &dot_args)?;
     let dq = uninit(&dev, (b, h, t, d), DType::BF16)?;
-    let dk = uninit(&dev, (b, h, t, d), DType::BF16)?;
-    let dv = uninit(&dev, (b, h, t, d), DType::BF16)?;
-    let grid = (t.div_ceil(FLASH_BLOCK) as u64, (b * h) as u32);
-    let (ti, sc) = (Arg::I(t as i32), Arg::F(scale as f32));
-    let args = [Arg::T(q), Arg::T(k), Arg::T(v), Arg::T(&d_o), Arg::T(lse), Arg::T(&dot), Arg::T(&dk), Arg::T(&dv), ti, sc];
-    launch_smem(&dev, "flash_bwd_dkdv", grid, FLASH_THREADS, FLASH_DKDV_SMEM as u32, &args)?;
-    let (ti, sc) = (Arg::I(t as i32), Arg::F(scale as f32));
-    let args = [Arg::T(q), Arg::T(k), Arg::T(v), Arg::T(&d_o), Arg::T(lse), Arg::T(&dot), Arg::T(&dq), ti, sc];
-    launch_smem(&dev, "flash_bwd_dq", grid, FLASH_THREADS, FLASH_DQ_SMEM as u32, &args)?;
+    let dk = uninit(&dev, (b, hkv, t, d), DType::BF16)?;
+    let dv = uninit(&dev, (b, hkv, t, d), DType::BF16)?;
+    let dims = || [Arg::I(t as i32), Arg::I(h as i32), Arg::I(hkv as i32), Arg::F(scale as f32)];
+    let [a, b_, c, e] = dims();
+    let args = [Arg::T(q), Arg::T(k), Arg::T(v), Arg::T(&d_o), Arg::T(lse), Arg::T(&dot), Arg::T(&dk), Arg::T(&dv), Arg::T(blocks), a, b_, c, e];
+    launch_smem(&dev, &format!("flash_bwd_dkdv_{d}"), (n as u64, hkv as u32), FLASH_THREADS, smem("dkdv", d), &args)?;
+    let [a, b_, c, e] = dims();
+    let args = [Arg::T(q), Arg::T(k), Arg::T(v), Arg::T(&d_o), Arg::T(lse), Arg::T(&dot), Arg::T(&dq), Arg::T(blocks), a, b_, c, e];
+    launch_smem(&dev, &format!("flash_bwd_dq_{d}"), (n as u64, h as u32), FLASH_THREADS, smem("dq", d), &args)?;
     Ok((dq, dk, dv))
 }

@@ -9,5 +9,6 @@
 // (or one warp) per row, elementwise kernels a few elements per thread.
 #include "layers.cu"
 #include "attention.cu"
+#include "flash.cu"
 #include "lora.cu"
 #include "optim.cu"

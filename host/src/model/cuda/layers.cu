@@ -48,14 +48,15 @@ extern "C" __global__ void rmsnorm_bwd(const bf16* __restrict__ x, const bf16* _
 // The attention input -> q, k, v. Input rows n = b*T + t of [N, W], W = (H + 2 Hkv) D (q | k | v: H query
 // heads, then Hkv key heads, then Hkv value heads, head h of a part at h*D..(h+1)*D), plus the bias [W] and
 // the LoRA delta u B^T (u [N, r], B [W, r]) when present; q and k are rotated (RoPE, rotate_half over the
-// full head dim, tables cos/sin [T, D]); outputs q [B, H, T, D], k and v [B, Hkv, T, D]. One thread per
-// (ROWS_PER_THREAD rows, head slot s < H + 2 Hkv, j < D/2).
+// full head dim, tables cos/sin [T, D] by position t, or [N, D] by row when `per_token`: a padding-free
+// batch, whose positions restart at every sequence); outputs q [B, H, T, D], k and v [B, Hkv, T, D]. One
+// thread per (ROWS_PER_THREAD rows, head slot s < H + 2 Hkv, j < D/2).
 template <int R>
 static __device__ __forceinline__ void qkv_split_rope_body(const bf16* __restrict__ base, const bf16* __restrict__ lora_u,
                                           const bf16* __restrict__ lora_b, const bf16* __restrict__ bias,
                                           const float* __restrict__ cos_t, const float* __restrict__ sin_t,
                                           bf16* __restrict__ q, bf16* __restrict__ k, bf16* __restrict__ v,
-                                          int n_rows, int T, int H, int Hkv, int D, int r, int has_bias) {
+                                          int n_rows, int T, int H, int Hkv, int D, int r, int has_bias, int per_token) {
     const unsigned half = D / 2;
     const unsigned slots = H + 2 * Hkv;
     const unsigned row_blocks = (n_rows + ROWS_PER_THREAD - 1) / ROWS_PER_THREAD;
@@ -98,8 +99,9 @@ static __device__ __forceinline__ void qkv_split_rope_body(const bf16* __restric
         const unsigned b = n / T, t = n % T;
         const size_t o = ((size_t)(b * heads + h) * T + t) * D + j;
         if (part < 2) {
-            const float c1 = cos_t[t * D + j], s1 = sin_t[t * D + j];
-            const float c2 = cos_t[t * D + j + half], s2 = sin_t[t * D + j + half];
+            const unsigned p = per_token ? n : t;
+            const float c1 = cos_t[p * D + j], s1 = sin_t[p * D + j];
+            const float c2 = cos_t[p * D + j + half], s2 = sin_t[p * D + j + half];
             out[o] = st(x1 * c1 - x2 * s1);
             out[o + half] = st(x2 * c2 + x1 * s2);
         } else {
@@ -113,24 +115,25 @@ extern "C" __global__ void qkv_split_rope(const bf16* __restrict__ base, const b
                                           const bf16* __restrict__ lora_b, const bf16* __restrict__ bias,
                                           const float* __restrict__ cos_t, const float* __restrict__ sin_t,
                                           bf16* __restrict__ q, bf16* __restrict__ k, bf16* __restrict__ v,
-                                          int n_rows, int T, int H, int Hkv, int D, int r, int has_bias) {
+                                          int n_rows, int T, int H, int Hkv, int D, int r, int has_bias, int per_token) {
     // r = 24 / 48: separate q, k and v adapters of rank 8 / 16 side by side (B block-diagonal).
     if (r == 8)
-        qkv_split_rope_body<8>(base, lora_u, lora_b, bias, cos_t, sin_t, q, k, v, n_rows, T, H, Hkv, D, r, has_bias);
+        qkv_split_rope_body<8>(base, lora_u, lora_b, bias, cos_t, sin_t, q, k, v, n_rows, T, H, Hkv, D, r, has_bias, per_token);
     else if (r == 16)
-        qkv_split_rope_body<16>(base, lora_u, lora_b, bias, cos_t, sin_t, q, k, v, n_rows, T, H, Hkv, D, r, has_bias);
+        qkv_split_rope_body<16>(base, lora_u, lora_b, bias, cos_t, sin_t, q, k, v, n_rows, T, H, Hkv, D, r, has_bias, per_token);
     else if (r == 24)
-        qkv_split_rope_body<24>(base, lora_u, lora_b, bias, cos_t, sin_t, q, k, v, n_rows, T, H, Hkv, D, r, has_bias);
+        qkv_split_rope_body<24>(base, lora_u, lora_b, bias, cos_t, sin_t, q, k, v, n_rows, T, H, Hkv, D, r, has_bias, per_token);
     else
-        qkv_split_rope_body<0>(base, lora_u, lora_b, bias, cos_t, sin_t, q, k, v, n_rows, T, H, Hkv, D, r, has_bias);
+        qkv_split_rope_body<0>(base, lora_u, lora_b, bias, cos_t, sin_t, q, k, v, n_rows, T, H, Hkv, D, r, has_bias, per_token);
 }
 
 // [B, H, T, D] -> columns col0.. of a [N, stride] matrix (heads side by side), optionally applying the
 // inverse rotation (the backward of RoPE). Forward: attention output -> c_proj input (no rope).
-// Backward: dq, dk (inverse rope) and dv -> d(c_attn output), one call per part.
+// Backward: dq, dk (inverse rope) and dv -> d(c_attn output), one call per part. Tables as in
+// qkv_split_rope (`per_token`: by row).
 extern "C" __global__ void heads_merge(const bf16* __restrict__ src, const float* __restrict__ cos_t,
                                        const float* __restrict__ sin_t, bf16* __restrict__ dst, int stride,
-                                       int col0, int n_rows, int T, int H, int D, int inverse_rope) {
+                                       int col0, int n_rows, int T, int H, int D, int inverse_rope, int per_token) {
     const unsigned half = D / 2;
     const unsigned idx = blockIdx.x * blockDim.x + threadIdx.x;
     if (idx >= (unsigned)n_rows * H * half) return;
@@ -144,8 +147,9 @@ extern "C" __global__ void heads_merge(const bf16* __restrict__ src, const float
     float y1 = g1, y2 = g2;
     if (inverse_rope) {
         // y = x cos + rotate_half(x) sin is a rotation per pair (j, j + D/2); its transpose:
-        const float c1 = cos_t[t * D + j], s1 = sin_t[t * D + j];
-        const float c2 = cos_t[t * D + j + half], s2 = sin_t[t * D + j + half];
+        const unsigned p = per_token ? n : t;
+        const float c1 = cos_t[p * D + j], s1 = sin_t[p * D + j];
+        const float c2 = cos_t[p * D + j + half], s2 = sin_t[p * D + j + half];
         y1 = g1 * c1 + g2 * s2;
         y2 = g2 * c2 - g1 * s1;
     }

@@ -74,9 +74,20 @@ pub fn qkv_split_rope(base: &Tensor, bias: Option<&Tensor>, lora: Option<(&Tenso
         Arg::I(d as i32),
         Arg::I(r as i32),
         Arg::I(bias.is_some() as i32),
+        per_token(cos, n, d)?,
     ];
     launch(&dev, "qkv_split_rope", blocks(n.div_ceil(ROWS_PER_THREAD) * (h + 2 * hkv) * d / 2, EW_THREADS)?, EW_THREADS, &args)?;
     Ok((q, k, v))
+}
+
+/// Whether the RoPE tables are per token ([B, 1, T, D], gathered by each token's position: a padding-free
+/// batch) rather than per position ([T, D]).
+fn per_token(cos: &Tensor, n: usize, d: usize) -> Result<Arg<'static>> {
+    match cos.rank() {
+        2 => Ok(Arg::I(0)),
+        4 if cos.elem_count() == n * d => Ok(Arg::I(1)),
+        _ => bail!("RoPE tables of shape {:?} fit neither [T, {d}] nor {n} tokens", cos.dims()),
+    }
 }
 
 /// Heads [B, H, T, D] side by side into columns col0.. of `dst` [N, stride]; `inverse_rope` applies
@@ -99,6 +110,7 @@ fn heads_merge_into(src: &Tensor, cos: &Tensor, sin: &Tensor, dst: &Tensor, col0
         Arg::I(h as i32),
         Arg::I(d as i32),
         Arg::I(inverse_rope as i32),
+        per_token(cos, n, d)?,
     ];
     launch(&dev, "heads_merge", blocks(n * h * d / 2, EW_THREADS)?, EW_THREADS, &args)
 }

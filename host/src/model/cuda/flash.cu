@@ -1,0 +1,559 @@
+// Flash attention (causal, head dim 64 or 128, variable-length sequences, GQA) and its backward, on tensor
+// cores through mma.sync (bf16 in, f32 accumulate), the scores and probabilities kept in registers: the [T, T]
+// scores never reach memory, shared or global. The forward walks key blocks with an online softmax and keeps
+// each row's log-sum-exp; the backward recomputes the probabilities from it.
+//
+// Layouts: q [B, H, T, D], k and v [B, Hkv, T, D] (query head h reads kv head h / (H / Hkv)), lse [B, H, T].
+// A row of the batch holds one sequence or, padding-free, several laid end to end; each sequence attends
+// causally within itself. The work is a block table (model/attention.rs, FlashBlocks): one entry
+// (b, first, len, blk) per 64-token block of every sequence (row b, tokens first..first+len of that row), the
+// entries with the most forward work first. Grid: (table entries, heads); a block is 64 queries (or keys),
+// 4 warps of 16 rows each. The dK/dV kernel and the dQ kernel each own their outputs (no atomics), so results
+// are deterministic.
+//
+// Tensor-core fragments (PTX ISA, mma.m16n8k16 with bf16): lane = 4 g + t. A (16 x 16, row-major): rows g and
+// g + 8, columns 2t, 2t + 1 and 2t + 8, 2t + 9, four 32-bit registers of two bf16 each. B (16 x 8): column g,
+// rows 2t, 2t + 1 and 2t + 8, 2t + 9. C (16 x 8, f32): rows g (c0, c1) and g + 8 (c2, c3), columns 2t, 2t + 1.
+// Two C tiles side by side are exactly one A operand (rounded to bf16), which is how P = softmax(S) goes from
+// one product (S = Q K^T) into the next (O += P V) without leaving registers. Tiles reach registers from
+// shared memory with ldmatrix (8 x 8 blocks, one row address per lane; `.trans` for operands stored
+// k-major, such as V in P V), whose rows are padded to D + 8 elements so the 8 rows of a block fall in
+// different banks. Global tiles arrive by cp.async, the next key block's while this one is computed.
+#include "common.cuh"
+
+namespace fa {
+
+constexpr int BLOCK = 64;  // queries (or keys) per block
+constexpr int THREADS = 128;
+
+// One table entry: a sequence (row b, first token in the row, length) and one 64-token block of it.
+struct Block {
+    int b, first, len, blk;
+};
+__device__ __forceinline__ Block block_at(const int4* __restrict__ table, int i) {
+    const int4 e = table[i];
+    return Block{e.x, e.y, e.z, e.w};
+}
+
+// Offsets of a sequence's first token in a [B, heads, T, D] tensor (times D) and in a [B, heads, T] one.
+__device__ __forceinline__ size_t rows_at(const Block& e, int heads, int h, int T) {
+    return ((size_t)e.b * heads + h) * T + e.first;
+}
+
+// ----- PTX wrappers -----
+
+__device__ __forceinline__ uint32_t smem_u32(const void* p) { return (uint32_t)__cvta_generic_to_shared(p); }
+
+__device__ __forceinline__ void ldsm(uint32_t* r, const bf16* p) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(smem_u32(p)));
+}
+
+__device__ __forceinline__ void ldsm_t(uint32_t* r, const bf16* p) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(smem_u32(p)));
+}
+
+// c (16 x 8) += a (16 x 16) b (16 x 8).
+__device__ __forceinline__ void mma(float* c, const uint32_t* a, uint32_t b0, uint32_t b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// Two f32 -> one register of two bf16 (the first in the low half: the lower column).
+__device__ __forceinline__ uint32_t pack(float lo, float hi) {
+    __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<uint32_t*>(&v);
+}
+
+// The A operand (16 rows x 16 columns) made of C tiles j and j + 1 (columns 8j .. 8j + 15).
+__device__ __forceinline__ void c_to_a(uint32_t* a, const float* c0, const float* c1) {
+    a[0] = pack(c0[0], c0[1]);
+    a[1] = pack(c0[2], c0[3]);
+    a[2] = pack(c1[0], c1[1]);
+    a[3] = pack(c1[2], c1[3]);
+}
+
+__device__ __forceinline__ void cp_async16(void* dst, const void* src, bool valid) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_u32(dst)), "l"(src), "r"(valid ? 16 : 0));
+}
+__device__ __forceinline__ void cp_async4(void* dst, const void* src, bool valid) {
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(smem_u32(dst)), "l"(src), "r"(valid ? 4 : 0));
+}
+__device__ __forceinline__ void cp_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N>
+__device__ __forceinline__ void cp_wait() {
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+
+// ----- tiles -----
+
+template <int D>
+struct Dims {
+    static constexpr int LD = D + 8;                // bf16 row stride of a [64, D] tile in shared memory
+    static constexpr int TILE = BLOCK * LD;         // elements of one tile
+    static constexpr int KD = D / 16;               // 16-wide steps over the head dim (as a reduction)
+    static constexpr int ND = D / 8;                // 8-wide C tiles over the head dim (as an output)
+};
+
+// Rows r0 .. r0 + 64 of a sequence's [L, D] matrix into a tile, asynchronously; rows at or past L are zero.
+template <int D>
+__device__ __forceinline__ void load_tile(bf16* dst, const bf16* __restrict__ src, int r0, int L) {
+    constexpr int CH = D / 8;
+    for (int i = threadIdx.x; i < BLOCK * CH; i += THREADS) {
+        const int r = i / CH, c = (i % CH) * 8;
+        const bool in = r0 + r < L;
+        cp_async16(dst + r * Dims<D>::LD + c, in ? src + (size_t)(r0 + r) * D + c : src, in);
+    }
+}
+
+// 64 f32 per-row values (lse or the row dot) of rows r0.. of a sequence, asynchronously; 0 past L.
+__device__ __forceinline__ void load_row_values(float* dst, const float* __restrict__ src, int r0, int L) {
+    for (int i = threadIdx.x; i < BLOCK; i += THREADS) cp_async4(dst + i, r0 + i < L ? src + r0 + i : src, r0 + i < L);
+}
+
+// A operand: the 16 rows at `rows` (a warp's rows of a tile), columns 16 kk .. 16 kk + 15.
+template <int D>
+__device__ __forceinline__ void load_a(uint32_t* a, const bf16* rows, int kk) {
+    const int lane = threadIdx.x & 31;
+    ldsm(a, rows + (lane & 15) * Dims<D>::LD + kk * 16 + (lane >> 4) * 8);
+}
+
+// B operands of two C tiles (n = 16 np .. 16 np + 15) for a product with a tile's transpose (S = Q K^T:
+// n = the tile's row, k = its column 16 kk ..): b[0], b[1] for tile 2 np, b[2], b[3] for tile 2 np + 1.
+template <int D>
+__device__ __forceinline__ void load_b_rows(uint32_t* b, const bf16* tile, int np, int kk) {
+    const int lane = threadIdx.x & 31;
+    ldsm(b, tile + (np * 16 + (lane >> 4) * 8 + (lane & 7)) * Dims<D>::LD + kk * 16 + ((lane >> 3) & 1) * 8);
+}
+
+// B operands of two C tiles (n = head-dim columns 16 dp ..) for a product with the tile itself (O = P V:
+// k = the tile's rows 16 kk .., n = its columns).
+template <int D>
+__device__ __forceinline__ void load_b_cols(uint32_t* b, const bf16* tile, int kk, int dp) {
+    const int lane = threadIdx.x & 31;
+    ldsm_t(b, tile + (kk * 16 + ((lane >> 3) & 1) * 8 + (lane & 7)) * Dims<D>::LD + dp * 16 + (lane >> 4) * 8);
+}
+
+// acc (16 x 64 as 8 C tiles) = A-rows (16 x D) . tile^T, the A operand read from shared memory.
+template <int D>
+__device__ __forceinline__ void rows_times_tile_t(float (*acc)[4], const bf16* a_rows, const bf16* tile) {
+#pragma unroll
+    for (int j = 0; j < 8; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
+#pragma unroll
+    for (int kk = 0; kk < Dims<D>::KD; ++kk) {
+        uint32_t a[4];
+        load_a<D>(a, a_rows, kk);
+#pragma unroll
+        for (int np = 0; np < 4; ++np) {
+            uint32_t b[4];
+            load_b_rows<D>(b, tile, np, kk);
+            mma(acc[2 * np], a, b[0], b[1]);
+            mma(acc[2 * np + 1], a, b[2], b[3]);
+        }
+    }
+}
+
+// acc (16 x D as ND C tiles) += P (16 x 64, given as 8 C tiles, rounded to bf16) . tile (64 x D).
+template <int D>
+__device__ __forceinline__ void probs_times_tile(float (*acc)[4], float (*p)[4], const bf16* tile) {
+#pragma unroll
+    for (int kk = 0; kk < 4; ++kk) {
+        uint32_t a[4];
+        c_to_a(a, p[2 * kk], p[2 * kk + 1]);
+#pragma unroll
+        for (int dp = 0; dp < Dims<D>::ND / 2; ++dp) {
+            uint32_t b[4];
+            load_b_cols<D>(b, tile, kk, dp);
+            mma(acc[2 * dp], a, b[0], b[1]);
+            mma(acc[2 * dp + 1], a, b[2], b[3]);
+        }
+    }
+}
+
+// A warp's 16 x D accumulator (times `scale`) -> rows row0 .. row0 + 16 of a sequence's [L, D] bf16 matrix,
+// staged through the warp's 16 rows of a free shared tile so global stores are 16 bytes wide.
+template <int D>
+__device__ __forceinline__ void store_rows(float (*acc)[4], float scale, bf16* stage, bf16* __restrict__ dst, int row0, int L) {
+    constexpr int LD = Dims<D>::LD;
+    const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+#pragma unroll
+    for (int n = 0; n < Dims<D>::ND; ++n) {
+        *reinterpret_cast<uint32_t*>(stage + g * LD + n * 8 + 2 * t) = pack(acc[n][0] * scale, acc[n][1] * scale);
+        *reinterpret_cast<uint32_t*>(stage + (g + 8) * LD + n * 8 + 2 * t) = pack(acc[n][2] * scale, acc[n][3] * scale);
+    }
+    __syncwarp();
+    constexpr int CH = D / 8;
+    for (int i = lane; i < 16 * CH; i += 32) {
+        const int r = i / CH, c = (i % CH) * 8;
+        if (row0 + r < L) *reinterpret_cast<uint4*>(dst + (size_t)(row0 + r) * D + c) = *reinterpret_cast<const uint4*>(stage + r * LD + c);
+    }
+}
+
+constexpr float LOG2E = 1.4426950408889634f;
+constexpr float LN2 = 0.6931471805599453f;
+
+// ----- forward -----
+
+template <int D>
+__device__ __forceinline__ void forward(const bf16* __restrict__ q, const bf16* __restrict__ k, const bf16* __restrict__ v,
+                                        bf16* __restrict__ o, float* __restrict__ lse, const int4* __restrict__ table,
+                                        int T, int H, int Hkv, float scale) {
+    constexpr int TILE = Dims<D>::TILE, LD = Dims<D>::LD, KD = Dims<D>::KD, ND = Dims<D>::ND;
+    extern __shared__ __align__(128) unsigned char smem[];
+    bf16* Qs = reinterpret_cast<bf16*>(smem);
+    bf16* Ks = Qs + TILE;      // two buffers
+    bf16* Vs = Ks + 2 * TILE;  // two buffers
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+    const Block e = block_at(table, blockIdx.x);
+    const int h = blockIdx.y, kvh = h / (H / Hkv);
+    const int L = e.len, q0 = e.blk * BLOCK;
+    const size_t qrows = rows_at(e, H, h, T), kvrows = rows_at(e, Hkv, kvh, T);
+    const bf16* kp = k + kvrows * D;
+    const bf16* vp = v + kvrows * D;
+    const float sl2 = scale * LOG2E;  // scores in log2 units: exp2 is one instruction
+
+    load_tile<D>(Qs, q + qrows * D, q0, L);
+    load_tile<D>(Ks, kp, 0, L);
+    load_tile<D>(Vs, vp, 0, L);
+    cp_commit();
+    cp_wait<0>();
+    __syncthreads();
+    const bf16* Qw = Qs + warp * 16 * LD;
+    uint32_t qf[KD][4];
+#pragma unroll
+    for (int kk = 0; kk < KD; ++kk) load_a<D>(qf[kk], Qw, kk);
+
+    float oacc[ND][4];
+#pragma unroll
+    for (int n = 0; n < ND; ++n) oacc[n][0] = oacc[n][1] = oacc[n][2] = oacc[n][3] = 0.f;
+    float m_r[2] = {NEG_INF, NEG_INF}, l_r[2] = {0.f, 0.f};  // rows g and g + 8 (l: this lane's part)
+    const int qi0 = q0 + warp * 16 + g;
+
+    for (int kb = 0; kb <= e.blk; ++kb) {  // causal: key blocks up to the diagonal
+        const bf16* Kb = Ks + (kb & 1) * TILE;
+        const bf16* Vb = Vs + (kb & 1) * TILE;
+        if (kb < e.blk) {  // the next key block, while this one is computed
+            load_tile<D>(Ks + ((kb + 1) & 1) * TILE, kp, (kb + 1) * BLOCK, L);
+            load_tile<D>(Vs + ((kb + 1) & 1) * TILE, vp, (kb + 1) * BLOCK, L);
+        }
+        cp_commit();
+        cp_wait<1>();
+        __syncthreads();
+
+        // S = Q K^T (16 x 64 per warp), Q from registers.
+        float s[8][4];
+#pragma unroll
+        for (int j = 0; j < 8; ++j) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.f;
+#pragma unroll
+        for (int kk = 0; kk < KD; ++kk) {
+#pragma unroll
+            for (int np = 0; np < 4; ++np) {
+                uint32_t b[4];
+                load_b_rows<D>(b, Kb, np, kk);
+                mma(s[2 * np], qf[kk], b[0], b[1]);
+                mma(s[2 * np + 1], qf[kk], b[2], b[3]);
+            }
+        }
+        // Online softmax: mask (only the diagonal block holds keys after a query or past L), row max over
+        // the 4 lanes of a row, rescale, exponentiate.
+        const bool diagonal = kb == e.blk;
+        float mx[2] = {NEG_INF, NEG_INF};
+#pragma unroll
+        for (int j = 0; j < 8; ++j)
+#pragma unroll
+            for (int c = 0; c < 4; ++c) {
+                float x = s[j][c] * sl2;
+                if (diagonal) {
+                    const int key = kb * BLOCK + j * 8 + 2 * t + (c & 1);
+                    const int qi = qi0 + (c >> 1) * 8;
+                    if (key > qi || key >= L) x = NEG_INF;
+                }
+                s[j][c] = x;
+                mx[c >> 1] = fmaxf(mx[c >> 1], x);
+            }
+        float alpha[2];
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+            mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
+            mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
+            const float m_new = fmaxf(m_r[r], mx[r]);
+            const float m_use = m_new == NEG_INF ? 0.f : m_new;  // a row with no key yet stays empty
+            alpha[r] = exp2f(m_r[r] - m_use);
+            m_r[r] = m_new;
+            mx[r] = m_use;
+        }
+        float rs[2] = {0.f, 0.f};
+#pragma unroll
+        for (int j = 0; j < 8; ++j)
+#pragma unroll
+            for (int c = 0; c < 4; ++c) {
+                const float p = exp2f(s[j][c] - mx[c >> 1]);
+                s[j][c] = p;
+                rs[c >> 1] += p;
+            }
+#pragma unroll
+        for (int r = 0; r < 2; ++r) l_r[r] = l_r[r] * alpha[r] + rs[r];
+#pragma unroll
+        for (int n = 0; n < ND; ++n) {
+            oacc[n][0] *= alpha[0];
+            oacc[n][1] *= alpha[0];
+            oacc[n][2] *= alpha[1];
+            oacc[n][3] *= alpha[1];
+        }
+        // O += P V, P straight from the registers of S.
+        probs_times_tile<D>(oacc, s, Vb);
+        __syncthreads();  // every warp is done with this buffer before it is refilled
+    }
+    // O / l (l summed over the row's 4 lanes), staged through the warp's rows of Qs.
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        l_r[r] += __shfl_xor_sync(0xffffffffu, l_r[r], 1);
+        l_r[r] += __shfl_xor_sync(0xffffffffu, l_r[r], 2);
+    }
+    const float inv0 = 1.f / l_r[0], inv1 = 1.f / l_r[1];
+#pragma unroll
+    for (int n = 0; n < ND; ++n) {
+        oacc[n][0] *= inv0;
+        oacc[n][1] *= inv0;
+        oacc[n][2] *= inv1;
+        oacc[n][3] *= inv1;
+    }
+    store_rows<D>(oacc, 1.f, Qs + warp * 16 * LD, o + qrows * D, q0 + warp * 16, L);
+    if (t == 0) {
+        if (qi0 < L) lse[qrows + qi0] = (m_r[0] + log2f(l_r[0])) * LN2;
+        if (qi0 + 8 < L) lse[qrows + qi0 + 8] = (m_r[1] + log2f(l_r[1])) * LN2;
+    }
+}
+
+// ----- backward -----
+// P = exp(scale S - lse), dP = dO V^T, dS = P * (dP - rowdot(dO, O)); dQ = scale dS K, dK = scale dS^T Q,
+// dV = P^T dO.
+
+// dQ for one 64-query block of one head, walking the key blocks up to the diagonal.
+template <int D>
+__device__ __forceinline__ void backward_dq(const bf16* __restrict__ q, const bf16* __restrict__ k,
+                                            const bf16* __restrict__ v, const bf16* __restrict__ d_o,
+                                            const float* __restrict__ lse, const float* __restrict__ dot,
+                                            bf16* __restrict__ dq, const int4* __restrict__ table, int T, int H,
+                                            int Hkv, float scale) {
+    constexpr int TILE = Dims<D>::TILE, LD = Dims<D>::LD, KD = Dims<D>::KD, ND = Dims<D>::ND;
+    extern __shared__ __align__(128) unsigned char smem[];
+    bf16* Qs = reinterpret_cast<bf16*>(smem);
+    bf16* dOs = Qs + TILE;
+    bf16* Ks = dOs + TILE;     // two buffers
+    bf16* Vs = Ks + 2 * TILE;  // two buffers
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+    const Block e = block_at(table, blockIdx.x);
+    const int h = blockIdx.y, kvh = h / (H / Hkv);
+    const int L = e.len, q0 = e.blk * BLOCK;
+    const size_t qrows = rows_at(e, H, h, T), kvrows = rows_at(e, Hkv, kvh, T);
+    const bf16* kp = k + kvrows * D;
+    const bf16* vp = v + kvrows * D;
+    const float sl2 = scale * LOG2E;
+    const int qi0 = q0 + warp * 16 + g;
+    // Each lane's two rows: lse (log2 units) and the row dot.
+    float lse2[2], dd[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        const int qi = qi0 + 8 * r;
+        lse2[r] = qi < L ? lse[qrows + qi] * LOG2E : 0.f;
+        dd[r] = qi < L ? dot[qrows + qi] : 0.f;
+    }
+
+    load_tile<D>(Qs, q + qrows * D, q0, L);
+    load_tile<D>(dOs, d_o + qrows * D, q0, L);
+    load_tile<D>(Ks, kp, 0, L);
+    load_tile<D>(Vs, vp, 0, L);
+    cp_commit();
+    cp_wait<0>();
+    __syncthreads();
+    const bf16* Qw = Qs + warp * 16 * LD;
+    const bf16* dOw = dOs + warp * 16 * LD;
+    uint32_t qf[KD][4];
+#pragma unroll
+    for (int kk = 0; kk < KD; ++kk) load_a<D>(qf[kk], Qw, kk);
+
+    float acc[ND][4];
+#pragma unroll
+    for (int n = 0; n < ND; ++n) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.f;
+
+    for (int kb = 0; kb <= e.blk; ++kb) {
+        const bf16* Kb = Ks + (kb & 1) * TILE;
+        const bf16* Vb = Vs + (kb & 1) * TILE;
+        if (kb < e.blk) {
+            load_tile<D>(Ks + ((kb + 1) & 1) * TILE, kp, (kb + 1) * BLOCK, L);
+            load_tile<D>(Vs + ((kb + 1) & 1) * TILE, vp, (kb + 1) * BLOCK, L);
+        }
+        cp_commit();
+        cp_wait<1>();
+        __syncthreads();
+
+        float s[8][4];
+#pragma unroll
+        for (int j = 0; j < 8; ++j) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.f;
+#pragma unroll
+        for (int kk = 0; kk < KD; ++kk) {
+#pragma unroll
+            for (int np = 0; np < 4; ++np) {
+                uint32_t b[4];
+                load_b_rows<D>(b, Kb, np, kk);
+                mma(s[2 * np], qf[kk], b[0], b[1]);
+                mma(s[2 * np + 1], qf[kk], b[2], b[3]);
+            }
+        }
+        float dp[8][4];
+        rows_times_tile_t<D>(dp, dOw, Vb);
+        // dS = P (dP - D), P recomputed (0 where masked).
+#pragma unroll
+        for (int j = 0; j < 8; ++j)
+#pragma unroll
+            for (int c = 0; c < 4; ++c) {
+                const int key = kb * BLOCK + j * 8 + 2 * t + (c & 1);
+                const int qi = qi0 + (c >> 1) * 8;
+                const float p = (key > qi || key >= L || qi >= L) ? 0.f : exp2f(s[j][c] * sl2 - lse2[c >> 1]);
+                s[j][c] = p * (dp[j][c] - dd[c >> 1]);
+            }
+        // dQ += dS K (scaled once at the end).
+        probs_times_tile<D>(acc, s, Kb);
+        __syncthreads();
+    }
+    store_rows<D>(acc, scale, Qs + warp * 16 * LD, dq + qrows * D, q0 + warp * 16, L);
+}
+
+// dK, dV for one 64-key block of one kv head, walking the query blocks at or after it of every query head
+// that reads this kv head (GQA sums their contributions here, in a fixed order). Each warp owns 16 keys and
+// computes the transposed products (S^T = K Q^T, dP^T = V dO^T), so P^T and dS^T are A operands in registers.
+template <int D>
+__device__ __forceinline__ void backward_dkdv(const bf16* __restrict__ q, const bf16* __restrict__ k,
+                                              const bf16* __restrict__ v, const bf16* __restrict__ d_o,
+                                              const float* __restrict__ lse, const float* __restrict__ dot,
+                                              bf16* __restrict__ dk, bf16* __restrict__ dv,
+                                              const int4* __restrict__ table, int T, int H, int Hkv, float scale) {
+    constexpr int TILE = Dims<D>::TILE, LD = Dims<D>::LD, ND = Dims<D>::ND;
+    extern __shared__ __align__(128) unsigned char smem[];
+    bf16* Ks = reinterpret_cast<bf16*>(smem);
+    bf16* Vs = Ks + TILE;
+    bf16* Qs = Vs + TILE;       // two buffers
+    bf16* dOs = Qs + 2 * TILE;  // two buffers
+    float* lse_s = reinterpret_cast<float*>(dOs + 2 * TILE);  // two buffers of 64
+    float* dot_s = lse_s + 2 * BLOCK;                         // two buffers of 64
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+    // The table lists the most forward work first; a key block's work is the most at the start of its
+    // sequence, so this kernel walks the table from the end.
+    const Block e = block_at(table, gridDim.x - 1 - blockIdx.x);
+    const int kvh = blockIdx.y, groups = H / Hkv;
+    const int L = e.len, k0 = e.blk * BLOCK;
+    const size_t kvrows = rows_at(e, Hkv, kvh, T);
+    const float sl2 = scale * LOG2E;
+    const int n_qb = (L + BLOCK - 1) / BLOCK - e.blk;  // query blocks per head
+    const int n_iter = groups * n_qb;
+    const int key0 = k0 + warp * 16 + g;  // this lane's keys: key0 and key0 + 8
+
+    // Iteration i: query head kvh * groups + i / n_qb, query block e.blk + i % n_qb.
+    auto load_iter = [&](int i, int buf) {
+        const size_t qrows = rows_at(e, H, kvh * groups + i / n_qb, T);
+        const int q0 = (e.blk + i % n_qb) * BLOCK;
+        load_tile<D>(Qs + buf * TILE, q + qrows * D, q0, L);
+        load_tile<D>(dOs + buf * TILE, d_o + qrows * D, q0, L);
+        load_row_values(lse_s + buf * BLOCK, lse + qrows, q0, L);
+        load_row_values(dot_s + buf * BLOCK, dot + qrows, q0, L);
+    };
+    load_tile<D>(Ks, k + kvrows * D, k0, L);
+    load_tile<D>(Vs, v + kvrows * D, k0, L);
+    load_iter(0, 0);
+    cp_commit();
+    const bf16* Kw = Ks + warp * 16 * LD;
+    const bf16* Vw = Vs + warp * 16 * LD;
+
+    float dk_acc[ND][4], dv_acc[ND][4];
+#pragma unroll
+    for (int n = 0; n < ND; ++n)
+#pragma unroll
+        for (int c = 0; c < 4; ++c) dk_acc[n][c] = dv_acc[n][c] = 0.f;
+
+    for (int i = 0; i < n_iter; ++i) {
+        const int buf = i & 1;
+        if (i + 1 < n_iter) load_iter(i + 1, buf ^ 1);
+        cp_commit();
+        cp_wait<1>();
+        __syncthreads();
+        const bf16* Qb = Qs + buf * TILE;
+        const bf16* dOb = dOs + buf * TILE;
+        const float* lse_b = lse_s + buf * BLOCK;
+        const float* dot_b = dot_s + buf * BLOCK;
+        const int q0 = (e.blk + i % n_qb) * BLOCK;
+
+        // S^T = K Q^T and dP^T = V dO^T (16 keys x 64 queries per warp).
+        float st[8][4], dpt[8][4];
+        rows_times_tile_t<D>(st, Kw, Qb);
+        rows_times_tile_t<D>(dpt, Vw, dOb);
+        // P^T (0 where masked) and dS^T = P^T (dP^T - D[query]).
+#pragma unroll
+        for (int j = 0; j < 8; ++j)
+#pragma unroll
+            for (int c = 0; c < 4; ++c) {
+                const int col = j * 8 + 2 * t + (c & 1);
+                const int qi = q0 + col;
+                const int key = key0 + (c >> 1) * 8;
+                const float p = (qi < key || qi >= L || key >= L) ? 0.f : exp2f(st[j][c] * sl2 - lse_b[col] * LOG2E);
+                st[j][c] = p;
+                dpt[j][c] = p * (dpt[j][c] - dot_b[col]);
+            }
+        // dV += P^T dO, dK += dS^T Q.
+        probs_times_tile<D>(dv_acc, st, dOb);
+        probs_times_tile<D>(dk_acc, dpt, Qb);
+        __syncthreads();
+    }
+    cp_wait<0>();
+    // Stage through the first query buffer (free now; Ks and Vs too, but each warp reads only its own rows).
+    store_rows<D>(dk_acc, scale, Qs + warp * 16 * LD, dk + kvrows * D, k0 + warp * 16, L);
+    __syncwarp();
+    store_rows<D>(dv_acc, 1.f, Qs + warp * 16 * LD, dv + kvrows * D, k0 + warp * 16, L);
+}
+}  // namespace fa
+
+// Dynamic shared memory: forward Q + 2 K + 2 V tiles; dQ: Q + dO + 2 K + 2 V tiles; dK/dV: K + V + 2 Q + 2 dO
+// tiles + 4 x 64 f32 (model/cuda/attention.rs sizes the launches to match).
+
+// The kernels, one per head dim (the Rust side picks by name: flash_fwd_128, ...).
+#define FLASH_KERNELS(D)                                                                                           \
+    extern "C" __global__ void __launch_bounds__(fa::THREADS)                                                      \
+        flash_fwd_##D(const bf16* __restrict__ q, const bf16* __restrict__ k, const bf16* __restrict__ v,          \
+                      bf16* __restrict__ o, float* __restrict__ lse, const int4* __restrict__ table, int T, int H,  \
+                      int Hkv, float scale) {                                                                      \
+        fa::forward<D>(q, k, v, o, lse, table, T, H, Hkv, scale);                                                  \
+    }                                                                                                              \
+    extern "C" __global__ void __launch_bounds__(fa::THREADS)                                                      \
+        flash_bwd_dkdv_##D(const bf16* __restrict__ q, const bf16* __restrict__ k, const bf16* __restrict__ v,     \
+                           const bf16* __restrict__ d_o, const float* __restrict__ lse,                           \
+                           const float* __restrict__ dot, bf16* __restrict__ dk, bf16* __restrict__ dv,            \
+                           const int4* __restrict__ table, int T, int H, int Hkv, float scale) {                   \
+        fa::backward_dkdv<D>(q, k, v, d_o, lse, dot, dk, dv, table, T, H, Hkv, scale);                             \
+    }                                                                                                              \
+    extern "C" __global__ void __launch_bounds__(fa::THREADS)                                                      \
+        flash_bwd_dq_##D(const bf16* __restrict__ q, const bf16* __restrict__ k, const bf16* __restrict__ v,       \
+                         const bf16* __restrict__ d_o, const float* __restrict__ lse, const float* __restrict__ dot, \
+                         bf16* __restrict__ dq, const int4* __restrict__ table, int T, int H, int Hkv,             \
+                         float scale) {                                                                            \
+        fa::backward_dq<D>(q, k, v, d_o, lse, dot, dq, table, T, H, Hkv, scale);                                   \
+    }
+FLASH_KERNELS(64)
+FLASH_KERNELS(128)
+
+// D[row] = sum_d dO[row, d] * O[row, d] (the softmax backward's row term) over [rows, D]. One warp per row.
+extern "C" __global__ void flash_bwd_dot(const bf16* __restrict__ o, const bf16* __restrict__ d_o,
+                                         float* __restrict__ dot, int D, unsigned long long rows) {
+    const size_t row = (size_t)blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
+    if (row >= rows) return;
+    const int lane = threadIdx.x & 31;
+    float acc = 0.f;
+    for (int c = lane; c < D; c += 32) acc += ld(o[row * D + c]) * ld(d_o[row * D + c]);
+    acc = warp_sum(acc);
+    if (lane == 0) dot[row] = acc;
+}
