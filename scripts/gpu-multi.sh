@@ -15,13 +15,16 @@ ROOT=$(pwd)
 NCCL_LIB=$(python3 - <<'EOF' 2>/dev/null
 import glob, site, sys
 dirs = site.getsitepackages() + [site.getusersitepackages()]
-hits = [p for d in dirs for p in glob.glob(d + "/nvidia/nccl/lib")]
-print(hits[0] if hits else "")
+hits = [p for d in dirs for p in glob.glob(d + "/nvidia/*/lib/libnccl.so.2")]
+print(hits[0].rsplit("/", 1)[0] if hits else "")
 EOF
 )
 [ -z "$NCCL_LIB" ] && NCCL_LIB=$(dirname "$(find / -name 'libnccl.so.2' -not -path '/proc/*' 2>/dev/null | head -1)" 2>/dev/null)
 [ -n "$NCCL_LIB" ] && export LD_LIBRARY_PATH="$NCCL_LIB${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 [ -d /usr/local/cuda-13.0/targets/x86_64-linux/lib ] && export LD_LIBRARY_PATH="/usr/local/cuda-13.0/targets/x86_64-linux/lib:$LD_LIBRARY_PATH"
+# NVLink multicast stays off on these shared machines (the device notes: it can take the host's GPUs out of
+# service); the ranks inherit it.
+export NCCL_NVLS_ENABLE=0
 echo "libnccl: ${NCCL_LIB:-NOT FOUND (pip install nvidia-nccl-cu13)}" | tee "$R/card.txt"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee -a "$R/card.txt"
 NGPU=$(nvidia-smi --query-gpu=name --format=csv,noheader | wc -l)

@@ -328,8 +328,9 @@ enum BenchCommand {
         lr: f64,
         #[arg(long)]
         json: Option<PathBuf>,
-        /// Data-parallel over N GPUs (one process each, NCCL): `micro_batch` records per GPU per step, the
-        /// report's tokens/s the whole step's; for the scaling efficiency against `--gpus 1`.
+        /// Data-parallel over N GPUs (one process each, NCCL): on random tokens `micro_batch` records per GPU
+        /// per step (a manifest's steps are split as `run` splits them); the report's tokens/s are the whole
+        /// step's, for the scaling efficiency against `--gpus 1`.
         #[arg(long, value_name = "N", conflicts_with = "levers")]
         gpus: Option<usize>,
     },

@@ -184,6 +184,11 @@ impl NcclRank {
 /// thread: `ncclCommInitRank` waits for every rank, and a rank that died meanwhile must not hang this one).
 fn init(tcp: &TcpRank, dev: &CudaDevice, timeout: Duration) -> Result<(&'static Api, Comm)> {
     let (rank, world) = (tcp.rank(), tcp.world_size());
+    // Connections at init (within the deadline below), not lazily inside the first all-reduce; set before
+    // NCCL's first call, which may read its settings once.
+    if std::env::var_os("NCCL_RUNTIME_CONNECT").is_none() {
+        std::env::set_var("NCCL_RUNTIME_CONNECT", "0");
+    }
     let api = api()?;
     let mut id = UniqueId { internal: [0; 128] };
     let mut bytes = Vec::new();
@@ -197,10 +202,6 @@ fn init(tcp: &TcpRank, dev: &CudaDevice, timeout: Duration) -> Result<(&'static 
         bail!("rank {rank}: rank 0 sent an NCCL unique id of {} bytes, not 128", bytes.len());
     }
     bytes.iter().zip(id.internal.iter_mut()).for_each(|(b, c)| *c = *b as c_char);
-    // Connections at init (within the deadline below), not lazily inside the first all-reduce.
-    if std::env::var_os("NCCL_RUNTIME_CONNECT").is_none() {
-        std::env::set_var("NCCL_RUNTIME_CONNECT", "0");
-    }
     let ctx = dev.cuda_stream().context().clone();
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::Builder::new().name(format!("nccl init rank {rank}")).spawn(move || {
