@@ -242,6 +242,7 @@ impl TcpRank {
         if rank >= world {
             bail!("rank {rank} is not below the world size {world}");
         }
+        let timeout = timeout.max(Duration::from_millis(1)); // socket timeouts refuse zero
         let deadline = Instant::now() + timeout;
         let (tx, rx) = mpsc::channel();
         let mut peers: Vec<Option<Mutex<BufWriter<TcpStream>>>> = (0..world).map(|_| None).collect();
@@ -269,6 +270,8 @@ impl TcpRank {
                 match hello_from(&stream, world, &peers) {
                     Ok(r) => {
                         readers.push((r, stream.try_clone()?));
+                        // A peer that stops reading (stopped, hung) must not block a write for ever either.
+                        stream.set_write_timeout(Some(timeout))?;
                         peers[r] = Some(Mutex::new(BufWriter::new(stream)));
                     }
                     // A stranger (or a rank of another run) is turned away; the group waits on.
@@ -296,6 +299,7 @@ impl TcpRank {
             }
             stream.set_read_timeout(None)?;
             readers.push((0, stream.try_clone()?));
+            stream.set_write_timeout(Some(timeout))?;
             peers[0] = Some(Mutex::new(BufWriter::new(stream)));
         }
         let shared = Arc::new(Shared { rank, world, peers, failed: Mutex::new(None), ended: AtomicBool::new(false), inbox: Mutex::new(tx.clone()) });
