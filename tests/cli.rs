@@ -131,6 +131,22 @@ fn bench_eval_measures_loglikelihood_and_generation_at_a_shape() {
 }
 
 #[test]
+fn bench_train_on_two_ranks_runs_a_step_of_two_passes_and_reports_once() {
+    // `--gpus 2` with `--device cpu`: two processes over TCP, the machinery the GPUs use with NCCL.
+    let root = common::repo_root();
+    let args = ["bench", "train", "--shape", "tiny", "--seq", "32", "--warmup", "0", "--steps", "2", "--device", "cpu", "--gpus", "2"];
+    let o = lorahost(&args, &root);
+    assert!(o.status.success(), "{}", text(&o));
+    // Rank 0 alone reports: one JSON document.
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!((v["ranks"].as_u64(), v["grad_accum"].as_u64(), v["timed_steps"].as_u64()), (Some(2), Some(2), Some(2)));
+    assert!(v["losses"].as_array().unwrap().iter().all(|l| l.as_f64().unwrap().is_finite()));
+    let one = lorahost(&["bench", "train", "--shape", "tiny", "--seq", "32", "--warmup", "0", "--steps", "2"], &root);
+    let one: serde_json::Value = serde_json::from_slice(&one.stdout).unwrap();
+    assert_eq!((one["ranks"].as_u64(), one["grad_accum"].as_u64()), (Some(1), Some(1)));
+}
+
+#[test]
 fn bench_train_on_a_manifests_tokens_lowers_the_loss() {
     // The quickstart's data cut to two records: one micro-batch of 2, seen at every step, so the adapter
     // can only get better at it.
@@ -217,22 +233,26 @@ fn check_show_drops_prints_examples_of_each_drop_reason() {
 }
 
 #[test]
-fn run_under_a_multi_process_launcher_is_refused_before_any_work() {
-    // torchrun's environment for rank 1 of 2: this build has no NCCL transport, so it says so and exits.
+fn a_launchers_environment_is_checked_before_any_work() {
+    // torchrun's environment, wrong: the error names the variable, and nothing is written.
     let dir = tempfile::tempdir().unwrap();
-    let o = Command::new(env!("CARGO_BIN_EXE_lorahost"))
-        .args(["run", "missing.toml"])
-        .current_dir(dir.path())
-        .envs([("WORLD_SIZE", "2"), ("RANK", "1"), ("LOCAL_RANK", "1"), ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", "29500")])
-        .output()
-        .unwrap();
-    let t = text(&o);
-    assert!(!o.status.success());
-    assert!(t.contains("rank 1 of WORLD_SIZE=2") && t.contains("NCCL transport is not built") && t.contains("--ranks N"), "{t}");
+    let launched = |env: &[(&str, &str)], args: &[&str]| {
+        let o = Command::new(env!("CARGO_BIN_EXE_lorahost")).args(args).current_dir(dir.path()).envs(env.iter().copied()).output().unwrap();
+        (o.status.success(), text(&o))
+    };
+    let rank2 = [("WORLD_SIZE", "2"), ("RANK", "2"), ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", "29500")];
+    let (ok, t) = launched(&rank2, &["run", "missing.toml"]);
+    assert!(!ok && t.contains("RANK=2 is not below WORLD_SIZE=2"), "{t}");
+    let (ok, t) = launched(&[("WORLD_SIZE", "2"), ("RANK", "1")], &["run", "missing.toml"]);
+    assert!(!ok && t.contains("MASTER_ADDR"), "{t}");
+    // Under a launcher, the ranks are the launcher's to start.
+    let rank1 = [("WORLD_SIZE", "2"), ("RANK", "1"), ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", "29500")];
+    let (ok, t) = launched(&rank1, &["run", "--procs", "2", "missing.toml"]);
+    assert!(!ok && t.contains("under a launcher (WORLD_SIZE=2)"), "{t}");
     assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0, "nothing written");
     // A world of one is an ordinary run (here: the missing manifest is the error).
-    let o = Command::new(env!("CARGO_BIN_EXE_lorahost")).args(["run", "missing.toml"]).current_dir(dir.path()).env("WORLD_SIZE", "1").output().unwrap();
-    assert!(text(&o).contains("missing.toml") && !text(&o).contains("NCCL"), "{}", text(&o));
+    let (ok, t) = launched(&[("WORLD_SIZE", "1")], &["run", "missing.toml"]);
+    assert!(!ok && t.contains("missing.toml"), "{t}");
 }
 
 #[test]

@@ -1,5 +1,5 @@
 //! The training loop on CPU: exact resume, refusing a changed run, damaged checkpoints, the quickstart, and
-//! several ranks (threads) giving the same run.
+//! several ranks (threads, or processes over TCP) giving the same run.
 mod common;
 
 use lorahost::manifest::{Manifest, Packing};
@@ -394,11 +394,11 @@ fn a_failing_rank_ends_the_run_with_an_error_naming_it_and_a_rerun_finishes() {
     let dir = tempfile::tempdir().unwrap();
     let m = ranks_manifest(dir.path());
     let t0 = std::time::Instant::now();
-    // Rank 0 fails in step 3, after it wrote the checkpoint of step 2 (a failure on another rank can cut rank 0
-    // short inside step 2's last collective, before that checkpoint); a generous timeout that must not be waited for.
-    let failing = RunOptions { fail_at: Some((0, 2)), rank_timeout: Some(std::time::Duration::from_secs(120)), ..on_ranks(3) };
+    // Rank 2 fails as step 3 begins, right after step 2's last collective: rank 0 still finishes step 2 and
+    // writes its checkpoint. A generous timeout that must not be waited for.
+    let failing = RunOptions { fail_at: Some((2, 2)), rank_timeout: Some(std::time::Duration::from_secs(120)), ..on_ranks(3) };
     let err = format!("{:#}", train(&m, failing).unwrap_err());
-    assert!(err.contains("rank 0 of 3 failed") && err.contains("injected failure at step 3"), "{err}");
+    assert!(err.contains("rank 2 of 3 failed") && err.contains("injected failure at step 3"), "{err}");
     assert!(t0.elapsed().as_secs() < 60, "the other ranks stopped at once, not at the timeout");
     assert!(!dir.path().join("out/adapter").exists(), "no adapter from a failed run");
     // Resumed (here on 2 ranks) from the last checkpoint, it finishes as the uninterrupted run.
@@ -413,5 +413,111 @@ fn ranks_as_threads_refuse_a_gpu_manifest() {
     let m = ranks_manifest(dir.path());
     std::fs::write(&m, std::fs::read_to_string(&m).unwrap().replace("device = \"cpu\"", "device = \"cuda:0\"")).unwrap();
     let err = format!("{:#}", train(&m, on_ranks(2)).unwrap_err());
-    assert!(err.contains("2 ranks as threads run on the CPU only") && err.contains("NCCL"), "{err}");
+    assert!(err.contains("2 ranks as threads run on the CPU only") && err.contains("--gpus 2"), "{err}");
 }
+
+// Ranks as processes (`lorahost run --procs N`, or started by a launcher), over TCP.
+
+/// A run's summary from its folder (what a process run leaves behind).
+fn summary_of(run_dir: &Path) -> RunSummary {
+    let logs: Vec<serde_json::Value> =
+        std::fs::read_to_string(run_dir.join("metrics.jsonl")).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    RunSummary {
+        run_dir: run_dir.to_path_buf(),
+        steps_done: logs.len() as u64,
+        total_steps: logs.len() as u64,
+        losses: logs.iter().map(|l| l["loss"].as_f64().unwrap()).collect(),
+        eval_losses: logs.iter().filter_map(|l| Some((l["step"].as_u64()?, l["eval_loss"].as_f64()?))).collect(),
+        resumed_from: None,
+        interrupted: false,
+        adapter_dir: Some(run_dir.join("adapter")),
+    }
+}
+
+#[test]
+fn two_processes_give_the_thread_ranks_run() {
+    let threads_dir = tempfile::tempdir().unwrap();
+    let threads = train(&ranks_manifest(threads_dir.path()), on_ranks(2)).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let m = ranks_manifest(dir.path());
+    let out = common::lorahost(&["run", "--procs", "2", m.to_str().unwrap()], dir.path());
+    assert!(out.status.success(), "{}", common::text(&out));
+    let text = common::text(&out);
+    // Rank 0 alone reports (and writes): one summary, each step logged once.
+    assert_eq!(text.matches("4 of 4 steps").count(), 1, "{text}");
+    let run_dir = dir.path().join("out");
+    assert_eq!(logged_steps(&run_dir), vec![1, 2, 3, 4]);
+    assert_same_run("2 processes vs 2 threads", (&summary_of(&run_dir), &run_dir), (&threads, &threads_dir.path().join("out")));
+}
+
+#[test]
+fn a_failing_process_rank_is_named_and_rank_0_keeps_the_step_it_finished() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = ranks_manifest(dir.path());
+    // Rank 1 fails as step 3 begins, right after the checkpoint-due step 2.
+    let out = common::lorahost(&["run", "--procs", "2", "--fail-at", "1:2", m.to_str().unwrap()], dir.path());
+    let text = common::text(&out);
+    assert!(!out.status.success(), "{text}");
+    assert!(text.contains("rank 1 of 2 failed: injected failure at step 3"), "{text}");
+    assert!(text.contains("rank 0 of 2: all_reduce_sum stopped because rank 1 failed"), "{text}");
+    assert!(text.contains("exited with exit status: 1"), "the spawner names how a rank ended: {text}");
+    assert_eq!(logged_steps(&dir.path().join("out")), vec![1, 2]);
+    assert!(dir.path().join("out/checkpoints").read_dir().unwrap().count() == 1, "step 2's checkpoint");
+}
+
+#[test]
+fn a_killed_rank_under_a_launcher_ends_the_others_at_once_and_a_rerun_resumes() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = ranks_manifest(dir.path());
+    // Long enough (20 steps) to be killed mid-run.
+    std::fs::write(&m, std::fs::read_to_string(&m).unwrap().replace("epochs = 2", "epochs = 10")).unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port().to_string();
+    let rank = |r: &str| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_lorahost"))
+            .args(["run", m.to_str().unwrap()])
+            .current_dir(dir.path())
+            .envs([("RANK", r), ("LOCAL_RANK", r), ("WORLD_SIZE", "2"), ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", port.as_str())])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let (rank0, mut rank1) = (rank("0"), rank("1"));
+    let log = dir.path().join("out/metrics.jsonl");
+    let t0 = std::time::Instant::now();
+    while std::fs::read_to_string(&log).map_or(0, |l| l.lines().count()) < 3 {
+        assert!(t0.elapsed().as_secs() < 120, "the run did not get to step 3");
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    rank1.kill().unwrap();
+    let killed = std::time::Instant::now();
+    let out = rank0.wait_with_output().unwrap();
+    let text = common::text(&out);
+    assert!(killed.elapsed().as_secs() < 5, "rank 0 stopped {:?} after the kill", killed.elapsed());
+    assert!(!out.status.success() && text.contains("because rank 1 failed: died (its connection closed"), "{text}");
+    assert!(logged_steps(&dir.path().join("out")).len() < 20, "killed mid-run");
+    // Resumed from the last checkpoint (here by the spawner), it finishes.
+    let again = common::lorahost(&["run", "--procs", "2", m.to_str().unwrap()], dir.path());
+    let text = common::text(&again);
+    assert!(again.status.success() && text.contains("20 of 20 steps") && text.contains("resumed at step"), "{text}");
+    assert_eq!(logged_steps(&dir.path().join("out")), (1..=20).collect::<Vec<u64>>());
+}
+
+#[test]
+fn gpus_and_procs_check_the_manifests_device() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = ranks_manifest(dir.path());
+    let path = m.to_str().unwrap();
+    let o = common::lorahost(&["run", "--gpus", "2", path], dir.path());
+    assert!(!o.status.success() && common::text(&o).contains("for processes on the CPU use --procs"), "{}", common::text(&o));
+    std::fs::write(&m, std::fs::read_to_string(&m).unwrap().replace("device = \"cpu\"", "device = \"cuda:0\"")).unwrap();
+    let o = common::lorahost(&["run", "--procs", "2", path], dir.path());
+    assert!(!o.status.success() && common::text(&o).contains("for the GPUs use --gpus"), "{}", common::text(&o));
+    if cfg!(not(feature = "cuda")) {
+        // Both ranks stop with the reason (rank 0 after the rendezvous), none waits for the other.
+        let o = common::lorahost(&["run", "--gpus", "2", "--rank-timeout", "60", path], dir.path());
+        let t = common::text(&o);
+        assert!(!o.status.success() && t.contains("built without CUDA") && t.contains("exited with"), "{t}");
+    }
+}
+

@@ -166,23 +166,87 @@ fn quickstart() -> std::path::PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/quickstart.toml")
 }
 
-pub fn run(manifest: Option<std::path::PathBuf>, fresh: bool, stop_after: Option<u64>, relock: bool, ranks: usize) -> anyhow::Result<()> {
-    // Under a launcher (torchrun and the like): a world of one runs as usual, more needs the NCCL build.
-    if let Some(env) = lorahost::train::dist::LaunchEnv::from_env()? {
-        env.check_supported()?;
-        if ranks > 1 {
-            anyhow::bail!("--ranks {ranks} under a launcher (WORLD_SIZE={}): give one or the other", env.world_size);
+/// `lorahost run`'s options.
+#[derive(clap::Args, Debug)]
+pub struct RunArgs {
+    /// The run manifest (default: examples/quickstart.toml of this source tree).
+    pub manifest: Option<std::path::PathBuf>,
+    /// Ignore (and remove) existing checkpoints and start over.
+    #[arg(long)]
+    pub fresh: bool,
+    /// Stop with a checkpoint after this many optimizer steps, as if interrupted.
+    #[arg(long, hide = true)]
+    pub stop_after: Option<u64>,
+    /// Accept plugins whose files changed since the run's lock (run.lock), and rewrite it.
+    #[arg(long)]
+    pub relock: bool,
+    /// Data-parallel over N GPUs of this host: one process per GPU (`cuda:0` .. `cuda:N-1`), gradients summed
+    /// over NCCL; the same run as on one GPU (docs/multi-gpu.md). Needs a CUDA manifest and build.
+    #[arg(long, value_name = "N", conflicts_with_all = ["ranks", "procs"])]
+    pub gpus: Option<usize>,
+    /// Data-parallel over N processes on the CPU, gradients summed over TCP: how the `--gpus` machinery is
+    /// tested without GPUs (a CPU manifest).
+    #[arg(long, value_name = "N", conflicts_with = "ranks")]
+    pub procs: Option<usize>,
+    /// Data-parallel over N threads of this process (CPU manifests): the same run split N ways, for tests.
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    pub ranks: usize,
+    /// Seconds a rank waits for the others in one collective call before naming the missing ones (default
+    /// 1800: rank 0 alone prepares the data and writes checkpoints meanwhile).
+    #[arg(long, value_name = "SECONDS")]
+    pub rank_timeout: Option<u64>,
+    /// Testing: rank R fails with an error at 0-based step S (`R:S`).
+    #[arg(long, hide = true, value_name = "R:S")]
+    pub fail_at: Option<String>,
+}
+
+impl RunArgs {
+    /// The command line of one rank started by `--gpus`/`--procs`: this one without the spawning flag.
+    fn rank_args(&self, manifest: &Path) -> Vec<std::ffi::OsString> {
+        let mut a: Vec<std::ffi::OsString> = vec!["run".into(), manifest.into()];
+        let flag = |a: &mut Vec<std::ffi::OsString>, on: bool, f: &str| on.then(|| a.push(f.into()));
+        flag(&mut a, self.fresh, "--fresh");
+        flag(&mut a, self.relock, "--relock");
+        for (f, v) in [("--stop-after", self.stop_after), ("--rank-timeout", self.rank_timeout)] {
+            if let Some(v) = v {
+                a.extend([f.into(), v.to_string().into()]);
+            }
+        }
+        if let Some(v) = &self.fail_at {
+            a.extend(["--fail-at".into(), v.into()]);
+        }
+        a
+    }
+}
+
+pub fn run(args: RunArgs) -> anyhow::Result<()> {
+    let launched = lorahost::train::launch::LaunchEnv::from_env()?;
+    let processes = args.gpus.or(args.procs);
+    if let Some(env) = &launched {
+        if args.ranks > 1 || processes.is_some() {
+            bail!("--ranks/--gpus/--procs under a launcher (WORLD_SIZE={}): give one or the other", env.world_size);
         }
     }
-    if ranks == 0 {
-        anyhow::bail!("--ranks 0: a run needs at least one rank");
+    if args.ranks == 0 || processes == Some(0) {
+        bail!("0 ranks: a run needs at least one");
     }
-    let manifest = manifest.unwrap_or_else(|| {
+    let manifest = args.manifest.clone().unwrap_or_else(|| {
         let q = quickstart();
         eprintln!("no manifest given: running the quickstart, {}", q.display());
         q
     });
     let m = Manifest::load(&manifest)?;
+    if let Some(n) = processes {
+        let on_gpu = m.model.device != "cpu";
+        match (args.gpus.is_some(), on_gpu) {
+            (true, false) => bail!("{}: --gpus needs `model.device = \"cuda:0\"`; for processes on the CPU use --procs", manifest.display()),
+            (false, true) => bail!("{}: --procs runs CPU manifests; for the GPUs use --gpus", manifest.display()),
+            _ => {}
+        }
+        // The ranks see Ctrl-C themselves (the terminal sends it to all) and stop together with a checkpoint.
+        let _ = ctrlc::set_handler(|| {});
+        return lorahost::train::launch::spawn_ranks(n, &args.rank_args(&manifest));
+    }
     let interrupt = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let flag = interrupt.clone();
     // The first Ctrl-C asks for a checkpoint at the end of the current step; a second one kills.
@@ -192,17 +256,31 @@ pub fn run(manifest: Option<std::path::PathBuf>, fresh: bool, stop_after: Option
         }
         eprintln!("\nstopping after this step, with a checkpoint (Ctrl-C again to kill)");
     });
+    let fail_at = match &args.fail_at {
+        Some(v) => Some(
+            v.split_once(':')
+                .and_then(|(r, s)| Some((r.parse().ok()?, s.parse().ok()?)))
+                .with_context(|| format!("--fail-at {v}: expected RANK:STEP"))?,
+        ),
+        None => None,
+    };
     let opts = lorahost::train::run::RunOptions {
-        fresh,
-        stop_after,
+        fresh: args.fresh,
+        stop_after: args.stop_after,
         progress: std::io::stderr().is_terminal(),
         interrupt: Some(interrupt),
-        relock,
-        ranks,
-        ..Default::default()
+        relock: args.relock,
+        ranks: args.ranks,
+        rank_timeout: args.rank_timeout.map(std::time::Duration::from_secs),
+        fail_at,
     };
-    let summary = lorahost::train::run::run(&m, &opts)?;
-    println!("{}", lorahost::train::run::summary_text(&summary));
+    let summary = match &launched {
+        Some(env) => lorahost::train::run::run_process(&m, &opts, env)?,
+        None => Some(lorahost::train::run::run(&m, &opts)?),
+    };
+    if let Some(s) = summary {
+        println!("{}", lorahost::train::run::summary_text(&s));
+    }
     Ok(())
 }
 

@@ -19,24 +19,7 @@ struct Cli {
 enum Command {
     /// Train a LoRA adapter as the manifest says (default: the quickstart). Resumes from the last
     /// checkpoint of the run folder; Ctrl-C stops with a checkpoint.
-    Run {
-        /// The run manifest (default: examples/quickstart.toml of this source tree).
-        manifest: Option<PathBuf>,
-        /// Ignore (and remove) existing checkpoints and start over.
-        #[arg(long)]
-        fresh: bool,
-        /// Stop with a checkpoint after this many optimizer steps, as if interrupted.
-        #[arg(long, hide = true)]
-        stop_after: Option<u64>,
-        /// Accept plugins whose files changed since the run's lock (run.lock), and rewrite it.
-        #[arg(long)]
-        relock: bool,
-        /// Data-parallel ranks: each takes a share of every step's passes, gradients summed over ranks
-        /// (the same run as one rank). Threads of this process, CPU manifests only, for now; several GPUs
-        /// need the NCCL build (docs/multi-gpu.md).
-        #[arg(long, visible_alias = "gpus", value_name = "N", default_value_t = 1)]
-        ranks: usize,
-    },
+    Run(commands::RunArgs),
     /// Generate a reply with the manifest's model, template and (by default) the run's adapter.
     Generate {
         manifest: PathBuf,
@@ -356,6 +339,11 @@ enum BenchCommand {
         lr: f64,
         #[arg(long)]
         json: Option<PathBuf>,
+        /// Data-parallel over N GPUs (one process each, NCCL): on random tokens `micro_batch` records per GPU
+        /// per step (a manifest's steps are split as `run` splits them); the report's tokens/s are the whole
+        /// step's, for the scaling efficiency against `--gpus 1`.
+        #[arg(long, value_name = "N", conflicts_with = "levers")]
+        gpus: Option<usize>,
     },
     /// Evaluation throughput at a model shape with random weights, through the code `lorahost eval` runs:
     /// log-likelihood tokens/s over MMLU-like records (their choices sharing the prompt) and generated
@@ -460,13 +448,27 @@ fn write_json(path: Option<PathBuf>, value: &impl serde::Serialize) -> anyhow::R
     Ok(())
 }
 
+/// `args` without `flag` and its value (`--flag V` or `--flag=V`).
+fn without_flag(args: Vec<std::ffi::OsString>, flag: &str) -> Vec<std::ffi::OsString> {
+    let mut out = Vec::with_capacity(args.len());
+    let mut it = args.into_iter();
+    while let Some(a) = it.next() {
+        match a.to_str() {
+            Some(s) if s == flag => drop(it.next()),
+            Some(s) if s.starts_with(&format!("{flag}=")) => {}
+            _ => out.push(a),
+        }
+    }
+    out
+}
+
 fn parse_kind(s: &str) -> anyhow::Result<PluginKind> {
     PluginKind::parse(s).with_context(|| format!("unknown plugin kind `{s}`: use source, filter, template, scheduler or scorer"))
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Run { manifest, fresh, stop_after, relock, ranks } => commands::run(manifest, fresh, stop_after, relock, ranks)?,
+        Command::Run(args) => commands::run(args)?,
         Command::Generate { manifest, prompt, adapter, base, max_new, temperature, seed } => {
             commands::generate(&manifest, &prompt, adapter, base, max_new, temperature, seed)?
         }
@@ -554,9 +556,20 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 print!("{report}");
                 write_json(json, &report)?;
             }
-            BenchCommand::Train { step, warmup, steps, levers, data, lr, json } => {
+            BenchCommand::Train { step, warmup, steps, levers, data, lr, json, gpus } => {
                 let o = step.options(warmup, steps, data, lr)?;
-                if levers {
+                let launched = lorahost::train::launch::LaunchEnv::from_env()?;
+                if let Some(n) = gpus.filter(|_| launched.is_none()) {
+                    // This command line again, once per GPU, without `--gpus` (the ranks see the launcher's env).
+                    let args = without_flag(std::env::args_os().skip(1).collect(), "--gpus");
+                    return lorahost::train::launch::spawn_ranks(n, &args);
+                }
+                if let Some(env) = launched {
+                    if let Some(report) = lorahost::bench::train::run_process(&o, &env)? {
+                        println!("{}", serde_json::to_string_pretty(&report)?);
+                        write_json(json, &report)?;
+                    }
+                } else if levers {
                     let rows = lorahost::bench::train::run_levers(&o)?;
                     println!("{}", serde_json::to_string_pretty(&rows)?);
                     write_json(json, &rows)?;

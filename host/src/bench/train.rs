@@ -2,6 +2,10 @@
 //! device (no checkpoint), through the trainer's own step (train/step.rs: the passes' forward/backward,
 //! LoRA r8 on the recipe's matrices, normalisation, clipping, AdamW) and its prefetched batches, printing
 //! step time, tokens/s and peak GPU memory as JSON. The GPU numbers of BENCHMARKS.md come from here.
+//!
+//! `--gpus N` ([`run_process`]): the same step data-parallel over N ranks (one process per GPU, NCCL), each
+//! rank one pass of `micro_batch` random records per step, for the scaling efficiency (tokens/s on N GPUs
+//! over N times one GPU's).
 use crate::data::batch::Layout;
 use crate::data::{self, TokenStream};
 use crate::manifest::{Manifest, Packing};
@@ -13,9 +17,10 @@ use crate::model::transformer::Model;
 use crate::model::weights::Weights;
 use crate::train::batches::{self, Schedule};
 use crate::train::optim::{AdamW, AdamWConfig};
-use crate::train::dist::Single;
+use crate::train::dist::{self, Collective, Single};
+use crate::train::launch::{self, LaunchEnv};
 use crate::train::step::{step as train_step, StepConfig};
-use anyhow::bail;
+use anyhow::{bail, Context};
 use candle_core::{DType, Device};
 use std::path::PathBuf;
 
@@ -38,6 +43,8 @@ pub struct TrainBench {
     /// "random tokens" or the manifest whose token stream was trained on.
     pub data: String,
     pub lora_params: usize,
+    /// Data-parallel ranks (GPUs), each running `micro_batch` records of every step.
+    pub ranks: usize,
     pub timed_steps: usize,
     /// Median over the timed steps (forward + backward + optimizer), in ms.
     pub step_ms: f64,
@@ -129,7 +136,26 @@ pub fn model(o: &Options) -> anyhow::Result<Model> {
 }
 
 pub fn run(o: &Options) -> anyhow::Result<TrainBench> {
-    run_on(&model(o)?, o)
+    run_on(&model(o)?, o, &Single)
+}
+
+/// This process's rank of `bench train --gpus N` (`env`: the spawner's environment, or a launcher's): the
+/// device becomes `cuda:LOCAL_RANK`; the report (whole-step tokens/s, as rank 0 sees it) on rank 0.
+pub fn run_process(o: &Options, env: &LaunchEnv) -> anyhow::Result<Option<TrainBench>> {
+    let master = env.master.as_deref().context("bench train under a launcher needs MASTER_ADDR and MASTER_PORT")?;
+    let device = if o.device.is_cuda() { format!("cuda:{}", env.local_rank) } else { "cpu".into() };
+    let comm = launch::join(env, master, &device, dist::DEFAULT_TIMEOUT)?;
+    let run = || -> anyhow::Result<TrainBench> {
+        let o = Options { device: crate::model::device::open(&device)?, manifest: o.manifest.clone(), shape: o.shape.clone(), ..*o };
+        run_on(&model(&o)?, &o, &*comm)
+    };
+    match run() {
+        Ok(report) => {
+            comm.finish();
+            Ok(comm.is_root().then_some(report))
+        }
+        Err(e) => Err(launch::failed(&*comm, e)),
+    }
 }
 
 /// `--levers`: the same steps with the fused kernels switched on one at a time, on one model (the
@@ -139,16 +165,16 @@ pub fn run_levers(o: &Options) -> anyhow::Result<Vec<TrainBench>> {
     let mut fusion = Fusion::NONE;
     let mut rows = Vec::new();
     model.fusion = fusion;
-    rows.push(run_on(&model, o)?);
+    rows.push(run_on(&model, o, &Single)?);
     for (_, switch_on) in Fusion::LEVERS {
         switch_on(&mut fusion);
         model.fusion = fusion;
-        rows.push(run_on(&model, o)?);
+        rows.push(run_on(&model, o, &Single)?);
     }
     Ok(rows)
 }
 
-fn run_on(model: &Model, o: &Options) -> anyhow::Result<TrainBench> {
+fn run_on(model: &Model, o: &Options, comm: &dyn Collective) -> anyhow::Result<TrainBench> {
     let config = model.config.clone();
     let lora_cfg = LoraConfig {
         r: 8,
@@ -163,7 +189,7 @@ fn run_on(model: &Model, o: &Options) -> anyhow::Result<TrainBench> {
     let total = o.warmup + o.steps;
     let (stream, schedule, seq) = match &o.manifest {
         Some(path) => manifest_data(path, o.packing, o.device.is_cuda())?,
-        None => random_data(o, total),
+        None => random_data(o, total, comm.world_size()),
     };
     let step_config = StepConfig { seed: 42, recompute: o.recompute, clip: Some(1.0) };
     reset_peak(&o.device)?;
@@ -173,7 +199,7 @@ fn run_on(model: &Model, o: &Options) -> anyhow::Result<TrainBench> {
     std::thread::scope(|scope| -> anyhow::Result<()> {
         let upcoming = batches::prefetch(scope, &stream, schedule.clone(), 0..total as u64, 2);
         for step in 0..total {
-            let out = train_step(model, &mut lora, &mut opt, &upcoming.recv()?, o.lr, &step_config, &Single)?;
+            let out = train_step(model, &mut lora, &mut opt, &upcoming.recv()?, o.lr, &step_config, comm)?;
             losses.push(out.loss);
             if step >= o.warmup {
                 times.push(out.seconds);
@@ -199,6 +225,7 @@ fn run_on(model: &Model, o: &Options) -> anyhow::Result<TrainBench> {
         fusion: model.fusion,
         data: o.manifest.as_ref().map_or("random tokens".into(), |p| p.display().to_string()),
         lora_params: lora.num_params(),
+        ranks: comm.world_size(),
         timed_steps: times.len(),
         step_ms: step_s * 1e3,
         tokens_per_s: tokens_timed as f64 / total_s,
@@ -208,9 +235,10 @@ fn run_on(model: &Model, o: &Options) -> anyhow::Result<TrainBench> {
 }
 
 /// Records of `seq` random tokens, every position trained (the worst case for the loss over the
-/// vocabulary), `micro_batch` of them per step; the schedule never reshuffles them (one epoch).
-fn random_data(o: &Options, steps: usize) -> (TokenStream, Schedule, usize) {
-    let records = o.micro_batch * steps;
+/// vocabulary), `micro_batch` of them per pass and one pass per rank each step; the schedule never
+/// reshuffles them (one epoch).
+fn random_data(o: &Options, steps: usize, ranks: usize) -> (TokenStream, Schedule, usize) {
+    let records = o.micro_batch * steps * ranks;
     let n = records * o.seq;
     let mut rng = SplitMix::new(7);
     let stream = TokenStream {
@@ -222,7 +250,7 @@ fn random_data(o: &Options, steps: usize) -> (TokenStream, Schedule, usize) {
     };
     let packing = o.packing.unwrap_or_default();
     let layout = Layout { packing, micro_batch: o.micro_batch, tokens_per_pass: o.micro_batch * o.seq, pad: 0 };
-    (stream, Schedule { n_train: records, grad_accum: 1, seed: 42, layout }, o.seq)
+    (stream, Schedule { n_train: records, grad_accum: ranks, seed: 42, layout }, o.seq)
 }
 
 /// A manifest's training stream and the schedule `lorahost run` would take over it, laid out as `packing`

@@ -7,13 +7,14 @@
 //! - [`Threads`]: ranks as threads of one process, an in-process all-reduce; `lorahost run --ranks N` on
 //!   the CPU and the tests. Sums go in rank order, so a run is reproducible bit for bit.
 //!
-//! An NCCL implementation (one process per GPU, behind the `cuda` feature) slots in behind the same trait;
-//! docs/multi-gpu.md lists what it needs. [`LaunchEnv`] reads the launcher's environment it will use.
+//! Ranks as processes (one per GPU, or `--procs` on the CPU) use the same trait: [`super::tcp`] (the CPU,
+//! and every process run's rendezvous and failure channel) and `super::nccl` (the GPUs, `cuda` feature);
+//! [`super::launch`] starts them and reads the launcher's environment.
 //!
 //! Failure: a rank that fails calls [`Collective::abort`] (the thread runner does it for every error and
 //! panic), and every other rank's next or current collective call returns an error naming that rank. A
 //! rank that neither arrives nor fails (a hang) is named by the others after the timeout.
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{anyhow, bail, Result};
 use candle_core::{DType, Tensor};
 use std::cell::Cell;
 use std::sync::{Arc, Condvar, Mutex};
@@ -37,6 +38,8 @@ pub trait Collective {
     fn barrier(&self) -> Result<()>;
     /// Tells the others this rank failed (`reason`), so they stop with an error naming it instead of waiting.
     fn abort(&self, reason: &str);
+    /// This rank's run ended well: let the others know, so that its going away is not taken for a death.
+    fn finish(&self) {}
 
     fn is_root(&self) -> bool {
         self.rank() == 0
@@ -73,7 +76,7 @@ impl Collective for Single {
 
 /// One rank's contribution to a round.
 #[derive(Debug)]
-enum Payload {
+pub(super) enum Payload {
     F32(Vec<(Vec<usize>, Vec<f32>)>),
     F64(Vec<f64>),
     Bytes(Option<Vec<u8>>),
@@ -81,7 +84,7 @@ enum Payload {
 }
 
 impl Payload {
-    fn op(&self) -> &'static str {
+    pub(super) fn op(&self) -> &'static str {
         match self {
             Payload::F32(_) => "all_reduce_sum",
             Payload::F64(_) => "all_reduce_sum_scalars",
@@ -93,9 +96,24 @@ impl Payload {
 
 /// The first failure of the group: which rank, and why.
 #[derive(Debug, Clone)]
-struct Failure {
-    rank: usize,
-    reason: String,
+pub(super) struct Failure {
+    pub(super) rank: usize,
+    pub(super) reason: String,
+}
+
+impl Failure {
+    /// The run's error: `rank K of N failed: why`.
+    pub(super) fn error(&self, world: usize) -> anyhow::Error {
+        anyhow!("rank {} of {world} failed: {}", self.rank, self.reason)
+    }
+
+    /// The error of rank `me`, whose call `op` this failure stopped.
+    pub(super) fn stopped(&self, me: usize, world: usize, op: &str) -> anyhow::Error {
+        if self.rank == me {
+            return self.error(world);
+        }
+        anyhow!("rank {me} of {world}: {op} stopped because rank {} failed: {}", self.rank, self.reason)
+    }
 }
 
 struct Group {
@@ -142,7 +160,7 @@ impl Threads {
     /// The first failure, as an error naming the rank.
     fn failure(&self) -> Option<anyhow::Error> {
         let g = self.shared.group.lock().unwrap_or_else(|p| p.into_inner());
-        g.failed.as_ref().map(|f| anyhow!("rank {} of {} failed: {}", f.rank, self.shared.world, f.reason))
+        g.failed.as_ref().map(|f| f.error(self.shared.world))
     }
 }
 
@@ -210,14 +228,16 @@ impl ThreadRank {
         }
         let deadline = Instant::now() + s.timeout;
         loop {
-            if let Some(f) = &g.failed {
-                return Err(self.stopped(op, f));
-            }
+            // The round's outcome first: a rank that failed after this round completed (in its next step) must
+            // not cut this one short, so that rank 0 finishes the step it is in (and writes its checkpoint).
             if let Some((round, out)) = &g.done {
                 if *round == mine {
                     self.round.set(mine + 1);
                     return Ok(out.clone());
                 }
+            }
+            if let Some(f) = &g.failed {
+                return Err(self.stopped(op, f));
             }
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
@@ -233,16 +253,12 @@ impl ThreadRank {
     }
 
     fn stopped(&self, op: &str, f: &Failure) -> anyhow::Error {
-        if f.rank == self.rank {
-            anyhow!("rank {} of {} failed: {}", f.rank, self.shared.world, f.reason)
-        } else {
-            anyhow!("rank {} of {}: {op} stopped because rank {} failed: {}", self.rank, self.shared.world, f.rank, f.reason)
-        }
+        f.stopped(self.rank, self.shared.world, op)
     }
 }
 
 /// A round's outcome from every rank's payload, summing in rank order.
-fn combine(arrived: Vec<Payload>) -> Result<Payload> {
+pub(super) fn combine(arrived: Vec<Payload>) -> Result<Payload> {
     let first = arrived[0].op();
     if let Some((rank, p)) = arrived.iter().enumerate().find(|(_, p)| p.op() != first) {
         bail!("ranks disagree on the call: rank 0 made {first}, rank {rank} {} (a bug: every rank must make the same calls)", p.op());
@@ -292,34 +308,15 @@ impl Collective for ThreadRank {
     }
 
     fn all_reduce_sum(&self, tensors: &mut [&mut Tensor]) -> Result<()> {
-        let mut mine = Vec::with_capacity(tensors.len());
-        for (i, t) in tensors.iter().enumerate() {
-            if t.dtype() != DType::F32 {
-                bail!("rank {}: all_reduce_sum takes f32 tensors; tensor {i} is {:?}", self.rank, t.dtype());
-            }
-            mine.push((t.dims().to_vec(), t.flatten_all()?.to_vec1::<f32>()?));
-        }
-        let out = self.exchange(Payload::F32(mine))?;
-        let Payload::F32(sums) = &*out else { unreachable!("combine keeps the kind") };
-        for (t, (dims, sum)) in tensors.iter_mut().zip(sums) {
-            **t = Tensor::from_slice(sum, dims.as_slice(), t.device())?;
-        }
-        Ok(())
+        all_reduce_by_rounds(self.rank, tensors, |p| self.exchange(p))
     }
 
     fn all_reduce_sum_scalars(&self, values: &mut [f64]) -> Result<()> {
-        let out = self.exchange(Payload::F64(values.to_vec()))?;
-        let Payload::F64(sums) = &*out else { unreachable!("combine keeps the kind") };
-        values.copy_from_slice(sums);
-        Ok(())
+        all_reduce_scalars_by_rounds(values, |p| self.exchange(p))
     }
 
     fn broadcast(&self, data: &mut Vec<u8>, root: usize) -> Result<()> {
-        let mine = (self.rank == root).then(|| std::mem::take(data));
-        let out = self.exchange(Payload::Bytes(mine))?;
-        let Payload::Bytes(Some(bytes)) = &*out else { unreachable!("combine checks the root gave data") };
-        data.clone_from(bytes);
-        Ok(())
+        broadcast_by_rounds(self.rank, data, root, |p| self.exchange(p))
     }
 
     fn barrier(&self) -> Result<()> {
@@ -335,72 +332,49 @@ impl Collective for ThreadRank {
     }
 }
 
-// ---------------------------------------------------------------------------------------------------------
-// The launcher's environment.
+// The collective calls as rounds of payloads (`exchange`: this rank's part in, the round's outcome out), for
+// the ranks that sum with [`combine`]: threads and TCP processes.
 
-/// Where this process sits in a multi-process run, as torchrun (and most launchers) set it: `RANK`,
-/// `WORLD_SIZE`, `LOCAL_RANK` (the GPU on this host), `MASTER_ADDR`, `MASTER_PORT` (rank 0's rendezvous).
-#[derive(Debug, Clone, PartialEq)]
-pub struct LaunchEnv {
-    pub rank: usize,
-    pub world_size: usize,
-    pub local_rank: usize,
-    /// `MASTER_ADDR:MASTER_PORT`; None for a world of one.
-    pub master: Option<String>,
+pub(super) fn all_reduce_by_rounds(
+    rank: usize,
+    tensors: &mut [&mut Tensor],
+    exchange: impl FnOnce(Payload) -> Result<Arc<Payload>>,
+) -> Result<()> {
+    let mut mine = Vec::with_capacity(tensors.len());
+    for (i, t) in tensors.iter().enumerate() {
+        if t.dtype() != DType::F32 {
+            bail!("rank {rank}: all_reduce_sum takes f32 tensors; tensor {i} is {:?}", t.dtype());
+        }
+        mine.push((t.dims().to_vec(), t.flatten_all()?.to_vec1::<f32>()?));
+    }
+    let out = exchange(Payload::F32(mine))?;
+    let Payload::F32(sums) = &*out else { bail!("rank {rank}: all_reduce_sum got the outcome of another call") };
+    for (t, (dims, sum)) in tensors.iter_mut().zip(sums) {
+        **t = Tensor::from_slice(sum, dims.as_slice(), t.device())?;
+    }
+    Ok(())
 }
 
-impl LaunchEnv {
-    /// The launcher's settings from the process environment; None when `WORLD_SIZE` is unset.
-    pub fn from_env() -> Result<Option<LaunchEnv>> {
-        Self::parse(|k| std::env::var(k).ok())
+pub(super) fn all_reduce_scalars_by_rounds(values: &mut [f64], exchange: impl FnOnce(Payload) -> Result<Arc<Payload>>) -> Result<()> {
+    let out = exchange(Payload::F64(values.to_vec()))?;
+    match &*out {
+        Payload::F64(sums) if sums.len() == values.len() => values.copy_from_slice(sums),
+        _ => bail!("all_reduce_sum_scalars of {} values got the outcome of another call", values.len()),
     }
+    Ok(())
+}
 
-    /// [`LaunchEnv::from_env`] over any lookup (for tests).
-    pub fn parse(get: impl Fn(&str) -> Option<String>) -> Result<Option<LaunchEnv>> {
-        let Some(world) = get("WORLD_SIZE") else { return Ok(None) };
-        let num = |key: &str, default: Option<usize>| -> Result<usize> {
-            match get(key) {
-                Some(v) => v.trim().parse::<usize>().with_context(|| format!("environment variable {key}={v:?} is not a whole number")),
-                None => default.with_context(|| format!("WORLD_SIZE={world} is set but {key} is not (a launcher such as torchrun sets both)")),
-            }
-        };
-        let world_size = num("WORLD_SIZE", None)?;
-        if world_size == 0 {
-            bail!("environment variable WORLD_SIZE=0: a run needs at least one rank");
-        }
-        let rank = num("RANK", (world_size == 1).then_some(0))?;
-        if rank >= world_size {
-            bail!("environment variable RANK={rank} is not below WORLD_SIZE={world_size}");
-        }
-        let local_rank = num("LOCAL_RANK", Some(rank))?;
-        let master = if world_size > 1 {
-            let addr = get("MASTER_ADDR").context("WORLD_SIZE > 1 needs MASTER_ADDR (rank 0's host, for the rendezvous)")?;
-            let port = num("MASTER_PORT", None)?;
-            if port == 0 || port > 65535 {
-                bail!("environment variable MASTER_PORT={port} is not a TCP port (1-65535)");
-            }
-            Some(format!("{addr}:{port}"))
-        } else {
-            None
-        };
-        Ok(Some(LaunchEnv { rank, world_size, local_rank, master }))
-    }
-
-    /// An error unless this build can join the run this environment describes: a world of one runs as
-    /// usual; more ranks need the NCCL transport, which this build does not have.
-    pub fn check_supported(&self) -> Result<()> {
-        if self.world_size > 1 {
-            bail!(
-                "the launcher asks for rank {} of WORLD_SIZE={} (rendezvous {}), but this lorahost build cannot join a \
-                 multi-process run: the NCCL transport is not built yet (docs/multi-gpu.md). Run one process without \
-                 WORLD_SIZE, or `lorahost run --ranks N` for N ranks as threads on the CPU",
-                self.rank,
-                self.world_size,
-                self.master.as_deref().unwrap_or("?")
-            );
-        }
-        Ok(())
-    }
+pub(super) fn broadcast_by_rounds(
+    rank: usize,
+    data: &mut Vec<u8>,
+    root: usize,
+    exchange: impl FnOnce(Payload) -> Result<Arc<Payload>>,
+) -> Result<()> {
+    let mine = (rank == root).then(|| std::mem::take(data));
+    let out = exchange(Payload::Bytes(mine))?;
+    let Payload::Bytes(Some(bytes)) = &*out else { bail!("rank {rank}: broadcast got the outcome of another call") };
+    data.clone_from(bytes);
+    Ok(())
 }
 
 #[cfg(test)]
@@ -494,33 +468,5 @@ mod tests {
         let err = run_threads(2, Duration::from_secs(60), |c| if c.rank() == 0 { c.barrier() } else { c.all_reduce_sum_scalars(&mut [1.0]) })
             .unwrap_err();
         assert!(format!("{err:#}").contains("ranks disagree on the call"), "{err:#}");
-    }
-
-    #[test]
-    fn the_launcher_environment_is_read_and_checked() {
-        let env = |pairs: &'static [(&'static str, &'static str)]| {
-            move |k: &str| pairs.iter().find(|(key, _)| *key == k).map(|(_, v)| v.to_string())
-        };
-        assert_eq!(LaunchEnv::parse(env(&[])).unwrap(), None);
-        let one = LaunchEnv::parse(env(&[("WORLD_SIZE", "1")])).unwrap().unwrap();
-        assert_eq!((one.rank, one.world_size, one.local_rank), (0, 1, 0));
-        one.check_supported().unwrap();
-        let two = LaunchEnv::parse(env(&[("WORLD_SIZE", "2"), ("RANK", "1"), ("LOCAL_RANK", "1"), ("MASTER_ADDR", "h0"), ("MASTER_PORT", "29500")]))
-            .unwrap()
-            .unwrap();
-        assert_eq!(two, LaunchEnv { rank: 1, world_size: 2, local_rank: 1, master: Some("h0:29500".into()) });
-        let refused = format!("{:#}", two.check_supported().unwrap_err());
-        assert!(refused.contains("WORLD_SIZE=2") && refused.contains("NCCL") && refused.contains("h0:29500"), "{refused}");
-        for (pairs, needle) in [
-            (&[("WORLD_SIZE", "two")][..], "WORLD_SIZE=\"two\""),
-            (&[("WORLD_SIZE", "2"), ("MASTER_ADDR", "h"), ("MASTER_PORT", "1")][..], "RANK is not"),
-            (&[("WORLD_SIZE", "2"), ("RANK", "2")][..], "RANK=2 is not below"),
-            (&[("WORLD_SIZE", "2"), ("RANK", "0")][..], "MASTER_ADDR"),
-            (&[("WORLD_SIZE", "2"), ("RANK", "0"), ("MASTER_ADDR", "h"), ("MASTER_PORT", "70000")][..], "MASTER_PORT=70000"),
-        ] {
-            let pairs: &'static [(&'static str, &'static str)] = pairs;
-            let err = format!("{:#}", LaunchEnv::parse(env(pairs)).unwrap_err());
-            assert!(err.contains(needle), "{err} should contain {needle}");
-        }
     }
 }

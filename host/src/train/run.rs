@@ -12,6 +12,7 @@
 use super::batches::{self, Schedule};
 use super::checkpoint::{self, State};
 use super::dist::{self, Collective, Single};
+use super::launch::{self, LaunchEnv};
 use super::handoff::{self, Start};
 use super::optim::{AdamW, AdamWConfig};
 use super::split;
@@ -210,13 +211,21 @@ pub fn run(m: &Manifest, opts: &RunOptions) -> anyhow::Result<RunSummary> {
     }
     if m.model.device != "cpu" {
         bail!(
-            "{}: {ranks} ranks as threads run on the CPU only (`model.device = \"{}\"`); several GPUs need the NCCL \
-             build, not built yet (docs/multi-gpu.md)",
+            "{}: {ranks} ranks as threads run on the CPU only (`model.device = \"{}\"`); for several GPUs use \
+             `lorahost run --gpus {ranks}` (one process per GPU, NCCL; docs/multi-gpu.md)",
             m.file.display(),
             m.model.device
         );
     }
-    // A forward pass is the unit of the split (it keeps each pass's dropout draws whatever the ranks).
+    warn_idle_ranks(m, ranks);
+    let timeout = opts.rank_timeout.unwrap_or(dist::DEFAULT_TIMEOUT);
+    let mut summaries = dist::run_threads(ranks, timeout, |comm| run_rank(m, opts, comm))?;
+    summaries.swap_remove(0).context("rank 0 gives the summary")
+}
+
+/// A forward pass is the unit of the split (it keeps each pass's dropout draws whatever the ranks): warns
+/// when a step has fewer passes than ranks.
+fn warn_idle_ranks(m: &Manifest, ranks: usize) {
     if m.packing() == Packing::None && m.train.grad_accum < ranks {
         eprintln!(
             "WARNING: a step has {} pass(es) of micro_batch records and {ranks} ranks: {} rank(s) idle; set `train.grad_accum` \
@@ -225,9 +234,34 @@ pub fn run(m: &Manifest, opts: &RunOptions) -> anyhow::Result<RunSummary> {
             ranks - m.train.grad_accum
         );
     }
+}
+
+/// This process's share of a run over several processes (`env`: the launcher's environment, or that of
+/// `lorahost run --gpus N`'s children): a CPU manifest talks over TCP ([`TcpRank`]); a CUDA one over NCCL on
+/// the GPU `cuda:LOCAL_RANK` (the manifest's index is replaced). The summary on rank 0, None on the others.
+pub fn run_process(m: &Manifest, opts: &RunOptions, env: &LaunchEnv) -> anyhow::Result<Option<RunSummary>> {
+    let world = env.world_size;
+    // Without a rendezvous (a launcher's world of one) this is the ordinary run; `--gpus 1` gives one, so
+    // that one GPU runs through NCCL as several do.
+    let Some(master) = env.master.as_deref() else {
+        return run_rank(m, opts, &Single);
+    };
+    if env.rank == 0 {
+        warn_idle_ranks(m, world);
+    }
     let timeout = opts.rank_timeout.unwrap_or(dist::DEFAULT_TIMEOUT);
-    let mut summaries = dist::run_threads(ranks, timeout, |comm| run_rank(m, opts, comm))?;
-    summaries.swap_remove(0).context("rank 0 gives the summary")
+    let mut m = m.clone();
+    if m.model.device != "cpu" {
+        m.model.device = format!("cuda:{}", env.local_rank);
+    }
+    let comm = launch::join(env, master, &m.model.device, timeout)?;
+    match run_rank(&m, opts, &*comm) {
+        Ok(out) => {
+            comm.finish();
+            Ok(out)
+        }
+        Err(e) => Err(launch::failed(&*comm, e)),
+    }
 }
 
 /// One rank's run; the summary on rank 0, None on the others. World size 1 is the ordinary run.
