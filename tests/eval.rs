@@ -457,6 +457,30 @@ fn serve_answers_like_eval_and_survives_bad_requests() {
         assert_eq!(lp["top_logprobs"][1].as_object().unwrap().len(), 1);
         assert!(v["choices"][0]["text"].as_str().unwrap().starts_with("Question: Is the sky blue?\nAnswer: Yes"));
 
+        // Several prompts in one request generate as one batch: each the same as alone (greedy and seeded
+        // sampling), with a stop string and a budget per row.
+        for extra in [r#""temperature": 0"#, r#""temperature": 0.9, "seed": 7"#] {
+            let prompts = ["The weather today", "1, 2, 3,", "A"];
+            let one = |p: &str| {
+                let body = format!(r#"{{"prompt": {p:?}, "max_tokens": 6, "stop": ["\n\n"], "logprobs": 0, {extra}}}"#);
+                let (status, v) = post(addr, "/v1/completions", &body);
+                assert_eq!(status, 200, "{v}");
+                v["choices"][0].clone()
+            };
+            let body = format!(r#"{{"prompt": {}, "max_tokens": 6, "stop": ["\n\n"], "logprobs": 0, {extra}}}"#, serde_json::json!(prompts));
+            let (status, v) = post(addr, "/v1/completions", &body);
+            assert_eq!(status, 200, "{v}");
+            let batch = v["choices"].as_array().unwrap();
+            assert_eq!(batch.len(), 3);
+            for (i, p) in prompts.iter().enumerate() {
+                let alone = one(p);
+                assert_eq!(batch[i]["text"], alone["text"], "prompt {i} ({extra})");
+                assert_eq!(batch[i]["finish_reason"], alone["finish_reason"]);
+                assert_eq!(batch[i]["logprobs"]["token_logprobs"], alone["logprobs"]["token_logprobs"]);
+                assert_eq!(batch[i]["index"], i);
+            }
+        }
+
         // The challenge API.
         let (status, v) = post(addr, "/tokenize", r#"{"text": "Hello, world"}"#);
         assert_eq!(status, 200);

@@ -135,29 +135,36 @@ impl Api<'_> {
         Ok(())
     }
 
-    /// Generates up to `max_new` tokens after `ids` and scores the whole sequence.
-    fn complete(&self, ids: Vec<u32>, max_new: usize, temperature: f64, seed: u64, stop: &[String], top: usize) -> Result<Completed, HttpError> {
-        self.check_ids(&ids)?;
-        let room = self.lm.max_length() - ids.len();
-        let max_new = max_new.min(room);
+    /// Generates up to `max_new` tokens after each prompt, all prompts in one batched generation, and scores
+    /// each whole sequence.
+    fn complete(&self, prompts: Vec<Vec<u32>>, max_new: usize, temperature: f64, seed: u64, stop: &[String], top: usize) -> Result<Vec<Completed>, HttpError> {
+        for ids in &prompts {
+            self.check_ids(ids)?;
+        }
+        // Each row stops at the model's length on its own; `max_new` bounds them all.
+        let rooms: Vec<usize> = prompts.iter().map(|ids| max_new.min(self.lm.max_length() - ids.len())).collect();
         let _guard = self.busy.lock().unwrap_or_else(|p| p.into_inner());
-        let req = GenerateRequest { max_new, stop_token: self.tok.special_id("<|endoftext|>"), temperature, seed };
+        let req = GenerateRequest { max_new: rooms.iter().copied().max().unwrap_or(0), stop_token: self.tok.special_id("<|endoftext|>"), temperature, seed };
         let tok = self.tok;
-        let new = if max_new == 0 {
-            vec![]
+        let news = if req.max_new == 0 {
+            vec![vec![]; prompts.len()]
         } else {
-            let mut stopper = |so_far: &[u32]| {
+            let mut stopper = |row: usize, so_far: &[u32]| {
                 let text = tok.decode(so_far);
-                stop.iter().any(|s| !s.is_empty() && text.contains(s.as_str()))
+                so_far.len() >= rooms[row] || stop.iter().any(|s| !s.is_empty() && text.contains(s.as_str()))
             };
-            self.lm.generate(&ids, &req, &mut stopper).map_err(internal)?
+            let rows: Vec<&[u32]> = prompts.iter().map(Vec::as_slice).collect();
+            self.lm.generate_batch(&rows, &req, &mut stopper).map_err(internal)?
         };
-        let mut new = new;
-        new.truncate(max_new);
-        let finish = if new.len() < max_new { "stop" } else { "length" };
-        let all: Vec<u32> = ids.iter().chain(&new).copied().collect();
-        let logprobs = self.lm.token_logprobs(&all, top).map_err(internal)?;
-        Ok(Completed { prompt: ids, new, logprobs, finish })
+        let mut done = Vec::with_capacity(prompts.len());
+        for ((ids, mut new), room) in prompts.into_iter().zip(news).zip(rooms) {
+            new.truncate(room);
+            let finish = if new.len() < room { "stop" } else { "length" };
+            let all: Vec<u32> = ids.iter().chain(&new).copied().collect();
+            let logprobs = self.lm.token_logprobs(&all, top).map_err(internal)?;
+            done.push(Completed { prompt: ids, new, logprobs, finish });
+        }
+        Ok(done)
     }
 
     /// `POST /v1/completions`.
@@ -199,11 +206,11 @@ impl Api<'_> {
         };
         let mut choices = Vec::with_capacity(prompts.len());
         let (mut prompt_tokens, mut completion_tokens) = (0, 0);
-        for (index, ids) in prompts.into_iter().enumerate() {
-            let c = self.complete(ids, r.max_tokens, r.temperature, r.seed.unwrap_or(0), &stop, top)?;
+        let completed = self.complete(prompts, r.max_tokens, r.temperature, r.seed.unwrap_or(0), &stop, top)?;
+        for (index, c) in completed.iter().enumerate() {
             prompt_tokens += c.prompt.len();
             completion_tokens += c.new.len();
-            choices.push(self.completion_choice(index, &c, r.echo, r.logprobs.is_some(), &stop));
+            choices.push(self.completion_choice(index, c, r.echo, r.logprobs.is_some(), &stop));
         }
         Ok(json!({
             "id": format!("cmpl-{}", std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos())),
@@ -308,7 +315,7 @@ impl Api<'_> {
             return Err(bad(format!("`max_new_tokens` {} is over the limit of {}", r.max_new_tokens, self.limits.max_new_tokens)));
         }
         let ids = self.encode(&r.prompt);
-        let c = self.complete(ids, r.max_new_tokens, r.temperature, r.seed.unwrap_or(0), &[], 1)?;
+        let c = self.complete(vec![ids], r.max_new_tokens, r.temperature, r.seed.unwrap_or(0), &[], 1)?.remove(0);
         let skip = c.prompt.len() - 1;
         let mut tokens = Vec::with_capacity(c.new.len());
         let mut total = 0.0;
