@@ -109,6 +109,20 @@ fn ops_checks(gpu: &Device, checks: &mut Vec<Check>) -> Result<()> {
     push(checks, "qkv split + rope (GQA): q", &qg, &qc, OP_TOL)?;
     push(checks, "qkv split + rope (GQA): k", &kg, &kc, OP_TOL)?;
     push(checks, "qkv split + rope (GQA): v", &vg, &vc, OP_TOL)?;
+    // Rank 8 without GQA (Qwen v1's c_attn): on the GPU the delta is added into the base, then the 8-wide split.
+    {
+        let heads = attention::Heads { b, t, h, hkv: h, d };
+        let width = 3 * h * d;
+        let base = pair(&mut rng, &[n, width], 0.0, 1.0, gpu)?;
+        let bias = pair(&mut rng, &[width], 0.0, 0.5, gpu)?;
+        let u = pair(&mut rng, &[n, 8], 0.0, 1.0, gpu)?;
+        let lb = pair(&mut rng, &[width, 8], 0.0, 0.1, gpu)?;
+        let (qc, kc, vc, _) = attention::qkv_forward(&base.cpu, Some(&bias.cpu), Some((&u.cpu, &lb.cpu)), None, &rope_c, heads, false, false)?;
+        let (qg, kg, vg, _) = attention::qkv_forward(&base.gpu, Some(&bias.gpu), Some((&u.gpu, &lb.gpu)), None, &rope_g, heads, true, true)?;
+        push(checks, "qkv split + rope (rank 8, 8 wide): q", &qg, &qc, OP_TOL)?;
+        push(checks, "qkv split + rope (rank 8, 8 wide): k", &kg, &kc, OP_TOL)?;
+        push(checks, "qkv split + rope (rank 8, 8 wide): v", &vg, &vc, OP_TOL)?;
+    }
     let g = (0..3).map(|i| pair(&mut rng, &[b, if i == 0 { h } else { heads.hkv }, t, d], 0.0, 1.0, gpu)).collect::<Result<Vec<_>>>()?;
     let dqkv_c = attention::qkv_backward(&sc, &g[0].cpu, &g[1].cpu, &g[2].cpu, &rope_c, false, false)?;
     let dqkv_g = attention::qkv_backward(&sg, &g[0].gpu, &g[1].gpu, &g[2].gpu, &rope_g, true, true)?;

@@ -42,7 +42,8 @@ pub struct QkvSaved {
 }
 
 /// The attention input's parts (base = x W^T; bias; the LoRA delta u B^T from `lora` = (u [N, r'],
-/// B [(H + 2 Hkv) D, r'])) to rotated q, k and v. Without q/k norms the fused kernel adds the parts, splits
+/// B [(H + 2 Hkv) D, r'])) to rotated q, k and v. On the GPU the delta may be added into `base` in place:
+/// pass a fresh GEMM output nothing reads afterwards. Without q/k norms the fused kernel adds the parts, splits
 /// the heads and applies RoPE in one pass; with them (Qwen3) the norm sits between the split and RoPE.
 #[allow(clippy::too_many_arguments)]
 pub fn qkv_forward(base: &Tensor, bias: Option<&Tensor>, lora: Option<(&Tensor, &Tensor)>, norm: Option<QkNorm>, rope: &Rope, s: Heads, fused: bool, fused_norm: bool) -> Result<(Tensor, Tensor, Tensor, QkvSaved)> {

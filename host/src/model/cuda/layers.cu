@@ -5,39 +5,79 @@
 // ---------------------------------------------------------------------------------------------------------
 // RMSNorm (Qwen v1): y = w * bf16(x * rstd), rstd = 1 / sqrt(mean(x^2) + eps). Saves rstd [rows] (f32).
 
-extern "C" __global__ void rmsnorm_fwd(const bf16* __restrict__ x, const bf16* __restrict__ w,
-                                       bf16* __restrict__ y, float* __restrict__ rstd, int cols, float eps) {
-    const size_t row = blockIdx.x;
-    const bf16* xr = x + row * cols;
-    bf16* yr = y + row * cols;
+// STEP elements per access: 8 (one 16-byte load or store; rows of a multiple of 8, 16-byte aligned) or 1.
+template <int STEP>
+static __device__ __forceinline__ void rmsnorm_fwd_body(const bf16* __restrict__ xr, const bf16* __restrict__ w,
+                                                        bf16* __restrict__ yr, float* __restrict__ rstd, int cols,
+                                                        float eps) {
+    const bool vec = STEP == EW_PER_THREAD;
     float ss = 0.f;
-    for (int i = threadIdx.x; i < cols; i += blockDim.x) {
-        float v = ld(xr[i]);
-        ss += v * v;
+    for (int i = threadIdx.x * STEP; i < cols; i += blockDim.x * STEP) {
+        float v[EW_PER_THREAD];
+        load8(xr, i, i + STEP, vec, v);
+#pragma unroll
+        for (int k = 0; k < STEP; ++k) ss += v[k] * v[k];
     }
     const float r = rsqrtf(block_reduce(ss, false) / cols + eps);
-    if (threadIdx.x == 0) rstd[row] = r;
-    for (int i = threadIdx.x; i < cols; i += blockDim.x) yr[i] = st(ld(st(ld(xr[i]) * r)) * ld(w[i]));
+    if (threadIdx.x == 0) *rstd = r;
+    for (int i = threadIdx.x * STEP; i < cols; i += blockDim.x * STEP) {
+        float v[EW_PER_THREAD], g[EW_PER_THREAD];
+        load8(xr, i, i + STEP, vec, v);
+        load8(w, i, i + STEP, vec, g);
+#pragma unroll
+        for (int k = 0; k < STEP; ++k) v[k] = ld(st(v[k] * r)) * g[k];
+        store8(yr, i, i + STEP, vec, v);
+    }
+}
+
+extern "C" __global__ void rmsnorm_fwd(const bf16* __restrict__ x, const bf16* __restrict__ w,
+                                       bf16* __restrict__ y, float* __restrict__ rstd, int cols, float eps, int vec) {
+    const size_t off = (size_t)blockIdx.x * cols;
+    if (vec)
+        rmsnorm_fwd_body<EW_PER_THREAD>(x + off, w, y + off, rstd + blockIdx.x, cols, eps);
+    else
+        rmsnorm_fwd_body<1>(x + off, w, y + off, rstd + blockIdx.x, cols, eps);
 }
 
 // dx = rstd * (g - xhat * mean(g * xhat)), g = dy * w, xhat = x * rstd; plus `dres` (the residual
 // branch's gradient) when has_res, which saves the separate add of the block's backward.
+template <int STEP>
+static __device__ __forceinline__ void rmsnorm_bwd_body(const bf16* __restrict__ x, const bf16* __restrict__ w, float r,
+                                                        const bf16* __restrict__ dy, const bf16* __restrict__ dres,
+                                                        bf16* __restrict__ dx, int cols, int has_res) {
+    const bool vec = STEP == EW_PER_THREAD;
+    float dot = 0.f;
+    for (int i = threadIdx.x * STEP; i < cols; i += blockDim.x * STEP) {
+        float d[EW_PER_THREAD], g[EW_PER_THREAD], v[EW_PER_THREAD];
+        load8(dy, i, i + STEP, vec, d);
+        load8(w, i, i + STEP, vec, g);
+        load8(x, i, i + STEP, vec, v);
+#pragma unroll
+        for (int k = 0; k < STEP; ++k) dot += d[k] * g[k] * v[k] * r;
+    }
+    const float mean = block_reduce(dot, false) / cols;
+    for (int i = threadIdx.x * STEP; i < cols; i += blockDim.x * STEP) {
+        float d[EW_PER_THREAD], g[EW_PER_THREAD], v[EW_PER_THREAD], res[EW_PER_THREAD];
+        load8(dy, i, i + STEP, vec, d);
+        load8(w, i, i + STEP, vec, g);
+        load8(x, i, i + STEP, vec, v);
+        if (has_res) load8(dres, i, i + STEP, vec, res);
+#pragma unroll
+        for (int k = 0; k < STEP; ++k) v[k] = r * (d[k] * g[k] - v[k] * r * mean) + (has_res ? res[k] : 0.f);
+        store8(dx, i, i + STEP, vec, v);
+    }
+}
+
 extern "C" __global__ void rmsnorm_bwd(const bf16* __restrict__ x, const bf16* __restrict__ w,
                                        const float* __restrict__ rstd, const bf16* __restrict__ dy,
                                        const bf16* __restrict__ dres, bf16* __restrict__ dx, int cols,
-                                       int has_res) {
-    const size_t row = blockIdx.x;
-    const size_t off = row * cols;
-    const float r = rstd[row];
-    float dot = 0.f;
-    for (int i = threadIdx.x; i < cols; i += blockDim.x) dot += ld(dy[off + i]) * ld(w[i]) * ld(x[off + i]) * r;
-    const float mean = block_reduce(dot, false) / cols;
-    for (int i = threadIdx.x; i < cols; i += blockDim.x) {
-        float g = ld(dy[off + i]) * ld(w[i]);
-        float v = r * (g - ld(x[off + i]) * r * mean);
-        if (has_res) v += ld(dres[off + i]);
-        dx[off + i] = st(v);
-    }
+                                       int has_res, int vec) {
+    const size_t off = (size_t)blockIdx.x * cols;
+    const float r = rstd[blockIdx.x];
+    if (vec)
+        rmsnorm_bwd_body<EW_PER_THREAD>(x + off, w, r, dy + off, dres + off, dx + off, cols, has_res);
+    else
+        rmsnorm_bwd_body<1>(x + off, w, r, dy + off, dres + off, dx + off, cols, has_res);
 }
 
 // Kernels that add a rank-r product (LoRA) walk ROWS_PER_THREAD rows per thread with the column fixed, so
@@ -125,6 +165,80 @@ extern "C" __global__ void qkv_split_rope(const bf16* __restrict__ base, const b
         qkv_split_rope_body<24>(base, lora_u, lora_b, bias, cos_t, sin_t, q, k, v, n_rows, T, H, Hkv, D, r, has_bias, per_token);
     else
         qkv_split_rope_body<0>(base, lora_u, lora_b, bias, cos_t, sin_t, q, k, v, n_rows, T, H, Hkv, D, r, has_bias, per_token);
+}
+
+// The same split with 8 consecutive j per thread (16-byte loads and stores; the RoPE tables as float4) over
+// SPLIT8_ROWS rows, no LoRA delta (the caller adds it into `base` first, with lora_up_add8). Needs
+// D % 16 == 0 and 16-byte aligned rows. Per element the same operations as qkv_split_rope.
+#define SPLIT8_ROWS 4
+static __device__ __forceinline__ void load_f32x8(float* out, const float* __restrict__ p) {
+    const float4 a = *reinterpret_cast<const float4*>(p), b = *reinterpret_cast<const float4*>(p + 4);
+    out[0] = a.x, out[1] = a.y, out[2] = a.z, out[3] = a.w, out[4] = b.x, out[5] = b.y, out[6] = b.z, out[7] = b.w;
+}
+
+extern "C" __global__ void qkv_split_rope8(const bf16* __restrict__ base, const bf16* __restrict__ bias,
+                                           const float* __restrict__ cos_t, const float* __restrict__ sin_t,
+                                           bf16* __restrict__ q, bf16* __restrict__ k, bf16* __restrict__ v,
+                                           int n_rows, int T, int H, int Hkv, int D, int has_bias, int per_token) {
+    const unsigned half = D / 2, groups = half / 8;
+    const unsigned slots = H + 2 * Hkv;
+    const unsigned row_blocks = (n_rows + SPLIT8_ROWS - 1) / SPLIT8_ROWS;
+    const unsigned idx = blockIdx.x * blockDim.x + threadIdx.x;
+    if (idx >= row_blocks * slots * groups) return;
+    const unsigned j0 = (idx % groups) * 8;
+    const unsigned rest = idx / groups;
+    const unsigned slot = rest % slots;
+    const unsigned row0 = (rest / slots) * SPLIT8_ROWS;
+    const unsigned part = slot < (unsigned)H ? 0 : (slot < (unsigned)(H + Hkv) ? 1 : 2);
+    const unsigned h = part == 0 ? slot : (part == 1 ? slot - H : slot - H - Hkv);
+    const unsigned heads = part == 0 ? H : Hkv;
+    const size_t W = (size_t)slots * D;
+    const unsigned col1 = slot * D + j0, col2 = col1 + half;
+    float b1[8], b2[8];
+    load8(bias, col1, col1 + 8, has_bias, b1);
+    load8(bias, col2, col2 + 8, has_bias, b2);
+    if (!has_bias)
+        for (int e = 0; e < 8; ++e) b1[e] = b2[e] = 0.f;
+    bf16* out = part == 0 ? q : (part == 1 ? k : v);
+    Bf16x8 x1s[SPLIT8_ROWS], x2s[SPLIT8_ROWS];
+#pragma unroll
+    for (int r = 0; r < SPLIT8_ROWS; ++r) {
+        const unsigned n = row0 + r;
+        if (n < (unsigned)n_rows) {
+            x1s[r].v = *reinterpret_cast<const uint4*>(base + n * W + col1);
+            x2s[r].v = *reinterpret_cast<const uint4*>(base + n * W + col2);
+        }
+    }
+#pragma unroll
+    for (int r = 0; r < SPLIT8_ROWS; ++r) {
+        const unsigned n = row0 + r;
+        if (n >= (unsigned)n_rows) break;
+        const unsigned b = n / T, t = n % T;
+        const size_t o = ((size_t)(b * heads + h) * T + t) * D + j0;
+        Bf16x8 y1, y2;
+        if (part < 2) {
+            const unsigned p = per_token ? n : t;
+            float c1[8], s1[8], c2[8], s2[8];
+            load_f32x8(c1, cos_t + p * D + j0);
+            load_f32x8(s1, sin_t + p * D + j0);
+            load_f32x8(c2, cos_t + p * D + j0 + half);
+            load_f32x8(s2, sin_t + p * D + j0 + half);
+#pragma unroll
+            for (int e = 0; e < 8; ++e) {
+                const float x1 = ld(x1s[r].h[e]) + b1[e], x2 = ld(x2s[r].h[e]) + b2[e];
+                y1.h[e] = st(x1 * c1[e] - x2 * s1[e]);
+                y2.h[e] = st(x2 * c2[e] + x1 * s2[e]);
+            }
+        } else {
+#pragma unroll
+            for (int e = 0; e < 8; ++e) {
+                y1.h[e] = st(ld(x1s[r].h[e]) + b1[e]);
+                y2.h[e] = st(ld(x2s[r].h[e]) + b2[e]);
+            }
+        }
+        *reinterpret_cast<uint4*>(out + o) = y1.v;
+        *reinterpret_cast<uint4*>(out + o + half) = y2.v;
+    }
 }
 
 // [B, H, T, D] -> columns col0.. of a [N, stride] matrix (heads side by side), optionally applying the

@@ -5,6 +5,15 @@ use candle_core::{bail, DType, Result, Tensor};
 
 // ----- RMSNorm --------------------------------------------------------------------------------------------
 
+/// Whether the row kernels may read and write 8 elements at a time: rows of a multiple of 8 elements, every
+/// tensor starting on a 16-byte boundary (the outputs are fresh allocations).
+fn rows_vec(c: usize, ts: &[&Tensor]) -> Arg<'static> {
+    match (c % 8 == 0, vec_ok(ts)) {
+        (true, Arg::I(1)) => Arg::I(1),
+        _ => Arg::I(0),
+    }
+}
+
 /// y [N, C] and rstd [N, 1] (f32) for x [N, C], w [C].
 pub fn rmsnorm_forward(x: &Tensor, w: &Tensor, eps: f64) -> Result<(Tensor, Tensor)> {
     check_bf16("rmsnorm", &[x, w])?;
@@ -13,7 +22,7 @@ pub fn rmsnorm_forward(x: &Tensor, w: &Tensor, eps: f64) -> Result<(Tensor, Tens
     let (x, w) = (x.contiguous()?, w.contiguous()?);
     let y = uninit(&dev, (n, c), DType::BF16)?;
     let rstd = uninit(&dev, (n, 1), DType::F32)?;
-    let args = [Arg::T(&x), Arg::T(&w), Arg::T(&y), Arg::T(&rstd), Arg::I(c as i32), Arg::F(eps as f32)];
+    let args = [Arg::T(&x), Arg::T(&w), Arg::T(&y), Arg::T(&rstd), Arg::I(c as i32), Arg::F(eps as f32), rows_vec(c, &[&x, &w])];
     launch(&dev, "rmsnorm_fwd", n as u64, ROW_THREADS, &args)?;
     Ok((y, rstd))
 }
@@ -35,6 +44,7 @@ pub fn rmsnorm_backward(x: &Tensor, rstd: &Tensor, w: &Tensor, dy: &Tensor, dres
         Arg::T(&dx),
         Arg::I(c as i32),
         Arg::I(dres.is_some() as i32),
+        rows_vec(c, &[x, w, &dy, dres.as_ref().unwrap_or(&dy)]),
     ];
     launch(&dev, "rmsnorm_bwd", n as u64, ROW_THREADS, &args)?;
     Ok(dx)
@@ -44,6 +54,9 @@ pub fn rmsnorm_backward(x: &Tensor, rstd: &Tensor, w: &Tensor, dy: &Tensor, dres
 
 /// The attention input's base output [N, W], W = (H + 2 Hkv) D (+ bias [W], + the LoRA delta u B^T from
 /// u [N, r] and B [W, r]) -> q [B, H, T, D] (rotated), k [B, Hkv, T, D] (rotated) and v [B, Hkv, T, D].
+/// At rank 0 or 8 (head dim a multiple of 16, aligned rows) the delta is first added into `base` in place
+/// (`base` must be a fresh GEMM output nothing reads afterwards) and the split moves 8 elements per access;
+/// other ranks take the kernel that adds the delta per element.
 #[allow(clippy::too_many_arguments)]
 pub fn qkv_split_rope(base: &Tensor, bias: Option<&Tensor>, lora: Option<(&Tensor, &Tensor)>, cos: &Tensor, sin: &Tensor, b: usize, t: usize, h: usize, hkv: usize, d: usize) -> Result<(Tensor, Tensor, Tensor)> {
     let dev = cuda_device(base)?;
@@ -57,6 +70,31 @@ pub fn qkv_split_rope(base: &Tensor, bias: Option<&Tensor>, lora: Option<(&Tenso
     let q = uninit(&dev, (b, h, t, d), DType::BF16)?;
     let k = uninit(&dev, (b, hkv, t, d), DType::BF16)?;
     let v = uninit(&dev, (b, hkv, t, d), DType::BF16)?;
+    let aligned_rows = matches!(vec_ok(&[&base, bias.unwrap_or(&base)]), Arg::I(1));
+    if (r == 0 || r == 8) && d % 16 == 0 && aligned_rows {
+        if let (Some(u), Some(lb)) = (&u, &lb) {
+            super::lora::lora_up_add_(&base, u, lb)?;
+        }
+        let args = [
+            Arg::T(&base),
+            Arg::T(bias.unwrap_or(&base)),
+            Arg::T(cos),
+            Arg::T(sin),
+            Arg::T(&q),
+            Arg::T(&k),
+            Arg::T(&v),
+            Arg::I(n as i32),
+            Arg::I(t as i32),
+            Arg::I(h as i32),
+            Arg::I(hkv as i32),
+            Arg::I(d as i32),
+            Arg::I(bias.is_some() as i32),
+            per_token(cos, n, d)?,
+        ];
+        const SPLIT8_ROWS: usize = 4; // SPLIT8_ROWS in layers.cu
+        launch(&dev, "qkv_split_rope8", blocks(n.div_ceil(SPLIT8_ROWS) * (h + 2 * hkv) * d / 16, EW_THREADS)?, EW_THREADS, &args)?;
+        return Ok((q, k, v));
+    }
     let args = [
         Arg::T(&base),
         Arg::T(u.as_ref().unwrap_or(&base)),

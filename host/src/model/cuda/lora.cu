@@ -78,3 +78,93 @@ extern "C" __global__ void lora_down_add(bf16* __restrict__ dx, const bf16* __re
         lora_down_add_body<0>(dx, du, a_t, n_rows, cols, r, key, p, keep_scale, has_dropout);
 }
 
+
+// ---------------------------------------------------------------------------------------------------------
+// The same two at rank 8 with 8 consecutive columns per thread: one 16-byte load and store of y (dx) per
+// row instead of eight 2-byte ones, which is what keeps these passes near the memory's bandwidth. The 8
+// columns' rank-8 rows of B (A^T) sit in registers; each output is summed in the same order as the kernels
+// above, so both give the same bits. The caller checks cols % 8 == 0 and 16-byte alignment.
+
+// The rank-8 rows `rows[c * 8 ..]` of 8 consecutive columns as floats.
+static __device__ __forceinline__ void load_rank8_rows(float (*w)[8], const bf16* __restrict__ rows) {
+#pragma unroll
+    for (int c = 0; c < 8; ++c) {
+        Bf16x8 v;
+        v.v = *reinterpret_cast<const uint4*>(rows + c * 8);
+#pragma unroll
+        for (int k = 0; k < 8; ++k) w[c][k] = ld(v.h[k]);
+    }
+}
+
+static __device__ __forceinline__ float dot8(const float* w, const float* u) {
+    float acc = 0.f;
+#pragma unroll
+    for (int k = 0; k < 8; ++k) acc += u[k] * w[k];
+    return acc;
+}
+
+static __device__ __forceinline__ void load_floats8(float* out, const bf16* __restrict__ p) {
+    Bf16x8 v;
+    v.v = *reinterpret_cast<const uint4*>(p);
+#pragma unroll
+    for (int k = 0; k < 8; ++k) out[k] = ld(v.h[k]);
+}
+
+extern "C" __global__ void lora_up_add8(bf16* __restrict__ y, const bf16* __restrict__ u, const bf16* __restrict__ b,
+                                        int n_rows, int cols) {
+    const unsigned groups = cols / 8;
+    const unsigned row_blocks = (n_rows + ROWS_PER_THREAD - 1) / ROWS_PER_THREAD;
+    const unsigned idx = blockIdx.x * blockDim.x + threadIdx.x;
+    if (idx >= row_blocks * groups) return;
+    const unsigned j0 = (idx % groups) * 8, row0 = (idx / groups) * ROWS_PER_THREAD;
+    float w[8][8];
+    load_rank8_rows(w, b + (size_t)j0 * 8);
+    Bf16x8 ys[ROWS_PER_THREAD];
+#pragma unroll
+    for (int k = 0; k < ROWS_PER_THREAD; ++k) {
+        const unsigned n = row0 + k;
+        if (n < (unsigned)n_rows) ys[k].v = *reinterpret_cast<const uint4*>(y + (size_t)n * cols + j0);
+    }
+#pragma unroll
+    for (int k = 0; k < ROWS_PER_THREAD; ++k) {
+        const unsigned n = row0 + k;
+        if (n >= (unsigned)n_rows) break;
+        float uf[8];
+        load_floats8(uf, u + (size_t)n * 8);
+#pragma unroll
+        for (int c = 0; c < 8; ++c) ys[k].h[c] = st(ld(ys[k].h[c]) + dot8(w[c], uf));
+        *reinterpret_cast<uint4*>(y + (size_t)n * cols + j0) = ys[k].v;
+    }
+}
+
+extern "C" __global__ void lora_down_add8(bf16* __restrict__ dx, const bf16* __restrict__ du, const bf16* __restrict__ a_t,
+                                          int n_rows, int cols, uint64_t key, float p, float keep_scale, int has_dropout) {
+    const unsigned groups = cols / 8;
+    const unsigned row_blocks = (n_rows + ROWS_PER_THREAD - 1) / ROWS_PER_THREAD;
+    const unsigned idx = blockIdx.x * blockDim.x + threadIdx.x;
+    if (idx >= row_blocks * groups) return;
+    const unsigned i0 = (idx % groups) * 8, row0 = (idx / groups) * ROWS_PER_THREAD;
+    float w[8][8];
+    load_rank8_rows(w, a_t + (size_t)i0 * 8);
+    Bf16x8 xs[ROWS_PER_THREAD];
+#pragma unroll
+    for (int k = 0; k < ROWS_PER_THREAD; ++k) {
+        const unsigned n = row0 + k;
+        if (n < (unsigned)n_rows) xs[k].v = *reinterpret_cast<const uint4*>(dx + (size_t)n * cols + i0);
+    }
+#pragma unroll 1  // the dropout hash per element is register-hungry: one row at a time
+    for (int k = 0; k < ROWS_PER_THREAD; ++k) {
+        const unsigned n = row0 + k;
+        if (n >= (unsigned)n_rows) break;
+        float uf[8];
+        load_floats8(uf, du + (size_t)n * 8);
+#pragma unroll
+        for (int c = 0; c < 8; ++c) {
+            const size_t e = (size_t)n * cols + i0 + c;
+            float g = dot8(w[c], uf);
+            if (has_dropout) g = dropped(key, e, p) ? 0.f : g * keep_scale;
+            xs[k].h[c] = st(ld(xs[k].h[c]) + g);
+        }
+        *reinterpret_cast<uint4*>(dx + (size_t)n * cols + i0) = xs[k].v;
+    }
+}
