@@ -93,6 +93,9 @@ fn ops_checks(gpu: &Device, checks: &mut Vec<Check>) -> Result<()> {
     let dxc = ops::rmsnorm_backward(&sc, &w.cpu, &dy.cpu, Some(&dr.cpu), false)?;
     let dxg = ops::rmsnorm_backward(&sg, &w.gpu, &dy.gpu, Some(&dr.gpu), true)?;
     push(checks, "rmsnorm backward (+ residual)", &dxg, &dxc, OP_TOL)?;
+    let rc = ops::residual_add(&x.cpu, &dy.cpu, false)?;
+    let rg = ops::residual_add(&x.gpu, &dy.gpu, true)?;
+    push(checks, "residual add", &rg, &rc, OP_TOL)?;
 
     // The attention input -> q, k, v with RoPE, and back: GQA (2 query heads per kv head) with the LoRA
     // deltas of separate q, k and v adapters side by side (rank 24), as the Qwen2/Qwen3/Llama models call it.

@@ -114,7 +114,7 @@ pub fn run(o: &Options) -> Result<OpsReport> {
     add("rmsnorm forward", time(dev, reps, || Ok(drop(ops::rmsnorm_forward(&x, &w, 1e-6, f.norm)?)))?, 2 * fwd + 1);
     let (_, saved) = ops::rmsnorm_forward(&x, &w, 1e-6, f.norm)?;
     add("rmsnorm backward (+ residual)", time(dev, reps, || Ok(drop(ops::rmsnorm_backward(&saved, &w, &dy, Some(&x), f.norm)?)))?, 2 * layers + 1);
-    add("residual add", time(dev, reps, || Ok(drop((&x + &dy)?)))?, 2 * fwd);
+    add("residual add", time(dev, reps, || Ok(drop(ops::residual_add(&x, &dy, f.norm)?)))?, 2 * fwd);
 
     // Attention: layout + RoPE, the attention itself, heads merged.
     let rope = Rope::new(t, d, cfg.rope_base, &cfg.rope_scaling, dt, dev)?;

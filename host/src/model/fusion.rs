@@ -12,7 +12,8 @@
 pub struct Fusion {
     /// LoRA dropout from a counter-based hash inside the kernel: no mask built on the host, uploaded or kept.
     pub dropout: bool,
-    /// RMSNorm forward/backward in one kernel each (backward also adds the residual gradient).
+    /// RMSNorm forward/backward in one kernel each (backward also adds the residual gradient); the residual
+    /// adds with 16-byte accesses.
     pub norm: bool,
     /// c_attn output + bias + LoRA delta -> rotated q, k and v in one kernel; heads merged (and un-rotated in
     /// backward) in one kernel.

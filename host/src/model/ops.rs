@@ -221,6 +221,16 @@ pub struct SwiGluSaved {
     g: Tensor,
 }
 
+/// x + y on the residual stream: on the GPU one kernel with 16-byte accesses (with the `norm` switch).
+pub fn residual_add(x: &Tensor, y: &Tensor, fused: bool) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if super::fusion::on(fused, x) {
+        return super::cuda::residual_add(x, y);
+    }
+    let _ = fused;
+    x + y
+}
+
 pub fn swiglu_forward(a: &Tensor, g: &Tensor, fused: bool) -> Result<(Tensor, SwiGluSaved)> {
     #[cfg(feature = "cuda")]
     if super::fusion::on(fused, a) {

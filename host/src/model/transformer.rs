@@ -475,7 +475,7 @@ impl Model {
         let (y, attn) = attention::attention_forward(&q, &k, &v, cfg.kv_groups(), ctx.mask.as_ref(), f.attention, ctx.flash.as_ref())?;
         let y = attention::merge_heads(&y, &ctx.rope, f.rope)?;
         let (o, o_lora) = self.adapted_forward(ctx, layer, Site::O, &y)?;
-        let x1 = (x + o)?;
+        let x1 = ops::residual_add(x, &o, f.norm)?;
 
         // MLP branch.
         let (h2, ln_2) = ops::rmsnorm_forward(&x1, &w.ln_2, cfg.eps, f.norm)?;
@@ -485,7 +485,7 @@ impl Model {
         let (x2, down) = match output {
             true => {
                 let (o2, down) = self.adapted_forward(ctx, layer, Site::Down, &m)?;
-                (Some((&x1 + o2)?), down)
+                (Some(ops::residual_add(&x1, &o2, f.norm)?), down)
             }
             false => (None, self.lora_branch(ctx, layer, Site::Down, &m)?),
         };

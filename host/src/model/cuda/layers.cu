@@ -272,6 +272,45 @@ extern "C" __global__ void heads_merge(const bf16* __restrict__ src, const float
     dst[d + half] = st(y2);
 }
 
+// heads_merge with 8 consecutive j per thread (16-byte loads and stores; D % 16 == 0, col0 and stride
+// multiples of 8, 16-byte aligned buffers); per element the same operations.
+extern "C" __global__ void heads_merge8(const bf16* __restrict__ src, const float* __restrict__ cos_t,
+                                        const float* __restrict__ sin_t, bf16* __restrict__ dst, int stride,
+                                        int col0, int n_rows, int T, int H, int D, int inverse_rope, int per_token) {
+    const unsigned half = D / 2, groups = half / 8;
+    const unsigned idx = blockIdx.x * blockDim.x + threadIdx.x;
+    if (idx >= (unsigned)n_rows * H * groups) return;
+    const unsigned j0 = (idx % groups) * 8;
+    const unsigned rest = idx / groups;
+    const unsigned h = rest % H;
+    const unsigned n = rest / H;
+    const unsigned b = n / T, t = n % T;
+    const size_t s = ((size_t)(b * H + h) * T + t) * D + j0;
+    Bf16x8 g1, g2, y1, y2;
+    g1.v = *reinterpret_cast<const uint4*>(src + s);
+    g2.v = *reinterpret_cast<const uint4*>(src + s + half);
+    if (inverse_rope) {
+        const unsigned p = per_token ? n : t;
+        float c1[8], s1[8], c2[8], s2[8];
+        load_f32x8(c1, cos_t + p * D + j0);
+        load_f32x8(s1, sin_t + p * D + j0);
+        load_f32x8(c2, cos_t + p * D + j0 + half);
+        load_f32x8(s2, sin_t + p * D + j0 + half);
+#pragma unroll
+        for (int e = 0; e < 8; ++e) {
+            const float a = ld(g1.h[e]), c = ld(g2.h[e]);
+            y1.h[e] = st(a * c1[e] + c * s2[e]);
+            y2.h[e] = st(c * c2[e] - a * s1[e]);
+        }
+    } else {
+        y1 = g1;
+        y2 = g2;
+    }
+    const size_t d = (size_t)n * stride + col0 + h * D + j0;
+    *reinterpret_cast<uint4*>(dst + d) = y1.v;
+    *reinterpret_cast<uint4*>(dst + d + half) = y2.v;
+}
+
 extern "C" __global__ void heads_split(const bf16* __restrict__ src, bf16* __restrict__ dst, int n_rows, int T,
                                        int H, int D) {
     const unsigned idx = blockIdx.x * blockDim.x + threadIdx.x;
@@ -318,6 +357,19 @@ extern "C" __global__ void swiglu_bwd(const bf16* __restrict__ a, const bf16* __
 }
 
 // ---------------------------------------------------------------------------------------------------------
+// The residual add, out = a + b (one rounding, as candle's add), 8 elements per thread.
+extern "C" __global__ void residual_add(const bf16* __restrict__ a, const bf16* __restrict__ b, bf16* __restrict__ out,
+                                        size_t n, int vec) {
+    const size_t i = ((size_t)blockIdx.x * blockDim.x + threadIdx.x) * EW_PER_THREAD;
+    if (i >= n) return;
+    float av[EW_PER_THREAD], bv[EW_PER_THREAD];
+    load8(a, i, n, vec, av);
+    load8(b, i, n, vec, bv);
+#pragma unroll
+    for (int k = 0; k < EW_PER_THREAD; ++k) av[k] += bv[k];
+    store8(out, i, n, vec, av);
+}
+
 extern "C" __global__ void dropout(const bf16* __restrict__ x, bf16* __restrict__ y, size_t n, uint64_t key,
                                    float p, float keep_scale, int vec) {
     const size_t i = ((size_t)blockIdx.x * blockDim.x + threadIdx.x) * EW_PER_THREAD;

@@ -150,6 +150,10 @@ fn heads_merge_into(src: &Tensor, cos: &Tensor, sin: &Tensor, dst: &Tensor, col0
         Arg::I(inverse_rope as i32),
         per_token(cos, n, d)?,
     ];
+    // 8 elements per access when the head dim, the column offsets and the buffers allow.
+    if d % 16 == 0 && stride % 8 == 0 && col0 % 8 == 0 && matches!(vec_ok(&[&src, dst]), Arg::I(1)) {
+        return launch(&dev, "heads_merge8", blocks(n * h * d / 16, EW_THREADS)?, EW_THREADS, &args);
+    }
     launch(&dev, "heads_merge", blocks(n * h * d / 2, EW_THREADS)?, EW_THREADS, &args)
 }
 
@@ -196,6 +200,21 @@ pub fn swiglu_forward(a: &Tensor, g: &Tensor) -> Result<Tensor> {
     let args = [Arg::T(&a), Arg::T(&g), Arg::T(&h), Arg::U(n as u64), vec_ok(&[&a, &g])];
     launch(&dev, "swiglu_fwd", blocks(n.div_ceil(EW_PER_THREAD), EW_THREADS)?, EW_THREADS, &args)?;
     Ok(h)
+}
+
+/// a + b for two bf16 tensors of one shape (the residual stream).
+pub fn residual_add(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    check_bf16("residual_add", &[a, b])?;
+    if a.dims() != b.dims() {
+        bail!("residual_add: shapes {:?} and {:?} differ", a.dims(), b.dims());
+    }
+    let dev = cuda_device(a)?;
+    let (a, b) = (a.contiguous()?, b.contiguous()?);
+    let n = a.elem_count();
+    let out = uninit(&dev, a.shape(), DType::BF16)?;
+    let args = [Arg::T(&a), Arg::T(&b), Arg::T(&out), Arg::U(n as u64), vec_ok(&[&a, &b])];
+    launch(&dev, "residual_add", blocks(n.div_ceil(EW_PER_THREAD), EW_THREADS)?, EW_THREADS, &args)?;
+    Ok(out)
 }
 
 /// (da, dg).
