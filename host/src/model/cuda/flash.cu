@@ -124,6 +124,13 @@ __device__ __forceinline__ void load_a(uint32_t* a, const bf16* rows, int kk) {
     ldsm(a, rows + (lane & 15) * Dims<D>::LD + kk * 16 + (lane >> 4) * 8);
 }
 
+// The A operands of a warp's 16 rows over the whole head dim (KD steps of 16 columns), kept in registers.
+template <int D>
+__device__ __forceinline__ void load_a_rows(uint32_t (*a)[4], const bf16* rows) {
+#pragma unroll
+    for (int kk = 0; kk < Dims<D>::KD; ++kk) load_a<D>(a[kk], rows, kk);
+}
+
 // B operands of two C tiles (n = 16 np .. 16 np + 15) for a product with a tile's transpose (S = Q K^T:
 // n = the tile's row, k = its column 16 kk ..): b[0], b[1] for tile 2 np, b[2], b[3] for tile 2 np + 1.
 template <int D>
@@ -254,10 +261,8 @@ __device__ __forceinline__ void forward(const bf16* __restrict__ q, const bf16* 
     cp_commit();
     cp_wait<0>();
     __syncthreads();
-    const bf16* Qw = Qs + warp * 16 * LD;
     uint32_t qf[KD][4];
-#pragma unroll
-    for (int kk = 0; kk < KD; ++kk) load_a<D>(qf[kk], Qw, kk);
+    load_a_rows<D>(qf, Qs + warp * 16 * LD);
 
     float oacc[ND][4];
 #pragma unroll
@@ -386,11 +391,9 @@ __device__ __forceinline__ void backward_dq(const bf16* __restrict__ q, const bf
     cp_commit();
     cp_wait<0>();
     __syncthreads();
-    const bf16* Qw = Qs + warp * 16 * LD;
     const bf16* dOw = dOs + warp * 16 * LD;
     uint32_t qf[KD][4];
-#pragma unroll
-    for (int kk = 0; kk < KD; ++kk) load_a<D>(qf[kk], Qw, kk);
+    load_a_rows<D>(qf, Qs + warp * 16 * LD);
 
     float acc[ND][4];
 #pragma unroll

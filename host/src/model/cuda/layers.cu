@@ -176,6 +176,17 @@ static __device__ __forceinline__ void load_f32x8(float* out, const float* __res
     out[0] = a.x, out[1] = a.y, out[2] = a.z, out[3] = a.w, out[4] = b.x, out[5] = b.y, out[6] = b.z, out[7] = b.w;
 }
 
+// The RoPE tables' entries at row p for 8 consecutive j (c1, s1) and for their partners j + D/2 (c2, s2).
+static __device__ __forceinline__ void load_rope8(float* c1, float* s1, float* c2, float* s2, const float* __restrict__ cos_t,
+                                                  const float* __restrict__ sin_t, unsigned p, int D, unsigned j0) {
+    const float* c = cos_t + (size_t)p * D + j0;
+    const float* s = sin_t + (size_t)p * D + j0;
+    load_f32x8(c1, c);
+    load_f32x8(s1, s);
+    load_f32x8(c2, c + D / 2);
+    load_f32x8(s2, s + D / 2);
+}
+
 extern "C" __global__ void qkv_split_rope8(const bf16* __restrict__ base, const bf16* __restrict__ bias,
                                            const float* __restrict__ cos_t, const float* __restrict__ sin_t,
                                            bf16* __restrict__ q, bf16* __restrict__ k, bf16* __restrict__ v,
@@ -219,10 +230,7 @@ extern "C" __global__ void qkv_split_rope8(const bf16* __restrict__ base, const 
         if (part < 2) {
             const unsigned p = per_token ? n : t;
             float c1[8], s1[8], c2[8], s2[8];
-            load_f32x8(c1, cos_t + p * D + j0);
-            load_f32x8(s1, sin_t + p * D + j0);
-            load_f32x8(c2, cos_t + p * D + j0 + half);
-            load_f32x8(s2, sin_t + p * D + j0 + half);
+            load_rope8(c1, s1, c2, s2, cos_t, sin_t, p, D, j0);
 #pragma unroll
             for (int e = 0; e < 8; ++e) {
                 const float x1 = ld(x1s[r].h[e]) + b1[e], x2 = ld(x2s[r].h[e]) + b2[e];
@@ -292,10 +300,7 @@ extern "C" __global__ void heads_merge8(const bf16* __restrict__ src, const floa
     if (inverse_rope) {
         const unsigned p = per_token ? n : t;
         float c1[8], s1[8], c2[8], s2[8];
-        load_f32x8(c1, cos_t + p * D + j0);
-        load_f32x8(s1, sin_t + p * D + j0);
-        load_f32x8(c2, cos_t + p * D + j0 + half);
-        load_f32x8(s2, sin_t + p * D + j0 + half);
+        load_rope8(c1, s1, c2, s2, cos_t, sin_t, p, D, j0);
 #pragma unroll
         for (int e = 0; e < 8; ++e) {
             const float a = ld(g1.h[e]), c = ld(g2.h[e]);

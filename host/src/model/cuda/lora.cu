@@ -88,12 +88,7 @@ extern "C" __global__ void lora_down_add(bf16* __restrict__ dx, const bf16* __re
 // The rank-8 rows `rows[c * 8 ..]` of 8 consecutive columns as floats.
 static __device__ __forceinline__ void load_rank8_rows(float (*w)[8], const bf16* __restrict__ rows) {
 #pragma unroll
-    for (int c = 0; c < 8; ++c) {
-        Bf16x8 v;
-        v.v = *reinterpret_cast<const uint4*>(rows + c * 8);
-#pragma unroll
-        for (int k = 0; k < 8; ++k) w[c][k] = ld(v.h[k]);
-    }
+    for (int c = 0; c < 8; ++c) load8(rows, c * 8, c * 8 + 8, true, w[c]);
 }
 
 static __device__ __forceinline__ float dot8(const float* w, const float* u) {
@@ -103,11 +98,15 @@ static __device__ __forceinline__ float dot8(const float* w, const float* u) {
     return acc;
 }
 
-static __device__ __forceinline__ void load_floats8(float* out, const bf16* __restrict__ p) {
-    Bf16x8 v;
-    v.v = *reinterpret_cast<const uint4*>(p);
+// Columns col0 .. col0 + 8 of rows row0 .. row0 + ROWS_PER_THREAD (those below n_rows) of an [n_rows, cols]
+// matrix, all loads issued before any is used.
+static __device__ __forceinline__ void load_row_groups(Bf16x8* dst, const bf16* __restrict__ m, unsigned row0, int n_rows,
+                                                       int cols, unsigned col0) {
 #pragma unroll
-    for (int k = 0; k < 8; ++k) out[k] = ld(v.h[k]);
+    for (int k = 0; k < ROWS_PER_THREAD; ++k) {
+        const unsigned n = row0 + k;
+        if (n < (unsigned)n_rows) dst[k].v = *reinterpret_cast<const uint4*>(m + (size_t)n * cols + col0);
+    }
 }
 
 extern "C" __global__ void lora_up_add8(bf16* __restrict__ y, const bf16* __restrict__ u, const bf16* __restrict__ b,
@@ -120,17 +119,13 @@ extern "C" __global__ void lora_up_add8(bf16* __restrict__ y, const bf16* __rest
     float w[8][8];
     load_rank8_rows(w, b + (size_t)j0 * 8);
     Bf16x8 ys[ROWS_PER_THREAD];
-#pragma unroll
-    for (int k = 0; k < ROWS_PER_THREAD; ++k) {
-        const unsigned n = row0 + k;
-        if (n < (unsigned)n_rows) ys[k].v = *reinterpret_cast<const uint4*>(y + (size_t)n * cols + j0);
-    }
+    load_row_groups(ys, y, row0, n_rows, cols, j0);
 #pragma unroll
     for (int k = 0; k < ROWS_PER_THREAD; ++k) {
         const unsigned n = row0 + k;
         if (n >= (unsigned)n_rows) break;
         float uf[8];
-        load_floats8(uf, u + (size_t)n * 8);
+        load8(u, (size_t)n * 8, (size_t)n * 8 + 8, true, uf);
 #pragma unroll
         for (int c = 0; c < 8; ++c) ys[k].h[c] = st(ld(ys[k].h[c]) + dot8(w[c], uf));
         *reinterpret_cast<uint4*>(y + (size_t)n * cols + j0) = ys[k].v;
@@ -147,17 +142,13 @@ extern "C" __global__ void lora_down_add8(bf16* __restrict__ dx, const bf16* __r
     float w[8][8];
     load_rank8_rows(w, a_t + (size_t)i0 * 8);
     Bf16x8 xs[ROWS_PER_THREAD];
-#pragma unroll
-    for (int k = 0; k < ROWS_PER_THREAD; ++k) {
-        const unsigned n = row0 + k;
-        if (n < (unsigned)n_rows) xs[k].v = *reinterpret_cast<const uint4*>(dx + (size_t)n * cols + i0);
-    }
+    load_row_groups(xs, dx, row0, n_rows, cols, i0);
 #pragma unroll 1  // the dropout hash per element is register-hungry: one row at a time
     for (int k = 0; k < ROWS_PER_THREAD; ++k) {
         const unsigned n = row0 + k;
         if (n >= (unsigned)n_rows) break;
         float uf[8];
-        load_floats8(uf, du + (size_t)n * 8);
+        load8(du, (size_t)n * 8, (size_t)n * 8 + 8, true, uf);
 #pragma unroll
         for (int c = 0; c < 8; ++c) {
             const size_t e = (size_t)n * cols + i0 + c;
