@@ -355,10 +355,11 @@ pub const FLASH_HEAD_DIMS: [usize; 2] = [64, 128];
 /// Tokens per block of the flash kernels (queries in the forward and dQ, keys in dK/dV).
 pub const FLASH_BLOCK: usize = 64;
 
-/// The work list of the flash kernels (model/cuda/attention.cu): one entry (row, first, len, block) per
+/// The work list of the flash kernels (model/cuda/flash.cu): one entry (row, first, len, block) per
 /// 64-token block of every sequence (tokens first..first + len of batch row `row`), the entries with the
 /// most forward work (the latest blocks of the longest sequences) first, so the long blocks start first
-/// and the short ones fill the tail. Built once per step and shared by every layer.
+/// and the short ones fill the tail. Built once per forward and shared by every layer (for rows of one
+/// sequence each, once per shape: `Model` keeps the last table).
 #[derive(Clone, Debug)]
 pub struct FlashBlocks {
     /// u32 [n, 4] on the model's device.

@@ -36,6 +36,9 @@ pub struct Model {
     /// RoPE tables for the longest sequence seen so far, grown on demand; a batch takes its first T rows
     /// (building them per step would leave the GPU idle while the host computes them).
     rope: std::sync::Mutex<Option<Rope>>,
+    /// The flash kernels' work list for rows of one sequence each, for the last [B, T] asked: every step of
+    /// a run and every decoding step repeats its shape, so the table is made and uploaded once.
+    flash_rows: std::sync::Mutex<Option<((usize, usize), FlashBlocks)>>,
 }
 
 /// Result of one training micro-step. `grads` are gradients of `loss_sum` (not of the mean): divide by
@@ -72,8 +75,8 @@ struct Ctx<'a> {
     mask: Option<Tensor>,
     /// The sequences of a padding-free batch; None when each row is one sequence.
     packed: Option<Packed>,
-    /// The flash kernels' work list when attention takes them (a padding-free batch, or long rows in
-    /// training); None for the scores paths.
+    /// The flash kernels' work list when attention takes them (wherever they run, except KV-cached steps,
+    /// whose queries see more keys than themselves); None for the scores and composite paths.
     flash: Option<FlashBlocks>,
     lora: Option<&'a Lora>,
     fusion: Fusion,
@@ -215,7 +218,7 @@ impl Model {
     /// A model of these weights (every fused kernel switched on, loss chunks sized for the device).
     pub fn new(config: ModelConfig, weights: Weights, dtype: DType, device: &Device) -> Model {
         let loss_chunk = loss::default_chunk(device);
-        Model { config, weights, dtype, device: device.clone(), loss_chunk, fusion: Fusion::default(), rope: Default::default() }
+        Model { config, weights, dtype, device: device.clone(), loss_chunk, fusion: Fusion::default(), rope: Default::default(), flash_rows: Default::default() }
     }
 
     // ----- inference ------------------------------------------------------------------------------------
@@ -679,10 +682,23 @@ impl Model {
             false => Some(attention::causal_mask(t, self.dtype, &self.device)?),
         };
         let flash = match self.flash_runs(fusion) {
-            true => Some(FlashBlocks::rows(b, t, &self.device)?),
+            true => Some(self.flash_rows(b, t)?),
             false => None,
         };
         Ok(Ctx { b, t, rope, mask, packed: None, flash, lora, dropout, fusion, cache: None })
+    }
+
+    /// [`FlashBlocks::rows`] for [b, t], from the cached table when the shape repeats.
+    fn flash_rows(&self, b: usize, t: usize) -> Result<FlashBlocks> {
+        let mut cached = self.flash_rows.lock().unwrap_or_else(|e| e.into_inner());
+        match cached.as_ref() {
+            Some((shape, blocks)) if *shape == (b, t) => Ok(blocks.clone()),
+            _ => {
+                let blocks = FlashBlocks::rows(b, t, &self.device)?;
+                *cached = Some(((b, t), blocks.clone()));
+                Ok(blocks)
+            }
+        }
     }
 
     fn flash_runs(&self, fusion: Fusion) -> bool {
