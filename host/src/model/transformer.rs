@@ -276,8 +276,9 @@ impl Model {
                     bail!("position {last} is past seq_length {}", self.config.seq_length);
                 }
                 ctx.rope = self.rope_prefix(last + 1)?.at(&positions, b, t)?;
-                // Per-row positions and masks: the composite RoPE and attention (as a padding-free batch).
-                (ctx.fusion.rope, ctx.fusion.attention, ctx.flash) = (false, false, None);
+                // Per-row positions (the fused split reads RoPE tables per token, as in a padding-free batch)
+                // and per-row masks over the gapped keys (the composite attention).
+                (ctx.fusion.attention, ctx.flash) = (false, None);
                 let keys = past + t;
                 ctx.mask = Some(Tensor::from_vec(mask, (b, 1, t, keys), &self.device)?.to_dtype(ops::acc_dtype(self.dtype))?);
             }
