@@ -107,7 +107,7 @@ fn bench_train_runs_the_real_trainer_at_a_named_shape() {
     let o = lorahost(&["bench", "train", "--shape", "qwen-99b"], &root);
     assert!(!o.status.success() && text(&o).contains("unknown shape"));
     let o = lorahost(&["bench", "train", "--fusion", "some"], &root);
-    assert!(!o.status.success() && text(&o).contains("--fusion some: all, none or no-flash"));
+    assert!(!o.status.success() && text(&o).contains("--fusion some: all, none, or one of no-dropout,") && text(&o).contains("no-ds-tiles"));
 }
 
 #[test]

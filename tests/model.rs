@@ -1093,13 +1093,34 @@ fn batched_generation_equals_one_prompt_at_a_time_in_every_family() {
 }
 
 #[test]
+fn fusion_switches_parse_as_all_none_or_all_but_one_lever() {
+    use lorahost::model::fusion::Fusion;
+    assert_eq!(Fusion::parse("all"), Some(Fusion::ALL));
+    assert_eq!(Fusion::parse("none"), Some(Fusion::NONE));
+    assert_eq!(Fusion::parse("no-flash"), Some(Fusion { flash: false, ..Fusion::ALL }));
+    assert_eq!(Fusion::parse("no-ds-tiles"), Some(Fusion { ds_tiles: false, ..Fusion::ALL }));
+    // Every lever has its own switch: turning each one off leaves exactly one switch off.
+    for (name, switch) in Fusion::LEVERS {
+        let f = Fusion::parse(&format!("no-{name}")).unwrap_or_else(|| panic!("no-{name}"));
+        assert_ne!(f, Fusion::ALL, "{name}");
+        let mut back = f;
+        *switch(&mut back) = true;
+        assert_eq!(back, Fusion::ALL, "{name}");
+    }
+    for bad in ["some", "no-", "no-everything", "flash"] {
+        assert_eq!(Fusion::parse(bad), None, "{bad}");
+    }
+}
+
+#[test]
 fn the_flash_work_list_covers_every_block_of_every_sequence_once_the_longest_first() {
     use lorahost::model::attention::{FlashBlocks, Packed};
     // Two rows of 200: sequences of 70 + 130, and 1 + 64 + 135 tokens.
     let packed = Packed::new(&[0, 70, 200, 201, 265, 400], 2, 200).unwrap();
     let seqs: Vec<(usize, usize, usize)> = packed.sequences().map(|s| (s.start / 200, s.start % 200, s.len())).collect();
     assert_eq!(seqs, vec![(0, 0, 70), (0, 70, 130), (1, 0, 1), (1, 1, 64), (1, 65, 135)]);
-    let e = FlashBlocks::entries(seqs.iter().copied());
+    let (with_tiles, n_tiles) = FlashBlocks::entries(seqs.iter().copied());
+    let e: Vec<[u32; 4]> = with_tiles.iter().map(|(x, _)| *x).collect();
     // 64-token blocks: 2 + 3 + 1 + 1 + 3.
     assert_eq!(e.len(), 10);
     assert!(e.windows(2).all(|w| w[0][3] >= w[1][3]), "most work first: {e:?}");
@@ -1110,6 +1131,11 @@ fn the_flash_work_list_covers_every_block_of_every_sequence_once_the_longest_fir
         blocks.sort();
         assert_eq!(blocks, (0..len.div_ceil(64) as u32).collect::<Vec<_>>(), "sequence {row}/{first}/{len}");
     }
+    // The backward's dS tiles: each sequence's causal triangle of 64 x 64 tiles (nb (nb + 1) / 2), one after
+    // the other in batch order; every entry of a sequence points at its sequence's first tile.
+    assert_eq!(n_tiles, 3 + 6 + 1 + 1 + 6);
+    let tiles: Vec<u32> = with_tiles.iter().map(|(_, t)| *t).collect();
+    assert_eq!(tiles, vec![3, 11, 0, 3, 11, 0, 3, 9, 10, 11]);
     // Rows of one sequence each.
     let rows = FlashBlocks::rows(3, 100, &candle_core::Device::Cpu).unwrap();
     let t: Vec<u32> = rows.table.flatten_all().unwrap().to_vec1().unwrap();

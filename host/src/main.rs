@@ -255,7 +255,7 @@ struct StepArgs {
     seq: usize,
     #[arg(long)]
     recompute: bool,
-    /// Fused GPU kernels: all, none, or no-flash (all but flash attention: the scores-in-memory attention).
+    /// Fused GPU kernels: all, none, or no-<lever> (all but that one: no-flash is the scores-in-memory attention; the levers are those of `bench train --levers`).
     /// They apply to bf16 on a GPU only.
     #[arg(long, default_value = "all")]
     fusion: String,
@@ -648,11 +648,9 @@ fn parse_packing(p: &str) -> anyhow::Result<lorahost::manifest::Packing> {
 }
 
 fn parse_fusion(f: &str) -> anyhow::Result<lorahost::model::fusion::Fusion> {
-    match f {
-        "all" => Ok(lorahost::model::fusion::Fusion::ALL),
-        "none" => Ok(lorahost::model::fusion::Fusion::NONE),
-        // Every kernel but flash attention: the scores-in-memory attention, to compare the two.
-        "no-flash" => Ok(lorahost::model::fusion::Fusion { flash: false, ..lorahost::model::fusion::Fusion::ALL }),
-        other => anyhow::bail!("--fusion {other}: all, none or no-flash"),
-    }
+    use lorahost::model::fusion::Fusion;
+    Fusion::parse(f).ok_or_else(|| {
+        let levers: Vec<String> = Fusion::LEVERS.iter().map(|(n, _)| format!("no-{n}")).collect();
+        anyhow::anyhow!("--fusion {f}: all, none, or one of {}", levers.join(", "))
+    })
 }

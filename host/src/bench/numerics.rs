@@ -146,8 +146,8 @@ fn ops_checks(gpu: &Device, checks: &mut Vec<Check>) -> Result<()> {
     let (yg, sg) = attention::attention_forward(&q.gpu, &k.gpu, &v.gpu, 1, None, true, None)?;
     push(checks, "attention forward", &yg, &yc, OP_TOL)?;
     let dy = pair(&mut rng, &[b, h, t, d], 0.0, 1.0, gpu)?;
-    let (dqc, dkc, dvc) = attention::attention_backward(&sc, &dy.cpu, false)?;
-    let (dqg, dkg, dvg) = attention::attention_backward(&sg, &dy.gpu, true)?;
+    let (dqc, dkc, dvc) = attention::attention_backward(&sc, &dy.cpu, false, false)?;
+    let (dqg, dkg, dvg) = attention::attention_backward(&sg, &dy.gpu, true, true)?;
     push(checks, "attention backward: dq", &dqg, &dqc, OP_TOL)?;
     push(checks, "attention backward: dk", &dkg, &dkc, OP_TOL)?;
     push(checks, "attention backward: dv", &dvg, &dvc, OP_TOL)?;
@@ -172,11 +172,15 @@ fn ops_checks(gpu: &Device, checks: &mut Vec<Check>) -> Result<()> {
             let (yg, sg) = attention::attention_forward(&q.gpu, &k.gpu, &v.gpu, h / hkv, None, true, Some(&blocks))?;
             let name = |what: &str| format!("flash attention {what} (d {d}, GQA, T {t}, {layout})");
             push(checks, &name("forward"), &yg, &yc, OP_TOL)?;
-            let (dqc, dkc, dvc) = attention::attention_backward(&sc, &dy.cpu, false)?;
-            let (dqg, dkg, dvg) = attention::attention_backward(&sg, &dy.gpu, true)?;
-            push(checks, &name("backward: dq"), &dqg, &dqc, OP_TOL)?;
-            push(checks, &name("backward: dk"), &dkg, &dkc, OP_TOL)?;
-            push(checks, &name("backward: dv"), &dvg, &dvc, OP_TOL)?;
+            let (dqc, dkc, dvc) = attention::attention_backward(&sc, &dy.cpu, false, false)?;
+            // dQ from the stored dS tiles, and recomputed.
+            for ds_tiles in [true, false] {
+                let (dqg, dkg, dvg) = attention::attention_backward(&sg, &dy.gpu, true, ds_tiles)?;
+                let how = if ds_tiles { "" } else { ", dQ recomputed" };
+                push(checks, &name(&format!("backward: dq{how}")), &dqg, &dqc, OP_TOL)?;
+                push(checks, &name(&format!("backward: dk{how}")), &dkg, &dkc, OP_TOL)?;
+                push(checks, &name(&format!("backward: dv{how}")), &dvg, &dvc, OP_TOL)?;
+            }
         }
     }
 
@@ -206,15 +210,16 @@ fn ops_checks(gpu: &Device, checks: &mut Vec<Check>) -> Result<()> {
         checks.push(Check { name: "dropout (same mask, elements differing)".into(), rel_err: differ, tolerance: 0.0, ok: differ == 0.0 });
     }
 
-    // LoRA folded into a frozen linear, forward and backward, with the kernel's dropout against the mask.
+    // LoRA folded into a frozen linear, forward and backward, with the kernel's dropout against the mask:
+    // rank 8 (the kernels with 16-byte accesses) and rank 16.
     #[cfg(feature = "cuda")]
-    {
+    for r in [8usize, 16] {
         use crate::model::ops::Dropout;
         let (fan_in, fan_out) = (c, 3 * c);
         let key = crate::rng::stream_key(9, &[1, 0]);
         let x = pair(&mut rng, &[n, fan_in], 0.0, 1.0, gpu)?;
-        let a = pair(&mut rng, &[8, fan_in], 0.0, 0.1, gpu)?;
-        let lb = pair(&mut rng, &[fan_out, 8], 0.0, 0.1, gpu)?;
+        let a = pair(&mut rng, &[r, fan_in], 0.0, 0.1, gpu)?;
+        let lb = pair(&mut rng, &[fan_out, r], 0.0, 0.1, gpu)?;
         let y = pair(&mut rng, &[n, fan_out], 0.0, 1.0, gpu)?;
         let dy = pair(&mut rng, &[n, fan_out], 0.0, 1.0, gpu)?;
         let dx = pair(&mut rng, &[n, fan_in], 0.0, 1.0, gpu)?;
@@ -224,12 +229,12 @@ fn ops_checks(gpu: &Device, checks: &mut Vec<Check>) -> Result<()> {
         // Fresh copies: the fused path adds in place.
         let yc = ops::lora_add(y.cpu.copy()?, &sc, &lb.cpu, false)?;
         let yg = ops::lora_add(y.gpu.copy()?, &sg, &lb.gpu, true)?;
-        push(checks, "lora forward (added to the output)", &yg, &yc, OP_TOL)?;
+        push(checks, &format!("lora r{r} forward (added to the output)"), &yg, &yc, OP_TOL)?;
         let (dxc, dac, dbc) = ops::lora_backward(&sc, &a.cpu, &lb.cpu, 4.0, &dy.cpu, dx.cpu.copy()?, false)?;
         let (dxg, dag, dbg) = ops::lora_backward(&sg, &a.gpu, &lb.gpu, 4.0, &dy.gpu, dx.gpu.copy()?, true)?;
-        push(checks, "lora backward: dx (added to the input gradient)", &dxg, &dxc, OP_TOL)?;
-        push(checks, "lora backward: dA", &dag, &dac, OP_TOL)?;
-        push(checks, "lora backward: dB", &dbg, &dbc, OP_TOL)?;
+        push(checks, &format!("lora r{r} backward: dx (added to the input gradient)"), &dxg, &dxc, OP_TOL)?;
+        push(checks, &format!("lora r{r} backward: dA"), &dag, &dac, OP_TOL)?;
+        push(checks, &format!("lora r{r} backward: dB"), &dbg, &dbc, OP_TOL)?;
     }
 
     // lm_head + cross-entropy over a real-size vocabulary, every other row counted.

@@ -141,7 +141,7 @@ pub fn run(o: &Options) -> Result<OpsReport> {
     let attn_fwd = || attention::attention_forward(&q, &k, &v, cfg.kv_groups(), mask.as_ref(), f.attention, flash.as_ref());
     add("attention forward", time(dev, reps, || Ok(drop(attn_fwd()?)))?, fwd);
     let (y, saved) = attn_fwd()?;
-    add("attention backward", time(dev, reps, || Ok(drop(attention::attention_backward(&saved, &y, f.attention)?)))?, layers);
+    add("attention backward", time(dev, reps, || Ok(drop(attention::attention_backward(&saved, &y, f.attention, f.ds_tiles)?)))?, layers);
     add("merge heads", time(dev, reps, || Ok(drop(attention::merge_heads(&y, &rope, f.rope)?)))?, fwd);
     let dm = rnd(&[n, cfg.q_width()], 1.0)?;
     add("merge heads backward", time(dev, reps, || Ok(drop(attention::merge_heads_backward(&dm, b, t, h, d, f.rope)?)))?, layers);

@@ -166,8 +166,8 @@ pub fn run_levers(o: &Options) -> anyhow::Result<Vec<TrainBench>> {
     let mut rows = Vec::new();
     model.fusion = fusion;
     rows.push(run_on(&model, o, &Single)?);
-    for (_, switch_on) in Fusion::LEVERS {
-        switch_on(&mut fusion);
+    for (_, switch) in Fusion::LEVERS {
+        *switch(&mut fusion) = true;
         model.fusion = fusion;
         rows.push(run_on(&model, o, &Single)?);
     }

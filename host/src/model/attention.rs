@@ -360,37 +360,49 @@ pub const FLASH_BLOCK: usize = 64;
 /// most forward work (the latest blocks of the longest sequences) first, so the long blocks start first
 /// and the short ones fill the tail. Built once per forward and shared by every layer (for rows of one
 /// sequence each, once per shape: `Model` keeps the last table).
+///
+/// The backward stores the 64 x 64 dS tiles of each sequence's causal triangle (nb (nb + 1) / 2 of them
+/// for nb blocks), per head: `tiles[i]` is where entry i's sequence starts in that list, `n_tiles` its length.
 #[derive(Clone, Debug)]
 pub struct FlashBlocks {
     /// u32 [n, 4] on the model's device.
     pub table: Tensor,
+    /// u32 [n] on the model's device.
+    pub tiles: Tensor,
+    pub n_tiles: usize,
 }
 
 impl FlashBlocks {
-    /// The entries of `sequences` (row, first, len), in launch order.
-    pub fn entries(sequences: impl IntoIterator<Item = (usize, usize, usize)>) -> Vec<[u32; 4]> {
-        let mut e: Vec<[u32; 4]> = sequences
-            .into_iter()
-            .flat_map(|(row, first, len)| (0..len.div_ceil(FLASH_BLOCK)).map(move |blk| [row as u32, first as u32, len as u32, blk as u32]))
-            .collect();
+    /// The entries of `sequences` (row, first, len), in launch order, each with its sequence's first dS
+    /// tile; and the number of tiles.
+    pub fn entries(sequences: impl IntoIterator<Item = (usize, usize, usize)>) -> (Vec<([u32; 4], u32)>, usize) {
+        let mut e = Vec::new();
+        let mut n_tiles = 0;
+        for (row, first, len) in sequences {
+            let nb = len.div_ceil(FLASH_BLOCK);
+            e.extend((0..nb).map(|blk| ([row as u32, first as u32, len as u32, blk as u32], n_tiles as u32)));
+            n_tiles += nb * (nb + 1) / 2;
+        }
         // Stable: equal work keeps the batch order.
-        e.sort_by_key(|x| std::cmp::Reverse(x[3]));
-        e
+        e.sort_by_key(|(x, _)| std::cmp::Reverse(x[3]));
+        (e, n_tiles)
     }
 
     /// Rows of one sequence each ([b, t]).
     pub fn rows(b: usize, t: usize, device: &Device) -> Result<FlashBlocks> {
-        Self::upload(&Self::entries((0..b).map(|row| (row, 0, t))), device)
+        Self::upload(Self::entries((0..b).map(|row| (row, 0, t))), device)
     }
 
     /// The sequences of a padding-free batch.
     pub fn packed(p: &Packed, device: &Device) -> Result<FlashBlocks> {
-        Self::upload(&Self::entries(p.sequences().map(|s| (s.start / p.t, s.start % p.t, s.len()))), device)
+        Self::upload(Self::entries(p.sequences().map(|s| (s.start / p.t, s.start % p.t, s.len()))), device)
     }
 
-    fn upload(entries: &[[u32; 4]], device: &Device) -> Result<FlashBlocks> {
-        let flat: Vec<u32> = entries.iter().flatten().copied().collect();
-        Ok(FlashBlocks { table: Tensor::from_vec(flat, (entries.len(), 4), device)? })
+    fn upload((entries, n_tiles): (Vec<([u32; 4], u32)>, usize), device: &Device) -> Result<FlashBlocks> {
+        let flat: Vec<u32> = entries.iter().flat_map(|(e, _)| *e).collect();
+        let tiles: Vec<u32> = entries.iter().map(|(_, t)| *t).collect();
+        let n = entries.len();
+        Ok(FlashBlocks { table: Tensor::from_vec(flat, (n, 4), device)?, tiles: Tensor::from_vec(tiles, n, device)?, n_tiles })
     }
 }
 
@@ -447,13 +459,15 @@ pub fn attention_forward(q: &Tensor, k: &Tensor, v: &Tensor, groups: usize, mask
     Ok((y, AttnSaved { q: q.clone(), k: k.clone(), v: v.clone(), groups, p: Some(p), flash: None }))
 }
 
-/// Returns (dq, dk, dv), dq [B, H, T, D], dk and dv [B, H / groups, T, D].
-pub fn attention_backward(saved: &AttnSaved, dy: &Tensor, fused: bool) -> Result<(Tensor, Tensor, Tensor)> {
+/// Returns (dq, dk, dv), dq [B, H, T, D], dk and dv [B, H / groups, T, D]. `ds_tiles`: flash's dQ from the
+/// dS tiles its dK/dV pass stores (the `ds_tiles` switch).
+pub fn attention_backward(saved: &AttnSaved, dy: &Tensor, fused: bool, ds_tiles: bool) -> Result<(Tensor, Tensor, Tensor)> {
     #[cfg(feature = "cuda")]
     if let Some((o, lse, blocks)) = &saved.flash {
         let scale = 1.0 / (saved.q.dim(D::Minus1)? as f64).sqrt();
-        return super::cuda::flash_backward(&saved.q, &saved.k, &saved.v, o, lse, dy, &blocks.table, scale);
+        return super::cuda::flash_backward(&saved.q, &saved.k, &saved.v, o, lse, dy, blocks, scale, ds_tiles);
     }
+    let _ = ds_tiles;
     let (dq, dk, dv) = attention_backward_repeated(saved, dy, fused)?;
     Ok((dq, sum_kv_groups(&dk, saved.groups)?, sum_kv_groups(&dv, saved.groups)?))
 }

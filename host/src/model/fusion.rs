@@ -34,11 +34,24 @@ pub struct Fusion {
     /// backward from the saved log-sum-exp, variable-length sequences, GQA) for head dims 64 and 128, at
     /// every length (without it, the scores path above). Not for KV-cached decoding steps.
     pub flash: bool,
+    /// With `flash`: its backward stores the dS tiles it computes for dK/dV, so dQ is one product per tile
+    /// (without it, dQ recomputes S and dP: three).
+    pub ds_tiles: bool,
 }
 
 impl Fusion {
-    pub const ALL: Fusion =
-        Fusion { dropout: true, norm: true, rope: true, attention: true, swiglu: true, loss: true, lora: true, optimizer: true, flash: true };
+    pub const ALL: Fusion = Fusion {
+        dropout: true,
+        norm: true,
+        rope: true,
+        attention: true,
+        swiglu: true,
+        loss: true,
+        lora: true,
+        optimizer: true,
+        flash: true,
+        ds_tiles: true,
+    };
     pub const NONE: Fusion = Fusion {
         dropout: false,
         norm: false,
@@ -49,20 +62,37 @@ impl Fusion {
         lora: false,
         optimizer: false,
         flash: false,
+        ds_tiles: false,
     };
 
-    /// The levers in the order the benchmark adds them, each with the switch it turns on.
-    pub const LEVERS: [(&'static str, fn(&mut Fusion)); 9] = [
-        ("dropout", |f| f.dropout = true),
-        ("norm", |f| f.norm = true),
-        ("rope", |f| f.rope = true),
-        ("attention", |f| f.attention = true),
-        ("flash", |f| f.flash = true),
-        ("swiglu", |f| f.swiglu = true),
-        ("loss", |f| f.loss = true),
-        ("lora", |f| f.lora = true),
-        ("optimizer", |f| f.optimizer = true),
+    /// The levers in the order the benchmark adds them, each with its switch.
+    pub const LEVERS: [(&'static str, fn(&mut Fusion) -> &mut bool); 10] = [
+        ("dropout", |f| &mut f.dropout),
+        ("norm", |f| &mut f.norm),
+        ("rope", |f| &mut f.rope),
+        ("attention", |f| &mut f.attention),
+        ("flash", |f| &mut f.flash),
+        ("ds-tiles", |f| &mut f.ds_tiles),
+        ("swiglu", |f| &mut f.swiglu),
+        ("loss", |f| &mut f.loss),
+        ("lora", |f| &mut f.lora),
+        ("optimizer", |f| &mut f.optimizer),
     ];
+
+    /// `all`, `none`, or `no-<lever>` (every kernel but that lever's, e.g. `no-flash`).
+    pub fn parse(s: &str) -> Option<Fusion> {
+        match s {
+            "all" => Some(Fusion::ALL),
+            "none" => Some(Fusion::NONE),
+            _ => {
+                let name = s.strip_prefix("no-")?;
+                let (_, switch) = Self::LEVERS.iter().find(|(n, _)| *n == name)?;
+                let mut f = Fusion::ALL;
+                *switch(&mut f) = false;
+                Some(f)
+            }
+        }
+    }
 }
 
 impl Default for Fusion {

@@ -520,7 +520,7 @@ impl Model {
         grads[Site::O.index()] = g;
         let heads = self.heads(ctx);
         let dy = attention::merge_heads_backward(&dy, heads.b, heads.t, heads.h, heads.d, f.rope)?;
-        let (dq, dk, dv) = attention::attention_backward(&s.attn, &dy, f.attention)?;
+        let (dq, dk, dv) = attention::attention_backward(&s.attn, &dy, f.attention, f.ds_tiles)?;
         let dqkv = attention::qkv_backward(&s.qkv, &dq, &dk, &dv, &ctx.rope, f.rope, f.norm)?;
         let mut dh1 = ops::linear_backward(&dqkv, &w.qkv)?;
         for (site, saved) in &s.qkv_lora {

@@ -93,15 +93,17 @@ pub fn causal_softmax_backward(p: &Tensor, dp: &Tensor, scale: f64) -> Result<Te
 
 // ----- flash attention ------------------------------------------------------------------------------------
 
-use crate::model::attention::FLASH_HEAD_DIMS;
+use crate::model::attention::{FlashBlocks, FLASH_HEAD_DIMS};
 const FLASH_THREADS: u32 = 128;
 /// Dynamic shared memory of each flash kernel (flash.cu): [64, D + 8] bf16 tiles; forward: Q + 2 K + 2 V,
-/// dQ: Q + dO + 2 K + 2 V, dK/dV: K + V + 2 Q + 2 dO and two buffers of 64 lse and 64 row dots (f32).
+/// dQ: Q + dO + 2 K + 2 V, dK/dV: K + V + 2 Q + 2 dO and two buffers of 64 lse and 64 row dots (f32); dQ
+/// from stored dS: 2 K and 2 [64, 72] dS tiles.
 fn smem(kernel: &str, d: usize) -> u32 {
     let tile = 64 * (d + 8) * 2;
     let bytes = match kernel {
         "fwd" => 5 * tile,
         "dkdv" => 6 * tile + 4 * 64 * 4,
+        "dq_tiles" => 2 * tile + 2 * 64 * 72 * 2,
         _ => 6 * tile,
     };
     bytes as u32
@@ -138,12 +140,18 @@ pub fn flash_forward(q: &Tensor, k: &Tensor, v: &Tensor, blocks: &Tensor, scale:
     Ok((o, lse))
 }
 
+/// The most memory the backward's dS tiles may take (bf16, 8 KiB per 64 x 64 tile of each sequence's causal
+/// triangle, per query head): kv heads are done in groups that fit; past it even for one kv head (sequences
+/// of ~20K tokens and more), dQ recomputes the tiles instead (one product per tile against three).
+const DS_BUDGET_BYTES: usize = 512 << 20;
+
 /// (dq [B, H, T, D], dk and dv [B, Hkv, T, D]) of [`flash_forward`] given its output `o`, `lse` and d(o).
-/// Under GQA each kv head's gradients sum its query heads' in a fixed order (deterministic).
+/// Under GQA each kv head's gradients sum its query heads' in a fixed order (deterministic). `ds_tiles`:
+/// dQ from the dS tiles the dK/dV pass stores (up to [`DS_BUDGET_BYTES`]), else recomputed.
 #[allow(clippy::too_many_arguments)]
-pub fn flash_backward(q: &Tensor, k: &Tensor, v: &Tensor, o: &Tensor, lse: &Tensor, d_o: &Tensor, blocks: &Tensor, scale: f64) -> Result<(Tensor, Tensor, Tensor)> {
+pub fn flash_backward(q: &Tensor, k: &Tensor, v: &Tensor, o: &Tensor, lse: &Tensor, d_o: &Tensor, blocks: &FlashBlocks, scale: f64, ds_tiles: bool) -> Result<(Tensor, Tensor, Tensor)> {
     check_bf16("flash_backward", &[q, k, v, o, d_o])?;
-    let (b, h, hkv, t, d, n) = check_flash("flash_backward", q, k, blocks)?;
+    let (b, h, hkv, t, d, n) = check_flash("flash_backward", q, k, &blocks.table)?;
     let dev = cuda_device(q)?;
     let d_o = d_o.contiguous()?;
     let rows = b * h * t;
@@ -153,12 +161,30 @@ pub fn flash_backward(q: &Tensor, k: &Tensor, v: &Tensor, o: &Tensor, lse: &Tens
     let dq = uninit(&dev, (b, h, t, d), DType::BF16)?;
     let dk = uninit(&dev, (b, hkv, t, d), DType::BF16)?;
     let dv = uninit(&dev, (b, hkv, t, d), DType::BF16)?;
+    let groups = h / hkv;
+    let tile_bytes = 64 * 64 * 2;
+    let per_kv_head = groups * blocks.n_tiles.max(1) * tile_bytes;
+    let chunk = if ds_tiles { (DS_BUDGET_BYTES / per_kv_head).min(hkv) } else { 0 };
     let dims = || [Arg::I(t as i32), Arg::I(h as i32), Arg::I(hkv as i32), Arg::F(scale as f32)];
-    let [a, b_, c, e] = dims();
-    let args = [Arg::T(q), Arg::T(k), Arg::T(v), Arg::T(&d_o), Arg::T(lse), Arg::T(&dot), Arg::T(&dk), Arg::T(&dv), Arg::T(blocks), a, b_, c, e];
-    launch_smem(&dev, &format!("flash_bwd_dkdv_{d}"), (n as u64, hkv as u32), FLASH_THREADS, smem("dkdv", d), &args)?;
-    let [a, b_, c, e] = dims();
-    let args = [Arg::T(q), Arg::T(k), Arg::T(v), Arg::T(&d_o), Arg::T(lse), Arg::T(&dot), Arg::T(&dq), Arg::T(blocks), a, b_, c, e];
-    launch_smem(&dev, &format!("flash_bwd_dq_{d}"), (n as u64, h as u32), FLASH_THREADS, smem("dq", d), &args)?;
+    let (table, tiles, n_tiles) = (&blocks.table, &blocks.tiles, Arg::I(blocks.n_tiles as i32));
+    if chunk == 0 {
+        let [a, b_, c, e] = dims();
+        let args = [Arg::T(q), Arg::T(k), Arg::T(v), Arg::T(&d_o), Arg::T(lse), Arg::T(&dot), Arg::T(&dk), Arg::T(&dv), Arg::U(0), Arg::T(tiles), n_tiles, Arg::T(table), Arg::I(0), a, b_, c, e];
+        launch_smem(&dev, &format!("flash_bwd_dkdv_{d}"), (n as u64, hkv as u32), FLASH_THREADS, smem("dkdv", d), &args)?;
+        let [a, b_, c, e] = dims();
+        let args = [Arg::T(q), Arg::T(k), Arg::T(v), Arg::T(&d_o), Arg::T(lse), Arg::T(&dot), Arg::T(&dq), Arg::T(table), a, b_, c, e];
+        launch_smem(&dev, &format!("flash_bwd_dq_{d}"), (n as u64, h as u32), FLASH_THREADS, smem("dq", d), &args)?;
+        return Ok((dq, dk, dv));
+    }
+    let ds = uninit(&dev, chunk * per_kv_head / 2, DType::BF16)?;
+    for kvh0 in (0..hkv).step_by(chunk) {
+        let heads = chunk.min(hkv - kvh0);
+        let [a, b_, c, e] = dims();
+        let args = [Arg::T(q), Arg::T(k), Arg::T(v), Arg::T(&d_o), Arg::T(lse), Arg::T(&dot), Arg::T(&dk), Arg::T(&dv), Arg::T(&ds), Arg::T(tiles), Arg::I(blocks.n_tiles as i32), Arg::T(table), Arg::I(kvh0 as i32), a, b_, c, e];
+        launch_smem(&dev, &format!("flash_bwd_dkdv_{d}"), (n as u64, heads as u32), FLASH_THREADS, smem("dkdv", d), &args)?;
+        let [a, b_, c, e] = dims();
+        let args = [Arg::T(k), Arg::T(&ds), Arg::T(&dq), Arg::T(tiles), Arg::I(blocks.n_tiles as i32), Arg::T(table), Arg::I((kvh0 * groups) as i32), a, b_, c, e];
+        launch_smem(&dev, &format!("flash_bwd_dq_tiles_{d}"), (n as u64, (heads * groups) as u32), FLASH_THREADS, smem("dq_tiles", d), &args)?;
+    }
     Ok((dq, dk, dv))
 }

@@ -9,7 +9,9 @@
 // (b, first, len, blk) per 64-token block of every sequence (row b, tokens first..first+len of that row), the
 // entries with the most forward work first. Grid: (table entries, heads); a block is 64 queries (or keys),
 // 4 warps of 16 rows each. The dK/dV kernel and the dQ kernel each own their outputs (no atomics), so results
-// are deterministic.
+// are deterministic. The dK/dV kernel also writes the dS tiles it computes (bf16, 8 KB per 64 x 64 tile of
+// the causal triangle) so that dQ = dS K is one product per tile instead of three (recomputing S and dP);
+// where those tiles would not fit the caller's budget, the dQ kernel that recomputes them runs instead.
 //
 // Tensor-core fragments (PTX ISA, mma.m16n8k16 with bf16): lane = 4 g + t. A (16 x 16, row-major): rows g and
 // g + 8, columns 2t, 2t + 1 and 2t + 8, 2t + 9, four 32-bit registers of two bf16 each. B (16 x 8): column g,
@@ -432,8 +434,9 @@ template <int D>
 __device__ __forceinline__ void backward_dkdv(const bf16* __restrict__ q, const bf16* __restrict__ k,
                                               const bf16* __restrict__ v, const bf16* __restrict__ d_o,
                                               const float* __restrict__ lse, const float* __restrict__ dot,
-                                              bf16* __restrict__ dk, bf16* __restrict__ dv,
-                                              const int4* __restrict__ table, int T, int H, int Hkv, float scale) {
+                                              bf16* __restrict__ dk, bf16* __restrict__ dv, bf16* __restrict__ ds,
+                                              const int* __restrict__ tiles, int n_tiles,
+                                              const int4* __restrict__ table, int kvh0, int T, int H, int Hkv, float scale) {
     constexpr int TILE = Dims<D>::TILE, LD = Dims<D>::LD, ND = Dims<D>::ND;
     extern __shared__ __align__(128) unsigned char smem[];
     bf16* Ks = reinterpret_cast<bf16*>(smem);
@@ -445,8 +448,9 @@ __device__ __forceinline__ void backward_dkdv(const bf16* __restrict__ q, const 
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
     // The table lists the most forward work first; a key block's work is the most at the start of its
     // sequence, so this kernel walks the table from the end.
-    const Block e = block_at(table, gridDim.x - 1 - blockIdx.x);
-    const int kvh = blockIdx.y, groups = H / Hkv;
+    const int entry = gridDim.x - 1 - blockIdx.x;
+    const Block e = block_at(table, entry);
+    const int kvh = kvh0 + blockIdx.y, groups = H / Hkv;
     const int L = e.len, k0 = e.blk * BLOCK;
     const size_t kvrows = rows_at(e, Hkv, kvh, T);
     const float sl2 = scale * LOG2E;
@@ -504,6 +508,16 @@ __device__ __forceinline__ void backward_dkdv(const bf16* __restrict__ q, const 
                 st[j][c] = p;
                 dpt[j][c] = p * (dpt[j][c] - dot_b[col]);
             }
+        if (ds) {  // dS^T of (query block, this key block), as the bf16 the dK product below consumes
+            const int qb = e.blk + i % n_qb;
+            bf16* tile = ds + ((size_t)(blockIdx.y * groups + i / n_qb) * n_tiles + tiles[entry] + qb * (qb + 1) / 2 + e.blk) * (BLOCK * BLOCK);
+            // In fragment order (see ds_unit), so each store instruction of the warp fills one 128-byte line.
+#pragma unroll
+            for (int j = 0; j < 8; ++j) {
+                *reinterpret_cast<uint32_t*>(tile + ((warp * 2 * 8 + j) * 8 + g) * 8 + 2 * t) = pack(dpt[j][0], dpt[j][1]);
+                *reinterpret_cast<uint32_t*>(tile + (((warp * 2 + 1) * 8 + j) * 8 + g) * 8 + 2 * t) = pack(dpt[j][2], dpt[j][3]);
+            }
+        }
         // dV += P^T dO, dK += dS^T Q.
         probs_times_tile<D>(dv_acc, st, dOb);
         probs_times_tile<D>(dk_acc, dpt, Qb);
@@ -515,10 +529,76 @@ __device__ __forceinline__ void backward_dkdv(const bf16* __restrict__ q, const 
     __syncwarp();
     store_rows<D>(dv_acc, 1.f, Qs + warp * 16 * LD, dv + kvrows * D, k0 + warp * 16, L);
 }
+
+// A stored dS^T tile (64 keys x 64 queries) is 512 units of 8 consecutive queries of one key, in the order the
+// dK/dV kernel's warps hold them: unit u = ((warp * 2 + half) * 8 + j) * 8 + g is key 16 warp + 8 half + g,
+// queries 8 j .. 8 j + 7. Returns (key, first query) of unit u.
+__device__ __forceinline__ int2 ds_unit(int u) { return make_int2((u >> 7) * 16 + ((u >> 6) & 1) * 8 + (u & 7), ((u >> 3) & 7) * 8); }
+
+// dQ for one 64-query block of one head from the dS tiles the dK/dV kernel stored: dQ = scale sum_kb dS K.
+// A tile lands key-major in shared memory (dS^T, [64 keys][64 queries]), so its A operand comes through
+// ldmatrix.trans.
+template <int D>
+__device__ __forceinline__ void backward_dq_tiles(const bf16* __restrict__ k, const bf16* __restrict__ ds,
+                                                  bf16* __restrict__ dq, const int* __restrict__ tiles, int n_tiles,
+                                                  const int4* __restrict__ table, int h0, int T, int H, int Hkv,
+                                                  float scale) {
+    constexpr int TILE = Dims<D>::TILE, LD = Dims<D>::LD, ND = Dims<D>::ND;
+    constexpr int SLD = BLOCK + 8, STILE = BLOCK * SLD;  // a dS tile in shared memory, rows padded
+    extern __shared__ __align__(128) unsigned char smem[];
+    bf16* Ks = reinterpret_cast<bf16*>(smem);  // two buffers
+    bf16* Ss = Ks + 2 * TILE;                  // two buffers
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const Block e = block_at(table, blockIdx.x);
+    const int h = h0 + blockIdx.y, kvh = h / (H / Hkv);
+    const int L = e.len, q0 = e.blk * BLOCK;
+    const size_t qrows = rows_at(e, H, h, T), kvrows = rows_at(e, Hkv, kvh, T);
+    const bf16* kp = k + kvrows * D;
+    const bf16* sp = ds + ((size_t)blockIdx.y * n_tiles + tiles[blockIdx.x] + e.blk * (e.blk + 1) / 2) * (BLOCK * BLOCK);
+    auto load = [&](int kb) {
+        load_tile<D>(Ks + (kb & 1) * TILE, kp, kb * BLOCK, L);
+        const bf16* src = sp + (size_t)kb * BLOCK * BLOCK;
+        bf16* dst = Ss + (kb & 1) * STILE;
+        for (int u = threadIdx.x; u < BLOCK * BLOCK / 8; u += THREADS) {
+            const int2 kq = ds_unit(u);
+            cp_async16(dst + kq.x * SLD + kq.y, src + u * 8, true);
+        }
+    };
+    load(0);
+    cp_commit();
+
+    float acc[ND][4];
+#pragma unroll
+    for (int n = 0; n < ND; ++n) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.f;
+    for (int kb = 0; kb <= e.blk; ++kb) {
+        if (kb < e.blk) load(kb + 1);
+        cp_commit();
+        cp_wait<1>();
+        __syncthreads();
+        const bf16* Kb = Ks + (kb & 1) * TILE;
+        const bf16* Sb = Ss + (kb & 1) * STILE;
+#pragma unroll
+        for (int kk = 0; kk < 4; ++kk) {
+            uint32_t a[4];  // dS rows = this warp's 16 queries, columns = keys 16 kk ..
+            ldsm_t(a, Sb + (kk * 16 + (lane >> 4) * 8 + (lane & 7)) * SLD + warp * 16 + ((lane >> 3) & 1) * 8);
+#pragma unroll
+            for (int dp = 0; dp < ND / 2; ++dp) {
+                uint32_t b[4];
+                load_b_cols<D>(b, Kb, kk, dp);
+                mma(acc[2 * dp], a, b[0], b[1]);
+                mma(acc[2 * dp + 1], a, b[2], b[3]);
+            }
+        }
+        __syncthreads();
+    }
+    cp_wait<0>();
+    store_rows<D>(acc, scale, Ks + warp * 16 * LD, dq + qrows * D, q0 + warp * 16, L);
+}
 }  // namespace fa
 
 // Dynamic shared memory: forward Q + 2 K + 2 V tiles; dQ: Q + dO + 2 K + 2 V tiles; dK/dV: K + V + 2 Q + 2 dO
-// tiles + 4 x 64 f32 (model/cuda/attention.rs sizes the launches to match).
+// tiles + 4 x 64 f32; dQ from tiles: 2 K tiles + 2 [64, 72] dS tiles (model/cuda/attention.rs sizes the
+// launches to match).
 
 // The kernels, one per head dim (the Rust side picks by name: flash_fwd_128, ...).
 #define FLASH_KERNELS(D)                                                                                           \
@@ -532,8 +612,15 @@ __device__ __forceinline__ void backward_dkdv(const bf16* __restrict__ q, const 
         flash_bwd_dkdv_##D(const bf16* __restrict__ q, const bf16* __restrict__ k, const bf16* __restrict__ v,     \
                            const bf16* __restrict__ d_o, const float* __restrict__ lse,                           \
                            const float* __restrict__ dot, bf16* __restrict__ dk, bf16* __restrict__ dv,            \
-                           const int4* __restrict__ table, int T, int H, int Hkv, float scale) {                   \
-        fa::backward_dkdv<D>(q, k, v, d_o, lse, dot, dk, dv, table, T, H, Hkv, scale);                             \
+                           bf16* __restrict__ ds, const int* __restrict__ tiles, int n_tiles,                      \
+                           const int4* __restrict__ table, int kvh0, int T, int H, int Hkv, float scale) {         \
+        fa::backward_dkdv<D>(q, k, v, d_o, lse, dot, dk, dv, ds, tiles, n_tiles, table, kvh0, T, H, Hkv, scale);   \
+    }                                                                                                              \
+    extern "C" __global__ void __launch_bounds__(fa::THREADS)                                                      \
+        flash_bwd_dq_tiles_##D(const bf16* __restrict__ k, const bf16* __restrict__ ds, bf16* __restrict__ dq,     \
+                               const int* __restrict__ tiles, int n_tiles, const int4* __restrict__ table, int h0, \
+                               int T, int H, int Hkv, float scale) {                                               \
+        fa::backward_dq_tiles<D>(k, ds, dq, tiles, n_tiles, table, h0, T, H, Hkv, scale);                          \
     }                                                                                                              \
     extern "C" __global__ void __launch_bounds__(fa::THREADS)                                                      \
         flash_bwd_dq_##D(const bf16* __restrict__ q, const bf16* __restrict__ k, const bf16* __restrict__ v,       \
