@@ -9,8 +9,9 @@
 //! h2 = ln_2(x1)     x2 = x1 + down(up(h2) * silu(gate(h2)))
 //! ```
 //! The training step keeps, per layer, either everything the backward needs (`BlockSaved`) or, with
-//! `recompute`, only the layer's input, and re-runs the layer's forward just before its backward. Dropout
-//! masks are a pure function of (step seed, layer, module), so the recomputed layer is bit-identical.
+//! `recompute`, only the layer's input, and re-runs the layer's forward just before its backward (all
+//! layers but the top one, whose backward comes first). Dropout masks are a pure function of (step seed,
+//! layer, module), so the recomputed layer is bit-identical.
 use super::attention::{self, AttnSaved, FlashBlocks, Heads, Packed, QkNorm, QkvSaved, Rope};
 use super::config::{ModelConfig, Site};
 use super::fusion::Fusion;
@@ -187,6 +188,12 @@ impl KvCache {
         layers[layer] = Some(all.clone());
         Ok(all)
     }
+}
+
+/// What the forward keeps of a layer for its backward: its state, or (recomputation) only its input.
+enum Kept {
+    State(BlockSaved),
+    Input(Tensor),
 }
 
 /// What one block's backward needs.
@@ -382,7 +389,8 @@ impl Model {
     ///   last token predicts nothing, so the loss and gradients equal those of the same sequences padded.
     /// - `dropout_rng` gives this step's dropout seed (one draw per call, also when dropout is 0).
     /// - `recompute`: keep only each layer's input and recompute the layer during backward (bounded
-    ///   memory, one extra forward); gives bit-identical results on CPU.
+    ///   memory, one extra forward); gives bit-identical results on CPU. The top layer keeps its state: its
+    ///   backward comes right after the loss, so recomputing it would only move the same memory later.
     #[allow(clippy::too_many_arguments)]
     pub fn loss_and_grads(&self, ids: &Tensor, labels: &Tensor, cu_seqlens: Option<&[u32]>, lora: &Lora, dropout_rng: &mut SplitMix, recompute: bool) -> Result<LossAndGrads> {
         let step_seed = dropout_rng.next_u64();
@@ -398,16 +406,11 @@ impl Model {
 
         // Forward, keeping per layer either its saved state or just its input.
         let mut x = self.embed(ids)?;
-        let mut inputs: Vec<Tensor> = Vec::new();
-        let mut saved: Vec<BlockSaved> = Vec::new();
+        let mut kept: Vec<Kept> = Vec::new();
         for layer in 0..n_layers {
             let (y, s) = self.block_forward(&ctx, layer, &x)?;
             if layer >= lowest {
-                if recompute {
-                    inputs.push(x);
-                } else {
-                    saved.push(s);
-                }
+                kept.push(if recompute && layer + 1 < n_layers { Kept::Input(x) } else { Kept::State(s) });
             }
             x = y;
         }
@@ -423,11 +426,9 @@ impl Model {
         // Backward, top layer first.
         let mut grads: Vec<Option<(Tensor, Tensor)>> = vec![None; lora.adapters().len()];
         for layer in (lowest..n_layers).rev() {
-            let s = if recompute {
-                let input = inputs.pop().expect("one input per layer");
-                self.block_recompute(&ctx, layer, &input)?
-            } else {
-                saved.pop().expect("one state per layer")
+            let s = match kept.pop().expect("one kept entry per layer") {
+                Kept::Input(input) => self.block_recompute(&ctx, layer, &input)?,
+                Kept::State(s) => s,
             };
             let (d, block_grads) = self.block_backward(&ctx, layer, &s, &dx)?;
             dx = d;
