@@ -346,6 +346,34 @@ fn gradient_check(family: Family, dropout: f64) {
 }
 
 #[test]
+fn recomputation_that_keeps_the_top_layers_states_gives_the_same_bits() {
+    // Spare memory (what offloading the embedding frees on a GPU) lets the top layers keep their state
+    // instead of being recomputed; whatever the split, the step is the same computation.
+    let tmp = tempfile::tempdir().unwrap();
+    let spec = TinySpec { num_layers: 4, ..small_spec_of(Family::QwenV1) };
+    write_small(tmp.path(), &spec, 7);
+    let mut model = Model::load(tmp.path(), DType::F32, &CPU).unwrap();
+    let mut lora = Lora::new(lora_config(3, 6.0, 0.25, &["all-linear"]), &model.config, 11, &CPU).unwrap();
+    randomise_b(&mut lora, 0.3, 12);
+    let ids = random_ids(2, 7, spec.vocab_size, 5);
+    let labels = labels_tensor(&ids, &[2, 0]);
+    let ids = ids_tensor(&ids);
+    let rng0 = SplitMix::new(99);
+    let plain = model.loss_and_grads(&ids, &labels, None, &lora, &mut rng0.clone(), false).unwrap();
+    for spare in [0usize, 1 << 12, 1 << 14, 1 << 16, usize::MAX / 4] {
+        model.recompute_spare_bytes = spare;
+        let r = model.loss_and_grads(&ids, &labels, None, &lora, &mut rng0.clone(), true).unwrap();
+        assert_eq!(plain.loss_sum.to_bits(), r.loss_sum.to_bits(), "spare {spare}");
+        for (g1, g2) in plain.grads.tensors().iter().zip(r.grads.tensors()) {
+            let (a, b) = (to_f64_vec(g1), to_f64_vec(g2));
+            assert!(a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()), "spare {spare}: a gradient changed");
+        }
+    }
+    // On the CPU there is nothing to offload.
+    assert_eq!(model.offload_embedding().unwrap(), 0);
+}
+
+#[test]
 fn lora_gradients_match_finite_differences() {
     gradient_check(Family::QwenV1, 0.0);
 }

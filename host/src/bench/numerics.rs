@@ -210,6 +210,19 @@ fn ops_checks(gpu: &Device, checks: &mut Vec<Check>) -> Result<()> {
         checks.push(Check { name: "dropout (same mask, elements differing)".into(), rel_err: differ, tolerance: 0.0, ok: differ == 0.0 });
     }
 
+    // The embedding gathered from page-locked host memory (recomputation's offloaded table) against the
+    // device table's rows: the same bits.
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(dev) = gpu {
+        let table = pair(&mut rng, &[500, c], 0.0, 1.0, gpu)?;
+        let ids: Vec<u32> = (0..n).map(|_| (rng.next_u64() % 500) as u32).collect();
+        let ids = Tensor::from_vec(ids, n, gpu)?;
+        let got = crate::model::cuda::HostTable::new(&table.gpu, dev)?.gather(&ids)?;
+        let want = table.gpu.index_select(&ids, 0)?;
+        let differ = got.to_dtype(DType::F32)?.ne(&want.to_dtype(DType::F32)?)?.to_dtype(DType::F32)?.sum_all()?.to_scalar::<f32>()? as f64;
+        checks.push(Check { name: "embedding from host memory (elements differing)".into(), rel_err: differ, tolerance: 0.0, ok: differ == 0.0 });
+    }
+
     // LoRA folded into a frozen linear, forward and backward, with the kernel's dropout against the mask:
     // rank 8 (the kernels with 16-byte accesses) and rank 16.
     #[cfg(feature = "cuda")]

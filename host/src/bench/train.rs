@@ -132,6 +132,9 @@ pub fn model(o: &Options) -> anyhow::Result<Model> {
     let weights = Weights::random(&config, 0.02, o.dtype, &o.device)?;
     let mut model = Model::new(config, weights, o.dtype, &o.device);
     model.fusion = o.fusion;
+    if o.recompute {
+        model.offload_embedding()?; // as `lorahost run` does under recomputation
+    }
     Ok(model)
 }
 

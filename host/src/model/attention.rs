@@ -2,7 +2,7 @@
 //! rotary position embeddings (RoPE), and scaled dot-product attention with a causal mask.
 //! Layout inside attention is [B, H, T, D] (batch, head, time, head dim), contiguous.
 use super::config::RopeScaling;
-use super::ops::{acc_dtype, rmsnorm_backward, rmsnorm_forward, RmsNormSaved};
+use super::ops::{acc_dtype, rmsnorm_backward, rmsnorm_forward, tensor_bytes, RmsNormSaved};
 use candle_core::{DType, Device, Result, Tensor, D};
 
 // ---------------------------------------------------------------------------------------------------------
@@ -39,6 +39,12 @@ pub struct QkNorm<'a> {
 /// What [`qkv_backward`] needs beyond the incoming gradients: the q/k norms' saved state, if any.
 pub struct QkvSaved {
     norms: Option<(RmsNormSaved, RmsNormSaved, Tensor, Tensor)>,
+}
+
+impl QkvSaved {
+    pub fn bytes(&self) -> usize {
+        self.norms.as_ref().map_or(0, |(a, b, c, d)| a.bytes() + b.bytes() + tensor_bytes(c) + tensor_bytes(d))
+    }
 }
 
 /// The attention input's parts (base = x W^T; bias; the LoRA delta u B^T from `lora` = (u [N, r'],
@@ -426,6 +432,13 @@ pub struct AttnSaved {
     /// probabilities from them) and block table.
     #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
     flash: Option<(Tensor, Tensor, FlashBlocks)>,
+}
+
+impl AttnSaved {
+    pub fn bytes(&self) -> usize {
+        let flash = self.flash.as_ref().map_or(0, |(o, lse, _)| tensor_bytes(o) + tensor_bytes(lse));
+        tensor_bytes(&self.q) + tensor_bytes(&self.k) + tensor_bytes(&self.v) + self.p.as_ref().map_or(0, tensor_bytes) + flash
+    }
 }
 
 /// q [B, H, T, D]; k, v [B, H / groups, T, D] (GQA when groups > 1). `mask` is needed only by the

@@ -34,6 +34,17 @@ pub struct RmsNormSaved {
     rstd: Tensor,
 }
 
+/// Bytes of a tensor's elements (a view counts as its own size).
+pub fn tensor_bytes(t: &Tensor) -> usize {
+    t.elem_count() * t.dtype().size_in_bytes()
+}
+
+impl RmsNormSaved {
+    pub fn bytes(&self) -> usize {
+        tensor_bytes(&self.x) + tensor_bytes(&self.rstd)
+    }
+}
+
 /// `fused`: use the GPU kernel when it applies (see [`super::fusion`]).
 pub fn rmsnorm_forward(x: &Tensor, w: &Tensor, eps: f64, fused: bool) -> Result<(Tensor, RmsNormSaved)> {
     #[cfg(feature = "cuda")]
@@ -106,6 +117,14 @@ pub struct LoraSaved {
 }
 
 impl LoraSaved {
+    pub fn bytes(&self) -> usize {
+        let mask = match &self.dropout {
+            Some(Dropout::Mask(m)) => tensor_bytes(m),
+            _ => 0,
+        };
+        tensor_bytes(&self.h) + tensor_bytes(&self.u) + mask
+    }
+
     /// u = scale * dropout(x) A^T [N, r]: the branch's rank-r activation.
     pub fn u(&self) -> &Tensor {
         &self.u
@@ -219,6 +238,12 @@ pub fn dropout_mask(key: u64, rows: usize, cols: usize, p: f64, dtype: DType, de
 pub struct SwiGluSaved {
     a: Tensor,
     g: Tensor,
+}
+
+impl SwiGluSaved {
+    pub fn bytes(&self) -> usize {
+        tensor_bytes(&self.a) + tensor_bytes(&self.g)
+    }
 }
 
 /// x + y on the residual stream: on the GPU one kernel with 16-byte accesses (with the `norm` switch).

@@ -40,6 +40,12 @@ pub struct Model {
     /// The flash kernels' work list for rows of one sequence each, for the last [B, T] asked: every step of
     /// a run and every decoding step repeats its shape, so the table is made and uploaded once.
     flash_rows: std::sync::Mutex<Option<((usize, usize), FlashBlocks)>>,
+    /// The embedding table in page-locked host memory read by a gather kernel ([`Model::offload_embedding`]).
+    #[cfg(feature = "cuda")]
+    host_wte: Option<super::cuda::HostTable>,
+    /// Device memory the training step may spend, under recomputation, keeping the top layers' states
+    /// instead of only their inputs (what offloading the embedding freed; 0 otherwise).
+    pub recompute_spare_bytes: usize,
 }
 
 /// Result of one training micro-step. `grads` are gradients of `loss_sum` (not of the mean): divide by
@@ -211,6 +217,23 @@ struct BlockSaved {
     down: Option<LoraSaved>,
 }
 
+impl BlockSaved {
+    /// Device bytes of everything kept (tensors shared between parts counted once per part: an upper bound).
+    fn bytes(&self) -> usize {
+        let lora = |l: &Option<LoraSaved>| l.as_ref().map_or(0, LoraSaved::bytes);
+        self.ln_1.bytes()
+            + self.qkv_lora.iter().map(|(_, l)| l.bytes()).sum::<usize>()
+            + self.qkv.bytes()
+            + self.attn.bytes()
+            + lora(&self.o)
+            + self.ln_2.bytes()
+            + lora(&self.up)
+            + lora(&self.gate)
+            + self.swiglu.bytes()
+            + lora(&self.down)
+    }
+}
+
 /// LoRA gradients (dA, dB) of one block, by site.
 type BlockGrads = [Option<(Tensor, Tensor)>; Site::COUNT];
 
@@ -225,7 +248,39 @@ impl Model {
     /// A model of these weights (every fused kernel switched on, loss chunks sized for the device).
     pub fn new(config: ModelConfig, weights: Weights, dtype: DType, device: &Device) -> Model {
         let loss_chunk = loss::default_chunk(device);
-        Model { config, weights, dtype, device: device.clone(), loss_chunk, fusion: Fusion::default(), rope: Default::default(), flash_rows: Default::default() }
+        Model {
+            config,
+            weights,
+            dtype,
+            device: device.clone(),
+            loss_chunk,
+            fusion: Fusion::default(),
+            rope: Default::default(),
+            flash_rows: Default::default(),
+            #[cfg(feature = "cuda")]
+            host_wte: None,
+            recompute_spare_bytes: 0,
+        }
+    }
+
+    /// Moves the embedding table (frozen, read only for the rows of each batch) to page-locked host memory
+    /// that the GPU reads through its mapping, and returns the device bytes freed: recomputation's trade of
+    /// speed for memory. The freed memory becomes [`Model::recompute_spare_bytes`]. Nothing happens (0) on
+    /// the CPU, for dtypes other than bf16, or when lm_head shares the table.
+    pub fn offload_embedding(&mut self) -> Result<usize> {
+        #[cfg(feature = "cuda")]
+        if let (Device::Cuda(dev), DType::BF16, false) = (&self.device, self.dtype, self.config.tie_word_embeddings) {
+            if self.host_wte.is_none() {
+                let table = super::cuda::HostTable::new(&self.weights.wte, dev)?;
+                let freed = table.bytes();
+                // A placeholder keeps the type; the device copy is freed with the old tensor.
+                self.weights.wte = Tensor::zeros((1, self.config.hidden_size), self.dtype, &Device::Cpu)?;
+                self.host_wte = Some(table);
+                self.recompute_spare_bytes = freed;
+                return Ok(freed);
+            }
+        }
+        Ok(0)
     }
 
     // ----- inference ------------------------------------------------------------------------------------
@@ -390,7 +445,9 @@ impl Model {
     /// - `dropout_rng` gives this step's dropout seed (one draw per call, also when dropout is 0).
     /// - `recompute`: keep only each layer's input and recompute the layer during backward (bounded
     ///   memory, one extra forward); gives bit-identical results on CPU. The top layer keeps its state: its
-    ///   backward comes right after the loss, so recomputing it would only move the same memory later.
+    ///   backward comes right after the loss, so recomputing it would only move the same memory later; and
+    ///   so do as many layers below it as [`Model::recompute_spare_bytes`] pays for (a state's bytes beyond
+    ///   the input it replaces), so the peak stays where recomputing them would have put it.
     #[allow(clippy::too_many_arguments)]
     pub fn loss_and_grads(&self, ids: &Tensor, labels: &Tensor, cu_seqlens: Option<&[u32]>, lora: &Lora, dropout_rng: &mut SplitMix, recompute: bool) -> Result<LossAndGrads> {
         let step_seed = dropout_rng.next_u64();
@@ -407,10 +464,16 @@ impl Model {
         // Forward, keeping per layer either its saved state or just its input.
         let mut x = self.embed(ids)?;
         let mut kept: Vec<Kept> = Vec::new();
+        let mut keep_from = n_layers - 1; // recomputation: the layers from here up keep their state
         for layer in 0..n_layers {
             let (y, s) = self.block_forward(&ctx, layer, &x)?;
+            if layer == lowest && recompute {
+                // Every layer's state has the same size: the first one tells how many the spare memory keeps.
+                let extra = s.bytes().saturating_sub(x.elem_count() * x.dtype().size_in_bytes()).max(1);
+                keep_from = keep_from.saturating_sub(self.recompute_spare_bytes / extra).max(lowest);
+            }
             if layer >= lowest {
-                kept.push(if recompute && layer + 1 < n_layers { Kept::Input(x) } else { Kept::State(s) });
+                kept.push(if recompute && layer < keep_from { Kept::Input(x) } else { Kept::State(s) });
             }
             x = y;
         }
@@ -639,6 +702,10 @@ impl Model {
 
     fn embed(&self, ids: &Tensor) -> Result<Tensor> {
         let ids = ids.flatten_all()?.to_device(&self.device)?;
+        #[cfg(feature = "cuda")]
+        if let Some(table) = &self.host_wte {
+            return Ok(table.gather(&ids)?);
+        }
         Ok(ops::embedding_forward(&self.weights.wte, &ids)?)
     }
 

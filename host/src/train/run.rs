@@ -135,6 +135,20 @@ pub fn load_model(m: &Manifest, device: &Device) -> anyhow::Result<Model> {
         .with_context(|| format!("{}: `model.path`: loading {}", m.file.display(), m.model.path.display()))
 }
 
+/// [`load_model`] for training: under recomputation (the memory-saving mode) the embedding table moves to
+/// page-locked host memory and the freed device memory keeps the top layers' states
+/// ([`Model::offload_embedding`]).
+fn load_training_model(m: &Manifest, device: &Device) -> anyhow::Result<Model> {
+    let mut model = load_model(m, device)?;
+    if m.train.recompute {
+        let freed = model.offload_embedding()?;
+        if freed > 0 {
+            eprintln!("recompute: embedding table in host memory ({:.2} GiB of device memory freed)", freed as f64 / (1u64 << 30) as f64);
+        }
+    }
+    Ok(model)
+}
+
 /// Whether `dir` holds a model: its config and its weights (one file or an index).
 fn model_present(dir: &Path) -> bool {
     use crate::model::weights::{CONFIG_FILE, INDEX_FILE, SINGLE_FILE};
@@ -276,7 +290,7 @@ pub fn run_rank(m: &Manifest, opts: &RunOptions, comm: &dyn Collective) -> anyho
         (handoff::share_start(comm, Some(root.start))?, root.model, root.lora, root.opt, Some(root.ledger))
     } else {
         let start = handoff::share_start(comm, None)?;
-        let model = load_model(m, &device)?;
+        let model = load_training_model(m, &device)?;
         let lora = Lora::new(lora_config(m), &model.config, m.run.seed, &device)?;
         let opt = AdamW::new(adamw, lora.param_names(), &lora.params())?;
         (start, model, lora, opt, None)
@@ -393,7 +407,7 @@ fn prepare_root(m: &Manifest, opts: &RunOptions, device: &Device, adamw: &AdamWC
     }
     let pad = plan.tokenizer.special_id("<|endoftext|>").unwrap_or(0);
 
-    let model = load_model(m, device)?;
+    let model = load_training_model(m, device)?;
     let model_config = std::fs::read_to_string(m.model.path.join("config.json")).unwrap_or_default();
     let identity = identity(m, &prepared.lock.key(), &plan.scheduler_sha(), &model_config);
     let schedule = Schedule::of(m, prepared.stream.n_train, pad);

@@ -422,3 +422,16 @@ extern "C" __global__ void cross_entropy_rows(const bf16* __restrict__ z, const 
         dz[off + j] = st(expf(ld(z[off + j]) - lse) - (j == (int)target ? 1.f : 0.f));
 }
 
+
+// out[n, :] = table[ids[n], :] (bf16, cols % 8 == 0), 8 elements per thread; the table may be host memory
+// mapped for the GPU (model/cuda/host_table.rs). Ids past the table read row 0 (the caller checked them).
+extern "C" __global__ void gather_rows8(const bf16* __restrict__ table, const uint32_t* __restrict__ ids,
+                                        bf16* __restrict__ out, int n, int cols, int rows) {
+    const unsigned groups = cols / 8;
+    const unsigned idx = blockIdx.x * blockDim.x + threadIdx.x;
+    if (idx >= (unsigned)n * groups) return;
+    const unsigned r = idx / groups, c = (idx % groups) * 8;
+    unsigned id = ids[r];
+    if (id >= (unsigned)rows) id = 0;
+    *reinterpret_cast<uint4*>(out + (size_t)r * cols + c) = *reinterpret_cast<const uint4*>(table + (size_t)id * cols + c);
+}
