@@ -479,6 +479,12 @@ fn serve_answers_like_eval_and_survives_bad_requests() {
                 assert_eq!(batch[i]["logprobs"]["token_logprobs"], alone["logprobs"]["token_logprobs"]);
                 assert_eq!(batch[i]["index"], i);
             }
+            // Without `logprobs` nothing is scored (no second forward) and the text is the same.
+            let body = format!(r#"{{"prompt": {:?}, "max_tokens": 6, "stop": ["\n\n"], {extra}}}"#, prompts[0]);
+            let (status, v) = post(addr, "/v1/completions", &body);
+            assert_eq!(status, 200, "{v}");
+            assert_eq!(v["choices"][0]["logprobs"], serde_json::Value::Null);
+            assert_eq!(v["choices"][0]["text"], batch[0]["text"], "{extra}");
         }
 
         // The challenge API.

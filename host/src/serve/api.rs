@@ -110,7 +110,7 @@ fn one_usize() -> usize {
 struct Completed {
     prompt: Vec<u32>,
     new: Vec<u32>,
-    /// For `prompt[1..] ++ new`, in order.
+    /// For `prompt[1..] ++ new`, in order; empty unless scored.
     logprobs: Vec<TokenLogprob>,
     finish: &'static str,
 }
@@ -135,9 +135,11 @@ impl Api<'_> {
         Ok(())
     }
 
-    /// Generates up to `max_new` tokens after each prompt, all prompts in one batched generation, and scores
-    /// each whole sequence.
-    fn complete(&self, prompts: Vec<Vec<u32>>, max_new: usize, temperature: f64, seed: u64, stop: &[String], top: usize) -> Result<Vec<Completed>, HttpError> {
+    /// Generates up to `max_new` tokens after each prompt, all prompts in one batched generation, and, when
+    /// `score`, scores each whole sequence (one more forward per sequence: only when log-probabilities are
+    /// asked for).
+    #[allow(clippy::too_many_arguments)]
+    fn complete(&self, prompts: Vec<Vec<u32>>, max_new: usize, temperature: f64, seed: u64, stop: &[String], top: usize, score: bool) -> Result<Vec<Completed>, HttpError> {
         for ids in &prompts {
             self.check_ids(ids)?;
         }
@@ -161,7 +163,7 @@ impl Api<'_> {
             new.truncate(room);
             let finish = if new.len() < room { "stop" } else { "length" };
             let all: Vec<u32> = ids.iter().chain(&new).copied().collect();
-            let logprobs = self.lm.token_logprobs(&all, top).map_err(internal)?;
+            let logprobs = if score { self.lm.token_logprobs(&all, top).map_err(internal)? } else { Vec::new() };
             done.push(Completed { prompt: ids, new, logprobs, finish });
         }
         Ok(done)
@@ -206,7 +208,7 @@ impl Api<'_> {
         };
         let mut choices = Vec::with_capacity(prompts.len());
         let (mut prompt_tokens, mut completion_tokens) = (0, 0);
-        let completed = self.complete(prompts, r.max_tokens, r.temperature, r.seed.unwrap_or(0), &stop, top)?;
+        let completed = self.complete(prompts, r.max_tokens, r.temperature, r.seed.unwrap_or(0), &stop, top, r.logprobs.is_some())?;
         for (index, c) in completed.iter().enumerate() {
             prompt_tokens += c.prompt.len();
             completion_tokens += c.new.len();
@@ -315,7 +317,7 @@ impl Api<'_> {
             return Err(bad(format!("`max_new_tokens` {} is over the limit of {}", r.max_new_tokens, self.limits.max_new_tokens)));
         }
         let ids = self.encode(&r.prompt);
-        let c = self.complete(vec![ids], r.max_new_tokens, r.temperature, r.seed.unwrap_or(0), &[], 1)?.remove(0);
+        let c = self.complete(vec![ids], r.max_new_tokens, r.temperature, r.seed.unwrap_or(0), &[], 1, true)?.remove(0);
         let skip = c.prompt.len() - 1;
         let mut tokens = Vec::with_capacity(c.new.len());
         let mut total = 0.0;
