@@ -84,14 +84,14 @@ def peft_model(shape, checkpointing=False, liger=False, dropout=0.1):
     return model, opt
 
 
-def measure(shape, seq, micro_batch, checkpointing, warmup, steps, liger):
-    model, opt = peft_model(shape, checkpointing, liger)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    ids = torch.randint(0, 151000, (micro_batch, seq), device="cuda")
+def time_full_rows(model, opt, micro_batch, seq, warmup, steps, generator=None):
+    """Training steps on full rows of `seq` random tokens, every position trained: (seconds a step, peak GiB).
+    As ../shared/bench/hf_peft_baseline.py: the peak counter reset before the warm-up, the timed steps after
+    it. Also the full-row anchors of scripts/realdata-baselines.py (any stack's model and optimizer)."""
+    ids = torch.randint(0, 151000, (micro_batch, seq), device="cuda", generator=generator)
 
     def step():
-        out = model(input_ids=ids, labels=ids)
-        out.loss.backward()
+        model(input_ids=ids, labels=ids).loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 
@@ -103,7 +103,13 @@ def measure(shape, seq, micro_batch, checkpointing, warmup, steps, liger):
     for _ in range(steps):
         step()
     torch.cuda.synchronize()
-    step_s = (time.perf_counter() - t0) / steps
+    return (time.perf_counter() - t0) / steps, torch.cuda.max_memory_allocated() / 2**30
+
+
+def measure(shape, seq, micro_batch, checkpointing, warmup, steps, liger):
+    model, opt = peft_model(shape, checkpointing, liger)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    step_s, peak_gib = time_full_rows(model, opt, micro_batch, seq, warmup, steps)
     return {
         "stack": "hf+peft" + ("+liger" if liger else ""),
         "shape": shape,
@@ -113,7 +119,7 @@ def measure(shape, seq, micro_batch, checkpointing, warmup, steps, liger):
         "trainable_params": sum(p.numel() for p in trainable),
         "step_ms": round(step_s * 1e3, 1),
         "tokens_per_s": round(micro_batch * seq / step_s, 1),
-        "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 1),
+        "peak_gib": round(peak_gib, 1),
         "torch": torch.__version__,
         "device": torch.cuda.get_device_name(),
     }

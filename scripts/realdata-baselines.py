@@ -160,27 +160,12 @@ def full_rows(a, model, opt, seq, gen):
     """Full rows of `seq` tokens, every position trained: the anchor of `lorahost bench train --seq`."""
     import torch
 
-    ids = torch.randint(0, 151000, (a.micro_batch, seq), device="cuda", generator=gen)
-
-    def step():
-        model(input_ids=ids, labels=ids).loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
     try:
-        for _ in range(2):
-            step()
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        t0 = time.perf_counter()
-        for _ in range(a.row_steps):
-            step()
-        torch.cuda.synchronize()
+        step_s, peak_gib = hf_baseline().time_full_rows(model, opt, a.micro_batch, seq, 2, a.row_steps, gen)
     except torch.OutOfMemoryError:
         opt.zero_grad(set_to_none=True)
         torch.cuda.empty_cache()
         return {"stack": STACK_NAMES[a.stack], "shape": a.shape, "seq": seq, "error": "out of memory"}
-    step_s = (time.perf_counter() - t0) / a.row_steps
     return {
         "stack": STACK_NAMES[a.stack],
         "shape": a.shape,
@@ -189,7 +174,7 @@ def full_rows(a, model, opt, seq, gen):
         "lora_dropout": a.dropout,
         "step_ms": round(step_s * 1e3, 1),
         "tokens_per_s": round(a.micro_batch * seq / step_s, 1),
-        "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 1),
+        "peak_gib": round(peak_gib, 1),
     }
 
 
