@@ -249,6 +249,24 @@ extern "C" __global__ void qkv_split_rope8(const bf16* __restrict__ base, const 
     }
 }
 
+// Where thread `idx` of a [B, H, T, D] <-> [N, H D] layout kernel works: `groups` threads per head row (each
+// `per` consecutive j from j0), rows n = b T + t in order, heads inside a row.
+struct HeadPos {
+    unsigned j0, h, n, b, t;
+    size_t bhtd;  // element (b, h, t, j0) of the [B, H, T, D] side
+};
+static __device__ __forceinline__ HeadPos head_pos(unsigned idx, unsigned groups, unsigned per, int T, int H, int D) {
+    HeadPos p;
+    p.j0 = (idx % groups) * per;
+    const unsigned rest = idx / groups;
+    p.h = rest % H;
+    p.n = rest / H;
+    p.b = p.n / T;
+    p.t = p.n % T;
+    p.bhtd = ((size_t)(p.b * H + p.h) * T + p.t) * D + p.j0;
+    return p;
+}
+
 // [B, H, T, D] -> columns col0.. of a [N, stride] matrix (heads side by side), optionally applying the
 // inverse rotation (the backward of RoPE). Forward: attention output -> c_proj input (no rope).
 // Backward: dq, dk (inverse rope) and dv -> d(c_attn output), one call per part. Tables as in
@@ -259,12 +277,9 @@ extern "C" __global__ void heads_merge(const bf16* __restrict__ src, const float
     const unsigned half = D / 2;
     const unsigned idx = blockIdx.x * blockDim.x + threadIdx.x;
     if (idx >= (unsigned)n_rows * H * half) return;
-    const unsigned j = idx % half;
-    const unsigned rest = idx / half;
-    const unsigned h = rest % H;
-    const unsigned n = rest / H;
-    const unsigned b = n / T, t = n % T;
-    const size_t s = ((size_t)(b * H + h) * T + t) * D + j;
+    const HeadPos q = head_pos(idx, half, 1, T, H, D);
+    const unsigned j = q.j0, n = q.n, h = q.h, t = q.t;
+    const size_t s = q.bhtd;
     const float g1 = ld(src[s]), g2 = ld(src[s + half]);
     float y1 = g1, y2 = g2;
     if (inverse_rope) {
@@ -288,12 +303,9 @@ extern "C" __global__ void heads_merge8(const bf16* __restrict__ src, const floa
     const unsigned half = D / 2, groups = half / 8;
     const unsigned idx = blockIdx.x * blockDim.x + threadIdx.x;
     if (idx >= (unsigned)n_rows * H * groups) return;
-    const unsigned j0 = (idx % groups) * 8;
-    const unsigned rest = idx / groups;
-    const unsigned h = rest % H;
-    const unsigned n = rest / H;
-    const unsigned b = n / T, t = n % T;
-    const size_t s = ((size_t)(b * H + h) * T + t) * D + j0;
+    const HeadPos q = head_pos(idx, groups, 8, T, H, D);
+    const unsigned j0 = q.j0, n = q.n, h = q.h, t = q.t;
+    const size_t s = q.bhtd;
     Bf16x8 g1, g2, y1, y2;
     g1.v = *reinterpret_cast<const uint4*>(src + s);
     g2.v = *reinterpret_cast<const uint4*>(src + s + half);
@@ -316,30 +328,18 @@ extern "C" __global__ void heads_merge8(const bf16* __restrict__ src, const floa
     *reinterpret_cast<uint4*>(dst + d + half) = y2.v;
 }
 
+// [N, H D] -> [B, H, T, D] (the backward of the forward's head merge); `vec`: 8 consecutive j per thread with
+// 16-byte accesses (D % 8 == 0, 16-byte aligned buffers), else one.
 extern "C" __global__ void heads_split(const bf16* __restrict__ src, bf16* __restrict__ dst, int n_rows, int T,
-                                       int H, int D) {
-    const unsigned idx = blockIdx.x * blockDim.x + threadIdx.x;
-    if (idx >= (unsigned)n_rows * H * D) return;
-    const unsigned j = idx % D;
-    const unsigned rest = idx / D;
-    const unsigned h = rest % H;
-    const unsigned n = rest / H;
-    const unsigned b = n / T, t = n % T;
-    dst[((size_t)(b * H + h) * T + t) * D + j] = src[idx];
-}
-
-// heads_split with 8 consecutive j per thread (16-byte accesses; D % 8 == 0, 16-byte aligned buffers).
-extern "C" __global__ void heads_split8(const bf16* __restrict__ src, bf16* __restrict__ dst, int n_rows, int T,
-                                        int H, int D) {
-    const unsigned groups = D / 8;
+                                       int H, int D, int vec) {
+    const unsigned per = vec ? 8 : 1, groups = D / per;
     const unsigned idx = blockIdx.x * blockDim.x + threadIdx.x;
     if (idx >= (unsigned)n_rows * H * groups) return;
-    const unsigned j0 = (idx % groups) * 8;
-    const unsigned rest = idx / groups;
-    const unsigned h = rest % H;
-    const unsigned n = rest / H;
-    const unsigned b = n / T, t = n % T;
-    *reinterpret_cast<uint4*>(dst + ((size_t)(b * H + h) * T + t) * D + j0) = *reinterpret_cast<const uint4*>(src + (size_t)idx * 8);
+    const HeadPos q = head_pos(idx, groups, per, T, H, D);
+    if (vec)
+        *reinterpret_cast<uint4*>(dst + q.bhtd) = *reinterpret_cast<const uint4*>(src + (size_t)idx * 8);
+    else
+        dst[q.bhtd] = src[idx];
 }
 
 // SwiGLU: h = a * silu(g); da = dh * silu(g), dg = dh * a * s * (1 + g (1 - s)), s = sigmoid(g).

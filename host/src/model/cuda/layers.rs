@@ -173,11 +173,10 @@ pub fn split_heads(dy: &Tensor, b: usize, t: usize, h: usize, d: usize) -> Resul
     let dy = dy.contiguous()?;
     let out = uninit(&dev, (b, h, t, d), DType::BF16)?;
     let n = b * t;
-    let args = [Arg::T(&dy), Arg::T(&out), Arg::I(n as i32), Arg::I(t as i32), Arg::I(h as i32), Arg::I(d as i32)];
-    if d % 8 == 0 && dy.storage_and_layout().1.start_offset() % 8 == 0 {
-        return launch(&dev, "heads_split8", blocks(n * h * d / 8, EW_THREADS)?, EW_THREADS, &args).map(|_| out);
-    }
-    launch(&dev, "heads_split", blocks(n * h * d, EW_THREADS)?, EW_THREADS, &args)?;
+    let vec = d % 8 == 0 && dy.storage_and_layout().1.start_offset() % 8 == 0;
+    let args = [Arg::T(&dy), Arg::T(&out), Arg::I(n as i32), Arg::I(t as i32), Arg::I(h as i32), Arg::I(d as i32), Arg::I(vec as i32)];
+    let per = if vec { 8 } else { 1 };
+    launch(&dev, "heads_split", blocks(n * h * d / per, EW_THREADS)?, EW_THREADS, &args)?;
     Ok(out)
 }
 
