@@ -26,18 +26,10 @@ fn root() -> PathBuf {
 /// appended.
 fn manifest(dir: &Path, extra: &str) -> Manifest {
     let r = root();
-    let text = format!(
-        r#"[run]
-name = "evaltest"
-output = "{out}"
-cache = "{cache}"
-
-[model]
-path = "{model}"
-dtype = "f32"
-device = "cpu"
-tokenizer = "{tok}"
-
+    let [out, cache, model] = ["run", "cache", "model"].map(|p| dir.join(p).display().to_string());
+    let text = common::manifest_head("evaltest", None, &out, &cache, &model)
+        + &format!(
+            r#"
 [model.tiny]
 init_std = 0.2
 seed = 3
@@ -51,12 +43,8 @@ source = {{ plugin = "jsonl", path = "{gsm}", fields = {{ instruction = "questio
 count = 6
 {extra}
 "#,
-        out = dir.join("run").display(),
-        cache = dir.join("cache").display(),
-        model = dir.join("model").display(),
-        tok = r.join("tests/fixtures/tokenizer/qwen.tiktoken").display(),
-        gsm = r.join("tests/fixtures/samples/gsm8k/train.first200.jsonl").display(),
-    );
+            gsm = r.join("tests/fixtures/samples/gsm8k/train.first200.jsonl").display(),
+        );
     let file = dir.join("m.toml");
     std::fs::write(&file, text).unwrap();
     Manifest::load(&file).unwrap()

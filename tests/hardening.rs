@@ -48,19 +48,9 @@ source = {source}
 
 /// A small training run on the tiny model; `data` is the dolly sample's path as the manifest writes it.
 fn train_manifest(path: &Path, data: &str, extra: &str) -> PathBuf {
-    let text = format!(
-        r#"[run]
-name = "small"
-seed = 3
-output = "out"
-cache = "cache"
-
-[model]
-path = "model"
-dtype = "f32"
-device = "cpu"
-tokenizer = {tok:?}
-
+    let text = common::manifest_head("small", Some(3), "out", "cache", "model")
+        + &format!(
+            r#"
 [model.tiny]
 hidden_size = 16
 num_layers = 1
@@ -86,9 +76,8 @@ plugin = "alpaca"
 name = "dolly"
 source = {{ plugin = "jsonl", path = {data:?}, fields = {{ input = "context", output = "response" }} }}
 count = 8
-"#,
-        tok = tokenizer()
-    );
+"#
+        );
     write(path, text)
 }
 

@@ -10,19 +10,9 @@ use std::path::{Path, PathBuf};
 /// reproduce the dropout draws too).
 fn small_manifest(dir: &Path, extra_train: &str) -> PathBuf {
     let root = common::repo_root();
-    let text = format!(
-        r#"[run]
-name = "small"
-seed = 3
-output = "out"
-cache = "cache"
-
-[model]
-path = "model"
-dtype = "f32"
-device = "cpu"
-tokenizer = "{root}/tests/fixtures/tokenizer/qwen.tiktoken"
-
+    let text = common::manifest_head("small", Some(3), "out", "cache", "model")
+        + &format!(
+            r#"
 [model.tiny]
 hidden_size = 32
 num_layers = 2
@@ -61,8 +51,8 @@ name = "dolly"
 source = {{ plugin = "jsonl", path = "{root}/tests/fixtures/samples/dolly/databricks-dolly-15k.lines1-34.jsonl", fields = {{ input = "context", output = "response" }} }}
 count = 14
 "#,
-        root = root.display()
-    );
+            root = root.display()
+        );
     let path = dir.join("small.toml");
     std::fs::write(&path, text).unwrap();
     path

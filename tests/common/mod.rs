@@ -9,6 +9,17 @@ pub fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
 }
 
+/// The `[run]` and `[model]` tables of a test manifest: the tiny model on the CPU in f32, the fixture
+/// tokenizer; paths as given (relative ones resolve against the manifest's folder). The caller appends the
+/// rest (`[model.tiny]`, `[lora]`, `[train]`, data).
+pub fn manifest_head(name: &str, seed: Option<u64>, output: &str, cache: &str, model: &str) -> String {
+    let seed = seed.map(|s| format!("seed = {s}\n")).unwrap_or_default();
+    let tok = repo_root().join("tests/fixtures/tokenizer/qwen.tiktoken").display().to_string();
+    format!(
+        "[run]\nname = {name:?}\n{seed}output = {output:?}\ncache = {cache:?}\n\n[model]\npath = {model:?}\ndtype = \"f32\"\ndevice = \"cpu\"\ntokenizer = {tok:?}\n"
+    )
+}
+
 /// Where test plugins are built; shared by every test binary (cargo's own lock serialises builds).
 pub fn test_target_dir() -> PathBuf {
     std::env::var_os("CARGO_TARGET_DIR")
