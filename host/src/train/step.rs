@@ -65,7 +65,9 @@ pub fn step(
 ) -> anyhow::Result<StepOutcome> {
     let t0 = Instant::now();
     let number = batches.step + 1;
-    let mut grads = LoraGrads::zeros_like(lora)?;
+    // The first pass's gradients are taken as they are: no zeros to add them to (240 tensors at Qwen-14B:
+    // each a launch while the device waits, at the start and the end of a step).
+    let mut grads: Option<LoraGrads> = None;
     let (mut loss_sum, mut n_tokens) = (0.0f64, 0usize);
     let mine = split::assign(&batches.passes, comm.world_size()).swap_remove(comm.rank());
     for pass in mine {
@@ -75,10 +77,18 @@ pub fn step(
         let mut dropout = SplitMix::for_stream(c.seed, &[batches.step, pass as u64]);
         let out = model.loss_and_grads(&ids, &labels, batch.cu_seqlens.as_deref(), lora, &mut dropout, c.recompute)?;
         debug_assert_eq!(out.n_tokens, batch.trained, "the model and the batch count the same positions");
-        grads.add_assign(&out.grads)?;
+        match grads.as_mut() {
+            None => grads = Some(out.grads),
+            Some(g) => g.add_assign(&out.grads)?,
+        }
         loss_sum += out.loss_sum;
         n_tokens += out.n_tokens;
     }
+    // A rank with no pass of this step contributes zeros.
+    let mut grads = match grads {
+        Some(g) => g,
+        None => LoraGrads::zeros_like(lora)?,
+    };
     // Gradients in f32, summed over the ranks in rank order (no-ops on one rank).
     comm.all_reduce_sum(&mut grads.tensors_mut())?;
     let mut sums = [loss_sum, n_tokens as f64];
