@@ -217,7 +217,8 @@ pub struct Train {
     /// Or exactly this many records.
     #[serde(default)]
     pub eval_count: Option<usize>,
-    /// Recompute each layer in the backward pass instead of keeping its activations.
+    /// Recompute each layer in the backward pass instead of keeping its activations (the memory-saving mode:
+    /// on a GPU the embedding table also moves to page-locked host memory, see `Model::offload_embedding`).
     #[serde(default)]
     pub recompute: bool,
     /// Write a checkpoint every N optimizer steps (and always at the end).
