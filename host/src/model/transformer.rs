@@ -266,7 +266,8 @@ impl Model {
     /// Moves the embedding table (frozen, read only for the rows of each batch) to page-locked host memory
     /// that the GPU reads through its mapping, and returns the device bytes freed: recomputation's trade of
     /// speed for memory. The freed memory becomes [`Model::recompute_spare_bytes`]. Nothing happens (0) on
-    /// the CPU, for dtypes other than bf16, or when lm_head shares the table.
+    /// the CPU, for dtypes other than bf16, or when lm_head shares the table; on an error (the host memory
+    /// could not be page-locked) the model is unchanged.
     pub fn offload_embedding(&mut self) -> Result<usize> {
         #[cfg(feature = "cuda")]
         if let (Device::Cuda(dev), DType::BF16, false) = (&self.device, self.dtype, self.config.tie_word_embeddings) {
