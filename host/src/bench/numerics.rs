@@ -173,6 +173,20 @@ fn ops_checks(gpu: &Device, checks: &mut Vec<Check>) -> Result<()> {
             let name = |what: &str| format!("flash attention {what} (d {d}, GQA, T {t}, {layout})");
             push(checks, &name("forward"), &yg, &yc, OP_TOL)?;
             let (dqc, dkc, dvc) = attention::attention_backward(&sc, &dy.cpu, false, false)?;
+            // The dS tiles in groups of one kv head (what a long sequence gets) against all at once: the same bits.
+            if layout == "rows" {
+                use crate::model::cuda::{flash_backward_within, flash_forward};
+                let scale = 1.0 / (d as f64).sqrt();
+                let (o, lse) = flash_forward(&q.gpu, &k.gpu, &v.gpu, &blocks.table, scale)?;
+                let one_kv_head = (h / hkv) * blocks.n_tiles * 64 * 64 * 2;
+                let whole = flash_backward_within(&q.gpu, &k.gpu, &v.gpu, &o, &lse, &dy.gpu, &blocks, scale, usize::MAX)?;
+                let grouped = flash_backward_within(&q.gpu, &k.gpu, &v.gpu, &o, &lse, &dy.gpu, &blocks, scale, one_kv_head)?;
+                let mut differ = 0.0;
+                for (x, y) in [(&whole.0, &grouped.0), (&whole.1, &grouped.1), (&whole.2, &grouped.2)] {
+                    differ += x.to_dtype(DType::F32)?.ne(&y.to_dtype(DType::F32)?)?.to_dtype(DType::F32)?.sum_all()?.to_scalar::<f32>()? as f64;
+                }
+                checks.push(Check { name: name("backward: dS tiles one kv head at a time (elements differing)"), rel_err: differ, tolerance: 0.0, ok: differ == 0.0 });
+            }
             // dQ from the stored dS tiles, and recomputed.
             for ds_tiles in [true, false] {
                 let (dqg, dkg, dvg) = attention::attention_backward(&sg, &dy.gpu, true, ds_tiles)?;

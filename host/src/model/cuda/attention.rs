@@ -150,6 +150,13 @@ const DS_BUDGET_BYTES: usize = 512 << 20;
 /// dQ from the dS tiles the dK/dV pass stores (up to [`DS_BUDGET_BYTES`]), else recomputed.
 #[allow(clippy::too_many_arguments)]
 pub fn flash_backward(q: &Tensor, k: &Tensor, v: &Tensor, o: &Tensor, lse: &Tensor, d_o: &Tensor, blocks: &FlashBlocks, scale: f64, ds_tiles: bool) -> Result<(Tensor, Tensor, Tensor)> {
+    flash_backward_within(q, k, v, o, lse, d_o, blocks, scale, if ds_tiles { DS_BUDGET_BYTES } else { 0 })
+}
+
+/// [`flash_backward`] with the dS tiles held to `budget` bytes (kv heads in groups that fit; 0 or less than
+/// one kv head's tiles: dQ recomputed). Every grouping gives the same bits (`bench numerics` checks).
+#[allow(clippy::too_many_arguments)]
+pub fn flash_backward_within(q: &Tensor, k: &Tensor, v: &Tensor, o: &Tensor, lse: &Tensor, d_o: &Tensor, blocks: &FlashBlocks, scale: f64, budget: usize) -> Result<(Tensor, Tensor, Tensor)> {
     check_bf16("flash_backward", &[q, k, v, o, d_o])?;
     let (b, h, hkv, t, d, n) = check_flash("flash_backward", q, k, &blocks.table)?;
     let dev = cuda_device(q)?;
@@ -164,7 +171,7 @@ pub fn flash_backward(q: &Tensor, k: &Tensor, v: &Tensor, o: &Tensor, lse: &Tens
     let groups = h / hkv;
     let tile_bytes = 64 * 64 * 2;
     let per_kv_head = groups * blocks.n_tiles.max(1) * tile_bytes;
-    let chunk = if ds_tiles { (DS_BUDGET_BYTES / per_kv_head).min(hkv) } else { 0 };
+    let chunk = (budget / per_kv_head).min(hkv);
     let dims = || [Arg::I(t as i32), Arg::I(h as i32), Arg::I(hkv as i32), Arg::F(scale as f32)];
     let (table, tiles, n_tiles) = (&blocks.table, &blocks.tiles, Arg::I(blocks.n_tiles as i32));
     if chunk == 0 {
