@@ -4,7 +4,7 @@
 //! continuations run as one batch against its cache), and generation runs batched
 //! (`Model::generate_batch`, stop strings checked after every token).
 use crate::model::lora::Lora;
-use crate::model::transformer::{argmax, right_padded, GenerateOptions, KvCache, Model, Sampling};
+use crate::model::transformer::{argmax, right_padded, GenerateOptions, Model, Sampling};
 use anyhow::{bail, Result};
 use candle_core::{DType, Tensor};
 
@@ -195,13 +195,8 @@ impl ModelLm<'_> {
     fn shared_logliks(&self, rows: &[Row], groups: &[std::ops::Range<usize>]) -> Result<Vec<Loglik>> {
         let device = &self.model.device;
         let prefixes: Vec<&[u32]> = groups.iter().map(|g| rows[g.start].prefix()).collect();
-        let lens: Vec<usize> = prefixes.iter().map(|p| p.len()).collect();
-        let t = lens.iter().copied().max().unwrap_or(0);
-        let cache = KvCache::default();
-        let hf = self.model.hidden_states_cached(&right_padded(&prefixes, self.pad, device)?, self.lora, &cache)?;
-        cache.end_rows_at(&lens)?;
-        let last: Vec<u32> = lens.iter().enumerate().map(|(g, &l)| (g * t + l - 1) as u32).collect();
-        let last = hf.index_select(&Tensor::from_vec(last, groups.len(), device)?, 0)?;
+        let t = prefixes.iter().map(|p| p.len()).max().unwrap_or(0);
+        let (cache, last) = self.model.prefill(&prefixes, self.pad, self.lora)?;
         let first: Vec<Vec<f32>> = self.model.logits(&last)?.to_dtype(DType::F32)?.to_vec2()?;
 
         let offset = groups[0].start;

@@ -355,6 +355,19 @@ impl Model {
         Ok(ops::rmsnorm_forward(&x, &self.weights.ln_f, self.config.eps, self.fusion.norm)?.0)
     }
 
+    /// Runs `rows` (right-padded with `pad`) into a fresh cache, their padding marked as each row's gap:
+    /// the cache and each row's final-norm hidden state at its last token [rows, C] (what predicts the next).
+    pub fn prefill(&self, rows: &[&[u32]], pad: u32, lora: Option<&Lora>) -> Result<(KvCache, Tensor)> {
+        let lens: Vec<usize> = rows.iter().map(|r| r.len()).collect();
+        let t = lens.iter().copied().max().unwrap_or(0);
+        let cache = KvCache::default();
+        let hf = self.hidden_states_cached(&right_padded(rows, pad, &self.device)?, lora, &cache)?;
+        cache.end_rows_at(&lens)?;
+        let last: Vec<u32> = lens.iter().enumerate().map(|(r, &l)| (r * t + l - 1) as u32).collect();
+        let last = hf.index_select(&Tensor::from_vec(last, rows.len(), &self.device)?, 0)?;
+        Ok((cache, last))
+    }
+
     /// Logits [N, vocab] of final-norm hidden states [N, C].
     pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
         Ok(ops::linear_forward(hidden, &self.weights.lm_head, None)?)
@@ -397,14 +410,8 @@ impl Model {
         if live.is_empty() || opts.max_new == 0 {
             return Ok(out);
         }
-        let lens: Vec<usize> = live.iter().map(|&i| prompts[i].len()).collect();
-        let t = lens.iter().copied().max().unwrap_or(0);
         let rows: Vec<&[u32]> = live.iter().map(|&i| prompts[i]).collect();
-        let mut cache = KvCache::default();
-        let hf = self.hidden_states_cached(&right_padded(&rows, 0, &self.device)?, lora, &cache)?;
-        cache.end_rows_at(&lens)?;
-        let last: Vec<u32> = lens.iter().enumerate().map(|(r, &l)| (r * t + l - 1) as u32).collect();
-        let mut hidden = hf.index_select(&Tensor::from_vec(last, live.len(), &self.device)?, 0)?;
+        let (mut cache, mut hidden) = self.prefill(&rows, 0, lora)?;
         loop {
             let logits: Vec<Vec<f32>> = self.logits(&hidden)?.to_dtype(DType::F32)?.to_vec2()?;
             let (mut keep, mut next_ids) = (Vec::new(), Vec::new());
