@@ -63,6 +63,17 @@ fn push(checks: &mut Vec<Check>, name: &str, gpu: &Tensor, cpu: &Tensor, toleran
     Ok(())
 }
 
+/// How many elements of `a` and `b` (same shape; any dtype, any device) are not equal.
+fn differing(a: &Tensor, b: &Tensor) -> Result<f64> {
+    let b = b.to_device(a.device())?.to_dtype(DType::F32)?;
+    Ok(a.to_dtype(DType::F32)?.ne(&b)?.to_dtype(DType::F32)?.sum_all()?.to_scalar::<f32>()? as f64)
+}
+
+/// A check that nothing differs: `differ` counts what did.
+fn push_exact(checks: &mut Vec<Check>, name: impl Into<String>, differ: f64) {
+    checks.push(Check { name: name.into(), rel_err: differ, tolerance: 0.0, ok: differ == 0.0 });
+}
+
 /// A pair of the same values: (CPU f32, GPU bf16), the f32 side already rounded through bf16.
 struct Pair {
     cpu: Tensor,
@@ -181,11 +192,8 @@ fn ops_checks(gpu: &Device, checks: &mut Vec<Check>) -> Result<()> {
                 let one_kv_head = (h / hkv) * blocks.n_tiles * 64 * 64 * 2;
                 let whole = flash_backward_within(&q.gpu, &k.gpu, &v.gpu, &o, &lse, &dy.gpu, &blocks, scale, usize::MAX)?;
                 let grouped = flash_backward_within(&q.gpu, &k.gpu, &v.gpu, &o, &lse, &dy.gpu, &blocks, scale, one_kv_head)?;
-                let mut differ = 0.0;
-                for (x, y) in [(&whole.0, &grouped.0), (&whole.1, &grouped.1), (&whole.2, &grouped.2)] {
-                    differ += x.to_dtype(DType::F32)?.ne(&y.to_dtype(DType::F32)?)?.to_dtype(DType::F32)?.sum_all()?.to_scalar::<f32>()? as f64;
-                }
-                checks.push(Check { name: name("backward: dS tiles one kv head at a time (elements differing)"), rel_err: differ, tolerance: 0.0, ok: differ == 0.0 });
+                let differ = differing(&whole.0, &grouped.0)? + differing(&whole.1, &grouped.1)? + differing(&whole.2, &grouped.2)?;
+                push_exact(checks, name("backward: dS tiles one kv head at a time (elements differing)"), differ);
             }
             // dQ from the stored dS tiles, and recomputed.
             for ds_tiles in [true, false] {
@@ -218,10 +226,9 @@ fn ops_checks(gpu: &Device, checks: &mut Vec<Check>) -> Result<()> {
         let yc = (&x.cpu * ops::dropout_mask(key, n, f, 0.1, DType::F32, &Device::Cpu)?)?;
         let yg = crate::model::cuda::dropout(&x.gpu, key, 0.1)?;
         push(checks, "dropout (values)", &yg, &yc, OP_TOL)?;
-        let zc = yc.eq(0f32)?.to_dtype(DType::F32)?;
-        let zg = yg.to_device(&Device::Cpu)?.to_dtype(DType::F32)?.eq(0f32)?.to_dtype(DType::F32)?;
-        let differ = (zc - zg)?.abs()?.sum_all()?.to_scalar::<f32>()? as f64;
-        checks.push(Check { name: "dropout (same mask, elements differing)".into(), rel_err: differ, tolerance: 0.0, ok: differ == 0.0 });
+        let dropped_c = yc.eq(0f32)?;
+        let dropped_g = yg.to_device(&Device::Cpu)?.to_dtype(DType::F32)?.eq(0f32)?;
+        push_exact(checks, "dropout (same mask, elements differing)", differing(&dropped_c, &dropped_g)?);
     }
 
     // The embedding gathered from page-locked host memory (recomputation's offloaded table) against the
@@ -233,8 +240,7 @@ fn ops_checks(gpu: &Device, checks: &mut Vec<Check>) -> Result<()> {
         let ids = Tensor::from_vec(ids, n, gpu)?;
         let got = crate::model::cuda::HostTable::new(&table.gpu, dev)?.gather(&ids)?;
         let want = table.gpu.index_select(&ids, 0)?;
-        let differ = got.to_dtype(DType::F32)?.ne(&want.to_dtype(DType::F32)?)?.to_dtype(DType::F32)?.sum_all()?.to_scalar::<f32>()? as f64;
-        checks.push(Check { name: "embedding from host memory (elements differing)".into(), rel_err: differ, tolerance: 0.0, ok: differ == 0.0 });
+        push_exact(checks, "embedding from host memory (elements differing)", differing(&got, &want)?);
     }
 
     // LoRA folded into a frozen linear, forward and backward, with the kernel's dropout against the mask:
@@ -339,14 +345,13 @@ fn model_check(gpu: &Device, checks: &mut Vec<Check>, config: ModelConfig) -> Re
     // so does the gradient norm the optimizer clips with.
     let a = gpu_model.loss_and_grads(&ids, &labels, None, &lora_gpu, &mut SplitMix::new(9), false)?;
     let b = gpu_model.loss_and_grads(&ids, &labels, None, &lora_gpu, &mut SplitMix::new(9), false)?;
-    let mut differ = (a.loss_sum != b.loss_sum) as usize;
+    let mut differ = (a.loss_sum != b.loss_sum) as u8 as f64;
     for (ga, gb) in a.grads.tensors().iter().zip(b.grads.tensors()) {
-        differ += ga.ne(gb)?.to_dtype(DType::F32)?.sum_all()?.to_scalar::<f32>()? as usize;
+        differ += differing(ga, gb)?;
     }
     let norms = (crate::train::optim::global_norm(&a.grads.tensors())?, crate::train::optim::global_norm(&b.grads.tensors())?);
-    differ += (norms.0 != norms.1) as usize;
-    let name = format!("the same GPU step twice ({fam}): values differing (loss, gradients, gradient norm)");
-    checks.push(Check { name: name.into(), rel_err: differ as f64, tolerance: 0.0, ok: differ == 0 });
+    differ += (norms.0 != norms.1) as u8 as f64;
+    push_exact(checks, format!("the same GPU step twice ({fam}): values differing (loss, gradients, gradient norm)"), differ);
     packed_check(&gpu_model, &lora_gpu, &fam, checks)
 }
 
