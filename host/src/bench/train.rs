@@ -133,10 +133,7 @@ pub fn model(o: &Options) -> anyhow::Result<Model> {
     let mut model = Model::new(config, weights, o.dtype, &o.device);
     model.fusion = o.fusion;
     if o.recompute {
-        // As `lorahost run` does under recomputation (and as it, going on without when host memory is refused).
-        if let Err(e) = model.offload_embedding() {
-            eprintln!("recompute: the embedding table stays on the GPU (page-locked host memory refused: {e})");
-        }
+        crate::train::run::offload_for_recompute(&mut model); // as `lorahost run` does
     }
     Ok(model)
 }

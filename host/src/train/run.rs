@@ -141,14 +141,19 @@ pub fn load_model(m: &Manifest, device: &Device) -> anyhow::Result<Model> {
 fn load_training_model(m: &Manifest, device: &Device) -> anyhow::Result<Model> {
     let mut model = load_model(m, device)?;
     if m.train.recompute {
-        // Page-locking 1-2 GB of host memory can be refused (a container's limits): then the table stays.
-        match model.offload_embedding() {
-            Ok(0) => {}
-            Ok(freed) => eprintln!("recompute: embedding table in host memory ({:.2} GiB of device memory freed)", freed as f64 / (1u64 << 30) as f64),
-            Err(e) => eprintln!("recompute: the embedding table stays on the GPU (page-locked host memory refused: {e})"),
-        }
+        offload_for_recompute(&mut model);
     }
     Ok(model)
+}
+
+/// [`Model::offload_embedding`], saying what happened. Page-locking 1-2 GB of host memory can be refused (a
+/// container's limits): then the table stays on the GPU and training goes on.
+pub(crate) fn offload_for_recompute(model: &mut Model) {
+    match model.offload_embedding() {
+        Ok(0) => {}
+        Ok(freed) => eprintln!("recompute: embedding table in host memory ({:.2} GiB of device memory freed)", freed as f64 / (1u64 << 30) as f64),
+        Err(e) => eprintln!("recompute: the embedding table stays on the GPU (page-locked host memory refused: {e})"),
+    }
 }
 
 /// Whether `dir` holds a model: its config and its weights (one file or an index).
