@@ -21,10 +21,14 @@ pub(super) const ROWS_PER_THREAD: usize = 8;
 /// Elements per thread of the elementwise kernels (EW_PER_THREAD in kernels.cu).
 pub(super) const EW_PER_THREAD: usize = 8;
 
-/// Whether every tensor starts on a 16-byte boundary (the 8-wide loads of the elementwise kernels).
+/// Whether every tensor (bf16) starts on a 16-byte boundary: the 8-wide loads and stores.
+pub(super) fn aligned16(ts: &[&Tensor]) -> bool {
+    ts.iter().all(|t| t.storage_and_layout().1.start_offset() % 8 == 0)
+}
+
+/// [`aligned16`] as the `vec` argument of the elementwise kernels.
 pub(super) fn vec_ok(ts: &[&Tensor]) -> Arg<'static> {
-    let ok = ts.iter().all(|t| t.storage_and_layout().1.start_offset() % 8 == 0);
-    Arg::I(ok as i32)
+    Arg::I(aligned16(ts) as i32)
 }
 
 pub(super) fn cuda_device(t: &Tensor) -> Result<CudaDevice> {
@@ -170,8 +174,7 @@ pub(super) fn check_bf16(name: &str, ts: &[&Tensor]) -> Result<()> {
 /// `t` contiguous and starting on a 16-byte boundary (the rank-r rows are read with 16-byte loads).
 pub(super) fn aligned(t: &Tensor) -> Result<Tensor> {
     let t = t.contiguous()?;
-    let offset = t.storage_and_layout().1.start_offset();
-    if offset % 8 == 0 {
+    if aligned16(&[&t]) {
         Ok(t)
     } else {
         t.copy()

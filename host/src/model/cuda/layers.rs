@@ -8,10 +8,7 @@ use candle_core::{bail, DType, Result, Tensor};
 /// Whether the row kernels may read and write 8 elements at a time: rows of a multiple of 8 elements, every
 /// tensor starting on a 16-byte boundary (the outputs are fresh allocations).
 fn rows_vec(c: usize, ts: &[&Tensor]) -> Arg<'static> {
-    match (c % 8 == 0, vec_ok(ts)) {
-        (true, Arg::I(1)) => Arg::I(1),
-        _ => Arg::I(0),
-    }
+    Arg::I((c % 8 == 0 && aligned16(ts)) as i32)
 }
 
 /// y [N, C] and rstd [N, 1] (f32) for x [N, C], w [C].
@@ -71,7 +68,7 @@ pub fn qkv_split_rope(base: &Tensor, bias: Option<&Tensor>, lora: Option<(&Tenso
     let q = uninit(&dev, (b, h, t, d), DType::BF16)?;
     let k = uninit(&dev, (b, hkv, t, d), DType::BF16)?;
     let v = uninit(&dev, (b, hkv, t, d), DType::BF16)?;
-    let aligned_rows = matches!(vec_ok(&[&base, bias.unwrap_or(&base)]), Arg::I(1));
+    let aligned_rows = aligned16(&[&base, bias.unwrap_or(&base)]);
     if (r == 0 || r == 8) && d % 16 == 0 && aligned_rows {
         if let (Some(u), Some(lb)) = (&u, &lb) {
             super::lora::lora_up_add_(&base, u, lb)?;
@@ -152,7 +149,7 @@ fn heads_merge_into(src: &Tensor, cos: &Tensor, sin: &Tensor, dst: &Tensor, col0
         per_token(cos, n, d)?,
     ];
     // 8 elements per access when the head dim, the column offsets and the buffers allow.
-    if d % 16 == 0 && stride % 8 == 0 && col0 % 8 == 0 && matches!(vec_ok(&[&src, dst]), Arg::I(1)) {
+    if d % 16 == 0 && stride % 8 == 0 && col0 % 8 == 0 && aligned16(&[&src, dst]) {
         return launch(&dev, "heads_merge8", blocks(n * h * d / 16, EW_THREADS)?, EW_THREADS, &args);
     }
     launch(&dev, "heads_merge", blocks(n * h * d / 2, EW_THREADS)?, EW_THREADS, &args)
@@ -173,7 +170,7 @@ pub fn split_heads(dy: &Tensor, b: usize, t: usize, h: usize, d: usize) -> Resul
     let dy = dy.contiguous()?;
     let out = uninit(&dev, (b, h, t, d), DType::BF16)?;
     let n = b * t;
-    let vec = d % 8 == 0 && dy.storage_and_layout().1.start_offset() % 8 == 0;
+    let vec = d % 8 == 0 && aligned16(&[&dy]);
     let args = [Arg::T(&dy), Arg::T(&out), Arg::I(n as i32), Arg::I(t as i32), Arg::I(h as i32), Arg::I(d as i32), Arg::I(vec as i32)];
     let per = if vec { 8 } else { 1 };
     launch(&dev, "heads_split", blocks(n * h * d / per, EW_THREADS)?, EW_THREADS, &args)?;

@@ -8,7 +8,7 @@ use candle_core::{Result, Tensor};
 /// Whether the rank-8 kernels with 8 columns per thread (16-byte accesses) apply: rank 8, whole groups of 8
 /// columns, the output starting on a 16-byte boundary (u, B, A^T are made aligned by the callers).
 fn rank8_vec(r: usize, cols: usize, out: &Tensor) -> bool {
-    r == 8 && cols % 8 == 0 && out.storage_and_layout().1.start_offset() % 8 == 0
+    r == 8 && cols % 8 == 0 && aligned16(&[out])
 }
 
 /// y += u B^T in place, for y [N, out] (a fresh GEMM output nothing else holds), u [N, r], B [out, r].
