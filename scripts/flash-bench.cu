@@ -2,10 +2,11 @@
 // "standalone" flash numbers of BENCHMARKS.md): each case's relative errors, then forward / backward times and
 // TFLOP/s, dQ from the stored dS tiles and recomputed. Build with nvcc for sm_90 (on a machine without a GPU:
 // `source ../shared/tools/cuda-env.sh`), run on the GPU machine:
-//   nvcc -O3 -arch=sm_90 -o flash-bench scripts/flash-bench.cu && ./flash-bench
+//   nvcc -O3 -arch=sm_90 -o flash-bench scripts/flash-bench.cu && ./flash-bench [case name part]
 #include "../host/src/model/cuda/flash.cu"
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <vector>
 #include <algorithm>
 #include <cmath>
@@ -87,13 +88,16 @@ static std::vector<float> tof(const bf16* d, size_t n) { std::vector<bf16> h(n);
 static std::vector<float> getf(const float* d, size_t n) { std::vector<float> h(n); CK(cudaMemcpy(h.data(), d, n * 4, cudaMemcpyDeviceToHost)); return h; }
 static double relerr(const std::vector<float>& a, const std::vector<float>& b) { double n = 0, e = 0; for (size_t i = 0; i < a.size(); ++i) { e += (a[i] - b[i]) * (double)(a[i] - b[i]); n += b[i] * (double)b[i]; } return std::sqrt(e / std::max(n, 1e-30)); }
 
-template <int D> int smem_fwd() { return 5 * fa::Dims<D>::TILE * 2; }
+template <int D> int smem_fwd() { return 4 * fa::Dims<D>::TILE * 2; }
 template <int D> int smem_dq() { return 6 * fa::Dims<D>::TILE * 2; }
 template <int D> int smem_dkdv() { return 6 * fa::Dims<D>::TILE * 2 + 4 * 64 * 4; }
 template <int D> int smem_dqt() { return 2 * fa::Dims<D>::TILE * 2 + 2 * 64 * 72 * 2; }
 
+static const char* only = nullptr;  // argv[1]: run only the cases whose name contains it
+
 template <int D>
 void run(const char* name, int B, int T, int H, int Hkv, std::vector<std::vector<int>> seqlens, bool check, int reps, bool use_tiles) {
+    if (only && !strstr(name, only)) return;
     void (*fwd)(const bf16*, const bf16*, const bf16*, bf16*, float*, const int4*, int, int, int, float) = D == 128 ? flash_fwd_128 : flash_fwd_64;
     void (*dkdv)(const bf16*, const bf16*, const bf16*, const bf16*, const float*, const float*, bf16*, bf16*, bf16*, const int*, int, const int4*, int, int, int, int, float) = D == 128 ? flash_bwd_dkdv_128 : flash_bwd_dkdv_64;
     void (*dqt)(const bf16*, const bf16*, bf16*, const int*, int, const int4*, int, int, int, int, float) = D == 128 ? flash_bwd_dq_tiles_128 : flash_bwd_dq_tiles_64;
@@ -163,7 +167,8 @@ void run(const char* name, int B, int T, int H, int Hkv, std::vector<std::vector
     cudaFree(q); cudaFree(k); cudaFree(v); cudaFree(g); cudaFree(o); cudaFree(dq); cudaFree(dk); cudaFree(dv); cudaFree(lse); cudaFree(dot); cudaFree(dtab); cudaFree(dtiles); if (ds) cudaFree(ds);
 }
 
-int main() {
+int main(int argc, char** argv) {
+    if (argc > 1) only = argv[1];
     for (int tiles = 1; tiles >= 0; --tiles) {
         run<128>("rows, GQA", 2, 200, 4, 2, {{200}, {200}}, true, 0, tiles);
         run<128>("padding-free", 2, 200, 4, 2, {{70, 130}, {1, 64, 135}}, true, 0, tiles);

@@ -95,13 +95,14 @@ pub fn causal_softmax_backward(p: &Tensor, dp: &Tensor, scale: f64) -> Result<Te
 
 use crate::model::attention::{FlashBlocks, FLASH_HEAD_DIMS};
 const FLASH_THREADS: u32 = 128;
-/// Dynamic shared memory of each flash kernel (flash.cu): [64, D + 8] bf16 tiles; forward: Q + 2 K + 2 V,
+/// Dynamic shared memory of each flash kernel (flash.cu): [64, D + 8] bf16 tiles; forward: 2 K + 2 V (Q passes
+/// through the second V),
 /// dQ: Q + dO + 2 K + 2 V, dK/dV: K + V + 2 Q + 2 dO and two buffers of 64 lse and 64 row dots (f32); dQ
 /// from stored dS: 2 K and 2 [64, 72] dS tiles.
 fn smem(kernel: &str, d: usize) -> u32 {
     let tile = 64 * (d + 8) * 2;
     let bytes = match kernel {
-        "fwd" => 5 * tile,
+        "fwd" => 4 * tile,
         "dkdv" => 6 * tile + 4 * 64 * 4,
         "dq_tiles" => 2 * tile + 2 * 64 * 72 * 2,
         _ => 6 * tile,

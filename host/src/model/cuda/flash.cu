@@ -81,7 +81,11 @@ __device__ __forceinline__ void c_to_a(uint32_t* a, const float* c0, const float
     a[3] = pack(c1[2], c1[3]);
 }
 
-__device__ __forceinline__ void cp_async16(void* dst, const void* src, bool valid) {
+__device__ __forceinline__ void cp_async16(void* dst, const void* src) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(smem_u32(dst)), "l"(src));
+}
+// 16 bytes, or 16 zeros where !valid (src is then not read).
+__device__ __forceinline__ void cp_async16_or_zero(void* dst, const void* src, bool valid) {
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_u32(dst)), "l"(src), "r"(valid ? 16 : 0));
 }
 __device__ __forceinline__ void cp_async4(void* dst, const void* src, bool valid) {
@@ -104,13 +108,24 @@ struct Dims {
 };
 
 // Rows r0 .. r0 + 64 of a sequence's [L, D] matrix into a tile, asynchronously; rows at or past L are zero.
+// Each thread copies the same 16-byte column of every (THREADS / (D / 8))-th row: its offsets are computed once
+// and the copies of a whole block need no bounds check (this loop is a third of the kernels' instructions
+// when written with a division per copy).
 template <int D>
 __device__ __forceinline__ void load_tile(bf16* dst, const bf16* __restrict__ src, int r0, int L) {
-    constexpr int CH = D / 8;
-    for (int i = threadIdx.x; i < BLOCK * CH; i += THREADS) {
-        const int r = i / CH, c = (i % CH) * 8;
-        const bool in = r0 + r < L;
-        cp_async16(dst + r * Dims<D>::LD + c, in ? src + (size_t)(r0 + r) * D + c : src, in);
+    constexpr int CH = D / 8, STEP = THREADS / CH, LD = Dims<D>::LD;
+    const int r = threadIdx.x / CH, c = (threadIdx.x % CH) * 8;
+    bf16* d = dst + r * LD + c;
+    const bf16* s = src + (size_t)(r0 + r) * D + c;
+    if (r0 + BLOCK <= L) {
+#pragma unroll
+        for (int j = 0; j < BLOCK / STEP; ++j) cp_async16(d + j * STEP * LD, s + (size_t)j * STEP * D);
+    } else {
+#pragma unroll
+        for (int j = 0; j < BLOCK / STEP; ++j) {
+            const bool in = r0 + r + j * STEP < L;
+            cp_async16_or_zero(d + j * STEP * LD, in ? s + (size_t)j * STEP * D : src, in);
+        }
     }
 }
 
@@ -245,9 +260,11 @@ __device__ __forceinline__ void forward(const bf16* __restrict__ q, const bf16* 
                                         int T, int H, int Hkv, float scale) {
     constexpr int TILE = Dims<D>::TILE, LD = Dims<D>::LD, KD = Dims<D>::KD, ND = Dims<D>::ND;
     extern __shared__ __align__(128) unsigned char smem[];
-    bf16* Qs = reinterpret_cast<bf16*>(smem);
-    bf16* Ks = Qs + TILE;      // two buffers
-    bf16* Vs = Ks + 2 * TILE;  // two buffers
+    bf16* Ks = reinterpret_cast<bf16*>(smem);  // two buffers
+    bf16* Vs = Ks + 2 * TILE;                  // two buffers
+    // Q passes through V's second buffer on its way to registers: four tiles, not five, let three blocks
+    // share an SM (their registers fit too: launch bounds of 3 blocks).
+    bf16* Qs = Vs + TILE;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
     const Block e = block_at(table, blockIdx.x);
     const int h = blockIdx.y, kvh = h / (H / Hkv);
@@ -265,6 +282,7 @@ __device__ __forceinline__ void forward(const bf16* __restrict__ q, const bf16* 
     __syncthreads();
     uint32_t qf[KD][4];
     load_a_rows<D>(qf, Qs + warp * 16 * LD);
+    __syncthreads();  // every warp holds its Q before key block 1 is loaded over it
 
     float oacc[ND][4];
 #pragma unroll
@@ -330,7 +348,7 @@ __device__ __forceinline__ void forward(const bf16* __restrict__ q, const bf16* 
         probs_times_tile<D>(oacc, s, Vb);
         __syncthreads();  // every warp is done with this buffer before it is refilled
     }
-    // O / l (l summed over the row's 4 lanes), staged through the warp's rows of Qs.
+    // O / l (l summed over the row's 4 lanes), staged through the warp's rows of the first K buffer.
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
         l_r[r] += __shfl_xor_sync(0xffffffffu, l_r[r], 1);
@@ -344,7 +362,7 @@ __device__ __forceinline__ void forward(const bf16* __restrict__ q, const bf16* 
         oacc[n][2] *= inv1;
         oacc[n][3] *= inv1;
     }
-    store_rows<D>(oacc, 1.f, Qs + warp * 16 * LD, o + qrows * D, q0 + warp * 16, L);
+    store_rows<D>(oacc, 1.f, Ks + warp * 16 * LD, o + qrows * D, q0 + warp * 16, L);
     if (t == 0) {
         if (qi0 < L) lse[qrows + qi0] = (m_r[0] + log2f(l_r[0])) * LN2;
         if (qi0 + 8 < L) lse[qrows + qi0 + 8] = (m_r[1] + log2f(l_r[1])) * LN2;
@@ -496,7 +514,9 @@ __device__ __forceinline__ void backward_dkdv(const bf16* __restrict__ q, const 
         float st[8][4], dpt[8][4];
         rows_times_tile_t<D>(st, Kw, Qb);
         rows_times_tile_t<D>(dpt, Vw, dOb);
-        // P^T (0 where masked) and dS^T = P^T (dP^T - D[query]).
+        // P^T (0 where masked) and dS^T = P^T (dP^T - D[query]). Only the diagonal block and a sequence's last
+        // (partial) query block hold masked pairs: the others skip the tests.
+        const bool edge = q0 == k0 || q0 + BLOCK > L;
 #pragma unroll
         for (int j = 0; j < 8; ++j)
 #pragma unroll
@@ -504,7 +524,8 @@ __device__ __forceinline__ void backward_dkdv(const bf16* __restrict__ q, const 
                 const int col = j * 8 + 2 * t + (c & 1);
                 const int qi = q0 + col;
                 const int key = key0 + (c >> 1) * 8;
-                const float p = (qi < key || qi >= L || key >= L) ? 0.f : exp2f(st[j][c] * sl2 - lse_b[col] * LOG2E);
+                const bool masked = edge && (qi < key || qi >= L || key >= L);
+                const float p = masked ? 0.f : exp2f(st[j][c] * sl2 - lse_b[col] * LOG2E);
                 st[j][c] = p;
                 dpt[j][c] = p * (dpt[j][c] - dot_b[col]);
             }
@@ -561,7 +582,7 @@ __device__ __forceinline__ void backward_dq_tiles(const bf16* __restrict__ k, co
         bf16* dst = Ss + (kb & 1) * STILE;
         for (int u = threadIdx.x; u < BLOCK * BLOCK / 8; u += THREADS) {
             const int2 kq = ds_unit(u);
-            cp_async16(dst + kq.x * SLD + kq.y, src + u * 8, true);
+            cp_async16(dst + kq.x * SLD + kq.y, src + u * 8);
         }
     };
     load(0);
@@ -596,13 +617,13 @@ __device__ __forceinline__ void backward_dq_tiles(const bf16* __restrict__ k, co
 }
 }  // namespace fa
 
-// Dynamic shared memory: forward Q + 2 K + 2 V tiles; dQ: Q + dO + 2 K + 2 V tiles; dK/dV: K + V + 2 Q + 2 dO
+// Dynamic shared memory: forward 2 K + 2 V tiles; dQ: Q + dO + 2 K + 2 V tiles; dK/dV: K + V + 2 Q + 2 dO
 // tiles + 4 x 64 f32; dQ from tiles: 2 K tiles + 2 [64, 72] dS tiles (model/cuda/attention.rs sizes the
 // launches to match).
 
 // The kernels, one per head dim (the Rust side picks by name: flash_fwd_128, ...).
 #define FLASH_KERNELS(D)                                                                                           \
-    extern "C" __global__ void __launch_bounds__(fa::THREADS)                                                      \
+    extern "C" __global__ void __launch_bounds__(fa::THREADS, 3)                                                   \
         flash_fwd_##D(const bf16* __restrict__ q, const bf16* __restrict__ k, const bf16* __restrict__ v,          \
                       bf16* __restrict__ o, float* __restrict__ lse, const int4* __restrict__ table, int T, int H,  \
                       int Hkv, float scale) {                                                                      \
