@@ -44,6 +44,7 @@ pub fn run(gpu: &Device) -> Result<NumericsReport> {
     }
     let mut checks = Vec::new();
     ops_checks(gpu, &mut checks)?;
+    optimizer_check(gpu, &mut checks)?;
     model_checks(gpu, &mut checks)?;
     let ok = checks.iter().all(|c| c.ok);
     Ok(NumericsReport { device: format!("{gpu:?}"), checks, ok })
@@ -281,6 +282,46 @@ fn ops_checks(gpu: &Device, checks: &mut Vec<Check>) -> Result<()> {
     let (lg, dg) = loss::cross_entropy(&hf.gpu, &lm.gpu, &targets, 16, true, true)?;
     push(checks, "cross-entropy: loss", &lg, &lc, OP_TOL)?;
     push(checks, "cross-entropy: d(hidden)", &dg.expect("grad"), &dc.expect("grad"), OP_TOL)?;
+
+    // An input feeding two linears (the MLP's up and gate): the second input gradient added by its GEMM.
+    let (dya, dyg) = (pair(&mut rng, &[n, f], 0.0, 1.0, gpu)?, pair(&mut rng, &[n, f], 0.0, 1.0, gpu)?);
+    let (wu, wg) = (pair(&mut rng, &[f, c], 0.0, 0.05, gpu)?, pair(&mut rng, &[f, c], 0.0, 0.05, gpu)?);
+    let want = ops::linear_backward_add(ops::linear_backward(&dya.cpu, &wu.cpu)?, &dyg.cpu, &wg.cpu, false)?;
+    let got = ops::linear_backward_add(ops::linear_backward(&dya.gpu, &wu.gpu)?, &dyg.gpu, &wg.gpu, true)?;
+    push(checks, "two linears' input gradients, the second added by its GEMM", &got, &want, OP_TOL)?;
+    Ok(())
+}
+
+/// The optimizer: three AdamW steps (scaled gradients) over tensors of adapter-like shapes, one launch a step
+/// on the GPU with the moments updated in place, against the composite ops on the CPU, f32 both; and the
+/// gradient norm from one launch.
+fn optimizer_check(gpu: &Device, checks: &mut Vec<Check>) -> Result<()> {
+    use crate::train::optim::{global_norm_with, AdamW, AdamWConfig};
+    let mut rng = SplitMix::new(23);
+    let shapes: [&[usize]; 3] = [&[8, 352], &[128, 8], &[5]];
+    let mut random = |shape: &[usize]| -> Result<Tensor> {
+        let n: usize = shape.iter().product();
+        Ok(Tensor::from_vec((0..n).map(|_| rng.normal() as f32).collect::<Vec<_>>(), shape, &Device::Cpu)?)
+    };
+    let mut cpu = shapes.iter().map(|s| random(s)).collect::<Result<Vec<_>>>()?;
+    let mut on_gpu = cpu.iter().map(|t| t.to_device(gpu)).collect::<candle_core::Result<Vec<_>>>()?;
+    let names: Vec<String> = (0..shapes.len()).map(|i| format!("p{i}")).collect();
+    let mut oc = AdamW::new(AdamWConfig::default(), names.clone(), &cpu.iter().collect::<Vec<_>>())?;
+    oc.fused = false;
+    let mut og = AdamW::new(AdamWConfig::default(), names, &on_gpu.iter().collect::<Vec<_>>())?;
+    let mut norms = (0.0, 0.0);
+    for _ in 0..3 {
+        let gc = shapes.iter().map(|s| random(s)).collect::<Result<Vec<_>>>()?;
+        let gg = gc.iter().map(|t| t.to_device(gpu)).collect::<candle_core::Result<Vec<_>>>()?;
+        norms = (global_norm_with(&gc.iter().collect::<Vec<_>>(), false)?, global_norm_with(&gg.iter().collect::<Vec<_>>(), true)?);
+        oc.step_scaled(&mut cpu.iter_mut().collect::<Vec<_>>(), &gc.iter().collect::<Vec<_>>(), 1e-2, 0.5)?;
+        og.step_scaled(&mut on_gpu.iter_mut().collect::<Vec<_>>(), &gg.iter().collect::<Vec<_>>(), 1e-2, 0.5)?;
+    }
+    for (i, (g, c)) in on_gpu.iter().zip(&cpu).enumerate() {
+        push(checks, &format!("AdamW, three steps in one launch each (moments in place): tensor {i}"), g, c, 1e-5)?;
+    }
+    let norm_err = (norms.1 - norms.0).abs() / norms.0;
+    checks.push(Check { name: "gradient norm in one launch".into(), rel_err: norm_err, tolerance: 1e-5, ok: norm_err <= 1e-5 });
     Ok(())
 }
 
@@ -325,12 +366,8 @@ fn model_check(gpu: &Device, checks: &mut Vec<Check>, config: ModelConfig) -> Re
     let labels: Vec<i64> = ids.iter().enumerate().map(|(i, &id)| if i % 5 == 0 { -100 } else { id as i64 }).collect();
     let ids = Tensor::from_vec(ids, (b, t), &Device::Cpu)?;
     let labels = Tensor::from_vec(labels, (b, t), &Device::Cpu)?;
-    for recompute in [false, true] {
-        let tag = if recompute { format!(" ({fam}, recompute)") } else { format!(" ({fam})") };
-        let oc = cpu_model.loss_and_grads(&ids, &labels, None, &lora_cpu, &mut SplitMix::new(9), recompute)?;
-        let og = gpu_model.loss_and_grads(&ids, &labels, None, &lora_gpu, &mut SplitMix::new(9), recompute)?;
-        let loss_err = (og.loss_sum - oc.loss_sum).abs() / oc.loss_sum.abs();
-        checks.push(Check { name: format!("model loss{tag}"), rel_err: loss_err, tolerance: LOSS_TOL, ok: loss_err <= LOSS_TOL });
+    // The worst relative error of a GPU model's adapter gradients against the CPU's, and its tensor's name.
+    let worst_of = |oc: &crate::model::transformer::LossAndGrads, og: &crate::model::transformer::LossAndGrads| -> Result<(f64, String)> {
         let (mut worst, mut worst_name) = (0.0f64, String::new());
         for ((name, gc), gg) in lora_cpu.param_names().iter().zip(oc.grads.tensors()).zip(og.grads.tensors()) {
             let e = rel_err(gg, gc)?;
@@ -338,7 +375,27 @@ fn model_check(gpu: &Device, checks: &mut Vec<Check>, config: ModelConfig) -> Re
                 (worst, worst_name) = (e, name.clone());
             }
         }
-        checks.push(Check { name: format!("model adapter gradients, worst of all{tag}: {worst_name}"), rel_err: worst, tolerance: GRAD_TOL, ok: worst <= GRAD_TOL });
+        Ok((worst, worst_name))
+    };
+    // bf16 itself sets a floor: the same step through candle's composite bf16 ops on the GPU (checked only
+    // for sanity, within twice GRAD_TOL). The fused kernels pass within GRAD_TOL, or within a fifth above
+    // that floor where the floor is itself near it (the worst of 20-odd tensors after four layers of bf16
+    // rounding is a noisy maximum).
+    gpu_model.fusion = Fusion::NONE;
+    let plain = gpu_model.loss_and_grads(&ids, &labels, None, &lora_gpu, &mut SplitMix::new(9), false)?;
+    gpu_model.fusion = Fusion::ALL;
+    let oc = cpu_model.loss_and_grads(&ids, &labels, None, &lora_cpu, &mut SplitMix::new(9), false)?;
+    let (floor, floor_name) = worst_of(&oc, &plain)?;
+    checks.push(Check { name: format!("model adapter gradients, composite bf16 ops ({fam}, the floor): {floor_name}"), rel_err: floor, tolerance: 2.0 * GRAD_TOL, ok: floor <= 2.0 * GRAD_TOL });
+    let grad_tol = GRAD_TOL.max(1.2 * floor);
+    for recompute in [false, true] {
+        let tag = if recompute { format!(" ({fam}, recompute)") } else { format!(" ({fam})") };
+        let oc = cpu_model.loss_and_grads(&ids, &labels, None, &lora_cpu, &mut SplitMix::new(9), recompute)?;
+        let og = gpu_model.loss_and_grads(&ids, &labels, None, &lora_gpu, &mut SplitMix::new(9), recompute)?;
+        let loss_err = (og.loss_sum - oc.loss_sum).abs() / oc.loss_sum.abs();
+        checks.push(Check { name: format!("model loss{tag}"), rel_err: loss_err, tolerance: LOSS_TOL, ok: loss_err <= LOSS_TOL });
+        let (worst, worst_name) = worst_of(&oc, &og)?;
+        checks.push(Check { name: format!("model adapter gradients, worst of all{tag}: {worst_name}"), rel_err: worst, tolerance: grad_tol, ok: worst <= grad_tol });
     }
 
     // Reproducibility: the same step twice on the GPU gives the same loss and gradients, bit for bit, and

@@ -20,7 +20,8 @@ pub struct Fusion {
     pub rope: bool,
     /// f32 scores from one cuBLAS GEMM, causal softmax and its backward in one kernel each; bf16 probabilities.
     pub attention: bool,
-    /// SwiGLU forward and backward in one kernel each.
+    /// SwiGLU forward and backward in one kernel each; the gate's input gradient added into the up's by
+    /// its GEMM (cuBLAS beta = 1), not by an add.
     pub swiglu: bool,
     /// Cross-entropy (logsumexp, loss and softmax - onehot) in one kernel per chunk of logits.
     pub loss: bool,

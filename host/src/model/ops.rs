@@ -99,6 +99,19 @@ pub fn linear_backward(dy: &Tensor, w: &Tensor) -> Result<Tensor> {
     dy.matmul(w)
 }
 
+/// `partial` + dy w: the input gradient of an input that feeds two linears (the MLP's up and gate), the
+/// second linear's added to the first's. On the GPU (`fused`) cuBLAS adds the product into `partial` in
+/// place (a fresh gradient nothing else holds): no second [N, in] product and no add.
+pub fn linear_backward_add(partial: Tensor, dy: &Tensor, w: &Tensor, fused: bool) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if super::fusion::on(fused, &partial) && dy.dtype() == DType::BF16 && w.dtype() == DType::BF16 {
+        super::cuda::matmul_add_(&partial, dy, w)?;
+        return Ok(partial);
+    }
+    let _ = fused;
+    partial + linear_backward(dy, w)?
+}
+
 // ---------------------------------------------------------------------------------------------------------
 // LoRA on a linear (PEFT): y += scale * B A dropout(x), A [r, in], B [out, r], scale = alpha / r.
 // Computed as h = dropout(x); u = scale * (h A^T) [N, r]; delta = u B^T [N, out], so the scale touches

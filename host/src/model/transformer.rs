@@ -577,18 +577,18 @@ impl Model {
         let f = ctx.fusion;
 
         // MLP branch: x2 = x1 + mlp(ln_2(x1)), so d(x1) = d(x2) + ln_2^T(mlp^T(d(x2))).
-        let (dm, g) = self.adapted_backward(ctx, layer, Site::Down, s.down.as_ref(), dx2)?;
+        let (dm, g) = self.adapted_backward(ctx, layer, Site::Down, s.down.as_ref(), dx2, None)?;
         grads[Site::Down.index()] = g;
         let (da, dg) = ops::swiglu_backward(&s.swiglu, &dm, f.swiglu)?;
-        let (dh2_a, g) = self.adapted_backward(ctx, layer, Site::Up, s.up.as_ref(), &da)?;
+        // h2 feeds both up and gate: the gate's input gradient is added to the up's.
+        let (dh2, g) = self.adapted_backward(ctx, layer, Site::Up, s.up.as_ref(), &da, None)?;
         grads[Site::Up.index()] = g;
-        let (dh2_g, g) = self.adapted_backward(ctx, layer, Site::Gate, s.gate.as_ref(), &dg)?;
+        let (dh2, g) = self.adapted_backward(ctx, layer, Site::Gate, s.gate.as_ref(), &dg, Some(dh2))?;
         grads[Site::Gate.index()] = g;
-        let dh2 = (dh2_a + dh2_g)?; // h2 feeds both up and gate
         let dx1 = ops::rmsnorm_backward(&s.ln_2, &w.ln_2, &dh2, Some(dx2), f.norm)?;
 
         // Attention branch: x1 = x + attn(ln_1(x)).
-        let (dy, g) = self.adapted_backward(ctx, layer, Site::O, s.o.as_ref(), &dx1)?;
+        let (dy, g) = self.adapted_backward(ctx, layer, Site::O, s.o.as_ref(), &dx1, None)?;
         grads[Site::O.index()] = g;
         let heads = self.heads(ctx);
         let dy = attention::merge_heads_backward(&dy, heads.b, heads.t, heads.h, heads.d, f.rope)?;
@@ -694,8 +694,14 @@ impl Model {
         Ok(Dropout::Mask(ops::dropout_mask(key, n, k, p, x.dtype(), x.device())?))
     }
 
-    fn adapted_backward(&self, ctx: &Ctx, layer: usize, site: Site, saved: Option<&LoraSaved>, dy: &Tensor) -> Result<(Tensor, Option<(Tensor, Tensor)>)> {
-        let dx = ops::linear_backward(dy, self.weights.layers[layer].linear(site))?;
+    /// The input gradient of a frozen linear and its LoRA branch for dy, added to `partial` (another linear's
+    /// gradient for the same input) when given; and the LoRA gradients.
+    fn adapted_backward(&self, ctx: &Ctx, layer: usize, site: Site, saved: Option<&LoraSaved>, dy: &Tensor, partial: Option<Tensor>) -> Result<(Tensor, Option<(Tensor, Tensor)>)> {
+        let w = self.weights.layers[layer].linear(site);
+        let dx = match partial {
+            Some(p) => ops::linear_backward_add(p, dy, w, ctx.fusion.swiglu)?,
+            None => ops::linear_backward(dy, w)?,
+        };
         match (saved, ctx.lora.and_then(|l| l.adapter(layer, site))) {
             (Some(saved), Some(adapter)) => {
                 let scale = ctx.lora.map(|l| l.scale()).unwrap_or(0.0);

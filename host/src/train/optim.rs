@@ -107,11 +107,10 @@ impl AdamW {
                 bias_correction2_sqrt,
                 grad_scale,
             };
+            // The moments are updated in place, the parameters replaced.
             let new = cuda::adamw_multi(&items, &h)?;
-            for (i, (p, m, v)) in new.into_iter().enumerate() {
+            for (i, p) in new.into_iter().enumerate() {
                 *params[i] = p;
-                self.m[i] = m;
-                self.v[i] = v;
             }
             return Ok(());
         }

@@ -247,6 +247,20 @@ pub fn dropout(x: &Tensor, key: u64, p: f64) -> Result<Tensor> {
 
 // ----- cross-entropy --------------------------------------------------------------------------------------
 
+/// out[rows[r]] = src[r] in place, for out [M, cols] (a fresh tensor nothing else holds), src [n, cols] and
+/// distinct row indices rows [n] (u32, each below M): the loss's scatter of its counted positions' gradients.
+pub fn scatter_rows_(out: &Tensor, rows: &Tensor, src: &Tensor) -> Result<()> {
+    check_bf16("scatter_rows", &[out, src])?;
+    let (n, cols) = src.dims2()?;
+    if out.dim(1)? != cols || cols % 8 != 0 || rows.dtype() != DType::U32 || rows.elem_count() != n || !aligned16(&[out, src]) {
+        bail!("scatter_rows: [n, cols] rows into [M, cols] with cols a multiple of 8, 16-byte aligned, and n u32 row indices");
+    }
+    let dev = cuda_device(out)?;
+    let (src, rows) = (src.contiguous()?, rows.contiguous()?);
+    let args = [Arg::T(&src), Arg::T(&rows), Arg::T(out), Arg::I(n as i32), Arg::I(cols as i32)];
+    launch(&dev, "scatter_rows8", blocks(n * cols / 8, EW_THREADS)?, EW_THREADS, &args)
+}
+
 /// Per-row loss [n] (f32) and, when `want_grad`, dz = softmax(z) - onehot(y) [n, V] (bf16), for logits
 /// z [n, V] (bf16) and targets y [n] (u32).
 pub fn cross_entropy_rows(z: &Tensor, y: &Tensor, want_grad: bool) -> Result<(Tensor, Option<Tensor>)> {

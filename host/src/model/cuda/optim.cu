@@ -3,7 +3,8 @@
 
 // ---------------------------------------------------------------------------------------------------------
 // The optimizer over every adapter tensor in one launch. `table` holds, per tensor (blockIdx.y), eight
-// 64-bit words: p, g, m, v (inputs), p', m', v' (outputs) as device pointers, and n. f32 throughout.
+// 64-bit words: p, g, m, v (inputs), p', m', v' (outputs) as device pointers, and n. f32 throughout. The
+// moments are updated in place (m' = m, v' = v): each element is read, then written, by one thread.
 
 extern "C" __global__ void adamw_multi(const unsigned long long* __restrict__ table, float lr, float beta1,
                                        float beta2, float eps, float weight_decay, float step_size,
