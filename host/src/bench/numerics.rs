@@ -225,11 +225,16 @@ fn ops_checks(gpu: &Device, checks: &mut Vec<Check>) -> Result<()> {
         let key = crate::rng::stream_key(5, &[3, 1]);
         let x = pair(&mut rng, &[n, f], 0.0, 1.0, gpu)?;
         let yc = (&x.cpu * ops::dropout_mask(key, n, f, 0.1, DType::F32, &Device::Cpu)?)?;
-        let yg = crate::model::cuda::dropout(&x.gpu, key, 0.1)?;
+        let yg = crate::model::cuda::dropout(&x.gpu, key, 0.1, false)?.0;
         push(checks, "dropout (values)", &yg, &yc, OP_TOL)?;
         let dropped_c = yc.eq(0f32)?;
         let dropped_g = yg.to_device(&Device::Cpu)?.to_dtype(DType::F32)?.eq(0f32)?;
         push_exact(checks, "dropout (same mask, elements differing)", differing(&dropped_c, &dropped_g)?);
+        // The mask as bits, which the LoRA backward reads instead of hashing again.
+        let bits = crate::model::cuda::dropout(&x.gpu, key, 0.1, true)?.1.expect("bits asked for").to_vec1::<u8>()?;
+        let unpacked: Vec<u8> = (0..n * f).map(|i| (bits[i / 8] >> (i % 8)) & 1).collect();
+        let unpacked = Tensor::from_vec(unpacked, (n, f), &Device::Cpu)?;
+        push_exact(checks, "dropout mask bits (elements differing from the mask)", differing(&dropped_c, &unpacked)?);
     }
 
     // The embedding gathered from page-locked host memory (recomputation's offloaded table) against the
@@ -259,7 +264,7 @@ fn ops_checks(gpu: &Device, checks: &mut Vec<Check>) -> Result<()> {
         let dx = pair(&mut rng, &[n, fan_in], 0.0, 1.0, gpu)?;
         let mask = Dropout::Mask(ops::dropout_mask(key, n, fan_in, 0.1, DType::F32, &Device::Cpu)?);
         let sc = ops::lora_forward(&x.cpu, &a.cpu, 4.0, Some(mask))?;
-        let sg = ops::lora_forward(&x.gpu, &a.gpu, 4.0, Some(Dropout::Key { key, p: 0.1 }))?;
+        let sg = ops::lora_forward(&x.gpu, &a.gpu, 4.0, Some(Dropout::Key { key, p: 0.1, bits: None }))?;
         // Fresh copies: the fused path adds in place.
         let yc = ops::lora_add(y.cpu.copy()?, &sc, &lb.cpu, false)?;
         let yg = ops::lora_add(y.gpu.copy()?, &sg, &lb.gpu, true)?;

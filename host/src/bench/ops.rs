@@ -83,7 +83,7 @@ pub fn run(o: &Options) -> Result<OpsReport> {
         let dy = rnd(&[n, fan_out], 1.0)?;
         let dropout = || -> Result<Dropout> {
             Ok(match crate::model::fusion::on(f.dropout, &x) {
-                true => Dropout::Key { key: 7, p: 0.1 },
+                true => Dropout::Key { key: 7, p: 0.1, bits: None },
                 false => Dropout::Mask(ops::dropout_mask(7, n, fan_in, 0.1, dt, dev)?),
             })
         };

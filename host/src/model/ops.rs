@@ -132,7 +132,7 @@ pub struct LoraSaved {
 impl LoraSaved {
     pub fn bytes(&self) -> usize {
         let mask = match &self.dropout {
-            Some(Dropout::Mask(m)) => tensor_bytes(m),
+            Some(Dropout::Mask(m)) | Some(Dropout::Key { bits: Some(m), .. }) => tensor_bytes(m),
             _ => 0,
         };
         tensor_bytes(&self.h) + tensor_bytes(&self.u) + mask
@@ -145,12 +145,13 @@ impl LoraSaved {
 }
 
 /// LoRA dropout: either a mask tensor (0 or 1/(1-p)), or, on the GPU, the key and p of a counter-based
-/// mask the kernel recomputes (the same values, never stored).
+/// mask the kernels recompute (the same values), and once the forward has applied it, the mask as bits (an
+/// eighth of a byte an element) for the backward.
 #[derive(Clone)]
 pub enum Dropout {
     Mask(Tensor),
     #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
-    Key { key: u64, p: f64 },
+    Key { key: u64, p: f64, bits: Option<Tensor> },
 }
 
 impl Dropout {
@@ -158,7 +159,7 @@ impl Dropout {
         match self {
             Dropout::Mask(m) => x * m,
             #[cfg(feature = "cuda")]
-            Dropout::Key { key, p } => super::cuda::dropout(x, *key, *p),
+            Dropout::Key { key, p, .. } => Ok(super::cuda::dropout(x, *key, *p, false)?.0),
             #[cfg(not(feature = "cuda"))]
             Dropout::Key { .. } => unreachable!("key dropout is only built for the GPU"),
         }
@@ -169,9 +170,14 @@ impl Dropout {
 /// [`lora_add`].
 pub fn lora_forward(x: &Tensor, a: &Tensor, scale: f64, dropout: Option<Dropout>) -> Result<LoraSaved> {
     let a = a.to_dtype(x.dtype())?;
-    let h = match &dropout {
-        Some(d) => d.apply(x)?,
-        None => x.clone(),
+    let (h, dropout) = match dropout {
+        #[cfg(feature = "cuda")]
+        Some(Dropout::Key { key, p, .. }) => {
+            let (h, bits) = super::cuda::dropout(x, key, p, true)?;
+            (h, Some(Dropout::Key { key, p, bits }))
+        }
+        Some(d) => (d.apply(x)?, Some(d)),
+        None => (x.clone(), None),
     };
     let u = (h.matmul(&a.t()?)? * scale)?;
     Ok(LoraSaved { h, u, dropout })
@@ -213,7 +219,7 @@ fn lora_input_grad(dx: Tensor, du: &Tensor, a: &Tensor, dropout: Option<&Dropout
     #[cfg(feature = "cuda")]
     if super::fusion::on(fused, &dx) && !matches!(dropout, Some(Dropout::Mask(_))) {
         let key = match dropout {
-            Some(Dropout::Key { key, p }) => Some((*key, *p)),
+            Some(Dropout::Key { key, p, bits }) => Some((*key, *p, bits.as_ref())),
             _ => None,
         };
         super::cuda::lora_down_add_(&dx, du, a, key)?;

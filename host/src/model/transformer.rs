@@ -687,7 +687,7 @@ impl Model {
     fn dropout(&self, ctx: &Ctx, key: u64, p: f64, x: &Tensor) -> Result<Dropout> {
         #[cfg(feature = "cuda")]
         if super::fusion::on(ctx.fusion.dropout, x) {
-            return Ok(Dropout::Key { key, p });
+            return Ok(Dropout::Key { key, p, bits: None });
         }
         let _ = ctx;
         let (n, k) = x.dims2()?;

@@ -46,6 +46,7 @@ pub(super) fn uninit(dev: &CudaDevice, shape: impl Into<Shape>, dtype: DType) ->
     let storage = match dtype {
         DType::BF16 => CudaStorage::wrap_cuda_slice(unsafe { dev.alloc::<bf16>(n)? }, dev.clone()),
         DType::F32 => CudaStorage::wrap_cuda_slice(unsafe { dev.alloc::<f32>(n)? }, dev.clone()),
+        DType::U8 => CudaStorage::wrap_cuda_slice(unsafe { dev.alloc::<u8>(n)? }, dev.clone()),
         other => bail!("uninit: unsupported dtype {other:?}"),
     };
     Ok(Tensor::from_storage(Storage::Cuda(storage), shape, BackpropOp::none(), false))
@@ -130,6 +131,7 @@ pub(super) fn launch_smem(dev: &CudaDevice, name: &str, (grid, grid_y): (u64, u3
             CudaStorageSlice::F32(s) => s.device_ptr(&stream),
             CudaStorageSlice::U32(s) => s.device_ptr(&stream),
             CudaStorageSlice::I64(s) => s.device_ptr(&stream),
+            CudaStorageSlice::U8(s) => s.device_ptr(&stream),
             _ => bail!("{name}: unsupported dtype {:?}", cs.dtype()),
         };
         ptrs.push(ptr + (layout.start_offset() * cs.dtype().size_in_bytes()) as u64);

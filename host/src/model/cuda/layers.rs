@@ -234,15 +234,19 @@ pub fn swiglu_backward(a: &Tensor, g: &Tensor, dh: &Tensor) -> Result<(Tensor, T
 
 /// x with element i zeroed when `uniform_at(key, i) < p` and the rest scaled by 1 / (1 - p): the same
 /// mask as [`super::ops::dropout_mask`] builds on the CPU. Applying it to a gradient is its backward.
-pub fn dropout(x: &Tensor, key: u64, p: f64) -> Result<Tensor> {
+/// And, when `bits`, the mask as bits (u8 [ceil(n / 8)], bit k of byte j set when element 8 j + k is
+/// dropped) for the backward ([`super::lora_down_add_`]) to read instead of hashing again.
+pub fn dropout(x: &Tensor, key: u64, p: f64, bits: bool) -> Result<(Tensor, Option<Tensor>)> {
     check_bf16("dropout", &[x])?;
     let dev = cuda_device(x)?;
     let x = x.contiguous()?;
     let n = x.elem_count();
     let y = uninit(&dev, x.shape(), DType::BF16)?;
-    let args = [Arg::T(&x), Arg::T(&y), Arg::U(n as u64), Arg::U(key), Arg::F(p as f32), Arg::F((1.0 / (1.0 - p)) as f32), vec_ok(&[&x])];
+    let mask = if bits { Some(uninit(&dev, n.div_ceil(EW_PER_THREAD), DType::U8)?) } else { None };
+    let mask_arg = mask.as_ref().map_or(Arg::U(0), Arg::T);
+    let args = [Arg::T(&x), Arg::T(&y), Arg::U(n as u64), Arg::U(key), Arg::F(p as f32), Arg::F((1.0 / (1.0 - p)) as f32), vec_ok(&[&x]), mask_arg];
     launch(&dev, "dropout", blocks(n.div_ceil(EW_PER_THREAD), EW_THREADS)?, EW_THREADS, &args)?;
-    Ok(y)
+    Ok((y, mask))
 }
 
 // ----- cross-entropy --------------------------------------------------------------------------------------

@@ -132,8 +132,10 @@ extern "C" __global__ void lora_up_add8(bf16* __restrict__ y, const bf16* __rest
     }
 }
 
+// `bits` (or null): the forward's dropout mask as bits (dropout in layers.cu), read instead of hashing again.
 extern "C" __global__ void lora_down_add8(bf16* __restrict__ dx, const bf16* __restrict__ du, const bf16* __restrict__ a_t,
-                                          int n_rows, int cols, uint64_t key, float p, float keep_scale, int has_dropout) {
+                                          int n_rows, int cols, uint64_t key, float p, float keep_scale, int has_dropout,
+                                          const uint8_t* __restrict__ bits) {
     const unsigned groups = cols / 8;
     const unsigned row_blocks = (n_rows + ROWS_PER_THREAD - 1) / ROWS_PER_THREAD;
     const unsigned idx = blockIdx.x * blockDim.x + threadIdx.x;
@@ -149,11 +151,12 @@ extern "C" __global__ void lora_down_add8(bf16* __restrict__ dx, const bf16* __r
         if (n >= (unsigned)n_rows) break;
         float uf[8];
         load8(du, (size_t)n * 8, (size_t)n * 8 + 8, true, uf);
+        const unsigned dropped8 = has_dropout && bits ? bits[((size_t)n * cols + i0) / 8] : 0u;
 #pragma unroll
         for (int c = 0; c < 8; ++c) {
             const size_t e = (size_t)n * cols + i0 + c;
             float g = dot8(w[c], uf);
-            if (has_dropout) g = dropped(key, e, p) ? 0.f : g * keep_scale;
+            if (has_dropout) g = (bits ? (dropped8 >> c) & 1u : dropped(key, e, p)) ? 0.f : g * keep_scale;
             xs[k].h[c] = st(ld(xs[k].h[c]) + g);
         }
         *reinterpret_cast<uint4*>(dx + (size_t)n * cols + i0) = xs[k].v;

@@ -27,18 +27,20 @@ pub fn lora_up_add_(y: &Tensor, u: &Tensor, b: &Tensor) -> Result<()> {
 }
 
 /// dx += dropout(du A) in place, for dx [N, in] (a fresh GEMM output nothing else holds), du [N, r],
-/// A [r, in]; the dropout of stream `key` with probability p (the same mask as [`dropout`]).
-pub fn lora_down_add_(dx: &Tensor, du: &Tensor, a: &Tensor, dropout: Option<(u64, f64)>) -> Result<()> {
+/// A [r, in]; the dropout of stream `key` with probability p (the same mask as [`super::dropout`]), read
+/// from its bits when the forward kept them.
+pub fn lora_down_add_(dx: &Tensor, du: &Tensor, a: &Tensor, dropout: Option<(u64, f64, Option<&Tensor>)>) -> Result<()> {
     check_bf16("lora_down_add", &[dx, du, a])?;
     let (n, cols) = dx.dims2()?;
     let r = du.dim(1)?;
     let dev = cuda_device(dx)?;
     let (du, a_t) = (aligned(du)?, a.t()?.contiguous()?);
-    let (key, p) = dropout.unwrap_or((0, 0.0));
+    let (key, p, bits) = dropout.unwrap_or((0, 0.0, None));
     let mask = [Arg::U(key), Arg::F(p as f32), Arg::F((1.0 / (1.0 - p)) as f32), Arg::I(dropout.is_some() as i32)];
     if rank8_vec(r, cols, dx) {
         let [k, pp, keep, on] = mask;
-        let args = [Arg::T(dx), Arg::T(&du), Arg::T(&a_t), Arg::I(n as i32), Arg::I(cols as i32), k, pp, keep, on];
+        let bits = bits.filter(|b| b.elem_count() * 8 >= n * cols).map_or(Arg::U(0), Arg::T);
+        let args = [Arg::T(dx), Arg::T(&du), Arg::T(&a_t), Arg::I(n as i32), Arg::I(cols as i32), k, pp, keep, on, bits];
         return launch(&dev, "lora_down_add8", blocks(n.div_ceil(ROWS_PER_THREAD) * cols / 8, EW_THREADS)?, EW_THREADS, &args);
     }
     let [k, pp, keep, on] = mask;
