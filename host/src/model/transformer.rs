@@ -458,6 +458,29 @@ impl Model {
     ///   the input it replaces), so the peak stays where recomputing them would have put it.
     #[allow(clippy::too_many_arguments)]
     pub fn loss_and_grads(&self, ids: &Tensor, labels: &Tensor, cu_seqlens: Option<&[u32]>, lora: &Lora, dropout_rng: &mut SplitMix, recompute: bool) -> Result<LossAndGrads> {
+        // On a GPU the adapter's f32 parameters go to bf16 once, in one launch, rather than at each use (twice
+        // each, forward and backward), and the gradients come back to f32 in one launch at the end: the same
+        // values, ~720 launches fewer. (The `optimizer` switch: all adapter tensors in one launch.)
+        #[cfg(feature = "cuda")]
+        if super::fusion::on_for(self.fusion.optimizer, self.dtype, &self.device) && lora.params().iter().all(|p| p.dtype() == DType::F32) {
+            let mut cast = lora.clone();
+            for (p, c) in cast.params_mut().into_iter().zip(super::cuda::cast_multi(&lora.params(), self.dtype)?) {
+                *p = c;
+            }
+            let mut out = self.loss_and_grads_as_given(ids, labels, cu_seqlens, &cast, dropout_rng, recompute)?;
+            let n = out.grads.a.len();
+            let grads: Vec<&Tensor> = out.grads.a.iter().chain(&out.grads.b).collect();
+            let mut f32s = super::cuda::cast_multi(&grads, DType::F32)?;
+            let b = f32s.split_off(n);
+            out.grads = LoraGrads { a: f32s, b };
+            return Ok(out);
+        }
+        self.loss_and_grads_as_given(ids, labels, cu_seqlens, lora, dropout_rng, recompute)
+    }
+
+    /// [`Model::loss_and_grads`] with the adapter's parameters in the dtype they come in.
+    #[allow(clippy::too_many_arguments)]
+    fn loss_and_grads_as_given(&self, ids: &Tensor, labels: &Tensor, cu_seqlens: Option<&[u32]>, lora: &Lora, dropout_rng: &mut SplitMix, recompute: bool) -> Result<LossAndGrads> {
         let step_seed = dropout_rng.next_u64();
         let p = lora.config.dropout;
         let ctx = self.context(ids, Some(lora), (p > 0.0).then_some((step_seed, p)), cu_seqlens)?;

@@ -1,23 +1,9 @@
 //! A product added into a tensor that holds another (cuBLAS's beta = 1): d(h) = dA W_up + dG W_gate in two
 //! GEMMs and no add.
 use super::launch::*;
-use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::cublas::{result, sys};
-use candle_core::cuda_backend::cudarc::driver::DevicePtr;
 use candle_core::cuda_backend::WrapErr;
-use candle_core::{bail, Result, Storage, Tensor};
-
-/// Device pointer of a contiguous bf16 tensor's first element.
-fn bf16_ptr(t: &Tensor) -> Result<u64> {
-    let (storage, layout) = t.storage_and_layout();
-    let Storage::Cuda(cs) = &*storage else { bail!("not a GPU tensor") };
-    if !layout.is_contiguous() {
-        bail!("not contiguous");
-    }
-    let stream = cs.device().cuda_stream();
-    let (ptr, _guard) = cs.as_cuda_slice::<half::bf16>()?.device_ptr(&stream);
-    Ok(ptr + (layout.start_offset() * 2) as u64)
-}
+use candle_core::{bail, Result, Tensor};
 
 /// acc += x w in place, for acc [N, M] (a fresh product nothing else holds), x [N, K], w [K, M], all bf16
 /// and contiguous; f32 accumulation, as candle's matmul.
@@ -30,7 +16,7 @@ pub fn matmul_add_(acc: &Tensor, x: &Tensor, w: &Tensor) -> Result<()> {
     }
     let dev = cuda_device(acc)?;
     let (x, w) = (x.contiguous()?, w.contiguous()?);
-    let (pa, px, pw) = (bf16_ptr(acc)?, bf16_ptr(&x)?, bf16_ptr(&w)?);
+    let (pa, px, pw) = (device_ptr(acc)?, device_ptr(&x)?, device_ptr(&w)?);
     let blas = dev.cublas_handle();
     let (alpha, beta) = (1f32, 1f32);
     let dim = |v: usize| i32::try_from(v).map_err(|_| candle_core::Error::Msg(format!("matmul_add: dimension {v} too large")));

@@ -183,16 +183,20 @@ pub(super) fn aligned(t: &Tensor) -> Result<Tensor> {
     }
 }
 
-/// Device pointer of a contiguous f32 tensor's first element.
-pub(super) fn f32_ptr(t: &Tensor) -> Result<u64> {
+/// Device pointer of a contiguous f32 or bf16 tensor's first element (for tables of pointers and cuBLAS).
+pub(super) fn device_ptr(t: &Tensor) -> Result<u64> {
     let (storage, layout) = t.storage_and_layout();
     let Storage::Cuda(cs) = &*storage else { bail!("not a GPU tensor") };
     if !layout.is_contiguous() {
         bail!("not contiguous");
     }
     let stream = cs.device.cuda_stream();
-    let (ptr, _guard) = cs.as_cuda_slice::<f32>()?.device_ptr(&stream);
-    Ok(ptr + (layout.start_offset() * 4) as u64)
+    let (ptr, _guard) = match &cs.slice {
+        CudaStorageSlice::F32(s) => s.device_ptr(&stream),
+        CudaStorageSlice::BF16(s) => s.device_ptr(&stream),
+        _ => bail!("unsupported dtype {:?}", cs.dtype()),
+    };
+    Ok(ptr + (layout.start_offset() * cs.dtype().size_in_bytes()) as u64)
 }
 
 /// A table of 64-bit words on the device (pointers and sizes for the multi-tensor kernels).

@@ -41,3 +41,17 @@ extern "C" __global__ void sum_squares_multi(const unsigned long long* __restric
     if (threadIdx.x == 0) out[(size_t)blockIdx.y * gridDim.x + blockIdx.x] = acc;
 }
 
+
+// ---------------------------------------------------------------------------------------------------------
+// Casts of many small tensors in one launch (the adapter's parameters to bf16 for a step, its gradients back to
+// f32). `table` holds (in, out, n) per tensor (blockIdx.y); `to_bf16`: f32 -> bf16, else bf16 -> f32.
+extern "C" __global__ void cast_multi(const unsigned long long* __restrict__ table, int to_bf16) {
+    const unsigned long long* t = table + 3 * (size_t)blockIdx.y;
+    const size_t n = (size_t)t[2];
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
+        if (to_bf16)
+            ((bf16*)t[1])[i] = st(((const float*)t[0])[i]);
+        else
+            ((float*)t[1])[i] = ld(((const bf16*)t[0])[i]);
+    }
+}

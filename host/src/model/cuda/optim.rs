@@ -37,7 +37,7 @@ pub fn adamw_multi(items: &[(&Tensor, &Tensor, &Tensor, &Tensor)], h: &AdamWStep
         let (p, g) = (p.contiguous()?, g.contiguous()?);
         let out = uninit(&dev, p.shape(), DType::F32)?;
         for t in [&p, &g, *m, *v, &out, *m, *v] {
-            words.push(f32_ptr(t)?);
+            words.push(device_ptr(t)?);
         }
         words.push(n as u64);
         max_n = max_n.max(n);
@@ -70,7 +70,7 @@ pub fn sum_squares_multi(tensors: &[&Tensor]) -> Result<Tensor> {
     let mut max_n = 0;
     for t in tensors {
         let t = t.contiguous()?;
-        words.push(f32_ptr(&t)?);
+        words.push(device_ptr(&t)?);
         words.push(t.elem_count() as u64);
         max_n = max_n.max(t.elem_count());
         keep.push(t);
@@ -84,3 +84,35 @@ pub fn sum_squares_multi(tensors: &[&Tensor]) -> Result<Tensor> {
     out.sum_all()
 }
 
+
+/// Every tensor cast to `to` (f32 -> bf16 or bf16 -> f32) in one launch: the adapter's ~240 parameters and
+/// gradients at Qwen-14B, each of which would be a launch of its own.
+pub fn cast_multi(tensors: &[&Tensor], to: DType) -> Result<Vec<Tensor>> {
+    let Some(first) = tensors.first() else { return Ok(Vec::new()) };
+    let from = match to {
+        DType::BF16 => DType::F32,
+        DType::F32 => DType::BF16,
+        other => bail!("cast_multi: to {other:?} (f32 and bf16 only)"),
+    };
+    let dev = cuda_device(first)?;
+    let mut words = Vec::with_capacity(3 * tensors.len());
+    let mut keep = Vec::with_capacity(tensors.len());
+    let mut outs = Vec::with_capacity(tensors.len());
+    let mut max_n = 0;
+    for t in tensors {
+        if t.dtype() != from {
+            bail!("cast_multi: a {:?} tensor among {from:?} ones", t.dtype());
+        }
+        let t = t.contiguous()?;
+        let out = uninit(&dev, t.shape(), to)?;
+        words.extend([device_ptr(&t)?, device_ptr(&out)?, t.elem_count() as u64]);
+        max_n = max_n.max(t.elem_count());
+        keep.push(t);
+        outs.push(out);
+    }
+    let table = table(&dev, words)?;
+    let grid_x = blocks(max_n, EW_THREADS)?.min(64);
+    launch_2d(&dev, "cast_multi", (grid_x, tensors.len() as u32), EW_THREADS, &[Arg::T(&table), Arg::I((to == DType::BF16) as i32)])?;
+    drop(keep);
+    Ok(outs)
+}
