@@ -3,11 +3,17 @@
 // Where a step's time goes when the ops' isolated timings (`bench ops`) do not add up to the step: the
 // device idle between kernels (the host not keeping up, or a synchronisation) against the kernels' own time.
 //
-// Build (CUPTI headers and library from the nvidia-cuda-cupti wheel, CUDA 13.0):
-//   gcc -O2 -shared -fPIC -I$CUPTI/include -o libktrace.so scripts/kernel-trace.c -L$CUPTI/lib -lcupti
-// Use (the driver loads the library and calls InitializeInjection before the first CUDA call):
-//   CUDA_INJECTION64_PATH=$PWD/libktrace.so KTRACE_OUT=trace.bin LD_LIBRARY_PATH=$CUPTI/lib:... lorahost bench ...
-// Then: python3 scripts/kernel-trace.py trace.bin
+// Build on any machine (CUPTI's headers and library come in the nvidia-cuda-cupti wheel, CUDA 13.0; cuda.h from
+// ../shared/tools/cuda-env.sh's CUDA_HOME):
+//   pip download --no-deps nvidia-cuda-cupti==13.0.85 -d /tmp/cupti && (cd /tmp/cupti && unzip -q *.whl)
+//   CUPTI=/tmp/cupti/nvidia/cu13
+//   gcc -O2 -shared -fPIC -I$CUPTI/include -I$CUDA_HOME/include -o libktrace.so scripts/kernel-trace.c \
+//       $CUPTI/lib/libcupti.so.13
+// Use, with libktrace.so and libcupti.so.13 side by side in DIR (the driver loads the library and calls
+// InitializeInjection before the first CUDA call; KTRACE_DRIVER=1 also records every driver call):
+//   CUDA_INJECTION64_PATH=DIR/libktrace.so LD_LIBRARY_PATH=DIR:$LD_LIBRARY_PATH KTRACE_OUT=trace.bin \
+//       lorahost bench train --shape qwen-14b --device cuda:0 --dtype bf16 --seq 2048 --steps 3
+// Then: python3 scripts/kernel-trace.py trace.bin (numpy).
 //
 // The file: "KTR1", u32 record count, records of {u64 start, u64 end, u32 name index, u32 correlation,
 // u32 kind (0 kernel, 1 memcpy, 2 memset, 3 driver call), u32 cbid}, then u32 name count and the names, each
