@@ -7,12 +7,12 @@
 // ../shared/tools/cuda-env.sh's CUDA_HOME):
 //   pip download --no-deps nvidia-cuda-cupti==13.0.85 -d /tmp/cupti && (cd /tmp/cupti && unzip -q *.whl)
 //   CUPTI=/tmp/cupti/nvidia/cu13
-//   gcc -O2 -shared -fPIC -I$CUPTI/include -I$CUDA_HOME/include -o libktrace.so scripts/kernel-trace.c \
-//       $CUPTI/lib/libcupti.so.13
+//   gcc -O2 -shared -fPIC -I$CUPTI/include -I$CUDA_HOME/include -o libktrace.so scripts/kernel-trace.c
+//       $CUPTI/lib/libcupti.so.13           (one line)
 // Use, with libktrace.so and libcupti.so.13 side by side in DIR (the driver loads the library and calls
 // InitializeInjection before the first CUDA call; KTRACE_DRIVER=1 also records every driver call):
-//   CUDA_INJECTION64_PATH=DIR/libktrace.so LD_LIBRARY_PATH=DIR:$LD_LIBRARY_PATH KTRACE_OUT=trace.bin \
-//       lorahost bench train --shape qwen-14b --device cuda:0 --dtype bf16 --seq 2048 --steps 3
+//   CUDA_INJECTION64_PATH=DIR/libktrace.so LD_LIBRARY_PATH=DIR:$LD_LIBRARY_PATH KTRACE_OUT=trace.bin
+//       lorahost bench train --shape qwen-14b --device cuda:0 --dtype bf16 --seq 2048 --steps 3   (one line)
 // Then: python3 scripts/kernel-trace.py trace.bin (numpy).
 //
 // The file: "KTR1", u32 record count, records of {u64 start, u64 end, u32 name index, u32 correlation,
