@@ -3,8 +3,8 @@
 
     python3 scripts/kernel-trace.py trace.bin [--steps 3] [--top 25]
 
-Steps are found as the stretches of device work between idle gaps of more than --split-ms (a step ends in a
-synchronisation, then the host prepares the next). Of the last --steps of them it prints the span, the time some
+A step runs from one optimizer launch (`adamw_multi`) to the next; in a trace without one, steps are the stretches
+of device work between idle gaps of more than --split-ms (a step ends in a synchronisation). Of the last --steps of them it prints the span, the time some
 kernel ran (busy), the idle time between kernels by gap size, the kernels grouped by name, and, when the trace
 has driver-call records (KTRACE_DRIVER=1), how far ahead of the device the host was when it launched each
 kernel: a launch that returns after the device has gone idle means the host, not the device, set the pace.
@@ -70,23 +70,33 @@ def main():
     # on other streams may).
     reach = np.maximum.accumulate(end)
     gaps = np.maximum(start[1:] - reach[:-1], 0)
-    cut = np.nonzero(gaps > a.split_ms * 1e6)[0]
-    bounds = [0] + list(cut + 1) + [len(dev)]
-    segs = [(bounds[i], bounds[i + 1]) for i in range(len(bounds) - 1)]
-    # Steps: the longer stretches (at least half the longest), the last few of them.
-    spans = [int(reach[e - 1] - start[s]) for s, e in segs]
-    longest = max(spans)
-    steps = [seg for seg, sp in zip(segs, spans) if sp > longest / 2][-a.steps:]
-    print(f"{a.trace}: {len(dev)} device records, {len(drv)} driver calls, {len(segs)} stretches; last {len(steps)} steps:")
+    # A step ends with the optimizer's one launch (lorahost's `adamw_multi`): steps run from one to the next. Without
+    # it, steps are the longer stretches between idle gaps of more than --split-ms (at least half the longest).
+    opt = [i for i, n in enumerate(dev["name"]) if names[n] == "adamw_multi"]
+    lead = 0  # 1: a step's span starts where the previous optimizer ended (the gap after it is the step's)
+    if len(opt) >= 2:
+        segs = [(opt[i] + 1, opt[i + 1] + 1) for i in range(len(opt) - 1)]
+        steps = segs[-a.steps:]
+        how = f"{len(opt)} optimizer launches"
+        lead = 1
+    else:
+        cut = np.nonzero(gaps > a.split_ms * 1e6)[0]
+        bounds = [0] + list(cut + 1) + [len(dev)]
+        segs = [(bounds[i], bounds[i + 1]) for i in range(len(bounds) - 1)]
+        spans = [int(reach[e - 1] - start[s]) for s, e in segs]
+        longest = max(spans)
+        steps = [seg for seg, sp in zip(segs, spans) if sp > longest / 2][-a.steps:]
+        how = f"{len(segs)} stretches between idle gaps"
+    print(f"{a.trace}: {len(dev)} device records, {len(drv)} driver calls, {how}; last {len(steps)} steps:")
     by_group = collections.Counter()
     by_name = collections.Counter()
     count_name = collections.Counter()
     tot_span = tot_busy = 0
     gap_hist = collections.Counter()
     for s, e in steps:
-        span = int(reach[e - 1] - start[s])
+        span = int(reach[e - 1] - (reach[s - 1] if lead else start[s]))
         busy = int((end[s:e] - start[s:e]).sum())
-        g = gaps[s:e - 1]
+        g = gaps[s - lead:e - 1]
         tot_span += span
         tot_busy += busy
         for lo, hi, lab in [(0, 2e3, "<2us"), (2e3, 5e3, "2-5us"), (5e3, 20e3, "5-20us"), (20e3, 100e3, "20-100us"), (100e3, 1e12, ">100us")]:
