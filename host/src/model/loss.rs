@@ -123,7 +123,10 @@ pub fn cross_entropy(hf: &Tensor, lm_head: &Tensor, targets: &Targets, chunk: us
 fn cross_entropy_fused(hf: &Tensor, lm_head: &Tensor, targets: &Targets, chunk: usize, want_grad: bool) -> Result<(Tensor, Option<Tensor>)> {
     let device = hf.device();
     let mut losses = Vec::new();
-    let dhf = if want_grad { Some(hf.zeros_like()?) } else { None };
+    let mut dhf = if want_grad { Some(hf.zeros_like()?) } else { None };
+    // The counted positions are distinct rows: their gradients are scattered into the zeros (8 columns at a
+    // time, so whole groups of 8), not index_added.
+    let scatter = hf.dim(D::Minus1)? % 8 == 0;
     for start in (0..targets.len()).step_by(chunk.max(1)) {
         let end = (start + chunk.max(1)).min(targets.len());
         let rows = Tensor::from_slice(&targets.rows[start..end], end - start, device)?;
@@ -132,9 +135,12 @@ fn cross_entropy_fused(hf: &Tensor, lm_head: &Tensor, targets: &Targets, chunk: 
         let (loss, dz) = super::cuda::cross_entropy_rows(&z, &tokens, want_grad)?;
         drop(z);
         losses.push(loss.sum_all()?);
-        if let (Some(acc), Some(dz)) = (dhf.as_ref(), dz) {
-            // The counted positions are distinct rows: a scatter into the zeros, not an index_add.
-            super::cuda::scatter_rows_(acc, &rows, &linear_backward(&dz, lm_head)?)?;
+        if let (Some(acc), Some(dz)) = (dhf.as_mut(), dz) {
+            let dh = linear_backward(&dz, lm_head)?;
+            match scatter {
+                true => super::cuda::scatter_rows_(acc, &rows, &dh)?,
+                false => *acc = acc.index_add(&rows, &dh, 0)?,
+            }
         }
     }
     let loss_sum = match losses.len() {
