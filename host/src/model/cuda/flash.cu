@@ -42,6 +42,20 @@ __device__ __forceinline__ size_t rows_at(const Block& e, int heads, int h, int 
     return ((size_t)e.b * heads + h) * T + e.first;
 }
 
+// The block of 64 queries a forward or dQ block computes: table entry blockIdx.x, query head h (kv head kvh),
+// the sequence's length L and first query q0 of the block, and the offsets of the sequence's first token in the
+// q-shaped and the k/v-shaped tensors (rows_at).
+struct QueryBlock {
+    Block e;
+    int h, kvh, L, q0;
+    size_t qrows, kvrows;
+};
+__device__ __forceinline__ QueryBlock query_block(const int4* __restrict__ table, int h, int T, int H, int Hkv) {
+    const Block e = block_at(table, blockIdx.x);
+    const int kvh = h / (H / Hkv);
+    return QueryBlock{e, h, kvh, e.len, e.blk * BLOCK, rows_at(e, H, h, T), rows_at(e, Hkv, kvh, T)};
+}
+
 // ----- PTX wrappers -----
 
 __device__ __forceinline__ uint32_t smem_u32(const void* p) { return (uint32_t)__cvta_generic_to_shared(p); }
@@ -266,10 +280,7 @@ __device__ __forceinline__ void forward(const bf16* __restrict__ q, const bf16* 
     // share an SM (their registers fit too: launch bounds of 3 blocks).
     bf16* Qs = Vs + TILE;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
-    const Block e = block_at(table, blockIdx.x);
-    const int h = blockIdx.y, kvh = h / (H / Hkv);
-    const int L = e.len, q0 = e.blk * BLOCK;
-    const size_t qrows = rows_at(e, H, h, T), kvrows = rows_at(e, Hkv, kvh, T);
+    const auto [e, h, kvh, L, q0, qrows, kvrows] = query_block(table, blockIdx.y, T, H, Hkv);
     const bf16* kp = k + kvrows * D;
     const bf16* vp = v + kvrows * D;
     const float sl2 = scale * LOG2E;  // scores in log2 units: exp2 is one instruction
@@ -387,10 +398,7 @@ __device__ __forceinline__ void backward_dq(const bf16* __restrict__ q, const bf
     bf16* Ks = dOs + TILE;     // two buffers
     bf16* Vs = Ks + 2 * TILE;  // two buffers
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
-    const Block e = block_at(table, blockIdx.x);
-    const int h = blockIdx.y, kvh = h / (H / Hkv);
-    const int L = e.len, q0 = e.blk * BLOCK;
-    const size_t qrows = rows_at(e, H, h, T), kvrows = rows_at(e, Hkv, kvh, T);
+    const auto [e, h, kvh, L, q0, qrows, kvrows] = query_block(table, blockIdx.y, T, H, Hkv);
     const bf16* kp = k + kvrows * D;
     const bf16* vp = v + kvrows * D;
     const float sl2 = scale * LOG2E;
@@ -570,11 +578,10 @@ __device__ __forceinline__ void backward_dq_tiles(const bf16* __restrict__ k, co
     bf16* Ks = reinterpret_cast<bf16*>(smem);  // two buffers
     bf16* Ss = Ks + 2 * TILE;                  // two buffers
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    const Block e = block_at(table, blockIdx.x);
-    const int h = h0 + blockIdx.y, kvh = h / (H / Hkv);
-    const int L = e.len, q0 = e.blk * BLOCK;
-    const size_t qrows = rows_at(e, H, h, T), kvrows = rows_at(e, Hkv, kvh, T);
-    const bf16* kp = k + kvrows * D;
+    const QueryBlock qb = query_block(table, h0 + blockIdx.y, T, H, Hkv);  // named: the lambda below reads it
+    const Block e = qb.e;
+    const int L = qb.L;
+    const bf16* kp = k + qb.kvrows * D;
     const bf16* sp = ds + ((size_t)blockIdx.y * n_tiles + tiles[blockIdx.x] + e.blk * (e.blk + 1) / 2) * (BLOCK * BLOCK);
     auto load = [&](int kb) {
         load_tile<D>(Ks + (kb & 1) * TILE, kp, kb * BLOCK, L);
@@ -613,7 +620,7 @@ __device__ __forceinline__ void backward_dq_tiles(const bf16* __restrict__ k, co
         __syncthreads();
     }
     cp_wait<0>();
-    store_rows<D>(acc, scale, Ks + warp * 16 * LD, dq + qrows * D, q0 + warp * 16, L);
+    store_rows<D>(acc, scale, Ks + warp * 16 * LD, dq + qb.qrows * D, qb.q0 + warp * 16, L);
 }
 }  // namespace fa
 

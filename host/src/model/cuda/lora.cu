@@ -6,27 +6,37 @@
 // B [out, r]); backward: dx += dropout_mask * (du A) (du = scale * dy B [N, r], A [r, in]). Both update
 // a fresh GEMM output in place, so the [N, out] delta and the [N, in] LoRA input gradient never exist.
 
-template <int R>
-static __device__ __forceinline__ void lora_up_add_body(bf16* __restrict__ y, const bf16* __restrict__ u,
-                                                        const bf16* __restrict__ b, int n_rows, int cols, int r) {
+// out[n, j] += f(n * cols + j, v[n] . w[j]) in place, a thread taking ROWS_PER_THREAD rows of column j (w [cols, r],
+// its row j kept in registers): the shared body of the forward's up-projection (f the identity) and the backward's
+// input gradient (f the dropout).
+template <int R, typename F>
+static __device__ __forceinline__ void rank_add_body(bf16* __restrict__ out, const bf16* __restrict__ v,
+                                                     const bf16* __restrict__ w_rows, int n_rows, int cols, int r, F f) {
     const unsigned row_blocks = (n_rows + ROWS_PER_THREAD - 1) / ROWS_PER_THREAD;
     const unsigned idx = blockIdx.x * blockDim.x + threadIdx.x;
     if (idx >= row_blocks * cols) return;
     const unsigned j = idx % cols, row0 = (idx / cols) * ROWS_PER_THREAD;
     RankRow<R> w;
-    w.load(b + (size_t)j * r, r);
-    float ys[ROWS_PER_THREAD];
+    w.load(w_rows + (size_t)j * r, r);
+    float xs[ROWS_PER_THREAD];
 #pragma unroll
     for (int k = 0; k < ROWS_PER_THREAD; ++k) {
         const unsigned n = row0 + k;
-        ys[k] = n < (unsigned)n_rows ? ld(y[(size_t)n * cols + j]) : 0.f;
+        xs[k] = n < (unsigned)n_rows ? ld(out[(size_t)n * cols + j]) : 0.f;
     }
 #pragma unroll
     for (int k = 0; k < ROWS_PER_THREAD; ++k) {
         const unsigned n = row0 + k;
         if (n >= (unsigned)n_rows) break;
-        y[(size_t)n * cols + j] = st(ys[k] + w.dot(u + (size_t)n * r, r));
+        const size_t e = (size_t)n * cols + j;
+        out[e] = st(xs[k] + f(e, w.dot(v + (size_t)n * r, r)));
     }
+}
+
+template <int R>
+static __device__ __forceinline__ void lora_up_add_body(bf16* __restrict__ y, const bf16* __restrict__ u,
+                                                        const bf16* __restrict__ b, int n_rows, int cols, int r) {
+    rank_add_body<R>(y, u, b, n_rows, cols, r, [](size_t, float g) { return g; });
 }
 
 extern "C" __global__ void lora_up_add(bf16* __restrict__ y, const bf16* __restrict__ u, const bf16* __restrict__ b,
@@ -44,27 +54,9 @@ template <int R>
 static __device__ __forceinline__ void lora_down_add_body(bf16* __restrict__ dx, const bf16* __restrict__ du,
                                                           const bf16* __restrict__ a_t, int n_rows, int cols, int r,
                                                           uint64_t key, float p, float keep_scale, int has_dropout) {
-    const unsigned row_blocks = (n_rows + ROWS_PER_THREAD - 1) / ROWS_PER_THREAD;
-    const unsigned idx = blockIdx.x * blockDim.x + threadIdx.x;
-    if (idx >= row_blocks * cols) return;
-    const unsigned i = idx % cols, row0 = (idx / cols) * ROWS_PER_THREAD;
-    RankRow<R> w;
-    w.load(a_t + (size_t)i * r, r);
-    float xs[ROWS_PER_THREAD];
-#pragma unroll
-    for (int k = 0; k < ROWS_PER_THREAD; ++k) {
-        const unsigned n = row0 + k;
-        xs[k] = n < (unsigned)n_rows ? ld(dx[(size_t)n * cols + i]) : 0.f;
-    }
-#pragma unroll
-    for (int k = 0; k < ROWS_PER_THREAD; ++k) {
-        const unsigned n = row0 + k;
-        if (n >= (unsigned)n_rows) break;
-        const size_t e = (size_t)n * cols + i;
-        float g = w.dot(du + (size_t)n * r, r);
-        if (has_dropout) g = dropped(key, e, p) ? 0.f : g * keep_scale;
-        dx[e] = st(xs[k] + g);
-    }
+    rank_add_body<R>(dx, du, a_t, n_rows, cols, r, [=](size_t e, float g) {
+        return has_dropout ? (dropped(key, e, p) ? 0.f : g * keep_scale) : g;
+    });
 }
 
 extern "C" __global__ void lora_down_add(bf16* __restrict__ dx, const bf16* __restrict__ du,
@@ -109,17 +101,29 @@ static __device__ __forceinline__ void load_row_groups(Bf16x8* dst, const bf16* 
     }
 }
 
-extern "C" __global__ void lora_up_add8(bf16* __restrict__ y, const bf16* __restrict__ u, const bf16* __restrict__ b,
-                                        int n_rows, int cols) {
+// A thread of the 8-wide kernels: columns col0 .. col0 + 7 of rows row0 .. row0 + ROWS_PER_THREAD - 1 of `out`
+// [n_rows, cols] (false for a thread past the end), with those columns' rows of `w_rows` ([cols, 8]) and the rows'
+// current values loaded.
+static __device__ __forceinline__ bool rank8_tile(const bf16* __restrict__ out, const bf16* __restrict__ w_rows, int n_rows,
+                                                  int cols, unsigned& col0, unsigned& row0, float (&w)[8][8],
+                                                  Bf16x8 (&xs)[ROWS_PER_THREAD]) {
     const unsigned groups = cols / 8;
     const unsigned row_blocks = (n_rows + ROWS_PER_THREAD - 1) / ROWS_PER_THREAD;
     const unsigned idx = blockIdx.x * blockDim.x + threadIdx.x;
-    if (idx >= row_blocks * groups) return;
-    const unsigned j0 = (idx % groups) * 8, row0 = (idx / groups) * ROWS_PER_THREAD;
+    if (idx >= row_blocks * groups) return false;
+    col0 = (idx % groups) * 8;
+    row0 = (idx / groups) * ROWS_PER_THREAD;
+    load_rank8_rows(w, w_rows + (size_t)col0 * 8);
+    load_row_groups(xs, out, row0, n_rows, cols, col0);
+    return true;
+}
+
+extern "C" __global__ void lora_up_add8(bf16* __restrict__ y, const bf16* __restrict__ u, const bf16* __restrict__ b,
+                                        int n_rows, int cols) {
+    unsigned j0, row0;
     float w[8][8];
-    load_rank8_rows(w, b + (size_t)j0 * 8);
     Bf16x8 ys[ROWS_PER_THREAD];
-    load_row_groups(ys, y, row0, n_rows, cols, j0);
+    if (!rank8_tile(y, b, n_rows, cols, j0, row0, w, ys)) return;
 #pragma unroll
     for (int k = 0; k < ROWS_PER_THREAD; ++k) {
         const unsigned n = row0 + k;
@@ -136,15 +140,10 @@ extern "C" __global__ void lora_up_add8(bf16* __restrict__ y, const bf16* __rest
 extern "C" __global__ void lora_down_add8(bf16* __restrict__ dx, const bf16* __restrict__ du, const bf16* __restrict__ a_t,
                                           int n_rows, int cols, uint64_t key, float p, float keep_scale, int has_dropout,
                                           const uint8_t* __restrict__ bits) {
-    const unsigned groups = cols / 8;
-    const unsigned row_blocks = (n_rows + ROWS_PER_THREAD - 1) / ROWS_PER_THREAD;
-    const unsigned idx = blockIdx.x * blockDim.x + threadIdx.x;
-    if (idx >= row_blocks * groups) return;
-    const unsigned i0 = (idx % groups) * 8, row0 = (idx / groups) * ROWS_PER_THREAD;
+    unsigned i0, row0;
     float w[8][8];
-    load_rank8_rows(w, a_t + (size_t)i0 * 8);
     Bf16x8 xs[ROWS_PER_THREAD];
-    load_row_groups(xs, dx, row0, n_rows, cols, i0);
+    if (!rank8_tile(dx, a_t, n_rows, cols, i0, row0, w, xs)) return;
 #pragma unroll 1  // the dropout hash per element is register-hungry: one row at a time
     for (int k = 0; k < ROWS_PER_THREAD; ++k) {
         const unsigned n = row0 + k;
