@@ -69,49 +69,30 @@ pub fn qkv_split_rope(base: &Tensor, bias: Option<&Tensor>, lora: Option<(&Tenso
     let k = uninit(&dev, (b, hkv, t, d), DType::BF16)?;
     let v = uninit(&dev, (b, hkv, t, d), DType::BF16)?;
     let aligned_rows = aligned16(&[&base, bias.unwrap_or(&base)]);
+    // The two kernels' arguments: base, [u, B,] bias, cos, sin, q, k, v, n, T, H, Hkv, D, [r,] has_bias, per_token.
+    let bias_arg = Arg::T(bias.unwrap_or(&base));
+    let tables_and_outputs = [Arg::T(cos), Arg::T(sin), Arg::T(&q), Arg::T(&k), Arg::T(&v)];
+    let dims = [n, t, h, hkv, d].map(|x| Arg::I(x as i32));
+    let flags = [Arg::I(bias.is_some() as i32), per_token(cos, n, d)?];
     if (r == 0 || r == 8) && d % 16 == 0 && aligned_rows {
         if let (Some(u), Some(lb)) = (&u, &lb) {
             super::lora::lora_up_add_(&base, u, lb)?;
         }
-        let args = [
-            Arg::T(&base),
-            Arg::T(bias.unwrap_or(&base)),
-            Arg::T(cos),
-            Arg::T(sin),
-            Arg::T(&q),
-            Arg::T(&k),
-            Arg::T(&v),
-            Arg::I(n as i32),
-            Arg::I(t as i32),
-            Arg::I(h as i32),
-            Arg::I(hkv as i32),
-            Arg::I(d as i32),
-            Arg::I(bias.is_some() as i32),
-            per_token(cos, n, d)?,
-        ];
+        let args: Vec<Arg> = [Arg::T(&base), bias_arg].into_iter().chain(tables_and_outputs).chain(dims).chain(flags).collect();
         const SPLIT8_ROWS: usize = 4; // SPLIT8_ROWS in layers.cu
         launch(&dev, "qkv_split_rope8", blocks(n.div_ceil(SPLIT8_ROWS) * (h + 2 * hkv) * d / 16, EW_THREADS)?, EW_THREADS, &args)?;
         return Ok((q, k, v));
     }
-    let args = [
-        Arg::T(&base),
-        Arg::T(u.as_ref().unwrap_or(&base)),
-        Arg::T(lb.as_ref().unwrap_or(&base)),
-        Arg::T(bias.unwrap_or(&base)),
-        Arg::T(cos),
-        Arg::T(sin),
-        Arg::T(&q),
-        Arg::T(&k),
-        Arg::T(&v),
-        Arg::I(n as i32),
-        Arg::I(t as i32),
-        Arg::I(h as i32),
-        Arg::I(hkv as i32),
-        Arg::I(d as i32),
-        Arg::I(r as i32),
-        Arg::I(bias.is_some() as i32),
-        per_token(cos, n, d)?,
-    ];
+    let lora_args = [Arg::T(u.as_ref().unwrap_or(&base)), Arg::T(lb.as_ref().unwrap_or(&base))];
+    let args: Vec<Arg> = [Arg::T(&base)]
+        .into_iter()
+        .chain(lora_args)
+        .chain([bias_arg])
+        .chain(tables_and_outputs)
+        .chain(dims)
+        .chain([Arg::I(r as i32)])
+        .chain(flags)
+        .collect();
     launch(&dev, "qkv_split_rope", blocks(n.div_ceil(ROWS_PER_THREAD) * (h + 2 * hkv) * d / 2, EW_THREADS)?, EW_THREADS, &args)?;
     Ok((q, k, v))
 }
