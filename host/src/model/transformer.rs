@@ -500,7 +500,7 @@ impl Model {
             let (y, s) = self.block_forward(&ctx, layer, &x)?;
             if layer == lowest && recompute {
                 // Every layer's state has the same size: the first one tells how many the spare memory keeps.
-                let extra = s.bytes().saturating_sub(x.elem_count() * x.dtype().size_in_bytes()).max(1);
+                let extra = s.bytes().saturating_sub(ops::tensor_bytes(&x)).max(1);
                 keep_from = keep_from.saturating_sub(self.recompute_spare_bytes / extra).max(lowest);
             }
             if layer >= lowest {

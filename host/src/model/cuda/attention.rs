@@ -96,9 +96,8 @@ pub fn causal_softmax_backward(p: &Tensor, dp: &Tensor, scale: f64) -> Result<Te
 use crate::model::attention::{FlashBlocks, FLASH_HEAD_DIMS};
 const FLASH_THREADS: u32 = 128;
 /// Dynamic shared memory of each flash kernel (flash.cu): [64, D + 8] bf16 tiles; forward: 2 K + 2 V (Q passes
-/// through the second V),
-/// dQ: Q + dO + 2 K + 2 V, dK/dV: K + V + 2 Q + 2 dO and two buffers of 64 lse and 64 row dots (f32); dQ
-/// from stored dS: 2 K and 2 [64, 72] dS tiles.
+/// through the second V), dQ: Q + dO + 2 K + 2 V, dK/dV: K + V + 2 Q + 2 dO and two buffers of 64 lse and 64
+/// row dots (f32); dQ from stored dS: 2 K and 2 [64, 72] dS tiles.
 fn smem(kernel: &str, d: usize) -> u32 {
     let tile = 64 * (d + 8) * 2;
     let bytes = match kernel {
@@ -174,11 +173,16 @@ pub fn flash_backward_within(q: &Tensor, k: &Tensor, v: &Tensor, o: &Tensor, lse
     let per_kv_head = groups * blocks.n_tiles.max(1) * tile_bytes;
     let chunk = (budget / per_kv_head).min(hkv);
     let dims = || [Arg::I(t as i32), Arg::I(h as i32), Arg::I(hkv as i32), Arg::F(scale as f32)];
-    let (table, tiles, n_tiles) = (&blocks.table, &blocks.tiles, Arg::I(blocks.n_tiles as i32));
-    if chunk == 0 {
+    let (table, tiles, n_tiles) = (&blocks.table, &blocks.tiles, || Arg::I(blocks.n_tiles as i32));
+    // dK and dV of kv heads kvh0 .. kvh0 + heads, storing their dS tiles in `ds` (none: the null pointer).
+    let dkdv = |ds: Option<&Tensor>, kvh0: usize, heads: usize| -> Result<()> {
         let [a, b_, c, e] = dims();
-        let args = [Arg::T(q), Arg::T(k), Arg::T(v), Arg::T(&d_o), Arg::T(lse), Arg::T(&dot), Arg::T(&dk), Arg::T(&dv), Arg::U(0), Arg::T(tiles), n_tiles, Arg::T(table), Arg::I(0), a, b_, c, e];
-        launch_smem(&dev, &format!("flash_bwd_dkdv_{d}"), (n as u64, hkv as u32), FLASH_THREADS, smem("dkdv", d), &args)?;
+        let ds = ds.map_or(Arg::U(0), Arg::T);
+        let args = [Arg::T(q), Arg::T(k), Arg::T(v), Arg::T(&d_o), Arg::T(lse), Arg::T(&dot), Arg::T(&dk), Arg::T(&dv), ds, Arg::T(tiles), n_tiles(), Arg::T(table), Arg::I(kvh0 as i32), a, b_, c, e];
+        launch_smem(&dev, &format!("flash_bwd_dkdv_{d}"), (n as u64, heads as u32), FLASH_THREADS, smem("dkdv", d), &args)
+    };
+    if chunk == 0 {
+        dkdv(None, 0, hkv)?;
         let [a, b_, c, e] = dims();
         let args = [Arg::T(q), Arg::T(k), Arg::T(v), Arg::T(&d_o), Arg::T(lse), Arg::T(&dot), Arg::T(&dq), Arg::T(table), a, b_, c, e];
         launch_smem(&dev, &format!("flash_bwd_dq_{d}"), (n as u64, h as u32), FLASH_THREADS, smem("dq", d), &args)?;
@@ -187,11 +191,9 @@ pub fn flash_backward_within(q: &Tensor, k: &Tensor, v: &Tensor, o: &Tensor, lse
     let ds = uninit(&dev, chunk * per_kv_head / 2, DType::BF16)?;
     for kvh0 in (0..hkv).step_by(chunk) {
         let heads = chunk.min(hkv - kvh0);
+        dkdv(Some(&ds), kvh0, heads)?;
         let [a, b_, c, e] = dims();
-        let args = [Arg::T(q), Arg::T(k), Arg::T(v), Arg::T(&d_o), Arg::T(lse), Arg::T(&dot), Arg::T(&dk), Arg::T(&dv), Arg::T(&ds), Arg::T(tiles), Arg::I(blocks.n_tiles as i32), Arg::T(table), Arg::I(kvh0 as i32), a, b_, c, e];
-        launch_smem(&dev, &format!("flash_bwd_dkdv_{d}"), (n as u64, heads as u32), FLASH_THREADS, smem("dkdv", d), &args)?;
-        let [a, b_, c, e] = dims();
-        let args = [Arg::T(k), Arg::T(&ds), Arg::T(&dq), Arg::T(tiles), Arg::I(blocks.n_tiles as i32), Arg::T(table), Arg::I((kvh0 * groups) as i32), a, b_, c, e];
+        let args = [Arg::T(k), Arg::T(&ds), Arg::T(&dq), Arg::T(tiles), n_tiles(), Arg::T(table), Arg::I((kvh0 * groups) as i32), a, b_, c, e];
         launch_smem(&dev, &format!("flash_bwd_dq_tiles_{d}"), (n as u64, (heads * groups) as u32), FLASH_THREADS, smem("dq_tiles", d), &args)?;
     }
     Ok((dq, dk, dv))

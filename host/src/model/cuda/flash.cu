@@ -123,8 +123,8 @@ struct Dims {
 
 // Rows r0 .. r0 + 64 of a sequence's [L, D] matrix into a tile, asynchronously; rows at or past L are zero.
 // Each thread copies the same 16-byte column of every (THREADS / (D / 8))-th row: its offsets are computed once
-// and the copies of a whole block need no bounds check (this loop is a third of the kernels' instructions
-// when written with a division per copy).
+// and the copies of a whole block need no bounds check (a loop working out each copy's row, column, address
+// and bounds left the kernels issuing ~1.5x the instructions: ncu, BENCHMARKS.md).
 template <int D>
 __device__ __forceinline__ void load_tile(bf16* dst, const bf16* __restrict__ src, int r0, int L) {
     constexpr int CH = D / 8, STEP = THREADS / CH, LD = Dims<D>::LD;
