@@ -4,7 +4,8 @@
 //! - [`Rng`], xoshiro256++ seeded through splitmix64: the data pipeline's shuffles and samples (one stream per
 //!   named purpose, [`Rng::derive`]).
 //! - [`SplitMix`], SplitMix64: the model's (weight and LoRA init, dropout seeds, sampling); one u64 of state.
-//! - [`stream_key`] / [`uniform_at`]: the value for element `i` of stream `key` depends only on `(key, i)`.
+//! - [`stream_key`] / [`uniform_at`] / [`dropout_uniform`]: the value for element `i` of stream `key` depends only
+//!   on `(key, i)`.
 //!   Dropout masks use them, so a mask is regenerated exactly when a layer is recomputed during backward, and
 //!   the GPU kernel produces the same mask with the same formula.
 
@@ -118,6 +119,17 @@ pub fn stream_key(seed: u64, parts: &[u64]) -> u64 {
 pub fn uniform_at(key: u64, i: u64) -> f32 {
     let bits = mix(key.wrapping_add(i.wrapping_add(1).wrapping_mul(GOLDEN)));
     (bits >> 40) as f32 * (1.0 / (1u64 << 24) as f32)
+}
+
+/// The dropout draw of element `i` of stream `key`: a uniform number in [0, 1) with 16 bits (exact in f32).
+/// One hash serves four consecutive elements (`i / 4`), 16 bits each, the highest for the first: the GPU
+/// kernels hash once per four elements, which is what keeps dropout at the memory's speed rather than the
+/// integer units' (a hash per element cost more than reading and writing the tensor). p is thereby resolved
+/// to 1/65536 (0.1 drops 6554/65536 = 0.100006).
+#[inline]
+pub fn dropout_uniform(key: u64, i: u64) -> f32 {
+    let bits = mix(key.wrapping_add((i / 4).wrapping_add(1).wrapping_mul(GOLDEN)));
+    ((bits >> (48 - 16 * (i % 4))) & 0xFFFF) as f32 * (1.0 / 65536.0)
 }
 
 /// SplitMix64: one u64 of state, so it is trivially saved in a checkpoint. The model's generator: weight and

@@ -269,11 +269,21 @@ fn ops_checks(gpu: &Device, checks: &mut Vec<Check>) -> Result<()> {
         let yc = ops::lora_add(y.cpu.copy()?, &sc, &lb.cpu, false)?;
         let yg = ops::lora_add(y.gpu.copy()?, &sg, &lb.gpu, true)?;
         push(checks, &format!("lora r{r} forward (added to the output)"), &yg, &yc, OP_TOL)?;
-        let (dxc, dac, dbc) = ops::lora_backward(&sc, &a.cpu, &lb.cpu, 4.0, &dy.cpu, dx.cpu.copy()?, false)?;
-        let (dxg, dag, dbg) = ops::lora_backward(&sg, &a.gpu, &lb.gpu, 4.0, &dy.gpu, dx.gpu.copy()?, true)?;
+        let (dxc, dac, dbc) = ops::lora_backward(&sc, &a.cpu, &lb.cpu, 4.0, &dy.cpu, ops::InputGrad::Add(dx.cpu.copy()?), false)?;
+        let (dxg, dag, dbg) = ops::lora_backward(&sg, &a.gpu, &lb.gpu, 4.0, &dy.gpu, ops::InputGrad::Add(dx.gpu.copy()?), true)?;
+        let (dxc, dxg) = (dxc.expect("asked for"), dxg.expect("asked for"));
         push(checks, &format!("lora r{r} backward: dx (added to the input gradient)"), &dxg, &dxc, OP_TOL)?;
         push(checks, &format!("lora r{r} backward: dA"), &dag, &dac, OP_TOL)?;
         push(checks, &format!("lora r{r} backward: dB"), &dbg, &dbc, OP_TOL)?;
+        // The same written first with the frozen linear's GEMM adding into it (rank 8: the tensor-core kernel
+        // and cuBLAS beta = 1), forward and backward.
+        let w = pair(&mut rng, &[fan_out, fan_in], 0.0, 0.05, gpu)?;
+        let yc = ops::linear_forward_delta(&x.cpu, &w.cpu, Some((sc.u(), &lb.cpu)), false)?;
+        let yg = ops::linear_forward_delta(&x.gpu, &w.gpu, Some((sg.u(), &lb.gpu)), true)?;
+        push(checks, &format!("lora r{r} with its linear: x W^T + u B^T"), &yg, &yc, OP_TOL)?;
+        let dxc = ops::lora_backward(&sc, &a.cpu, &lb.cpu, 4.0, &dy.cpu, ops::InputGrad::Linear(&w.cpu), false)?.0.expect("asked for");
+        let dxg = ops::lora_backward(&sg, &a.gpu, &lb.gpu, 4.0, &dy.gpu, ops::InputGrad::Linear(&w.gpu), true)?.0.expect("asked for");
+        push(checks, &format!("lora r{r} with its linear: dy W + dropout(du A)"), &dxg, &dxc, OP_TOL)?;
     }
 
     // lm_head + cross-entropy over a real-size vocabulary, every other row counted.

@@ -97,7 +97,7 @@ pub fn run(o: &Options) -> Result<OpsReport> {
         };
         add(&format!("lora {name} forward (+ add to the output)"), time(dev, reps, forward)?, fwd);
         let saved = ops::lora_forward(&x, &a, 4.0, Some(dropout()?))?;
-        let backward = || Ok(drop(ops::lora_backward(&saved, &a, &bm, 4.0, &dy, dx.clone(), f.lora)?));
+        let backward = || Ok(drop(ops::lora_backward(&saved, &a, &bm, 4.0, &dy, ops::InputGrad::Add(dx.clone()), f.lora)?));
         add(&format!("lora {name} backward (+ add to the input gradient)"), time(dev, reps, backward)?, layers);
         // Its rank-8 GEMMs alone (already inside the two rows above: not added again).
         let (a16, b16) = (a.to_dtype(dt)?, bm.to_dtype(dt)?);

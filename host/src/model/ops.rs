@@ -185,14 +185,46 @@ pub fn lora_forward(x: &Tensor, a: &Tensor, scale: f64, dropout: Option<Dropout>
 
 /// y + u B^T. `y` is consumed: on the GPU the kernel adds into it in place (it must be a fresh GEMM output).
 pub fn lora_add(y: Tensor, saved: &LoraSaved, b: &Tensor, fused: bool) -> Result<Tensor> {
+    add_delta(y, &saved.u, b, fused)
+}
+
+/// y + u B^T for a delta's u [N, r] and B [out, r], y consumed as in [`lora_add`].
+fn add_delta(y: Tensor, u: &Tensor, b: &Tensor, fused: bool) -> Result<Tensor> {
     let b = b.to_dtype(y.dtype())?;
     #[cfg(feature = "cuda")]
     if super::fusion::on(fused, &y) {
-        super::cuda::lora_up_add_(&y, &saved.u, &b)?;
+        super::cuda::lora_up_add_(&y, u, &b)?;
         return Ok(y);
     }
     let _ = fused;
-    y + saved.u.matmul(&b.t()?)?
+    y + u.matmul(&b.t()?)?
+}
+
+/// x W^T + u B^T: a frozen linear (no bias) with its LoRA delta, `delta` = (u [N, r], B [out, r]). On the GPU
+/// (`fused`) at rank 8 the delta is written first and cuBLAS adds the product into it (beta = 1), so no kernel
+/// reads and rewrites the output afterwards; elsewhere the delta is added to the product.
+pub fn linear_forward_delta(x: &Tensor, w: &Tensor, delta: Option<(&Tensor, &Tensor)>, fused: bool) -> Result<Tensor> {
+    let Some((u, b)) = delta else { return linear_forward(x, w, None) };
+    #[cfg(feature = "cuda")]
+    if super::fusion::on(fused, x) && w.dtype() == x.dtype() {
+        if let Some(y) = super::cuda::lora_up(u, &b.to_dtype(x.dtype())?)? {
+            super::cuda::linear_add_(&y, x, w)?;
+            return Ok(y);
+        }
+    }
+    add_delta(linear_forward(x, w, None)?, u, b, fused)
+}
+
+/// What the LoRA branch's input gradient is added to (see [`lora_backward`]).
+pub enum InputGrad<'a> {
+    /// Nothing: the input gradient is not wanted (the lowest adapted layer's attention input: nothing below
+    /// it trains), and none is computed.
+    None,
+    /// An input gradient already formed (consumed; updated in place on the GPU).
+    Add(Tensor),
+    /// The frozen linear's dy W, W [out, in], not yet formed: on the GPU at rank 8 the branch's term is written
+    /// first and cuBLAS adds dy W into it (as [`linear_forward_delta`]).
+    Linear(&'a Tensor),
 }
 
 /// Backward of `delta = (scale * h A^T) B^T`, given d(delta) = dy, added onto the frozen linear's input
@@ -201,27 +233,50 @@ pub fn lora_add(y: Tensor, saved: &LoraSaved, b: &Tensor, fused: bool) -> Result
 ///   du = dy B              [N, r]  -> d(h A^T) = scale * du
 ///   dA = (scale du)^T h    [r, in]
 ///   dh = (scale du) A      [N, in] -> dx += dh * mask (dropout passes gradient only where it kept x)
-/// Returns (dx, dA, dB); dA, dB in the parameter dtype.
+/// Returns (dx, dA, dB); dA, dB in the parameter dtype; dx unless `dx` is [`InputGrad::None`].
 #[allow(clippy::too_many_arguments)]
-pub fn lora_backward(saved: &LoraSaved, a: &Tensor, b: &Tensor, scale: f64, dy: &Tensor, dx: Tensor, fused: bool) -> Result<(Tensor, Tensor, Tensor)> {
+pub fn lora_backward(saved: &LoraSaved, a: &Tensor, b: &Tensor, scale: f64, dy: &Tensor, dx: InputGrad, fused: bool) -> Result<(Option<Tensor>, Tensor, Tensor)> {
     let dtype = dy.dtype();
     let pdtype = a.dtype();
     let (a_c, b_c) = (a.to_dtype(dtype)?, b.to_dtype(dtype)?);
     let db = dy.t()?.matmul(&saved.u)?;
     let du = (dy.matmul(&b_c)? * scale)?;
-    let da = du.t()?.matmul(&saved.h)?;
-    let dx = lora_input_grad(dx, &du, &a_c, saved.dropout.as_ref(), fused)?;
-    Ok((dx, da.to_dtype(pdtype)?, db.to_dtype(pdtype)?))
+    let da = du.t()?.matmul(&saved.h)?.to_dtype(pdtype)?;
+    let dx = match dx {
+        InputGrad::None => None,
+        InputGrad::Add(dx) => Some(lora_input_grad(dx, &du, &a_c, saved.dropout.as_ref(), fused)?),
+        InputGrad::Linear(w) => Some(linear_lora_input_grad(dy, w, &du, &a_c, saved.dropout.as_ref(), fused)?),
+    };
+    Ok((dx, da, db.to_dtype(pdtype)?))
+}
+
+/// The dropout as the GPU kernels take it: (key, p, the mask's bits), None for no dropout; Err for a mask
+/// tensor (the composite path).
+#[cfg(feature = "cuda")]
+fn kernel_dropout(dropout: Option<&Dropout>) -> std::result::Result<Option<(u64, f64, Option<&Tensor>)>, ()> {
+    match dropout {
+        Some(Dropout::Key { key, p, bits }) => Ok(Some((*key, *p, bits.as_ref()))),
+        Some(Dropout::Mask(_)) => Err(()),
+        None => Ok(None),
+    }
+}
+
+/// dy W + dropout(du A).
+fn linear_lora_input_grad(dy: &Tensor, w: &Tensor, du: &Tensor, a: &Tensor, dropout: Option<&Dropout>, fused: bool) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if let (true, Ok(key)) = (super::fusion::on(fused, dy) && w.dtype() == dy.dtype(), kernel_dropout(dropout)) {
+        if let Some(dx) = super::cuda::lora_down(du, a, key)? {
+            super::cuda::matmul_add_(&dx, dy, w)?;
+            return Ok(dx);
+        }
+    }
+    lora_input_grad(linear_backward(dy, w)?, du, a, dropout, fused)
 }
 
 /// dx + dropout(du A).
 fn lora_input_grad(dx: Tensor, du: &Tensor, a: &Tensor, dropout: Option<&Dropout>, fused: bool) -> Result<Tensor> {
     #[cfg(feature = "cuda")]
-    if super::fusion::on(fused, &dx) && !matches!(dropout, Some(Dropout::Mask(_))) {
-        let key = match dropout {
-            Some(Dropout::Key { key, p, bits }) => Some((*key, *p, bits.as_ref())),
-            _ => None,
-        };
+    if let (true, Ok(key)) = (super::fusion::on(fused, &dx), kernel_dropout(dropout)) {
         super::cuda::lora_down_add_(&dx, du, a, key)?;
         return Ok(dx);
     }
@@ -235,7 +290,7 @@ fn lora_input_grad(dx: Tensor, du: &Tensor, a: &Tensor, dropout: Option<&Dropout
 }
 
 /// A dropout mask [rows, cols] of 0 (probability p) and 1/(1-p), a pure function of `key` (see
-/// [`rng::uniform_at`]) so recomputation during backward reproduces it exactly.
+/// [`rng::dropout_uniform`]) so recomputation during backward reproduces it exactly.
 pub fn dropout_mask(key: u64, rows: usize, cols: usize, p: f64, dtype: DType, device: &Device) -> Result<Tensor> {
     use rayon::prelude::*;
     let keep_scale = (1.0 / (1.0 - p)) as f32;
@@ -244,7 +299,7 @@ pub fn dropout_mask(key: u64, rows: usize, cols: usize, p: f64, dtype: DType, de
     // formula would avoid the upload for large models.
     let values: Vec<f32> = (0..(rows * cols) as u64)
         .into_par_iter()
-        .map(|i| if rng::uniform_at(key, i) < p { 0.0 } else { keep_scale })
+        .map(|i| if rng::dropout_uniform(key, i) < p { 0.0 } else { keep_scale })
         .collect();
     Tensor::from_vec(values, (rows, cols), device)?.to_dtype(dtype)
 }

@@ -524,8 +524,10 @@ impl Model {
                 Kept::Input(input) => self.block_recompute(&ctx, layer, &input)?,
                 Kept::State(s) => s,
             };
-            let (d, block_grads) = self.block_backward(&ctx, layer, &s, &dx)?;
-            dx = d;
+            let (d, block_grads) = self.block_backward(&ctx, layer, &s, &dx, layer > lowest)?;
+            if let Some(d) = d {
+                dx = d;
+            }
             for (site, g) in Site::ALL.into_iter().zip(block_grads) {
                 if let (Some(g), Some(slot)) = (g, lora.slot(layer, site)) {
                     grads[slot] = Some(g);
@@ -559,14 +561,14 @@ impl Model {
 
         // Attention branch.
         let (h1, ln_1) = ops::rmsnorm_forward(x, &w.ln_1, cfg.eps, f.norm)?;
-        let base = ops::linear_forward(&h1, &w.qkv, None)?;
         let qkv_lora = self.qkv_lora_forward(ctx, layer, &h1)?;
         let delta = self.qkv_lora_delta(ctx, layer, &qkv_lora)?;
+        let base = ops::linear_forward_delta(&h1, &w.qkv, delta.as_ref().map(|(u, b)| (u, b)), f.lora)?;
+        drop(delta);
         let norm = w.q_norm.as_ref().zip(w.k_norm.as_ref()).map(|(q, k)| QkNorm { q, k, eps: cfg.eps });
         let heads = self.heads(ctx);
-        let (q, k, v, qkv) =
-            attention::qkv_forward(&base, w.qkv_bias.as_ref(), delta.as_ref().map(|(u, b)| (u, b)), norm, &ctx.rope, heads, f.rope, f.norm)?;
-        drop((base, delta));
+        let (q, k, v, qkv) = attention::qkv_forward(&base, w.qkv_bias.as_ref(), None, norm, &ctx.rope, heads, f.rope, f.norm)?;
+        drop(base);
         let (k, v) = match ctx.cache {
             Some(cache) => cache.extend(layer, k, v)?,
             None => (k, v),
@@ -592,8 +594,8 @@ impl Model {
         Ok((x2, BlockSaved { ln_1, qkv_lora, qkv, attn, o: o_lora, ln_2, up, gate, swiglu, down }))
     }
 
-    /// Given d(x2), returns d(x) and the block's LoRA gradients.
-    fn block_backward(&self, ctx: &Ctx, layer: usize, s: &BlockSaved, dx2: &Tensor) -> Result<(Tensor, BlockGrads)> {
+    /// Given d(x2), returns d(x) (when `want_dx`) and the block's LoRA gradients.
+    fn block_backward(&self, ctx: &Ctx, layer: usize, s: &BlockSaved, dx2: &Tensor, want_dx: bool) -> Result<(Option<Tensor>, BlockGrads)> {
         let w = &self.weights.layers[layer];
         let cfg = &self.config;
         let mut grads: BlockGrads = Default::default();
@@ -617,18 +619,29 @@ impl Model {
         let dy = attention::merge_heads_backward(&dy, heads.b, heads.t, heads.h, heads.d, f.rope)?;
         let (dq, dk, dv) = attention::attention_backward(&s.attn, &dy, f.attention, f.ds_tiles)?;
         let dqkv = attention::qkv_backward(&s.qkv, &dq, &dk, &dv, &ctx.rope, f.rope, f.norm)?;
-        let mut dh1 = ops::linear_backward(&dqkv, &w.qkv)?;
+        // The lowest adapted layer's input gradient has no use (nothing below it trains): not computed. A single
+        // branch over all of c_attn's rows (Qwen v1) lets the GEMM add d(qkv) W into the branch's term.
+        let whole = matches!(s.qkv_lora.as_slice(), [(site, _)] if cfg.qkv_rows(*site).1 == cfg.qkv_width());
+        let mut dh1 = if want_dx && !whole { Some(ops::linear_backward(&dqkv, &w.qkv)?) } else { None };
         for (site, saved) in &s.qkv_lora {
             let adapter = ctx.lora.and_then(|l| l.adapter(layer, *site)).expect("a saved branch has its adapter");
             let (off, rows) = cfg.qkv_rows(*site);
             // Each linear's share of d(qkv): its own rows (all of them for Qwen v1's fused c_attn).
             let dy_site = if rows == cfg.qkv_width() { dqkv.clone() } else { dqkv.narrow(1, off, rows)?.contiguous()? };
             let scale = ctx.lora.map(|l| l.scale()).unwrap_or(0.0);
-            let (d, da, db) = ops::lora_backward(saved, &adapter.a, &adapter.b, scale, &dy_site, dh1, f.lora)?;
+            let dx_in = match (want_dx, dh1.take()) {
+                (false, _) => ops::InputGrad::None,
+                (true, Some(d)) => ops::InputGrad::Add(d),
+                (true, None) => ops::InputGrad::Linear(&w.qkv),
+            };
+            let (d, da, db) = ops::lora_backward(saved, &adapter.a, &adapter.b, scale, &dy_site, dx_in, f.lora)?;
             dh1 = d;
             grads[site.index()] = Some((da, db));
         }
-        let dx = ops::rmsnorm_backward(&s.ln_1, &w.ln_1, &dh1, Some(&dx1), f.norm)?;
+        let dx = match dh1 {
+            Some(dh1) => Some(ops::rmsnorm_backward(&s.ln_1, &w.ln_1, &dh1, Some(&dx1), f.norm)?),
+            None => None,
+        };
         Ok((dx, grads))
     }
 
@@ -682,11 +695,12 @@ impl Model {
 
     /// A frozen linear (no bias) plus, when the adapter targets it, its LoRA term.
     fn adapted_forward(&self, ctx: &Ctx, layer: usize, site: Site, x: &Tensor) -> Result<(Tensor, Option<LoraSaved>)> {
-        let mut y = ops::linear_forward(x, self.weights.layers[layer].linear(site), None)?;
         let saved = self.lora_branch(ctx, layer, site, x)?;
-        if let (Some(s), Some(adapter)) = (&saved, ctx.lora.and_then(|l| l.adapter(layer, site))) {
-            y = ops::lora_add(y, s, &adapter.b, ctx.fusion.lora)?;
-        }
+        let delta = match (&saved, ctx.lora.and_then(|l| l.adapter(layer, site))) {
+            (Some(s), Some(adapter)) => Some((s.u(), &adapter.b)),
+            _ => None,
+        };
+        let y = ops::linear_forward_delta(x, self.weights.layers[layer].linear(site), delta, ctx.fusion.lora)?;
         Ok((y, saved))
     }
 
@@ -721,17 +735,21 @@ impl Model {
     /// gradient for the same input) when given; and the LoRA gradients.
     fn adapted_backward(&self, ctx: &Ctx, layer: usize, site: Site, saved: Option<&LoraSaved>, dy: &Tensor, partial: Option<Tensor>) -> Result<(Tensor, Option<(Tensor, Tensor)>)> {
         let w = self.weights.layers[layer].linear(site);
-        let dx = match partial {
-            Some(p) => ops::linear_backward_add(p, dy, w, ctx.fusion.swiglu)?,
-            None => ops::linear_backward(dy, w)?,
+        let frozen = |partial: Option<Tensor>| match partial {
+            Some(p) => ops::linear_backward_add(p, dy, w, ctx.fusion.swiglu),
+            None => ops::linear_backward(dy, w),
         };
         match (saved, ctx.lora.and_then(|l| l.adapter(layer, site))) {
             (Some(saved), Some(adapter)) => {
                 let scale = ctx.lora.map(|l| l.scale()).unwrap_or(0.0);
-                let (dx, da, db) = ops::lora_backward(saved, &adapter.a, &adapter.b, scale, dy, dx, ctx.fusion.lora)?;
-                Ok((dx, Some((da, db))))
+                let dx_in = match partial {
+                    Some(p) => ops::InputGrad::Add(frozen(Some(p))?),
+                    None => ops::InputGrad::Linear(w),
+                };
+                let (dx, da, db) = ops::lora_backward(saved, &adapter.a, &adapter.b, scale, dy, dx_in, ctx.fusion.lora)?;
+                Ok((dx.expect("asked for"), Some((da, db))))
             }
-            _ => Ok((dx, None)),
+            _ => Ok((frozen(partial)?, None)),
         }
     }
 

@@ -102,6 +102,22 @@ static __device__ __forceinline__ float warp_max(float v) {
 
 #define ROWS_PER_THREAD 8
 
+// c (16 x 8, f32) += a (16 x 16) b (16 x 8), bf16 operands on tensor cores (mma.m16n8k16; the fragment layouts
+// are spelled out at the top of flash.cu).
+static __device__ __forceinline__ void mma(float* c, const uint32_t* a, uint32_t b0, uint32_t b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// Two f32 -> one register of two bf16 (the first in the low half: the lower column).
+static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
+    __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<uint32_t*>(&v);
+}
+
 
 // ---------------------------------------------------------------------------------------------------------
 // Elementwise kernels take 8 consecutive elements per thread: one 16-byte load or store per tensor when
@@ -132,9 +148,11 @@ static __device__ __forceinline__ void store8(bf16* p, size_t i, size_t n, bool 
 }
 
 // ---------------------------------------------------------------------------------------------------------
-// Dropout with a counter-based mask: element i of stream `key` is dropped when
-// uniform(key, i) < p, exactly as model/rng.rs computes it on the CPU, so the mask is never stored: the
-// backward (and a recomputed forward) regenerate it. Kept elements are scaled by 1 / (1 - p).
+// Dropout with a counter-based mask, exactly as model/rng.rs (dropout_uniform) computes it on the CPU, so the
+// mask never has to be stored: the backward (and a recomputed forward) regenerate it. One 64-bit hash of
+// (key, i / 4) gives elements i .. i + 3 16 bits each (the highest for the first); an element is dropped when
+// its 16 bits / 65536 < p. Kept elements are scaled by 1 / (1 - p). (A hash per element made dropout bound by
+// the integer units: ~20 instructions an element against two bytes read and written.)
 
 static __device__ __forceinline__ uint64_t mix64(uint64_t z) {
     z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
@@ -142,8 +160,36 @@ static __device__ __forceinline__ uint64_t mix64(uint64_t z) {
     return z ^ (z >> 31);
 }
 
+#define GOLDEN64 0x9E3779B97F4A7C15ull
+
+// The hash input of the quad holding element i; the next quad's is this + GOLDEN64, so a thread walking
+// consecutive elements adds instead of multiplying.
+static __device__ __forceinline__ uint64_t drop_z(uint64_t key, uint64_t i) { return key + ((i >> 2) + 1) * GOLDEN64; }
+
+// Element dropped when its 16 bits are below ceil(p * 65536): the same test as 16 bits / 65536 < p (p * 65536 is
+// exact in f32), without converting each draw to a float.
+static __device__ __forceinline__ unsigned drop_threshold(float p) { return (unsigned)ceilf(p * 65536.f); }
+
+// The 4 lanes of hash h as mask bits (bit k: lane k dropped).
+static __device__ __forceinline__ unsigned drop_mask4(uint64_t h, unsigned thr) {
+    unsigned m = 0;
+#pragma unroll
+    for (int k = 0; k < 4; ++k) m |= (unsigned)(((h >> (48 - 16 * k)) & 0xFFFFu) < thr) << k;
+    return m;
+}
+
 static __device__ __forceinline__ bool dropped(uint64_t key, uint64_t i, float p) {
-    const uint64_t bits = mix64(key + (i + 1) * 0x9E3779B97F4A7C15ull);
-    return (float)(bits >> 40) * (1.f / 16777216.f) < p;
+    return (drop_mask4(mix64(drop_z(key, i)), drop_threshold(p)) >> (i & 3)) & 1u;
+}
+
+// The mask of the 8 elements from the one whose quad has hash input z (a multiple of 8) as bits: bit k set
+// when element k is dropped.
+static __device__ __forceinline__ unsigned dropped8_z(uint64_t z, unsigned thr) {
+    return drop_mask4(mix64(z), thr) | drop_mask4(mix64(z + GOLDEN64), thr) << 4;
+}
+
+// The same for elements i .. i + 7 of stream `key` (i a multiple of 8).
+static __device__ __forceinline__ unsigned dropped8(uint64_t key, uint64_t i, float p) {
+    return dropped8_z(drop_z(key, i), drop_threshold(p));
 }
 

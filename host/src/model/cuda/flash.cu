@@ -72,21 +72,6 @@ __device__ __forceinline__ void ldsm_t(uint32_t* r, const bf16* p) {
                  : "r"(smem_u32(p)));
 }
 
-// c (16 x 8) += a (16 x 16) b (16 x 8).
-__device__ __forceinline__ void mma(float* c, const uint32_t* a, uint32_t b0, uint32_t b1) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-        "{%0, %1, %2, %3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-
-// Two f32 -> one register of two bf16 (the first in the low half: the lower column).
-__device__ __forceinline__ uint32_t pack(float lo, float hi) {
-    __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
-    return *reinterpret_cast<uint32_t*>(&v);
-}
-
 // The A operand (16 rows x 16 columns) made of C tiles j and j + 1 (columns 8j .. 8j + 15).
 __device__ __forceinline__ void c_to_a(uint32_t* a, const float* c0, const float* c1) {
     a[0] = pack(c0[0], c0[1]);

@@ -397,13 +397,9 @@ extern "C" __global__ void dropout(const bf16* __restrict__ x, bf16* __restrict_
     if (i >= n) return;
     float v[EW_PER_THREAD];
     load8(x, i, n, vec, v);
-    unsigned mask = 0;
+    const unsigned mask = dropped8(key, i, p);  // i is a multiple of 8
 #pragma unroll
-    for (int k = 0; k < EW_PER_THREAD; ++k) {
-        const bool d = dropped(key, i + k, p);
-        mask |= (unsigned)d << k;
-        v[k] = d ? 0.f : v[k] * keep_scale;
-    }
+    for (int k = 0; k < EW_PER_THREAD; ++k) v[k] = (mask >> k) & 1u ? 0.f : v[k] * keep_scale;
     store8(y, i, n, vec, v);
     if (bits) bits[i / EW_PER_THREAD] = (uint8_t)mask;
 }

@@ -144,20 +144,82 @@ extern "C" __global__ void lora_down_add8(bf16* __restrict__ dx, const bf16* __r
     float w[8][8];
     Bf16x8 xs[ROWS_PER_THREAD];
     if (!rank8_tile(dx, a_t, n_rows, cols, i0, row0, w, xs)) return;
-#pragma unroll 1  // the dropout hash per element is register-hungry: one row at a time
+#pragma unroll 1  // the dropout hash is register-hungry: one row at a time
     for (int k = 0; k < ROWS_PER_THREAD; ++k) {
         const unsigned n = row0 + k;
         if (n >= (unsigned)n_rows) break;
         float uf[8];
         load8(du, (size_t)n * 8, (size_t)n * 8 + 8, true, uf);
-        const unsigned dropped8 = has_dropout && bits ? bits[((size_t)n * cols + i0) / 8] : 0u;
+        const size_t e0 = (size_t)n * cols + i0;
+        const unsigned mask = !has_dropout ? 0u : bits ? bits[e0 / 8] : dropped8(key, e0, p);
 #pragma unroll
         for (int c = 0; c < 8; ++c) {
-            const size_t e = (size_t)n * cols + i0 + c;
             float g = dot8(w[c], uf);
-            if (has_dropout) g = (bits ? (dropped8 >> c) & 1u : dropped(key, e, p)) ? 0.f : g * keep_scale;
+            if (has_dropout) g = (mask >> c) & 1u ? 0.f : g * keep_scale;
             xs[k].h[c] = st(ld(xs[k].h[c]) + g);
         }
         *reinterpret_cast<uint4*>(dx + (size_t)n * cols + i0) = xs[k].v;
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Rank-8 products written into a fresh tensor (no read of it), on tensor cores: out[n, j] = f(u[n, :] . w[j, :])
+// for u [N, 8] and w [cols, 8] (the forward's B, or the backward's A^T), f the dropout (mask from the forward's
+// bits, or hashed) or nothing. The frozen linear's GEMM then adds its product into `out` (cuBLAS beta = 1).
+// The kernels above keep 64 weights a thread in registers and walk 8 rows: bound by neither the memory nor
+// the arithmetic but by their latency (ncu: 25% occupancy, ~1.5 TB/s). Here mma.m16n8k16 takes the rank as k
+// (its upper 8 zero): a warp owns 64 columns (8 tiles of 8) and walks 16-row tiles, its B fragments (8
+// registers) loaded once. Column n of tile j is strip column 16 (n / 2) + 2 j + n % 2, an order that leaves
+// lane (g, t) the 16 consecutive columns 16t .. 16t + 15 of rows g and g + 8: two 16-byte stores a row.
+// Grid (ceil(cols / 256), ceil(N / TC_ROWS)), 128 threads; cols % 16 == 0, 16-byte aligned rows.
+
+#define TC_ROWS 64  // rows per warp
+
+extern "C" __global__ void lora_rank8_tc(bf16* __restrict__ out, const bf16* __restrict__ u, const bf16* __restrict__ w,
+                                         int n_rows, int cols, uint64_t key, float p, float keep_scale,
+                                         int has_dropout, const uint8_t* __restrict__ bits) {
+    const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+    const int strip = (blockIdx.x * 4 + (threadIdx.x >> 5)) * 64;
+    if (strip >= cols) return;  // the whole warp
+    uint32_t b[8];  // tile j: w[column of (j, n = g)][2t, 2t + 1]
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+        const int c = strip + 16 * (g >> 1) + 2 * j + (g & 1);
+        b[j] = c < cols ? *reinterpret_cast<const uint32_t*>(w + (size_t)c * 8 + 2 * t) : 0u;
+    }
+    const int col0 = strip + 16 * t;  // this lane's 16 output columns
+    const int r_end = min(n_rows, (int)(blockIdx.y + 1) * TC_ROWS);
+    for (int r0 = blockIdx.y * TC_ROWS; r0 < r_end; r0 += 16) {
+        const int rows[2] = {r0 + g, r0 + g + 8};
+        uint32_t a[4] = {0u, 0u, 0u, 0u};  // k 8..15 stay zero
+#pragma unroll
+        for (int h = 0; h < 2; ++h)
+            if (rows[h] < n_rows) a[h] = *reinterpret_cast<const uint32_t*>(u + (size_t)rows[h] * 8 + 2 * t);
+        float c[8][4];
+#pragma unroll
+        for (int j = 0; j < 8; ++j) {
+            c[j][0] = c[j][1] = c[j][2] = c[j][3] = 0.f;
+            mma(c[j], a, b[j], 0u);
+        }
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            if (rows[h] >= n_rows || col0 >= cols) continue;
+            const size_t e = (size_t)rows[h] * cols + col0;
+            unsigned m = 0;
+            if (has_dropout) m = bits ? bits[e / 8] | (unsigned)bits[e / 8 + 1] << 8 : dropped8(key, e, p) | dropped8(key, e + 8, p) << 8;
+            uint32_t v[8];
+#pragma unroll
+            for (int j = 0; j < 8; ++j) {
+                float lo = c[j][2 * h], hi = c[j][2 * h + 1];
+                if (has_dropout) {
+                    lo = (m >> (2 * j)) & 1u ? 0.f : lo * keep_scale;
+                    hi = (m >> (2 * j + 1)) & 1u ? 0.f : hi * keep_scale;
+                }
+                v[j] = pack(lo, hi);
+            }
+            uint4* dst = reinterpret_cast<uint4*>(out + e);
+            dst[0] = make_uint4(v[0], v[1], v[2], v[3]);
+            dst[1] = make_uint4(v[4], v[5], v[6], v[7]);
+        }
     }
 }

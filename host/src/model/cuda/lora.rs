@@ -35,16 +35,54 @@ pub fn lora_down_add_(dx: &Tensor, du: &Tensor, a: &Tensor, dropout: Option<(u64
     let r = du.dim(1)?;
     let dev = cuda_device(dx)?;
     let (du, a_t) = (aligned(du)?, a.t()?.contiguous()?);
-    let (key, p, bits) = dropout.unwrap_or((0, 0.0, None));
-    let mask = [Arg::U(key), Arg::F(p as f32), Arg::F((1.0 / (1.0 - p)) as f32), Arg::I(dropout.is_some() as i32)];
+    let bits = dropout.and_then(|(_, _, b)| b);
+    let [k, pp, keep, on] = mask_args(dropout);
     if rank8_vec(r, cols, dx) {
-        let [k, pp, keep, on] = mask;
         let bits = bits.filter(|b| b.elem_count() * 8 >= n * cols).map_or(Arg::U(0), Arg::T);
         let args = [Arg::T(dx), Arg::T(&du), Arg::T(&a_t), Arg::I(n as i32), Arg::I(cols as i32), k, pp, keep, on, bits];
         return launch(&dev, "lora_down_add8", blocks(n.div_ceil(ROWS_PER_THREAD) * cols / 8, EW_THREADS)?, EW_THREADS, &args);
     }
-    let [k, pp, keep, on] = mask;
     let args = [Arg::T(dx), Arg::T(&du), Arg::T(&a_t), Arg::I(n as i32), Arg::I(cols as i32), Arg::I(r as i32), k, pp, keep, on];
     launch(&dev, "lora_down_add", blocks(n.div_ceil(ROWS_PER_THREAD) * cols, EW_THREADS)?, EW_THREADS, &args)
 }
 
+/// The dropout's kernel arguments: key, p, 1 / (1 - p), whether there is one.
+fn mask_args(dropout: Option<(u64, f64, Option<&Tensor>)>) -> [Arg<'static>; 4] {
+    let (key, p, _) = dropout.unwrap_or((0, 0.0, None));
+    [Arg::U(key), Arg::F(p as f32), Arg::F((1.0 / (1.0 - p)) as f32), Arg::I(dropout.is_some() as i32)]
+}
+
+// ----- the branch written first, the frozen GEMM adding into it --------------------------------------------
+// At rank 8 the delta (forward) and the branch's input gradient (backward) are written into a fresh tensor by
+// a tensor-core kernel (lora_rank8_tc), and the frozen linear's GEMM then adds its product into it (cuBLAS
+// beta = 1, gemm.rs): no kernel passes over the GEMM's output again.
+
+/// u B^T [N, out] into a fresh tensor, for u [N, 8] and B [out, 8]; None where the kernel does not apply.
+pub fn lora_up(u: &Tensor, b: &Tensor) -> Result<Option<Tensor>> {
+    rank8_tc(u, b, None)
+}
+
+/// dropout(du A) [N, in] into a fresh tensor (the mask as in [`lora_down_add_`]), for du [N, 8] and A [8, in];
+/// None where the kernel does not apply.
+pub fn lora_down(du: &Tensor, a: &Tensor, dropout: Option<(u64, f64, Option<&Tensor>)>) -> Result<Option<Tensor>> {
+    rank8_tc(du, &a.t()?, dropout)
+}
+
+/// out = f(u w^T) for u [N, 8], w [cols, 8] (rank 8, cols a multiple of 16), f the dropout if any.
+fn rank8_tc(u: &Tensor, w: &Tensor, dropout: Option<(u64, f64, Option<&Tensor>)>) -> Result<Option<Tensor>> {
+    check_bf16("lora_rank8_tc", &[u, w])?;
+    let ((n, r), (cols, r2)) = (u.dims2()?, w.dims2()?);
+    if r != 8 || r2 != 8 || cols % 16 != 0 {
+        return Ok(None);
+    }
+    let dev = cuda_device(u)?;
+    let (u, w) = (aligned(u)?, aligned(&w.contiguous()?)?);
+    let out = uninit(&dev, (n, cols), candle_core::DType::BF16)?;
+    blocks(n * cols, 1)?; // the element index space fits the kernel's arithmetic
+    let bits = dropout.and_then(|(_, _, b)| b).filter(|b| b.elem_count() * 8 >= n * cols).map_or(Arg::U(0), Arg::T);
+    let [k, p, keep, on] = mask_args(dropout);
+    let args = [Arg::T(&out), Arg::T(&u), Arg::T(&w), Arg::I(n as i32), Arg::I(cols as i32), k, p, keep, on, bits];
+    const TC_ROWS: usize = 64; // TC_ROWS in lora.cu
+    launch_2d(&dev, "lora_rank8_tc", (cols.div_ceil(256) as u64, n.div_ceil(TC_ROWS) as u32), 128, &args)?;
+    Ok(Some(out))
+}
