@@ -125,7 +125,8 @@ pub fn uniform_at(key: u64, i: u64) -> f32 {
 /// One hash serves four consecutive elements (`i / 4`), 16 bits each, the highest for the first: the GPU
 /// kernels hash once per four elements, which is what keeps dropout at the memory's speed rather than the
 /// integer units' (a hash per element cost more than reading and writing the tensor). p is thereby resolved
-/// to 1/65536 (0.1 drops 6554/65536 = 0.100006).
+/// to 1/65536 (0.1 drops 6554/65536 = 0.100006). (Builds before 2026-11-29 hashed each element: a run with
+/// dropout resumed across that change draws other masks from the resume on.)
 #[inline]
 pub fn dropout_uniform(key: u64, i: u64) -> f32 {
     let bits = mix(key.wrapping_add((i / 4).wrapping_add(1).wrapping_mul(GOLDEN)));
