@@ -75,10 +75,13 @@ pub fn run(o: &Options) -> Result<OpsReport> {
         add(&format!("linear {name} backward"), time(dev, reps, || Ok(drop(ops::linear_backward(&dy, &w)?)))?, count * layers);
     }
 
-    // LoRA (r 8, dropout 0.1) on the recipe's adapted sites, and adding its delta to the base output.
+    // LoRA (r 8, dropout 0.1) on the recipe's adapted sites, as the model runs it: the branch (dropout, u), its
+    // delta written first with the frozen linear's GEMM adding into it (ops::linear_forward_delta), and back.
+    // Each row is what the branch adds to its linear: the pair's time less the linear's alone (rows above).
     for (name, fan_in, fan_out) in [("q|k|v", c, qkv), ("o", cfg.q_width(), c), ("down", ff, c)] {
         let a = Tensor::randn(0f32, 0.01, (8, fan_in), dev)?;
         let bm = Tensor::randn(0f32, 0.01, (fan_out, 8), dev)?;
+        let w = rnd(&[fan_out, fan_in], 0.02)?;
         let x = rnd(&[n, fan_in], 1.0)?;
         let dy = rnd(&[n, fan_out], 1.0)?;
         let dropout = || -> Result<Dropout> {
@@ -87,18 +90,17 @@ pub fn run(o: &Options) -> Result<OpsReport> {
                 false => Dropout::Mask(ops::dropout_mask(7, n, fan_in, 0.1, dt, dev)?),
             })
         };
-        // The frozen linear's output and input gradient the branch is added to (updated in place on the GPU).
-        let y = rnd(&[n, fan_out], 1.0)?;
-        let dx = rnd(&[n, fan_in], 1.0)?;
         let forward = || -> Result<()> {
             let saved = ops::lora_forward(&x, &a, 4.0, Some(dropout()?))?;
-            drop(ops::lora_add(y.clone(), &saved, &bm, f.lora)?);
+            drop(ops::linear_forward_delta(&x, &w, Some((saved.u(), &bm)), f.lora)?);
             Ok(())
         };
-        add(&format!("lora {name} forward (+ add to the output)"), time(dev, reps, forward)?, fwd);
+        let linear_fwd = time(dev, reps, || Ok(drop(ops::linear_forward(&x, &w, None)?)))?;
+        add(&format!("lora {name} forward (beyond its linear)"), time(dev, reps, forward)? - linear_fwd, fwd);
         let saved = ops::lora_forward(&x, &a, 4.0, Some(dropout()?))?;
-        let backward = || Ok(drop(ops::lora_backward(&saved, &a, &bm, 4.0, &dy, ops::InputGrad::Add(dx.clone()), f.lora)?));
-        add(&format!("lora {name} backward (+ add to the input gradient)"), time(dev, reps, backward)?, layers);
+        let backward = || Ok(drop(ops::lora_backward(&saved, &a, &bm, 4.0, &dy, ops::InputGrad::Linear(&w), f.lora)?));
+        let linear_bwd = time(dev, reps, || Ok(drop(ops::linear_backward(&dy, &w)?)))?;
+        add(&format!("lora {name} backward (beyond its linear)"), time(dev, reps, backward)? - linear_bwd, layers);
         // Its rank-8 GEMMs alone (already inside the two rows above: not added again).
         let (a16, b16) = (a.to_dtype(dt)?, bm.to_dtype(dt)?);
         let u = saved.u().clone();
@@ -122,12 +124,9 @@ pub fn run(o: &Options) -> Result<OpsReport> {
     let heads = attention::Heads { b, t, h, hkv: cfg.num_kv_heads, d };
     let qkv_in = rnd(&[n, qkv], 1.0)?;
     let bias = rnd(&[qkv], 0.1)?;
-    let rank = if cfg.family == crate::model::Family::QwenV1 { 8 } else { 24 }; // q, k and v adapters side by side
-    let u = rnd(&[n, rank], 0.1)?;
-    let lb = rnd(&[qkv, rank], 0.01)?;
-    let lora = Some((&u, &lb));
-    let qkv_fwd = || attention::qkv_forward(&qkv_in, Some(&bias), lora, None, &rope, heads, f.rope, f.norm);
-    add("qkv split + rope (+ lora delta)", time(dev, reps, || Ok(drop(qkv_fwd()?)))?, fwd);
+    // The LoRA delta is in the GEMM's output already (the lora rows above), as in the model.
+    let qkv_fwd = || attention::qkv_forward(&qkv_in, Some(&bias), None, None, &rope, heads, f.rope, f.norm);
+    add("qkv split + rope", time(dev, reps, || Ok(drop(qkv_fwd()?)))?, fwd);
     let (q, k, v, qkv_saved) = qkv_fwd()?;
     add("qkv backward", time(dev, reps, || Ok(drop(attention::qkv_backward(&qkv_saved, &q, &k, &v, &rope, f.rope, f.norm)?)))?, layers);
     let mask = match crate::model::fusion::on(f.attention, &q) {
