@@ -109,34 +109,37 @@ fn ops_checks(gpu: &Device, checks: &mut Vec<Check>) -> Result<()> {
     let rg = ops::residual_add(&x.gpu, &dy.gpu, true)?;
     push(checks, "residual add", &rg, &rc, OP_TOL)?;
 
-    // The attention input -> q, k, v with RoPE, and back: GQA (2 query heads per kv head) with the LoRA
-    // deltas of separate q, k and v adapters side by side (rank 24), as the Qwen2/Qwen3/Llama models call it.
+    // The attention input -> q, k, v with RoPE, and back: GQA (2 query heads per kv head), as the
+    // Qwen2/Qwen3/Llama models call it, with the rank-24 delta of q, k and v adapters side by side in the
+    // input (the low-rank kernel up to rank 32 and the GEMM adding into it).
     let rope_c = Rope::new(t, d, 10000.0, &RopeScaling::None, DType::F32, &Device::Cpu)?;
     let rope_g = Rope::new(t, d, 10000.0, &RopeScaling::None, DType::BF16, gpu)?;
     let heads = attention::Heads { b, t, h, hkv: h / 2, d };
     let width = (h + 2 * heads.hkv) * d;
-    let base = pair(&mut rng, &[n, width], 0.0, 1.0, gpu)?;
+    let x = pair(&mut rng, &[n, c], 0.0, 1.0, gpu)?;
+    let wq = pair(&mut rng, &[width, c], 0.0, 0.05, gpu)?;
     let bias = pair(&mut rng, &[width], 0.0, 0.5, gpu)?;
     let u = pair(&mut rng, &[n, 24], 0.0, 1.0, gpu)?;
     let lb = pair(&mut rng, &[width, 24], 0.0, 0.1, gpu)?;
-    let (qc, kc, vc, sc) = attention::qkv_forward(&base.cpu, Some(&bias.cpu), Some((&u.cpu, &lb.cpu)), None, &rope_c, heads, false, false)?;
-    let (qg, kg, vg, sg) = attention::qkv_forward(&base.gpu, Some(&bias.gpu), Some((&u.gpu, &lb.gpu)), None, &rope_g, heads, true, true)?;
+    let base_c = ops::linear_forward_delta(&x.cpu, &wq.cpu, Some((&u.cpu, &lb.cpu)), false)?;
+    let base_g = ops::linear_forward_delta(&x.gpu, &wq.gpu, Some((&u.gpu, &lb.gpu)), true)?;
+    push(checks, "linear + rank-24 delta (q, k, v adapters side by side)", &base_g, &base_c, OP_TOL)?;
+    let (qc, kc, vc, sc) = attention::qkv_forward(&base_c, Some(&bias.cpu), None, &rope_c, heads, false, false)?;
+    let (qg, kg, vg, sg) = attention::qkv_forward(&base_g, Some(&bias.gpu), None, &rope_g, heads, true, true)?;
     push(checks, "qkv split + rope (GQA): q", &qg, &qc, OP_TOL)?;
     push(checks, "qkv split + rope (GQA): k", &kg, &kc, OP_TOL)?;
     push(checks, "qkv split + rope (GQA): v", &vg, &vc, OP_TOL)?;
-    // Rank 8 without GQA (Qwen v1's c_attn): on the GPU the delta is added into the base, then the 8-wide split.
+    // Without GQA (Qwen v1's c_attn), head dim a multiple of 16: the 8-wide split.
     {
         let heads = attention::Heads { b, t, h, hkv: h, d };
         let width = 3 * h * d;
         let base = pair(&mut rng, &[n, width], 0.0, 1.0, gpu)?;
         let bias = pair(&mut rng, &[width], 0.0, 0.5, gpu)?;
-        let u = pair(&mut rng, &[n, 8], 0.0, 1.0, gpu)?;
-        let lb = pair(&mut rng, &[width, 8], 0.0, 0.1, gpu)?;
-        let (qc, kc, vc, _) = attention::qkv_forward(&base.cpu, Some(&bias.cpu), Some((&u.cpu, &lb.cpu)), None, &rope_c, heads, false, false)?;
-        let (qg, kg, vg, _) = attention::qkv_forward(&base.gpu, Some(&bias.gpu), Some((&u.gpu, &lb.gpu)), None, &rope_g, heads, true, true)?;
-        push(checks, "qkv split + rope (rank 8, 8 wide): q", &qg, &qc, OP_TOL)?;
-        push(checks, "qkv split + rope (rank 8, 8 wide): k", &kg, &kc, OP_TOL)?;
-        push(checks, "qkv split + rope (rank 8, 8 wide): v", &vg, &vc, OP_TOL)?;
+        let (qc, kc, vc, _) = attention::qkv_forward(&base.cpu, Some(&bias.cpu), None, &rope_c, heads, false, false)?;
+        let (qg, kg, vg, _) = attention::qkv_forward(&base.gpu, Some(&bias.gpu), None, &rope_g, heads, true, true)?;
+        push(checks, "qkv split + rope (8 wide): q", &qg, &qc, OP_TOL)?;
+        push(checks, "qkv split + rope (8 wide): k", &kg, &kc, OP_TOL)?;
+        push(checks, "qkv split + rope (8 wide): v", &vg, &vc, OP_TOL)?;
     }
     let g = (0..3).map(|i| pair(&mut rng, &[b, if i == 0 { h } else { heads.hkv }, t, d], 0.0, 1.0, gpu)).collect::<Result<Vec<_>>>()?;
     let dqkv_c = attention::qkv_backward(&sc, &g[0].cpu, &g[1].cpu, &g[2].cpu, &rope_c, false, false)?;

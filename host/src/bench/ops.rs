@@ -125,7 +125,7 @@ pub fn run(o: &Options) -> Result<OpsReport> {
     let qkv_in = rnd(&[n, qkv], 1.0)?;
     let bias = rnd(&[qkv], 0.1)?;
     // The LoRA delta is in the GEMM's output already (the lora rows above), as in the model.
-    let qkv_fwd = || attention::qkv_forward(&qkv_in, Some(&bias), None, None, &rope, heads, f.rope, f.norm);
+    let qkv_fwd = || attention::qkv_forward(&qkv_in, Some(&bias), None, &rope, heads, f.rope, f.norm);
     add("qkv split + rope", time(dev, reps, || Ok(drop(qkv_fwd()?)))?, fwd);
     let (q, k, v, qkv_saved) = qkv_fwd()?;
     add("qkv backward", time(dev, reps, || Ok(drop(attention::qkv_backward(&qkv_saved, &q, &k, &v, &rope, f.rope, f.norm)?)))?, layers);

@@ -47,30 +47,21 @@ impl QkvSaved {
     }
 }
 
-/// The attention input's parts (base = x W^T; bias; the LoRA delta u B^T from `lora` = (u [N, r'],
-/// B [(H + 2 Hkv) D, r'])) to rotated q, k and v. On the GPU the delta may be added into `base` in place:
-/// pass a fresh GEMM output nothing reads afterwards. Without q/k norms the fused kernel adds the parts, splits
-/// the heads and applies RoPE in one pass; with them (Qwen3) the norm sits between the split and RoPE.
+/// The attention input (x W^T with the LoRA delta, ops::linear_forward_delta) plus the bias -> rotated q, k and
+/// v. Without q/k norms the fused kernel adds the bias, splits the heads and applies RoPE in one pass; with them
+/// (Qwen3) the norm sits between the split and RoPE.
 #[allow(clippy::too_many_arguments)]
-pub fn qkv_forward(base: &Tensor, bias: Option<&Tensor>, lora: Option<(&Tensor, &Tensor)>, norm: Option<QkNorm>, rope: &Rope, s: Heads, fused: bool, fused_norm: bool) -> Result<(Tensor, Tensor, Tensor, QkvSaved)> {
-    let lora = match lora {
-        Some((u, lb)) => Some((u, lb.to_dtype(base.dtype())?)),
-        None => None,
-    };
+pub fn qkv_forward(base: &Tensor, bias: Option<&Tensor>, norm: Option<QkNorm>, rope: &Rope, s: Heads, fused: bool, fused_norm: bool) -> Result<(Tensor, Tensor, Tensor, QkvSaved)> {
     #[cfg(feature = "cuda")]
     if norm.is_none() && super::fusion::on(fused, base) {
-        let lora = lora.as_ref().map(|(u, lb)| (*u, lb));
-        let (q, k, v) = super::cuda::qkv_split_rope(base, bias, lora, &rope.cos, &rope.sin, s.b, s.t, s.h, s.hkv, s.d)?;
+        let (q, k, v) = super::cuda::qkv_split_rope(base, bias, &rope.cos, &rope.sin, s.b, s.t, s.h, s.hkv, s.d)?;
         return Ok((q, k, v, QkvSaved { norms: None }));
     }
     let _ = fused;
-    let mut qkv = match bias {
+    let qkv = match bias {
         Some(bias) => base.broadcast_add(bias)?,
         None => base.clone(),
     };
-    if let Some((u, lb)) = &lora {
-        qkv = (qkv + u.matmul(&lb.t()?)?)?;
-    }
     let (q, k, v) = split_qkv(&qkv, s)?;
     let (q, k, norms) = match norm {
         None => (q, k, None),

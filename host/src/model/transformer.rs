@@ -567,7 +567,7 @@ impl Model {
         drop(delta);
         let norm = w.q_norm.as_ref().zip(w.k_norm.as_ref()).map(|(q, k)| QkNorm { q, k, eps: cfg.eps });
         let heads = self.heads(ctx);
-        let (q, k, v, qkv) = attention::qkv_forward(&base, w.qkv_bias.as_ref(), None, norm, &ctx.rope, heads, f.rope, f.norm)?;
+        let (q, k, v, qkv) = attention::qkv_forward(&base, w.qkv_bias.as_ref(), norm, &ctx.rope, heads, f.rope, f.norm)?;
         drop(base);
         let (k, v) = match ctx.cache {
             Some(cache) => cache.extend(layer, k, v)?,

@@ -86,17 +86,15 @@ extern "C" __global__ void rmsnorm_bwd(const bf16* __restrict__ x, const bf16* _
 // computes and stores row by row waits out the memory latency once per row).
 // ---------------------------------------------------------------------------------------------------------
 // The attention input -> q, k, v. Input rows n = b*T + t of [N, W], W = (H + 2 Hkv) D (q | k | v: H query
-// heads, then Hkv key heads, then Hkv value heads, head h of a part at h*D..(h+1)*D), plus the bias [W] and
-// the LoRA delta u B^T (u [N, r], B [W, r]) when present; q and k are rotated (RoPE, rotate_half over the
+// heads, then Hkv key heads, then Hkv value heads, head h of a part at h*D..(h+1)*D), plus the bias [W] (the
+// LoRA delta is in the input already: ops::linear_forward_delta); q and k are rotated (RoPE, rotate_half over the
 // full head dim, tables cos/sin [T, D] by position t, or [N, D] by row when `per_token`: a padding-free
 // batch, whose positions restart at every sequence); outputs q [B, H, T, D], k and v [B, Hkv, T, D]. One
 // thread per (ROWS_PER_THREAD rows, head slot s < H + 2 Hkv, j < D/2).
-template <int R>
-static __device__ __forceinline__ void qkv_split_rope_body(const bf16* __restrict__ base, const bf16* __restrict__ lora_u,
-                                          const bf16* __restrict__ lora_b, const bf16* __restrict__ bias,
+extern "C" __global__ void qkv_split_rope(const bf16* __restrict__ base, const bf16* __restrict__ bias,
                                           const float* __restrict__ cos_t, const float* __restrict__ sin_t,
                                           bf16* __restrict__ q, bf16* __restrict__ k, bf16* __restrict__ v,
-                                          int n_rows, int T, int H, int Hkv, int D, int r, int has_bias, int per_token) {
+                                          int n_rows, int T, int H, int Hkv, int D, int has_bias, int per_token) {
     const unsigned half = D / 2;
     const unsigned slots = H + 2 * Hkv;
     const unsigned row_blocks = (n_rows + ROWS_PER_THREAD - 1) / ROWS_PER_THREAD;
@@ -113,11 +111,6 @@ static __device__ __forceinline__ void qkv_split_rope_body(const bf16* __restric
     const int col1 = slot * D + j, col2 = col1 + half;
     const float bias1 = has_bias ? ld(bias[col1]) : 0.f, bias2 = has_bias ? ld(bias[col2]) : 0.f;
     bf16* out = part == 0 ? q : (part == 1 ? k : v);
-    RankRow<R> w1, w2;
-    if (r > 0) {
-        w1.load(lora_b + (size_t)col1 * r, r);
-        w2.load(lora_b + (size_t)col2 * r, r);
-    }
     float x1s[ROWS_PER_THREAD], x2s[ROWS_PER_THREAD];
 #pragma unroll
     for (int k = 0; k < ROWS_PER_THREAD; ++k) {
@@ -130,12 +123,7 @@ static __device__ __forceinline__ void qkv_split_rope_body(const bf16* __restric
     for (int k = 0; k < ROWS_PER_THREAD; ++k) {
         const unsigned n = row0 + k;
         if (n >= (unsigned)n_rows) break;
-        float x1 = x1s[k] + bias1, x2 = x2s[k] + bias2;
-        // LoRA delta (u B^T)[n, col] = sum_k u[n, k] B[col, k]; r = 0 when the site has no adapter.
-        if (r > 0) {
-            x1 += w1.dot(lora_u + (size_t)n * r, r);
-            x2 += w2.dot(lora_u + (size_t)n * r, r);
-        }
+        const float x1 = x1s[k] + bias1, x2 = x2s[k] + bias2;
         const unsigned b = n / T, t = n % T;
         const size_t o = ((size_t)(b * heads + h) * T + t) * D + j;
         if (part < 2) {
@@ -151,25 +139,9 @@ static __device__ __forceinline__ void qkv_split_rope_body(const bf16* __restric
     }
 }
 
-extern "C" __global__ void qkv_split_rope(const bf16* __restrict__ base, const bf16* __restrict__ lora_u,
-                                          const bf16* __restrict__ lora_b, const bf16* __restrict__ bias,
-                                          const float* __restrict__ cos_t, const float* __restrict__ sin_t,
-                                          bf16* __restrict__ q, bf16* __restrict__ k, bf16* __restrict__ v,
-                                          int n_rows, int T, int H, int Hkv, int D, int r, int has_bias, int per_token) {
-    // r = 24 / 48: separate q, k and v adapters of rank 8 / 16 side by side (B block-diagonal).
-    if (r == 8)
-        qkv_split_rope_body<8>(base, lora_u, lora_b, bias, cos_t, sin_t, q, k, v, n_rows, T, H, Hkv, D, r, has_bias, per_token);
-    else if (r == 16)
-        qkv_split_rope_body<16>(base, lora_u, lora_b, bias, cos_t, sin_t, q, k, v, n_rows, T, H, Hkv, D, r, has_bias, per_token);
-    else if (r == 24)
-        qkv_split_rope_body<24>(base, lora_u, lora_b, bias, cos_t, sin_t, q, k, v, n_rows, T, H, Hkv, D, r, has_bias, per_token);
-    else
-        qkv_split_rope_body<0>(base, lora_u, lora_b, bias, cos_t, sin_t, q, k, v, n_rows, T, H, Hkv, D, r, has_bias, per_token);
-}
-
 // The same split with 8 consecutive j per thread (16-byte loads and stores; the RoPE tables as float4) over
-// SPLIT8_ROWS rows, no LoRA delta (the caller adds it into `base` first, with lora_up_add8). Needs
-// D % 16 == 0 and 16-byte aligned rows. Per element the same operations as qkv_split_rope.
+// SPLIT8_ROWS rows. Needs D % 16 == 0 and 16-byte aligned rows. Per element the same operations as
+// qkv_split_rope.
 #define SPLIT8_ROWS 4
 static __device__ __forceinline__ void load_f32x8(float* out, const float* __restrict__ p) {
     const float4 a = *reinterpret_cast<const float4*>(p), b = *reinterpret_cast<const float4*>(p + 4);

@@ -49,51 +49,29 @@ pub fn rmsnorm_backward(x: &Tensor, rstd: &Tensor, w: &Tensor, dy: &Tensor, dres
 
 // ----- attention layout and RoPE --------------------------------------------------------------------------
 
-/// The attention input's base output [N, W], W = (H + 2 Hkv) D (+ bias [W], + the LoRA delta u B^T from
-/// u [N, r] and B [W, r]) -> q [B, H, T, D] (rotated), k [B, Hkv, T, D] (rotated) and v [B, Hkv, T, D].
-/// At rank 0 or 8 (head dim a multiple of 16, aligned rows) the delta is first added into `base` in place
-/// (`base` must be a fresh GEMM output nothing reads afterwards) and the split moves 8 elements per access;
-/// other ranks take the kernel that adds the delta per element. (Adding the delta inside the split, B's rows
-/// of the thread's 16 columns in registers, measured slower on the H200: 255 registers, half the warps.)
+/// The attention input's output [N, W], W = (H + 2 Hkv) D, LoRA delta included (+ bias [W]) -> q [B, H, T, D]
+/// (rotated), k [B, Hkv, T, D] (rotated) and v [B, Hkv, T, D]; 8 elements per access where the head dim is a
+/// multiple of 16 and the rows are aligned.
 #[allow(clippy::too_many_arguments)]
-pub fn qkv_split_rope(base: &Tensor, bias: Option<&Tensor>, lora: Option<(&Tensor, &Tensor)>, cos: &Tensor, sin: &Tensor, b: usize, t: usize, h: usize, hkv: usize, d: usize) -> Result<(Tensor, Tensor, Tensor)> {
+pub fn qkv_split_rope(base: &Tensor, bias: Option<&Tensor>, cos: &Tensor, sin: &Tensor, b: usize, t: usize, h: usize, hkv: usize, d: usize) -> Result<(Tensor, Tensor, Tensor)> {
     let dev = cuda_device(base)?;
     let base = base.contiguous()?;
-    let (u, lb) = match lora {
-        Some((u, lb)) => (Some(aligned(u)?), Some(aligned(lb)?)),
-        None => (None, None),
-    };
-    let r = u.as_ref().map_or(0, |u| u.dim(1).unwrap_or(0));
     let n = b * t;
     let q = uninit(&dev, (b, h, t, d), DType::BF16)?;
     let k = uninit(&dev, (b, hkv, t, d), DType::BF16)?;
     let v = uninit(&dev, (b, hkv, t, d), DType::BF16)?;
-    let aligned_rows = aligned16(&[&base, bias.unwrap_or(&base)]);
-    // The two kernels' arguments: base, [u, B,] bias, cos, sin, q, k, v, n, T, H, Hkv, D, [r,] has_bias, per_token.
-    let bias_arg = Arg::T(bias.unwrap_or(&base));
-    let tables_and_outputs = [Arg::T(cos), Arg::T(sin), Arg::T(&q), Arg::T(&k), Arg::T(&v)];
-    let dims = [n, t, h, hkv, d].map(|x| Arg::I(x as i32));
-    let flags = [Arg::I(bias.is_some() as i32), per_token(cos, n, d)?];
-    if (r == 0 || r == 8) && d % 16 == 0 && aligned_rows {
-        if let (Some(u), Some(lb)) = (&u, &lb) {
-            super::lora::lora_up_add_(&base, u, lb)?;
-        }
-        let args: Vec<Arg> = [Arg::T(&base), bias_arg].into_iter().chain(tables_and_outputs).chain(dims).chain(flags).collect();
+    // Both kernels' arguments: base, bias, cos, sin, q, k, v, n, T, H, Hkv, D, has_bias, per_token.
+    let args: Vec<Arg> = [Arg::T(&base), Arg::T(bias.unwrap_or(&base)), Arg::T(cos), Arg::T(sin), Arg::T(&q), Arg::T(&k), Arg::T(&v)]
+        .into_iter()
+        .chain([n, t, h, hkv, d].map(|x| Arg::I(x as i32)))
+        .chain([Arg::I(bias.is_some() as i32), per_token(cos, n, d)?])
+        .collect();
+    if d % 16 == 0 && aligned16(&[&base, bias.unwrap_or(&base)]) {
         const SPLIT8_ROWS: usize = 4; // SPLIT8_ROWS in layers.cu
         launch(&dev, "qkv_split_rope8", blocks(n.div_ceil(SPLIT8_ROWS) * (h + 2 * hkv) * d / 16, EW_THREADS)?, EW_THREADS, &args)?;
-        return Ok((q, k, v));
+    } else {
+        launch(&dev, "qkv_split_rope", blocks(n.div_ceil(ROWS_PER_THREAD) * (h + 2 * hkv) * d / 2, EW_THREADS)?, EW_THREADS, &args)?;
     }
-    let lora_args = [Arg::T(u.as_ref().unwrap_or(&base)), Arg::T(lb.as_ref().unwrap_or(&base))];
-    let args: Vec<Arg> = [Arg::T(&base)]
-        .into_iter()
-        .chain(lora_args)
-        .chain([bias_arg])
-        .chain(tables_and_outputs)
-        .chain(dims)
-        .chain([Arg::I(r as i32)])
-        .chain(flags)
-        .collect();
-    launch(&dev, "qkv_split_rope", blocks(n.div_ceil(ROWS_PER_THREAD) * (h + 2 * hkv) * d / 2, EW_THREADS)?, EW_THREADS, &args)?;
     Ok((q, k, v))
 }
 

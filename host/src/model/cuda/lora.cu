@@ -163,43 +163,54 @@ extern "C" __global__ void lora_down_add8(bf16* __restrict__ dx, const bf16* __r
 }
 
 // ---------------------------------------------------------------------------------------------------------
-// Rank-8 products written into a fresh tensor (no read of it), on tensor cores: out[n, j] = f(u[n, :] . w[j, :])
-// for u [N, 8] and w [cols, 8] (the forward's B, or the backward's A^T), f the dropout (mask from the forward's
-// bits, or hashed) or nothing. The frozen linear's GEMM then adds its product into `out` (cuBLAS beta = 1).
-// The kernels above keep 64 weights a thread in registers and walk 8 rows: bound by neither the memory nor
-// the arithmetic but by their latency (ncu: 25% occupancy, ~1.5 TB/s). Here mma.m16n8k16 takes the rank as k
-// (its upper 8 zero): a warp owns 64 columns (8 tiles of 8) and walks 16-row tiles, its B fragments (8
-// registers) loaded once. Column n of tile j is strip column 16 (n / 2) + 2 j + n % 2, an order that leaves
-// lane (g, t) the 16 consecutive columns 16t .. 16t + 15 of rows g and g + 8: two 16-byte stores a row.
-// Grid (ceil(cols / 256), ceil(N / TC_ROWS)), 128 threads; cols % 16 == 0, 16-byte aligned rows.
+// Low-rank products written into a fresh tensor (no read of it), on tensor cores: out[n, j] = f(u[n, :] . w[j, :])
+// for u [N, r] and w [cols, r], r even and at most 32 (the forward's B, or the backward's A^T; r = 24 is q, k and v
+// adapters side by side), f the dropout (mask from the forward's bits, or hashed) or nothing. The frozen linear's
+// GEMM then adds its product into `out` (cuBLAS beta = 1). The kernels above keep 64 weights a thread in
+// registers and walk 8 rows: bound by neither the memory nor the arithmetic but by their latency (ncu: 25%
+// occupancy, ~1.5 TB/s). Here mma.m16n8k16 takes the rank as k (in KS steps of 16, zero past r): a warp owns 64
+// columns (8 tiles of 8) and walks 16-row tiles, its B fragments loaded once. Column n of tile j is strip column
+// 16 (n / 2) + 2 j + n % 2, an order that leaves lane (g, t) the 16 consecutive columns 16t .. 16t + 15 of rows g
+// and g + 8: two 16-byte stores a row. Grid (ceil(cols / 256), ceil(N / TC_ROWS)), 128 threads; cols % 16 == 0,
+// 16-byte aligned rows.
 
 #define TC_ROWS 64  // rows per warp
 
-extern "C" __global__ void lora_rank8_tc(bf16* __restrict__ out, const bf16* __restrict__ u, const bf16* __restrict__ w,
-                                         int n_rows, int cols, uint64_t key, float p, float keep_scale,
-                                         int has_dropout, const uint8_t* __restrict__ bits) {
+template <int KS>
+static __device__ __forceinline__ void rank_tc_body(bf16* __restrict__ out, const bf16* __restrict__ u,
+                                                    const bf16* __restrict__ w, int n_rows, int cols, int r,
+                                                    uint64_t key, float p, float keep_scale, int has_dropout,
+                                                    const uint8_t* __restrict__ bits) {
     const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
     const int strip = (blockIdx.x * 4 + (threadIdx.x >> 5)) * 64;
     if (strip >= cols) return;  // the whole warp
-    uint32_t b[8];  // tile j: w[column of (j, n = g)][2t, 2t + 1]
+    // A pair of ranks (k, k + 1) of row `row` of an [rows, r] matrix, zero past its end.
+    auto pair = [r](const bf16* __restrict__ m, int row, bool ok, int k) -> uint32_t {
+        return ok && k < r ? *reinterpret_cast<const uint32_t*>(m + (size_t)row * r + k) : 0u;
+    };
+    uint32_t b[KS][8][2];  // step s, tile j: w[column of (j, n = g)][16 s + 2t (+ 8), + 1]
 #pragma unroll
-    for (int j = 0; j < 8; ++j) {
-        const int c = strip + 16 * (g >> 1) + 2 * j + (g & 1);
-        b[j] = c < cols ? *reinterpret_cast<const uint32_t*>(w + (size_t)c * 8 + 2 * t) : 0u;
-    }
+    for (int s = 0; s < KS; ++s)
+#pragma unroll
+        for (int j = 0; j < 8; ++j) {
+            const int c = strip + 16 * (g >> 1) + 2 * j + (g & 1);
+            b[s][j][0] = pair(w, c, c < cols, 16 * s + 2 * t);
+            b[s][j][1] = pair(w, c, c < cols, 16 * s + 2 * t + 8);
+        }
     const int col0 = strip + 16 * t;  // this lane's 16 output columns
     const int r_end = min(n_rows, (int)(blockIdx.y + 1) * TC_ROWS);
     for (int r0 = blockIdx.y * TC_ROWS; r0 < r_end; r0 += 16) {
         const int rows[2] = {r0 + g, r0 + g + 8};
-        uint32_t a[4] = {0u, 0u, 0u, 0u};  // k 8..15 stay zero
-#pragma unroll
-        for (int h = 0; h < 2; ++h)
-            if (rows[h] < n_rows) a[h] = *reinterpret_cast<const uint32_t*>(u + (size_t)rows[h] * 8 + 2 * t);
         float c[8][4];
 #pragma unroll
-        for (int j = 0; j < 8; ++j) {
-            c[j][0] = c[j][1] = c[j][2] = c[j][3] = 0.f;
-            mma(c[j], a, b[j], 0u);
+        for (int j = 0; j < 8; ++j) c[j][0] = c[j][1] = c[j][2] = c[j][3] = 0.f;
+#pragma unroll
+        for (int s = 0; s < KS; ++s) {
+            const int k = 16 * s + 2 * t;
+            const uint32_t a[4] = {pair(u, rows[0], rows[0] < n_rows, k), pair(u, rows[1], rows[1] < n_rows, k),
+                                   pair(u, rows[0], rows[0] < n_rows, k + 8), pair(u, rows[1], rows[1] < n_rows, k + 8)};
+#pragma unroll
+            for (int j = 0; j < 8; ++j) mma(c[j], a, b[s][j][0], b[s][j][1]);
         }
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
@@ -223,3 +234,13 @@ extern "C" __global__ void lora_rank8_tc(bf16* __restrict__ out, const bf16* __r
         }
     }
 }
+
+// One kernel per rank bound (each compiled to what it needs: 71 registers up to rank 16).
+#define LORA_RANK_TC(KS, NAME)                                                                                     \
+    extern "C" __global__ void NAME(bf16* __restrict__ out, const bf16* __restrict__ u, const bf16* __restrict__ w, \
+                                    int n_rows, int cols, int r, uint64_t key, float p, float keep_scale,            \
+                                    int has_dropout, const uint8_t* __restrict__ bits) {                             \
+        rank_tc_body<KS>(out, u, w, n_rows, cols, r, key, p, keep_scale, has_dropout, bits);                          \
+    }
+LORA_RANK_TC(1, lora_rank16_tc)
+LORA_RANK_TC(2, lora_rank32_tc)

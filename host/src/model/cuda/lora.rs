@@ -53,36 +53,37 @@ fn mask_args(dropout: Option<(u64, f64, Option<&Tensor>)>) -> [Arg<'static>; 4] 
 }
 
 // ----- the branch written first, the frozen GEMM adding into it --------------------------------------------
-// At rank 8 the delta (forward) and the branch's input gradient (backward) are written into a fresh tensor by
-// a tensor-core kernel (lora_rank8_tc), and the frozen linear's GEMM then adds its product into it (cuBLAS
-// beta = 1, gemm.rs): no kernel passes over the GEMM's output again.
+// The delta (forward) and the branch's input gradient (backward) are written into a fresh tensor by a
+// tensor-core kernel (lora_rank16_tc / lora_rank32_tc), and the frozen linear's GEMM then adds its product
+// into it (cuBLAS beta = 1, gemm.rs): no kernel passes over the GEMM's output again.
 
-/// u B^T [N, out] into a fresh tensor, for u [N, 8] and B [out, 8]; None where the kernel does not apply.
+/// u B^T [N, out] into a fresh tensor, for u [N, r] and B [out, r]; None where the kernel does not apply.
 pub fn lora_up(u: &Tensor, b: &Tensor) -> Result<Option<Tensor>> {
-    rank8_tc(u, b, None)
+    rank_tc(u, b, None)
 }
 
-/// dropout(du A) [N, in] into a fresh tensor (the mask as in [`lora_down_add_`]), for du [N, 8] and A [8, in];
+/// dropout(du A) [N, in] into a fresh tensor (the mask as in [`lora_down_add_`]), for du [N, r] and A [r, in];
 /// None where the kernel does not apply.
 pub fn lora_down(du: &Tensor, a: &Tensor, dropout: Option<(u64, f64, Option<&Tensor>)>) -> Result<Option<Tensor>> {
-    rank8_tc(du, &a.t()?, dropout)
+    rank_tc(du, &a.t()?, dropout)
 }
 
-/// out = f(u w^T) for u [N, 8], w [cols, 8] (rank 8, cols a multiple of 16), f the dropout if any.
-fn rank8_tc(u: &Tensor, w: &Tensor, dropout: Option<(u64, f64, Option<&Tensor>)>) -> Result<Option<Tensor>> {
-    check_bf16("lora_rank8_tc", &[u, w])?;
+/// out = f(u w^T) for u [N, r], w [cols, r] (r even, at most 32; cols a multiple of 16), f the dropout if any.
+fn rank_tc(u: &Tensor, w: &Tensor, dropout: Option<(u64, f64, Option<&Tensor>)>) -> Result<Option<Tensor>> {
+    check_bf16("lora_rank_tc", &[u, w])?;
     let ((n, r), (cols, r2)) = (u.dims2()?, w.dims2()?);
-    if r != 8 || r2 != 8 || cols % 16 != 0 {
+    if r != r2 || r == 0 || r % 2 != 0 || r > 32 || cols % 16 != 0 {
         return Ok(None);
     }
     let dev = cuda_device(u)?;
-    let (u, w) = (aligned(u)?, aligned(&w.contiguous()?)?);
+    let (u, w) = (aligned(u)?, aligned(w)?); // 4-byte loads of rank pairs
     let out = uninit(&dev, (n, cols), candle_core::DType::BF16)?;
     blocks(n * cols, 1)?; // the element index space fits the kernel's arithmetic
     let bits = dropout.and_then(|(_, _, b)| b).filter(|b| b.elem_count() * 8 >= n * cols).map_or(Arg::U(0), Arg::T);
     let [k, p, keep, on] = mask_args(dropout);
-    let args = [Arg::T(&out), Arg::T(&u), Arg::T(&w), Arg::I(n as i32), Arg::I(cols as i32), k, p, keep, on, bits];
+    let args = [Arg::T(&out), Arg::T(&u), Arg::T(&w), Arg::I(n as i32), Arg::I(cols as i32), Arg::I(r as i32), k, p, keep, on, bits];
     const TC_ROWS: usize = 64; // TC_ROWS in lora.cu
-    launch_2d(&dev, "lora_rank8_tc", (cols.div_ceil(256) as u64, n.div_ceil(TC_ROWS) as u32), 128, &args)?;
+    let name = if r <= 16 { "lora_rank16_tc" } else { "lora_rank32_tc" };
+    launch_2d(&dev, name, (cols.div_ceil(256) as u64, n.div_ceil(TC_ROWS) as u32), 128, &args)?;
     Ok(Some(out))
 }
