@@ -15,8 +15,8 @@ pub struct Fusion {
     /// RMSNorm forward/backward in one kernel each (backward also adds the residual gradient); the residual
     /// adds with 16-byte accesses.
     pub norm: bool,
-    /// c_attn output + bias + LoRA delta -> rotated q, k and v in one kernel; heads merged (and un-rotated in
-    /// backward) in one kernel.
+    /// c_attn output (LoRA delta included) + bias -> rotated q, k and v in one kernel; heads merged (and
+    /// un-rotated in backward) in one kernel.
     pub rope: bool,
     /// f32 scores from one cuBLAS GEMM, causal softmax and its backward in one kernel each; bf16 probabilities.
     pub attention: bool,
@@ -25,8 +25,9 @@ pub struct Fusion {
     pub swiglu: bool,
     /// Cross-entropy (logsumexp, loss and softmax - onehot) in one kernel per chunk of logits.
     pub loss: bool,
-    /// LoRA's up-projection added into the frozen linear's output, and its input gradient into the linear's,
-    /// in place (no [N, out] delta, no [N, in] branch gradient, no separate add).
+    /// LoRA's up-projection written first by a tensor-core kernel with the frozen linear's GEMM adding its
+    /// product into it (cuBLAS beta = 1), and the same for its input gradient; where the linear's product is
+    /// already formed, added into it in place (no separate [N, out] delta or [N, in] branch gradient).
     pub lora: bool,
     /// The optimizer step (and the gradient norm) over all adapter tensors in one kernel launch each, instead
     /// of a dozen small ops per tensor.

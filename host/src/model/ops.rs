@@ -116,9 +116,10 @@ pub fn linear_backward_add(partial: Tensor, dy: &Tensor, w: &Tensor, fused: bool
 // LoRA on a linear (PEFT): y += scale * B A dropout(x), A [r, in], B [out, r], scale = alpha / r.
 // Computed as h = dropout(x); u = scale * (h A^T) [N, r]; delta = u B^T [N, out], so the scale touches
 // only the small [N, r] tensor. Parameters are f32 (or f64); they are cast to the activation dtype here and
-// their gradients come back in the parameter dtype. On the GPU (`fused`) the [N, out] delta and the
-// [N, in] input gradient of the branch are never formed: kernels add them into the frozen linear's
-// output (forward) and input gradient (backward) in place.
+// their gradients come back in the parameter dtype. On the GPU (`fused`) the delta and the branch's input
+// gradient go straight into the frozen linear's output and input gradient: written first, the linear's GEMM
+// adding its product into them ([`linear_forward_delta`], [`InputGrad::Linear`]), or added in place into a
+// product already formed ([`lora_add`], [`InputGrad::Add`]).
 
 pub struct LoraSaved {
     /// dropout(x): the input A saw.
@@ -201,7 +202,7 @@ fn add_delta(y: Tensor, u: &Tensor, b: &Tensor, fused: bool) -> Result<Tensor> {
 }
 
 /// x W^T + u B^T: a frozen linear (no bias) with its LoRA delta, `delta` = (u [N, r], B [out, r]). On the GPU
-/// (`fused`) at rank 8 the delta is written first and cuBLAS adds the product into it (beta = 1), so no kernel
+/// (`fused`, r up to 32) the delta is written first and cuBLAS adds the product into it (beta = 1), so no kernel
 /// reads and rewrites the output afterwards; elsewhere the delta is added to the product.
 pub fn linear_forward_delta(x: &Tensor, w: &Tensor, delta: Option<(&Tensor, &Tensor)>, fused: bool) -> Result<Tensor> {
     let Some((u, b)) = delta else { return linear_forward(x, w, None) };
@@ -222,8 +223,8 @@ pub enum InputGrad<'a> {
     None,
     /// An input gradient already formed (consumed; updated in place on the GPU).
     Add(Tensor),
-    /// The frozen linear's dy W, W [out, in], not yet formed: on the GPU at rank 8 the branch's term is written
-    /// first and cuBLAS adds dy W into it (as [`linear_forward_delta`]).
+    /// The frozen linear's dy W, W [out, in], not yet formed: on the GPU (r up to 32) the branch's term is
+    /// written first and cuBLAS adds dy W into it (as [`linear_forward_delta`]).
     Linear(&'a Tensor),
 }
 
