@@ -278,7 +278,7 @@ fn ops_checks(gpu: &Device, checks: &mut Vec<Check>) -> Result<()> {
         push(checks, &format!("lora r{r} backward: dx (added to the input gradient)"), &dxg, &dxc, OP_TOL)?;
         push(checks, &format!("lora r{r} backward: dA"), &dag, &dac, OP_TOL)?;
         push(checks, &format!("lora r{r} backward: dB"), &dbg, &dbc, OP_TOL)?;
-        // The same written first with the frozen linear's GEMM adding into it (rank 8: the tensor-core kernel
+        // The same written first with the frozen linear's GEMM adding into it (the low-rank tensor-core kernel
         // and cuBLAS beta = 1), forward and backward.
         let w = pair(&mut rng, &[fan_out, fan_in], 0.0, 0.05, gpu)?;
         let yc = ops::linear_forward_delta(&x.cpu, &w.cpu, Some((sc.u(), &lb.cpu)), false)?;

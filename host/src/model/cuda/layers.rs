@@ -191,7 +191,7 @@ pub fn swiglu_backward(a: &Tensor, g: &Tensor, dh: &Tensor) -> Result<(Tensor, T
 
 // ----- dropout --------------------------------------------------------------------------------------------
 
-/// x with element i zeroed when `uniform_at(key, i) < p` and the rest scaled by 1 / (1 - p): the same
+/// x with element i zeroed when `dropout_uniform(key, i) < p` (model/rng.rs) and the rest scaled by 1 / (1 - p): the same
 /// mask as [`super::ops::dropout_mask`] builds on the CPU. Applying it to a gradient is its backward.
 /// And, when `bits`, the mask as bits (u8 [ceil(n / 8)], bit k of byte j set when element 8 j + k is
 /// dropped) for the backward ([`super::lora_down_add_`]) to read instead of hashing again.

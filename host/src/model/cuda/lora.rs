@@ -35,10 +35,8 @@ pub fn lora_down_add_(dx: &Tensor, du: &Tensor, a: &Tensor, dropout: Option<(u64
     let r = du.dim(1)?;
     let dev = cuda_device(dx)?;
     let (du, a_t) = (aligned(du)?, a.t()?.contiguous()?);
-    let bits = dropout.and_then(|(_, _, b)| b);
-    let [k, pp, keep, on] = mask_args(dropout);
+    let ([k, pp, keep, on], bits) = mask_args(dropout, n * cols);
     if rank8_vec(r, cols, dx) {
-        let bits = bits.filter(|b| b.elem_count() * 8 >= n * cols).map_or(Arg::U(0), Arg::T);
         let args = [Arg::T(dx), Arg::T(&du), Arg::T(&a_t), Arg::I(n as i32), Arg::I(cols as i32), k, pp, keep, on, bits];
         return launch(&dev, "lora_down_add8", blocks(n.div_ceil(ROWS_PER_THREAD) * cols / 8, EW_THREADS)?, EW_THREADS, &args);
     }
@@ -46,10 +44,12 @@ pub fn lora_down_add_(dx: &Tensor, du: &Tensor, a: &Tensor, dropout: Option<(u64
     launch(&dev, "lora_down_add", blocks(n.div_ceil(ROWS_PER_THREAD) * cols, EW_THREADS)?, EW_THREADS, &args)
 }
 
-/// The dropout's kernel arguments: key, p, 1 / (1 - p), whether there is one.
-fn mask_args(dropout: Option<(u64, f64, Option<&Tensor>)>) -> [Arg<'static>; 4] {
-    let (key, p, _) = dropout.unwrap_or((0, 0.0, None));
-    [Arg::U(key), Arg::F(p as f32), Arg::F((1.0 / (1.0 - p)) as f32), Arg::I(dropout.is_some() as i32)]
+/// The dropout's kernel arguments for a tensor of `elems` elements: key, p, 1 / (1 - p), whether there is one;
+/// and the forward's mask bits (the null pointer when there are none, or too few: the kernels hash instead).
+fn mask_args<'a>(dropout: Option<(u64, f64, Option<&'a Tensor>)>, elems: usize) -> ([Arg<'a>; 4], Arg<'a>) {
+    let (key, p, bits) = dropout.unwrap_or((0, 0.0, None));
+    let bits = bits.filter(|b| b.elem_count() * 8 >= elems).map_or(Arg::U(0), Arg::T);
+    ([Arg::U(key), Arg::F(p as f32), Arg::F((1.0 / (1.0 - p)) as f32), Arg::I(dropout.is_some() as i32)], bits)
 }
 
 // ----- the branch written first, the frozen GEMM adding into it --------------------------------------------
@@ -79,8 +79,7 @@ fn rank_tc(u: &Tensor, w: &Tensor, dropout: Option<(u64, f64, Option<&Tensor>)>)
     let (u, w) = (aligned(u)?, aligned(w)?); // 4-byte loads of rank pairs
     let out = uninit(&dev, (n, cols), candle_core::DType::BF16)?;
     blocks(n * cols, 1)?; // the element index space fits the kernel's arithmetic
-    let bits = dropout.and_then(|(_, _, b)| b).filter(|b| b.elem_count() * 8 >= n * cols).map_or(Arg::U(0), Arg::T);
-    let [k, p, keep, on] = mask_args(dropout);
+    let ([k, p, keep, on], bits) = mask_args(dropout, n * cols);
     let args = [Arg::T(&out), Arg::T(&u), Arg::T(&w), Arg::I(n as i32), Arg::I(cols as i32), Arg::I(r as i32), k, p, keep, on, bits];
     const TC_ROWS: usize = 64; // TC_ROWS in lora.cu
     let name = if r <= 16 { "lora_rank16_tc" } else { "lora_rank32_tc" };
