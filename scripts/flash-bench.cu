@@ -89,21 +89,24 @@ static std::vector<float> getf(const float* d, size_t n) { std::vector<float> h(
 static double relerr(const std::vector<float>& a, const std::vector<float>& b) { double n = 0, e = 0; for (size_t i = 0; i < a.size(); ++i) { e += (a[i] - b[i]) * (double)(a[i] - b[i]); n += b[i] * (double)b[i]; } return std::sqrt(e / std::max(n, 1e-30)); }
 
 template <int D> int smem_fwd() { return 4 * fa::Dims<D>::TILE * 2; }
+template <int D> int smem_fwd2() { return 6 * fa::Dims<D>::TILE * 2; }
 template <int D> int smem_dq() { return 6 * fa::Dims<D>::TILE * 2; }
 template <int D> int smem_dkdv() { return 6 * fa::Dims<D>::TILE * 2 + 4 * 64 * 4; }
-template <int D> int smem_dqt() { return 2 * fa::Dims<D>::TILE * 2 + 2 * 64 * 72 * 2; }
+template <int D> int smem_dqt() { return 2 * fa::Dims<D>::TILE * 2 + 2 * 64 * 136 * 2; }
 
 static const char* only = nullptr;  // argv[1]: run only the cases whose name contains it
 
 template <int D>
 void run(const char* name, int B, int T, int H, int Hkv, std::vector<std::vector<int>> seqlens, bool check, int reps, bool use_tiles) {
     if (only && !strstr(name, only)) return;
-    void (*fwd)(const bf16*, const bf16*, const bf16*, bf16*, float*, const int4*, int, int, int, float) = D == 128 ? flash_fwd_128 : flash_fwd_64;
+    void (*fwd)(const bf16*, const bf16*, const bf16*, bf16*, float*, const int4*, int, int, int, float) = D == 128 ? flash_fwd64_128 : flash_fwd64_64;
     void (*dkdv)(const bf16*, const bf16*, const bf16*, const bf16*, const float*, const float*, bf16*, bf16*, bf16*, const int*, int, const int4*, int, int, int, int, float) = D == 128 ? flash_bwd_dkdv_128 : flash_bwd_dkdv_64;
     void (*dqt)(const bf16*, const bf16*, bf16*, const int*, int, const int4*, int, int, int, int, float) = D == 128 ? flash_bwd_dq_tiles_128 : flash_bwd_dq_tiles_64;
     CK(cudaFuncSetAttribute(dqt, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_dqt<D>()));
     void (*dqk)(const bf16*, const bf16*, const bf16*, const bf16*, const float*, const float*, bf16*, const int4*, int, int, int, float) = D == 128 ? flash_bwd_dq_128 : flash_bwd_dq_64;
     CK(cudaFuncSetAttribute(fwd, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_fwd<D>()));
+    void (*fwd2)(const bf16*, const bf16*, const bf16*, bf16*, float*, const int4*, int, int, int, float) = D == 128 ? flash_fwd128_128 : flash_fwd128_64;
+    CK(cudaFuncSetAttribute(fwd2, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_fwd2<D>()));
     CK(cudaFuncSetAttribute(dkdv, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_dkdv<D>()));
     CK(cudaFuncSetAttribute(dqk, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_dq<D>()));
     size_t nq = (size_t)B * H * T * D, nk = (size_t)B * Hkv * T * D;
@@ -112,6 +115,14 @@ void run(const char* name, int B, int T, int H, int Hkv, std::vector<std::vector
     std::vector<std::array<int, 5>> entries; int n_tiles = 0;
     for (int b = 0; b < B; ++b) { int f = 0; for (int L : seqlens[b]) { for (int i = 0; i < L; ++i) { start[b * T + f + i] = f; end[b * T + f + i] = f + L; } int nb = (L + 63) / 64; for (int blk = 0; blk < nb; ++blk) entries.push_back({b, f, L, blk, n_tiles}); n_tiles += nb * (nb + 1) / 2; causal_pairs += L * (L + 1.0) / 2; f += L; } if (f != T) { printf("bad seqlens\n"); exit(1);} }
     std::stable_sort(entries.begin(), entries.end(), [](auto& a, auto& b) { return a[3] > b[3]; });
+    std::vector<std::array<int, 5>> e2;  // the forward's 128-query blocks
+    { int nt = 0; for (int b = 0; b < B; ++b) { int f = 0; for (int L : seqlens[b]) { for (int blk = 0; blk < (L + 127) / 128; ++blk) e2.push_back({b, f, L, blk, nt}); int nb = (L + 63) / 64; nt += nb * (nb + 1) / 2; f += L; } } }
+    std::stable_sort(e2.begin(), e2.end(), [](auto& a, auto& b) { return a[3] > b[3]; });
+    std::vector<int> tab2, tl2; for (auto& e : e2) { for (int x = 0; x < 4; ++x) tab2.push_back(e[x]); tl2.push_back(e[4]); }
+    int* dtab2 = dalloc<int>(tab2.size()); CK(cudaMemcpy(dtab2, tab2.data(), tab2.size() * 4, cudaMemcpyHostToDevice));
+    int* dtiles2 = dalloc<int>(tl2.size()); CK(cudaMemcpy(dtiles2, tl2.data(), tl2.size() * 4, cudaMemcpyHostToDevice));
+
+    int n2 = e2.size();
     std::vector<int> tl;
     for (auto& e : entries) { for (int x = 0; x < 4; ++x) tab.push_back(e[x]); tl.push_back(e[4]); }
     int* dtiles = dalloc<int>(tl.size()); CK(cudaMemcpy(dtiles, tl.data(), tl.size() * 4, cudaMemcpyHostToDevice));
@@ -121,14 +132,16 @@ void run(const char* name, int B, int T, int H, int Hkv, std::vector<std::vector
     bf16 *o = dalloc<bf16>(nq), *dq = dalloc<bf16>(nq), *dk = dalloc<bf16>(nk), *dv = dalloc<bf16>(nk);
     float *lse = dalloc<float>((size_t)B * H * T), *dot = dalloc<float>((size_t)B * H * T);
     auto forward = [&] { fwd<<<dim3(n, H), 128, smem_fwd<D>()>>>(q, k, v, o, lse, (const int4*)dtab, T, H, Hkv, scale); };
+    bf16* o2 = dalloc<bf16>(nq); float* lse2 = dalloc<float>((size_t)B * H * T);
+    auto forward2 = [&] { fwd2<<<dim3(n2, H), 128, smem_fwd2<D>()>>>(q, k, v, o2, lse2, (const int4*)dtab2, T, H, Hkv, scale); };
     auto backward = [&] {
         size_t rows = (size_t)B * H * T;
         flash_bwd_dot<<<(rows + 7) / 8, 256>>>(o, g, dot, D, rows);
         dkdv<<<dim3(n, Hkv), 128, smem_dkdv<D>()>>>(q, k, v, g, lse, dot, dk, dv, ds, dtiles, n_tiles, (const int4*)dtab, 0, T, H, Hkv, scale);
-        if (use_tiles) dqt<<<dim3(n, H), 128, smem_dqt<D>()>>>(k, ds, dq, dtiles, n_tiles, (const int4*)dtab, 0, T, H, Hkv, scale);
+        if (use_tiles) dqt<<<dim3(n2, H), 128, smem_dqt<D>()>>>(k, ds, dq, dtiles2, n_tiles, (const int4*)dtab2, 0, T, H, Hkv, scale);
         else dqk<<<dim3(n, H), 128, smem_dq<D>()>>>(q, k, v, g, lse, dot, dq, (const int4*)dtab, T, H, Hkv, scale);
     };
-    forward(); backward(); CK(cudaGetLastError()); CK(cudaDeviceSynchronize());
+    forward(); backward(); forward2(); CK(cudaGetLastError()); CK(cudaDeviceSynchronize());
     printf("%s: D %d B %d T %d H %d Hkv %d, %d blocks, dq %s\n", name, D, B, T, H, Hkv, n, use_tiles ? "from dS tiles" : "recomputed");
     if (check) {
         int *ds, *de; ds = dalloc<int>(B * T); de = dalloc<int>(B * T);
@@ -142,13 +155,16 @@ void run(const char* name, int B, int T, int H, int Hkv, std::vector<std::vector
         CK(cudaDeviceSynchronize());
         printf("  rel err: o %.2e lse %.2e dq %.2e dk %.2e dv %.2e\n", relerr(tof(o, nq), getf(ro, nq)), relerr(getf(lse, rows), getf(rl, rows)),
                relerr(tof(dq, nq), getf(rq, nq)), relerr(tof(dk, nk), getf(rk, nk)), relerr(tof(dv, nk), getf(rv, nk)));
+        printf("  forward of 128-query blocks, rel err: o %.2e lse %.2e\n", relerr(tof(o2, nq), getf(ro, nq)), relerr(getf(lse2, rows), getf(rl, rows)));
     }
     if (reps > 0) {
         cudaEvent_t a, b2, c; cudaEventCreate(&a); cudaEventCreate(&b2); cudaEventCreate(&c);
         cudaEventRecord(a); for (int r = 0; r < reps; ++r) forward(); cudaEventRecord(b2); for (int r = 0; r < reps; ++r) backward(); cudaEventRecord(c);
         CK(cudaEventSynchronize(c)); float tf, tb; cudaEventElapsedTime(&tf, a, b2); cudaEventElapsedTime(&tb, b2, c);
         double flop = 4.0 * causal_pairs * H * D;  // QK^T and PV over the causal pairs
-        printf("  forward %.3f ms %.0f TFLOP/s, backward %.3f ms %.0f TFLOP/s (2.5x forward flops)\n", tf / reps, flop / (tf / reps * 1e-3) / 1e12, tb / reps, 2.5 * flop / (tb / reps * 1e-3) / 1e12);
+        printf("  forward of 64-query blocks %.3f ms %.0f TFLOP/s, backward %.3f ms %.0f TFLOP/s (2.5x forward flops)\n", tf / reps, flop / (tf / reps * 1e-3) / 1e12, tb / reps, 2.5 * flop / (tb / reps * 1e-3) / 1e12);
+        cudaEventRecord(a); for (int r = 0; r < reps; ++r) forward2(); cudaEventRecord(b2); CK(cudaEventSynchronize(b2)); cudaEventElapsedTime(&tf, a, b2);
+        printf("  forward of 128-query blocks %.3f ms %.0f TFLOP/s\n", tf / reps, flop / (tf / reps * 1e-3) / 1e12);
         size_t rows = (size_t)B * H * T;
         cudaEvent_t e0, e1, e2; cudaEventCreate(&e0); cudaEventCreate(&e1); cudaEventCreate(&e2);
         float t1 = 0, t2 = 0;
@@ -157,14 +173,14 @@ void run(const char* name, int B, int T, int H, int Hkv, std::vector<std::vector
             cudaEventRecord(e0);
             dkdv<<<dim3(n, Hkv), 128, smem_dkdv<D>()>>>(q, k, v, g, lse, dot, dk, dv, ds, dtiles, n_tiles, (const int4*)dtab, 0, T, H, Hkv, scale);
             cudaEventRecord(e1);
-            if (use_tiles) dqt<<<dim3(n, H), 128, smem_dqt<D>()>>>(k, ds, dq, dtiles, n_tiles, (const int4*)dtab, 0, T, H, Hkv, scale);
+            if (use_tiles) dqt<<<dim3(n2, H), 128, smem_dqt<D>()>>>(k, ds, dq, dtiles2, n_tiles, (const int4*)dtab2, 0, T, H, Hkv, scale);
             else dqk<<<dim3(n, H), 128, smem_dq<D>()>>>(q, k, v, g, lse, dot, dq, (const int4*)dtab, T, H, Hkv, scale);
             cudaEventRecord(e2); CK(cudaEventSynchronize(e2));
             float x, y; cudaEventElapsedTime(&x, e0, e1); cudaEventElapsedTime(&y, e1, e2); t1 += x; t2 += y;
         }
         printf("  dkdv %.3f ms, dq %.3f ms\n", t1 / reps, t2 / reps);
     }
-    cudaFree(q); cudaFree(k); cudaFree(v); cudaFree(g); cudaFree(o); cudaFree(dq); cudaFree(dk); cudaFree(dv); cudaFree(lse); cudaFree(dot); cudaFree(dtab); cudaFree(dtiles); if (ds) cudaFree(ds);
+    cudaFree(q); cudaFree(k); cudaFree(v); cudaFree(g); cudaFree(o); cudaFree(dq); cudaFree(dk); cudaFree(dv); cudaFree(lse); cudaFree(dot); cudaFree(dtab); cudaFree(dtab2); cudaFree(dtiles2); cudaFree(o2); cudaFree(lse2); cudaFree(dtiles); if (ds) cudaFree(ds);
 }
 
 int main(int argc, char** argv) {

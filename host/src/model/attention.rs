@@ -25,7 +25,12 @@ pub struct Heads {
 /// [N, (H + 2 Hkv) D] -> q [B, H, T, D], k and v [B, Hkv, T, D], contiguous.
 pub fn split_qkv(qkv: &Tensor, s: Heads) -> Result<(Tensor, Tensor, Tensor)> {
     let (q_w, kv_w) = (s.h * s.d, s.hkv * s.d);
-    let part = |off: usize, heads: usize| qkv.narrow(1, off, heads * s.d)?.reshape((s.b, s.t, heads, s.d))?.transpose(1, 2)?.contiguous();
+    let part = |off: usize, heads: usize| {
+        qkv.narrow(1, off, heads * s.d)?
+            .reshape((s.b, s.t, heads, s.d))?
+            .transpose(1, 2)?
+            .contiguous()
+    };
     Ok((part(0, s.h)?, part(q_w, s.hkv)?, part(q_w + kv_w, s.hkv)?))
 }
 
@@ -43,7 +48,9 @@ pub struct QkvSaved {
 
 impl QkvSaved {
     pub fn bytes(&self) -> usize {
-        self.norms.as_ref().map_or(0, |(a, b, c, d)| a.bytes() + b.bytes() + tensor_bytes(c) + tensor_bytes(d))
+        self.norms.as_ref().map_or(0, |(a, b, c, d)| {
+            a.bytes() + b.bytes() + tensor_bytes(c) + tensor_bytes(d)
+        })
     }
 }
 
@@ -51,10 +58,20 @@ impl QkvSaved {
 /// v. Without q/k norms the fused kernel adds the bias, splits the heads and applies RoPE in one pass; with them
 /// (Qwen3) the norm sits between the split and RoPE.
 #[allow(clippy::too_many_arguments)]
-pub fn qkv_forward(base: &Tensor, bias: Option<&Tensor>, norm: Option<QkNorm>, rope: &Rope, s: Heads, fused: bool, fused_norm: bool) -> Result<(Tensor, Tensor, Tensor, QkvSaved)> {
+pub fn qkv_forward(
+    base: &Tensor,
+    bias: Option<&Tensor>,
+    norm: Option<QkNorm>,
+    rope: &Rope,
+    s: Heads,
+    fused: bool,
+    fused_norm: bool,
+) -> Result<(Tensor, Tensor, Tensor, QkvSaved)> {
     #[cfg(feature = "cuda")]
     if norm.is_none() && super::fusion::on(fused, base) {
-        let (q, k, v) = super::cuda::qkv_split_rope(base, bias, &rope.cos, &rope.sin, s.b, s.t, s.h, s.hkv, s.d)?;
+        let (q, k, v) = super::cuda::qkv_split_rope(
+            base, bias, &rope.cos, &rope.sin, s.b, s.t, s.h, s.hkv, s.d,
+        )?;
         return Ok((q, k, v, QkvSaved { norms: None }));
     }
     let _ = fused;
@@ -68,7 +85,12 @@ pub fn qkv_forward(base: &Tensor, bias: Option<&Tensor>, norm: Option<QkNorm>, r
         Some(n) => {
             let per_head = |x: &Tensor, w: &Tensor| -> Result<(Tensor, RmsNormSaved)> {
                 let dims = x.dims4()?;
-                let (y, saved) = rmsnorm_forward(&x.reshape((dims.0 * dims.1 * dims.2, dims.3))?, w, n.eps, fused_norm)?;
+                let (y, saved) = rmsnorm_forward(
+                    &x.reshape((dims.0 * dims.1 * dims.2, dims.3))?,
+                    w,
+                    n.eps,
+                    fused_norm,
+                )?;
                 Ok((y.reshape(dims)?, saved))
             };
             let (qn, q_saved) = per_head(&q, n.q)?;
@@ -76,11 +98,24 @@ pub fn qkv_forward(base: &Tensor, bias: Option<&Tensor>, norm: Option<QkNorm>, r
             (qn, kn, Some((q_saved, k_saved, n.q.clone(), n.k.clone())))
         }
     };
-    Ok((rope_forward(&q, rope)?, rope_forward(&k, rope)?, v, QkvSaved { norms }))
+    Ok((
+        rope_forward(&q, rope)?,
+        rope_forward(&k, rope)?,
+        v,
+        QkvSaved { norms },
+    ))
 }
 
 /// Backward of [`qkv_forward`]: dq, dk (rotated back, through the norms) and dv -> d(qkv) [N, (H + 2 Hkv) D].
-pub fn qkv_backward(saved: &QkvSaved, dq: &Tensor, dk: &Tensor, dv: &Tensor, rope: &Rope, fused: bool, fused_norm: bool) -> Result<Tensor> {
+pub fn qkv_backward(
+    saved: &QkvSaved,
+    dq: &Tensor,
+    dk: &Tensor,
+    dv: &Tensor,
+    rope: &Rope,
+    fused: bool,
+    fused_norm: bool,
+) -> Result<Tensor> {
     #[cfg(feature = "cuda")]
     if saved.norms.is_none() && super::fusion::on(fused, dq) {
         return super::cuda::qkv_merge_unrope(dq, dk, dv, &rope.cos, &rope.sin);
@@ -90,12 +125,26 @@ pub fn qkv_backward(saved: &QkvSaved, dq: &Tensor, dk: &Tensor, dv: &Tensor, rop
     if let Some((q_saved, k_saved, wq, wk)) = &saved.norms {
         let per_head = |dy: &Tensor, s: &RmsNormSaved, w: &Tensor| -> Result<Tensor> {
             let dims = dy.dims4()?;
-            rmsnorm_backward(s, w, &dy.reshape((dims.0 * dims.1 * dims.2, dims.3))?, None, fused_norm)?.reshape(dims)
+            rmsnorm_backward(
+                s,
+                w,
+                &dy.reshape((dims.0 * dims.1 * dims.2, dims.3))?,
+                None,
+                fused_norm,
+            )?
+            .reshape(dims)
         };
         dq = per_head(&dq, q_saved, wq)?;
         dk = per_head(&dk, k_saved, wk)?;
     }
-    Tensor::cat(&[merge_heads(&dq, rope, false)?, merge_heads(&dk, rope, false)?, merge_heads(dv, rope, false)?], 1)
+    Tensor::cat(
+        &[
+            merge_heads(&dq, rope, false)?,
+            merge_heads(&dk, rope, false)?,
+            merge_heads(dv, rope, false)?,
+        ],
+        1,
+    )
 }
 
 // GQA: each key/value head serves `groups` consecutive query heads (query head h reads kv head
@@ -108,7 +157,10 @@ pub fn repeat_kv(x: &Tensor, groups: usize) -> Result<Tensor> {
         return Ok(x.clone());
     }
     let (b, hkv, t, d) = x.dims4()?;
-    x.unsqueeze(2)?.broadcast_as((b, hkv, groups, t, d))?.contiguous()?.reshape((b, hkv * groups, t, d))
+    x.unsqueeze(2)?
+        .broadcast_as((b, hkv, groups, t, d))?
+        .contiguous()?
+        .reshape((b, hkv * groups, t, d))
 }
 
 /// Backward of [`repeat_kv`]: [B, H, T, D] -> [B, H / groups, T, D], summing each group.
@@ -133,7 +185,14 @@ pub fn merge_heads(y: &Tensor, rope: &Rope, fused: bool) -> Result<Tensor> {
 }
 
 /// Backward of [`merge_heads`]: [N, C] -> [B, H, T, D].
-pub fn merge_heads_backward(dy: &Tensor, b: usize, t: usize, h: usize, d: usize, fused: bool) -> Result<Tensor> {
+pub fn merge_heads_backward(
+    dy: &Tensor,
+    b: usize,
+    t: usize,
+    h: usize,
+    d: usize,
+    fused: bool,
+) -> Result<Tensor> {
     #[cfg(feature = "cuda")]
     if super::fusion::on(fused, dy) {
         return super::cuda::split_heads(dy, b, t, h, d);
@@ -159,16 +218,31 @@ pub struct Rope {
 impl Rope {
     /// The tables of positions 0..t (rows of these; contiguous views, no copy).
     pub fn prefix(&self, t: usize) -> Result<Rope> {
-        Ok(Rope { cos: self.cos.narrow(0, 0, t)?, sin: self.sin.narrow(0, 0, t)? })
+        Ok(Rope {
+            cos: self.cos.narrow(0, 0, t)?,
+            sin: self.sin.narrow(0, 0, t)?,
+        })
     }
 
     /// Tables for positions 0..seq_len. The angles are computed in f32 exactly as the HF code does
     /// (`inv_freq = 1 / base ** (arange(0, D, 2) / D)`, scaled as `rope_scaling` says, `outer(t, inv_freq)`),
     /// then cos/sin.
-    pub fn new(seq_len: usize, head_dim: usize, base: f64, scaling: &RopeScaling, model_dtype: DType, device: &Device) -> Result<Rope> {
+    pub fn new(
+        seq_len: usize,
+        head_dim: usize,
+        base: f64,
+        scaling: &RopeScaling,
+        model_dtype: DType,
+        device: &Device,
+    ) -> Result<Rope> {
         let half = head_dim / 2;
         let inv_freq: Vec<f32> = (0..half)
-            .map(|i| scale_frequency(1.0f32 / (base as f32).powf((2 * i) as f32 / head_dim as f32), scaling))
+            .map(|i| {
+                scale_frequency(
+                    1.0f32 / (base as f32).powf((2 * i) as f32 / head_dim as f32),
+                    scaling,
+                )
+            })
             .collect();
         let mut cos = Vec::with_capacity(seq_len * head_dim);
         let mut sin = Vec::with_capacity(seq_len * head_dim);
@@ -187,7 +261,10 @@ impl Rope {
 
     /// The tables of positions start..start + t (a KV-cached step's new positions).
     pub fn slice(&self, start: usize, t: usize) -> Result<Rope> {
-        Ok(Rope { cos: self.cos.narrow(0, start, t)?, sin: self.sin.narrow(0, start, t)? })
+        Ok(Rope {
+            cos: self.cos.narrow(0, start, t)?,
+            sin: self.sin.narrow(0, start, t)?,
+        })
     }
 
     /// Positions the tables cover.
@@ -203,7 +280,10 @@ impl Rope {
             let d = table.dim(1)?;
             table.index_select(&index, 0)?.reshape((b, 1, t, d))
         };
-        Ok(Rope { cos: gather(&self.cos)?, sin: gather(&self.sin)? })
+        Ok(Rope {
+            cos: gather(&self.cos)?,
+            sin: gather(&self.sin)?,
+        })
     }
 }
 
@@ -213,8 +293,18 @@ fn scale_frequency(inv_freq: f32, scaling: &RopeScaling) -> f32 {
     match *scaling {
         RopeScaling::None => inv_freq,
         RopeScaling::Linear { factor } => inv_freq / factor as f32,
-        RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position_embeddings } => {
-            let (factor, low, high, old) = (factor as f32, low_freq_factor as f32, high_freq_factor as f32, original_max_position_embeddings as f32);
+        RopeScaling::Llama3 {
+            factor,
+            low_freq_factor,
+            high_freq_factor,
+            original_max_position_embeddings,
+        } => {
+            let (factor, low, high, old) = (
+                factor as f32,
+                low_freq_factor as f32,
+                high_freq_factor as f32,
+                original_max_position_embeddings as f32,
+            );
             let wavelen = 2.0 * std::f32::consts::PI / inv_freq;
             if wavelen > old / low {
                 inv_freq / factor // long wavelengths: interpolated
@@ -274,9 +364,22 @@ pub fn causal_mask(t: usize, model_dtype: DType, device: &Device) -> Result<Tens
 
 /// [T, past + T] additive causal mask for T new queries after `past` cached positions: query i sees keys
 /// 0 ..= past + i.
-pub fn causal_mask_after(t: usize, past: usize, model_dtype: DType, device: &Device) -> Result<Tensor> {
+pub fn causal_mask_after(
+    t: usize,
+    past: usize,
+    model_dtype: DType,
+    device: &Device,
+) -> Result<Tensor> {
     let keys = past + t;
-    let m: Vec<f32> = (0..t * keys).map(|i| if i % keys > past + i / keys { f32::NEG_INFINITY } else { 0.0 }).collect();
+    let m: Vec<f32> = (0..t * keys)
+        .map(|i| {
+            if i % keys > past + i / keys {
+                f32::NEG_INFINITY
+            } else {
+                0.0
+            }
+        })
+        .collect();
     Tensor::from_vec(m, (t, keys), device)?.to_dtype(acc_dtype(model_dtype))
 }
 
@@ -295,20 +398,30 @@ impl Packed {
     /// Checks that `cu_seqlens` cut the [b, t] batch into non-empty sequences, each within one row.
     pub fn new(cu_seqlens: &[u32], b: usize, t: usize) -> Result<Packed> {
         let n = b * t;
-        let ok_ends = cu_seqlens.first() == Some(&0) && cu_seqlens.last().map(|&e| e as usize) == Some(n);
+        let ok_ends =
+            cu_seqlens.first() == Some(&0) && cu_seqlens.last().map(|&e| e as usize) == Some(n);
         if !ok_ends || cu_seqlens.windows(2).any(|w| w[1] <= w[0]) {
             candle_core::bail!("cu_seqlens {cu_seqlens:?} must rise strictly from 0 to the {n} tokens of the batch");
         }
         for row in 1..b {
             if cu_seqlens.binary_search(&((row * t) as u32)).is_err() {
-                candle_core::bail!("cu_seqlens {cu_seqlens:?}: a sequence crosses the end of row {}", row - 1);
+                candle_core::bail!(
+                    "cu_seqlens {cu_seqlens:?}: a sequence crosses the end of row {}",
+                    row - 1
+                );
             }
         }
-        Ok(Packed { cu_seqlens: cu_seqlens.to_vec(), b, t })
+        Ok(Packed {
+            cu_seqlens: cu_seqlens.to_vec(),
+            b,
+            t,
+        })
     }
 
     pub fn sequences(&self) -> impl Iterator<Item = std::ops::Range<usize>> + '_ {
-        self.cu_seqlens.windows(2).map(|w| w[0] as usize..w[1] as usize)
+        self.cu_seqlens
+            .windows(2)
+            .map(|w| w[0] as usize..w[1] as usize)
     }
 
     /// The longest sequence (the RoPE positions needed).
@@ -349,35 +462,60 @@ impl Packed {
 /// The head dimensions the flash kernels are built for; other shapes take the scores-in-memory path.
 pub const FLASH_HEAD_DIMS: [usize; 2] = [64, 128];
 
-/// Tokens per block of the flash kernels (queries in the forward and dQ, keys in dK/dV).
+/// Tokens per block of the flash kernels' work list (keys in dK/dV, queries in the short-sequence forward and
+/// the dQ that recomputes the tiles).
 pub const FLASH_BLOCK: usize = 64;
 
-/// The work list of the flash kernels (model/cuda/flash.cu): one entry (row, first, len, block) per
-/// 64-token block of every sequence (tokens first..first + len of batch row `row`), the entries with the
-/// most forward work (the latest blocks of the longest sequences) first, so the long blocks start first
-/// and the short ones fill the tail. Built once per forward and shared by every layer (for rows of one
-/// sequence each, once per shape: `Model` keeps the last table).
+/// Queries per block of the long-sequence forward and of dQ from the stored dS tiles (two 64-blocks).
+pub const FLASH_BLOCK_LONG: usize = 128;
+
+/// Sequences at least this long on average take the 128-query forward; shorter ones the 64-query one (at
+/// 167-token records the 128-query blocks left more warps idle: 0.040 vs 0.034 ms a layer; at 1024 and
+/// 2048 tokens they were 9% and 14% faster, `scripts/flash-bench.cu`).
+pub const FLASH_LONG_MEAN_LEN: usize = 512;
+
+/// The work lists of the flash kernels (model/cuda/flash.cu): one entry (row, first, len, block) per
+/// 64-token block of every sequence (tokens first..first + len of batch row `row`), and the same per
+/// 128-token block; each with the most forward work (the latest blocks of the longest sequences) first, so
+/// the long blocks start first and the short ones fill the tail. Built once per forward and shared by every
+/// layer (for rows of one sequence each, once per shape: `Model` keeps the last table).
 ///
 /// The backward stores the 64 x 64 dS tiles of each sequence's causal triangle (nb (nb + 1) / 2 of them
-/// for nb blocks), per head: `tiles[i]` is where entry i's sequence starts in that list, `n_tiles` its length.
+/// for nb blocks), per head: `tiles[i]` (`tiles128[i]`) is where entry i's sequence starts in that list,
+/// `n_tiles` its length.
 #[derive(Clone, Debug)]
 pub struct FlashBlocks {
-    /// u32 [n, 4] on the model's device.
+    /// u32 [n, 4] on the model's device: 64-token blocks.
     pub table: Tensor,
     /// u32 [n] on the model's device.
     pub tiles: Tensor,
+    /// u32 [n128, 4] and [n128]: 128-token blocks.
+    pub table128: Tensor,
+    pub tiles128: Tensor,
     pub n_tiles: usize,
+    /// The forward runs on 128-query blocks (mean sequence length at least [`FLASH_LONG_MEAN_LEN`]).
+    pub forward128: bool,
 }
 
+type Entries = Vec<([u32; 4], u32)>;
+
 impl FlashBlocks {
-    /// The entries of `sequences` (row, first, len), in launch order, each with its sequence's first dS
-    /// tile; and the number of tiles.
-    pub fn entries(sequences: impl IntoIterator<Item = (usize, usize, usize)>) -> (Vec<([u32; 4], u32)>, usize) {
+    /// The entries of `sequences` (row, first, len) per `block` tokens, in launch order, each with its
+    /// sequence's first dS tile; and the number of tiles.
+    pub fn entries(
+        sequences: impl IntoIterator<Item = (usize, usize, usize)>,
+        block: usize,
+    ) -> (Entries, usize) {
         let mut e = Vec::new();
         let mut n_tiles = 0;
         for (row, first, len) in sequences {
+            e.extend((0..len.div_ceil(block)).map(|blk| {
+                (
+                    [row as u32, first as u32, len as u32, blk as u32],
+                    n_tiles as u32,
+                )
+            }));
             let nb = len.div_ceil(FLASH_BLOCK);
-            e.extend((0..nb).map(|blk| ([row as u32, first as u32, len as u32, blk as u32], n_tiles as u32)));
             n_tiles += nb * (nb + 1) / 2;
         }
         // Stable: equal work keeps the batch order.
@@ -387,26 +525,54 @@ impl FlashBlocks {
 
     /// Rows of one sequence each ([b, t]).
     pub fn rows(b: usize, t: usize, device: &Device) -> Result<FlashBlocks> {
-        Self::upload(Self::entries((0..b).map(|row| (row, 0, t))), device)
+        Self::new(&(0..b).map(|row| (row, 0, t)).collect::<Vec<_>>(), device)
     }
 
     /// The sequences of a padding-free batch.
     pub fn packed(p: &Packed, device: &Device) -> Result<FlashBlocks> {
-        Self::upload(Self::entries(p.sequences().map(|s| (s.start / p.t, s.start % p.t, s.len()))), device)
+        Self::new(
+            &p.sequences()
+                .map(|s| (s.start / p.t, s.start % p.t, s.len()))
+                .collect::<Vec<_>>(),
+            device,
+        )
     }
 
-    fn upload((entries, n_tiles): (Vec<([u32; 4], u32)>, usize), device: &Device) -> Result<FlashBlocks> {
-        let flat: Vec<u32> = entries.iter().flat_map(|(e, _)| *e).collect();
-        let tiles: Vec<u32> = entries.iter().map(|(_, t)| *t).collect();
-        let n = entries.len();
-        Ok(FlashBlocks { table: Tensor::from_vec(flat, (n, 4), device)?, tiles: Tensor::from_vec(tiles, n, device)?, n_tiles })
+    fn new(sequences: &[(usize, usize, usize)], device: &Device) -> Result<FlashBlocks> {
+        let upload = |(entries, _): &(Entries, usize)| -> Result<(Tensor, Tensor)> {
+            let flat: Vec<u32> = entries.iter().flat_map(|(e, _)| *e).collect();
+            let tiles: Vec<u32> = entries.iter().map(|(_, t)| *t).collect();
+            Ok((
+                Tensor::from_vec(flat, (entries.len(), 4), device)?,
+                Tensor::from_vec(tiles, entries.len(), device)?,
+            ))
+        };
+        let short = Self::entries(sequences.iter().copied(), FLASH_BLOCK);
+        let long = Self::entries(sequences.iter().copied(), FLASH_BLOCK_LONG);
+        let ((table, tiles), (table128, tiles128)) = (upload(&short)?, upload(&long)?);
+        let tokens: usize = sequences.iter().map(|s| s.2).sum();
+        let forward128 = tokens >= FLASH_LONG_MEAN_LEN * sequences.len().max(1);
+        Ok(FlashBlocks {
+            table,
+            tiles,
+            table128,
+            tiles128,
+            n_tiles: short.1,
+            forward128,
+        })
     }
 }
 
 /// Whether the flash kernels run for this dtype, device and head dim (the `flash` and `attention`
 /// switches on, built with `cuda`, bf16 on a GPU).
-pub fn flash_runs(fusion: super::fusion::Fusion, dtype: DType, device: &Device, head_dim: usize) -> bool {
-    FLASH_HEAD_DIMS.contains(&head_dim) && super::fusion::on_for(fusion.flash && fusion.attention, dtype, device)
+pub fn flash_runs(
+    fusion: super::fusion::Fusion,
+    dtype: DType,
+    device: &Device,
+    head_dim: usize,
+) -> bool {
+    FLASH_HEAD_DIMS.contains(&head_dim)
+        && super::fusion::on_for(fusion.flash && fusion.attention, dtype, device)
 }
 
 pub struct AttnSaved {
@@ -427,8 +593,15 @@ pub struct AttnSaved {
 
 impl AttnSaved {
     pub fn bytes(&self) -> usize {
-        let flash = self.flash.as_ref().map_or(0, |(o, lse, _)| tensor_bytes(o) + tensor_bytes(lse));
-        tensor_bytes(&self.q) + tensor_bytes(&self.k) + tensor_bytes(&self.v) + self.p.as_ref().map_or(0, tensor_bytes) + flash
+        let flash = self
+            .flash
+            .as_ref()
+            .map_or(0, |(o, lse, _)| tensor_bytes(o) + tensor_bytes(lse));
+        tensor_bytes(&self.q)
+            + tensor_bytes(&self.k)
+            + tensor_bytes(&self.v)
+            + self.p.as_ref().map_or(0, tensor_bytes)
+            + flash
     }
 }
 
@@ -436,12 +609,27 @@ impl AttnSaved {
 /// composite path (the fused softmax masks by index). `fused`: scores from one GEMM and the fused softmax
 /// kernels; `flash` (the block table, when [`flash_runs`]): flash attention, which also serves
 /// padding-free batches.
-pub fn attention_forward(q: &Tensor, k: &Tensor, v: &Tensor, groups: usize, mask: Option<&Tensor>, fused: bool, flash: Option<&FlashBlocks>) -> Result<(Tensor, AttnSaved)> {
+pub fn attention_forward(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    groups: usize,
+    mask: Option<&Tensor>,
+    fused: bool,
+    flash: Option<&FlashBlocks>,
+) -> Result<(Tensor, AttnSaved)> {
     let scale = 1.0 / (q.dim(D::Minus1)? as f64).sqrt();
     #[cfg(feature = "cuda")]
     if let Some(blocks) = flash {
-        let (y, lse) = super::cuda::flash_forward(q, k, v, &blocks.table, scale)?;
-        let saved = AttnSaved { q: q.clone(), k: k.clone(), v: v.clone(), groups, p: None, flash: Some((y.clone(), lse, blocks.clone())) };
+        let (y, lse) = super::cuda::flash_forward(q, k, v, blocks, scale)?;
+        let saved = AttnSaved {
+            q: q.clone(),
+            k: k.clone(),
+            v: v.clone(),
+            groups,
+            p: None,
+            flash: Some((y.clone(), lse, blocks.clone())),
+        };
         return Ok((y, saved));
     }
     let _ = flash;
@@ -451,36 +639,75 @@ pub fn attention_forward(q: &Tensor, k: &Tensor, v: &Tensor, groups: usize, mask
     if super::fusion::on(fused, q) {
         let p = super::cuda::causal_softmax(&super::cuda::attention_scores(q, k, scale)?)?;
         let y = p.matmul(v)?;
-        return Ok((y, AttnSaved { q: q.clone(), k: k.clone(), v: v.clone(), groups, p: Some(p), flash: None }));
+        return Ok((
+            y,
+            AttnSaved {
+                q: q.clone(),
+                k: k.clone(),
+                v: v.clone(),
+                groups,
+                p: Some(p),
+                flash: None,
+            },
+        ));
     }
     let _ = fused;
-    let Some(mask) = mask else { candle_core::bail!("attention_forward: the composite path needs the causal mask") };
+    let Some(mask) = mask else {
+        candle_core::bail!("attention_forward: the composite path needs the causal mask")
+    };
     let s = (q.matmul(&k.t()?)?.to_dtype(mask.dtype())? * scale)?.broadcast_add(mask)?;
     let s_max = s.max_keepdim(D::Minus1)?; // finite: the diagonal is never masked
     let e = s.broadcast_sub(&s_max)?.exp()?;
     let p = e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?;
     let y = p.to_dtype(dtype)?.matmul(v)?;
-    Ok((y, AttnSaved { q: q.clone(), k: k.clone(), v: v.clone(), groups, p: Some(p), flash: None }))
+    Ok((
+        y,
+        AttnSaved {
+            q: q.clone(),
+            k: k.clone(),
+            v: v.clone(),
+            groups,
+            p: Some(p),
+            flash: None,
+        },
+    ))
 }
 
 /// Returns (dq, dk, dv), dq [B, H, T, D], dk and dv [B, H / groups, T, D]. `ds_tiles`: flash's dQ from the
 /// dS tiles its dK/dV pass stores (the `ds_tiles` switch).
-pub fn attention_backward(saved: &AttnSaved, dy: &Tensor, fused: bool, ds_tiles: bool) -> Result<(Tensor, Tensor, Tensor)> {
+pub fn attention_backward(
+    saved: &AttnSaved,
+    dy: &Tensor,
+    fused: bool,
+    ds_tiles: bool,
+) -> Result<(Tensor, Tensor, Tensor)> {
     #[cfg(feature = "cuda")]
     if let Some((o, lse, blocks)) = &saved.flash {
         let scale = 1.0 / (saved.q.dim(D::Minus1)? as f64).sqrt();
-        return super::cuda::flash_backward(&saved.q, &saved.k, &saved.v, o, lse, dy, blocks, scale, ds_tiles);
+        return super::cuda::flash_backward(
+            &saved.q, &saved.k, &saved.v, o, lse, dy, blocks, scale, ds_tiles,
+        );
     }
     let _ = ds_tiles;
     let (dq, dk, dv) = attention_backward_repeated(saved, dy, fused)?;
-    Ok((dq, sum_kv_groups(&dk, saved.groups)?, sum_kv_groups(&dv, saved.groups)?))
+    Ok((
+        dq,
+        sum_kv_groups(&dk, saved.groups)?,
+        sum_kv_groups(&dv, saved.groups)?,
+    ))
 }
 
 /// The backward with k and v at every query head.
-fn attention_backward_repeated(saved: &AttnSaved, dy: &Tensor, fused: bool) -> Result<(Tensor, Tensor, Tensor)> {
+fn attention_backward_repeated(
+    saved: &AttnSaved,
+    dy: &Tensor,
+    fused: bool,
+) -> Result<(Tensor, Tensor, Tensor)> {
     let dtype = dy.dtype();
     let scale = 1.0 / (saved.q.dim(D::Minus1)? as f64).sqrt();
-    let Some(p) = &saved.p else { candle_core::bail!("attention_backward: no saved probabilities") };
+    let Some(p) = &saved.p else {
+        candle_core::bail!("attention_backward: no saved probabilities")
+    };
     #[cfg(feature = "cuda")]
     if super::fusion::on(fused, dy) {
         let dv = p.t()?.matmul(dy)?;

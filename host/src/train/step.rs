@@ -10,11 +10,11 @@
 //! AdamW step on the same summed gradient, so the adapters stay identical. One rank is world size 1.
 use super::batches::StepBatches;
 use super::dist::Collective;
-use super::split;
 use super::optim::{self, AdamW};
+use super::split;
 use crate::model::lora::{Lora, LoraGrads};
-use crate::rng::SplitMix;
 use crate::model::transformer::Model;
+use crate::rng::SplitMix;
 use anyhow::bail;
 use std::time::Instant;
 
@@ -75,8 +75,18 @@ pub fn step(
         let (ids, labels) = batch.tensors()?;
         // Keyed by the pass's index in the whole step, so its draws do not depend on the number of ranks.
         let mut dropout = SplitMix::for_stream(c.seed, &[batches.step, pass as u64]);
-        let out = model.loss_and_grads(&ids, &labels, batch.cu_seqlens.as_deref(), lora, &mut dropout, c.recompute)?;
-        debug_assert_eq!(out.n_tokens, batch.trained, "the model and the batch count the same positions");
+        let out = model.loss_and_grads(
+            &ids,
+            &labels,
+            batch.cu_seqlens.as_deref(),
+            lora,
+            &mut dropout,
+            c.recompute,
+        )?;
+        debug_assert_eq!(
+            out.n_tokens, batch.trained,
+            "the model and the batch count the same positions"
+        );
         match grads.as_mut() {
             None => grads = Some(out.grads),
             Some(g) => g.add_assign(&out.grads)?,
@@ -94,8 +104,16 @@ pub fn step(
     let mut sums = [loss_sum, n_tokens as f64];
     comm.all_reduce_sum_scalars(&mut sums)?;
     let (loss_sum, n_tokens) = (sums[0], sums[1] as usize);
-    debug_assert_eq!(n_tokens, batches.passes.iter().map(|b| b.trained).sum::<usize>(), "every pass ran once");
-    let loss = if n_tokens > 0 { loss_sum / n_tokens as f64 } else { 0.0 };
+    debug_assert_eq!(
+        n_tokens,
+        batches.passes.iter().map(|b| b.trained).sum::<usize>(),
+        "every pass ran once"
+    );
+    let loss = if n_tokens > 0 {
+        loss_sum / n_tokens as f64
+    } else {
+        0.0
+    };
     if !loss.is_finite() {
         bail!("the loss is {loss} at step {number} (learning rate too high? bad data?); stopping without writing");
     }
@@ -106,8 +124,21 @@ pub fn step(
     if !grad_norm.is_finite() {
         bail!("the gradient norm is {grad_norm} at step {number} (loss {loss}); stopping without writing");
     }
-    let clip = c.clip.map_or(1.0, |max| optim::clip_coefficient(grad_norm, max));
-    opt.step_scaled(&mut lora.params_mut(), &grads.tensors(), lr, per_token * clip)?;
+    let clip = c
+        .clip
+        .map_or(1.0, |max| optim::clip_coefficient(grad_norm, max));
+    opt.step_scaled(
+        &mut lora.params_mut(),
+        &grads.tensors(),
+        lr,
+        per_token * clip,
+    )?;
     model.device.synchronize()?;
-    Ok(StepOutcome { loss, grad_norm, trained_tokens: n_tokens, tokens: batches.tokens(), seconds: t0.elapsed().as_secs_f64() })
+    Ok(StepOutcome {
+        loss,
+        grad_norm,
+        trained_tokens: n_tokens,
+        tokens: batches.tokens(),
+        seconds: t0.elapsed().as_secs_f64(),
+    })
 }

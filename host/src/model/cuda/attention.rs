@@ -74,7 +74,13 @@ pub fn causal_softmax(s: &Tensor) -> Result<Tensor> {
     let p = uninit(&dev, (b, h, t, t), DType::BF16)?;
     let rows = b * h * t;
     let args = [Arg::T(s), Arg::T(&p), Arg::I(t as i32), Arg::U(rows as u64)];
-    launch(&dev, "causal_softmax_fwd", blocks_for(rows, ROW_THREADS / 32)?, ROW_THREADS, &args)?;
+    launch(
+        &dev,
+        "causal_softmax_fwd",
+        blocks_for(rows, ROW_THREADS / 32)?,
+        ROW_THREADS,
+        &args,
+    )?;
     Ok(p)
 }
 
@@ -86,8 +92,21 @@ pub fn causal_softmax_backward(p: &Tensor, dp: &Tensor, scale: f64) -> Result<Te
     let dp = dp.contiguous()?;
     let ds = uninit(&dev, (b, h, t, t), DType::BF16)?;
     let rows = b * h * t;
-    let args = [Arg::T(p), Arg::T(&dp), Arg::T(&ds), Arg::I(t as i32), Arg::F(scale as f32), Arg::U(rows as u64)];
-    launch(&dev, "causal_softmax_bwd", blocks_for(rows, ROW_THREADS / 32)?, ROW_THREADS, &args)?;
+    let args = [
+        Arg::T(p),
+        Arg::T(&dp),
+        Arg::T(&ds),
+        Arg::I(t as i32),
+        Arg::F(scale as f32),
+        Arg::U(rows as u64),
+    ];
+    launch(
+        &dev,
+        "causal_softmax_bwd",
+        blocks_for(rows, ROW_THREADS / 32)?,
+        ROW_THREADS,
+        &args,
+    )?;
     Ok(ds)
 }
 
@@ -95,48 +114,91 @@ pub fn causal_softmax_backward(p: &Tensor, dp: &Tensor, scale: f64) -> Result<Te
 
 use crate::model::attention::{FlashBlocks, FLASH_HEAD_DIMS};
 const FLASH_THREADS: u32 = 128;
-/// Dynamic shared memory of each flash kernel (flash.cu): [64, D + 8] bf16 tiles; forward: 2 K + 2 V (Q passes
-/// through the second V), dQ: Q + dO + 2 K + 2 V, dK/dV: K + V + 2 Q + 2 dO and two buffers of 64 lse and 64
-/// row dots (f32); dQ from stored dS: 2 K and 2 [64, 72] dS tiles.
+/// Dynamic shared memory of each flash kernel (flash.cu): [64, D + 8] bf16 tiles; forward of 64 queries: 2 K + 2
+/// V (Q passes through the second V), of 128 queries: 2 Q + 2 K + 2 V; dQ: Q + dO + 2 K + 2 V; dK/dV: K + V + 2
+/// Q + 2 dO and two buffers of 64 lse and 64 row dots (f32); dQ from stored dS: 2 K and 2 [64, 136] dS tiles.
 fn smem(kernel: &str, d: usize) -> u32 {
     let tile = 64 * (d + 8) * 2;
     let bytes = match kernel {
-        "fwd" => 4 * tile,
+        "fwd64" => 4 * tile,
+        "fwd128" => 6 * tile,
         "dkdv" => 6 * tile + 4 * 64 * 4,
-        "dq_tiles" => 2 * tile + 2 * 64 * 72 * 2,
+        "dq_tiles" => 2 * tile + 2 * 64 * 136 * 2,
         _ => 6 * tile,
     };
     bytes as u32
 }
 
-fn check_flash(name: &str, q: &Tensor, k: &Tensor, blocks: &Tensor) -> Result<(usize, usize, usize, usize, usize, usize)> {
+fn check_flash(
+    name: &str,
+    q: &Tensor,
+    k: &Tensor,
+    blocks: &Tensor,
+) -> Result<(usize, usize, usize, usize, usize, usize)> {
     let (b, h, t, d) = q.dims4()?;
     let (kb, hkv, kt, kd) = k.dims4()?;
     if !FLASH_HEAD_DIMS.contains(&d) {
         bail!("{name}: head dim {d}, the kernels are built for {FLASH_HEAD_DIMS:?}");
     }
     if (kb, kt, kd) != (b, t, d) || hkv == 0 || h % hkv != 0 {
-        bail!("{name}: q {:?} and k {:?} do not fit (k/v heads must divide the query heads)", q.dims(), k.dims());
+        bail!(
+            "{name}: q {:?} and k {:?} do not fit (k/v heads must divide the query heads)",
+            q.dims(),
+            k.dims()
+        );
     }
     if blocks.dtype() != DType::U32 || blocks.rank() != 2 || blocks.dim(1)? != 4 {
-        bail!("{name}: the block table must be u32 [n, 4], got {:?} {:?}", blocks.dtype(), blocks.dims());
+        bail!(
+            "{name}: the block table must be u32 [n, 4], got {:?} {:?}",
+            blocks.dtype(),
+            blocks.dims()
+        );
     }
     Ok((b, h, hkv, t, d, blocks.dim(0)?))
 }
 
 /// Causal attention of q [B, H, T, D] over k, v [B, Hkv, T, D] (bf16) without the [T, T] scores in memory,
-/// for the sequences and 64-query blocks of `blocks` (model/attention.rs, `FlashBlocks`: each row of the
-/// batch one sequence, or several laid end to end): the output [B, H, T, D] and each row's log-sum-exp
-/// [B, H, T] (f32) for the backward. Every token must lie in a listed sequence.
-pub fn flash_forward(q: &Tensor, k: &Tensor, v: &Tensor, blocks: &Tensor, scale: f64) -> Result<(Tensor, Tensor)> {
+/// for the sequences of `blocks` (model/attention.rs, `FlashBlocks`: each row of the batch one sequence, or
+/// several laid end to end; 128-query blocks when they are long, else 64): the output [B, H, T, D] and each
+/// row's log-sum-exp [B, H, T] (f32) for the backward. Every token must lie in a listed sequence.
+pub fn flash_forward(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    blocks: &FlashBlocks,
+    scale: f64,
+) -> Result<(Tensor, Tensor)> {
     check_bf16("flash_forward", &[q, k, v])?;
-    let (b, h, hkv, t, d, n) = check_flash("flash_forward", q, k, blocks)?;
+    let (kernel, table) = if blocks.forward128 {
+        ("fwd128", &blocks.table128)
+    } else {
+        ("fwd64", &blocks.table)
+    };
+    let (b, h, hkv, t, d, n) = check_flash("flash_forward", q, k, table)?;
     let dev = cuda_device(q)?;
     let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
     let o = uninit(&dev, (b, h, t, d), DType::BF16)?;
     let lse = uninit(&dev, (b, h, t), DType::F32)?;
-    let args = [Arg::T(&q), Arg::T(&k), Arg::T(&v), Arg::T(&o), Arg::T(&lse), Arg::T(blocks), Arg::I(t as i32), Arg::I(h as i32), Arg::I(hkv as i32), Arg::F(scale as f32)];
-    launch_smem(&dev, &format!("flash_fwd_{d}"), (n as u64, h as u32), FLASH_THREADS, smem("fwd", d), &args)?;
+    let args = [
+        Arg::T(&q),
+        Arg::T(&k),
+        Arg::T(&v),
+        Arg::T(&o),
+        Arg::T(&lse),
+        Arg::T(table),
+        Arg::I(t as i32),
+        Arg::I(h as i32),
+        Arg::I(hkv as i32),
+        Arg::F(scale as f32),
+    ];
+    launch_smem(
+        &dev,
+        &format!("flash_{kernel}_{d}"),
+        (n as u64, h as u32),
+        FLASH_THREADS,
+        smem(kernel, d),
+        &args,
+    )?;
     Ok((o, lse))
 }
 
@@ -149,22 +211,64 @@ const DS_BUDGET_BYTES: usize = 512 << 20;
 /// Under GQA each kv head's gradients sum its query heads' in a fixed order (deterministic). `ds_tiles`:
 /// dQ from the dS tiles the dK/dV pass stores (up to [`DS_BUDGET_BYTES`]), else recomputed.
 #[allow(clippy::too_many_arguments)]
-pub fn flash_backward(q: &Tensor, k: &Tensor, v: &Tensor, o: &Tensor, lse: &Tensor, d_o: &Tensor, blocks: &FlashBlocks, scale: f64, ds_tiles: bool) -> Result<(Tensor, Tensor, Tensor)> {
-    flash_backward_within(q, k, v, o, lse, d_o, blocks, scale, if ds_tiles { DS_BUDGET_BYTES } else { 0 })
+pub fn flash_backward(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    o: &Tensor,
+    lse: &Tensor,
+    d_o: &Tensor,
+    blocks: &FlashBlocks,
+    scale: f64,
+    ds_tiles: bool,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    flash_backward_within(
+        q,
+        k,
+        v,
+        o,
+        lse,
+        d_o,
+        blocks,
+        scale,
+        if ds_tiles { DS_BUDGET_BYTES } else { 0 },
+    )
 }
 
 /// [`flash_backward`] with the dS tiles held to `budget` bytes (kv heads in groups that fit; 0 or less than
 /// one kv head's tiles: dQ recomputed). Every grouping gives the same bits (`bench numerics` checks).
 #[allow(clippy::too_many_arguments)]
-pub fn flash_backward_within(q: &Tensor, k: &Tensor, v: &Tensor, o: &Tensor, lse: &Tensor, d_o: &Tensor, blocks: &FlashBlocks, scale: f64, budget: usize) -> Result<(Tensor, Tensor, Tensor)> {
+pub fn flash_backward_within(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    o: &Tensor,
+    lse: &Tensor,
+    d_o: &Tensor,
+    blocks: &FlashBlocks,
+    scale: f64,
+    budget: usize,
+) -> Result<(Tensor, Tensor, Tensor)> {
     check_bf16("flash_backward", &[q, k, v, o, d_o])?;
     let (b, h, hkv, t, d, n) = check_flash("flash_backward", q, k, &blocks.table)?;
     let dev = cuda_device(q)?;
     let d_o = d_o.contiguous()?;
     let rows = b * h * t;
     let dot = uninit(&dev, (b, h, t), DType::F32)?;
-    let dot_args = [Arg::T(o), Arg::T(&d_o), Arg::T(&dot), Arg::I(d as i32), Arg::U(rows as u64)];
-    launch(&dev, "flash_bwd_dot", blocks_for(rows, ROW_THREADS / 32)?, ROW_THREADS, &dot_args)?;
+    let dot_args = [
+        Arg::T(o),
+        Arg::T(&d_o),
+        Arg::T(&dot),
+        Arg::I(d as i32),
+        Arg::U(rows as u64),
+    ];
+    launch(
+        &dev,
+        "flash_bwd_dot",
+        blocks_for(rows, ROW_THREADS / 32)?,
+        ROW_THREADS,
+        &dot_args,
+    )?;
     let dq = uninit(&dev, (b, h, t, d), DType::BF16)?;
     let dk = uninit(&dev, (b, hkv, t, d), DType::BF16)?;
     let dv = uninit(&dev, (b, hkv, t, d), DType::BF16)?;
@@ -172,20 +276,74 @@ pub fn flash_backward_within(q: &Tensor, k: &Tensor, v: &Tensor, o: &Tensor, lse
     let tile_bytes = 64 * 64 * 2;
     let per_kv_head = groups * blocks.n_tiles.max(1) * tile_bytes;
     let chunk = (budget / per_kv_head).min(hkv);
-    let dims = || [Arg::I(t as i32), Arg::I(h as i32), Arg::I(hkv as i32), Arg::F(scale as f32)];
-    let (table, tiles, n_tiles) = (&blocks.table, &blocks.tiles, || Arg::I(blocks.n_tiles as i32));
+    let dims = || {
+        [
+            Arg::I(t as i32),
+            Arg::I(h as i32),
+            Arg::I(hkv as i32),
+            Arg::F(scale as f32),
+        ]
+    };
+    let (table, tiles, n_tiles) = (&blocks.table, &blocks.tiles, || {
+        Arg::I(blocks.n_tiles as i32)
+    });
     // dK and dV of kv heads kvh0 .. kvh0 + heads, storing their dS tiles in `ds` (none: the null pointer).
     let dkdv = |ds: Option<&Tensor>, kvh0: usize, heads: usize| -> Result<()> {
         let [a, b_, c, e] = dims();
         let ds = ds.map_or(Arg::U(0), Arg::T);
-        let args = [Arg::T(q), Arg::T(k), Arg::T(v), Arg::T(&d_o), Arg::T(lse), Arg::T(&dot), Arg::T(&dk), Arg::T(&dv), ds, Arg::T(tiles), n_tiles(), Arg::T(table), Arg::I(kvh0 as i32), a, b_, c, e];
-        launch_smem(&dev, &format!("flash_bwd_dkdv_{d}"), (n as u64, heads as u32), FLASH_THREADS, smem("dkdv", d), &args)
+        let args = [
+            Arg::T(q),
+            Arg::T(k),
+            Arg::T(v),
+            Arg::T(&d_o),
+            Arg::T(lse),
+            Arg::T(&dot),
+            Arg::T(&dk),
+            Arg::T(&dv),
+            ds,
+            Arg::T(tiles),
+            n_tiles(),
+            Arg::T(table),
+            Arg::I(kvh0 as i32),
+            a,
+            b_,
+            c,
+            e,
+        ];
+        launch_smem(
+            &dev,
+            &format!("flash_bwd_dkdv_{d}"),
+            (n as u64, heads as u32),
+            FLASH_THREADS,
+            smem("dkdv", d),
+            &args,
+        )
     };
     if chunk == 0 {
         dkdv(None, 0, hkv)?;
         let [a, b_, c, e] = dims();
-        let args = [Arg::T(q), Arg::T(k), Arg::T(v), Arg::T(&d_o), Arg::T(lse), Arg::T(&dot), Arg::T(&dq), Arg::T(table), a, b_, c, e];
-        launch_smem(&dev, &format!("flash_bwd_dq_{d}"), (n as u64, h as u32), FLASH_THREADS, smem("dq", d), &args)?;
+        let args = [
+            Arg::T(q),
+            Arg::T(k),
+            Arg::T(v),
+            Arg::T(&d_o),
+            Arg::T(lse),
+            Arg::T(&dot),
+            Arg::T(&dq),
+            Arg::T(table),
+            a,
+            b_,
+            c,
+            e,
+        ];
+        launch_smem(
+            &dev,
+            &format!("flash_bwd_dq_{d}"),
+            (n as u64, h as u32),
+            FLASH_THREADS,
+            smem("dq", d),
+            &args,
+        )?;
         return Ok((dq, dk, dv));
     }
     let ds = uninit(&dev, chunk * per_kv_head / 2, DType::BF16)?;
@@ -193,8 +351,28 @@ pub fn flash_backward_within(q: &Tensor, k: &Tensor, v: &Tensor, o: &Tensor, lse
         let heads = chunk.min(hkv - kvh0);
         dkdv(Some(&ds), kvh0, heads)?;
         let [a, b_, c, e] = dims();
-        let args = [Arg::T(k), Arg::T(&ds), Arg::T(&dq), Arg::T(tiles), n_tiles(), Arg::T(table), Arg::I((kvh0 * groups) as i32), a, b_, c, e];
-        launch_smem(&dev, &format!("flash_bwd_dq_tiles_{d}"), (n as u64, (heads * groups) as u32), FLASH_THREADS, smem("dq_tiles", d), &args)?;
+        let args = [
+            Arg::T(k),
+            Arg::T(&ds),
+            Arg::T(&dq),
+            Arg::T(&blocks.tiles128),
+            n_tiles(),
+            Arg::T(&blocks.table128),
+            Arg::I((kvh0 * groups) as i32),
+            a,
+            b_,
+            c,
+            e,
+        ];
+        let n128 = blocks.table128.dim(0)? as u64;
+        launch_smem(
+            &dev,
+            &format!("flash_bwd_dq_tiles_{d}"),
+            (n128, (heads * groups) as u32),
+            FLASH_THREADS,
+            smem("dq_tiles", d),
+            &args,
+        )?;
     }
     Ok((dq, dk, dv))
 }

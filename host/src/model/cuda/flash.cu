@@ -7,9 +7,11 @@
 // A row of the batch holds one sequence or, padding-free, several laid end to end; each sequence attends
 // causally within itself. The work is a block table (model/attention.rs, FlashBlocks): one entry
 // (b, first, len, blk) per 64-token block of every sequence (row b, tokens first..first+len of that row), the
-// entries with the most forward work first. Grid: (table entries, heads); a block is 64 queries (or keys),
-// 4 warps of 16 rows each. The dK/dV kernel and the dQ kernel each own their outputs (no atomics), so results
-// are deterministic. The dK/dV kernel also writes the dS tiles it computes (bf16, 8 KB per 64 x 64 tile of
+// entries with the most forward work first, and the same per 128-token block. Grid: (table entries, heads).
+// dK/dV (and the forward of short sequences): 64 keys (queries) a block, 4 warps of 16 rows. The forward of
+// long sequences and dQ: 128 queries a block, 4 warps of 32 rows (two m16 tiles, so each K or V fragment read
+// from shared memory feeds twice the products). The dK/dV kernel and the dQ kernel each own their outputs (no
+// atomics), so results are deterministic. The dK/dV kernel also writes the dS tiles it computes (bf16, 8 KB per 64 x 64 tile of
 // the causal triangle) so that dQ = dS K is one product per tile instead of three (recomputing S and dP);
 // where those tiles would not fit the caller's budget, the dQ kernel that recomputes them runs instead.
 //
@@ -254,7 +256,7 @@ constexpr float LN2 = 0.6931471805599453f;
 // ----- forward -----
 
 template <int D>
-__device__ __forceinline__ void forward(const bf16* __restrict__ q, const bf16* __restrict__ k, const bf16* __restrict__ v,
+__device__ __forceinline__ void forward64(const bf16* __restrict__ q, const bf16* __restrict__ k, const bf16* __restrict__ v,
                                         bf16* __restrict__ o, float* __restrict__ lse, const int4* __restrict__ table,
                                         int T, int H, int Hkv, float scale) {
     constexpr int TILE = Dims<D>::TILE, LD = Dims<D>::LD, KD = Dims<D>::KD, ND = Dims<D>::ND;
@@ -362,6 +364,171 @@ __device__ __forceinline__ void forward(const bf16* __restrict__ q, const bf16* 
     if (t == 0) {
         if (qi0 < L) lse[qrows + qi0] = (m_r[0] + log2f(l_r[0])) * LN2;
         if (qi0 + 8 < L) lse[qrows + qi0 + 8] = (m_r[1] + log2f(l_r[1])) * LN2;
+    }
+}
+
+// ----- forward, 128 queries a block -----
+// Four warps of 32 query rows (two m16 tiles each): every K and V fragment read from shared memory feeds
+// twice the products of 16 rows a warp, and each warp carries two independent chains of work. The scale is
+// folded into the exponent (one FFMA an element; the row max is taken over the raw scores).
+
+constexpr int FWD_BLOCK = 128;  // queries per forward block (the forward's table counts 128-token blocks)
+
+template <int D>
+__device__ __forceinline__ void forward128(const bf16* __restrict__ q, const bf16* __restrict__ k, const bf16* __restrict__ v,
+                                           bf16* __restrict__ o, float* __restrict__ lse, const int4* __restrict__ table,
+                                           int T, int H, int Hkv, float scale) {
+    constexpr int TILE = Dims<D>::TILE, LD = Dims<D>::LD, KD = Dims<D>::KD, ND = Dims<D>::ND;
+    extern __shared__ __align__(128) unsigned char smem[];
+    bf16* Qs = reinterpret_cast<bf16*>(smem);  // [128, LD]
+    bf16* Ks = Qs + 2 * TILE;                  // two buffers
+    bf16* Vs = Ks + 2 * TILE;                  // two buffers
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+    const Block e = block_at(table, blockIdx.x);
+    const int h = blockIdx.y, kvh = h / (H / Hkv), L = e.len, q0 = e.blk * FWD_BLOCK;
+    const size_t qrows = rows_at(e, H, h, T), kvrows = rows_at(e, Hkv, kvh, T);
+    const bf16* kp = k + kvrows * D;
+    const bf16* vp = v + kvrows * D;
+    const float sl2 = scale * LOG2E;
+    const int last = min((q0 + FWD_BLOCK - 1) / BLOCK, (L - 1) / BLOCK);  // the block's last key block
+    const int r0 = q0 + warp * 32;                                     // this warp's first query
+
+    load_tile<D>(Qs, q + qrows * D, q0, L);
+    load_tile<D>(Qs + TILE, q + qrows * D, q0 + BLOCK, L);
+    load_tile<D>(Ks, kp, 0, L);
+    load_tile<D>(Vs, vp, 0, L);
+    cp_commit();
+    const bf16* Qw = Qs + warp * 32 * LD;
+
+    float oacc[2][ND][4];
+#pragma unroll
+    for (int m = 0; m < 2; ++m)
+#pragma unroll
+        for (int n = 0; n < ND; ++n) oacc[m][n][0] = oacc[m][n][1] = oacc[m][n][2] = oacc[m][n][3] = 0.f;
+    // Rows g, g + 8, g + 16, g + 24 of the warp: running max (log2 units) and this lane's part of the sum.
+    float m_r[4] = {NEG_INF, NEG_INF, NEG_INF, NEG_INF}, l_r[4] = {0.f, 0.f, 0.f, 0.f};
+
+    for (int kb = 0; kb <= last; ++kb) {
+        const bf16* Kb = Ks + (kb & 1) * TILE;
+        const bf16* Vb = Vs + (kb & 1) * TILE;
+        next_key_block<D>(Ks, Vs, kp, vp, kb, last, L);
+        if (kb * BLOCK <= r0 + 31 && r0 < L) {  // else no query of the warp sees a key of the block
+            float s[2][8][4];
+#pragma unroll
+            for (int m = 0; m < 2; ++m)
+#pragma unroll
+                for (int j = 0; j < 8; ++j) s[m][j][0] = s[m][j][1] = s[m][j][2] = s[m][j][3] = 0.f;
+#pragma unroll
+            for (int kk = 0; kk < KD; ++kk) {
+                uint32_t a0[4], a1[4];
+                load_a<D>(a0, Qw, kk);
+                load_a<D>(a1, Qw + 16 * LD, kk);
+#pragma unroll
+                for (int np = 0; np < 4; ++np) {
+                    uint32_t b[4];
+                    load_b_rows<D>(b, Kb, np, kk);
+                    mma(s[0][2 * np], a0, b[0], b[1]);
+                    mma(s[0][2 * np + 1], a0, b[2], b[3]);
+                    mma(s[1][2 * np], a1, b[0], b[1]);
+                    mma(s[1][2 * np + 1], a1, b[2], b[3]);
+                }
+            }
+            // Masks only where the block reaches past the warp's first query or the sequence's end.
+            if (kb * BLOCK + BLOCK - 1 > r0 || kb * BLOCK + BLOCK > L) {
+#pragma unroll
+                for (int m = 0; m < 2; ++m)
+#pragma unroll
+                    for (int j = 0; j < 8; ++j)
+#pragma unroll
+                        for (int c = 0; c < 4; ++c) {
+                            const int key = kb * BLOCK + j * 8 + 2 * t + (c & 1);
+                            const int qi = r0 + m * 16 + g + (c >> 1) * 8;
+                            if (key > qi || key >= L) s[m][j][c] = NEG_INF;
+                        }
+            }
+            float mx[4] = {NEG_INF, NEG_INF, NEG_INF, NEG_INF};
+#pragma unroll
+            for (int m = 0; m < 2; ++m)
+#pragma unroll
+                for (int j = 0; j < 8; ++j)
+#pragma unroll
+                    for (int c = 0; c < 4; ++c) mx[2 * m + (c >> 1)] = fmaxf(mx[2 * m + (c >> 1)], s[m][j][c]);
+            float alpha[4];  // mx becomes minus each row's max in use
+#pragma unroll
+            for (int r = 0; r < 4; ++r) {
+                mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
+                mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
+                const float m_new = fmaxf(m_r[r], mx[r] * sl2);
+                const float m_use = m_new == NEG_INF ? 0.f : m_new;  // a row with no key yet stays empty
+                alpha[r] = exp2f(m_r[r] - m_use);
+                m_r[r] = m_new;
+                mx[r] = -m_use;
+                l_r[r] *= alpha[r];
+            }
+#pragma unroll
+            for (int m = 0; m < 2; ++m)
+#pragma unroll
+                for (int j = 0; j < 8; ++j)
+#pragma unroll
+                    for (int c = 0; c < 4; ++c) {
+                        const float p = exp2f(fmaf(s[m][j][c], sl2, mx[2 * m + (c >> 1)]));
+                        s[m][j][c] = p;
+                        l_r[2 * m + (c >> 1)] += p;
+                    }
+#pragma unroll
+            for (int m = 0; m < 2; ++m)
+#pragma unroll
+                for (int n = 0; n < ND; ++n) {
+                    oacc[m][n][0] *= alpha[2 * m];
+                    oacc[m][n][1] *= alpha[2 * m];
+                    oacc[m][n][2] *= alpha[2 * m + 1];
+                    oacc[m][n][3] *= alpha[2 * m + 1];
+                }
+            // O += P V: each V fragment feeds both m tiles.
+#pragma unroll
+            for (int kk = 0; kk < 4; ++kk) {
+                uint32_t a0[4], a1[4];
+                c_to_a(a0, s[0][2 * kk], s[0][2 * kk + 1]);
+                c_to_a(a1, s[1][2 * kk], s[1][2 * kk + 1]);
+#pragma unroll
+                for (int dp = 0; dp < ND / 2; ++dp) {
+                    uint32_t b[4];
+                    load_b_cols<D>(b, Vb, kk, dp);
+                    mma(oacc[0][2 * dp], a0, b[0], b[1]);
+                    mma(oacc[0][2 * dp + 1], a0, b[2], b[3]);
+                    mma(oacc[1][2 * dp], a1, b[0], b[1]);
+                    mma(oacc[1][2 * dp + 1], a1, b[2], b[3]);
+                }
+            }
+        }
+        __syncthreads();  // every warp is done with this buffer before it is refilled
+    }
+    cp_wait<0>();
+#pragma unroll
+    for (int m = 0; m < 2; ++m) {
+        float inv[2];
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+            float l = l_r[2 * m + r];
+            l += __shfl_xor_sync(0xffffffffu, l, 1);
+            l += __shfl_xor_sync(0xffffffffu, l, 2);
+            l_r[2 * m + r] = l;
+            inv[r] = 1.f / l;
+        }
+#pragma unroll
+        for (int n = 0; n < ND; ++n) {
+            oacc[m][n][0] *= inv[0];
+            oacc[m][n][1] *= inv[0];
+            oacc[m][n][2] *= inv[1];
+            oacc[m][n][3] *= inv[1];
+        }
+        // Staged through the warp's own rows of the (now free) K buffers.
+        store_rows<D>(oacc[m], 1.f, Ks + (warp * 32 + m * 16) * LD, o + qrows * D, r0 + m * 16, L);
+        if (t == 0) {
+            const int qi = r0 + m * 16 + g;
+            if (qi < L) lse[qrows + qi] = (m_r[2 * m] + log2f(l_r[2 * m])) * LN2;
+            if (qi + 8 < L) lse[qrows + qi + 8] = (m_r[2 * m + 1] + log2f(l_r[2 * m + 1])) * LN2;
+        }
     }
 }
 
@@ -549,77 +716,102 @@ __device__ __forceinline__ void backward_dkdv(const bf16* __restrict__ q, const 
 // queries 8 j .. 8 j + 7. Returns (key, first query) of unit u.
 __device__ __forceinline__ int2 ds_unit(int u) { return make_int2((u >> 7) * 16 + ((u >> 6) & 1) * 8 + (u & 7), ((u >> 3) & 7) * 8); }
 
-// dQ for one 64-query block of one head from the dS tiles the dK/dV kernel stored: dQ = scale sum_kb dS K.
-// A tile lands key-major in shared memory (dS^T, [64 keys][64 queries]), so its A operand comes through
-// ldmatrix.trans.
+
+// dQ from the dS tiles the dK/dV kernel stored: dQ = scale sum_kb dS K, for one 128-query block (64-query blocks
+// 2 blk and 2 blk + 1 of the tiles; the table of 128-token blocks) of one head, each warp's 32 rows as two m
+// tiles (as forward128), so each K tile feeds 128 queries. A tile lands key-major in shared memory (dS^T,
+// [64 keys][64 queries], the block's two side by side), so its A operand comes through ldmatrix.trans.
 template <int D>
 __device__ __forceinline__ void backward_dq_tiles(const bf16* __restrict__ k, const bf16* __restrict__ ds,
                                                   bf16* __restrict__ dq, const int* __restrict__ tiles, int n_tiles,
                                                   const int4* __restrict__ table, int h0, int T, int H, int Hkv,
                                                   float scale) {
     constexpr int TILE = Dims<D>::TILE, LD = Dims<D>::LD, ND = Dims<D>::ND;
-    constexpr int SLD = BLOCK + 8, STILE = BLOCK * SLD;  // a dS tile in shared memory, rows padded
+    constexpr int SLD = FWD_BLOCK + 8, STILE = BLOCK * SLD;  // [64 keys][128 queries], rows padded
     extern __shared__ __align__(128) unsigned char smem[];
     bf16* Ks = reinterpret_cast<bf16*>(smem);  // two buffers
     bf16* Ss = Ks + 2 * TILE;                  // two buffers
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    const QueryBlock qb = query_block(table, h0 + blockIdx.y, T, H, Hkv);  // named: the lambda below reads it
-    const Block e = qb.e;
-    const int L = qb.L;
-    const bf16* kp = k + qb.kvrows * D;
-    const bf16* sp = ds + ((size_t)blockIdx.y * n_tiles + tiles[blockIdx.x] + e.blk * (e.blk + 1) / 2) * (BLOCK * BLOCK);
+    const Block e = block_at(table, blockIdx.x);
+    const int h = h0 + blockIdx.y, kvh = h / (H / Hkv), L = e.len;
+    const size_t qrows = rows_at(e, H, h, T), kvrows = rows_at(e, Hkv, kvh, T);
+    const int qb0 = 2 * e.blk, halves = qb0 * BLOCK + BLOCK < L ? 2 : 1;  // 64-query blocks present
+    const int last = qb0 + halves - 1;                                  // the last key block
+    const bf16* kp = k + kvrows * D;
+    // This head's dS tiles of the sequence; query block qb's row of the triangle starts at qb (qb + 1) / 2.
+    const bf16* sp = ds + ((size_t)blockIdx.y * n_tiles + tiles[blockIdx.x]) * (BLOCK * BLOCK);
     auto load = [&](int kb) {
         load_tile<D>(Ks + (kb & 1) * TILE, kp, kb * BLOCK, L);
-        const bf16* src = sp + (size_t)kb * BLOCK * BLOCK;
         bf16* dst = Ss + (kb & 1) * STILE;
-        for (int u = threadIdx.x; u < BLOCK * BLOCK / 8; u += THREADS) {
-            const int2 kq = ds_unit(u);
-            cp_async16(dst + kq.x * SLD + kq.y, src + u * 8);
+        for (int half = 0; half < halves; ++half) {
+            const int qb = qb0 + half;
+            if (kb > qb) continue;  // query block qb0 sees no key of key block qb0 + 1
+            const bf16* src = sp + ((size_t)qb * (qb + 1) / 2 + kb) * (BLOCK * BLOCK);
+            for (int u = threadIdx.x; u < BLOCK * BLOCK / 8; u += THREADS) {
+                const int2 kq = ds_unit(u);
+                cp_async16(dst + kq.x * SLD + half * BLOCK + kq.y, src + u * 8);
+            }
         }
     };
     load(0);
     cp_commit();
 
-    float acc[ND][4];
+    const int r0 = qb0 * BLOCK + warp * 32, half = warp >> 1;  // this warp's first query and its 64-block
+    float acc[2][ND][4];
 #pragma unroll
-    for (int n = 0; n < ND; ++n) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.f;
-    for (int kb = 0; kb <= e.blk; ++kb) {
-        if (kb < e.blk) load(kb + 1);
+    for (int m = 0; m < 2; ++m)
+#pragma unroll
+        for (int n = 0; n < ND; ++n) acc[m][n][0] = acc[m][n][1] = acc[m][n][2] = acc[m][n][3] = 0.f;
+    for (int kb = 0; kb <= last; ++kb) {
+        if (kb < last) load(kb + 1);
         cp_commit();
         cp_wait<1>();
         __syncthreads();
-        const bf16* Kb = Ks + (kb & 1) * TILE;
-        const bf16* Sb = Ss + (kb & 1) * STILE;
+        if (kb <= qb0 + half && r0 < L) {
+            const bf16* Kb = Ks + (kb & 1) * TILE;
+            const bf16* Sb = Ss + (kb & 1) * STILE + warp * 32;
 #pragma unroll
-        for (int kk = 0; kk < 4; ++kk) {
-            uint32_t a[4];  // dS rows = this warp's 16 queries, columns = keys 16 kk ..
-            ldsm_t(a, Sb + (kk * 16 + (lane >> 4) * 8 + (lane & 7)) * SLD + warp * 16 + ((lane >> 3) & 1) * 8);
+            for (int kk = 0; kk < 4; ++kk) {
+                uint32_t a0[4], a1[4];  // dS rows = the warp's queries (two m tiles), columns = keys 16 kk ..
+                const bf16* row = Sb + (kk * 16 + (lane >> 4) * 8 + (lane & 7)) * SLD + ((lane >> 3) & 1) * 8;
+                ldsm_t(a0, row);
+                ldsm_t(a1, row + 16);
 #pragma unroll
-            for (int dp = 0; dp < ND / 2; ++dp) {
-                uint32_t b[4];
-                load_b_cols<D>(b, Kb, kk, dp);
-                mma(acc[2 * dp], a, b[0], b[1]);
-                mma(acc[2 * dp + 1], a, b[2], b[3]);
+                for (int dp = 0; dp < ND / 2; ++dp) {
+                    uint32_t b[4];
+                    load_b_cols<D>(b, Kb, kk, dp);
+                    mma(acc[0][2 * dp], a0, b[0], b[1]);
+                    mma(acc[0][2 * dp + 1], a0, b[2], b[3]);
+                    mma(acc[1][2 * dp], a1, b[0], b[1]);
+                    mma(acc[1][2 * dp + 1], a1, b[2], b[3]);
+                }
             }
         }
         __syncthreads();
     }
     cp_wait<0>();
-    store_rows<D>(acc, scale, Ks + warp * 16 * LD, dq + qb.qrows * D, qb.q0 + warp * 16, L);
+#pragma unroll
+    for (int m = 0; m < 2; ++m) store_rows<D>(acc[m], scale, Ks + (warp * 32 + m * 16) * LD, dq + qrows * D, r0 + m * 16, L);
 }
 }  // namespace fa
 
-// Dynamic shared memory: forward 2 K + 2 V tiles; dQ: Q + dO + 2 K + 2 V tiles; dK/dV: K + V + 2 Q + 2 dO
-// tiles + 4 x 64 f32; dQ from tiles: 2 K tiles + 2 [64, 72] dS tiles (model/cuda/attention.rs sizes the
-// launches to match).
+// Dynamic shared memory ([64, D + 8] bf16 tiles): forward64 2 K + 2 V tiles (Q passes through the second V);
+// forward128 2 Q + 2 K + 2 V; dQ: Q + dO + 2 K + 2 V; dK/dV: K + V + 2 Q + 2 dO tiles + 4 x 64 f32; dQ from
+// tiles: 2 K tiles + 2 [64, 136] dS tiles (model/cuda/attention.rs sizes the launches to match).
 
-// The kernels, one per head dim (the Rust side picks by name: flash_fwd_128, ...).
+// The kernels, one per head dim (the Rust side picks by name: flash_fwd128_128, ...).
 #define FLASH_KERNELS(D)                                                                                           \
     extern "C" __global__ void __launch_bounds__(fa::THREADS, 3)                                                   \
-        flash_fwd_##D(const bf16* __restrict__ q, const bf16* __restrict__ k, const bf16* __restrict__ v,          \
-                      bf16* __restrict__ o, float* __restrict__ lse, const int4* __restrict__ table, int T, int H,  \
-                      int Hkv, float scale) {                                                                      \
-        fa::forward<D>(q, k, v, o, lse, table, T, H, Hkv, scale);                                                  \
+        flash_fwd64_##D(const bf16* __restrict__ q, const bf16* __restrict__ k, const bf16* __restrict__ v,        \
+                        bf16* __restrict__ o, float* __restrict__ lse, const int4* __restrict__ table, int T,      \
+                        int H, int Hkv, float scale) {                                                             \
+        fa::forward64<D>(q, k, v, o, lse, table, T, H, Hkv, scale);                                                \
+    }                                                                                                              \
+    extern "C" __global__ void __launch_bounds__(fa::THREADS, 2)                                                   \
+        flash_fwd128_##D(const bf16* __restrict__ q, const bf16* __restrict__ k, const bf16* __restrict__ v,       \
+                         bf16* __restrict__ o, float* __restrict__ lse, const int4* __restrict__ table, int T,     \
+                         int H, int Hkv, float scale) {                                                            \
+        fa::forward128<D>(q, k, v, o, lse, table, T, H, Hkv, scale);                                               \
     }                                                                                                              \
     extern "C" __global__ void __launch_bounds__(fa::THREADS)                                                      \
         flash_bwd_dkdv_##D(const bf16* __restrict__ q, const bf16* __restrict__ k, const bf16* __restrict__ v,     \
@@ -629,10 +821,10 @@ __device__ __forceinline__ void backward_dq_tiles(const bf16* __restrict__ k, co
                            const int4* __restrict__ table, int kvh0, int T, int H, int Hkv, float scale) {         \
         fa::backward_dkdv<D>(q, k, v, d_o, lse, dot, dk, dv, ds, tiles, n_tiles, table, kvh0, T, H, Hkv, scale);   \
     }                                                                                                              \
-    extern "C" __global__ void __launch_bounds__(fa::THREADS)                                                      \
+    extern "C" __global__ void __launch_bounds__(fa::THREADS, 2)                                                   \
         flash_bwd_dq_tiles_##D(const bf16* __restrict__ k, const bf16* __restrict__ ds, bf16* __restrict__ dq,     \
-                               const int* __restrict__ tiles, int n_tiles, const int4* __restrict__ table, int h0, \
-                               int T, int H, int Hkv, float scale) {                                               \
+                                const int* __restrict__ tiles, int n_tiles, const int4* __restrict__ table, int h0, \
+                                int T, int H, int Hkv, float scale) {                                              \
         fa::backward_dq_tiles<D>(k, ds, dq, tiles, n_tiles, table, h0, T, H, Hkv, scale);                          \
     }                                                                                                              \
     extern "C" __global__ void __launch_bounds__(fa::THREADS)                                                      \

@@ -20,8 +20,13 @@ pub struct AdamWStep {
 /// as they are) and updates the moments in place: the optimizer owns them and nothing else holds them, and
 /// 480 fresh moment tensors a step at Qwen-14B would each cost an allocation and a free while the device
 /// waits for the host. All f32, contiguous, on one GPU.
-pub fn adamw_multi(items: &[(&Tensor, &Tensor, &Tensor, &Tensor)], h: &AdamWStep) -> Result<Vec<Tensor>> {
-    let Some(first) = items.first() else { return Ok(Vec::new()) };
+pub fn adamw_multi(
+    items: &[(&Tensor, &Tensor, &Tensor, &Tensor)],
+    h: &AdamWStep,
+) -> Result<Vec<Tensor>> {
+    let Some(first) = items.first() else {
+        return Ok(Vec::new());
+    };
     let dev = cuda_device(first.0)?;
     let mut words = Vec::with_capacity(8 * items.len());
     let mut outs = Vec::with_capacity(items.len());
@@ -57,13 +62,21 @@ pub fn adamw_multi(items: &[(&Tensor, &Tensor, &Tensor, &Tensor)], h: &AdamWStep
         Arg::F(h.grad_scale as f32),
     ];
     let grid_x = blocks(max_n, EW_THREADS)?.min(64);
-    launch_2d(&dev, "adamw_multi", (grid_x, items.len() as u32), EW_THREADS, &args)?;
+    launch_2d(
+        &dev,
+        "adamw_multi",
+        (grid_x, items.len() as u32),
+        EW_THREADS,
+        &args,
+    )?;
     Ok(outs.into_iter().map(|(out, _inputs)| out).collect())
 }
 
 /// Sum of squares of all elements of all tensors (f32, on one GPU), as an f32 scalar tensor on the GPU.
 pub fn sum_squares_multi(tensors: &[&Tensor]) -> Result<Tensor> {
-    let Some(first) = tensors.first() else { bail!("sum_squares_multi: no tensors") };
+    let Some(first) = tensors.first() else {
+        bail!("sum_squares_multi: no tensors")
+    };
     let dev = cuda_device(first)?;
     let mut words = Vec::with_capacity(2 * tensors.len());
     let mut keep = Vec::with_capacity(tensors.len());
@@ -79,16 +92,23 @@ pub fn sum_squares_multi(tensors: &[&Tensor]) -> Result<Tensor> {
     let grid_x = blocks(max_n, ROW_THREADS)?.min(64);
     // One partial sum per block, summed by candle (a fixed reduction order: deterministic).
     let out = uninit(&dev, (tensors.len(), grid_x as usize), DType::F32)?;
-    launch_2d(&dev, "sum_squares_multi", (grid_x, tensors.len() as u32), ROW_THREADS, &[Arg::T(&table), Arg::T(&out)])?;
+    launch_2d(
+        &dev,
+        "sum_squares_multi",
+        (grid_x, tensors.len() as u32),
+        ROW_THREADS,
+        &[Arg::T(&table), Arg::T(&out)],
+    )?;
     drop(keep);
     out.sum_all()
 }
 
-
 /// Every tensor cast to `to` (f32 -> bf16 or bf16 -> f32) in one launch: the adapter's ~240 parameters and
 /// gradients at Qwen-14B, each of which would be a launch of its own.
 pub fn cast_multi(tensors: &[&Tensor], to: DType) -> Result<Vec<Tensor>> {
-    let Some(first) = tensors.first() else { return Ok(Vec::new()) };
+    let Some(first) = tensors.first() else {
+        return Ok(Vec::new());
+    };
     let from = match to {
         DType::BF16 => DType::F32,
         DType::F32 => DType::BF16,
@@ -112,7 +132,13 @@ pub fn cast_multi(tensors: &[&Tensor], to: DType) -> Result<Vec<Tensor>> {
     }
     let table = table(&dev, words)?;
     let grid_x = blocks(max_n, EW_THREADS)?.min(64);
-    launch_2d(&dev, "cast_multi", (grid_x, tensors.len() as u32), EW_THREADS, &[Arg::T(&table), Arg::I((to == DType::BF16) as i32)])?;
+    launch_2d(
+        &dev,
+        "cast_multi",
+        (grid_x, tensors.len() as u32),
+        EW_THREADS,
+        &[Arg::T(&table), Arg::I((to == DType::BF16) as i32)],
+    )?;
     drop(keep);
     Ok(outs)
 }
