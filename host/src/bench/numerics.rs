@@ -689,6 +689,36 @@ fn optimizer_check(gpu: &Device, checks: &mut Vec<Check>) -> Result<()> {
         tolerance: 1e-5,
         ok: norm_err <= 1e-5,
     });
+
+    // The update's factor worked out on the device (norm and clip coefficient, no wait for the host) against the
+    // host's; and a non-finite gradient norm or loss making the update a no-op there.
+    use crate::train::optim::GradScale;
+    let gc = shapes.iter().map(|s| random(s)).collect::<Result<Vec<_>>>()?;
+    let gg = gc.iter().map(|t| t.to_device(gpu)).collect::<candle_core::Result<Vec<_>>>()?;
+    let finite_loss = Tensor::new(3.5f64, gpu)?;
+    let host = GradScale::compute(&gc.iter().collect::<Vec<_>>(), None, 1e-3, Some(0.01), false)?;
+    let dev = GradScale::compute(&gg.iter().collect::<Vec<_>>(), Some(&finite_loss), 1e-3, Some(0.01), true)?;
+    let rel = |a: f64, b: f64| (a - b).abs() / b.abs().max(1e-30);
+    let err = rel(dev.norm()?, host.norm()?).max(rel(dev.scale()?, host.scale()?));
+    checks.push(Check {
+        name: "gradient scale on the device (norm, clip coefficient)".into(),
+        rel_err: err,
+        tolerance: 1e-5,
+        ok: err <= 1e-5 && host.scale()? < 1e-3, // the clip took effect
+    });
+    let nan_grads: Vec<Tensor> = gg.iter().map(|t| t * f64::NAN).collect::<candle_core::Result<_>>()?;
+    let cases = [(&nan_grads, Tensor::new(3.5f64, gpu)?), (&gg, Tensor::new(f64::NAN, gpu)?)];
+    let mut changed = 0.0;
+    for (grads, loss) in cases {
+        let refs: Vec<&Tensor> = grads.iter().collect();
+        let before = on_gpu.clone();
+        let scale = GradScale::compute(&refs, Some(&loss), 1e-3, Some(0.01), true)?;
+        og.step_with(&mut on_gpu.iter_mut().collect::<Vec<_>>(), &refs, 1e-2, &scale)?;
+        for (a, b) in on_gpu.iter().zip(&before) {
+            changed += differing(a, b)?;
+        }
+    }
+    push_exact(checks, "a non-finite gradient norm or loss skips the update on the device (elements changed)", changed);
     Ok(())
 }
 
@@ -821,7 +851,7 @@ fn model_check(gpu: &Device, checks: &mut Vec<Check>, config: ModelConfig) -> Re
             &mut SplitMix::new(9),
             recompute,
         )?;
-        let loss_err = (og.loss_sum - oc.loss_sum).abs() / oc.loss_sum.abs();
+        let loss_err = (og.loss_sum()? - oc.loss_sum()?).abs() / oc.loss_sum()?.abs();
         checks.push(Check {
             name: format!("model loss{tag}"),
             rel_err: loss_err,
@@ -843,7 +873,7 @@ fn model_check(gpu: &Device, checks: &mut Vec<Check>, config: ModelConfig) -> Re
         gpu_model.loss_and_grads(&ids, &labels, None, &lora_gpu, &mut SplitMix::new(9), false)?;
     let b =
         gpu_model.loss_and_grads(&ids, &labels, None, &lora_gpu, &mut SplitMix::new(9), false)?;
-    let mut differ = (a.loss_sum != b.loss_sum) as u8 as f64;
+    let mut differ = (a.loss_sum()? != b.loss_sum()?) as u8 as f64;
     for (ga, gb) in a.grads.tensors().iter().zip(b.grads.tensors()) {
         differ += differing(ga, gb)?;
     }
@@ -898,7 +928,7 @@ fn packed_check(model: &Model, lora: &Lora, fam: &str, checks: &mut Vec<Check>) 
                 &mut SplitMix::new(9),
                 false,
             )?;
-            loss += out.loss_sum;
+            loss += out.loss_sum()?;
             match grads.as_mut() {
                 Some(g) => g.add_assign(&out.grads)?,
                 None => grads = Some(out.grads),

@@ -51,9 +51,17 @@ pub struct Model {
 /// Result of one training micro-step. `grads` are gradients of `loss_sum` (not of the mean): divide by
 /// the counted tokens of the whole accumulated batch.
 pub struct LossAndGrads {
-    pub loss_sum: f64,
+    /// The summed loss, an f64 scalar where it was computed (on a GPU: there, so that nothing waits for it
+    /// before the step's update is queued); [`LossAndGrads::loss_sum`] reads it.
+    pub loss: Tensor,
     pub n_tokens: usize,
     pub grads: LoraGrads,
+}
+
+impl LossAndGrads {
+    pub fn loss_sum(&self) -> Result<f64> {
+        Ok(self.loss.to_dtype(DType::F64)?.to_scalar::<f64>()?)
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -669,9 +677,8 @@ impl Model {
             .into_iter()
             .map(|g| g.expect("every adapter sits at or above the lowest layer"))
             .unzip();
-        let loss_sum = loss_sum.to_scalar::<f64>()?; // after the backward is queued: no idle device
         Ok(LossAndGrads {
-            loss_sum,
+            loss: loss_sum,
             n_tokens: targets.len(),
             grads: LoraGrads { a, b },
         })

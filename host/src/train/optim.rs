@@ -107,6 +107,18 @@ impl AdamW {
         lr: f64,
         grad_scale: f64,
     ) -> Result<()> {
+        self.step_with(params, grads, lr, &GradScale::Host { norm: f64::NAN, scale: grad_scale })
+    }
+
+    /// [`AdamW::step`] with every gradient multiplied by `scale`'s factor first; a factor worked out on the
+    /// device that is not finite skips the update there (parameters and moments stay as they are).
+    pub fn step_with(
+        &mut self,
+        params: &mut [&mut Tensor],
+        grads: &[&Tensor],
+        lr: f64,
+        scale: &GradScale,
+    ) -> Result<()> {
         if params.len() != self.m.len() || grads.len() != self.m.len() {
             bail!(
                 "AdamW: built for {} parameters, got {} parameters and {} gradients",
@@ -146,15 +158,19 @@ impl AdamW {
                 weight_decay: c.weight_decay,
                 step_size,
                 bias_correction2_sqrt,
-                grad_scale,
+            };
+            let on_device = match scale {
+                GradScale::Device(t) => t.clone(),
+                GradScale::Host { norm, scale } => Tensor::new(&[*norm as f32, *scale as f32], params[0].device())?,
             };
             // The moments are updated in place, the parameters replaced.
-            let new = cuda::adamw_multi(&items, &h)?;
+            let new = cuda::adamw_multi(&items, &h, &on_device)?;
             for (i, p) in new.into_iter().enumerate() {
                 *params[i] = p;
             }
             return Ok(());
         }
+        let grad_scale = scale.scale()?;
         for i in 0..params.len() {
             let p = &mut *params[i];
             let work = self.m[i].dtype();
@@ -282,6 +298,57 @@ impl AdamW {
             m,
             v,
             fused: true,
+        })
+    }
+}
+
+/// The factor an update multiplies every gradient by (the loss normalisation times the clip coefficient) and
+/// the global norm it came from.
+#[derive(Debug, Clone)]
+pub enum GradScale {
+    Host { norm: f64, scale: f64 },
+    /// f32 [2] on the GPU: the norm and the factor, NaN when the norm or the loss was not finite (the update is
+    /// then skipped on the device). Worked out there so that the host does not wait for the norm between the
+    /// backward and the update: it queues the update while the backward still runs.
+    Device(Tensor),
+}
+
+impl GradScale {
+    /// The scale of gradients `grads` of a loss summed over tokens: `per_token` (1 / the step's trained tokens)
+    /// times the coefficient that clips the normalised gradient's global norm to `clip`. On the device when
+    /// `fused` and the gradients are f32 on a GPU (`loss_sum`, an f64 scalar there, joins the finiteness
+    /// test), else on the host.
+    pub fn compute(
+        grads: &[&Tensor],
+        loss_sum: Option<&Tensor>,
+        per_token: f64,
+        clip: Option<f64>,
+        fused: bool,
+    ) -> Result<GradScale> {
+        #[cfg(feature = "cuda")]
+        if fused && !grads.is_empty() && all_on_gpu_f32(grads.iter().copied()) {
+            let loss = loss_sum.filter(|l| l.device().same_device(grads[0].device()));
+            return Ok(GradScale::Device(crate::model::cuda::grad_scale(grads, loss, per_token, clip)?));
+        }
+        let _ = loss_sum;
+        let norm = global_norm_with(grads, fused)? * per_token;
+        let coef = clip.map_or(1.0, |max| clip_coefficient(norm, max));
+        Ok(GradScale::Host { norm, scale: per_token * coef })
+    }
+
+    /// The global norm (of the normalised gradient, before clipping); reads it from the device if need be.
+    pub fn norm(&self) -> Result<f64> {
+        Ok(match self {
+            GradScale::Host { norm, .. } => *norm,
+            GradScale::Device(t) => t.to_vec1::<f32>()?[0] as f64,
+        })
+    }
+
+    /// The factor; reads it from the device if need be (NaN there: the step was skipped).
+    pub fn scale(&self) -> Result<f64> {
+        Ok(match self {
+            GradScale::Host { scale, .. } => *scale,
+            GradScale::Device(t) => t.to_vec1::<f32>()?[1] as f64,
         })
     }
 }

@@ -16,7 +16,12 @@ use crate::model::lora::{Lora, LoraGrads};
 use crate::model::transformer::Model;
 use crate::rng::SplitMix;
 use anyhow::bail;
+use candle_core::Tensor;
 use std::time::Instant;
+
+fn read_f64(t: &Tensor) -> anyhow::Result<f64> {
+    Ok(t.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?)
+}
 
 /// What a step needs beyond its batches and learning rate.
 #[derive(Debug, Clone)]
@@ -68,7 +73,10 @@ pub fn step(
     // The first pass's gradients are taken as they are: no zeros to add them to (240 tensors at Qwen-14B:
     // each a launch while the device waits, at the start and the end of a step).
     let mut grads: Option<LoraGrads> = None;
-    let (mut loss_sum, mut n_tokens) = (0.0f64, 0usize);
+    // The loss sum stays where the model computed it (on a GPU: there) until the update is queued: reading it
+    // earlier would leave the device idle while the host frees the step's tensors and builds the update.
+    let mut loss_sum: Option<Tensor> = None;
+    let mut n_tokens = 0usize;
     let mine = split::assign(&batches.passes, comm.world_size()).swap_remove(comm.rank());
     for pass in mine {
         let batch = &batches.passes[pass];
@@ -91,7 +99,13 @@ pub fn step(
             None => grads = Some(out.grads),
             Some(g) => g.add_assign(&out.grads)?,
         }
-        loss_sum += out.loss_sum;
+        loss_sum = Some(match loss_sum {
+            None => out.loss,
+            Some(l) => {
+                let other = out.loss.to_device(l.device())?;
+                (l + other)?
+            }
+        });
         n_tokens += out.n_tokens;
     }
     // A rank with no pass of this step contributes zeros.
@@ -99,41 +113,49 @@ pub fn step(
         Some(g) => g,
         None => LoraGrads::zeros_like(lora)?,
     };
-    // Gradients in f32, summed over the ranks in rank order (no-ops on one rank).
+    // Gradients in f32, summed over the ranks in rank order (no-ops on one rank). Several ranks sum the loss
+    // on the host (and so wait for it here).
     comm.all_reduce_sum(&mut grads.tensors_mut())?;
-    let mut sums = [loss_sum, n_tokens as f64];
-    comm.all_reduce_sum_scalars(&mut sums)?;
-    let (loss_sum, n_tokens) = (sums[0], sums[1] as usize);
+    if comm.world_size() > 1 {
+        let mut sums = [loss_sum.as_ref().map_or(Ok(0.0), read_f64)?, n_tokens as f64];
+        comm.all_reduce_sum_scalars(&mut sums)?;
+        loss_sum = Some(Tensor::new(sums[0], &candle_core::Device::Cpu)?);
+        n_tokens = sums[1] as usize;
+    }
     debug_assert_eq!(
         n_tokens,
         batches.passes.iter().map(|b| b.trained).sum::<usize>(),
         "every pass ran once"
     );
-    let loss = if n_tokens > 0 {
-        loss_sum / n_tokens as f64
-    } else {
-        0.0
-    };
-    if !loss.is_finite() {
-        bail!("the loss is {loss} at step {number} (learning rate too high? bad data?); stopping without writing");
-    }
     // The division by the trained tokens and the clipping factor are applied inside the optimizer step (one
-    // pass over the gradients, not three).
+    // pass over the gradients, not three); on a GPU that factor is worked out there, and a non-finite norm or
+    // loss makes the update a no-op.
     let per_token = 1.0 / n_tokens.max(1) as f64;
-    let grad_norm = optim::global_norm_with(&grads.tensors(), model.fusion.optimizer)? * per_token;
-    if !grad_norm.is_finite() {
-        bail!("the gradient norm is {grad_norm} at step {number} (loss {loss}); stopping without writing");
+    let scale = optim::GradScale::compute(&grads.tensors(), loss_sum.as_ref(), per_token, c.clip, model.fusion.optimizer)?;
+    let loss_of = |l: &Option<Tensor>| -> anyhow::Result<f64> {
+        let sum = l.as_ref().map_or(Ok(0.0), read_f64)?;
+        Ok(if n_tokens > 0 { sum / n_tokens as f64 } else { 0.0 })
+    };
+    let finite = |loss: f64, grad_norm: f64| -> anyhow::Result<()> {
+        if !loss.is_finite() {
+            bail!("the loss is {loss} at step {number} (learning rate too high? bad data?); stopping without writing");
+        }
+        if !grad_norm.is_finite() {
+            bail!("the gradient norm is {grad_norm} at step {number} (loss {loss}); stopping without writing");
+        }
+        Ok(())
+    };
+    // What the host knows already is checked before the adapter is touched.
+    let loss_on_host = loss_sum.as_ref().is_none_or(|l| !l.device().is_cuda());
+    match &scale {
+        optim::GradScale::Host { norm, .. } => finite(loss_of(&loss_sum)?, *norm)?,
+        optim::GradScale::Device(_) if loss_on_host => finite(loss_of(&loss_sum)?, 0.0)?,
+        optim::GradScale::Device(_) => {}
     }
-    let clip = c
-        .clip
-        .map_or(1.0, |max| optim::clip_coefficient(grad_norm, max));
-    opt.step_scaled(
-        &mut lora.params_mut(),
-        &grads.tensors(),
-        lr,
-        per_token * clip,
-    )?;
+    opt.step_with(&mut lora.params_mut(), &grads.tensors(), lr, &scale)?;
     model.device.synchronize()?;
+    let (loss, grad_norm) = (loss_of(&loss_sum)?, scale.norm()?);
+    finite(loss, grad_norm)?; // on the device, a non-finite one skipped the update
     Ok(StepOutcome {
         loss,
         grad_norm,

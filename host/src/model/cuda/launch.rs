@@ -170,6 +170,7 @@ pub(super) fn launch_smem(
         let (ptr, guard) = match &cs.slice {
             CudaStorageSlice::BF16(s) => s.device_ptr(&stream),
             CudaStorageSlice::F32(s) => s.device_ptr(&stream),
+            CudaStorageSlice::F64(s) => s.device_ptr(&stream),
             CudaStorageSlice::U32(s) => s.device_ptr(&stream),
             CudaStorageSlice::I64(s) => s.device_ptr(&stream),
             CudaStorageSlice::U8(s) => s.device_ptr(&stream),

@@ -25,4 +25,4 @@ pub use layers::{
 };
 pub use lora::{lora_down, lora_down_add_, lora_up, lora_up_add_};
 pub use memory::{keep_pool_memory, peak_memory, reset_peak_memory};
-pub use optim::{adamw_multi, cast_multi, sum_squares_multi, AdamWStep};
+pub use optim::{adamw_multi, cast_multi, grad_scale, sum_squares_multi, AdamWStep};

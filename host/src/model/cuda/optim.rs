@@ -13,16 +13,17 @@ pub struct AdamWStep {
     pub weight_decay: f64,
     pub step_size: f64,
     pub bias_correction2_sqrt: f64,
-    pub grad_scale: f64,
 }
 
 /// One AdamW step of every (param, grad, m, v) in one launch; returns the new parameters (the inputs are left
 /// as they are) and updates the moments in place: the optimizer owns them and nothing else holds them, and
 /// 480 fresh moment tensors a step at Qwen-14B would each cost an allocation and a free while the device
-/// waits for the host. All f32, contiguous, on one GPU.
+/// waits for the host. All f32, contiguous, on one GPU. `scale`: f32 [2] on the GPU, element 1 the factor
+/// every gradient is multiplied by ([`grad_scale`]); not finite: the step is skipped (parameters copied).
 pub fn adamw_multi(
     items: &[(&Tensor, &Tensor, &Tensor, &Tensor)],
     h: &AdamWStep,
+    scale: &Tensor,
 ) -> Result<Vec<Tensor>> {
     let Some(first) = items.first() else {
         return Ok(Vec::new());
@@ -59,7 +60,7 @@ pub fn adamw_multi(
         Arg::F(h.weight_decay as f32),
         Arg::F(h.step_size as f32),
         Arg::F(h.bias_correction2_sqrt as f32),
-        Arg::F(h.grad_scale as f32),
+        Arg::T(scale),
     ];
     let grid_x = blocks(max_n, EW_THREADS)?.min(64);
     launch_2d(
@@ -74,6 +75,28 @@ pub fn adamw_multi(
 
 /// Sum of squares of all elements of all tensors (f32, on one GPU), as an f32 scalar tensor on the GPU.
 pub fn sum_squares_multi(tensors: &[&Tensor]) -> Result<Tensor> {
+    sum_squares_partials(tensors)?.sum_all()
+}
+
+/// The factor an update multiplies the gradients `grads` by, on the GPU (f32 [2]: the global norm times
+/// `per_token`, and `per_token` times the clip coefficient for `max_norm`, or NaN when the norm or `loss_sum`
+/// (an f64 scalar) is not finite), with no wait for the host.
+pub fn grad_scale(grads: &[&Tensor], loss_sum: Option<&Tensor>, per_token: f64, max_norm: Option<f64>) -> Result<Tensor> {
+    let partials = sum_squares_partials(grads)?;
+    let dev = cuda_device(&partials)?;
+    let out = uninit(&dev, 2, DType::F32)?;
+    let loss = match loss_sum {
+        Some(l) if l.dtype() == DType::F64 && l.elem_count() == 1 => Arg::T(l),
+        Some(l) => bail!("grad_scale: the loss sum must be one f64, got {:?} {:?}", l.dtype(), l.dims()),
+        None => Arg::U(0),
+    };
+    let args = [Arg::T(&partials), Arg::I(partials.elem_count() as i32), loss, Arg::U(per_token.to_bits()), Arg::U(max_norm.unwrap_or(0.0).to_bits()), Arg::T(&out)];
+    launch(&dev, "grad_scale", 1, ROW_THREADS, &args)?;
+    Ok(out)
+}
+
+/// One partial sum of squares per (tensor, block) of `tensors`: f32 [tensors, blocks].
+fn sum_squares_partials(tensors: &[&Tensor]) -> Result<Tensor> {
     let Some(first) = tensors.first() else {
         bail!("sum_squares_multi: no tensors")
     };
@@ -100,7 +123,7 @@ pub fn sum_squares_multi(tensors: &[&Tensor]) -> Result<Tensor> {
         &[Arg::T(&table), Arg::T(&out)],
     )?;
     drop(keep);
-    out.sum_all()
+    Ok(out)
 }
 
 /// Every tensor cast to `to` (f32 -> bf16 or bf16 -> f32) in one launch: the adapter's ~240 parameters and
