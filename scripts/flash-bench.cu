@@ -86,6 +86,21 @@ template <class T> T* dalloc(size_t n) { T* p; CK(cudaMalloc(&p, n * sizeof(T)))
 static bf16* drand(size_t n, float amp) { std::vector<bf16> h(n); for (auto& x : h) x = __float2bfloat16(urand() * amp); bf16* d = dalloc<bf16>(n); CK(cudaMemcpy(d, h.data(), n * 2, cudaMemcpyHostToDevice)); return d; }
 static std::vector<float> tof(const bf16* d, size_t n) { std::vector<bf16> h(n); CK(cudaMemcpy(h.data(), d, n * 2, cudaMemcpyDeviceToHost)); std::vector<float> f(n); for (size_t i = 0; i < n; ++i) f[i] = __bfloat162float(h[i]); return f; }
 static std::vector<float> getf(const float* d, size_t n) { std::vector<float> h(n); CK(cudaMemcpy(h.data(), d, n * 4, cudaMemcpyDeviceToHost)); return h; }
+// A token-major [B T, W] matrix's columns col0 .. col0 + heads D as head-major [B, heads, T, D] (the kernels write
+// O and d(qkv) token-major; the reference is head-major).
+static std::vector<float> heads_of(const std::vector<float>& tm, int B, int T, int heads, int D, int W, int col0) {
+    std::vector<float> out((size_t)B * heads * T * D);
+    for (int b = 0; b < B; ++b) for (int h = 0; h < heads; ++h) for (int t = 0; t < T; ++t) for (int d = 0; d < D; ++d)
+        out[(((size_t)b * heads + h) * T + t) * D + d] = tm[((size_t)b * T + t) * W + col0 + h * D + d];
+    return out;
+}
+// The reverse, for dO: head-major [B, H, T, D] bf16 on the device -> a token-major copy.
+static bf16* tokens_of(const bf16* hm, int B, int T, int H, int D) {
+    size_t n = (size_t)B * H * T * D; std::vector<bf16> h(n), t(n); CK(cudaMemcpy(h.data(), hm, n * 2, cudaMemcpyDeviceToHost));
+    for (int b = 0; b < B; ++b) for (int hh = 0; hh < H; ++hh) for (int tt = 0; tt < T; ++tt) for (int d = 0; d < D; ++d)
+        t[((size_t)b * T + tt) * H * D + hh * D + d] = h[(((size_t)b * H + hh) * T + tt) * D + d];
+    bf16* out; CK(cudaMalloc(&out, n * 2)); CK(cudaMemcpy(out, t.data(), n * 2, cudaMemcpyHostToDevice)); return out;
+}
 static double relerr(const std::vector<float>& a, const std::vector<float>& b) { double n = 0, e = 0; for (size_t i = 0; i < a.size(); ++i) { e += (a[i] - b[i]) * (double)(a[i] - b[i]); n += b[i] * (double)b[i]; } return std::sqrt(e / std::max(n, 1e-30)); }
 
 template <int D> int smem_fwd() { return 4 * fa::Dims<D>::TILE * 2; }
@@ -100,10 +115,10 @@ template <int D>
 void run(const char* name, int B, int T, int H, int Hkv, std::vector<std::vector<int>> seqlens, bool check, int reps, bool use_tiles) {
     if (only && !strstr(name, only)) return;
     void (*fwd)(const bf16*, const bf16*, const bf16*, bf16*, float*, const int4*, int, int, int, float) = D == 128 ? flash_fwd64_128 : flash_fwd64_64;
-    void (*dkdv)(const bf16*, const bf16*, const bf16*, const bf16*, const float*, const float*, bf16*, bf16*, bf16*, const int*, int, const int4*, int, int, int, int, float) = D == 128 ? flash_bwd_dkdv_128 : flash_bwd_dkdv_64;
-    void (*dqt)(const bf16*, const bf16*, bf16*, const int*, int, const int4*, int, int, int, int, float) = D == 128 ? flash_bwd_dq_tiles_128 : flash_bwd_dq_tiles_64;
+    auto dkdv = D == 128 ? flash_bwd_dkdv_128 : flash_bwd_dkdv_64;
+    auto dqt = D == 128 ? flash_bwd_dq_tiles_128 : flash_bwd_dq_tiles_64;
     CK(cudaFuncSetAttribute(dqt, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_dqt<D>()));
-    void (*dqk)(const bf16*, const bf16*, const bf16*, const bf16*, const float*, const float*, bf16*, const int4*, int, int, int, float) = D == 128 ? flash_bwd_dq_128 : flash_bwd_dq_64;
+    auto dqk = D == 128 ? flash_bwd_dq_128 : flash_bwd_dq_64;
     CK(cudaFuncSetAttribute(fwd, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_fwd<D>()));
     void (*fwd2)(const bf16*, const bf16*, const bf16*, bf16*, float*, const int4*, int, int, int, float) = D == 128 ? flash_fwd128_128 : flash_fwd128_64;
     CK(cudaFuncSetAttribute(fwd2, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_fwd2<D>()));
@@ -129,17 +144,19 @@ void run(const char* name, int B, int T, int H, int Hkv, std::vector<std::vector
     bf16* ds = use_tiles ? dalloc<bf16>((size_t)H * n_tiles * 4096) : nullptr;
     int* dtab = dalloc<int>(tab.size()); CK(cudaMemcpy(dtab, tab.data(), tab.size() * 4, cudaMemcpyHostToDevice));
     int n = entries.size(); float scale = 1.f / sqrtf(D);
-    bf16 *o = dalloc<bf16>(nq), *dq = dalloc<bf16>(nq), *dk = dalloc<bf16>(nk), *dv = dalloc<bf16>(nk);
+    // O and dO token-major [B T, H D]; dq, dk, dv side by side in d(qkv) [B T, (H + 2 Hkv) D], no RoPE here.
+    const int W = (H + 2 * Hkv) * D;
+    bf16 *o = dalloc<bf16>(nq), *dqkv = dalloc<bf16>((size_t)B * T * W), *gt = tokens_of(g, B, T, H, D);
     float *lse = dalloc<float>((size_t)B * H * T), *dot = dalloc<float>((size_t)B * H * T);
     auto forward = [&] { fwd<<<dim3(n, H), 128, smem_fwd<D>()>>>(q, k, v, o, lse, (const int4*)dtab, T, H, Hkv, scale); };
     bf16* o2 = dalloc<bf16>(nq); float* lse2 = dalloc<float>((size_t)B * H * T);
     auto forward2 = [&] { fwd2<<<dim3(n2, H), 128, smem_fwd2<D>()>>>(q, k, v, o2, lse2, (const int4*)dtab2, T, H, Hkv, scale); };
     auto backward = [&] {
         size_t rows = (size_t)B * H * T;
-        flash_bwd_dot<<<(rows + 7) / 8, 256>>>(o, g, dot, D, rows);
-        dkdv<<<dim3(n, Hkv), 128, smem_dkdv<D>()>>>(q, k, v, g, lse, dot, dk, dv, ds, dtiles, n_tiles, (const int4*)dtab, 0, T, H, Hkv, scale);
-        if (use_tiles) dqt<<<dim3(n2, H), 128, smem_dqt<D>()>>>(k, ds, dq, dtiles2, n_tiles, (const int4*)dtab2, 0, T, H, Hkv, scale);
-        else dqk<<<dim3(n, H), 128, smem_dq<D>()>>>(q, k, v, g, lse, dot, dq, (const int4*)dtab, T, H, Hkv, scale);
+        flash_bwd_dot<<<(rows + 7) / 8, 256>>>(o, gt, dot, T, H, D, rows);
+        dkdv<<<dim3(n, Hkv), 128, smem_dkdv<D>()>>>(q, k, v, gt, lse, dot, dqkv, nullptr, nullptr, 0, ds, dtiles, n_tiles, (const int4*)dtab, 0, T, H, Hkv, scale);
+        if (use_tiles) dqt<<<dim3(n2, H), 128, smem_dqt<D>()>>>(k, ds, dqkv, nullptr, nullptr, 0, dtiles2, n_tiles, (const int4*)dtab2, 0, T, H, Hkv, scale);
+        else dqk<<<dim3(n, H), 128, smem_dq<D>()>>>(q, k, v, gt, lse, dot, dqkv, nullptr, nullptr, 0, (const int4*)dtab, T, H, Hkv, scale);
     };
     forward(); backward(); forward2(); CK(cudaGetLastError()); CK(cudaDeviceSynchronize());
     printf("%s: D %d B %d T %d H %d Hkv %d, %d blocks, dq %s\n", name, D, B, T, H, Hkv, n, use_tiles ? "from dS tiles" : "recomputed");
@@ -153,9 +170,11 @@ void run(const char* name, int B, int T, int H, int Hkv, std::vector<std::vector
         ref_dq<<<(rows + 127) / 128, 128>>>(q, k, v, g, rl, rd, rq, ds, B, T, H, Hkv, D, scale);
         ref_dkdv<<<(B * Hkv * T + 127) / 128, 128>>>(q, k, v, g, rl, rd, rk, rv, de, B, T, H, Hkv, D, scale);
         CK(cudaDeviceSynchronize());
-        printf("  rel err: o %.2e lse %.2e dq %.2e dk %.2e dv %.2e\n", relerr(tof(o, nq), getf(ro, nq)), relerr(getf(lse, rows), getf(rl, rows)),
-               relerr(tof(dq, nq), getf(rq, nq)), relerr(tof(dk, nk), getf(rk, nk)), relerr(tof(dv, nk), getf(rv, nk)));
-        printf("  forward of 128-query blocks, rel err: o %.2e lse %.2e\n", relerr(tof(o2, nq), getf(ro, nq)), relerr(getf(lse2, rows), getf(rl, rows)));
+        const auto g_all = tof(dqkv, (size_t)B * T * W);
+        printf("  rel err: o %.2e lse %.2e dq %.2e dk %.2e dv %.2e\n", relerr(heads_of(tof(o, nq), B, T, H, D, H * D, 0), getf(ro, nq)),
+               relerr(getf(lse, rows), getf(rl, rows)), relerr(heads_of(g_all, B, T, H, D, W, 0), getf(rq, nq)),
+               relerr(heads_of(g_all, B, T, Hkv, D, W, H * D), getf(rk, nk)), relerr(heads_of(g_all, B, T, Hkv, D, W, (H + Hkv) * D), getf(rv, nk)));
+        printf("  forward of 128-query blocks, rel err: o %.2e lse %.2e\n", relerr(heads_of(tof(o2, nq), B, T, H, D, H * D, 0), getf(ro, nq)), relerr(getf(lse2, rows), getf(rl, rows)));
     }
     if (reps > 0) {
         cudaEvent_t a, b2, c; cudaEventCreate(&a); cudaEventCreate(&b2); cudaEventCreate(&c);
@@ -169,18 +188,18 @@ void run(const char* name, int B, int T, int H, int Hkv, std::vector<std::vector
         cudaEvent_t e0, e1, e2; cudaEventCreate(&e0); cudaEventCreate(&e1); cudaEventCreate(&e2);
         float t1 = 0, t2 = 0;
         for (int r = 0; r < reps; ++r) {
-            flash_bwd_dot<<<(rows + 7) / 8, 256>>>(o, g, dot, D, rows);
+            flash_bwd_dot<<<(rows + 7) / 8, 256>>>(o, gt, dot, T, H, D, rows);
             cudaEventRecord(e0);
-            dkdv<<<dim3(n, Hkv), 128, smem_dkdv<D>()>>>(q, k, v, g, lse, dot, dk, dv, ds, dtiles, n_tiles, (const int4*)dtab, 0, T, H, Hkv, scale);
+            dkdv<<<dim3(n, Hkv), 128, smem_dkdv<D>()>>>(q, k, v, gt, lse, dot, dqkv, nullptr, nullptr, 0, ds, dtiles, n_tiles, (const int4*)dtab, 0, T, H, Hkv, scale);
             cudaEventRecord(e1);
-            if (use_tiles) dqt<<<dim3(n2, H), 128, smem_dqt<D>()>>>(k, ds, dq, dtiles2, n_tiles, (const int4*)dtab2, 0, T, H, Hkv, scale);
-            else dqk<<<dim3(n, H), 128, smem_dq<D>()>>>(q, k, v, g, lse, dot, dq, (const int4*)dtab, T, H, Hkv, scale);
+            if (use_tiles) dqt<<<dim3(n2, H), 128, smem_dqt<D>()>>>(k, ds, dqkv, nullptr, nullptr, 0, dtiles2, n_tiles, (const int4*)dtab2, 0, T, H, Hkv, scale);
+            else dqk<<<dim3(n, H), 128, smem_dq<D>()>>>(q, k, v, gt, lse, dot, dqkv, nullptr, nullptr, 0, (const int4*)dtab, T, H, Hkv, scale);
             cudaEventRecord(e2); CK(cudaEventSynchronize(e2));
             float x, y; cudaEventElapsedTime(&x, e0, e1); cudaEventElapsedTime(&y, e1, e2); t1 += x; t2 += y;
         }
         printf("  dkdv %.3f ms, dq %.3f ms\n", t1 / reps, t2 / reps);
     }
-    cudaFree(q); cudaFree(k); cudaFree(v); cudaFree(g); cudaFree(o); cudaFree(dq); cudaFree(dk); cudaFree(dv); cudaFree(lse); cudaFree(dot); cudaFree(dtab); cudaFree(dtab2); cudaFree(dtiles2); cudaFree(o2); cudaFree(lse2); cudaFree(dtiles); if (ds) cudaFree(ds);
+    cudaFree(q); cudaFree(k); cudaFree(v); cudaFree(g); cudaFree(o); cudaFree(dqkv); cudaFree(gt); cudaFree(lse); cudaFree(dot); cudaFree(dtab); cudaFree(dtab2); cudaFree(dtiles2); cudaFree(o2); cudaFree(lse2); cudaFree(dtiles); if (ds) cudaFree(ds);
 }
 
 int main(int argc, char** argv) {

@@ -402,7 +402,10 @@ fn gradient_check(family: Family, dropout: f64) {
         .unwrap();
     assert_eq!(plain.n_tokens, 11);
     // Recomputation must give bit-identical results.
-    assert_eq!(plain.loss_sum().unwrap().to_bits(), recomputed.loss_sum().unwrap().to_bits());
+    assert_eq!(
+        plain.loss_sum().unwrap().to_bits(),
+        recomputed.loss_sum().unwrap().to_bits()
+    );
     for (g1, g2) in plain.grads.tensors().iter().zip(recomputed.grads.tensors()) {
         let (a, b) = (to_f64_vec(g1), to_f64_vec(g2));
         assert!(
@@ -426,7 +429,8 @@ fn gradient_check(family: Family, dropout: f64) {
         model
             .loss_and_grads(&ids, &labels, None, l, &mut rng0.clone(), false)
             .unwrap()
-            .loss_sum().unwrap()
+            .loss_sum()
+            .unwrap()
     };
     let eps = 1e-5;
     let mut rng = SplitMix::new(1);
@@ -630,7 +634,8 @@ fn only_adapted_layers_are_backpropagated() {
                 false,
             )
             .unwrap()
-            .loss_sum().unwrap()
+            .loss_sum()
+            .unwrap()
     };
     let numeric = (at(eps) - at(-eps)) / (2.0 * eps);
     let analytic = (&out.grads.a[0] * &dir)
@@ -1951,4 +1956,46 @@ fn the_flash_work_list_covers_every_block_of_every_sequence_once_the_longest_fir
             .unwrap()
             .forward128
     );
+}
+
+#[test]
+fn rope_tables_repeat_each_angle_in_both_halves_of_the_head_dim() {
+    // The flash backward undoes RoPE reading only the first half of each table row (model/cuda/flash.cu,
+    // store_rows): every pair (j, j + D/2) must share one angle, under every frequency scaling.
+    use lorahost::model::attention::Rope;
+    use lorahost::model::config::RopeScaling;
+    let scalings = [
+        RopeScaling::None,
+        RopeScaling::Linear { factor: 4.0 },
+        RopeScaling::Llama3 {
+            factor: 8.0,
+            low_freq_factor: 1.0,
+            high_freq_factor: 4.0,
+            original_max_position_embeddings: 64.0,
+        },
+    ];
+    for scaling in &scalings {
+        for d in [64usize, 128] {
+            let rope = Rope::new(
+                300,
+                d,
+                1_000_000.0,
+                scaling,
+                candle_core::DType::BF16,
+                &candle_core::Device::Cpu,
+            )
+            .unwrap();
+            let (cos, sin) = rope.tables();
+            for table in [cos, sin] {
+                let first: Vec<Vec<f32>> = table.narrow(1, 0, d / 2).unwrap().to_vec2().unwrap();
+                let second: Vec<Vec<f32>> =
+                    table.narrow(1, d / 2, d / 2).unwrap().to_vec2().unwrap();
+                assert_eq!(first, second, "{scaling:?}, head dim {d}");
+                assert!(
+                    first[7].iter().any(|&x| x != first[7][0]),
+                    "the angles differ along a row"
+                );
+            }
+        }
+    }
 }

@@ -213,8 +213,8 @@ fn ops_checks(gpu: &Device, checks: &mut Vec<Check>) -> Result<()> {
         &dqkv_c,
         OP_TOL,
     )?;
-    let mc = attention::merge_heads(&g[0].cpu, &rope_c, false)?;
-    let mg = attention::merge_heads(&g[0].gpu, &rope_g, true)?;
+    let mc = attention::merge_heads(&g[0].cpu, false)?;
+    let mg = attention::merge_heads(&g[0].gpu, true)?;
     push(checks, "merge heads", &mg, &mc, OP_TOL)?;
     let sc = attention::merge_heads_backward(&mc, b, t, h, d, false)?;
     let sg = attention::merge_heads_backward(&mg, b, t, h, d, true)?;
@@ -229,9 +229,11 @@ fn ops_checks(gpu: &Device, checks: &mut Vec<Check>) -> Result<()> {
         attention::attention_forward(&q.cpu, &k.cpu, &v.cpu, 1, Some(&mask), false, None)?;
     let (yg, sg) = attention::attention_forward(&q.gpu, &k.gpu, &v.gpu, 1, None, true, None)?;
     push(checks, "attention forward", &yg, &yc, OP_TOL)?;
-    let dy = pair(&mut rng, &[b, h, t, d], 0.0, 1.0, gpu)?;
-    let (dqc, dkc, dvc) = attention::attention_backward(&sc, &dy.cpu, false, false)?;
-    let (dqg, dkg, dvg) = attention::attention_backward(&sg, &dy.gpu, true, true)?;
+    let dy = pair(&mut rng, &[b * t, h * d], 0.0, 1.0, gpu)?;
+    let (dqc, dkc, dvc) =
+        attention::attention_backward(&sc, &dy.cpu, false, false, None)?.tokens()?;
+    let (dqg, dkg, dvg) =
+        attention::attention_backward(&sg, &dy.gpu, true, true, None)?.tokens()?;
     push(checks, "attention backward: dq", &dqg, &dqc, OP_TOL)?;
     push(checks, "attention backward: dk", &dkg, &dkc, OP_TOL)?;
     push(checks, "attention backward: dv", &dvg, &dvc, OP_TOL)?;
@@ -245,7 +247,7 @@ fn ops_checks(gpu: &Device, checks: &mut Vec<Check>) -> Result<()> {
         let q = pair(&mut rng, &[b, h, t, d], 0.0, 1.5, gpu)?;
         let k = pair(&mut rng, &[b, hkv, t, d], 0.0, 1.5, gpu)?;
         let v = pair(&mut rng, &[b, hkv, t, d], 0.0, 1.0, gpu)?;
-        let dy = pair(&mut rng, &[b, h, t, d], 0.0, 1.0, gpu)?;
+        let dy = pair(&mut rng, &[b * t, h * d], 0.0, 1.0, gpu)?;
         let packed = attention::Packed::new(&[0, 70, 200, 201, 265, 400], b, t)?;
         let cases = [
             (
@@ -302,7 +304,36 @@ fn ops_checks(gpu: &Device, checks: &mut Vec<Check>) -> Result<()> {
                 &yc,
                 OP_TOL,
             )?;
-            let (dqc, dkc, dvc) = attention::attention_backward(&sc, &dy.cpu, false, false)?;
+            let grads_c = attention::attention_backward(&sc, &dy.cpu, false, false, None)?;
+            // RoPE undone as the flash backward stores dq and dk (rows: tables by position) against RoPE's
+            // composite backward of the CPU's per-head gradients.
+            if layout == "rows" {
+                let (rope_c, rope_g) = (
+                    Rope::new(t, d, 10000.0, &RopeScaling::None, DType::F32, &Device::Cpu)?,
+                    Rope::new(t, d, 10000.0, &RopeScaling::None, DType::BF16, gpu)?,
+                );
+                let attention::AttnGrads::Heads(dq, dk, _) = &grads_c else {
+                    bail!("the CPU gives per-head gradients")
+                };
+                let want = [
+                    attention::rope_backward(dq, &rope_c)?,
+                    attention::rope_backward(dk, &rope_c)?,
+                ];
+                let (gq, gk, _) =
+                    attention::attention_backward(&sg, &dy.gpu, true, true, Some(&rope_g))?
+                        .tokens()?;
+                for ((what, got), want) in [("dq", gq), ("dk", gk)].into_iter().zip(want) {
+                    let want = attention::merge_heads(&want, false)?;
+                    push(
+                        checks,
+                        &name(&format!("backward: {what}, RoPE undone as stored")),
+                        &got,
+                        &want,
+                        OP_TOL,
+                    )?;
+                }
+            }
+            let (dqc, dkc, dvc) = grads_c.tokens()?;
             // The dS tiles in groups of one kv head (what a long sequence gets) against all at once: the same bits.
             if layout == "rows" {
                 use crate::model::cuda::{flash_backward_within, flash_forward};
@@ -319,6 +350,7 @@ fn ops_checks(gpu: &Device, checks: &mut Vec<Check>) -> Result<()> {
                     &blocks,
                     scale,
                     usize::MAX,
+                    None,
                 )?;
                 let grouped = flash_backward_within(
                     &q.gpu,
@@ -330,10 +362,9 @@ fn ops_checks(gpu: &Device, checks: &mut Vec<Check>) -> Result<()> {
                     &blocks,
                     scale,
                     one_kv_head,
+                    None,
                 )?;
-                let differ = differing(&whole.0, &grouped.0)?
-                    + differing(&whole.1, &grouped.1)?
-                    + differing(&whole.2, &grouped.2)?;
+                let differ = differing(&whole, &grouped)?;
                 push_exact(
                     checks,
                     name("backward: dS tiles one kv head at a time (elements differing)"),
@@ -342,7 +373,8 @@ fn ops_checks(gpu: &Device, checks: &mut Vec<Check>) -> Result<()> {
             }
             // dQ from the stored dS tiles, and recomputed.
             for ds_tiles in [true, false] {
-                let (dqg, dkg, dvg) = attention::attention_backward(&sg, &dy.gpu, true, ds_tiles)?;
+                let (dqg, dkg, dvg) =
+                    attention::attention_backward(&sg, &dy.gpu, true, ds_tiles, None)?.tokens()?;
                 let how = if ds_tiles { "" } else { ", dQ recomputed" };
                 push(
                     checks,
@@ -693,11 +725,29 @@ fn optimizer_check(gpu: &Device, checks: &mut Vec<Check>) -> Result<()> {
     // The update's factor worked out on the device (norm and clip coefficient, no wait for the host) against the
     // host's; and a non-finite gradient norm or loss making the update a no-op there.
     use crate::train::optim::GradScale;
-    let gc = shapes.iter().map(|s| random(s)).collect::<Result<Vec<_>>>()?;
-    let gg = gc.iter().map(|t| t.to_device(gpu)).collect::<candle_core::Result<Vec<_>>>()?;
+    let gc = shapes
+        .iter()
+        .map(|s| random(s))
+        .collect::<Result<Vec<_>>>()?;
+    let gg = gc
+        .iter()
+        .map(|t| t.to_device(gpu))
+        .collect::<candle_core::Result<Vec<_>>>()?;
     let finite_loss = Tensor::new(3.5f64, gpu)?;
-    let host = GradScale::compute(&gc.iter().collect::<Vec<_>>(), None, 1e-3, Some(0.01), false)?;
-    let dev = GradScale::compute(&gg.iter().collect::<Vec<_>>(), Some(&finite_loss), 1e-3, Some(0.01), true)?;
+    let host = GradScale::compute(
+        &gc.iter().collect::<Vec<_>>(),
+        None,
+        1e-3,
+        Some(0.01),
+        false,
+    )?;
+    let dev = GradScale::compute(
+        &gg.iter().collect::<Vec<_>>(),
+        Some(&finite_loss),
+        1e-3,
+        Some(0.01),
+        true,
+    )?;
     let rel = |a: f64, b: f64| (a - b).abs() / b.abs().max(1e-30);
     let err = rel(dev.norm()?, host.norm()?).max(rel(dev.scale()?, host.scale()?));
     checks.push(Check {
@@ -706,19 +756,34 @@ fn optimizer_check(gpu: &Device, checks: &mut Vec<Check>) -> Result<()> {
         tolerance: 1e-5,
         ok: err <= 1e-5 && host.scale()? < 1e-3, // the clip took effect
     });
-    let nan_grads: Vec<Tensor> = gg.iter().map(|t| t * f64::NAN).collect::<candle_core::Result<_>>()?;
-    let cases = [(&nan_grads, Tensor::new(3.5f64, gpu)?), (&gg, Tensor::new(f64::NAN, gpu)?)];
+    let nan_grads: Vec<Tensor> = gg
+        .iter()
+        .map(|t| t * f64::NAN)
+        .collect::<candle_core::Result<_>>()?;
+    let cases = [
+        (&nan_grads, Tensor::new(3.5f64, gpu)?),
+        (&gg, Tensor::new(f64::NAN, gpu)?),
+    ];
     let mut changed = 0.0;
     for (grads, loss) in cases {
         let refs: Vec<&Tensor> = grads.iter().collect();
         let before = on_gpu.clone();
         let scale = GradScale::compute(&refs, Some(&loss), 1e-3, Some(0.01), true)?;
-        og.step_with(&mut on_gpu.iter_mut().collect::<Vec<_>>(), &refs, 1e-2, &scale)?;
+        og.step_with(
+            &mut on_gpu.iter_mut().collect::<Vec<_>>(),
+            &refs,
+            1e-2,
+            &scale,
+        )?;
         for (a, b) in on_gpu.iter().zip(&before) {
             changed += differing(a, b)?;
         }
     }
-    push_exact(checks, "a non-finite gradient norm or loss skips the update on the device (elements changed)", changed);
+    push_exact(
+        checks,
+        "a non-finite gradient norm or loss skips the update on the device (elements changed)",
+        changed,
+    );
     Ok(())
 }
 

@@ -222,15 +222,6 @@ pub fn run(o: &Options) -> Result<OpsReport> {
         fwd,
     );
     let (q, k, v, qkv_saved) = qkv_fwd()?;
-    add(
-        "qkv backward",
-        time(dev, reps, || {
-            Ok(drop(attention::qkv_backward(
-                &qkv_saved, &q, &k, &v, &rope, f.rope, f.norm,
-            )?))
-        })?,
-        layers,
-    );
     let mask = match crate::model::fusion::on(f.attention, &q) {
         true => None,
         false => Some(attention::causal_mask(t, dt, dev)?),
@@ -256,33 +247,29 @@ pub fn run(o: &Options) -> Result<OpsReport> {
         time(dev, reps, || Ok(drop(attn_fwd()?)))?,
         fwd,
     );
+    // The output is token-major (c_proj's input; the scores paths merge the heads inside), and so is its
+    // gradient; flash attention's backward writes d(qkv) with RoPE undone, the scores paths leave the merge
+    // (qkv backward) to do.
     let (y, saved) = attn_fwd()?;
+    let attn_bwd =
+        || attention::attention_backward(&saved, &y, f.attention, f.ds_tiles, Some(&rope));
     add(
         "attention backward",
-        time(dev, reps, || {
-            Ok(drop(attention::attention_backward(
-                &saved,
-                &y,
-                f.attention,
-                f.ds_tiles,
-            )?))
-        })?,
+        time(dev, reps, || Ok(drop(attn_bwd()?)))?,
         layers,
     );
+    let grads = attn_bwd()?;
     add(
-        "merge heads",
+        "qkv backward",
         time(dev, reps, || {
-            Ok(drop(attention::merge_heads(&y, &rope, f.rope)?))
-        })?,
-        fwd,
-    );
-    let dm = rnd(&[n, cfg.q_width()], 1.0)?;
-    add(
-        "merge heads backward",
-        time(dev, reps, || {
-            Ok(drop(attention::merge_heads_backward(
-                &dm, b, t, h, d, f.rope,
-            )?))
+            Ok(drop(match &grads {
+                attention::AttnGrads::Heads(dq, dk, dv) => {
+                    attention::qkv_backward(&qkv_saved, dq, dk, dv, &rope, f.rope, f.norm)?
+                }
+                attention::AttnGrads::Tokens { dqkv, .. } => {
+                    attention::qkv_backward_tokens(&qkv_saved, dqkv.clone(), heads, f.norm)?
+                }
+            }))
         })?,
         layers,
     );

@@ -121,27 +121,64 @@ pub fn qkv_backward(
         return super::cuda::qkv_merge_unrope(dq, dk, dv, &rope.cos, &rope.sin);
     }
     let _ = fused;
-    let (mut dq, mut dk) = (rope_backward(dq, rope)?, rope_backward(dk, rope)?);
-    if let Some((q_saved, k_saved, wq, wk)) = &saved.norms {
-        let per_head = |dy: &Tensor, s: &RmsNormSaved, w: &Tensor| -> Result<Tensor> {
-            let dims = dy.dims4()?;
-            rmsnorm_backward(
-                s,
-                w,
-                &dy.reshape((dims.0 * dims.1 * dims.2, dims.3))?,
-                None,
-                fused_norm,
-            )?
-            .reshape(dims)
-        };
-        dq = per_head(&dq, q_saved, wq)?;
-        dk = per_head(&dk, k_saved, wk)?;
-    }
+    let (dq, dk) = norms_backward(
+        saved,
+        rope_backward(dq, rope)?,
+        rope_backward(dk, rope)?,
+        fused_norm,
+    )?;
     Tensor::cat(
         &[
-            merge_heads(&dq, rope, false)?,
-            merge_heads(&dk, rope, false)?,
-            merge_heads(dv, rope, false)?,
+            merge_heads(&dq, false)?,
+            merge_heads(&dk, false)?,
+            merge_heads(dv, false)?,
+        ],
+        1,
+    )
+}
+
+/// dq, dk [B, H, T, D] (RoPE undone) through the q/k norms, if any.
+fn norms_backward(
+    saved: &QkvSaved,
+    dq: Tensor,
+    dk: Tensor,
+    fused_norm: bool,
+) -> Result<(Tensor, Tensor)> {
+    let Some((q_saved, k_saved, wq, wk)) = &saved.norms else {
+        return Ok((dq, dk));
+    };
+    let per_head = |dy: &Tensor, s: &RmsNormSaved, w: &Tensor| -> Result<Tensor> {
+        let dims = dy.dims4()?;
+        rmsnorm_backward(
+            s,
+            w,
+            &dy.reshape((dims.0 * dims.1 * dims.2, dims.3))?,
+            None,
+            fused_norm,
+        )?
+        .reshape(dims)
+    };
+    Ok((per_head(&dq, q_saved, wq)?, per_head(&dk, k_saved, wk)?))
+}
+
+/// [`qkv_backward`] from attention's gradients as one token-major d(qkv) [N, (H + 2 Hkv) D] with RoPE undone
+/// already (what flash attention's backward writes): only the q/k norms' backward is left, if any.
+pub fn qkv_backward_tokens(
+    saved: &QkvSaved,
+    dqkv: Tensor,
+    s: Heads,
+    fused_norm: bool,
+) -> Result<Tensor> {
+    if saved.norms.is_none() {
+        return Ok(dqkv);
+    }
+    let (dq, dk, dv) = split_qkv(&dqkv, s)?;
+    let (dq, dk) = norms_backward(saved, dq, dk, fused_norm)?;
+    Tensor::cat(
+        &[
+            merge_heads(&dq, false)?,
+            merge_heads(&dk, false)?,
+            merge_heads(&dv, false)?,
         ],
         1,
     )
@@ -172,14 +209,13 @@ pub fn sum_kv_groups(dx: &Tensor, groups: usize) -> Result<Tensor> {
     dx.reshape((b, h / groups, groups, t, d))?.sum(2)
 }
 
-/// [B, H, T, D] -> [N, C] contiguous (head-major features, as c_proj expects). `rope` is only the
-/// fused kernel's (unread) table argument.
-pub fn merge_heads(y: &Tensor, rope: &Rope, fused: bool) -> Result<Tensor> {
+/// [B, H, T, D] -> [N, C] contiguous (head-major features, as c_proj expects).
+pub fn merge_heads(y: &Tensor, fused: bool) -> Result<Tensor> {
     #[cfg(feature = "cuda")]
     if super::fusion::on(fused, y) {
-        return super::cuda::merge_heads(y, &rope.cos, &rope.sin);
+        return super::cuda::merge_heads(y);
     }
-    let _ = (fused, rope);
+    let _ = fused;
     let (b, h, t, d) = y.dims4()?;
     y.transpose(1, 2)?.contiguous()?.reshape((b * t, h * d))
 }
@@ -265,6 +301,11 @@ impl Rope {
             cos: self.cos.narrow(0, start, t)?,
             sin: self.sin.narrow(0, start, t)?,
         })
+    }
+
+    /// The cos and sin tables, [positions, D] (or per token, [B, 1, T, D]).
+    pub fn tables(&self) -> (&Tensor, &Tensor) {
+        (&self.cos, &self.sin)
     }
 
     /// Positions the tables cover.
@@ -585,8 +626,8 @@ pub struct AttnSaved {
     /// Softmax probabilities [B, H, T, T]: the acc dtype on the composite path, bf16 from the fused kernel
     /// (what the following matmul consumes anyway). None after flash attention.
     p: Option<Tensor>,
-    /// Flash attention's output [B, H, T, D], per-row log-sum-exp [B, H, T] (its backward recomputes the
-    /// probabilities from them) and block table.
+    /// Flash attention's output (token-major [N, H D]: it is also c_proj's input, kept once), per-row
+    /// log-sum-exp [B, H, T] (its backward recomputes the probabilities from them) and block table.
     #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
     flash: Option<(Tensor, Tensor, FlashBlocks)>,
 }
@@ -605,10 +646,10 @@ impl AttnSaved {
     }
 }
 
-/// q [B, H, T, D]; k, v [B, H / groups, T, D] (GQA when groups > 1). `mask` is needed only by the
-/// composite path (the fused softmax masks by index). `fused`: scores from one GEMM and the fused softmax
-/// kernels; `flash` (the block table, when [`flash_runs`]): flash attention, which also serves
-/// padding-free batches.
+/// q [B, H, T, D]; k, v [B, H / groups, T, D] (GQA when groups > 1) -> the output token-major [N, H D] (c_proj's
+/// input). `mask` is needed only by the composite path (the fused softmax masks by index). `fused`: scores
+/// from one GEMM and the fused softmax kernels; `flash` (the block table, when [`flash_runs`]): flash
+/// attention, which also serves padding-free batches and writes the token-major output itself.
 pub fn attention_forward(
     q: &Tensor,
     k: &Tensor,
@@ -638,7 +679,7 @@ pub fn attention_forward(
     #[cfg(feature = "cuda")]
     if super::fusion::on(fused, q) {
         let p = super::cuda::causal_softmax(&super::cuda::attention_scores(q, k, scale)?)?;
-        let y = p.matmul(v)?;
+        let y = merge_heads(&p.matmul(v)?, true)?;
         return Ok((
             y,
             AttnSaved {
@@ -659,7 +700,7 @@ pub fn attention_forward(
     let s_max = s.max_keepdim(D::Minus1)?; // finite: the diagonal is never masked
     let e = s.broadcast_sub(&s_max)?.exp()?;
     let p = e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?;
-    let y = p.to_dtype(dtype)?.matmul(v)?;
+    let y = merge_heads(&p.to_dtype(dtype)?.matmul(v)?, false)?;
     Ok((
         y,
         AttnSaved {
@@ -673,24 +714,65 @@ pub fn attention_forward(
     ))
 }
 
-/// Returns (dq, dk, dv), dq [B, H, T, D], dk and dv [B, H / groups, T, D]. `ds_tiles`: flash's dQ from the
-/// dS tiles its dK/dV pass stores (the `ds_tiles` switch).
+/// Attention's input gradients: per head as q, k, v came (the scores paths), or written by flash attention's
+/// backward token-major into d(qkv).
+pub enum AttnGrads {
+    /// dq [B, H, T, D], dk and dv [B, H / groups, T, D].
+    Heads(Tensor, Tensor, Tensor),
+    /// d(qkv) [N, (H + 2 Hkv) D]: dq, dk, dv side by side, RoPE undone on dq and dk when the backward was given
+    /// the tables.
+    Tokens {
+        dqkv: Tensor,
+        h: usize,
+        hkv: usize,
+        d: usize,
+    },
+}
+
+impl AttnGrads {
+    /// dq [N, H D], dk and dv [N, Hkv D], token-major (for comparisons).
+    pub fn tokens(self) -> Result<(Tensor, Tensor, Tensor)> {
+        match self {
+            AttnGrads::Heads(dq, dk, dv) => Ok((
+                merge_heads(&dq, false)?,
+                merge_heads(&dk, false)?,
+                merge_heads(&dv, false)?,
+            )),
+            AttnGrads::Tokens { dqkv, h, hkv, d } => Ok((
+                dqkv.narrow(1, 0, h * d)?,
+                dqkv.narrow(1, h * d, hkv * d)?,
+                dqkv.narrow(1, (h + hkv) * d, hkv * d)?,
+            )),
+        }
+    }
+}
+
+/// The backward of [`attention_forward`] from d(output) token-major [N, H D]. `ds_tiles`: flash's dQ from the
+/// dS tiles its dK/dV pass stores (the `ds_tiles` switch); `unrope`: flash's backward undoes RoPE on dq and dk
+/// as it writes them.
 pub fn attention_backward(
     saved: &AttnSaved,
     dy: &Tensor,
     fused: bool,
     ds_tiles: bool,
-) -> Result<(Tensor, Tensor, Tensor)> {
+    unrope: Option<&Rope>,
+) -> Result<AttnGrads> {
     #[cfg(feature = "cuda")]
     if let Some((o, lse, blocks)) = &saved.flash {
-        let scale = 1.0 / (saved.q.dim(D::Minus1)? as f64).sqrt();
-        return super::cuda::flash_backward(
-            &saved.q, &saved.k, &saved.v, o, lse, dy, blocks, scale, ds_tiles,
-        );
+        let (_, h, _, d) = saved.q.dims4()?;
+        let hkv = saved.k.dim(1)?;
+        let scale = 1.0 / (d as f64).sqrt();
+        let tables = unrope.map(|r| (&r.cos, &r.sin));
+        let dqkv = super::cuda::flash_backward(
+            &saved.q, &saved.k, &saved.v, o, lse, dy, blocks, scale, ds_tiles, tables,
+        )?;
+        return Ok(AttnGrads::Tokens { dqkv, h, hkv, d });
     }
-    let _ = ds_tiles;
-    let (dq, dk, dv) = attention_backward_repeated(saved, dy, fused)?;
-    Ok((
+    let _ = (ds_tiles, unrope);
+    let (b, h, t, d) = saved.q.dims4()?;
+    let dy = merge_heads_backward(dy, b, t, h, d, fused)?;
+    let (dq, dk, dv) = attention_backward_repeated(saved, &dy, fused)?;
+    Ok(AttnGrads::Heads(
         dq,
         sum_kv_groups(&dk, saved.groups)?,
         sum_kv_groups(&dv, saved.groups)?,

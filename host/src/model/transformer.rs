@@ -12,7 +12,9 @@
 //! `recompute`, only the layer's input, and re-runs the layer's forward just before its backward (all
 //! layers but the top one, whose backward comes first). Dropout masks are a pure function of (step seed,
 //! layer, module), so the recomputed layer is bit-identical.
-use super::attention::{self, AttnSaved, FlashBlocks, Heads, Packed, QkNorm, QkvSaved, Rope};
+use super::attention::{
+    self, AttnGrads, AttnSaved, FlashBlocks, Heads, Packed, QkNorm, QkvSaved, Rope,
+};
 use super::config::{ModelConfig, Site};
 use super::fusion::Fusion;
 use super::loss::{self, Targets};
@@ -746,7 +748,6 @@ impl Model {
             f.attention,
             ctx.flash.as_ref(),
         )?;
-        let y = attention::merge_heads(&y, &ctx.rope, f.rope)?;
         let (o, o_lora) = self.adapted_forward(ctx, layer, Site::O, &y)?;
         let x1 = ops::residual_add(x, &o, f.norm)?;
 
@@ -809,10 +810,21 @@ impl Model {
         // Attention branch: x1 = x + attn(ln_1(x)).
         let (dy, g) = self.adapted_backward(ctx, layer, Site::O, s.o.as_ref(), &dx1, None)?;
         grads[Site::O.index()] = g;
-        let heads = self.heads(ctx);
-        let dy = attention::merge_heads_backward(&dy, heads.b, heads.t, heads.h, heads.d, f.rope)?;
-        let (dq, dk, dv) = attention::attention_backward(&s.attn, &dy, f.attention, f.ds_tiles)?;
-        let dqkv = attention::qkv_backward(&s.qkv, &dq, &dk, &dv, &ctx.rope, f.rope, f.norm)?;
+        // Flash attention's backward writes d(qkv) itself, RoPE undone; the scores paths give per-head gradients.
+        let dqkv = match attention::attention_backward(
+            &s.attn,
+            &dy,
+            f.attention,
+            f.ds_tiles,
+            Some(&ctx.rope),
+        )? {
+            AttnGrads::Heads(dq, dk, dv) => {
+                attention::qkv_backward(&s.qkv, &dq, &dk, &dv, &ctx.rope, f.rope, f.norm)?
+            }
+            AttnGrads::Tokens { dqkv, .. } => {
+                attention::qkv_backward_tokens(&s.qkv, dqkv, self.heads(ctx), f.norm)?
+            }
+        };
         // The lowest adapted layer's input gradient has no use (nothing below it trains): not computed. A single
         // branch over all of c_attn's rows (Qwen v1) lets the GEMM add d(qkv) W into the branch's term.
         let whole = matches!(s.qkv_lora.as_slice(), [(site, _)] if cfg.qkv_rows(*site).1 == cfg.qkv_width());

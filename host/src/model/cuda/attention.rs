@@ -159,8 +159,9 @@ fn check_flash(
 
 /// Causal attention of q [B, H, T, D] over k, v [B, Hkv, T, D] (bf16) without the [T, T] scores in memory,
 /// for the sequences of `blocks` (model/attention.rs, `FlashBlocks`: each row of the batch one sequence, or
-/// several laid end to end; 128-query blocks when they are long, else 64): the output [B, H, T, D] and each
-/// row's log-sum-exp [B, H, T] (f32) for the backward. Every token must lie in a listed sequence.
+/// several laid end to end; 128-query blocks when they are long, else 64): the output token-major [B T, H D]
+/// (c_proj's input) and each row's log-sum-exp [B, H, T] (f32) for the backward. Every token must lie in a
+/// listed sequence.
 pub fn flash_forward(
     q: &Tensor,
     k: &Tensor,
@@ -177,7 +178,7 @@ pub fn flash_forward(
     let (b, h, hkv, t, d, n) = check_flash("flash_forward", q, k, table)?;
     let dev = cuda_device(q)?;
     let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
-    let o = uninit(&dev, (b, h, t, d), DType::BF16)?;
+    let o = uninit(&dev, (b * t, h * d), DType::BF16)?;
     let lse = uninit(&dev, (b, h, t), DType::F32)?;
     let args = [
         Arg::T(&q),
@@ -207,9 +208,11 @@ pub fn flash_forward(
 /// of ~20K tokens and more), dQ recomputes the tiles instead (one product per tile against three).
 const DS_BUDGET_BYTES: usize = 512 << 20;
 
-/// (dq [B, H, T, D], dk and dv [B, Hkv, T, D]) of [`flash_forward`] given its output `o`, `lse` and d(o).
-/// Under GQA each kv head's gradients sum its query heads' in a fixed order (deterministic). `ds_tiles`:
-/// dQ from the dS tiles the dK/dV pass stores (up to [`DS_BUDGET_BYTES`]), else recomputed.
+/// The input gradients of [`flash_forward`] given its output `o` [B T, H D], `lse` and d(o) [B T, H D]: dq, dk
+/// and dv token-major side by side in d(qkv) [B T, (H + 2 Hkv) D] (c_attn's output gradient), RoPE undone on dq
+/// and dk when `unrope` gives the tables (cos, sin, f32: [T, D] by position, or per token for a padding-free
+/// batch). Under GQA each kv head's gradients sum its query heads' in a fixed order (deterministic).
+/// `ds_tiles`: dQ from the dS tiles the dK/dV pass stores (up to [`DS_BUDGET_BYTES`]), else recomputed.
 #[allow(clippy::too_many_arguments)]
 pub fn flash_backward(
     q: &Tensor,
@@ -221,18 +224,10 @@ pub fn flash_backward(
     blocks: &FlashBlocks,
     scale: f64,
     ds_tiles: bool,
-) -> Result<(Tensor, Tensor, Tensor)> {
-    flash_backward_within(
-        q,
-        k,
-        v,
-        o,
-        lse,
-        d_o,
-        blocks,
-        scale,
-        if ds_tiles { DS_BUDGET_BYTES } else { 0 },
-    )
+    unrope: Option<(&Tensor, &Tensor)>,
+) -> Result<Tensor> {
+    let budget = if ds_tiles { DS_BUDGET_BYTES } else { 0 };
+    flash_backward_within(q, k, v, o, lse, d_o, blocks, scale, budget, unrope)
 }
 
 /// [`flash_backward`] with the dS tiles held to `budget` bytes (kv heads in groups that fit; 0 or less than
@@ -248,17 +243,29 @@ pub fn flash_backward_within(
     blocks: &FlashBlocks,
     scale: f64,
     budget: usize,
-) -> Result<(Tensor, Tensor, Tensor)> {
+    unrope: Option<(&Tensor, &Tensor)>,
+) -> Result<Tensor> {
     check_bf16("flash_backward", &[q, k, v, o, d_o])?;
     let (b, h, hkv, t, d, n) = check_flash("flash_backward", q, k, &blocks.table)?;
     let dev = cuda_device(q)?;
     let d_o = d_o.contiguous()?;
+    if o.dims() != [b * t, h * d] || d_o.dims() != [b * t, h * d] {
+        bail!(
+            "flash_backward: o {:?} and d(o) {:?} must be token-major [{}, {}]",
+            o.dims(),
+            d_o.dims(),
+            b * t,
+            h * d
+        );
+    }
     let rows = b * h * t;
     let dot = uninit(&dev, (b, h, t), DType::F32)?;
     let dot_args = [
         Arg::T(o),
         Arg::T(&d_o),
         Arg::T(&dot),
+        Arg::I(t as i32),
+        Arg::I(h as i32),
         Arg::I(d as i32),
         Arg::U(rows as u64),
     ];
@@ -269,9 +276,41 @@ pub fn flash_backward_within(
         ROW_THREADS,
         &dot_args,
     )?;
-    let dq = uninit(&dev, (b, h, t, d), DType::BF16)?;
-    let dk = uninit(&dev, (b, hkv, t, d), DType::BF16)?;
-    let dv = uninit(&dev, (b, hkv, t, d), DType::BF16)?;
+    // Every element is written: each token lies in a listed sequence, and dq, dk, dv fill their columns.
+    let dqkv = uninit(&dev, (b * t, (h + 2 * hkv) * d), DType::BF16)?;
+    // The kernels read the tables 16 bytes at a time.
+    let tables = match unrope {
+        Some((cos, sin)) => {
+            if cos.dtype() != DType::F32 || sin.dtype() != DType::F32 {
+                bail!(
+                    "flash_backward: the RoPE tables must be f32, got {:?}",
+                    cos.dtype()
+                );
+            }
+            let aligned = |t: &Tensor| -> Result<Tensor> {
+                let t = t.contiguous()?;
+                if t.storage_and_layout().1.start_offset() % 4 == 0 {
+                    Ok(t)
+                } else {
+                    t.copy()
+                }
+            };
+            Some((aligned(cos)?, aligned(sin)?))
+        }
+        None => None,
+    };
+    let unrope = tables.as_ref().map(|(c, s)| (c, s));
+    // The RoPE tables and whether they are per token; none: null pointers (dq, dk stored as they are).
+    let rope = || -> Result<[Arg; 3]> {
+        Ok(match unrope {
+            Some((cos, sin)) => [
+                Arg::T(cos),
+                Arg::T(sin),
+                super::layers::per_token(cos, b * t, d)?,
+            ],
+            None => [Arg::U(0), Arg::U(0), Arg::I(0)],
+        })
+    };
     let groups = h / hkv;
     let tile_bytes = 64 * 64 * 2;
     let per_kv_head = groups * blocks.n_tiles.max(1) * tile_bytes;
@@ -284,12 +323,11 @@ pub fn flash_backward_within(
             Arg::F(scale as f32),
         ]
     };
-    let (table, tiles, n_tiles) = (&blocks.table, &blocks.tiles, || {
-        Arg::I(blocks.n_tiles as i32)
-    });
+    let n_tiles = || Arg::I(blocks.n_tiles as i32);
     // dK and dV of kv heads kvh0 .. kvh0 + heads, storing their dS tiles in `ds` (none: the null pointer).
     let dkdv = |ds: Option<&Tensor>, kvh0: usize, heads: usize| -> Result<()> {
         let [a, b_, c, e] = dims();
+        let [rc, rs, rp] = rope()?;
         let ds = ds.map_or(Arg::U(0), Arg::T);
         let args = [
             Arg::T(q),
@@ -298,12 +336,14 @@ pub fn flash_backward_within(
             Arg::T(&d_o),
             Arg::T(lse),
             Arg::T(&dot),
-            Arg::T(&dk),
-            Arg::T(&dv),
+            Arg::T(&dqkv),
+            rc,
+            rs,
+            rp,
             ds,
-            Arg::T(tiles),
+            Arg::T(&blocks.tiles),
             n_tiles(),
-            Arg::T(table),
+            Arg::T(&blocks.table),
             Arg::I(kvh0 as i32),
             a,
             b_,
@@ -322,6 +362,7 @@ pub fn flash_backward_within(
     if chunk == 0 {
         dkdv(None, 0, hkv)?;
         let [a, b_, c, e] = dims();
+        let [rc, rs, rp] = rope()?;
         let args = [
             Arg::T(q),
             Arg::T(k),
@@ -329,8 +370,11 @@ pub fn flash_backward_within(
             Arg::T(&d_o),
             Arg::T(lse),
             Arg::T(&dot),
-            Arg::T(&dq),
-            Arg::T(table),
+            Arg::T(&dqkv),
+            rc,
+            rs,
+            rp,
+            Arg::T(&blocks.table),
             a,
             b_,
             c,
@@ -344,17 +388,22 @@ pub fn flash_backward_within(
             smem("dq", d),
             &args,
         )?;
-        return Ok((dq, dk, dv));
+        return Ok(dqkv);
     }
     let ds = uninit(&dev, chunk * per_kv_head / 2, DType::BF16)?;
+    let n128 = blocks.table128.dim(0)? as u64;
     for kvh0 in (0..hkv).step_by(chunk) {
         let heads = chunk.min(hkv - kvh0);
         dkdv(Some(&ds), kvh0, heads)?;
         let [a, b_, c, e] = dims();
+        let [rc, rs, rp] = rope()?;
         let args = [
             Arg::T(k),
             Arg::T(&ds),
-            Arg::T(&dq),
+            Arg::T(&dqkv),
+            rc,
+            rs,
+            rp,
             Arg::T(&blocks.tiles128),
             n_tiles(),
             Arg::T(&blocks.table128),
@@ -364,15 +413,15 @@ pub fn flash_backward_within(
             c,
             e,
         ];
-        let n128 = blocks.table128.dim(0)? as u64;
+        let grid = (n128, (heads * groups) as u32);
         launch_smem(
             &dev,
             &format!("flash_bwd_dq_tiles_{d}"),
-            (n128, (heads * groups) as u32),
+            grid,
             FLASH_THREADS,
             smem("dq_tiles", d),
             &args,
         )?;
     }
-    Ok((dq, dk, dv))
+    Ok(dqkv)
 }

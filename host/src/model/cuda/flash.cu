@@ -4,6 +4,9 @@
 // each row's log-sum-exp; the backward recomputes the probabilities from it.
 //
 // Layouts: q [B, H, T, D], k and v [B, Hkv, T, D] (query head h reads kv head h / (H / Hkv)), lse [B, H, T].
+// The output O and its gradient dO are token-major, [B T, H D] (what c_proj takes and gives: no head merge or
+// split around the kernels), and the backward writes dq, dk, dv token-major side by side into d(qkv)
+// [B T, (H + 2 Hkv) D], RoPE undone on dq and dk as they are stored (what c_attn's backward takes).
 // A row of the batch holds one sequence or, padding-free, several laid end to end; each sequence attends
 // causally within itself. The work is a block table (model/attention.rs, FlashBlocks): one entry
 // (b, first, len, blk) per 64-token block of every sequence (row b, tokens first..first+len of that row), the
@@ -42,6 +45,23 @@ __device__ __forceinline__ Block block_at(const int4* __restrict__ table, int i)
 // Offsets of a sequence's first token in a [B, heads, T, D] tensor (times D) and in a [B, heads, T] one.
 __device__ __forceinline__ size_t rows_at(const Block& e, int heads, int h, int T) {
     return ((size_t)e.b * heads + h) * T + e.first;
+}
+
+// Offset of a sequence's first token, head h (columns h D ..), in a token-major [B T, ld] matrix.
+__device__ __forceinline__ size_t tokens_at(const Block& e, int T, int ld, int h, int D) {
+    return ((size_t)e.b * T + e.first) * ld + (size_t)h * D;
+}
+
+// RoPE's backward applied as rows are stored (dq, dk): the tables cos, sin [rows, D] (f32) and the table row of
+// the sequence's first token (its position 0: the row b T + first of per-token tables, else row first). cos
+// null: stored as they are.
+struct Unrope {
+    const float* cos;
+    const float* sin;
+    size_t row0;
+};
+__device__ __forceinline__ Unrope unrope_at(const float* cos, const float* sin, int per_token, const Block& e, int T) {
+    return Unrope{cos, sin, per_token ? (size_t)e.b * T + e.first : (size_t)e.first};
 }
 
 // The block of 64 queries a forward or dQ block computes: table entry blockIdx.x, query head h (kv head kvh),
@@ -108,24 +128,25 @@ struct Dims {
     static constexpr int ND = D / 8;                // 8-wide C tiles over the head dim (as an output)
 };
 
-// Rows r0 .. r0 + 64 of a sequence's [L, D] matrix into a tile, asynchronously; rows at or past L are zero.
-// Each thread copies the same 16-byte column of every (THREADS / (D / 8))-th row: its offsets are computed once
-// and the copies of a whole block need no bounds check (a loop working out each copy's row, column, address
-// and bounds left the kernels issuing ~1.5x the instructions: ncu, BENCHMARKS.md).
+// Rows r0 .. r0 + 64 of a sequence's [L, D] matrix (rows `stride` elements apart: D head-major, wider
+// token-major) into a tile, asynchronously; rows at or past L are zero. Each thread copies the same 16-byte
+// column of every (THREADS / (D / 8))-th row: its offsets are computed once and the copies of a whole block
+// need no bounds check (a loop working out each copy's row, column, address and bounds left the kernels
+// issuing ~1.5x the instructions: ncu, BENCHMARKS.md).
 template <int D>
-__device__ __forceinline__ void load_tile(bf16* dst, const bf16* __restrict__ src, int r0, int L) {
+__device__ __forceinline__ void load_tile(bf16* dst, const bf16* __restrict__ src, int r0, int L, int stride = D) {
     constexpr int CH = D / 8, STEP = THREADS / CH, LD = Dims<D>::LD;
     const int r = threadIdx.x / CH, c = (threadIdx.x % CH) * 8;
     bf16* d = dst + r * LD + c;
-    const bf16* s = src + (size_t)(r0 + r) * D + c;
+    const bf16* s = src + (size_t)(r0 + r) * stride + c;
     if (r0 + BLOCK <= L) {
 #pragma unroll
-        for (int j = 0; j < BLOCK / STEP; ++j) cp_async16(d + j * STEP * LD, s + (size_t)j * STEP * D);
+        for (int j = 0; j < BLOCK / STEP; ++j) cp_async16(d + j * STEP * LD, s + (size_t)j * STEP * stride);
     } else {
 #pragma unroll
         for (int j = 0; j < BLOCK / STEP; ++j) {
             const bool in = r0 + r + j * STEP < L;
-            cp_async16_or_zero(d + j * STEP * LD, in ? s + (size_t)j * STEP * D : src, in);
+            cp_async16_or_zero(d + j * STEP * LD, in ? s + (size_t)j * STEP * stride : src, in);
         }
     }
 }
@@ -231,10 +252,13 @@ __device__ __forceinline__ void probs_times_tile(float (*acc)[4], float (*p)[4],
     }
 }
 
-// A warp's 16 x D accumulator (times `scale`) -> rows row0 .. row0 + 16 of a sequence's [L, D] bf16 matrix,
-// staged through the warp's 16 rows of a free shared tile so global stores are 16 bytes wide.
+// A warp's 16 x D accumulator (times `scale`) -> rows row0 .. row0 + 16 of a sequence's [L, D] bf16 matrix
+// (rows `stride` elements apart), staged through the warp's 16 rows of a free shared tile so global stores are 16
+// bytes wide; RoPE undone on the way when `u.cos` is set (on the bf16 values, as the head-merge kernel did:
+// the same bits).
 template <int D>
-__device__ __forceinline__ void store_rows(float (*acc)[4], float scale, bf16* stage, bf16* __restrict__ dst, int row0, int L) {
+__device__ __forceinline__ void store_rows(float (*acc)[4], float scale, bf16* stage, bf16* __restrict__ dst, int row0,
+                                           int L, int stride, const Unrope& u = Unrope{nullptr, nullptr, 0}) {
     constexpr int LD = Dims<D>::LD;
     const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
 #pragma unroll
@@ -243,10 +267,42 @@ __device__ __forceinline__ void store_rows(float (*acc)[4], float scale, bf16* s
         *reinterpret_cast<uint32_t*>(stage + (g + 8) * LD + n * 8 + 2 * t) = pack(acc[n][2] * scale, acc[n][3] * scale);
     }
     __syncwarp();
-    constexpr int CH = D / 8;
-    for (int i = lane; i < 16 * CH; i += 32) {
-        const int r = i / CH, c = (i % CH) * 8;
-        if (row0 + r < L) *reinterpret_cast<uint4*>(dst + (size_t)(row0 + r) * D + c) = *reinterpret_cast<const uint4*>(stage + r * LD + c);
+    if (!u.cos) {
+        constexpr int CH = D / 8;
+        for (int i = lane; i < 16 * CH; i += 32) {
+            const int r = i / CH, c = (i % CH) * 8;
+            if (row0 + r < L) *reinterpret_cast<uint4*>(dst + (size_t)(row0 + r) * stride + c) = *reinterpret_cast<const uint4*>(stage + r * LD + c);
+        }
+        return;
+    }
+    // y = x cos + rotate_half(x) sin rotates each pair (j, j + D/2); its transpose, 8 pairs per step.
+    constexpr int HALF = D / 2, HC = HALF / 8;
+    for (int i = lane; i < 16 * HC; i += 32) {
+        const int r = i / HC, c = (i % HC) * 8;
+        if (row0 + r >= L) continue;
+        // The tables repeat each pair's angle in both halves (model/attention.rs, Rope::new; a test holds it
+        // to that): the first half is read, 16 bytes at a time, the 8 lanes of a row sweeping its 64 angles in
+        // one coalesced read (one float at a time over both halves, the sectors touched were 16x the bytes
+        // used, and dK/dV ran 8% slower in a step).
+        const size_t p = (u.row0 + row0 + r) * D + c;
+        float cs[8], sn[8];
+#pragma unroll
+        for (int h4 = 0; h4 < 8; h4 += 4) {
+            *reinterpret_cast<float4*>(cs + h4) = *reinterpret_cast<const float4*>(u.cos + p + h4);
+            *reinterpret_cast<float4*>(sn + h4) = *reinterpret_cast<const float4*>(u.sin + p + h4);
+        }
+        Bf16x8 g1, g2, y1, y2;
+        g1.v = *reinterpret_cast<const uint4*>(stage + r * LD + c);
+        g2.v = *reinterpret_cast<const uint4*>(stage + r * LD + c + HALF);
+#pragma unroll
+        for (int e = 0; e < 8; ++e) {
+            const float a = ld(g1.h[e]), b = ld(g2.h[e]);
+            y1.h[e] = st(a * cs[e] + b * sn[e]);
+            y2.h[e] = st(b * cs[e] - a * sn[e]);
+        }
+        bf16* out = dst + (size_t)(row0 + r) * stride + c;
+        *reinterpret_cast<uint4*>(out) = y1.v;
+        *reinterpret_cast<uint4*>(out + HALF) = y2.v;
     }
 }
 
@@ -360,7 +416,7 @@ __device__ __forceinline__ void forward64(const bf16* __restrict__ q, const bf16
         oacc[n][2] *= inv1;
         oacc[n][3] *= inv1;
     }
-    store_rows<D>(oacc, 1.f, Ks + warp * 16 * LD, o + qrows * D, q0 + warp * 16, L);
+    store_rows<D>(oacc, 1.f, Ks + warp * 16 * LD, o + tokens_at(e, T, H * D, h, D), q0 + warp * 16, L, H * D);
     if (t == 0) {
         if (qi0 < L) lse[qrows + qi0] = (m_r[0] + log2f(l_r[0])) * LN2;
         if (qi0 + 8 < L) lse[qrows + qi0 + 8] = (m_r[1] + log2f(l_r[1])) * LN2;
@@ -523,7 +579,7 @@ __device__ __forceinline__ void forward128(const bf16* __restrict__ q, const bf1
             oacc[m][n][3] *= inv[1];
         }
         // Staged through the warp's own rows of the (now free) K buffers.
-        store_rows<D>(oacc[m], 1.f, Ks + (warp * 32 + m * 16) * LD, o + qrows * D, r0 + m * 16, L);
+        store_rows<D>(oacc[m], 1.f, Ks + (warp * 32 + m * 16) * LD, o + tokens_at(e, T, H * D, h, D), r0 + m * 16, L, H * D);
         if (t == 0) {
             const int qi = r0 + m * 16 + g;
             if (qi < L) lse[qrows + qi] = (m_r[2 * m] + log2f(l_r[2 * m])) * LN2;
@@ -541,8 +597,9 @@ template <int D>
 __device__ __forceinline__ void backward_dq(const bf16* __restrict__ q, const bf16* __restrict__ k,
                                             const bf16* __restrict__ v, const bf16* __restrict__ d_o,
                                             const float* __restrict__ lse, const float* __restrict__ dot,
-                                            bf16* __restrict__ dq, const int4* __restrict__ table, int T, int H,
-                                            int Hkv, float scale) {
+                                            bf16* __restrict__ dqkv, const float* __restrict__ cos,
+                                            const float* __restrict__ sin, int per_token,
+                                            const int4* __restrict__ table, int T, int H, int Hkv, float scale) {
     constexpr int TILE = Dims<D>::TILE, LD = Dims<D>::LD, KD = Dims<D>::KD, ND = Dims<D>::ND;
     extern __shared__ __align__(128) unsigned char smem[];
     bf16* Qs = reinterpret_cast<bf16*>(smem);
@@ -565,7 +622,7 @@ __device__ __forceinline__ void backward_dq(const bf16* __restrict__ q, const bf
     }
 
     load_tile<D>(Qs, q + qrows * D, q0, L);
-    load_tile<D>(dOs, d_o + qrows * D, q0, L);
+    load_tile<D>(dOs, d_o + tokens_at(e, T, H * D, h, D), q0, L, H * D);
     load_tile<D>(Ks, kp, 0, L);
     load_tile<D>(Vs, vp, 0, L);
     cp_commit();
@@ -602,7 +659,8 @@ __device__ __forceinline__ void backward_dq(const bf16* __restrict__ q, const bf
         probs_times_tile<D>(acc, s, Kb);
         __syncthreads();
     }
-    store_rows<D>(acc, scale, Qs + warp * 16 * LD, dq + qrows * D, q0 + warp * 16, L);
+    store_rows<D>(acc, scale, Qs + warp * 16 * LD, dqkv + tokens_at(e, T, (H + 2 * Hkv) * D, h, D), q0 + warp * 16, L,
+                  (H + 2 * Hkv) * D, unrope_at(cos, sin, per_token, e, T));
 }
 
 // dK, dV for one 64-key block of one kv head, walking the query blocks at or after it of every query head
@@ -612,7 +670,8 @@ template <int D>
 __device__ __forceinline__ void backward_dkdv(const bf16* __restrict__ q, const bf16* __restrict__ k,
                                               const bf16* __restrict__ v, const bf16* __restrict__ d_o,
                                               const float* __restrict__ lse, const float* __restrict__ dot,
-                                              bf16* __restrict__ dk, bf16* __restrict__ dv, bf16* __restrict__ ds,
+                                              bf16* __restrict__ dqkv, const float* __restrict__ cos,
+                                              const float* __restrict__ sin, int per_token, bf16* __restrict__ ds,
                                               const int* __restrict__ tiles, int n_tiles,
                                               const int4* __restrict__ table, int kvh0, int T, int H, int Hkv, float scale) {
     constexpr int TILE = Dims<D>::TILE, LD = Dims<D>::LD, ND = Dims<D>::ND;
@@ -641,7 +700,7 @@ __device__ __forceinline__ void backward_dkdv(const bf16* __restrict__ q, const 
         const size_t qrows = rows_at(e, H, kvh * groups + i / n_qb, T);
         const int q0 = (e.blk + i % n_qb) * BLOCK;
         load_tile<D>(Qs + buf * TILE, q + qrows * D, q0, L);
-        load_tile<D>(dOs + buf * TILE, d_o + qrows * D, q0, L);
+        load_tile<D>(dOs + buf * TILE, d_o + tokens_at(e, T, H * D, kvh * groups + i / n_qb, D), q0, L, H * D);
         load_row_values(lse_s + buf * BLOCK, lse + qrows, q0, L);
         load_row_values(dot_s + buf * BLOCK, dot + qrows, q0, L);
     };
@@ -706,9 +765,11 @@ __device__ __forceinline__ void backward_dkdv(const bf16* __restrict__ q, const 
     }
     cp_wait<0>();
     // Stage through the first query buffer (free now; Ks and Vs too, but each warp reads only its own rows).
-    store_rows<D>(dk_acc, scale, Qs + warp * 16 * LD, dk + kvrows * D, k0 + warp * 16, L);
+    const int W = (H + 2 * Hkv) * D;
+    store_rows<D>(dk_acc, scale, Qs + warp * 16 * LD, dqkv + tokens_at(e, T, W, H + kvh, D), k0 + warp * 16, L, W,
+                  unrope_at(cos, sin, per_token, e, T));
     __syncwarp();
-    store_rows<D>(dv_acc, 1.f, Qs + warp * 16 * LD, dv + kvrows * D, k0 + warp * 16, L);
+    store_rows<D>(dv_acc, 1.f, Qs + warp * 16 * LD, dqkv + tokens_at(e, T, W, H + Hkv + kvh, D), k0 + warp * 16, L, W);
 }
 
 // A stored dS^T tile (64 keys x 64 queries) is 512 units of 8 consecutive queries of one key, in the order the
@@ -723,7 +784,9 @@ __device__ __forceinline__ int2 ds_unit(int u) { return make_int2((u >> 7) * 16 
 // [64 keys][64 queries], the block's two side by side), so its A operand comes through ldmatrix.trans.
 template <int D>
 __device__ __forceinline__ void backward_dq_tiles(const bf16* __restrict__ k, const bf16* __restrict__ ds,
-                                                  bf16* __restrict__ dq, const int* __restrict__ tiles, int n_tiles,
+                                                  bf16* __restrict__ dqkv, const float* __restrict__ cos,
+                                                  const float* __restrict__ sin, int per_token,
+                                                  const int* __restrict__ tiles, int n_tiles,
                                                   const int4* __restrict__ table, int h0, int T, int H, int Hkv,
                                                   float scale) {
     constexpr int TILE = Dims<D>::TILE, LD = Dims<D>::LD, ND = Dims<D>::ND;
@@ -790,8 +853,10 @@ __device__ __forceinline__ void backward_dq_tiles(const bf16* __restrict__ k, co
         __syncthreads();
     }
     cp_wait<0>();
+    const Unrope u = unrope_at(cos, sin, per_token, e, T);
+    const int W = (H + 2 * Hkv) * D;
 #pragma unroll
-    for (int m = 0; m < 2; ++m) store_rows<D>(acc[m], scale, Ks + (warp * 32 + m * 16) * LD, dq + qrows * D, r0 + m * 16, L);
+    for (int m = 0; m < 2; ++m) store_rows<D>(acc[m], scale, Ks + (warp * 32 + m * 16) * LD, dqkv + tokens_at(e, T, W, h, D), r0 + m * 16, L, W, u);
 }
 }  // namespace fa
 
@@ -816,35 +881,42 @@ __device__ __forceinline__ void backward_dq_tiles(const bf16* __restrict__ k, co
     extern "C" __global__ void __launch_bounds__(fa::THREADS)                                                      \
         flash_bwd_dkdv_##D(const bf16* __restrict__ q, const bf16* __restrict__ k, const bf16* __restrict__ v,     \
                            const bf16* __restrict__ d_o, const float* __restrict__ lse,                           \
-                           const float* __restrict__ dot, bf16* __restrict__ dk, bf16* __restrict__ dv,            \
-                           bf16* __restrict__ ds, const int* __restrict__ tiles, int n_tiles,                      \
-                           const int4* __restrict__ table, int kvh0, int T, int H, int Hkv, float scale) {         \
-        fa::backward_dkdv<D>(q, k, v, d_o, lse, dot, dk, dv, ds, tiles, n_tiles, table, kvh0, T, H, Hkv, scale);   \
+                           const float* __restrict__ dot, bf16* __restrict__ dqkv, const float* __restrict__ cos,  \
+                           const float* __restrict__ sin, int per_token, bf16* __restrict__ ds,                   \
+                           const int* __restrict__ tiles, int n_tiles, const int4* __restrict__ table, int kvh0,   \
+                           int T, int H, int Hkv, float scale) {                                                   \
+        fa::backward_dkdv<D>(q, k, v, d_o, lse, dot, dqkv, cos, sin, per_token, ds, tiles, n_tiles, table, kvh0, T, \
+                             H, Hkv, scale);                                                                       \
     }                                                                                                              \
     extern "C" __global__ void __launch_bounds__(fa::THREADS, 2)                                                   \
-        flash_bwd_dq_tiles_##D(const bf16* __restrict__ k, const bf16* __restrict__ ds, bf16* __restrict__ dq,     \
-                                const int* __restrict__ tiles, int n_tiles, const int4* __restrict__ table, int h0, \
-                                int T, int H, int Hkv, float scale) {                                              \
-        fa::backward_dq_tiles<D>(k, ds, dq, tiles, n_tiles, table, h0, T, H, Hkv, scale);                          \
+        flash_bwd_dq_tiles_##D(const bf16* __restrict__ k, const bf16* __restrict__ ds, bf16* __restrict__ dqkv,   \
+                               const float* __restrict__ cos, const float* __restrict__ sin, int per_token,        \
+                               const int* __restrict__ tiles, int n_tiles, const int4* __restrict__ table, int h0, \
+                               int T, int H, int Hkv, float scale) {                                               \
+        fa::backward_dq_tiles<D>(k, ds, dqkv, cos, sin, per_token, tiles, n_tiles, table, h0, T, H, Hkv, scale);  \
     }                                                                                                              \
     extern "C" __global__ void __launch_bounds__(fa::THREADS)                                                      \
         flash_bwd_dq_##D(const bf16* __restrict__ q, const bf16* __restrict__ k, const bf16* __restrict__ v,       \
                          const bf16* __restrict__ d_o, const float* __restrict__ lse, const float* __restrict__ dot, \
-                         bf16* __restrict__ dq, const int4* __restrict__ table, int T, int H, int Hkv,             \
-                         float scale) {                                                                            \
-        fa::backward_dq<D>(q, k, v, d_o, lse, dot, dq, table, T, H, Hkv, scale);                                   \
+                         bf16* __restrict__ dqkv, const float* __restrict__ cos, const float* __restrict__ sin,    \
+                         int per_token, const int4* __restrict__ table, int T, int H, int Hkv, float scale) {      \
+        fa::backward_dq<D>(q, k, v, d_o, lse, dot, dqkv, cos, sin, per_token, table, T, H, Hkv, scale);            \
     }
 FLASH_KERNELS(64)
 FLASH_KERNELS(128)
 
-// D[row] = sum_d dO[row, d] * O[row, d] (the softmax backward's row term) over [rows, D]. One warp per row.
+// dot[b, h, t] = sum_d dO[b T + t, h D + d] * O[b T + t, h D + d] (the softmax backward's row term; O and dO
+// token-major [B T, H D], dot [B, H, T] as lse). One warp per (token, head): a warp reads one contiguous head
+// row of each.
 extern "C" __global__ void flash_bwd_dot(const bf16* __restrict__ o, const bf16* __restrict__ d_o,
-                                         float* __restrict__ dot, int D, unsigned long long rows) {
-    const size_t row = (size_t)blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
+                                         float* __restrict__ dot, int T, int H, int D, unsigned long long rows) {
+    const size_t row = (size_t)blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;  // = (b H + h) T + t
     if (row >= rows) return;
     const int lane = threadIdx.x & 31;
+    const size_t t = row % T, h = (row / T) % H, b = row / ((size_t)T * H);
+    const size_t at = ((b * T + t) * H + h) * D;  // head h of token b T + t
     float acc = 0.f;
-    for (int c = lane; c < D; c += 32) acc += ld(o[row * D + c]) * ld(d_o[row * D + c]);
+    for (int c = lane; c < D; c += 32) acc += ld(o[at + c]) * ld(d_o[at + c]);
     acc = warp_sum(acc);
-    if (lane == 0) dot[row] = acc;
+    if (lane == 0) dot[row] = acc;  // the writes of a block land side by side
 }

@@ -124,7 +124,7 @@ pub fn qkv_split_rope(
 
 /// Whether the RoPE tables are per token ([B, 1, T, D], gathered by each token's position: a padding-free
 /// batch) rather than per position ([T, D]).
-fn per_token(cos: &Tensor, n: usize, d: usize) -> Result<Arg<'static>> {
+pub(super) fn per_token(cos: &Tensor, n: usize, d: usize) -> Result<Arg<'static>> {
     match cos.rank() {
         2 => Ok(Arg::I(0)),
         4 if cos.elem_count() == n * d => Ok(Arg::I(1)),
@@ -162,7 +162,11 @@ fn heads_merge_into(
         Arg::I(h as i32),
         Arg::I(d as i32),
         Arg::I(inverse_rope as i32),
-        per_token(cos, n, d)?,
+        if inverse_rope {
+            per_token(cos, n, d)?
+        } else {
+            Arg::I(0)
+        },
     ];
     // 8 elements per access when the head dim, the column offsets and the buffers allow.
     if d % 16 == 0 && stride % 8 == 0 && col0 % 8 == 0 && aligned16(&[&src, dst]) {
@@ -183,11 +187,11 @@ fn heads_merge_into(
     )
 }
 
-/// [B, H, T, D] -> [N, C] (the attention output into c_proj). `cos`/`sin` are not read.
-pub fn merge_heads(y: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+/// [B, H, T, D] -> [N, C] (the attention output into c_proj).
+pub fn merge_heads(y: &Tensor) -> Result<Tensor> {
     let (b, h, t, d) = y.dims4()?;
     let out = uninit(&cuda_device(y)?, (b * t, h * d), DType::BF16)?;
-    heads_merge_into(y, cos, sin, &out, 0, false)?;
+    heads_merge_into(y, y, y, &out, 0, false)?; // no RoPE: the tables are not read
     Ok(out)
 }
 

@@ -81,16 +81,32 @@ pub fn sum_squares_multi(tensors: &[&Tensor]) -> Result<Tensor> {
 /// The factor an update multiplies the gradients `grads` by, on the GPU (f32 [2]: the global norm times
 /// `per_token`, and `per_token` times the clip coefficient for `max_norm`, or NaN when the norm or `loss_sum`
 /// (an f64 scalar) is not finite), with no wait for the host.
-pub fn grad_scale(grads: &[&Tensor], loss_sum: Option<&Tensor>, per_token: f64, max_norm: Option<f64>) -> Result<Tensor> {
+pub fn grad_scale(
+    grads: &[&Tensor],
+    loss_sum: Option<&Tensor>,
+    per_token: f64,
+    max_norm: Option<f64>,
+) -> Result<Tensor> {
     let partials = sum_squares_partials(grads)?;
     let dev = cuda_device(&partials)?;
     let out = uninit(&dev, 2, DType::F32)?;
     let loss = match loss_sum {
         Some(l) if l.dtype() == DType::F64 && l.elem_count() == 1 => Arg::T(l),
-        Some(l) => bail!("grad_scale: the loss sum must be one f64, got {:?} {:?}", l.dtype(), l.dims()),
+        Some(l) => bail!(
+            "grad_scale: the loss sum must be one f64, got {:?} {:?}",
+            l.dtype(),
+            l.dims()
+        ),
         None => Arg::U(0),
     };
-    let args = [Arg::T(&partials), Arg::I(partials.elem_count() as i32), loss, Arg::U(per_token.to_bits()), Arg::U(max_norm.unwrap_or(0.0).to_bits()), Arg::T(&out)];
+    let args = [
+        Arg::T(&partials),
+        Arg::I(partials.elem_count() as i32),
+        loss,
+        Arg::U(per_token.to_bits()),
+        Arg::U(max_norm.unwrap_or(0.0).to_bits()),
+        Arg::T(&out),
+    ];
     launch(&dev, "grad_scale", 1, ROW_THREADS, &args)?;
     Ok(out)
 }
