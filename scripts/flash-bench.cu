@@ -152,8 +152,7 @@ void run(const char* name, int B, int T, int H, int Hkv, std::vector<std::vector
     bf16* o2 = dalloc<bf16>(nq); float* lse2 = dalloc<float>((size_t)B * H * T);
     auto forward2 = [&] { fwd2<<<dim3(n2, H), 128, smem_fwd2<D>()>>>(q, k, v, o2, lse2, (const int4*)dtab2, T, H, Hkv, scale); };
     auto backward = [&] {
-        size_t rows = (size_t)B * H * T;
-        flash_bwd_dot<<<(rows + 7) / 8, 256>>>(o, gt, dot, T, H, D, rows);
+        flash_bwd_dot<<<(B * T + 7) / 8, 256>>>(o, gt, dot, T, H, D, (size_t)B * T);
         dkdv<<<dim3(n, Hkv), 128, smem_dkdv<D>()>>>(q, k, v, gt, lse, dot, dqkv, nullptr, nullptr, 0, ds, dtiles, n_tiles, (const int4*)dtab, 0, T, H, Hkv, scale);
         if (use_tiles) dqt<<<dim3(n2, H), 128, smem_dqt<D>()>>>(k, ds, dqkv, nullptr, nullptr, 0, dtiles2, n_tiles, (const int4*)dtab2, 0, T, H, Hkv, scale);
         else dqk<<<dim3(n, H), 128, smem_dq<D>()>>>(q, k, v, gt, lse, dot, dqkv, nullptr, nullptr, 0, (const int4*)dtab, T, H, Hkv, scale);
@@ -184,11 +183,10 @@ void run(const char* name, int B, int T, int H, int Hkv, std::vector<std::vector
         printf("  forward of 64-query blocks %.3f ms %.0f TFLOP/s, backward %.3f ms %.0f TFLOP/s (2.5x forward flops)\n", tf / reps, flop / (tf / reps * 1e-3) / 1e12, tb / reps, 2.5 * flop / (tb / reps * 1e-3) / 1e12);
         cudaEventRecord(a); for (int r = 0; r < reps; ++r) forward2(); cudaEventRecord(b2); CK(cudaEventSynchronize(b2)); cudaEventElapsedTime(&tf, a, b2);
         printf("  forward of 128-query blocks %.3f ms %.0f TFLOP/s\n", tf / reps, flop / (tf / reps * 1e-3) / 1e12);
-        size_t rows = (size_t)B * H * T;
         cudaEvent_t e0, e1, e2; cudaEventCreate(&e0); cudaEventCreate(&e1); cudaEventCreate(&e2);
         float t1 = 0, t2 = 0;
         for (int r = 0; r < reps; ++r) {
-            flash_bwd_dot<<<(rows + 7) / 8, 256>>>(o, gt, dot, T, H, D, rows);
+            flash_bwd_dot<<<(B * T + 7) / 8, 256>>>(o, gt, dot, T, H, D, (size_t)B * T);
             cudaEventRecord(e0);
             dkdv<<<dim3(n, Hkv), 128, smem_dkdv<D>()>>>(q, k, v, gt, lse, dot, dqkv, nullptr, nullptr, 0, ds, dtiles, n_tiles, (const int4*)dtab, 0, T, H, Hkv, scale);
             cudaEventRecord(e1);

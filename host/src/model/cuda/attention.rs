@@ -258,22 +258,24 @@ pub fn flash_backward_within(
             h * d
         );
     }
-    let rows = b * h * t;
+    // flash_bwd_dot: 8 tokens a block, 16-byte loads.
+    let (o, d_o) = (aligned(o)?, aligned(&d_o)?);
+    let tokens = b * t;
     let dot = uninit(&dev, (b, h, t), DType::F32)?;
     let dot_args = [
-        Arg::T(o),
+        Arg::T(&o),
         Arg::T(&d_o),
         Arg::T(&dot),
         Arg::I(t as i32),
         Arg::I(h as i32),
         Arg::I(d as i32),
-        Arg::U(rows as u64),
+        Arg::U(tokens as u64),
     ];
     launch(
         &dev,
         "flash_bwd_dot",
-        blocks_for(rows, ROW_THREADS / 32)?,
-        ROW_THREADS,
+        tokens.div_ceil(8) as u64,
+        256,
         &dot_args,
     )?;
     // Every element is written: each token lies in a listed sequence, and dq, dk, dv fill their columns.

@@ -164,8 +164,9 @@ extern "C" __global__ void lora_down_add8(bf16* __restrict__ dx, const bf16* __r
 
 // ---------------------------------------------------------------------------------------------------------
 // Low-rank products written into a fresh tensor (no read of it), on tensor cores: out[n, j] = f(u[n, :] . w[j, :])
-// for u [N, r] and w [cols, r], r even and at most 32 (the forward's B, or the backward's A^T; r = 24 is q, k and v
-// adapters side by side), f the dropout (mask from the forward's bits, or hashed) or nothing. The frozen linear's
+// for u [N, r] and w [cols, r], r even and at most 32 (the forward's B; or the backward's A^T, read from A [r, cols]
+// as it is stored when `w_t`; r = 24 is q, k and v adapters side by side), f the dropout (mask from the forward's
+// bits, or hashed) or nothing. The frozen linear's
 // GEMM then adds its product into `out` (cuBLAS beta = 1). The kernels above keep 64 weights a thread in
 // registers and walk 8 rows: bound by neither the memory nor the arithmetic but by their latency (ncu: 25%
 // occupancy, ~1.5 TB/s). Here mma.m16n8k16 takes the rank as k (in KS steps of 16, zero past r): a warp owns 64
@@ -180,13 +181,32 @@ template <int KS>
 static __device__ __forceinline__ void rank_tc_body(bf16* __restrict__ out, const bf16* __restrict__ u,
                                                     const bf16* __restrict__ w, int n_rows, int cols, int r,
                                                     uint64_t key, float p, float keep_scale, int has_dropout,
-                                                    const uint8_t* __restrict__ bits) {
+                                                    const uint8_t* __restrict__ bits, int w_t) {
     const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
     const int strip = (blockIdx.x * 4 + (threadIdx.x >> 5)) * 64;
+    // w given transposed ([r, cols], A as stored): the block's 256 columns of it staged in shared memory with
+    // 16-byte loads (read straight from A, 2-byte loads a stride apart, the kernel ran 5% slower).
+    __shared__ __align__(16) bf16 wt_s[32][256 + 8];
+    if (w_t) {
+        const int base = blockIdx.x * 256;
+        for (int i = threadIdx.x; i < r * 32; i += blockDim.x) {
+            const int k = i / 32, c8 = (i % 32) * 8;
+            uint4 v = make_uint4(0, 0, 0, 0);
+            if (base + c8 < cols) v = *reinterpret_cast<const uint4*>(w + (size_t)k * cols + base + c8);
+            *reinterpret_cast<uint4*>(&wt_s[k][c8]) = v;
+        }
+        __syncthreads();
+    }
     if (strip >= cols) return;  // the whole warp
     // A pair of ranks (k, k + 1) of row `row` of an [rows, r] matrix, zero past its end.
     auto pair = [r](const bf16* __restrict__ m, int row, bool ok, int k) -> uint32_t {
         return ok && k < r ? *reinterpret_cast<const uint32_t*>(m + (size_t)row * r + k) : 0u;
+    };
+    // The same pair from the staged transpose (r even: k + 1 < r whenever k < r).
+    auto pair_t = [&](const bf16*, int col, bool ok, int k) -> uint32_t {
+        if (!ok || k >= r) return 0u;
+        const int c = col - blockIdx.x * 256;
+        return (uint32_t)__bfloat16_as_ushort(wt_s[k][c]) | (uint32_t)__bfloat16_as_ushort(wt_s[k + 1][c]) << 16;
     };
     uint32_t b[KS][8][2];  // step s, tile j: w[column of (j, n = g)][16 s + 2t (+ 8), + 1]
 #pragma unroll
@@ -194,8 +214,8 @@ static __device__ __forceinline__ void rank_tc_body(bf16* __restrict__ out, cons
 #pragma unroll
         for (int j = 0; j < 8; ++j) {
             const int c = strip + 16 * (g >> 1) + 2 * j + (g & 1);
-            b[s][j][0] = pair(w, c, c < cols, 16 * s + 2 * t);
-            b[s][j][1] = pair(w, c, c < cols, 16 * s + 2 * t + 8);
+            b[s][j][0] = w_t ? pair_t(w, c, c < cols, 16 * s + 2 * t) : pair(w, c, c < cols, 16 * s + 2 * t);
+            b[s][j][1] = w_t ? pair_t(w, c, c < cols, 16 * s + 2 * t + 8) : pair(w, c, c < cols, 16 * s + 2 * t + 8);
         }
     const int col0 = strip + 16 * t;  // this lane's 16 output columns
     const int r_end = min(n_rows, (int)(blockIdx.y + 1) * TC_ROWS);
@@ -239,8 +259,8 @@ static __device__ __forceinline__ void rank_tc_body(bf16* __restrict__ out, cons
 #define LORA_RANK_TC(KS, NAME)                                                                                     \
     extern "C" __global__ void NAME(bf16* __restrict__ out, const bf16* __restrict__ u, const bf16* __restrict__ w, \
                                     int n_rows, int cols, int r, uint64_t key, float p, float keep_scale,            \
-                                    int has_dropout, const uint8_t* __restrict__ bits) {                             \
-        rank_tc_body<KS>(out, u, w, n_rows, cols, r, key, p, keep_scale, has_dropout, bits);                          \
+                                    int has_dropout, const uint8_t* __restrict__ bits, int w_t) {                    \
+        rank_tc_body<KS>(out, u, w, n_rows, cols, r, key, p, keep_scale, has_dropout, bits, w_t);                     \
     }
 LORA_RANK_TC(1, lora_rank16_tc)
 LORA_RANK_TC(2, lora_rank32_tc)

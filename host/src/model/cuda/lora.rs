@@ -136,7 +136,7 @@ fn mask_args<'a>(
 
 /// u B^T [N, out] into a fresh tensor, for u [N, r] and B [out, r]; None where the kernel does not apply.
 pub fn lora_up(u: &Tensor, b: &Tensor) -> Result<Option<Tensor>> {
-    rank_tc(u, b, None)
+    rank_tc(u, b, false, None)
 }
 
 /// dropout(du A) [N, in] into a fresh tensor (the mask as in [`lora_down_add_`]), for du [N, r] and A [r, in];
@@ -146,22 +146,29 @@ pub fn lora_down(
     a: &Tensor,
     dropout: Option<(u64, f64, Option<&Tensor>)>,
 ) -> Result<Option<Tensor>> {
-    rank_tc(du, &a.t()?, dropout)
+    rank_tc(du, a, true, dropout)
 }
 
-/// out = f(u w^T) for u [N, r], w [cols, r] (r even, at most 32; cols a multiple of 16), f the dropout if any.
+/// out = f(u w^T) for u [N, r], w [cols, r] (or, `w_t`, w^T [r, cols] as stored) (r even, at most 32; cols a
+/// multiple of 16), f the dropout if any.
 fn rank_tc(
     u: &Tensor,
     w: &Tensor,
+    w_t: bool,
     dropout: Option<(u64, f64, Option<&Tensor>)>,
 ) -> Result<Option<Tensor>> {
     check_bf16("lora_rank_tc", &[u, w])?;
-    let ((n, r), (cols, r2)) = (u.dims2()?, w.dims2()?);
+    let (n, r) = u.dims2()?;
+    let (cols, r2) = match w_t {
+        false => w.dims2()?,
+        true => (w.dim(1)?, w.dim(0)?),
+    };
     if r != r2 || r == 0 || r % 2 != 0 || r > 32 || cols % 16 != 0 {
         return Ok(None);
     }
     let dev = cuda_device(u)?;
-    let (u, w) = (aligned(u)?, aligned(w)?); // 4-byte loads of rank pairs
+    // 4-byte loads of rank pairs (w given transposed: 16-byte loads of its rows).
+    let (u, w) = (aligned(u)?, aligned(w)?);
     let out = uninit(&dev, (n, cols), candle_core::DType::BF16)?;
     blocks(n * cols, 1)?; // the element index space fits the kernel's arithmetic
     let ([k, p, keep, on], bits) = mask_args(dropout, n * cols);
@@ -177,6 +184,7 @@ fn rank_tc(
         keep,
         on,
         bits,
+        Arg::I(w_t as i32),
     ];
     const TC_ROWS: usize = 64; // TC_ROWS in lora.cu
     let name = if r <= 16 {
