@@ -21,24 +21,12 @@ fn main() {
     let host_dir = PathBuf::from(env::var("CARGO_MANIFEST_DIR").unwrap());
     let root = host_dir.parent().unwrap().to_path_buf();
     let plugins = root.join("plugins");
-    for p in [
-        "sdk",
-        "shared",
-        "sources",
-        "filters",
-        "templates",
-        "schedulers",
-        "scorers",
-        "Cargo.toml",
-        "Cargo.lock",
-    ] {
+    for p in ["sdk", "shared", "sources", "filters", "templates", "schedulers", "scorers", "Cargo.toml", "Cargo.lock"] {
         println!("cargo:rerun-if-changed={}", plugins.join(p).display());
     }
     println!("cargo:rerun-if-changed={}", root.join("wit").display());
 
-    let target_dir = env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| root.join("target"));
+    let target_dir = env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| root.join("target"));
     let target_dir = target_dir.join("wasm-plugins");
     ensure_wasm_target();
 
@@ -57,26 +45,18 @@ fn main() {
         .status()
         .expect("cannot run cargo to build the standard plugins");
     if !status.success() {
-        panic!(
-            "building the standard plugins (plugins/) for {TARGET} failed; see the errors above"
-        );
+        panic!("building the standard plugins (plugins/) for {TARGET} failed; see the errors above");
     }
 
     let wasm_dir = target_dir.join(TARGET).join("release");
-    let mut table = String::from(
-        "/// The standard plugins, built from `plugins/` and embedded at compile time.\n",
-    );
+    let mut table = String::from("/// The standard plugins, built from `plugins/` and embedded at compile time.\n");
     table.push_str("pub static STANDARD: &[StandardPlugin] = &[\n");
     for (folder, kind) in KINDS {
         for name in plugin_names(&plugins.join(folder)) {
             let singular = folder.trim_end_matches('s');
             let file = format!("lorahost_{singular}_{}.wasm", name.replace('-', "_"));
             let path = wasm_dir.join(&file);
-            assert!(
-                path.exists(),
-                "expected {} after building the plugins",
-                path.display()
-            );
+            assert!(path.exists(), "expected {} after building the plugins", path.display());
             writeln!(
                 table,
                 "    StandardPlugin {{ name: {name:?}, kind: PluginKind::{kind}, wasm: include_bytes!({:?}) }},",
@@ -86,11 +66,7 @@ fn main() {
         }
     }
     table.push_str("];\n");
-    fs::write(
-        PathBuf::from(env::var("OUT_DIR").unwrap()).join("standard_plugins.rs"),
-        table,
-    )
-    .unwrap();
+    fs::write(PathBuf::from(env::var("OUT_DIR").unwrap()).join("standard_plugins.rs"), table).unwrap();
 
     if env::var_os("CARGO_FEATURE_CUDA").is_some() {
         build_cuda_kernels(&host_dir);
@@ -104,10 +80,7 @@ fn main() {
 fn build_cuda_kernels(host_dir: &Path) {
     let src = host_dir.join("src/model/cuda/kernels.cu");
     // kernels.cu includes the other .cu / .cuh files of its folder.
-    println!(
-        "cargo:rerun-if-changed={}",
-        host_dir.join("src/model/cuda").display()
-    );
+    println!("cargo:rerun-if-changed={}", host_dir.join("src/model/cuda").display());
     println!("cargo:rerun-if-env-changed=CUDA_COMPUTE_CAP");
     println!("cargo:rerun-if-env-changed=NVCC");
     let cap = env::var("CUDA_COMPUTE_CAP").unwrap_or_else(|_| "90".into());
@@ -118,11 +91,7 @@ fn build_cuda_kernels(host_dir: &Path) {
         .arg(&out)
         .arg(&src)
         .status()
-        .unwrap_or_else(|e| {
-            panic!(
-                "cannot run `{nvcc}` to build the CUDA kernels ({e}); put nvcc on PATH or set NVCC"
-            )
-        });
+        .unwrap_or_else(|e| panic!("cannot run `{nvcc}` to build the CUDA kernels ({e}); put nvcc on PATH or set NVCC"));
     if !status.success() {
         panic!("nvcc failed on {}; see the errors above", src.display());
     }
@@ -146,10 +115,7 @@ fn plugin_names(dir: &Path) -> Vec<String> {
 /// toolchain was already there, add the target now.
 fn ensure_wasm_target() {
     let rustc = env::var("RUSTC").unwrap_or_else(|_| "rustc".into());
-    let sysroot = Command::new(&rustc)
-        .args(["--print", "sysroot"])
-        .output()
-        .expect("cannot run rustc");
+    let sysroot = Command::new(&rustc).args(["--print", "sysroot"]).output().expect("cannot run rustc");
     let sysroot = PathBuf::from(String::from_utf8_lossy(&sysroot.stdout).trim());
     if sysroot.join("lib/rustlib").join(TARGET).exists() {
         return;

@@ -26,12 +26,7 @@ fn put_str(out: &mut Vec<u8>, s: &str) {
 
 impl Gguf {
     fn new() -> Gguf {
-        Gguf {
-            version: 3,
-            n_kv: 0,
-            kv: Vec::new(),
-            tensors: Vec::new(),
-        }
+        Gguf { version: 3, n_kv: 0, kv: Vec::new(), tensors: Vec::new() }
     }
 
     fn key(&mut self, k: &str, ty: u32) {
@@ -85,8 +80,7 @@ impl Gguf {
     }
 
     fn tensor(mut self, name: &str, dims: &[u64], ty: u32, data: Vec<u8>) -> Gguf {
-        self.tensors
-            .push((name.to_string(), dims.to_vec(), ty, data));
+        self.tensors.push((name.to_string(), dims.to_vec(), ty, data));
         self
     }
 
@@ -138,19 +132,10 @@ fn deq(ty: GgmlType, block: &[u8]) -> Vec<f32> {
 fn float_types() {
     assert_eq!(deq(GgmlType::F32, &(-1.5f32).to_le_bytes()), [-1.5]);
     // f16: 0x3C00 = 1.0, 0xC000 = -2.0, 0x3555 = 0.333251953125, 0x0001 = 2^-24 (smallest subnormal)
-    let f16: Vec<u8> = [0x3C00u16, 0xC000, 0x3555, 0x0001]
-        .iter()
-        .flat_map(|b| b.to_le_bytes())
-        .collect();
-    assert_eq!(
-        deq(GgmlType::F16, &f16),
-        [1.0, -2.0, 0.333_251_95, 5.960_464_5e-8]
-    );
+    let f16: Vec<u8> = [0x3C00u16, 0xC000, 0x3555, 0x0001].iter().flat_map(|b| b.to_le_bytes()).collect();
+    assert_eq!(deq(GgmlType::F16, &f16), [1.0, -2.0, 0.333_251_95, 5.960_464_5e-8]);
     // bf16: the top half of an f32: 0x3F80 = 1.0, 0xC0A0 = -5.0, 0x4049 = 3.140625
-    let bf16: Vec<u8> = [0x3F80u16, 0xC0A0, 0x4049]
-        .iter()
-        .flat_map(|b| b.to_le_bytes())
-        .collect();
+    let bf16: Vec<u8> = [0x3F80u16, 0xC0A0, 0x4049].iter().flat_map(|b| b.to_le_bytes()).collect();
     assert_eq!(deq(GgmlType::BF16, &bf16), [1.0, -5.0, 3.140625]);
 }
 
@@ -200,12 +185,7 @@ fn q5_0_and_q5_1_blocks() {
         let y = deq(GgmlType::Q5_0, &b);
         for j in 0..16 {
             assert_eq!(y[j], (j + fifth[0]) as f32 - 16.0, "qh {qh:#x} value {j}");
-            assert_eq!(
-                y[j + 16],
-                (j + fifth[1]) as f32 - 16.0,
-                "qh {qh:#x} value {}",
-                j + 16
-            );
+            assert_eq!(y[j + 16], (j + fifth[1]) as f32 - 16.0, "qh {qh:#x} value {}", j + 16);
         }
     }
     // Q5_1, d = 0.5, m = 1, only values 0 and 31 have the fifth bit.
@@ -290,9 +270,7 @@ fn q5_k_block() {
 #[test]
 fn q6_k_block() {
     let q = |n: usize| ((n * 7) % 64) as i32 - 32; // value n's quant, -32..=31
-    let sc: [i8; 16] = [
-        1, -2, 3, -4, 5, -6, 7, -8, 9, -10, 11, -12, 13, -14, 127, -128,
-    ];
+    let sc: [i8; 16] = [1, -2, 3, -4, 5, -6, 7, -8, 9, -10, 11, -12, 13, -14, 127, -128];
     // Per 128-value half: value 32k+l stores its low four bits in ql[l + 32*(k%2)] (low nibble for k < 2, high
     // nibble for k >= 2) and its top two bits at bits 2k of qh[l].
     let (mut ql, mut qh) = (vec![0u8; 128], vec![0u8; 64]);
@@ -329,57 +307,22 @@ fn llama_cpp_names_map_to_hf_names() {
         ("token_embd.weight", "model.embed_tokens.weight"),
         ("output_norm.weight", "model.norm.weight"),
         ("output.weight", "lm_head.weight"),
-        (
-            "blk.0.attn_q.weight",
-            "model.layers.0.self_attn.q_proj.weight",
-        ),
-        (
-            "blk.11.attn_q.bias",
-            "model.layers.11.self_attn.q_proj.bias",
-        ),
-        (
-            "blk.2.attn_k.weight",
-            "model.layers.2.self_attn.k_proj.weight",
-        ),
+        ("blk.0.attn_q.weight", "model.layers.0.self_attn.q_proj.weight"),
+        ("blk.11.attn_q.bias", "model.layers.11.self_attn.q_proj.bias"),
+        ("blk.2.attn_k.weight", "model.layers.2.self_attn.k_proj.weight"),
         ("blk.2.attn_v.bias", "model.layers.2.self_attn.v_proj.bias"),
-        (
-            "blk.3.attn_output.weight",
-            "model.layers.3.self_attn.o_proj.weight",
-        ),
-        (
-            "blk.4.attn_q_norm.weight",
-            "model.layers.4.self_attn.q_norm.weight",
-        ),
-        (
-            "blk.4.attn_k_norm.weight",
-            "model.layers.4.self_attn.k_norm.weight",
-        ),
-        (
-            "blk.5.ffn_gate.weight",
-            "model.layers.5.mlp.gate_proj.weight",
-        ),
+        ("blk.3.attn_output.weight", "model.layers.3.self_attn.o_proj.weight"),
+        ("blk.4.attn_q_norm.weight", "model.layers.4.self_attn.q_norm.weight"),
+        ("blk.4.attn_k_norm.weight", "model.layers.4.self_attn.k_norm.weight"),
+        ("blk.5.ffn_gate.weight", "model.layers.5.mlp.gate_proj.weight"),
         ("blk.5.ffn_up.weight", "model.layers.5.mlp.up_proj.weight"),
-        (
-            "blk.5.ffn_down.weight",
-            "model.layers.5.mlp.down_proj.weight",
-        ),
-        (
-            "blk.6.attn_norm.weight",
-            "model.layers.6.input_layernorm.weight",
-        ),
-        (
-            "blk.6.ffn_norm.weight",
-            "model.layers.6.post_attention_layernorm.weight",
-        ),
+        ("blk.5.ffn_down.weight", "model.layers.5.mlp.down_proj.weight"),
+        ("blk.6.attn_norm.weight", "model.layers.6.input_layernorm.weight"),
+        ("blk.6.ffn_norm.weight", "model.layers.6.post_attention_layernorm.weight"),
     ] {
         assert_eq!(names::hf_name(g).unwrap(), hf);
     }
-    for bad in [
-        "blk.x.attn_q.weight",
-        "blk.0.attn_qkv.weight",
-        "token_embd",
-        "blk.0.ffn_gate_exps.weight",
-    ] {
+    for bad in ["blk.x.attn_q.weight", "blk.0.attn_qkv.weight", "token_embd", "blk.0.ffn_gate_exps.weight"] {
         let e = names::hf_name(bad).unwrap_err().to_string();
         assert!(e.contains(bad), "{e}");
     }
@@ -399,11 +342,7 @@ fn source_row_inverts_the_converters_permutation() {
         let mut hit = vec![false; rows];
         for r in 0..rows {
             let s = names::source_row(r, rows, heads);
-            assert_eq!(
-                s,
-                gguf_row_of_hf_row(r, rows, heads),
-                "rows {rows} heads {heads} row {r}"
-            );
+            assert_eq!(s, gguf_row_of_hf_row(r, rows, heads), "rows {rows} heads {heads} row {r}");
             hit[s] = true;
         }
         assert!(hit.iter().all(|&x| x), "a permutation");
@@ -421,10 +360,7 @@ fn byte_chars() -> Vec<char> {
     let mut extra = 0;
     (0..=255u8)
         .map(|b| {
-            if (b'!'..=b'~').contains(&b)
-                || (0xA1..=0xAC).contains(&b)
-                || (0xAE..=0xFF).contains(&b)
-            {
+            if (b'!'..=b'~').contains(&b) || (0xA1..=0xAC).contains(&b) || (0xAE..=0xFF).contains(&b) {
                 char::from(b)
             } else {
                 extra += 1;
@@ -444,28 +380,13 @@ const VOCAB: usize = 265;
 /// Ids 0..256 the bytes, then merged tokens, two control tokens and a user-defined one.
 fn vocab(g: Gguf, pre: &str) -> Gguf {
     let mut tokens: Vec<String> = byte_chars().iter().map(|c| c.to_string()).collect();
-    tokens.extend(
-        [
-            "he",
-            "ll",
-            "hell",
-            "hello",
-            "\u{120}w",
-            "<|endoftext|>",
-            "<|im_start|>",
-            "<tool>",
-            "12",
-        ]
-        .map(String::from),
-    );
+    tokens.extend(["he", "ll", "hell", "hello", "\u{120}w", "<|endoftext|>", "<|im_start|>", "<tool>", "12"].map(String::from));
     assert_eq!(tokens.len(), VOCAB);
     let mut types = vec![1; VOCAB];
     types[ENDOFTEXT as usize] = 3;
     types[IM_START as usize] = 3;
     types[263] = 4;
-    let merges: Vec<String> = ["h e", "l l", "he ll", "hell o", "\u{120} w", "1 2"]
-        .map(String::from)
-        .to_vec();
+    let merges: Vec<String> = ["h e", "l l", "he ll", "hell o", "\u{120} w", "1 2"].map(String::from).to_vec();
     g.str("tokenizer.ggml.model", "gpt2")
         .str("tokenizer.ggml.pre", pre)
         .strs("tokenizer.ggml.tokens", &tokens)
@@ -474,10 +395,7 @@ fn vocab(g: Gguf, pre: &str) -> Gguf {
         .u32("tokenizer.ggml.bos_token_id", ENDOFTEXT)
         .u32("tokenizer.ggml.eos_token_id", IM_START)
         .bool("tokenizer.ggml.add_bos_token", false)
-        .str(
-            "tokenizer.chat_template",
-            "{% for m in messages %}{{ m.content }}{% endfor %}",
-        )
+        .str("tokenizer.chat_template", "{% for m in messages %}{{ m.content }}{% endfor %}")
 }
 
 /// A deterministic byte stream (splitmix-style), for quantized payloads.
@@ -504,15 +422,10 @@ fn quantized(ty: GgmlType, cols: usize, rows: usize, seed: u64) -> Vec<u8> {
         GgmlType::F16 | GgmlType::BF16 => {
             // Every value a small number: 0x3000.. (f16) / 0x3E00.. (bf16) plus noise in the low mantissa.
             let top = if ty == GgmlType::F16 { 0x30u8 } else { 0x3E };
-            data.chunks_exact_mut(2)
-                .for_each(|c| c[1] = top | (c[1] & 0x83));
+            data.chunks_exact_mut(2).for_each(|c| c[1] = top | (c[1] & 0x83));
             return data;
         }
-        GgmlType::F32 => {
-            return (0..cols * rows)
-                .flat_map(|i| (i as f32 * 0.001 - 0.5).to_le_bytes())
-                .collect()
-        }
+        GgmlType::F32 => return (0..cols * rows).flat_map(|i| (i as f32 * 0.001 - 0.5).to_le_bytes()).collect(),
     };
     for block in data.chunks_exact_mut(ty.block_bytes()) {
         for &at in halves {
@@ -532,29 +445,15 @@ const HEADS: usize = 2;
 const KV_HEADS: usize = 1;
 
 /// A one-layer model of `arch` with a different tensor type for each weight.
-fn tiny_model(
-    arch: &str,
-    pre: &str,
-    tied: bool,
-) -> (Gguf, Vec<(&'static str, GgmlType, usize, usize)>) {
+fn tiny_model(arch: &str, pre: &str, tied: bool) -> (Gguf, Vec<(&'static str, GgmlType, usize, usize)>) {
     let head_dim = HIDDEN / HEADS;
     // (gguf name, type, cols = ne[0], rows = ne[1] (0 for a 1-D tensor))
     let mut t: Vec<(&'static str, GgmlType, usize, usize)> = vec![
         ("token_embd.weight", GgmlType::F16, HIDDEN, VOCAB),
         ("blk.0.attn_norm.weight", GgmlType::F32, HIDDEN, 0),
         ("blk.0.attn_q.weight", GgmlType::Q4K, HIDDEN, HIDDEN),
-        (
-            "blk.0.attn_k.weight",
-            GgmlType::Q5K,
-            HIDDEN,
-            KV_HEADS * head_dim,
-        ),
-        (
-            "blk.0.attn_v.weight",
-            GgmlType::Q6K,
-            HIDDEN,
-            KV_HEADS * head_dim,
-        ),
+        ("blk.0.attn_k.weight", GgmlType::Q5K, HIDDEN, KV_HEADS * head_dim),
+        ("blk.0.attn_v.weight", GgmlType::Q6K, HIDDEN, KV_HEADS * head_dim),
         ("blk.0.attn_output.weight", GgmlType::Q8_0, HIDDEN, HIDDEN),
         ("blk.0.ffn_gate.weight", GgmlType::Q4_0, HIDDEN, FFN),
         ("blk.0.ffn_up.weight", GgmlType::Q4_1, HIDDEN, FFN),
@@ -585,24 +484,14 @@ fn tiny_model(
         .f32(&format!("{arch}.attention.layer_norm_rms_epsilon"), 1e-5);
     g = vocab(g, pre);
     for (i, &(name, ty, cols, rows)) in t.iter().enumerate() {
-        let dims: Vec<u64> = if rows == 0 {
-            vec![cols as u64]
-        } else {
-            vec![cols as u64, rows as u64]
-        };
-        g = g.tensor(
-            name,
-            &dims,
-            ty.id(),
-            quantized(ty, cols, rows.max(1), i as u64 + 1),
-        );
+        let dims: Vec<u64> = if rows == 0 { vec![cols as u64] } else { vec![cols as u64, rows as u64] };
+        g = g.tensor(name, &dims, ty.id(), quantized(ty, cols, rows.max(1), i as u64 + 1));
     }
     (g, t)
 }
 
 fn read_json(p: &Path) -> Value {
-    serde_json::from_slice(&std::fs::read(p).unwrap_or_else(|e| panic!("{}: {e}", p.display())))
-        .unwrap()
+    serde_json::from_slice(&std::fs::read(p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))).unwrap()
 }
 
 /// Every tensor of a safetensors file as (shape, f32 values).
@@ -613,16 +502,8 @@ fn read_safetensors(p: &Path) -> std::collections::BTreeMap<String, (Vec<usize>,
         .into_iter()
         .map(|(name, v)| {
             let values = match v.dtype() {
-                safetensors::Dtype::F32 => v
-                    .data()
-                    .chunks_exact(4)
-                    .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
-                    .collect(),
-                safetensors::Dtype::BF16 => v
-                    .data()
-                    .chunks_exact(2)
-                    .map(|c| f32::from_bits((u16::from_le_bytes([c[0], c[1]]) as u32) << 16))
-                    .collect(),
+                safetensors::Dtype::F32 => v.data().chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect(),
+                safetensors::Dtype::BF16 => v.data().chunks_exact(2).map(|c| f32::from_bits((u16::from_le_bytes([c[0], c[1]]) as u32) << 16)).collect(),
                 other => panic!("{name}: dtype {other:?}"),
             };
             (name, (v.shape().to_vec(), values))
@@ -631,10 +512,7 @@ fn read_safetensors(p: &Path) -> std::collections::BTreeMap<String, (Vec<usize>,
 }
 
 fn f32_opts() -> Options {
-    Options {
-        dtype: OutDtype::F32,
-        ..Default::default()
-    }
+    Options { dtype: OutDtype::F32, ..Default::default() }
 }
 
 #[test]
@@ -648,29 +526,10 @@ fn llama_import_writes_an_hf_folder() {
     assert_eq!(report.tensors, spec.len());
     assert_eq!(report.types.get("Q4_K"), Some(&1));
     assert!(!report.tied_embeddings);
-    let mut files: Vec<String> = std::fs::read_dir(&out)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().into_string().unwrap())
-        .collect();
+    let mut files: Vec<String> = std::fs::read_dir(&out).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
     files.sort();
-    assert_eq!(
-        files,
-        [
-            "config.json",
-            "generation_config.json",
-            "model.safetensors",
-            "tokenizer.json",
-            "tokenizer_config.json"
-        ]
-    );
-    assert!(
-        std::fs::read_dir(dir.path()).unwrap().all(|e| !e
-            .unwrap()
-            .file_name()
-            .to_string_lossy()
-            .starts_with('.')),
-        "no temporary folder left"
-    );
+    assert_eq!(files, ["config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"]);
+    assert!(std::fs::read_dir(dir.path()).unwrap().all(|e| !e.unwrap().file_name().to_string_lossy().starts_with('.')), "no temporary folder left");
 
     // config.json in transformers' LlamaConfig terms.
     let c = read_json(&out.join("config.json"));
@@ -682,10 +541,7 @@ fn llama_import_writes_an_hf_folder() {
     assert_eq!(c["num_attention_heads"], HEADS);
     assert_eq!(c["num_key_value_heads"], KV_HEADS);
     assert_eq!(c["head_dim"], HIDDEN / HEADS);
-    assert_eq!(
-        c["rms_norm_eps"], 1e-5,
-        "the f32 1e-5 written as 1e-5, not 9.99999974e-6"
-    );
+    assert_eq!(c["rms_norm_eps"], 1e-5, "the f32 1e-5 written as 1e-5, not 9.99999974e-6");
     assert_eq!(c["rope_theta"], 500000.0);
     assert_eq!(c["max_position_embeddings"], 2048);
     assert_eq!(c["vocab_size"], VOCAB);
@@ -694,16 +550,10 @@ fn llama_import_writes_an_hf_folder() {
     assert_eq!(c["eos_token_id"], IM_START);
     assert_eq!(c["torch_dtype"], "float32");
     assert_eq!(c["rope_scaling"], Value::Null);
-    assert_eq!(
-        read_json(&out.join("generation_config.json"))["eos_token_id"],
-        IM_START
-    );
+    assert_eq!(read_json(&out.join("generation_config.json"))["eos_token_id"], IM_START);
     let tc = read_json(&out.join("tokenizer_config.json"));
     assert_eq!(tc["eos_token"], "<|im_start|>");
-    assert_eq!(
-        tc["chat_template"],
-        "{% for m in messages %}{{ m.content }}{% endfor %}"
-    );
+    assert_eq!(tc["chat_template"], "{% for m in messages %}{{ m.content }}{% endfor %}");
 
     // Tensors: HF names, reversed dims, values as the blocks dequantize, q/k rows back in HF's order.
     let st = read_safetensors(&out.join("model.safetensors"));
@@ -715,18 +565,9 @@ fn llama_import_writes_an_hf_folder() {
         assert_eq!(info.ty, *ty);
         let nrows = (*rows).max(1);
         let mut flat = vec![0.0; cols * nrows];
-        dequantize(
-            *ty,
-            &bytes[info.start as usize..(info.start + info.len) as usize],
-            &mut flat,
-        )
-        .unwrap();
+        dequantize(*ty, &bytes[info.start as usize..(info.start + info.len) as usize], &mut flat).unwrap();
         let (shape, got) = &st[&names::hf_name(name).unwrap()];
-        let want_shape = if *rows == 0 {
-            vec![*cols]
-        } else {
-            vec![*rows, *cols]
-        };
+        let want_shape = if *rows == 0 { vec![*cols] } else { vec![*rows, *cols] };
         assert_eq!(shape, &want_shape, "{name}");
         let heads = match *name {
             "blk.0.attn_q.weight" => Some(HEADS),
@@ -735,11 +576,7 @@ fn llama_import_writes_an_hf_folder() {
         };
         for r in 0..nrows {
             let src = heads.map_or(r, |hd| gguf_row_of_hf_row(r, *rows, hd));
-            assert_eq!(
-                &got[r * cols..(r + 1) * cols],
-                &flat[src * cols..(src + 1) * cols],
-                "{name} row {r}"
-            );
+            assert_eq!(&got[r * cols..(r + 1) * cols], &flat[src * cols..(src + 1) * cols], "{name} row {r}");
         }
         if heads.is_some() {
             assert_ne!(got, &flat, "{name}: rows were reordered");
@@ -753,11 +590,7 @@ fn llama_q_and_k_round_trip_through_the_converters_permutation() {
     // F32, imported: the HF layout comes back exactly. Also a q bias.
     let dir = tempfile::tempdir().unwrap();
     let head_dim = HIDDEN / HEADS;
-    let hf = |rows: usize| -> Vec<f32> {
-        (0..rows * HIDDEN)
-            .map(|i| (i / HIDDEN) as f32 * 1000.0 + (i % HIDDEN) as f32)
-            .collect()
-    };
+    let hf = |rows: usize| -> Vec<f32> { (0..rows * HIDDEN).map(|i| (i / HIDDEN) as f32 * 1000.0 + (i % HIDDEN) as f32).collect() };
     let permute = |w: &[f32], rows: usize, cols: usize, heads: usize| -> Vec<f32> {
         let mut out = vec![0.0; rows * cols];
         for r in 0..rows {
@@ -771,18 +604,11 @@ fn llama_q_and_k_round_trip_through_the_converters_permutation() {
     let (mut g, _) = tiny_model("llama", "llama-bpe", true);
     for (name, data) in [
         ("blk.0.attn_q.weight", permute(&q, HIDDEN, HIDDEN, HEADS)),
-        (
-            "blk.0.attn_k.weight",
-            permute(&k, KV_HEADS * head_dim, HIDDEN, KV_HEADS),
-        ),
+        ("blk.0.attn_k.weight", permute(&k, KV_HEADS * head_dim, HIDDEN, KV_HEADS)),
         ("blk.0.attn_q.bias", permute(&bias, HIDDEN, 1, HEADS)),
     ] {
         g.tensors.retain(|t| t.0 != name);
-        let dims = if name.ends_with("bias") {
-            vec![HIDDEN as u64]
-        } else {
-            vec![HIDDEN as u64, (data.len() / HIDDEN) as u64]
-        };
+        let dims = if name.ends_with("bias") { vec![HIDDEN as u64] } else { vec![HIDDEN as u64, (data.len() / HIDDEN) as u64] };
         g = g.tensor(name, &dims, 0, f32s(&data));
     }
     let file = g.write(dir.path(), "perm.gguf");
@@ -793,10 +619,7 @@ fn llama_q_and_k_round_trip_through_the_converters_permutation() {
     assert_eq!(st["model.layers.0.self_attn.k_proj.weight"].1, k);
     assert_eq!(st["model.layers.0.self_attn.q_proj.bias"].1, bias);
     assert!(!st.contains_key("lm_head.weight"), "tied: no lm_head");
-    assert_eq!(
-        read_json(&dir.path().join("hf/config.json"))["tie_word_embeddings"],
-        true
-    );
+    assert_eq!(read_json(&dir.path().join("hf/config.json"))["tie_word_embeddings"], true);
 }
 
 #[test]
@@ -808,28 +631,16 @@ fn qwen_models_keep_their_row_order_and_config() {
         let out = dir.path().join("hf");
         import_gguf(&file, &out, &Options::default()).unwrap();
         let c = read_json(&out.join("config.json"));
-        let class = if arch == "qwen2" {
-            "Qwen2ForCausalLM"
-        } else {
-            "Qwen3ForCausalLM"
-        };
+        let class = if arch == "qwen2" { "Qwen2ForCausalLM" } else { "Qwen3ForCausalLM" };
         assert_eq!(c["architectures"][0], class);
         assert_eq!(c["model_type"], arch);
         assert_eq!(c["torch_dtype"], "bfloat16");
         assert_eq!(c["tie_word_embeddings"], true);
-        assert_eq!(
-            c["head_dim"].is_null(),
-            arch == "qwen2",
-            "qwen3 names head_dim"
-        );
+        assert_eq!(c["head_dim"].is_null(), arch == "qwen2", "qwen3 names head_dim");
         let st = read_safetensors(&out.join("model.safetensors"));
         // bf16 of the Q4_K q_proj, row order as stored.
         let gf = lorahost::import::gguf::GgufFile::open(&file).unwrap();
-        let info = gf
-            .tensors
-            .iter()
-            .find(|t| t.name == "blk.0.attn_q.weight")
-            .unwrap();
+        let info = gf.tensors.iter().find(|t| t.name == "blk.0.attn_q.weight").unwrap();
         let mut flat = vec![0.0; HIDDEN * HIDDEN];
         dequantize(info.ty, gf.data(info), &mut flat).unwrap();
         let (_, got) = &st["model.layers.0.self_attn.q_proj.weight"];
@@ -851,20 +662,11 @@ fn large_models_are_sharded_with_an_index() {
     let (g, spec) = tiny_model("qwen2", "qwen2", false);
     let file = g.write(dir.path(), "q.gguf");
     let out = dir.path().join("hf");
-    import_gguf(
-        &file,
-        &out,
-        &Options {
-            shard_bytes: 300_000,
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    import_gguf(&file, &out, &Options { shard_bytes: 300_000, ..Default::default() }).unwrap();
     let index = read_json(&out.join("model.safetensors.index.json"));
     let map = index["weight_map"].as_object().unwrap();
     assert_eq!(map.len(), spec.len());
-    let shards: std::collections::BTreeSet<&str> =
-        map.values().map(|v| v.as_str().unwrap()).collect();
+    let shards: std::collections::BTreeSet<&str> = map.values().map(|v| v.as_str().unwrap()).collect();
     assert!(shards.len() > 1, "{shards:?}");
     let n = shards.len();
     let mut total = 0;
@@ -892,46 +694,19 @@ fn tokenizer_json_loads_and_encodes_like_the_bpe() {
         let hf = tokenizers::Tokenizer::from_file(&path).unwrap();
         // "hello" merges h e, l l, he ll, hell o; " world" starts with the "Ġ w" merge, then bytes.
         let ids = hf.encode("hello world", false).unwrap().get_ids().to_vec();
-        assert_eq!(
-            ids,
-            [
-                HELLO,
-                SPACE_W,
-                b'o' as u32,
-                b'r' as u32,
-                b'l' as u32,
-                b'd' as u32
-            ],
-            "{pre}"
-        );
+        assert_eq!(ids, [HELLO, SPACE_W, b'o' as u32, b'r' as u32, b'l' as u32, b'd' as u32], "{pre}");
         // Control tokens are added tokens with their GGUF ids.
-        let ids = hf
-            .encode("<|im_start|>hello<|endoftext|>", false)
-            .unwrap()
-            .get_ids()
-            .to_vec();
+        let ids = hf.encode("<|im_start|>hello<|endoftext|>", false).unwrap().get_ids().to_vec();
         assert_eq!(ids, [IM_START, HELLO, ENDOFTEXT], "{pre}");
         assert_eq!(hf.get_vocab_size(true), VOCAB);
         // Numbers: Qwen2 and SmolLM split single digits, Llama 3 keeps up to three together (so "1 2" merges).
         let ids = hf.encode("x 12", false).unwrap().get_ids().to_vec();
-        let twelve = if pre == "llama-bpe" {
-            vec![TWELVE]
-        } else {
-            vec![b'1' as u32, b'2' as u32]
-        };
-        assert_eq!(
-            ids,
-            [vec![b'x' as u32, b' ' as u32], twelve].concat(),
-            "{pre}"
-        ); // the space byte is id 32 ("\u{120}")
+        let twelve = if pre == "llama-bpe" { vec![TWELVE] } else { vec![b'1' as u32, b'2' as u32] };
+        assert_eq!(ids, [vec![b'x' as u32, b' ' as u32], twelve].concat(), "{pre}"); // the space byte is id 32 ("\u{120}")
 
         // lorahost's own loader: probes a round trip, never yields a control token from text.
         let tok = HfTokenizer::from_file(&path).unwrap();
-        for text in [
-            "hello world",
-            "caf\u{e9} \u{4e2d}\u{6587} 123\r\n\tx",
-            "<|im_start|>hello",
-        ] {
+        for text in ["hello world", "caf\u{e9} \u{4e2d}\u{6587} 123\r\n\tx", "<|im_start|>hello"] {
             let mut ids = Vec::new();
             tok.encode_ordinary(text, &mut ids);
             assert_eq!(tok.decode(&ids), text, "{pre}");
@@ -950,16 +725,9 @@ fn import_err(g: &Gguf, name: &str) -> String {
     let dir = tempfile::tempdir().unwrap();
     let file = g.write(dir.path(), name);
     let out = dir.path().join("out");
-    let e = format!(
-        "{:#}",
-        import_gguf(&file, &out, &Options::default()).unwrap_err()
-    );
+    let e = format!("{:#}", import_gguf(&file, &out, &Options::default()).unwrap_err());
     assert!(!out.exists(), "nothing written on error: {e}");
-    assert_eq!(
-        std::fs::read_dir(dir.path()).unwrap().count(),
-        1,
-        "no temporary folder left: {e}"
-    );
+    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1, "no temporary folder left: {e}");
     assert!(e.contains(name), "the error names the file: {e}");
     e
 }
@@ -971,59 +739,24 @@ fn bad_magic_truncation_and_unknown_types_are_named() {
     bad[..4].copy_from_slice(b"GGML");
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("magic.gguf"), &bad).unwrap();
-    let e = format!(
-        "{:#}",
-        import_gguf(
-            &dir.path().join("magic.gguf"),
-            &dir.path().join("o"),
-            &Options::default()
-        )
-        .unwrap_err()
-    );
+    let e = format!("{:#}", import_gguf(&dir.path().join("magic.gguf"), &dir.path().join("o"), &Options::default()).unwrap_err());
     assert!(e.contains("magic.gguf") && e.contains("magic"), "{e}");
 
     // Cut inside the last tensor's data: the error names it.
     let whole = g.bytes();
     std::fs::write(dir.path().join("cut.gguf"), &whole[..whole.len() - 100]).unwrap();
-    let e = format!(
-        "{:#}",
-        import_gguf(
-            &dir.path().join("cut.gguf"),
-            &dir.path().join("o"),
-            &Options::default()
-        )
-        .unwrap_err()
-    );
+    let e = format!("{:#}", import_gguf(&dir.path().join("cut.gguf"), &dir.path().join("o"), &Options::default()).unwrap_err());
     let last = &g.tensors.last().unwrap().0;
-    assert!(
-        e.contains("cut.gguf") && e.contains("truncated") && e.contains(last.as_str()),
-        "{e}"
-    );
+    assert!(e.contains("cut.gguf") && e.contains("truncated") && e.contains(last.as_str()), "{e}");
     // Cut inside the metadata.
     std::fs::write(dir.path().join("short.gguf"), &whole[..200]).unwrap();
-    let e = format!(
-        "{:#}",
-        import_gguf(
-            &dir.path().join("short.gguf"),
-            &dir.path().join("o"),
-            &Options::default()
-        )
-        .unwrap_err()
-    );
+    let e = format!("{:#}", import_gguf(&dir.path().join("short.gguf"), &dir.path().join("o"), &Options::default()).unwrap_err());
     assert!(e.contains("short.gguf") && e.contains("truncated"), "{e}");
 
     // Q2_K (type 10) is a ggml type this importer does not convert.
-    let g2 = tiny_model("llama", "smollm", true).0.tensor(
-        "blk.0.extra.weight",
-        &[256, 1],
-        10,
-        vec![0; 84],
-    );
+    let g2 = tiny_model("llama", "smollm", true).0.tensor("blk.0.extra.weight", &[256, 1], 10, vec![0; 84]);
     let e = import_err(&g2, "q2k.gguf");
-    assert!(
-        e.contains("blk.0.extra.weight") && e.contains("Q2_K") && e.contains("not supported"),
-        "{e}"
-    );
+    assert!(e.contains("blk.0.extra.weight") && e.contains("Q2_K") && e.contains("not supported"), "{e}");
 
     let mut g3 = tiny_model("llama", "smollm", true).0;
     g3.version = 1;
@@ -1033,21 +766,12 @@ fn bad_magic_truncation_and_unknown_types_are_named() {
 
 #[test]
 fn unsupported_models_and_vocabularies_are_refused_by_key() {
-    let e = import_err(
-        &vocab(Gguf::new().str("general.architecture", "gemma2"), "qwen2"),
-        "gemma.gguf",
-    );
-    assert!(
-        e.contains("general.architecture") && e.contains("gemma2") && e.contains("qwen3"),
-        "{e}"
-    );
+    let e = import_err(&vocab(Gguf::new().str("general.architecture", "gemma2"), "qwen2"), "gemma.gguf");
+    assert!(e.contains("general.architecture") && e.contains("gemma2") && e.contains("qwen3"), "{e}");
 
     let (g, _) = tiny_model("llama", "falcon", true);
     let e = import_err(&g, "pre.gguf");
-    assert!(
-        e.contains("tokenizer.ggml.pre") && e.contains("falcon") && e.contains("llama-bpe"),
-        "{e}"
-    );
+    assert!(e.contains("tokenizer.ggml.pre") && e.contains("falcon") && e.contains("llama-bpe"), "{e}");
 
     let (mut g, _) = tiny_model("llama", "smollm", true);
     g.tensors.retain(|t| t.0 != "blk.0.attn_q.weight");
@@ -1064,17 +788,9 @@ fn a_non_empty_output_folder_is_left_alone() {
     let out = dir.path().join("mine");
     std::fs::create_dir(&out).unwrap();
     std::fs::write(out.join("notes.txt"), "keep me").unwrap();
-    let e = import_gguf(&file, &out, &Options::default())
-        .unwrap_err()
-        .to_string();
-    assert!(
-        e.contains("mine") && e.contains("not an empty folder"),
-        "{e}"
-    );
-    assert_eq!(
-        std::fs::read_to_string(out.join("notes.txt")).unwrap(),
-        "keep me"
-    );
+    let e = import_gguf(&file, &out, &Options::default()).unwrap_err().to_string();
+    assert!(e.contains("mine") && e.contains("not an empty folder"), "{e}");
+    assert_eq!(std::fs::read_to_string(out.join("notes.txt")).unwrap(), "keep me");
     // An empty folder is fine.
     let empty = dir.path().join("empty");
     std::fs::create_dir(&empty).unwrap();
@@ -1103,77 +819,32 @@ fn llama3_rope_scaling_is_recovered_from_rope_freqs() {
         .collect();
     let dir = tempfile::tempdir().unwrap();
     let (g, _) = tiny_model("llama", "llama-bpe", true);
-    let file = g
-        .tensor("rope_freqs.weight", &[64], 0, f32s(&freqs))
-        .write(dir.path(), "l3.gguf");
+    let file = g.tensor("rope_freqs.weight", &[64], 0, f32s(&freqs)).write(dir.path(), "l3.gguf");
     import_gguf(&file, &dir.path().join("hf"), &Options::default()).unwrap();
     let c = read_json(&dir.path().join("hf/config.json"));
-    assert_eq!(
-        c["rope_scaling"],
-        serde_json::json!({"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192})
-    );
-    assert!(!read_safetensors(&dir.path().join("hf/model.safetensors"))
-        .contains_key("rope_freqs.weight"));
+    assert_eq!(c["rope_scaling"], serde_json::json!({"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}));
+    assert!(!read_safetensors(&dir.path().join("hf/model.safetensors")).contains_key("rope_freqs.weight"));
 
     // Divisors that are not Llama 3's: refused, naming the tensor.
     let mut odd = freqs.clone();
     odd[5] *= 1.5; // a high-frequency divisor (1.0) changed
     let (g, _) = tiny_model("llama", "llama-bpe", true);
-    let e = import_err(
-        &g.tensor("rope_freqs.weight", &[64], 0, f32s(&odd)),
-        "odd.gguf",
-    );
+    let e = import_err(&g.tensor("rope_freqs.weight", &[64], 0, f32s(&odd)), "odd.gguf");
     assert!(e.contains("rope_freqs.weight[5]"), "{e}");
 }
 
 #[test]
 fn the_cli_imports_and_reports() {
     let dir = tempfile::tempdir().unwrap();
-    let file = tiny_model("qwen3", "qwen2", true)
-        .0
-        .write(dir.path(), "cli.gguf");
-    let run = |args: &[&str]| {
-        std::process::Command::new(env!("CARGO_BIN_EXE_lorahost"))
-            .args(args)
-            .output()
-            .unwrap()
-    };
+    let file = tiny_model("qwen3", "qwen2", true).0.write(dir.path(), "cli.gguf");
+    let run = |args: &[&str]| std::process::Command::new(env!("CARGO_BIN_EXE_lorahost")).args(args).output().unwrap();
     let out = dir.path().join("hf");
-    let o = run(&[
-        "import",
-        "gguf",
-        file.to_str().unwrap(),
-        out.to_str().unwrap(),
-        "--dtype",
-        "f32",
-    ]);
+    let o = run(&["import", "gguf", file.to_str().unwrap(), out.to_str().unwrap(), "--dtype", "f32"]);
     let stdout = String::from_utf8_lossy(&o.stdout);
-    assert!(
-        o.status.success(),
-        "{stdout}{}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-    assert!(
-        stdout.contains("qwen3")
-            && stdout.contains("Q4_K x1")
-            && stdout.contains("tied embeddings"),
-        "{stdout}"
-    );
-    assert_eq!(
-        read_json(&out.join("config.json"))["torch_dtype"],
-        "float32"
-    );
-    let o = run(&[
-        "import",
-        "gguf",
-        file.to_str().unwrap(),
-        dir.path().join("x").to_str().unwrap(),
-        "--dtype",
-        "f16",
-    ]);
+    assert!(o.status.success(), "{stdout}{}", String::from_utf8_lossy(&o.stderr));
+    assert!(stdout.contains("qwen3") && stdout.contains("Q4_K x1") && stdout.contains("tied embeddings"), "{stdout}");
+    assert_eq!(read_json(&out.join("config.json"))["torch_dtype"], "float32");
+    let o = run(&["import", "gguf", file.to_str().unwrap(), dir.path().join("x").to_str().unwrap(), "--dtype", "f16"]);
     let stderr = String::from_utf8_lossy(&o.stderr);
-    assert!(
-        !o.status.success() && stderr.contains("--dtype") && stderr.contains("bf16 or f32"),
-        "{stderr}"
-    );
+    assert!(!o.status.success() && stderr.contains("--dtype") && stderr.contains("bf16 or f32"), "{stderr}");
 }

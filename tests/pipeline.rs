@@ -21,14 +21,9 @@ const ALPACA: &str = r#"{"instruction": "Say hi", "input": "", "output": "Hi!"}
 
 impl Project {
     fn new() -> Project {
-        let p = Project {
-            dir: tempfile::tempdir().unwrap(),
-        };
+        let p = Project { dir: tempfile::tempdir().unwrap() };
         p.write("data/alpaca.jsonl", ALPACA);
-        p.write(
-            "data/more.csv",
-            "question,answer\nWhat is 1+1?,2\nWhat is 2+2?,4\nWhat is 3+3?,6\n",
-        );
+        p.write("data/more.csv", "question,answer\nWhat is 1+1?,2\nWhat is 2+2?,4\nWhat is 3+3?,6\n");
         p
     }
 
@@ -124,19 +119,12 @@ fn counts_follow_filters_and_mix() {
     let p = Project::new();
     let r = data::prepare(&p.load(1, "")).unwrap().report;
     let alpaca = &r.datasets[0];
-    assert_eq!(
-        (alpaca.read, alpaca.kept),
-        (6, 5),
-        "dedup drops the repeated `Say hi`"
-    );
+    assert_eq!((alpaca.read, alpaca.kept), (6, 5), "dedup drops the repeated `Say hi`");
     assert_eq!(r.global_filters[0].dropped.get("exact duplicate"), Some(&1));
     assert_eq!(alpaca.in_mix, 15, "repeat = 3");
     assert_eq!(r.datasets[1].in_mix, 3);
     assert_eq!(r.train_records, 18);
-    assert_eq!(
-        r.steps_per_epoch, 5,
-        "18 records / (2 x 2) per step, rounded up"
-    );
+    assert_eq!(r.steps_per_epoch, 5, "18 records / (2 x 2) per step, rounded up");
     assert!(r.trained_tokens > 0 && r.trained_tokens < r.total_tokens);
 }
 
@@ -144,19 +132,10 @@ fn counts_follow_filters_and_mix() {
 fn any_input_change_invalidates_the_cache() {
     let p = Project::new();
     let first = data::prepare(&p.load(1, "")).unwrap();
-    p.write(
-        "data/more.csv",
-        "question,answer\nWhat is 1+1?,2\nWhat is 2+2?,4\nWhat is 3+3?,six\n",
-    );
+    p.write("data/more.csv", "question,answer\nWhat is 1+1?,2\nWhat is 2+2?,4\nWhat is 3+3?,six\n");
     let second = data::prepare(&p.load(1, "")).unwrap();
-    assert!(
-        !second.from_cache,
-        "a changed data file must not hit the cache"
-    );
-    assert_ne!(
-        first.report.token_stream_sha256,
-        second.report.token_stream_sha256
-    );
+    assert!(!second.from_cache, "a changed data file must not hit the cache");
+    assert_ne!(first.report.token_stream_sha256, second.report.token_stream_sha256);
     // A changed plugin option too.
     let third = data::prepare(&p.load(1, "[mix]\nfraction = 0.5\n")).unwrap();
     assert!(!third.from_cache);
@@ -178,106 +157,55 @@ fn the_lock_names_what_changed() {
     p.write("data/alpaca.jsonl", &ALPACA.replace("Paris", "Lyon"));
     let m2 = p.load(2, "");
     let changes = data::Plan::new(&m2).unwrap().lock.diff(&reread);
-    assert!(
-        changes
-            .iter()
-            .any(|c| c.starts_with("data file `data/alpaca.jsonl`")),
-        "{changes:?}"
-    );
-    assert!(
-        changes.iter().any(|c| c.starts_with("setting `seed`: 2")),
-        "{changes:?}"
-    );
-    assert_eq!(
-        changes.len(),
-        3,
-        "file, the options pointing at it, and the seed: {changes:?}"
-    );
+    assert!(changes.iter().any(|c| c.starts_with("data file `data/alpaca.jsonl`")), "{changes:?}");
+    assert!(changes.iter().any(|c| c.starts_with("setting `seed`: 2")), "{changes:?}");
+    assert_eq!(changes.len(), 3, "file, the options pointing at it, and the seed: {changes:?}");
 }
 
 #[test]
 fn malformed_toml_names_the_line() {
     let p = Project::new();
     let e = p.error("[run]\nname = \"x\"\nseed = = 3\n");
-    assert!(
-        e.contains("bad.toml:3") && e.contains("malformed TOML"),
-        "{e}"
-    );
+    assert!(e.contains("bad.toml:3") && e.contains("malformed TOML"), "{e}");
 }
 
 #[test]
 fn an_unknown_key_names_its_path_and_line() {
     let p = Project::new();
-    let text = std::fs::read_to_string(p.manifest(1, ""))
-        .unwrap()
-        .replace("micro_batch = 2", "micro_bacth = 2");
+    let text = std::fs::read_to_string(p.manifest(1, "")).unwrap().replace("micro_batch = 2", "micro_bacth = 2");
     let e = p.error(&text);
-    assert!(
-        e.contains("`train.micro_bacth`") || e.contains("`train`"),
-        "{e}"
-    );
-    assert!(
-        e.contains("unknown field `micro_bacth`") && e.contains("fix its spelling"),
-        "{e}"
-    );
-    let line = text
-        .lines()
-        .position(|l| l.starts_with("micro_bacth"))
-        .unwrap()
-        + 1;
+    assert!(e.contains("`train.micro_bacth`") || e.contains("`train`"), "{e}");
+    assert!(e.contains("unknown field `micro_bacth`") && e.contains("fix its spelling"), "{e}");
+    let line = text.lines().position(|l| l.starts_with("micro_bacth")).unwrap() + 1;
     assert!(e.contains(&format!("bad.toml:{line}")), "{e}");
 }
 
 #[test]
 fn a_missing_file_is_named() {
     let p = Project::new();
-    let text = std::fs::read_to_string(p.manifest(1, ""))
-        .unwrap()
-        .replace("data/more.csv", "data/nope.csv");
+    let text = std::fs::read_to_string(p.manifest(1, "")).unwrap().replace("data/more.csv", "data/nope.csv");
     let e = p.error(&text);
-    assert!(
-        e.contains("dataset[1].source.path")
-            && e.contains("nope.csv")
-            && e.contains("does not exist"),
-        "{e}"
-    );
+    assert!(e.contains("dataset[1].source.path") && e.contains("nope.csv") && e.contains("does not exist"), "{e}");
 }
 
 #[test]
 fn a_malformed_jsonl_line_fails_or_is_skipped_and_counted() {
     let p = Project::new();
-    p.write(
-        "data/alpaca.jsonl",
-        &format!("{ALPACA}{{\"instruction\": \"broken\",\n{{\"output\": \"no instruction\"}}\n"),
-    );
+    p.write("data/alpaca.jsonl", &format!("{ALPACA}{{\"instruction\": \"broken\",\n{{\"output\": \"no instruction\"}}\n"));
     let e = format!("{:#}", data::prepare(&p.load(1, "")).err().unwrap());
-    assert!(
-        e.contains("alpaca.jsonl:7") && e.contains("on_malformed = \"skip\""),
-        "{e}"
-    );
-    let text = std::fs::read_to_string(p.manifest(1, ""))
-        .unwrap()
-        .replace("repeat = 3", "repeat = 3\non_malformed = \"skip\"");
+    assert!(e.contains("alpaca.jsonl:7") && e.contains("on_malformed = \"skip\""), "{e}");
+    let text = std::fs::read_to_string(p.manifest(1, "")).unwrap().replace("repeat = 3", "repeat = 3\non_malformed = \"skip\"");
     p.write("skip.toml", &text);
-    let r = data::prepare(&Manifest::load(&p.path("skip.toml")).unwrap())
-        .unwrap()
-        .report;
+    let r = data::prepare(&Manifest::load(&p.path("skip.toml")).unwrap()).unwrap().report;
     assert_eq!(r.datasets[0].malformed, 2);
-    assert!(
-        r.datasets[0].malformed_examples[1].contains("alpaca.jsonl:8"),
-        "{:?}",
-        r.datasets[0].malformed_examples
-    );
+    assert!(r.datasets[0].malformed_examples[1].contains("alpaca.jsonl:8"), "{:?}", r.datasets[0].malformed_examples);
     assert_eq!(r.datasets[0].read, 6);
 }
 
 #[test]
 fn a_malformed_csv_row_names_file_and_line() {
     let p = Project::new();
-    p.write(
-        "data/more.csv",
-        "question,answer\nWhat is 1+1?,2\nWhat is 2+2?,4,extra\n",
-    );
+    p.write("data/more.csv", "question,answer\nWhat is 1+1?,2\nWhat is 2+2?,4,extra\n");
     let e = format!("{:#}", data::prepare(&p.load(1, "")).err().unwrap());
     assert!(e.contains("more.csv:3"), "{e}");
 }
@@ -286,29 +214,17 @@ fn a_malformed_csv_row_names_file_and_line() {
 fn a_plugin_with_another_digest_is_refused() {
     let p = Project::new();
     let wasm = common::hostile_wasm("fail-midway");
-    let extra = format!(
-        "[plugins]\nmidway = {{ path = {:?}, sha256 = \"{}\" }}\n",
-        wasm,
-        "0".repeat(64)
-    );
+    let extra = format!("[plugins]\nmidway = {{ path = {:?}, sha256 = \"{}\" }}\n", wasm, "0".repeat(64));
     let e = format!("{:#}", data::prepare(&p.load(1, &extra)).err().unwrap());
-    assert!(
-        e.contains("plugins.midway.sha256") && e.contains("set sha256 = \""),
-        "{e}"
-    );
+    assert!(e.contains("plugins.midway.sha256") && e.contains("set sha256 = \""), "{e}");
 }
 
 #[test]
 fn a_dataset_emptied_by_filters_is_an_error() {
     let p = Project::new();
-    let text = std::fs::read_to_string(p.manifest(1, ""))
-        .unwrap()
-        .replace("min = 2", "min = 100000");
+    let text = std::fs::read_to_string(p.manifest(1, "")).unwrap().replace("min = 2", "min = 100000");
     let e = p.error(&text);
-    assert!(
-        e.contains("dataset `alpaca` is empty after filtering"),
-        "{e}"
-    );
+    assert!(e.contains("dataset `alpaca` is empty after filtering"), "{e}");
 }
 
 #[test]
@@ -316,31 +232,19 @@ fn a_plugin_error_in_the_middle_of_a_dataset_names_the_plugin() {
     let p = Project::new();
     let wasm = common::hostile_wasm("fail-midway");
     let digest = lorahost::plugins::engine::sha256_hex(&std::fs::read(&wasm).unwrap());
-    let extra = format!(
-        "[plugins]\nmidway = {{ path = {:?}, sha256 = \"{digest}\" }}\n",
-        wasm
-    );
+    let extra = format!("[plugins]\nmidway = {{ path = {:?}, sha256 = \"{digest}\" }}\n", wasm);
     let text = std::fs::read_to_string(p.manifest(1, &extra))
         .unwrap()
-        .replace(
-            "[{ plugin = \"length\", min = 2 }]",
-            "[{ plugin = \"midway\", after = 3 }]",
-        );
+        .replace("[{ plugin = \"length\", min = 2 }]", "[{ plugin = \"midway\", after = 3 }]");
     let e = p.error(&text);
-    assert!(
-        e.contains("plugin `midway`") && e.contains("gave up at record alpaca.jsonl:4"),
-        "{e}"
-    );
+    assert!(e.contains("plugin `midway`") && e.contains("gave up at record alpaca.jsonl:4"), "{e}");
 }
 
 #[test]
 fn relative_paths_resolve_against_the_manifest_folder() {
     let p = Project::new();
     let m = p.load(1, "");
-    assert_eq!(
-        m.run.output,
-        p.dir.path().canonicalize().unwrap().join("out")
-    );
+    assert_eq!(m.run.output, p.dir.path().canonicalize().unwrap().join("out"));
     let path = m.datasets[0].source.config["path"].as_str().unwrap();
     assert!(Path::new(path).is_absolute() && path.ends_with("data/alpaca.jsonl"));
 }

@@ -13,10 +13,7 @@ fn recipe(dir: &std::path::Path, seed: u64) -> Manifest {
         .unwrap()
         .replace("\"../", &format!("\"{}/", root.display()))
         .replace("seed = 42 ", &format!("seed = {seed} "))
-        .replace(
-            &format!("output = \"{}/runs/neurips-qwen14b\"", root.display()),
-            "output = \"out\"\ncache = \"cache\"",
-        );
+        .replace(&format!("output = \"{}/runs/neurips-qwen14b\"", root.display()), "output = \"out\"\ncache = \"cache\"");
     let path = dir.join("recipe.toml");
     std::fs::write(&path, text).unwrap();
     Manifest::load(&path).unwrap()
@@ -32,13 +29,7 @@ fn the_recipe_mixes_exact_counts_and_the_same_stream_every_time() {
 
     // Every dataset of the recipe read something from its real sample, with nothing malformed.
     for d in &report.datasets {
-        assert!(
-            d.read > 0 && d.malformed == 0,
-            "{}: read {} malformed {}",
-            d.name,
-            d.read,
-            d.malformed
-        );
+        assert!(d.read > 0 && d.malformed == 0, "{}: read {} malformed {}", d.name, d.read, d.malformed);
     }
     // Per dataset: repeat, then the fraction; then 67% of everything (rounded to nearest).
     let sampled: usize = m
@@ -53,14 +44,8 @@ fn the_recipe_mixes_exact_counts_and_the_same_stream_every_time() {
     let mmlu = &report.datasets[0];
     assert_eq!(mmlu.read, 311, "philosophy_test.csv has 311 questions");
     assert_eq!(mix::fraction_count(311 * 17, 0.1), 529);
-    assert_eq!(
-        report.train_records + report.eval_records,
-        mix::fraction_count(sampled, 0.67)
-    );
-    assert_eq!(
-        report.datasets.iter().map(|d| d.in_mix).sum::<usize>(),
-        report.train_records
-    );
+    assert_eq!(report.train_records + report.eval_records, mix::fraction_count(sampled, 0.67));
+    assert_eq!(report.datasets.iter().map(|d| d.in_mix).sum::<usize>(), report.train_records);
     assert_eq!(report.template_rejected.len(), 0);
 
     // The same digest from a second, independent run (no cache), another with another seed.
@@ -68,13 +53,9 @@ fn the_recipe_mixes_exact_counts_and_the_same_stream_every_time() {
     assert_eq!(again.digest(), stream.digest());
     let other_dir = tempfile::tempdir().unwrap();
     let other = recipe(other_dir.path(), 43);
-    let (other_stream, other_report) =
-        data::run_pipeline(&data::Plan::new(&other).unwrap()).unwrap();
+    let (other_stream, other_report) = data::run_pipeline(&data::Plan::new(&other).unwrap()).unwrap();
     assert_ne!(other_stream.digest(), stream.digest());
-    assert_eq!(
-        other_report.train_records, report.train_records,
-        "the counts do not depend on the seed"
-    );
+    assert_eq!(other_report.train_records, report.train_records, "the counts do not depend on the seed");
 }
 
 #[test]
@@ -98,11 +79,7 @@ fn the_recipe_renders_the_2023_template_piece_by_piece() {
         assert!(mask[..head.len()].iter().all(|&t| t == 0));
         // Untruncated records end with a trained <|endoftext|>.
         if ids.len() < 1024 {
-            assert_eq!(
-                (*ids.last().unwrap(), *mask.last().unwrap()),
-                (eot, 1),
-                "record {i}"
-            );
+            assert_eq!((*ids.last().unwrap(), *mask.last().unwrap()), (eot, 1), "record {i}");
         }
     }
 }
@@ -130,29 +107,13 @@ on_malformed = "skip"
     );
     let path = dir.path().join("p.toml");
     std::fs::write(&path, text).unwrap();
-    let report = data::prepare(&Manifest::load(&path).unwrap())
-        .unwrap()
-        .report;
+    let report = data::prepare(&Manifest::load(&path).unwrap()).unwrap().report;
     let d = &report.datasets[0];
     assert_eq!((d.read, d.malformed), (5, 2));
-    assert!(
-        d.malformed_examples[0].starts_with("mix.sample.parquet#3: output"),
-        "{:?}",
-        d.malformed_examples
-    );
+    assert!(d.malformed_examples[0].starts_with("mix.sample.parquet#3: output"), "{:?}", d.malformed_examples);
     // The zstd variant is refused with a message that says why and what to do.
-    let zstd = std::fs::read_to_string(&path)
-        .unwrap()
-        .replace("mix.sample.parquet", "mix.zstd.parquet");
+    let zstd = std::fs::read_to_string(&path).unwrap().replace("mix.sample.parquet", "mix.zstd.parquet");
     std::fs::write(&path, zstd).unwrap();
-    let err = format!(
-        "{:#}",
-        data::prepare(&Manifest::load(&path).unwrap())
-            .err()
-            .unwrap()
-    );
-    assert!(
-        err.contains("plugin `parquet`") && err.contains("zstd"),
-        "{err}"
-    );
+    let err = format!("{:#}", data::prepare(&Manifest::load(&path).unwrap()).err().unwrap());
+    assert!(err.contains("plugin `parquet`") && err.contains("zstd"), "{err}");
 }

@@ -12,8 +12,7 @@ use std::time::Instant;
 use unicode_normalization::UnicodeNormalization;
 
 const TIKTOKEN_SHA256: &str = "b2b1b8dfb5cc5f024bafc373121c6aba3f66f9a5a0269e243470a1de16a33186";
-const TOKENIZER_JSON_SHA256: &str =
-    "6b5e0322623a262c0fd407fc7a63520a07cfbd7001b687f6ca062e6ed161ff15";
+const TOKENIZER_JSON_SHA256: &str = "6b5e0322623a262c0fd407fc7a63520a07cfbd7001b687f6ca062e6ed161ff15";
 const ENDOFTEXT: u32 = 151643;
 
 fn fixtures() -> PathBuf {
@@ -23,9 +22,7 @@ fn fixtures() -> PathBuf {
 fn gunzip(path: &Path) -> Vec<u8> {
     let file = std::fs::File::open(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     let mut out = Vec::new();
-    flate2::read::GzDecoder::new(file)
-        .read_to_end(&mut out)
-        .unwrap();
+    flate2::read::GzDecoder::new(file).read_to_end(&mut out).unwrap();
     out
 }
 
@@ -63,12 +60,7 @@ fn corpus() -> &'static [Entry] {
             out.push(Entry {
                 src: v["src"].as_str().unwrap().to_string(),
                 text: v["text"].as_str().unwrap().to_string(),
-                ids: v["ids"]
-                    .as_array()
-                    .unwrap()
-                    .iter()
-                    .map(|x| x.as_u64().unwrap() as u32)
-                    .collect(),
+                ids: v["ids"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect(),
             });
         }
         out
@@ -82,18 +74,12 @@ fn enc(t: &dyn Tokenizer, text: &str) -> Vec<u32> {
 }
 
 fn both() -> [(&'static str, &'static dyn Tokenizer); 2] {
-    [
-        ("QwenTiktoken", qwen() as &dyn Tokenizer),
-        ("HfTokenizer", hf() as &dyn Tokenizer),
-    ]
+    [("QwenTiktoken", qwen() as &dyn Tokenizer), ("HfTokenizer", hf() as &dyn Tokenizer)]
 }
 
 /// QwenLM/Qwen tokenization_note.md; "special tokens allowed" built from segments + special_id.
 fn check_published_vectors(t: &dyn Tokenizer) {
-    assert_eq!(
-        enc(t, "print(\"<|endoftext|>\")"),
-        [1350, 9639, 91, 8691, 723, 427, 91, 82598]
-    );
+    assert_eq!(enc(t, "print(\"<|endoftext|>\")"), [1350, 9639, 91, 8691, 723, 427, 91, 82598]);
 
     let eot = t.special_id("<|endoftext|>").unwrap();
     let mut allowed = enc(t, "print(\"");
@@ -127,11 +113,7 @@ fn special_ids_vocab_size_and_digest() {
         assert_eq!(t.special_id("<|extra_205|>"), None, "{name}");
         assert_eq!(t.special_id("endoftext"), None, "{name}");
         assert_eq!(t.vocab_size(), 151851, "{name}");
-        assert_eq!(
-            t.decode(&[1350, 445, 151643, 899, 151645]),
-            "print(\"<|endoftext|>\")<|im_end|>",
-            "{name}"
-        );
+        assert_eq!(t.decode(&[1350, 445, 151643, 899, 151645]), "print(\"<|endoftext|>\")<|im_end|>", "{name}");
     }
     assert_eq!(qwen().digest(), TIKTOKEN_SHA256);
     assert_eq!(hf().digest(), TOKENIZER_JSON_SHA256);
@@ -144,19 +126,13 @@ fn text_never_yields_special_tokens() {
     let names = tokenizer::qwen_special_names();
     let mut texts: Vec<String> = names.clone();
     texts.push(names.concat());
-    texts.push(format!(
-        "Human: hi{}\nAssistant: {}ok{}",
-        names[0], names[1], names[2]
-    ));
+    texts.push(format!("Human: hi{}\nAssistant: {}ok{}", names[0], names[1], names[2]));
     texts.push(format!("  {} \n\n{}\t", names[2], names[207]));
     texts.push("<|endoftext|><|endoftext|><|im_start|>system\n<|im_end|>".to_string());
     for text in &texts {
         let a = enc(qwen(), text);
         let b = enc(hf(), text);
-        assert!(
-            a.iter().all(|&id| id < ENDOFTEXT),
-            "QwenTiktoken gave a special id for {text:?}: {a:?}"
-        );
+        assert!(a.iter().all(|&id| id < ENDOFTEXT), "QwenTiktoken gave a special id for {text:?}: {a:?}");
         assert_eq!(a, b, "HfTokenizer differs from QwenTiktoken on {text:?}");
         assert_eq!(qwen().decode(&a), *text);
         assert_eq!(hf().decode(&b), *text);
@@ -187,17 +163,9 @@ fn check_corpus(name: &str, t: &dyn Tokenizer) {
     for &i in bad.iter().take(5) {
         let e = &corpus[i];
         let got = enc(t, &e.text);
-        eprintln!(
-            "  [{}] {:?}\n    expected {:?}\n    got      {:?}",
-            e.src, e.text, e.ids, got
-        );
+        eprintln!("  [{}] {:?}\n    expected {:?}\n    got      {:?}", e.src, e.text, e.ids, got);
     }
-    assert!(
-        bad.is_empty(),
-        "{name}: {} of {} corpus strings differ from tiktoken",
-        bad.len(),
-        corpus.len()
-    );
+    assert!(bad.is_empty(), "{name}: {} of {} corpus strings differ from tiktoken", bad.len(), corpus.len());
 }
 
 #[test]
@@ -218,9 +186,7 @@ fn decode_round_trips_the_corpus() {
             assert_eq!(t.decode(&e.ids), nfc, "{name} [{}]", e.src);
         }
         // Lossy: the 256 single-byte tokens; the 128 bytes >= 0x80 alone are not UTF-8.
-        let lone: Vec<u32> = (0..256)
-            .filter(|&id| t.decode(&[id]) == "\u{fffd}")
-            .collect();
+        let lone: Vec<u32> = (0..256).filter(|&id| t.decode(&[id]) == "\u{fffd}").collect();
         assert_eq!(lone.len(), 128, "{name}");
         assert_eq!(t.decode(&[u32::MAX]), "\u{fffd}", "{name}");
     }
@@ -237,20 +203,14 @@ fn load_files_and_folders() {
     let both = tempfile::tempdir().unwrap();
     std::fs::copy(fx.join("qwen.tiktoken"), both.path().join("qwen.tiktoken")).unwrap();
     std::fs::write(both.path().join("tokenizer.json"), "{ not json").unwrap();
-    assert_eq!(
-        tokenizer::load(both.path()).unwrap().digest(),
-        TIKTOKEN_SHA256
-    );
+    assert_eq!(tokenizer::load(both.path()).unwrap().digest(), TIKTOKEN_SHA256);
 
     // A folder with only tokenizer.json loads it.
     let hf_dir = tempfile::tempdir().unwrap();
     std::fs::write(hf_dir.path().join("tokenizer.json"), tokenizer_json()).unwrap();
     let t = tokenizer::load(hf_dir.path()).unwrap();
     assert_eq!(t.digest(), TOKENIZER_JSON_SHA256);
-    assert_eq!(
-        enc(t.as_ref(), "<|endoftext|> hi"),
-        enc(qwen(), "<|endoftext|> hi")
-    );
+    assert_eq!(enc(t.as_ref(), "<|endoftext|> hi"), enc(qwen(), "<|endoftext|> hi"));
 }
 
 fn load_err(path: &Path) -> String {
@@ -267,62 +227,29 @@ fn load_errors_name_the_path_and_the_problem() {
 
     let missing = p.join("nope.tiktoken");
     let e = load_err(&missing);
-    assert!(
-        e.contains(&missing.display().to_string()) && e.contains("does not exist"),
-        "{e}"
-    );
+    assert!(e.contains(&missing.display().to_string()) && e.contains("does not exist"), "{e}");
 
     let empty = p.join("empty");
     std::fs::create_dir(&empty).unwrap();
     let e = load_err(&empty);
-    assert!(
-        e.contains(&empty.display().to_string()) && e.contains("neither"),
-        "{e}"
-    );
+    assert!(e.contains(&empty.display().to_string()) && e.contains("neither"), "{e}");
 
     // Malformed lines: the message names the file and the line number.
     let good = "IQ== 0\nIg== 1\n";
     for (name, body, expect) in [
         ("fields.tiktoken", format!("{good}Iw==\n"), "line 3"),
         ("extra.tiktoken", format!("{good}Iw== 2 x\n"), "line 3"),
-        (
-            "b64.tiktoken",
-            format!("{good}!!!! 2\n"),
-            "line 3: invalid base64",
-        ),
-        (
-            "rank.tiktoken",
-            format!("{good}\nIw== two\n"),
-            "line 4: invalid rank",
-        ),
-        (
-            "duprank.tiktoken",
-            format!("{good}Iw== 1\n"),
-            "line 3: rank 1 appears twice",
-        ),
-        (
-            "duptok.tiktoken",
-            format!("{good}IQ== 2\n"),
-            "line 3: token",
-        ),
-        (
-            "gap.tiktoken",
-            "IQ== 0\nIg== 2\n".to_string(),
-            "rank 1 is missing",
-        ),
-        (
-            "bytes.tiktoken",
-            good.to_string(),
-            "has no token of its own",
-        ),
+        ("b64.tiktoken", format!("{good}!!!! 2\n"), "line 3: invalid base64"),
+        ("rank.tiktoken", format!("{good}\nIw== two\n"), "line 4: invalid rank"),
+        ("duprank.tiktoken", format!("{good}Iw== 1\n"), "line 3: rank 1 appears twice"),
+        ("duptok.tiktoken", format!("{good}IQ== 2\n"), "line 3: token"),
+        ("gap.tiktoken", "IQ== 0\nIg== 2\n".to_string(), "rank 1 is missing"),
+        ("bytes.tiktoken", good.to_string(), "has no token of its own"),
     ] {
         let f = p.join(name);
         std::fs::write(&f, body).unwrap();
         let e = load_err(&f);
-        assert!(
-            e.contains(&f.display().to_string()) && e.contains(expect),
-            "{name}: {e}"
-        );
+        assert!(e.contains(&f.display().to_string()) && e.contains(expect), "{name}: {e}");
     }
 
     let json = p.join("tokenizer.json");
@@ -342,26 +269,13 @@ fn load_errors_name_the_path_and_the_problem() {
 fn throughput() {
     let corpus = corpus();
     let build = |pick: &dyn Fn(&Entry) -> bool| {
-        let texts: Vec<&str> = corpus
-            .iter()
-            .filter(|e| pick(e))
-            .map(|e| e.text.as_str())
-            .collect();
+        let texts: Vec<&str> = corpus.iter().filter(|e| pick(e)).map(|e| e.text.as_str()).collect();
         let one: usize = texts.iter().map(|t| t.len()).sum();
         let reps = (20_000_000 / one).max(1);
-        (0..reps)
-            .flat_map(|_| texts.iter().copied())
-            .collect::<Vec<&str>>()
+        (0..reps).flat_map(|_| texts.iter().copied()).collect::<Vec<&str>>()
     };
     let english = |e: &Entry| {
-        [
-            "sample:oasst1",
-            "sample:dolly",
-            "sample:gsm8k",
-            "sample:truthfulqa",
-            "prose",
-        ]
-        .contains(&e.src.as_str())
+        ["sample:oasst1", "sample:dolly", "sample:gsm8k", "sample:truthfulqa", "prose"].contains(&e.src.as_str())
     };
     // One pass over the corpus on a fresh thread (cold per-thread piece cache), no repetition.
     for (name, t) in both() {
@@ -383,10 +297,7 @@ fn throughput() {
             tokens as f64 / secs / 1e6
         );
     }
-    for (label, texts) in [
-        ("mixed corpus", build(&|_| true)),
-        ("English records", build(&english)),
-    ] {
+    for (label, texts) in [("mixed corpus", build(&|_| true)), ("English records", build(&english))] {
         let bytes: usize = texts.iter().map(|t| t.len()).sum();
         for (name, t) in both() {
             let mut out = Vec::with_capacity(bytes / 3);

@@ -10,13 +10,7 @@ pub fn lock_path(m: &Manifest) -> std::path::PathBuf {
     m.run.output.join(data::lock::LOCK_FILE)
 }
 
-pub fn check(
-    manifest: &Path,
-    locked: bool,
-    json: bool,
-    show_drops: usize,
-    lengths: Option<&Path>,
-) -> anyhow::Result<()> {
+pub fn check(manifest: &Path, locked: bool, json: bool, show_drops: usize, lengths: Option<&Path>) -> anyhow::Result<()> {
     let m = Manifest::load(manifest)?;
     let mut plan = data::Plan::new(&m)?;
     plan.show_drops = show_drops;
@@ -51,13 +45,8 @@ pub fn check(
     if let Some(path) = lengths {
         let train = &prepared.stream.lengths[..prepared.stream.n_train];
         let text: String = train.iter().map(|l| format!("{l}\n")).collect();
-        lorahost::fsutil::write_atomic(path, text.as_bytes())
-            .with_context(|| format!("writing {}", path.display()))?;
-        eprintln!(
-            "lengths  {} training records written to {}",
-            train.len(),
-            path.display()
-        );
+        lorahost::fsutil::write_atomic(path, text.as_bytes()).with_context(|| format!("writing {}", path.display()))?;
+        eprintln!("lengths  {} training records written to {}", train.len(), path.display());
     }
     if json {
         let mut v = serde_json::to_value(&prepared.report)?;
@@ -80,10 +69,7 @@ pub fn check(
 }
 
 /// With `[eval] tasks` in the manifest: which of their records share a 13-gram with the training stream.
-fn decontamination(
-    plan: &data::Plan,
-    stream: &data::TokenStream,
-) -> anyhow::Result<Option<Vec<lorahost::eval::decontam::TaskOverlap>>> {
+fn decontamination(plan: &data::Plan, stream: &data::TokenStream) -> anyhow::Result<Option<Vec<lorahost::eval::decontam::TaskOverlap>>> {
     use lorahost::eval::{decontam, run, task};
     let m = plan.manifest;
     if m.eval.tasks.is_empty() {
@@ -92,10 +78,7 @@ fn decontamination(
     let dirs = task::search_dirs(m);
     let mut tasks = Vec::new();
     for name in &m.eval.tasks {
-        let t = lorahost::eval::Task::load(
-            &task::find(name, &dirs)
-                .with_context(|| format!("{}: `eval.tasks`", m.file.display()))?,
-        )?;
+        let t = lorahost::eval::Task::load(&task::find(name, &dirs).with_context(|| format!("{}: `eval.tasks`", m.file.display()))?)?;
         let records = run::read_records(&plan.set, &format!("eval.{}.source", t.name), &t.source)?;
         tasks.push((t.name, records));
     }
@@ -119,28 +102,17 @@ pub fn preview(manifest: &Path, n: usize, tokens: bool) -> anyhow::Result<()> {
     for i in 0..n.min(stream.len()) {
         let (ids, mask) = stream.record(&offsets, i);
         let trained = mask.iter().filter(|&&t| t == 1).count();
-        println!(
-            "=== record {i} of {} (dataset {}, {} tokens, {trained} trained) ===",
-            stream.len(),
-            names[stream.dataset[i] as usize],
-            ids.len()
-        );
+        println!("=== record {i} of {} (dataset {}, {} tokens, {trained} trained) ===", stream.len(), names[stream.dataset[i] as usize], ids.len());
         if tokens {
             for (id, t) in ids.iter().zip(mask) {
-                println!(
-                    "{id:>7} {} {:?}",
-                    if *t == 1 { "T" } else { "." },
-                    tok.decode(&[*id])
-                );
+                println!("{id:>7} {} {:?}", if *t == 1 { "T" } else { "." }, tok.decode(&[*id]));
             }
             continue;
         }
         // Decode runs of equal mask together so multi-byte characters split across tokens print whole.
         let mut start = 0;
         while start < ids.len() {
-            let end = (start..ids.len())
-                .find(|&j| mask[j] != mask[start])
-                .unwrap_or(ids.len());
+            let end = (start..ids.len()).find(|&j| mask[j] != mask[start]).unwrap_or(ids.len());
             let text = tok.decode(&ids[start..end]);
             match (mask[start] == 1, color) {
                 (true, true) => print!("\x1b[32m{text}\x1b[0m"),
@@ -153,13 +125,8 @@ pub fn preview(manifest: &Path, n: usize, tokens: bool) -> anyhow::Result<()> {
     }
     let pad = tok.special_id("<|endoftext|>").unwrap_or(0);
     if stream.n_train > 0 {
-        let first = lorahost::train::batches::Schedule::of(&m, stream.n_train, pad)
-            .step(stream, &offsets, 0);
-        let shapes: Vec<String> = first
-            .passes
-            .iter()
-            .map(|b| format!("{} x {}", b.rows, b.seq))
-            .collect();
+        let first = lorahost::train::batches::Schedule::of(&m, stream.n_train, pad).step(stream, &offsets, 0);
+        let shapes: Vec<String> = first.passes.iter().map(|b| format!("{} x {}", b.rows, b.seq)).collect();
         let trained: usize = first.passes.iter().map(|b| b.trained).sum();
         println!(
             "=== first step (packing = \"{}\"): passes {}; {} record tokens, {trained} trained ===",
@@ -177,9 +144,7 @@ pub fn tokenize(tokenizer: &Path, text: Option<String>, pieces: bool) -> anyhow:
         Some(t) => t,
         None => {
             let mut s = String::new();
-            std::io::stdin()
-                .read_to_string(&mut s)
-                .context("reading standard input")?;
+            std::io::stdin().read_to_string(&mut s).context("reading standard input")?;
             s
         }
     };
@@ -239,14 +204,10 @@ impl RunArgs {
     /// The command line of one rank started by `--gpus`/`--procs`: this one without the spawning flag.
     fn rank_args(&self, manifest: &Path) -> Vec<std::ffi::OsString> {
         let mut a: Vec<std::ffi::OsString> = vec!["run".into(), manifest.into()];
-        let flag =
-            |a: &mut Vec<std::ffi::OsString>, on: bool, f: &str| on.then(|| a.push(f.into()));
+        let flag = |a: &mut Vec<std::ffi::OsString>, on: bool, f: &str| on.then(|| a.push(f.into()));
         flag(&mut a, self.fresh, "--fresh");
         flag(&mut a, self.relock, "--relock");
-        for (f, v) in [
-            ("--stop-after", self.stop_after),
-            ("--rank-timeout", self.rank_timeout),
-        ] {
+        for (f, v) in [("--stop-after", self.stop_after), ("--rank-timeout", self.rank_timeout)] {
             if let Some(v) = v {
                 a.extend([f.into(), v.to_string().into()]);
             }
@@ -263,10 +224,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
     let processes = args.gpus.or(args.procs);
     if let Some(env) = &launched {
         if args.ranks > 1 || processes.is_some() {
-            bail!(
-                "--ranks/--gpus/--procs under a launcher (WORLD_SIZE={}): give one or the other",
-                env.world_size
-            );
+            bail!("--ranks/--gpus/--procs under a launcher (WORLD_SIZE={}): give one or the other", env.world_size);
         }
     }
     if args.ranks == 0 || processes == Some(0) {
@@ -331,23 +289,15 @@ fn model_and_adapter(
     m: &Manifest,
     adapter: Option<std::path::PathBuf>,
     base: bool,
-) -> anyhow::Result<(
-    lorahost::model::transformer::Model,
-    Option<lorahost::model::lora::Lora>,
-)> {
+) -> anyhow::Result<(lorahost::model::transformer::Model, Option<lorahost::model::lora::Lora>)> {
     let device = lorahost::train::run::device_of(m)?;
     let model = lorahost::train::run::load_model(m, &device)?;
     if base {
         return Ok((model, None));
     }
     let dir = adapter.unwrap_or_else(|| m.run.output.join("adapter"));
-    let lora =
-        lorahost::model::lora::Lora::load(&dir, &model.config, &device).with_context(|| {
-            format!(
-                "loading the adapter {} (train first, or pass --base or --adapter)",
-                dir.display()
-            )
-        })?;
+    let lora = lorahost::model::lora::Lora::load(&dir, &model.config, &device)
+        .with_context(|| format!("loading the adapter {} (train first, or pass --base or --adapter)", dir.display()))?;
     Ok((model, Some(lora)))
 }
 
@@ -370,22 +320,10 @@ pub fn generate(
     let example = Example {
         id: "prompt".into(),
         dataset: "generate".into(),
-        turns: vec![
-            Turn {
-                role: "user".into(),
-                content: prompt.into(),
-            },
-            Turn {
-                role: "assistant".into(),
-                content: String::new(),
-            },
-        ],
+        turns: vec![Turn { role: "user".into(), content: prompt.into() }, Turn { role: "assistant".into(), content: String::new() }],
         meta: vec![],
     };
-    let rendered = template
-        .render_batch(std::slice::from_ref(&example))?
-        .remove(0)
-        .map_err(anyhow::Error::msg)?;
+    let rendered = template.render_batch(std::slice::from_ref(&example))?.remove(0).map_err(anyhow::Error::msg)?;
     let prefix: Vec<_> = rendered.into_iter().take_while(|s| !s.trained).collect();
     let tok = &plan.tokenizer;
     let ids: Vec<u32> = data::encode::tokenize_segments(tok.as_ref(), &prefix)
@@ -397,53 +335,25 @@ pub fn generate(
     let stop_token = tok.special_id(&eos);
     let (model, lora) = model_and_adapter(&m, adapter, base)?;
     let sampling = match temperature {
-        Some(t) => Sampling::Temperature {
-            temperature: t,
-            seed,
-        },
+        Some(t) => Sampling::Temperature { temperature: t, seed },
         None => Sampling::Greedy,
     };
-    let out = model.generate(
-        &ids,
-        lora.as_ref(),
-        &GenerateOptions {
-            max_new,
-            stop_token,
-            sampling,
-        },
-    )?;
-    let text_ids: Vec<u32> = out
-        .iter()
-        .copied()
-        .filter(|&i| Some(i) != stop_token)
-        .collect();
+    let out = model.generate(&ids, lora.as_ref(), &GenerateOptions { max_new, stop_token, sampling })?;
+    let text_ids: Vec<u32> = out.iter().copied().filter(|&i| Some(i) != stop_token).collect();
     println!("{}", tok.decode(&text_ids));
     Ok(())
 }
 
-pub fn merge(
-    manifest: &Path,
-    out: &Path,
-    adapter: Option<std::path::PathBuf>,
-) -> anyhow::Result<()> {
+pub fn merge(manifest: &Path, out: &Path, adapter: Option<std::path::PathBuf>) -> anyhow::Result<()> {
     let m = Manifest::load(manifest)?;
     // Only the config and the adapter are loaded: the weights are read one shard at a time by the merge.
     lorahost::train::run::ensure_tiny(&m)?;
     let config = lorahost::model::weights::ModelFiles::open(&m.model.path)?.config;
     let dir = adapter.unwrap_or_else(|| m.run.output.join("adapter"));
     let lora = lorahost::model::lora::Lora::load(&dir, &config, &candle_core::Device::Cpu)
-        .with_context(|| {
-            format!(
-                "loading the adapter {} (train first, or pass --adapter)",
-                dir.display()
-            )
-        })?;
+        .with_context(|| format!("loading the adapter {} (train first, or pass --adapter)", dir.display()))?;
     lorahost::model::lora::merge_with_progress(&m.model.path, &lora, out, |i, n, file| {
-        eprintln!(
-            "merge: {}/{n} {}",
-            i + 1,
-            file.file_name().unwrap_or_default().to_string_lossy()
-        );
+        eprintln!("merge: {}/{n} {}", i + 1, file.file_name().unwrap_or_default().to_string_lossy());
     })?;
     println!("merged model written to {}", out.display());
     Ok(())
@@ -461,8 +371,7 @@ pub fn logits(
 ) -> anyhow::Result<()> {
     use candle_core::{DType, Tensor};
     let tok = lorahost::tokenizer::load(model_dir)?;
-    let text =
-        std::fs::read_to_string(text).with_context(|| format!("cannot read {}", text.display()))?;
+    let text = std::fs::read_to_string(text).with_context(|| format!("cannot read {}", text.display()))?;
     let mut ids = Vec::new();
     tok.encode_ordinary(&text, &mut ids);
     ids.truncate(max_tokens);
@@ -475,24 +384,11 @@ pub fn logits(
         None => None,
     };
     let input = Tensor::from_slice(&ids, (1, ids.len()), device)?;
-    let logits = model
-        .forward(&input, lora.as_ref())?
-        .squeeze(0)?
-        .to_dtype(DType::F32)?
-        .to_device(&candle_core::Device::Cpu)?;
-    let ids_t = Tensor::from_vec(
-        ids.iter().map(|&i| i as i64).collect::<Vec<_>>(),
-        ids.len(),
-        &candle_core::Device::Cpu,
-    )?;
+    let logits = model.forward(&input, lora.as_ref())?.squeeze(0)?.to_dtype(DType::F32)?.to_device(&candle_core::Device::Cpu)?;
+    let ids_t = Tensor::from_vec(ids.iter().map(|&i| i as i64).collect::<Vec<_>>(), ids.len(), &candle_core::Device::Cpu)?;
     let bytes = safetensors::serialize([("ids", &ids_t), ("logits", &logits)], None)?;
     lorahost::fsutil::write_atomic(out, &bytes)?;
-    println!(
-        "{} tokens, logits {:?} written to {}",
-        ids.len(),
-        logits.dims(),
-        out.display()
-    );
+    println!("{} tokens, logits {:?} written to {}", ids.len(), logits.dims(), out.display());
     Ok(())
 }
 
@@ -514,36 +410,17 @@ pub struct EvalArgs {
 pub fn eval(manifest: &Path, a: EvalArgs) -> anyhow::Result<()> {
     use lorahost::eval::{run, task, ModelLm, Task};
     let m = Manifest::load(manifest)?;
-    let names = if a.tasks.is_empty() {
-        m.eval.tasks.clone()
-    } else {
-        a.tasks
-    };
+    let names = if a.tasks.is_empty() { m.eval.tasks.clone() } else { a.tasks };
     if names.is_empty() {
-        bail!(
-            "no tasks to run: pass --tasks mmlu,gsm8k, or list them under [eval] tasks in {}",
-            m.file.display()
-        );
+        bail!("no tasks to run: pass --tasks mmlu,gsm8k, or list them under [eval] tasks in {}", m.file.display());
     }
     let dirs = task::search_dirs(&m);
-    let tasks: Vec<Task> = names
-        .iter()
-        .map(|n| Task::load(&task::find(n, &dirs)?))
-        .collect::<anyhow::Result<_>>()?;
+    let tasks: Vec<Task> = names.iter().map(|n| Task::load(&task::find(n, &dirs)?)).collect::<anyhow::Result<_>>()?;
     let set = data::plugins::PluginSet::new(&m)?;
     let tok = data::load_tokenizer(&m)?;
-    let adapter_dir = (!a.base).then(|| {
-        a.adapter
-            .clone()
-            .unwrap_or_else(|| m.run.output.join("adapter"))
-    });
+    let adapter_dir = (!a.base).then(|| a.adapter.clone().unwrap_or_else(|| m.run.output.join("adapter")));
     let (model, lora) = model_and_adapter(&m, a.adapter, a.base)?;
-    let lm = ModelLm {
-        model: &model,
-        lora: lora.as_ref(),
-        batch_tokens: a.batch_tokens,
-        pad: tok.special_id("<|endoftext|>").unwrap_or(0),
-    };
+    let lm = ModelLm { model: &model, lora: lora.as_ref(), batch_tokens: a.batch_tokens, pad: tok.special_id("<|endoftext|>").unwrap_or(0) };
     let opts = run::Options {
         limit: a.limit,
         progress: std::io::stderr().is_terminal(),
@@ -556,12 +433,7 @@ pub fn eval(manifest: &Path, a: EvalArgs) -> anyhow::Result<()> {
     for t in &tasks {
         let r = run::run_task(&set, t, &lm, tok.as_ref(), &opts)?;
         let path = r.write(&out)?;
-        eprintln!(
-            "{}: {} records, written to {}",
-            t.name,
-            r.records.len(),
-            path.display()
-        );
+        eprintln!("{}: {} records, written to {}", t.name, r.records.len(), path.display());
         results.push(r);
     }
     print!("{}", run::table(&results));
@@ -573,32 +445,18 @@ pub fn eval_compare(runs: &[std::path::PathBuf]) -> anyhow::Result<()> {
     if runs.len() < 2 {
         bail!("compare needs at least two run folders, e.g. `lorahost eval compare runs/a runs/b`");
     }
-    let loaded: Vec<_> = runs
-        .iter()
-        .map(|r| compare::load_run(r))
-        .collect::<anyhow::Result<_>>()?;
+    let loaded: Vec<_> = runs.iter().map(|r| compare::load_run(r)).collect::<anyhow::Result<_>>()?;
     let names: Vec<String> = runs.iter().map(|r| r.display().to_string()).collect();
     print!("{}", compare::table(&names, &compare::compare(&loaded)));
     Ok(())
 }
 
-pub fn serve(
-    manifest: &Path,
-    host: &str,
-    port: u16,
-    adapter: Option<std::path::PathBuf>,
-    base: bool,
-) -> anyhow::Result<()> {
+pub fn serve(manifest: &Path, host: &str, port: u16, adapter: Option<std::path::PathBuf>, base: bool) -> anyhow::Result<()> {
     use lorahost::serve::{api, http, serve};
     let m = Manifest::load(manifest)?;
     let tok = data::load_tokenizer(&m)?;
     let (model, lora) = model_and_adapter(&m, adapter, base)?;
-    let lm = lorahost::eval::ModelLm {
-        model: &model,
-        lora: lora.as_ref(),
-        batch_tokens: lorahost::eval::lm::BATCH_TOKENS,
-        pad: tok.special_id("<|endoftext|>").unwrap_or(0),
-    };
+    let lm = lorahost::eval::ModelLm { model: &model, lora: lora.as_ref(), batch_tokens: lorahost::eval::lm::BATCH_TOKENS, pad: tok.special_id("<|endoftext|>").unwrap_or(0) };
     let api = api::Api {
         lm: &lm,
         tok: tok.as_ref(),
@@ -606,18 +464,8 @@ pub fn serve(
         limits: api::ApiLimits::default(),
         busy: std::sync::Mutex::new(()),
     };
-    let listener = std::net::TcpListener::bind((host, port))
-        .with_context(|| format!("cannot listen on {host}:{port}"))?;
-    eprintln!(
-        "serving {} on http://{} (POST /v1/completions, /process, /tokenize, /decode)",
-        m.run.name,
-        listener.local_addr()?
-    );
-    serve(
-        &listener,
-        &api,
-        &http::Limits::default(),
-        &std::sync::atomic::AtomicBool::new(false),
-    );
+    let listener = std::net::TcpListener::bind((host, port)).with_context(|| format!("cannot listen on {host}:{port}"))?;
+    eprintln!("serving {} on http://{} (POST /v1/completions, /process, /tokenize, /decode)", m.run.name, listener.local_addr()?);
+    serve(&listener, &api, &http::Limits::default(), &std::sync::atomic::AtomicBool::new(false));
     Ok(())
 }

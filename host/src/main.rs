@@ -9,11 +9,7 @@ use std::time::Duration;
 mod commands;
 
 #[derive(Parser)]
-#[command(
-    name = "lorahost",
-    version,
-    about = "LoRA fine-tuning on one GPU with sandboxed WebAssembly data plugins"
-)]
+#[command(name = "lorahost", version, about = "LoRA fine-tuning on one GPU with sandboxed WebAssembly data plugins")]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -266,13 +262,7 @@ struct StepArgs {
 }
 
 impl StepArgs {
-    fn options(
-        self,
-        warmup: usize,
-        steps: usize,
-        data: DataArgs,
-        lr: f64,
-    ) -> anyhow::Result<lorahost::bench::train::Options> {
+    fn options(self, warmup: usize, steps: usize, data: DataArgs, lr: f64) -> anyhow::Result<lorahost::bench::train::Options> {
         Ok(lorahost::bench::train::Options {
             device: parse_device(&self.model.device)?,
             dtype: parse_dtype(&self.model.dtype)?,
@@ -473,70 +463,22 @@ fn without_flag(args: Vec<std::ffi::OsString>, flag: &str) -> Vec<std::ffi::OsSt
 }
 
 fn parse_kind(s: &str) -> anyhow::Result<PluginKind> {
-    PluginKind::parse(s).with_context(|| {
-        format!("unknown plugin kind `{s}`: use source, filter, template, scheduler or scorer")
-    })
+    PluginKind::parse(s).with_context(|| format!("unknown plugin kind `{s}`: use source, filter, template, scheduler or scorer"))
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Run(args) => commands::run(args)?,
-        Command::Generate {
-            manifest,
-            prompt,
-            adapter,
-            base,
-            max_new,
-            temperature,
-            seed,
-        } => commands::generate(
-            &manifest,
-            &prompt,
-            adapter,
-            base,
-            max_new,
-            temperature,
-            seed,
-        )?,
-        Command::Merge {
-            manifest,
-            out,
-            adapter,
-        } => commands::merge(&manifest, &out, adapter)?,
-        Command::Check {
-            manifest,
-            locked,
-            json,
-            show_drops,
-            lengths,
-        } => commands::check(&manifest, locked, json, show_drops, lengths.as_deref())?,
-        Command::Preview {
-            manifest,
-            n,
-            tokens,
-        } => commands::preview(&manifest, n, tokens)?,
-        Command::Tokenize {
-            tokenizer,
-            text,
-            pieces,
-        } => commands::tokenize(&tokenizer, text, pieces)?,
-        Command::Logits {
-            model,
-            text,
-            out,
-            adapter,
-            max_tokens,
-            device,
-            dtype,
-        } => commands::logits(
-            &model,
-            &text,
-            &out,
-            adapter.as_deref(),
-            max_tokens,
-            &parse_device(&device)?,
-            parse_dtype(&dtype)?,
-        )?,
+        Command::Generate { manifest, prompt, adapter, base, max_new, temperature, seed } => {
+            commands::generate(&manifest, &prompt, adapter, base, max_new, temperature, seed)?
+        }
+        Command::Merge { manifest, out, adapter } => commands::merge(&manifest, &out, adapter)?,
+        Command::Check { manifest, locked, json, show_drops, lengths } => commands::check(&manifest, locked, json, show_drops, lengths.as_deref())?,
+        Command::Preview { manifest, n, tokens } => commands::preview(&manifest, n, tokens)?,
+        Command::Tokenize { tokenizer, text, pieces } => commands::tokenize(&tokenizer, text, pieces)?,
+        Command::Logits { model, text, out, adapter, max_tokens, device, dtype } => {
+            commands::logits(&model, &text, &out, adapter.as_deref(), max_tokens, &parse_device(&device)?, parse_dtype(&dtype)?)?
+        }
         Command::Eval(e) => match (e.command, e.manifest) {
             (Some(EvalCommand::Compare { runs }), _) => commands::eval_compare(&runs)?,
             (None, Some(manifest)) => commands::eval(
@@ -551,72 +493,41 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     batch: e.batch,
                 },
             )?,
-            (None, None) => {
-                anyhow::bail!("lorahost eval: give a manifest (or `compare RUN RUN...`)")
+            (None, None) => anyhow::bail!("lorahost eval: give a manifest (or `compare RUN RUN...`)"),
+        },
+        Command::Serve { manifest, port, host, adapter, base } => commands::serve(&manifest, &host, port, adapter, base)?,
+        Command::Plugin { command } => match command {
+            PluginCommand::New { kind, name, dir, sdk } => {
+                let kind = parse_kind(&kind)?;
+                let sdk = sdk
+                    .or_else(scaffold::default_sdk_path)
+                    .context("cannot find the lorahost-sdk crate: pass --sdk <path to plugins/sdk>")?;
+                let root = scaffold::scaffold(kind, &name, &dir, &sdk)?;
+                println!("created {} ({kind} plugin). Build it with:\n  cd {} && cargo build --release", root.display(), root.display());
+            }
+            PluginCommand::Inspect { file, json } => {
+                let engine = PluginEngine::new(PluginEngine::default_cache_dir())?;
+                let report = inspect::inspect(&engine, &file)?;
+                if json {
+                    println!("{}", serde_json::to_string_pretty(&report)?);
+                } else {
+                    print!("{report}");
+                }
+            }
+            PluginCommand::List => {
+                for kind in PluginKind::ALL {
+                    println!("{kind:<10} {}", standard::names(kind).join(", "));
+                }
             }
         },
-        Command::Serve {
-            manifest,
-            port,
-            host,
-            adapter,
-            base,
-        } => commands::serve(&manifest, &host, port, adapter, base)?,
-        Command::Plugin { command } => {
-            match command {
-                PluginCommand::New {
-                    kind,
-                    name,
-                    dir,
-                    sdk,
-                } => {
-                    let kind = parse_kind(&kind)?;
-                    let sdk = sdk.or_else(scaffold::default_sdk_path).context(
-                        "cannot find the lorahost-sdk crate: pass --sdk <path to plugins/sdk>",
-                    )?;
-                    let root = scaffold::scaffold(kind, &name, &dir, &sdk)?;
-                    println!("created {} ({kind} plugin). Build it with:\n  cd {} && cargo build --release", root.display(), root.display());
-                }
-                PluginCommand::Inspect { file, json } => {
-                    let engine = PluginEngine::new(PluginEngine::default_cache_dir())?;
-                    let report = inspect::inspect(&engine, &file)?;
-                    if json {
-                        println!("{}", serde_json::to_string_pretty(&report)?);
-                    } else {
-                        print!("{report}");
-                    }
-                }
-                PluginCommand::List => {
-                    for kind in PluginKind::ALL {
-                        println!("{kind:<10} {}", standard::names(kind).join(", "));
-                    }
-                }
-            }
-        }
-        Command::Import {
-            command:
-                ImportCommand::Gguf {
-                    file,
-                    out,
-                    dtype,
-                    json,
-                },
-        } => {
-            let opts = lorahost::import::Options {
-                dtype: lorahost::import::safetensors_out::OutDtype::parse(&dtype)
-                    .context("--dtype")?,
-                ..Default::default()
-            };
+        Command::Import { command: ImportCommand::Gguf { file, out, dtype, json } } => {
+            let opts = lorahost::import::Options { dtype: lorahost::import::safetensors_out::OutDtype::parse(&dtype).context("--dtype")?, ..Default::default() };
             let start = std::time::Instant::now();
             let report = lorahost::import::import_gguf(&file, &out, &opts)?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             } else {
-                let types: Vec<String> = report
-                    .types
-                    .iter()
-                    .map(|(t, n)| format!("{t} x{n}"))
-                    .collect();
+                let types: Vec<String> = report.types.iter().map(|(t, n)| format!("{t} x{n}")).collect();
                 println!(
                     "imported {} ({}, GGUF v{}): {} tensors, {} parameters ({}) in {:.1} s{}",
                     file.display(),
@@ -626,11 +537,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     report.parameters,
                     types.join(", "),
                     start.elapsed().as_secs_f64(),
-                    if report.tied_embeddings {
-                        ", tied embeddings"
-                    } else {
-                        ""
-                    }
+                    if report.tied_embeddings { ", tied embeddings" } else { "" }
                 );
                 println!("wrote {}: {}", out.display(), report.files.join(", "));
                 for note in &report.notes {
@@ -639,36 +546,17 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
         }
         Command::Bench { command } => match command {
-            BenchCommand::Plugins {
-                record_bytes,
-                seconds,
-                json,
-            } => {
-                let report =
-                    lorahost::bench::plugins::run(record_bytes, Duration::from_secs_f64(seconds))?;
+            BenchCommand::Plugins { record_bytes, seconds, json } => {
+                let report = lorahost::bench::plugins::run(record_bytes, Duration::from_secs_f64(seconds))?;
                 print!("{report}");
                 write_json(json, &report)?;
             }
-            BenchCommand::Filters {
-                samples,
-                records,
-                export,
-                json,
-            } => {
+            BenchCommand::Filters { samples, records, export, json } => {
                 let report = lorahost::bench::filters::run(&samples, records, export.as_deref())?;
                 print!("{report}");
                 write_json(json, &report)?;
             }
-            BenchCommand::Train {
-                step,
-                warmup,
-                steps,
-                levers,
-                data,
-                lr,
-                json,
-                gpus,
-            } => {
+            BenchCommand::Train { step, warmup, steps, levers, data, lr, json, gpus } => {
                 let o = step.options(warmup, steps, data, lr)?;
                 let launched = lorahost::train::launch::LaunchEnv::from_env()?;
                 if let Some(n) = gpus.filter(|_| launched.is_none()) {
@@ -691,16 +579,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     write_json(json, &report)?;
                 }
             }
-            BenchCommand::Eval {
-                model,
-                records,
-                choices,
-                prompt_tokens,
-                batch_tokens,
-                batch,
-                new_tokens,
-                json,
-            } => {
+            BenchCommand::Eval { model, records, choices, prompt_tokens, batch_tokens, batch, new_tokens, json } => {
                 let o = lorahost::bench::eval::Options {
                     device: parse_device(&model.device)?,
                     dtype: parse_dtype(&model.dtype)?,
@@ -720,10 +599,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 let o = step.options(0, 0, DataArgs::default(), 0.0)?;
                 let report = lorahost::bench::ops::run(&o)?;
                 for r in &report.ops {
-                    println!(
-                        "{:>9.3} ms x {:>3} = {:>8.2} ms  {}",
-                        r.ms, r.calls_per_step, r.step_ms, r.op
-                    );
+                    println!("{:>9.3} ms x {:>3} = {:>8.2} ms  {}", r.ms, r.calls_per_step, r.step_ms, r.op);
                 }
                 println!("predicted step: {:.1} ms", report.predicted_step_ms);
                 write_json(json, &report)?;
@@ -733,20 +609,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 println!("{}", serde_json::to_string_pretty(&report)?);
                 write_json(json, &report)?;
                 if !report.ok {
-                    anyhow::bail!(
-                        "numerics: an error is over its tolerance (see \"ok\": false above)"
-                    );
+                    anyhow::bail!("numerics: an error is over its tolerance (see \"ok\": false above)");
                 }
             }
-            BenchCommand::WriteModel { shape, dir, dtype } => {
-                lorahost::bench::merge::write_model(&shape, &dir, parse_dtype(&dtype)?)?
-            }
-            BenchCommand::Pipeline {
-                data,
-                records,
-                tokenizer,
-                json,
-            } => {
+            BenchCommand::WriteModel { shape, dir, dtype } => lorahost::bench::merge::write_model(&shape, &dir, parse_dtype(&dtype)?)?,
+            BenchCommand::Pipeline { data, records, tokenizer, json } => {
                 if !data.exists() {
                     lorahost::bench::pipeline::generate(records, &data, 7)?;
                 }
@@ -783,10 +650,7 @@ fn parse_packing(p: &str) -> anyhow::Result<lorahost::manifest::Packing> {
 fn parse_fusion(f: &str) -> anyhow::Result<lorahost::model::fusion::Fusion> {
     use lorahost::model::fusion::Fusion;
     Fusion::parse(f).ok_or_else(|| {
-        let levers: Vec<String> = Fusion::LEVERS
-            .iter()
-            .map(|(n, _)| format!("no-{n}"))
-            .collect();
+        let levers: Vec<String> = Fusion::LEVERS.iter().map(|(n, _)| format!("no-{n}")).collect();
         anyhow::anyhow!("--fusion {f}: all, none, or one of {}", levers.join(", "))
     })
 }

@@ -139,12 +139,7 @@ pub struct LoraSection {
 
 impl Default for LoraSection {
     fn default() -> Self {
-        LoraSection {
-            rank: 8,
-            alpha: 16.0,
-            dropout: 0.0,
-            targets: vec!["c_attn".into()],
-        }
+        LoraSection { rank: 8, alpha: 16.0, dropout: 0.0, targets: vec!["c_attn".into()] }
     }
 }
 
@@ -241,8 +236,7 @@ pub struct Train {
 impl Train {
     /// The token budget of one padding-free pass.
     pub fn tokens_per_pass(&self) -> usize {
-        self.max_tokens_per_pass
-            .unwrap_or(self.micro_batch * self.max_seq_len)
+        self.max_tokens_per_pass.unwrap_or(self.micro_batch * self.max_seq_len)
     }
 }
 
@@ -327,10 +321,7 @@ pub struct Budget {
 
 impl Default for Budget {
     fn default() -> Self {
-        Budget {
-            records: 20_000_000,
-            mb: 8192,
-        }
+        Budget { records: 20_000_000, mb: 8192 }
     }
 }
 
@@ -363,10 +354,7 @@ fn yes() -> bool {
 
 impl Default for Mix {
     fn default() -> Self {
-        Mix {
-            fraction: 1.0,
-            shuffle: true,
-        }
+        Mix { fraction: 1.0, shuffle: true }
     }
 }
 
@@ -422,12 +410,7 @@ pub struct Eval {
 }
 
 fn default_scheduler() -> PluginUse {
-    PluginUse {
-        plugin: "constant".into(),
-        limits: None,
-        read: vec![],
-        config: toml::Table::new(),
-    }
+    PluginUse { plugin: "constant".into(), limits: None, read: vec![], config: toml::Table::new() }
 }
 
 /// A validated manifest with every path absolute.
@@ -450,9 +433,7 @@ pub struct Manifest {
 
 /// Option keys whose values are paths: resolved against the manifest folder and granted read-only.
 pub fn is_path_key(key: &str) -> bool {
-    matches!(key, "path" | "dir" | "paths" | "files")
-        || key.ends_with("_path")
-        || key.ends_with("_dir")
+    matches!(key, "path" | "dir" | "paths" | "files") || key.ends_with("_path") || key.ends_with("_dir")
 }
 
 impl Manifest {
@@ -491,8 +472,7 @@ impl Manifest {
             eval: raw.eval,
         };
         m.resolve_paths(&dir);
-        m.validate()
-            .map_err(|(key, message)| err(find_key_line(text, &key), &key, message))?;
+        m.validate().map_err(|(key, message)| err(find_key_line(text, &key), &key, message))?;
         Ok(m)
     }
 
@@ -518,48 +498,29 @@ impl Manifest {
     }
 
     fn plugin_uses_mut(&mut self) -> impl Iterator<Item = &mut PluginUse> {
-        let per_dataset = self
-            .datasets
-            .iter_mut()
-            .flat_map(|d| std::iter::once(&mut d.source).chain(d.filters.iter_mut()));
-        per_dataset
-            .chain(self.filters.iter_mut())
-            .chain([&mut self.scheduler, &mut self.template])
+        let per_dataset = self.datasets.iter_mut().flat_map(|d| std::iter::once(&mut d.source).chain(d.filters.iter_mut()));
+        per_dataset.chain(self.filters.iter_mut()).chain([&mut self.scheduler, &mut self.template])
     }
 
     /// How a step's records are laid out: `[train] packing`, or when unset the faster layout on the
     /// manifest's device ([`Packing::default_on`]).
     pub fn packing(&self) -> Packing {
-        self.train
-            .packing
-            .unwrap_or(Packing::default_on(self.model.device.starts_with("cuda")))
+        self.train.packing.unwrap_or(Packing::default_on(self.model.device.starts_with("cuda")))
     }
 
     fn validate(&self) -> Result<(), (String, String)> {
         let bad = |key: &str, msg: &str| Err((key.to_string(), msg.to_string()));
         if self.datasets.is_empty() {
-            return bad(
-                "dataset",
-                "the manifest has no [[dataset]]: add at least one",
-            );
+            return bad("dataset", "the manifest has no [[dataset]]: add at least one");
         }
         let mut names = std::collections::HashSet::new();
         for (i, d) in self.datasets.iter().enumerate() {
             let key = |k: &str| format!("dataset[{i}].{k}");
             if !names.insert(&d.name) {
-                return bad(
-                    &key("name"),
-                    &format!(
-                        "dataset name `{}` is used twice: names must be unique",
-                        d.name
-                    ),
-                );
+                return bad(&key("name"), &format!("dataset name `{}` is used twice: names must be unique", d.name));
             }
             if d.fraction.is_some() && d.count.is_some() {
-                return bad(
-                    &key("fraction"),
-                    "give either `fraction` or `count`, not both",
-                );
+                return bad(&key("fraction"), "give either `fraction` or `count`, not both");
             }
             if let Some(f) = d.fraction {
                 if !(f > 0.0 && f <= 1.0) {
@@ -567,27 +528,18 @@ impl Manifest {
                 }
             }
             if d.repeat == 0 {
-                return bad(
-                    &key("repeat"),
-                    "must be at least 1 (leave the dataset out to drop it)",
-                );
+                return bad(&key("repeat"), "must be at least 1 (leave the dataset out to drop it)");
             }
             if d.budget.records == 0 || d.budget.mb == 0 {
                 return bad(&key("budget"), "records and mb must be at least 1");
             }
         }
         if !(self.mix.fraction > 0.0 && self.mix.fraction <= 1.0) {
-            return bad(
-                "mix.fraction",
-                &format!("{} is not in (0, 1]", self.mix.fraction),
-            );
+            return bad("mix.fraction", &format!("{} is not in (0, 1]", self.mix.fraction));
         }
         let t = &self.train;
         if t.micro_batch == 0 || t.grad_accum == 0 {
-            return bad(
-                "train.micro_batch",
-                "micro_batch and grad_accum must be at least 1",
-            );
+            return bad("train.micro_batch", "micro_batch and grad_accum must be at least 1");
         }
         if t.max_seq_len < 2 {
             return bad("train.max_seq_len", "must be at least 2");
@@ -619,24 +571,17 @@ impl Manifest {
             return bad("lora.dropout", "must be in [0, 1)");
         }
         if self.lora.targets.is_empty() {
-            return bad(
-                "lora.targets",
-                "name at least one module, e.g. [\"c_attn\", \"c_proj\"]",
-            );
+            return bad("lora.targets", "name at least one module, e.g. [\"c_attn\", \"c_proj\"]");
         }
         for (_, key, use_) in self.plugin_uses() {
             if let Some(l) = &use_.limits {
-                l.check()
-                    .map_err(|(field, msg)| (format!("{key}.limits.{field}"), msg))?;
+                l.check().map_err(|(field, msg)| (format!("{key}.limits.{field}"), msg))?;
             }
         }
         for (name, p) in &self.plugins {
             if let Some(d) = &p.sha256 {
                 if d.len() != 64 || !d.chars().all(|c| c.is_ascii_hexdigit()) {
-                    return bad(
-                        &format!("plugins.{name}.sha256"),
-                        "must be 64 hex digits (`lorahost plugin inspect` prints it)",
-                    );
+                    return bad(&format!("plugins.{name}.sha256"), "must be 64 hex digits (`lorahost plugin inspect` prints it)");
                 }
             }
         }
@@ -647,11 +592,7 @@ impl Manifest {
     pub fn plugin_uses(&self) -> Vec<(PluginKind, String, &PluginUse)> {
         let mut out = Vec::new();
         for (i, d) in self.datasets.iter().enumerate() {
-            out.push((
-                PluginKind::Source,
-                format!("dataset[{i}].source"),
-                &d.source,
-            ));
+            out.push((PluginKind::Source, format!("dataset[{i}].source"), &d.source));
             for (j, f) in d.filters.iter().enumerate() {
                 out.push((PluginKind::Filter, format!("dataset[{i}].filters[{j}]"), f));
             }
@@ -666,18 +607,12 @@ impl Manifest {
 
     /// The cache folder for this run.
     pub fn cache_dir(&self) -> Option<PathBuf> {
-        self.run
-            .cache
-            .clone()
-            .or_else(crate::plugins::PluginEngine::default_cache_dir)
+        self.run.cache.clone().or_else(crate::plugins::PluginEngine::default_cache_dir)
     }
 }
 
 /// Deserializes a strict TOML file (the manifest, an eval task); errors name the file, the line and the key.
-pub fn parse_toml<T: serde::de::DeserializeOwned>(
-    file: &Path,
-    text: &str,
-) -> Result<T, ManifestError> {
+pub fn parse_toml<T: serde::de::DeserializeOwned>(file: &Path, text: &str) -> Result<T, ManifestError> {
     let line_of = |offset: usize| text[..offset.min(text.len())].matches('\n').count() + 1;
     let err = |line: Option<usize>, key: &str, message: String| ManifestError {
         file: file.to_path_buf(),
@@ -685,20 +620,12 @@ pub fn parse_toml<T: serde::de::DeserializeOwned>(
         key: key.to_string(),
         message,
     };
-    let de = toml::Deserializer::parse(text).map_err(|e| {
-        err(
-            e.span().map(|s| line_of(s.start)),
-            "",
-            format!("malformed TOML: {}", e.message().trim()),
-        )
-    })?;
+    let de = toml::Deserializer::parse(text)
+        .map_err(|e| err(e.span().map(|s| line_of(s.start)), "", format!("malformed TOML: {}", e.message().trim())))?;
     serde_path_to_error::deserialize(de).map_err(|e| {
         let key = e.path().to_string();
         let inner = e.into_inner();
-        let line = inner
-            .span()
-            .map(|s| line_of(s.start))
-            .or_else(|| find_key_line(text, &key));
+        let line = inner.span().map(|s| line_of(s.start)).or_else(|| find_key_line(text, &key));
         let key = if key == "." { String::new() } else { key };
         err(line, &key, explain(inner.message()))
     })
@@ -707,11 +634,7 @@ pub fn parse_toml<T: serde::de::DeserializeOwned>(
 /// The absolute folder of `file`, against which its relative paths resolve.
 pub fn folder_of(file: &Path) -> PathBuf {
     let dir = file.parent().map(Path::to_path_buf).unwrap_or_default();
-    let dir = if dir.as_os_str().is_empty() {
-        PathBuf::from(".")
-    } else {
-        dir
-    };
+    let dir = if dir.as_os_str().is_empty() { PathBuf::from(".") } else { dir };
     dir.canonicalize().unwrap_or(dir)
 }
 
@@ -748,9 +671,7 @@ pub fn absolute(dir: &Path, p: &Path) -> PathBuf {
 fn resolve_value(value: &mut toml::Value, dir: &Path) {
     match value {
         toml::Value::String(s) => {
-            *s = absolute(dir, Path::new(s.as_str()))
-                .to_string_lossy()
-                .into_owned();
+            *s = absolute(dir, Path::new(s.as_str())).to_string_lossy().into_owned();
         }
         toml::Value::Array(items) => items.iter_mut().for_each(|v| resolve_value(v, dir)),
         _ => {}
@@ -788,8 +709,7 @@ fn find_key_line(text: &str, key: &str) -> Option<usize> {
     text[start..].lines().enumerate().find_map(|(i, l)| {
         let t = l.trim_start();
         let hit = t.starts_with(last) && t[last.len()..].trim_start().starts_with('=')
-            || t.contains(&format!(" {last} ="))
-            || t.contains(&format!("{{{last} ="))
+            || t.contains(&format!(" {last} =")) || t.contains(&format!("{{{last} ="))
             || t == format!("[{key}]");
         hit.then(|| text[..start].matches('\n').count() + i + 1)
     })

@@ -43,9 +43,7 @@ impl Rng {
     /// randomness does not shift any other stage's.
     pub fn derive(seed: u64, label: &str) -> Rng {
         // FNV-1a over the label, then mixed with the seed.
-        let h = label.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
-            (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
-        });
+        let h = label.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100_0000_01b3));
         Rng::new(splitmix64(seed) ^ h)
     }
 
@@ -149,9 +147,7 @@ impl SplitMix {
 
     /// A generator for the stream `(seed, parts...)`, independent of other streams.
     pub fn for_stream(seed: u64, parts: &[u64]) -> Self {
-        SplitMix {
-            state: stream_key(seed, parts),
-        }
+        SplitMix { state: stream_key(seed, parts) }
     }
 
     /// The whole state (to save); `SplitMix::new(state)` restores it.
@@ -188,18 +184,8 @@ mod tests {
         // change, every manifest's token stream changes.
         let mut r = Rng::new(42);
         let first: Vec<u64> = (0..3).map(|_| r.next_u64()).collect();
-        assert_eq!(
-            first,
-            vec![
-                14364114511653964483,
-                5454468825661541484,
-                330174794094209790
-            ]
-        );
-        assert_ne!(
-            Rng::derive(42, "a").next_u64(),
-            Rng::derive(42, "b").next_u64()
-        );
+        assert_eq!(first, vec![14364114511653964483, 5454468825661541484, 330174794094209790]);
+        assert_ne!(Rng::derive(42, "a").next_u64(), Rng::derive(42, "b").next_u64());
     }
 
     #[test]

@@ -21,8 +21,7 @@ pub struct RunLock {
 impl RunLock {
     /// Takes the lock of `run_dir` (created if missing) for the command `what` (`run`, `check`).
     pub fn acquire(run_dir: &Path, what: &str) -> anyhow::Result<RunLock> {
-        std::fs::create_dir_all(run_dir)
-            .with_context(|| format!("creating {}", run_dir.display()))?;
+        std::fs::create_dir_all(run_dir).with_context(|| format!("creating {}", run_dir.display()))?;
         let path = run_dir.join(LOCK_FILE);
         let mut file = std::fs::OpenOptions::new()
             .read(true)
@@ -34,13 +33,7 @@ impl RunLock {
         let mut holder = String::new();
         let locked = file.try_lock();
         let _ = file.read_to_string(&mut holder);
-        let field = |k: &str| {
-            holder
-                .lines()
-                .find_map(|l| l.strip_prefix(k)?.strip_prefix('='))
-                .unwrap_or("?")
-                .to_string()
-        };
+        let field = |k: &str| holder.lines().find_map(|l| l.strip_prefix(k)?.strip_prefix('=')).unwrap_or("?").to_string();
         match locked {
             Ok(()) => {}
             Err(TryLockError::WouldBlock) => bail!(
@@ -54,18 +47,9 @@ impl RunLock {
             Err(TryLockError::Error(e)) => return Err(e).with_context(|| format!("locking {}", path.display())),
         }
         if !holder.trim().is_empty() {
-            eprintln!(
-                "note: taking over {} from process {} on `{}`, which ended without releasing it",
-                run_dir.display(),
-                field("pid"),
-                field("host")
-            );
+            eprintln!("note: taking over {} from process {} on `{}`, which ended without releasing it", run_dir.display(), field("pid"), field("host"));
         }
-        let me = format!(
-            "pid={}\nhost={}\ncommand=lorahost {what}\n",
-            std::process::id(),
-            crate::fsutil::host_name()
-        );
+        let me = format!("pid={}\nhost={}\ncommand=lorahost {what}\n", std::process::id(), crate::fsutil::host_name());
         (|| {
             file.set_len(0)?;
             file.rewind()?;
@@ -75,10 +59,7 @@ impl RunLock {
         .with_context(|| format!("writing {}", path.display()))?;
         for dir in [run_dir.to_path_buf(), run_dir.join("checkpoints")] {
             for name in crate::fsutil::remove_stale_temps(&dir) {
-                eprintln!(
-                    "note: removed {}, left by a run that was killed",
-                    dir.join(name).display()
-                );
+                eprintln!("note: removed {}, left by a run that was killed", dir.join(name).display());
             }
         }
         Ok(RunLock { file })

@@ -66,9 +66,7 @@ pub fn choice_length(i: usize, k: usize) -> usize {
 }
 
 fn random_ids(rng: &mut SplitMix, n: usize, vocab: usize) -> Vec<u32> {
-    (0..n)
-        .map(|_| (rng.next_u64() % vocab as u64) as u32)
-        .collect()
+    (0..n).map(|_| (rng.next_u64() % vocab as u64) as u32).collect()
 }
 
 /// The records as log-likelihood requests, one per choice, random token ids below `vocab`.
@@ -78,54 +76,32 @@ pub fn records(o: &Options, vocab: usize) -> Vec<LoglikRequest> {
     for i in 0..o.records {
         let context = random_ids(&mut rng, prompt_length(o.prompt_tokens, i), vocab);
         for k in 0..o.choices {
-            out.push(LoglikRequest {
-                context: context.clone(),
-                continuation: random_ids(&mut rng, choice_length(i, k), vocab),
-            });
+            out.push(LoglikRequest { context: context.clone(), continuation: random_ids(&mut rng, choice_length(i, k), vocab) });
         }
     }
     out
 }
 
 pub fn run(o: &Options) -> anyhow::Result<EvalBench> {
-    if o.records == 0 || o.choices == 0 || o.prompt_tokens == 0 || o.batch == 0 || o.new_tokens == 0
-    {
+    if o.records == 0 || o.choices == 0 || o.prompt_tokens == 0 || o.batch == 0 || o.new_tokens == 0 {
         bail!("bench eval: --records, --choices, --prompt-tokens, --batch and --new-tokens must be at least 1");
     }
     let config = super::train::shape(&o.shape)?;
     if o.prompt_tokens + o.new_tokens > config.seq_length {
-        bail!(
-            "--prompt-tokens + --new-tokens ({}) are more than the shape's {}",
-            o.prompt_tokens + o.new_tokens,
-            config.seq_length
-        );
+        bail!("--prompt-tokens + --new-tokens ({}) are more than the shape's {}", o.prompt_tokens + o.new_tokens, config.seq_length);
     }
     let vocab = config.vocab_size;
     let weights = Weights::random(&config, 0.02, o.dtype, &o.device)?;
     let model = Model::new(config, weights, o.dtype, &o.device);
-    let lm = ModelLm {
-        model: &model,
-        lora: None,
-        batch_tokens: o.batch_tokens,
-        pad: 0,
-    };
+    let lm = ModelLm { model: &model, lora: None, batch_tokens: o.batch_tokens, pad: 0 };
 
     let requests = records(o, vocab);
-    let loglik_tokens: usize = (0..o.records)
-        .map(|i| prompt_length(o.prompt_tokens, i))
-        .sum::<usize>()
+    let loglik_tokens: usize = (0..o.records).map(|i| prompt_length(o.prompt_tokens, i)).sum::<usize>()
         + requests.iter().map(|r| r.continuation.len()).sum::<usize>();
     let mut rng = SplitMix::new(12);
-    let prompts: Vec<Vec<u32>> = (0..o.batch)
-        .map(|i| random_ids(&mut rng, prompt_length(o.prompt_tokens, i), vocab))
-        .collect();
+    let prompts: Vec<Vec<u32>> = (0..o.batch).map(|i| random_ids(&mut rng, prompt_length(o.prompt_tokens, i), vocab)).collect();
     let rows: Vec<&[u32]> = prompts.iter().map(|p| p.as_slice()).collect();
-    let greedy = |max_new| GenerateRequest {
-        max_new,
-        stop_token: None,
-        temperature: 0.0,
-        seed: 0,
-    };
+    let greedy = |max_new| GenerateRequest { max_new, stop_token: None, temperature: 0.0, seed: 0 };
 
     // Warm-up (kernels, the allocator's pool): one record, two tokens.
     lm.loglikelihoods(&requests[..o.choices])?;

@@ -4,8 +4,8 @@
 //! not a trained model: merge's time and memory do not depend on them.
 use crate::model::config::TensorId;
 use crate::model::lora::{Lora, LoraConfig};
-use crate::model::weights::{write_index, CONFIG_FILE};
 use crate::rng::uniform_at;
+use crate::model::weights::{write_index, CONFIG_FILE};
 use anyhow::{Context, Result};
 use candle_core::{DType, Device, Tensor};
 use rayon::prelude::*;
@@ -19,8 +19,7 @@ const SHARD_BYTES: usize = 2 << 30;
 pub fn write_model(shape: &str, dir: &Path, dtype: DType) -> Result<()> {
     let cfg = super::train::shape(shape)?;
     let model_dir = dir.join("model");
-    std::fs::create_dir_all(&model_dir)
-        .with_context(|| format!("cannot create {}", model_dir.display()))?;
+    std::fs::create_dir_all(&model_dir).with_context(|| format!("cannot create {}", model_dir.display()))?;
     crate::fsutil::write_atomic(&model_dir.join(CONFIG_FILE), cfg.to_json().as_bytes())?;
     let ids = cfg.tensors();
     let elem = dtype.size_in_bytes();
@@ -44,28 +43,9 @@ pub fn write_model(shape: &str, dir: &Path, dtype: DType) -> Result<()> {
         for &(i, id) in group {
             let shape = cfg.tensor_shape(id);
             let n: usize = shape.iter().product();
-            let norm = matches!(
-                id,
-                TensorId::Ln1(_)
-                    | TensorId::Ln2(_)
-                    | TensorId::FinalNorm
-                    | TensorId::QNorm(_)
-                    | TensorId::KNorm(_)
-            );
-            let v: Vec<f32> = (0..n as u64)
-                .into_par_iter()
-                .map(|j| {
-                    if norm {
-                        1.0
-                    } else {
-                        0.04 * (uniform_at(i as u64, j) - 0.5)
-                    }
-                })
-                .collect();
-            tensors.push((
-                cfg.tensor_name(id),
-                Tensor::from_vec(v, shape, &Device::Cpu)?.to_dtype(dtype)?,
-            ));
+            let norm = matches!(id, TensorId::Ln1(_) | TensorId::Ln2(_) | TensorId::FinalNorm | TensorId::QNorm(_) | TensorId::KNorm(_));
+            let v: Vec<f32> = (0..n as u64).into_par_iter().map(|j| if norm { 1.0 } else { 0.04 * (uniform_at(i as u64, j) - 0.5) }).collect();
+            tensors.push((cfg.tensor_name(id), Tensor::from_vec(v, shape, &Device::Cpu)?.to_dtype(dtype)?));
             weight_map.push((cfg.tensor_name(id), file.clone()));
             total += n * elem;
         }
@@ -75,20 +55,9 @@ pub fn write_model(shape: &str, dir: &Path, dtype: DType) -> Result<()> {
     }
     write_index(&model_dir, weight_map, total)?;
 
-    let lora_cfg = LoraConfig {
-        r: 8,
-        alpha: 32.0,
-        dropout: 0.0,
-        targets: super::train::recipe_targets(cfg.family),
-        base_model_name_or_path: shape.into(),
-    };
+    let lora_cfg = LoraConfig { r: 8, alpha: 32.0, dropout: 0.0, targets: super::train::recipe_targets(cfg.family), base_model_name_or_path: shape.into() };
     let mut lora = Lora::new(lora_cfg, &cfg, 1, &Device::Cpu)?;
-    for (k, p) in lora
-        .params_mut()
-        .into_iter()
-        .enumerate()
-        .filter(|(k, _)| k % 2 == 1)
-    {
+    for (k, p) in lora.params_mut().into_iter().enumerate().filter(|(k, _)| k % 2 == 1) {
         *p = (p.ones_like()? * (0.001 * (1 + k % 7) as f64))?;
     }
     lora.save(&dir.join("adapter"))?;

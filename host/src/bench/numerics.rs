@@ -4,16 +4,16 @@
 //! calls) against its composite twin; then a whole small model: loss and every adapter gradient. Inputs are
 //! drawn once in f32 and rounded to bf16 for both sides, so the differences are the GPU path's rounding
 //! alone. The error of a tensor is ||gpu - cpu|| / ||cpu|| (relative, in the 2-norm).
+use crate::model::lora::{Lora, LoraConfig};
 use crate::model::attention::{self, Rope};
 use crate::model::config::{Family, ModelConfig, RopeScaling};
+use crate::model::tiny::TinySpec;
 use crate::model::fusion::Fusion;
-use crate::model::lora::{Lora, LoraConfig};
 use crate::model::loss::{self, Targets};
 use crate::model::ops;
-use crate::model::tiny::TinySpec;
 use crate::model::transformer::Model;
-use crate::model::weights::Weights;
 use crate::rng::SplitMix;
+use crate::model::weights::Weights;
 use anyhow::{bail, Result};
 use candle_core::{DType, Device, Tensor};
 
@@ -47,11 +47,7 @@ pub fn run(gpu: &Device) -> Result<NumericsReport> {
     optimizer_check(gpu, &mut checks)?;
     model_checks(gpu, &mut checks)?;
     let ok = checks.iter().all(|c| c.ok);
-    Ok(NumericsReport {
-        device: format!("{gpu:?}"),
-        checks,
-        ok,
-    })
+    Ok(NumericsReport { device: format!("{gpu:?}"), checks, ok })
 }
 
 fn rel_err(gpu: &Tensor, cpu: &Tensor) -> Result<f64> {
@@ -62,41 +58,21 @@ fn rel_err(gpu: &Tensor, cpu: &Tensor) -> Result<f64> {
     Ok(if norm > 0.0 { diff / norm } else { diff })
 }
 
-fn push(
-    checks: &mut Vec<Check>,
-    name: &str,
-    gpu: &Tensor,
-    cpu: &Tensor,
-    tolerance: f64,
-) -> Result<()> {
+fn push(checks: &mut Vec<Check>, name: &str, gpu: &Tensor, cpu: &Tensor, tolerance: f64) -> Result<()> {
     let rel_err = rel_err(gpu, cpu)?;
-    checks.push(Check {
-        name: name.into(),
-        rel_err,
-        tolerance,
-        ok: rel_err <= tolerance,
-    });
+    checks.push(Check { name: name.into(), rel_err, tolerance, ok: rel_err <= tolerance });
     Ok(())
 }
 
 /// How many elements of `a` and `b` (same shape; any dtype, any device) are not equal.
 fn differing(a: &Tensor, b: &Tensor) -> Result<f64> {
     let b = b.to_device(a.device())?.to_dtype(DType::F32)?;
-    Ok(a.to_dtype(DType::F32)?
-        .ne(&b)?
-        .to_dtype(DType::F32)?
-        .sum_all()?
-        .to_scalar::<f32>()? as f64)
+    Ok(a.to_dtype(DType::F32)?.ne(&b)?.to_dtype(DType::F32)?.sum_all()?.to_scalar::<f32>()? as f64)
 }
 
 /// A check that nothing differs: `differ` counts what did.
 fn push_exact(checks: &mut Vec<Check>, name: impl Into<String>, differ: f64) {
-    checks.push(Check {
-        name: name.into(),
-        rel_err: differ,
-        tolerance: 0.0,
-        ok: differ == 0.0,
-    });
+    checks.push(Check { name: name.into(), rel_err: differ, tolerance: 0.0, ok: differ == 0.0 });
 }
 
 /// A pair of the same values: (CPU f32, GPU bf16), the f32 side already rounded through bf16.
@@ -109,10 +85,7 @@ fn pair(rng: &mut SplitMix, shape: &[usize], mean: f64, std: f64, gpu: &Device) 
     let n: usize = shape.iter().product();
     let v: Vec<f32> = (0..n).map(|_| (mean + std * rng.normal()) as f32).collect();
     let bf = Tensor::from_vec(v, shape, &Device::Cpu)?.to_dtype(DType::BF16)?;
-    Ok(Pair {
-        cpu: bf.to_dtype(DType::F32)?,
-        gpu: bf.to_device(gpu)?,
-    })
+    Ok(Pair { cpu: bf.to_dtype(DType::F32)?, gpu: bf.to_device(gpu)? })
 }
 
 fn ops_checks(gpu: &Device, checks: &mut Vec<Check>) -> Result<()> {
@@ -141,13 +114,7 @@ fn ops_checks(gpu: &Device, checks: &mut Vec<Check>) -> Result<()> {
     // input (the low-rank kernel up to rank 32 and the GEMM adding into it).
     let rope_c = Rope::new(t, d, 10000.0, &RopeScaling::None, DType::F32, &Device::Cpu)?;
     let rope_g = Rope::new(t, d, 10000.0, &RopeScaling::None, DType::BF16, gpu)?;
-    let heads = attention::Heads {
-        b,
-        t,
-        h,
-        hkv: h / 2,
-        d,
-    };
+    let heads = attention::Heads { b, t, h, hkv: h / 2, d };
     let width = (h + 2 * heads.hkv) * d;
     let x = pair(&mut rng, &[n, c], 0.0, 1.0, gpu)?;
     let wq = pair(&mut rng, &[width, c], 0.0, 0.05, gpu)?;
@@ -156,17 +123,9 @@ fn ops_checks(gpu: &Device, checks: &mut Vec<Check>) -> Result<()> {
     let lb = pair(&mut rng, &[width, 24], 0.0, 0.1, gpu)?;
     let base_c = ops::linear_forward_delta(&x.cpu, &wq.cpu, Some((&u.cpu, &lb.cpu)), false)?;
     let base_g = ops::linear_forward_delta(&x.gpu, &wq.gpu, Some((&u.gpu, &lb.gpu)), true)?;
-    push(
-        checks,
-        "linear + rank-24 delta (q, k, v adapters side by side)",
-        &base_g,
-        &base_c,
-        OP_TOL,
-    )?;
-    let (qc, kc, vc, sc) =
-        attention::qkv_forward(&base_c, Some(&bias.cpu), None, &rope_c, heads, false, false)?;
-    let (qg, kg, vg, sg) =
-        attention::qkv_forward(&base_g, Some(&bias.gpu), None, &rope_g, heads, true, true)?;
+    push(checks, "linear + rank-24 delta (q, k, v adapters side by side)", &base_g, &base_c, OP_TOL)?;
+    let (qc, kc, vc, sc) = attention::qkv_forward(&base_c, Some(&bias.cpu), None, &rope_c, heads, false, false)?;
+    let (qg, kg, vg, sg) = attention::qkv_forward(&base_g, Some(&bias.gpu), None, &rope_g, heads, true, true)?;
     push(checks, "qkv split + rope (GQA): q", &qg, &qc, OP_TOL)?;
     push(checks, "qkv split + rope (GQA): k", &kg, &kc, OP_TOL)?;
     push(checks, "qkv split + rope (GQA): v", &vg, &vc, OP_TOL)?;
@@ -176,17 +135,8 @@ fn ops_checks(gpu: &Device, checks: &mut Vec<Check>) -> Result<()> {
         let width = 3 * h * d;
         let base = pair(&mut rng, &[n, width], 0.0, 1.0, gpu)?;
         let bias = pair(&mut rng, &[width], 0.0, 0.5, gpu)?;
-        let (qc, kc, vc, _) = attention::qkv_forward(
-            &base.cpu,
-            Some(&bias.cpu),
-            None,
-            &rope_c,
-            heads,
-            false,
-            false,
-        )?;
-        let (qg, kg, vg, _) =
-            attention::qkv_forward(&base.gpu, Some(&bias.gpu), None, &rope_g, heads, true, true)?;
+        let (qc, kc, vc, _) = attention::qkv_forward(&base.cpu, Some(&bias.cpu), None, &rope_c, heads, false, false)?;
+        let (qg, kg, vg, _) = attention::qkv_forward(&base.gpu, Some(&bias.gpu), None, &rope_g, heads, true, true)?;
         push(checks, "qkv split + rope (8 wide): q", &qg, &qc, OP_TOL)?;
         push(checks, "qkv split + rope (8 wide): k", &kg, &kc, OP_TOL)?;
         push(checks, "qkv split + rope (8 wide): v", &vg, &vc, OP_TOL)?;
@@ -225,8 +175,7 @@ fn ops_checks(gpu: &Device, checks: &mut Vec<Check>) -> Result<()> {
     let k = pair(&mut rng, &[b, h, t, d], 0.0, 2.0, gpu)?;
     let v = pair(&mut rng, &[b, h, t, d], 0.0, 1.0, gpu)?;
     let mask = attention::causal_mask(t, DType::F32, &Device::Cpu)?;
-    let (yc, sc) =
-        attention::attention_forward(&q.cpu, &k.cpu, &v.cpu, 1, Some(&mask), false, None)?;
+    let (yc, sc) = attention::attention_forward(&q.cpu, &k.cpu, &v.cpu, 1, Some(&mask), false, None)?;
     let (yg, sg) = attention::attention_forward(&q.gpu, &k.gpu, &v.gpu, 1, None, true, None)?;
     push(checks, "attention forward", &yg, &yc, OP_TOL)?;
     let dy = pair(&mut rng, &[b * t, h * d], 0.0, 1.0, gpu)?;
@@ -250,36 +199,12 @@ fn ops_checks(gpu: &Device, checks: &mut Vec<Check>) -> Result<()> {
         let dy = pair(&mut rng, &[b * t, h * d], 0.0, 1.0, gpu)?;
         let packed = attention::Packed::new(&[0, 70, 200, 201, 265, 400], b, t)?;
         let cases = [
-            (
-                "rows",
-                attention::causal_mask(t, DType::F32, &Device::Cpu)?,
-                attention::FlashBlocks::rows(b, t, gpu)?,
-            ),
-            (
-                "padding-free",
-                packed.mask(DType::F32, &Device::Cpu)?,
-                attention::FlashBlocks::packed(&packed, gpu)?,
-            ),
+            ("rows", attention::causal_mask(t, DType::F32, &Device::Cpu)?, attention::FlashBlocks::rows(b, t, gpu)?),
+            ("padding-free", packed.mask(DType::F32, &Device::Cpu)?, attention::FlashBlocks::packed(&packed, gpu)?),
         ];
         for (layout, mask, blocks) in cases {
-            let (yc, sc) = attention::attention_forward(
-                &q.cpu,
-                &k.cpu,
-                &v.cpu,
-                h / hkv,
-                Some(&mask),
-                false,
-                None,
-            )?;
-            let (yg, sg) = attention::attention_forward(
-                &q.gpu,
-                &k.gpu,
-                &v.gpu,
-                h / hkv,
-                None,
-                true,
-                Some(&blocks),
-            )?;
+            let (yc, sc) = attention::attention_forward(&q.cpu, &k.cpu, &v.cpu, h / hkv, Some(&mask), false, None)?;
+            let (yg, sg) = attention::attention_forward(&q.gpu, &k.gpu, &v.gpu, h / hkv, None, true, Some(&blocks))?;
             let name = |what: &str| format!("flash attention {what} (d {d}, GQA, T {t}, {layout})");
             push(checks, &name("forward"), &yg, &yc, OP_TOL)?;
             // The other forward kernel (64- or 128-query blocks; which one runs depends on the lengths).
@@ -376,27 +301,9 @@ fn ops_checks(gpu: &Device, checks: &mut Vec<Check>) -> Result<()> {
                 let (dqg, dkg, dvg) =
                     attention::attention_backward(&sg, &dy.gpu, true, ds_tiles, None)?.tokens()?;
                 let how = if ds_tiles { "" } else { ", dQ recomputed" };
-                push(
-                    checks,
-                    &name(&format!("backward: dq{how}")),
-                    &dqg,
-                    &dqc,
-                    OP_TOL,
-                )?;
-                push(
-                    checks,
-                    &name(&format!("backward: dk{how}")),
-                    &dkg,
-                    &dkc,
-                    OP_TOL,
-                )?;
-                push(
-                    checks,
-                    &name(&format!("backward: dv{how}")),
-                    &dvg,
-                    &dvc,
-                    OP_TOL,
-                )?;
+                push(checks, &name(&format!("backward: dq{how}")), &dqg, &dqc, OP_TOL)?;
+                push(checks, &name(&format!("backward: dk{how}")), &dkg, &dkc, OP_TOL)?;
+                push(checks, &name(&format!("backward: dv{how}")), &dvg, &dvc, OP_TOL)?;
             }
         }
     }
@@ -423,23 +330,12 @@ fn ops_checks(gpu: &Device, checks: &mut Vec<Check>) -> Result<()> {
         push(checks, "dropout (values)", &yg, &yc, OP_TOL)?;
         let dropped_c = yc.eq(0f32)?;
         let dropped_g = yg.to_device(&Device::Cpu)?.to_dtype(DType::F32)?.eq(0f32)?;
-        push_exact(
-            checks,
-            "dropout (same mask, elements differing)",
-            differing(&dropped_c, &dropped_g)?,
-        );
+        push_exact(checks, "dropout (same mask, elements differing)", differing(&dropped_c, &dropped_g)?);
         // The mask as bits, which the LoRA backward reads instead of hashing again.
-        let bits = crate::model::cuda::dropout(&x.gpu, key, 0.1, true)?
-            .1
-            .expect("bits asked for")
-            .to_vec1::<u8>()?;
+        let bits = crate::model::cuda::dropout(&x.gpu, key, 0.1, true)?.1.expect("bits asked for").to_vec1::<u8>()?;
         let unpacked: Vec<u8> = (0..n * f).map(|i| (bits[i / 8] >> (i % 8)) & 1).collect();
         let unpacked = Tensor::from_vec(unpacked, (n, f), &Device::Cpu)?;
-        push_exact(
-            checks,
-            "dropout mask bits (elements differing from the mask)",
-            differing(&dropped_c, &unpacked)?,
-        );
+        push_exact(checks, "dropout mask bits (elements differing from the mask)", differing(&dropped_c, &unpacked)?);
     }
 
     // The embedding gathered from page-locked host memory (recomputation's offloaded table) against the
@@ -451,11 +347,7 @@ fn ops_checks(gpu: &Device, checks: &mut Vec<Check>) -> Result<()> {
         let ids = Tensor::from_vec(ids, n, gpu)?;
         let got = crate::model::cuda::HostTable::new(&table.gpu, dev)?.gather(&ids)?;
         let want = table.gpu.index_select(&ids, 0)?;
-        push_exact(
-            checks,
-            "embedding from host memory (elements differing)",
-            differing(&got, &want)?,
-        );
+        push_exact(checks, "embedding from host memory (elements differing)", differing(&got, &want)?);
     }
 
     // LoRA folded into a frozen linear, forward and backward, with the kernel's dropout against the mask:
@@ -471,175 +363,48 @@ fn ops_checks(gpu: &Device, checks: &mut Vec<Check>) -> Result<()> {
         let y = pair(&mut rng, &[n, fan_out], 0.0, 1.0, gpu)?;
         let dy = pair(&mut rng, &[n, fan_out], 0.0, 1.0, gpu)?;
         let dx = pair(&mut rng, &[n, fan_in], 0.0, 1.0, gpu)?;
-        let mask = Dropout::Mask(ops::dropout_mask(
-            key,
-            n,
-            fan_in,
-            0.1,
-            DType::F32,
-            &Device::Cpu,
-        )?);
+        let mask = Dropout::Mask(ops::dropout_mask(key, n, fan_in, 0.1, DType::F32, &Device::Cpu)?);
         let sc = ops::lora_forward(&x.cpu, &a.cpu, 4.0, Some(mask))?;
-        let sg = ops::lora_forward(
-            &x.gpu,
-            &a.gpu,
-            4.0,
-            Some(Dropout::Key {
-                key,
-                p: 0.1,
-                bits: None,
-            }),
-        )?;
+        let sg = ops::lora_forward(&x.gpu, &a.gpu, 4.0, Some(Dropout::Key { key, p: 0.1, bits: None }))?;
         // Fresh copies: the fused path adds in place.
         let yc = ops::lora_add(y.cpu.copy()?, &sc, &lb.cpu, false)?;
         let yg = ops::lora_add(y.gpu.copy()?, &sg, &lb.gpu, true)?;
-        push(
-            checks,
-            &format!("lora r{r} forward (added to the output)"),
-            &yg,
-            &yc,
-            OP_TOL,
-        )?;
-        let (dxc, dac, dbc) = ops::lora_backward(
-            &sc,
-            &a.cpu,
-            &lb.cpu,
-            4.0,
-            &dy.cpu,
-            ops::InputGrad::Add(dx.cpu.copy()?),
-            false,
-        )?;
-        let (dxg, dag, dbg) = ops::lora_backward(
-            &sg,
-            &a.gpu,
-            &lb.gpu,
-            4.0,
-            &dy.gpu,
-            ops::InputGrad::Add(dx.gpu.copy()?),
-            true,
-        )?;
+        push(checks, &format!("lora r{r} forward (added to the output)"), &yg, &yc, OP_TOL)?;
+        let (dxc, dac, dbc) = ops::lora_backward(&sc, &a.cpu, &lb.cpu, 4.0, &dy.cpu, ops::InputGrad::Add(dx.cpu.copy()?), false)?;
+        let (dxg, dag, dbg) = ops::lora_backward(&sg, &a.gpu, &lb.gpu, 4.0, &dy.gpu, ops::InputGrad::Add(dx.gpu.copy()?), true)?;
         let (dxc, dxg) = (dxc.expect("asked for"), dxg.expect("asked for"));
-        push(
-            checks,
-            &format!("lora r{r} backward: dx (added to the input gradient)"),
-            &dxg,
-            &dxc,
-            OP_TOL,
-        )?;
-        push(
-            checks,
-            &format!("lora r{r} backward: dA"),
-            &dag,
-            &dac,
-            OP_TOL,
-        )?;
-        push(
-            checks,
-            &format!("lora r{r} backward: dB"),
-            &dbg,
-            &dbc,
-            OP_TOL,
-        )?;
+        push(checks, &format!("lora r{r} backward: dx (added to the input gradient)"), &dxg, &dxc, OP_TOL)?;
+        push(checks, &format!("lora r{r} backward: dA"), &dag, &dac, OP_TOL)?;
+        push(checks, &format!("lora r{r} backward: dB"), &dbg, &dbc, OP_TOL)?;
         // The same written first with the frozen linear's GEMM adding into it (the low-rank tensor-core kernel
         // and cuBLAS beta = 1), forward and backward.
         let w = pair(&mut rng, &[fan_out, fan_in], 0.0, 0.05, gpu)?;
         let yc = ops::linear_forward_delta(&x.cpu, &w.cpu, Some((sc.u(), &lb.cpu)), false)?;
         let yg = ops::linear_forward_delta(&x.gpu, &w.gpu, Some((sg.u(), &lb.gpu)), true)?;
-        push(
-            checks,
-            &format!("lora r{r} with its linear: x W^T + u B^T"),
-            &yg,
-            &yc,
-            OP_TOL,
-        )?;
-        let dxc = ops::lora_backward(
-            &sc,
-            &a.cpu,
-            &lb.cpu,
-            4.0,
-            &dy.cpu,
-            ops::InputGrad::Linear(&w.cpu),
-            false,
-        )?
-        .0
-        .expect("asked for");
-        let dxg = ops::lora_backward(
-            &sg,
-            &a.gpu,
-            &lb.gpu,
-            4.0,
-            &dy.gpu,
-            ops::InputGrad::Linear(&w.gpu),
-            true,
-        )?
-        .0
-        .expect("asked for");
-        push(
-            checks,
-            &format!("lora r{r} with its linear: dy W + dropout(du A)"),
-            &dxg,
-            &dxc,
-            OP_TOL,
-        )?;
+        push(checks, &format!("lora r{r} with its linear: x W^T + u B^T"), &yg, &yc, OP_TOL)?;
+        let dxc = ops::lora_backward(&sc, &a.cpu, &lb.cpu, 4.0, &dy.cpu, ops::InputGrad::Linear(&w.cpu), false)?.0.expect("asked for");
+        let dxg = ops::lora_backward(&sg, &a.gpu, &lb.gpu, 4.0, &dy.gpu, ops::InputGrad::Linear(&w.gpu), true)?.0.expect("asked for");
+        push(checks, &format!("lora r{r} with its linear: dy W + dropout(du A)"), &dxg, &dxc, OP_TOL)?;
     }
 
     // lm_head + cross-entropy over a real-size vocabulary, every other row counted.
     let vocab = 151_936;
     let hf = pair(&mut rng, &[n, c], 0.0, 1.0, gpu)?;
     let lm = pair(&mut rng, &[vocab, c], 0.0, 0.2, gpu)?;
-    let labels: Vec<Vec<i64>> = (0..b)
-        .map(|_| {
-            (0..t)
-                .map(|i| {
-                    if i % 2 == 0 {
-                        (rng.next_u64() % vocab as u64) as i64
-                    } else {
-                        -100
-                    }
-                })
-                .collect()
-        })
-        .collect();
+    let labels: Vec<Vec<i64>> =
+        (0..b).map(|_| (0..t).map(|i| if i % 2 == 0 { (rng.next_u64() % vocab as u64) as i64 } else { -100 }).collect()).collect();
     let targets = Targets::from_labels(&labels, vocab)?;
     let (lc, dc) = loss::cross_entropy(&hf.cpu, &lm.cpu, &targets, 16, true, false)?;
     let (lg, dg) = loss::cross_entropy(&hf.gpu, &lm.gpu, &targets, 16, true, true)?;
     push(checks, "cross-entropy: loss", &lg, &lc, OP_TOL)?;
-    push(
-        checks,
-        "cross-entropy: d(hidden)",
-        &dg.expect("grad"),
-        &dc.expect("grad"),
-        OP_TOL,
-    )?;
+    push(checks, "cross-entropy: d(hidden)", &dg.expect("grad"), &dc.expect("grad"), OP_TOL)?;
 
     // An input feeding two linears (the MLP's up and gate): the second input gradient added by its GEMM.
-    let (dya, dyg) = (
-        pair(&mut rng, &[n, f], 0.0, 1.0, gpu)?,
-        pair(&mut rng, &[n, f], 0.0, 1.0, gpu)?,
-    );
-    let (wu, wg) = (
-        pair(&mut rng, &[f, c], 0.0, 0.05, gpu)?,
-        pair(&mut rng, &[f, c], 0.0, 0.05, gpu)?,
-    );
-    let want = ops::linear_backward_add(
-        ops::linear_backward(&dya.cpu, &wu.cpu)?,
-        &dyg.cpu,
-        &wg.cpu,
-        false,
-    )?;
-    let got = ops::linear_backward_add(
-        ops::linear_backward(&dya.gpu, &wu.gpu)?,
-        &dyg.gpu,
-        &wg.gpu,
-        true,
-    )?;
-    push(
-        checks,
-        "two linears' input gradients, the second added by its GEMM",
-        &got,
-        &want,
-        OP_TOL,
-    )?;
+    let (dya, dyg) = (pair(&mut rng, &[n, f], 0.0, 1.0, gpu)?, pair(&mut rng, &[n, f], 0.0, 1.0, gpu)?);
+    let (wu, wg) = (pair(&mut rng, &[f, c], 0.0, 0.05, gpu)?, pair(&mut rng, &[f, c], 0.0, 0.05, gpu)?);
+    let want = ops::linear_backward_add(ops::linear_backward(&dya.cpu, &wu.cpu)?, &dyg.cpu, &wg.cpu, false)?;
+    let got = ops::linear_backward_add(ops::linear_backward(&dya.gpu, &wu.gpu)?, &dyg.gpu, &wg.gpu, true)?;
+    push(checks, "two linears' input gradients, the second added by its GEMM", &got, &want, OP_TOL)?;
     Ok(())
 }
 
@@ -652,67 +417,24 @@ fn optimizer_check(gpu: &Device, checks: &mut Vec<Check>) -> Result<()> {
     let shapes: [&[usize]; 3] = [&[8, 352], &[128, 8], &[5]];
     let mut random = |shape: &[usize]| -> Result<Tensor> {
         let n: usize = shape.iter().product();
-        Ok(Tensor::from_vec(
-            (0..n).map(|_| rng.normal() as f32).collect::<Vec<_>>(),
-            shape,
-            &Device::Cpu,
-        )?)
+        Ok(Tensor::from_vec((0..n).map(|_| rng.normal() as f32).collect::<Vec<_>>(), shape, &Device::Cpu)?)
     };
-    let mut cpu = shapes
-        .iter()
-        .map(|s| random(s))
-        .collect::<Result<Vec<_>>>()?;
-    let mut on_gpu = cpu
-        .iter()
-        .map(|t| t.to_device(gpu))
-        .collect::<candle_core::Result<Vec<_>>>()?;
+    let mut cpu = shapes.iter().map(|s| random(s)).collect::<Result<Vec<_>>>()?;
+    let mut on_gpu = cpu.iter().map(|t| t.to_device(gpu)).collect::<candle_core::Result<Vec<_>>>()?;
     let names: Vec<String> = (0..shapes.len()).map(|i| format!("p{i}")).collect();
-    let mut oc = AdamW::new(
-        AdamWConfig::default(),
-        names.clone(),
-        &cpu.iter().collect::<Vec<_>>(),
-    )?;
+    let mut oc = AdamW::new(AdamWConfig::default(), names.clone(), &cpu.iter().collect::<Vec<_>>())?;
     oc.fused = false;
-    let mut og = AdamW::new(
-        AdamWConfig::default(),
-        names,
-        &on_gpu.iter().collect::<Vec<_>>(),
-    )?;
+    let mut og = AdamW::new(AdamWConfig::default(), names, &on_gpu.iter().collect::<Vec<_>>())?;
     let mut norms = (0.0, 0.0);
     for _ in 0..3 {
-        let gc = shapes
-            .iter()
-            .map(|s| random(s))
-            .collect::<Result<Vec<_>>>()?;
-        let gg = gc
-            .iter()
-            .map(|t| t.to_device(gpu))
-            .collect::<candle_core::Result<Vec<_>>>()?;
-        norms = (
-            global_norm_with(&gc.iter().collect::<Vec<_>>(), false)?,
-            global_norm_with(&gg.iter().collect::<Vec<_>>(), true)?,
-        );
-        oc.step_scaled(
-            &mut cpu.iter_mut().collect::<Vec<_>>(),
-            &gc.iter().collect::<Vec<_>>(),
-            1e-2,
-            0.5,
-        )?;
-        og.step_scaled(
-            &mut on_gpu.iter_mut().collect::<Vec<_>>(),
-            &gg.iter().collect::<Vec<_>>(),
-            1e-2,
-            0.5,
-        )?;
+        let gc = shapes.iter().map(|s| random(s)).collect::<Result<Vec<_>>>()?;
+        let gg = gc.iter().map(|t| t.to_device(gpu)).collect::<candle_core::Result<Vec<_>>>()?;
+        norms = (global_norm_with(&gc.iter().collect::<Vec<_>>(), false)?, global_norm_with(&gg.iter().collect::<Vec<_>>(), true)?);
+        oc.step_scaled(&mut cpu.iter_mut().collect::<Vec<_>>(), &gc.iter().collect::<Vec<_>>(), 1e-2, 0.5)?;
+        og.step_scaled(&mut on_gpu.iter_mut().collect::<Vec<_>>(), &gg.iter().collect::<Vec<_>>(), 1e-2, 0.5)?;
     }
     for (i, (g, c)) in on_gpu.iter().zip(&cpu).enumerate() {
-        push(
-            checks,
-            &format!("AdamW, three steps in one launch each (moments in place): tensor {i}"),
-            g,
-            c,
-            1e-5,
-        )?;
+        push(checks, &format!("AdamW, three steps in one launch each (moments in place): tensor {i}"), g, c, 1e-5)?;
     }
     let norm_err = (norms.1 - norms.0).abs() / norms.0;
     checks.push(Check {
@@ -791,24 +513,8 @@ fn optimizer_check(gpu: &Device, checks: &mut Vec<Check>) -> Result<()> {
 /// head dim 128): loss and adapter gradients, dropout on, every linear adapted.
 fn model_checks(gpu: &Device, checks: &mut Vec<Check>) -> Result<()> {
     for family in Family::ALL {
-        let spec = TinySpec {
-            num_layers: 4,
-            hidden_size: 256,
-            num_heads: 2,
-            head_dim: Some(128),
-            intermediate_size: 1024,
-            seq_length: 256,
-            ..TinySpec::of_family(family)
-        };
-        let spec = if family == Family::QwenV1 {
-            spec
-        } else {
-            TinySpec {
-                num_heads: 4,
-                num_kv_heads: 2,
-                ..spec
-            }
-        };
+        let spec = TinySpec { num_layers: 4, hidden_size: 256, num_heads: 2, head_dim: Some(128), intermediate_size: 1024, seq_length: 256, ..TinySpec::of_family(family) };
+        let spec = if family == Family::QwenV1 { spec } else { TinySpec { num_heads: 4, num_kv_heads: 2, ..spec } };
         model_check(gpu, checks, spec.config())?;
     }
     Ok(())
@@ -825,13 +531,7 @@ fn model_check(gpu: &Device, checks: &mut Vec<Check>, config: ModelConfig) -> Re
     (cpu_model.loss_chunk, cpu_model.fusion) = (64, Fusion::NONE);
     (gpu_model.loss_chunk, gpu_model.fusion) = (64, Fusion::ALL);
 
-    let lora_cfg = LoraConfig {
-        r: 8,
-        alpha: 32.0,
-        dropout: 0.1,
-        targets: vec!["all-linear".into()],
-        base_model_name_or_path: "numerics".into(),
-    };
+    let lora_cfg = LoraConfig { r: 8, alpha: 32.0, dropout: 0.1, targets: vec!["all-linear".into()], base_model_name_or_path: "numerics".into() };
     let mut lora_cpu = Lora::new(lora_cfg, &config, 3, &Device::Cpu)?;
     // B starts at zero in a fresh adapter, which would make every dA zero: give it values.
     let mut rng = SplitMix::new(5);
@@ -846,27 +546,14 @@ fn model_check(gpu: &Device, checks: &mut Vec<Check>, config: ModelConfig) -> Re
     }
 
     let (b, t) = (2usize, 96usize);
-    let ids: Vec<u32> = (0..b * t)
-        .map(|_| (rng.next_u64() % 151_000) as u32)
-        .collect();
-    let labels: Vec<i64> = ids
-        .iter()
-        .enumerate()
-        .map(|(i, &id)| if i % 5 == 0 { -100 } else { id as i64 })
-        .collect();
+    let ids: Vec<u32> = (0..b * t).map(|_| (rng.next_u64() % 151_000) as u32).collect();
+    let labels: Vec<i64> = ids.iter().enumerate().map(|(i, &id)| if i % 5 == 0 { -100 } else { id as i64 }).collect();
     let ids = Tensor::from_vec(ids, (b, t), &Device::Cpu)?;
     let labels = Tensor::from_vec(labels, (b, t), &Device::Cpu)?;
     // The worst relative error of a GPU model's adapter gradients against the CPU's, and its tensor's name.
-    let worst_of = |oc: &crate::model::transformer::LossAndGrads,
-                    og: &crate::model::transformer::LossAndGrads|
-     -> Result<(f64, String)> {
+    let worst_of = |oc: &crate::model::transformer::LossAndGrads, og: &crate::model::transformer::LossAndGrads| -> Result<(f64, String)> {
         let (mut worst, mut worst_name) = (0.0f64, String::new());
-        for ((name, gc), gg) in lora_cpu
-            .param_names()
-            .iter()
-            .zip(oc.grads.tensors())
-            .zip(og.grads.tensors())
-        {
+        for ((name, gc), gg) in lora_cpu.param_names().iter().zip(oc.grads.tensors()).zip(og.grads.tensors()) {
             let e = rel_err(gg, gc)?;
             if e > worst {
                 (worst, worst_name) = (e, name.clone());
@@ -879,20 +566,11 @@ fn model_check(gpu: &Device, checks: &mut Vec<Check>, config: ModelConfig) -> Re
     // that floor where the floor is itself near it (the worst of 20-odd tensors after four layers of bf16
     // rounding is a noisy maximum).
     gpu_model.fusion = Fusion::NONE;
-    let plain =
-        gpu_model.loss_and_grads(&ids, &labels, None, &lora_gpu, &mut SplitMix::new(9), false)?;
+    let plain = gpu_model.loss_and_grads(&ids, &labels, None, &lora_gpu, &mut SplitMix::new(9), false)?;
     gpu_model.fusion = Fusion::ALL;
-    let oc =
-        cpu_model.loss_and_grads(&ids, &labels, None, &lora_cpu, &mut SplitMix::new(9), false)?;
+    let oc = cpu_model.loss_and_grads(&ids, &labels, None, &lora_cpu, &mut SplitMix::new(9), false)?;
     let (floor, floor_name) = worst_of(&oc, &plain)?;
-    checks.push(Check {
-        name: format!(
-            "model adapter gradients, composite bf16 ops ({fam}, the floor): {floor_name}"
-        ),
-        rel_err: floor,
-        tolerance: 2.0 * GRAD_TOL,
-        ok: floor <= 2.0 * GRAD_TOL,
-    });
+    checks.push(Check { name: format!("model adapter gradients, composite bf16 ops ({fam}, the floor): {floor_name}"), rel_err: floor, tolerance: 2.0 * GRAD_TOL, ok: floor <= 2.0 * GRAD_TOL });
     let grad_tol = GRAD_TOL.max(1.2 * floor);
     for recompute in [false, true] {
         let tag = if recompute {
@@ -924,12 +602,7 @@ fn model_check(gpu: &Device, checks: &mut Vec<Check>, config: ModelConfig) -> Re
             ok: loss_err <= LOSS_TOL,
         });
         let (worst, worst_name) = worst_of(&oc, &og)?;
-        checks.push(Check {
-            name: format!("model adapter gradients, worst of all{tag}: {worst_name}"),
-            rel_err: worst,
-            tolerance: grad_tol,
-            ok: worst <= grad_tol,
-        });
+        checks.push(Check { name: format!("model adapter gradients, worst of all{tag}: {worst_name}"), rel_err: worst, tolerance: grad_tol, ok: worst <= grad_tol });
     }
 
     // Reproducibility: the same step twice on the GPU gives the same loss and gradients, bit for bit, and
@@ -942,18 +615,9 @@ fn model_check(gpu: &Device, checks: &mut Vec<Check>, config: ModelConfig) -> Re
     for (ga, gb) in a.grads.tensors().iter().zip(b.grads.tensors()) {
         differ += differing(ga, gb)?;
     }
-    let norms = (
-        crate::train::optim::global_norm(&a.grads.tensors())?,
-        crate::train::optim::global_norm(&b.grads.tensors())?,
-    );
+    let norms = (crate::train::optim::global_norm(&a.grads.tensors())?, crate::train::optim::global_norm(&b.grads.tensors())?);
     differ += (norms.0 != norms.1) as u8 as f64;
-    push_exact(
-        checks,
-        format!(
-            "the same GPU step twice ({fam}): values differing (loss, gradients, gradient norm)"
-        ),
-        differ,
-    );
+    push_exact(checks, format!("the same GPU step twice ({fam}): values differing (loss, gradients, gradient norm)"), differ);
     packed_check(&gpu_model, &lora_gpu, &fam, checks)
 }
 
@@ -976,12 +640,7 @@ fn packed_check(model: &Model, lora: &Lora, fam: &str, checks: &mut Vec<Check>) 
         n_train: lengths.len(),
     };
     let sums = |packing| -> Result<(f64, Vec<Tensor>)> {
-        let layout = Layout {
-            packing,
-            micro_batch: 2,
-            tokens_per_pass: n,
-            pad: 0,
-        };
+        let layout = Layout { packing, micro_batch: 2, tokens_per_pass: n, pad: 0 };
         let (mut loss, mut grads) = (0.0, None::<crate::model::LoraGrads>);
         for b in layout.passes(&stream, &stream.offsets(), &[0, 1, 2]) {
             let (ids, labels) = b.tensors()?;
@@ -999,34 +658,16 @@ fn packed_check(model: &Model, lora: &Lora, fam: &str, checks: &mut Vec<Check>) 
                 None => grads = Some(out.grads),
             }
         }
-        Ok((
-            loss,
-            grads
-                .expect("three records make passes")
-                .tensors()
-                .into_iter()
-                .cloned()
-                .collect(),
-        ))
+        Ok((loss, grads.expect("three records make passes").tensors().into_iter().cloned().collect()))
     };
     let (padded, padded_grads) = sums(Packing::None)?;
     let (packed, packed_grads) = sums(Packing::PaddingFree)?;
     let loss_err = (packed - padded).abs() / padded.abs();
-    checks.push(Check {
-        name: format!("padding-free vs padded loss ({fam})"),
-        rel_err: loss_err,
-        tolerance: LOSS_TOL,
-        ok: loss_err <= LOSS_TOL,
-    });
+    checks.push(Check { name: format!("padding-free vs padded loss ({fam})"), rel_err: loss_err, tolerance: LOSS_TOL, ok: loss_err <= LOSS_TOL });
     let mut worst = 0.0f64;
     for (g, want) in packed_grads.iter().zip(&padded_grads) {
         worst = worst.max(rel_err(g, &want.to_device(&Device::Cpu)?)?);
     }
-    checks.push(Check {
-        name: format!("padding-free vs padded adapter gradients, worst of all ({fam})"),
-        rel_err: worst,
-        tolerance: GRAD_TOL,
-        ok: worst <= GRAD_TOL,
-    });
+    checks.push(Check { name: format!("padding-free vs padded adapter gradients, worst of all ({fam})"), rel_err: worst, tolerance: GRAD_TOL, ok: worst <= GRAD_TOL });
     Ok(())
 }

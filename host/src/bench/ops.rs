@@ -3,8 +3,8 @@
 //! and the optimizer step are timed alone on the device; times the number of calls per step, their sum
 //! predicts the step that `bench train` measures.
 use super::train::{shape, Options};
-use crate::model::attention::{self, Rope};
 use crate::model::lora::{Lora, LoraConfig, LoraGrads};
+use crate::model::attention::{self, Rope};
 use crate::model::loss::{self, Targets};
 use crate::model::ops::{self, Dropout};
 use crate::train::optim::{self, AdamW, AdamWConfig};
@@ -57,40 +57,22 @@ pub fn run(o: &Options) -> Result<OpsReport> {
     let layers = cfg.num_layers;
     // Recomputation runs each layer's forward twice, but the top one's (its backward comes first: it keeps its state).
     let fwd = if o.recompute { 2 * layers - 1 } else { layers };
-    let rnd = |shape: &[usize], std: f64| -> Result<Tensor> {
-        Ok(Tensor::randn(0f32, std as f32, shape, dev)?.to_dtype(dt)?)
-    };
+    let rnd = |shape: &[usize], std: f64| -> Result<Tensor> { Ok(Tensor::randn(0f32, std as f32, shape, dev)?.to_dtype(dt)?) };
     let reps = 10;
     let mut rows: Vec<OpTime> = Vec::new();
     let mut add = |op: &str, ms: f64, calls: usize| {
-        rows.push(OpTime {
-            op: op.into(),
-            ms,
-            calls_per_step: calls,
-            step_ms: ms * calls as f64,
-        });
+        rows.push(OpTime { op: op.into(), ms, calls_per_step: calls, step_ms: ms * calls as f64 });
     };
 
     // Frozen linears, forward x W^T and backward dy W.
-    for (name, fan_in, fan_out, count) in [
-        ("q|k|v", c, qkv, 1),
-        ("o", cfg.q_width(), c, 1),
-        ("up / gate", c, ff, 2),
-        ("down", ff, c, 1),
-    ] {
+    for (name, fan_in, fan_out, count) in
+        [("q|k|v", c, qkv, 1), ("o", cfg.q_width(), c, 1), ("up / gate", c, ff, 2), ("down", ff, c, 1)]
+    {
         let w = rnd(&[fan_out, fan_in], 0.02)?;
         let x = rnd(&[n, fan_in], 1.0)?;
         let dy = rnd(&[n, fan_out], 1.0)?;
-        add(
-            &format!("linear {name} forward"),
-            time(dev, reps, || Ok(drop(ops::linear_forward(&x, &w, None)?)))?,
-            count * fwd,
-        );
-        add(
-            &format!("linear {name} backward"),
-            time(dev, reps, || Ok(drop(ops::linear_backward(&dy, &w)?)))?,
-            count * layers,
-        );
+        add(&format!("linear {name} forward"), time(dev, reps, || Ok(drop(ops::linear_forward(&x, &w, None)?)))?, count * fwd);
+        add(&format!("linear {name} backward"), time(dev, reps, || Ok(drop(ops::linear_backward(&dy, &w)?)))?, count * layers);
     }
 
     // LoRA (r 8, dropout 0.1) on the recipe's adapted sites, as the model runs it: the branch (dropout, u), its
@@ -104,123 +86,47 @@ pub fn run(o: &Options) -> Result<OpsReport> {
         let dy = rnd(&[n, fan_out], 1.0)?;
         let dropout = || -> Result<Dropout> {
             Ok(match crate::model::fusion::on(f.dropout, &x) {
-                true => Dropout::Key {
-                    key: 7,
-                    p: 0.1,
-                    bits: None,
-                },
+                true => Dropout::Key { key: 7, p: 0.1, bits: None },
                 false => Dropout::Mask(ops::dropout_mask(7, n, fan_in, 0.1, dt, dev)?),
             })
         };
         let forward = || -> Result<()> {
             let saved = ops::lora_forward(&x, &a, 4.0, Some(dropout()?))?;
-            drop(ops::linear_forward_delta(
-                &x,
-                &w,
-                Some((saved.u(), &bm)),
-                f.lora,
-            )?);
+            drop(ops::linear_forward_delta(&x, &w, Some((saved.u(), &bm)), f.lora)?);
             Ok(())
         };
         let linear_fwd = time(dev, reps, || Ok(drop(ops::linear_forward(&x, &w, None)?)))?;
-        add(
-            &format!("lora {name} forward (beyond its linear)"),
-            time(dev, reps, forward)? - linear_fwd,
-            fwd,
-        );
+        add(&format!("lora {name} forward (beyond its linear)"), time(dev, reps, forward)? - linear_fwd, fwd);
         let saved = ops::lora_forward(&x, &a, 4.0, Some(dropout()?))?;
-        let backward = || {
-            Ok(drop(ops::lora_backward(
-                &saved,
-                &a,
-                &bm,
-                4.0,
-                &dy,
-                ops::InputGrad::Linear(&w),
-                f.lora,
-            )?))
-        };
+        let backward = || Ok(drop(ops::lora_backward(&saved, &a, &bm, 4.0, &dy, ops::InputGrad::Linear(&w), f.lora)?));
         let linear_bwd = time(dev, reps, || Ok(drop(ops::linear_backward(&dy, &w)?)))?;
-        add(
-            &format!("lora {name} backward (beyond its linear)"),
-            time(dev, reps, backward)? - linear_bwd,
-            layers,
-        );
+        add(&format!("lora {name} backward (beyond its linear)"), time(dev, reps, backward)? - linear_bwd, layers);
         // Its rank-8 GEMMs alone (already inside the two rows above: not added again).
         let (a16, b16) = (a.to_dtype(dt)?, bm.to_dtype(dt)?);
         let u = saved.u().clone();
-        add(
-            &format!("  of which x A^T ({name})"),
-            time(dev, reps, || Ok(drop(x.matmul(&a16.t()?)?)))?,
-            0,
-        );
-        add(
-            &format!("  of which dy B ({name})"),
-            time(dev, reps, || Ok(drop(dy.matmul(&b16)?)))?,
-            0,
-        );
-        add(
-            &format!("  of which dy^T u ({name})"),
-            time(dev, reps, || Ok(drop(dy.t()?.matmul(&u)?)))?,
-            0,
-        );
-        add(
-            &format!("  of which du^T h ({name})"),
-            time(dev, reps, || Ok(drop(u.t()?.matmul(&x)?)))?,
-            0,
-        );
+        add(&format!("  of which x A^T ({name})"), time(dev, reps, || Ok(drop(x.matmul(&a16.t()?)?)))?, 0);
+        add(&format!("  of which dy B ({name})"), time(dev, reps, || Ok(drop(dy.matmul(&b16)?)))?, 0);
+        add(&format!("  of which dy^T u ({name})"), time(dev, reps, || Ok(drop(dy.t()?.matmul(&u)?)))?, 0);
+        add(&format!("  of which du^T h ({name})"), time(dev, reps, || Ok(drop(u.t()?.matmul(&x)?)))?, 0);
     }
 
     // Norms and residual adds (two per layer; the final norm once).
     let x = rnd(&[n, c], 1.0)?;
     let w = (Tensor::ones(c, dt, dev)? * 1.1)?;
     let dy = rnd(&[n, c], 1.0)?;
-    add(
-        "rmsnorm forward",
-        time(dev, reps, || {
-            Ok(drop(ops::rmsnorm_forward(&x, &w, 1e-6, f.norm)?))
-        })?,
-        2 * fwd + 1,
-    );
+    add("rmsnorm forward", time(dev, reps, || Ok(drop(ops::rmsnorm_forward(&x, &w, 1e-6, f.norm)?)))?, 2 * fwd + 1);
     let (_, saved) = ops::rmsnorm_forward(&x, &w, 1e-6, f.norm)?;
-    add(
-        "rmsnorm backward (+ residual)",
-        time(dev, reps, || {
-            Ok(drop(ops::rmsnorm_backward(
-                &saved,
-                &w,
-                &dy,
-                Some(&x),
-                f.norm,
-            )?))
-        })?,
-        2 * layers + 1,
-    );
-    add(
-        "residual add",
-        time(dev, reps, || Ok(drop(ops::residual_add(&x, &dy, f.norm)?)))?,
-        2 * fwd,
-    );
+    add("rmsnorm backward (+ residual)", time(dev, reps, || Ok(drop(ops::rmsnorm_backward(&saved, &w, &dy, Some(&x), f.norm)?)))?, 2 * layers + 1);
+    add("residual add", time(dev, reps, || Ok(drop(ops::residual_add(&x, &dy, f.norm)?)))?, 2 * fwd);
 
     // Attention: layout + RoPE, the attention itself, heads merged.
     let rope = Rope::new(t, d, cfg.rope_base, &cfg.rope_scaling, dt, dev)?;
-    let heads = attention::Heads {
-        b,
-        t,
-        h,
-        hkv: cfg.num_kv_heads,
-        d,
-    };
+    let heads = attention::Heads { b, t, h, hkv: cfg.num_kv_heads, d };
     let qkv_in = rnd(&[n, qkv], 1.0)?;
     let bias = rnd(&[qkv], 0.1)?;
     // The LoRA delta is in the GEMM's output already (the lora rows above), as in the model.
-    let qkv_fwd =
-        || attention::qkv_forward(&qkv_in, Some(&bias), None, &rope, heads, f.rope, f.norm);
-    add(
-        "qkv split + rope",
-        time(dev, reps, || Ok(drop(qkv_fwd()?)))?,
-        fwd,
-    );
+    let qkv_fwd = || attention::qkv_forward(&qkv_in, Some(&bias), None, &rope, heads, f.rope, f.norm);
+    add("qkv split + rope", time(dev, reps, || Ok(drop(qkv_fwd()?)))?, fwd);
     let (q, k, v, qkv_saved) = qkv_fwd()?;
     let mask = match crate::model::fusion::on(f.attention, &q) {
         true => None,
@@ -277,52 +183,20 @@ pub fn run(o: &Options) -> Result<OpsReport> {
     // SwiGLU.
     let a = rnd(&[n, ff], 1.0)?;
     let g = rnd(&[n, ff], 1.0)?;
-    add(
-        "swiglu forward",
-        time(dev, reps, || {
-            Ok(drop(ops::swiglu_forward(&a, &g, f.swiglu)?))
-        })?,
-        fwd,
-    );
+    add("swiglu forward", time(dev, reps, || Ok(drop(ops::swiglu_forward(&a, &g, f.swiglu)?)))?, fwd);
     let (hm, saved) = ops::swiglu_forward(&a, &g, f.swiglu)?;
-    add(
-        "swiglu backward",
-        time(dev, reps, || {
-            Ok(drop(ops::swiglu_backward(&saved, &hm, f.swiglu)?))
-        })?,
-        layers,
-    );
+    add("swiglu backward", time(dev, reps, || Ok(drop(ops::swiglu_backward(&saved, &hm, f.swiglu)?)))?, layers);
 
     // lm_head + loss over every position, forward and backward.
     let hf = rnd(&[n, c], 1.0)?;
     let lm = rnd(&[cfg.vocab_size, c], 0.02)?;
-    let labels: Vec<Vec<i64>> = (0..b)
-        .map(|r| {
-            (0..t)
-                .map(|i| ((r * 7919 + i * 104_729) % 151_000) as i64)
-                .collect()
-        })
-        .collect();
+    let labels: Vec<Vec<i64>> = (0..b).map(|r| (0..t).map(|i| ((r * 7919 + i * 104_729) % 151_000) as i64).collect()).collect();
     let targets = Targets::from_labels(&labels, cfg.vocab_size)?;
     let chunk = loss::default_chunk(dev); // as the model takes it
-    add(
-        "lm_head + loss, forward and backward",
-        time(dev, 3, || {
-            Ok(drop(loss::cross_entropy(
-                &hf, &lm, &targets, chunk, true, f.loss,
-            )?))
-        })?,
-        1,
-    );
+    add("lm_head + loss, forward and backward", time(dev, 3, || Ok(drop(loss::cross_entropy(&hf, &lm, &targets, chunk, true, f.loss)?)))?, 1);
 
     // The optimizer step over every adapter: normalise, clip, AdamW.
-    let lora_cfg = LoraConfig {
-        r: 8,
-        alpha: 32.0,
-        dropout: 0.1,
-        targets: super::train::recipe_targets(cfg.family),
-        base_model_name_or_path: o.shape.clone(),
-    };
+    let lora_cfg = LoraConfig { r: 8, alpha: 32.0, dropout: 0.1, targets: super::train::recipe_targets(cfg.family), base_model_name_or_path: o.shape.clone() };
     let mut lora = Lora::new(lora_cfg, &cfg, 1, dev)?;
     let mut opt = AdamW::new(AdamWConfig::default(), lora.param_names(), &lora.params())?;
     opt.fused = f.optimizer;
@@ -332,23 +206,11 @@ pub fn run(o: &Options) -> Result<OpsReport> {
     }
     let ms = time(dev, 3, || {
         let norm = optim::global_norm_with(&grads.tensors(), f.optimizer)? * 0.5;
-        opt.step_scaled(
-            &mut lora.params_mut(),
-            &grads.tensors(),
-            1e-4,
-            0.5 * optim::clip_coefficient(norm, 1.0),
-        )?;
+        opt.step_scaled(&mut lora.params_mut(), &grads.tensors(), 1e-4, 0.5 * optim::clip_coefficient(norm, 1.0))?;
         Ok(())
     })?;
     add("optimizer: norm, clip, AdamW", ms, 1);
 
     let predicted_step_ms = rows.iter().map(|r| r.step_ms).sum();
-    Ok(OpsReport {
-        shape: o.shape.clone(),
-        micro_batch: b,
-        seq: t,
-        recompute: o.recompute,
-        ops: rows,
-        predicted_step_ms,
-    })
+    Ok(OpsReport { shape: o.shape.clone(), micro_batch: b, seq: t, recompute: o.recompute, ops: rows, predicted_step_ms })
 }

@@ -27,15 +27,11 @@ pub fn generate(n: usize, path: &Path, seed: u64) -> anyhow::Result<()> {
     let words: Vec<String> = (0..20_000)
         .map(|_| {
             let len = 2 + rng.below(8) as usize;
-            (0..len)
-                .map(|_| letters[rng.below(letters.len() as u64) as usize])
-                .collect()
+            (0..len).map(|_| letters[rng.below(letters.len() as u64) as usize]).collect()
         })
         .collect();
     let sentence = |rng: &mut Rng, k: usize| {
-        let s: Vec<&str> = (0..k)
-            .map(|_| words[rng.below(words.len() as u64) as usize].as_str())
-            .collect();
+        let s: Vec<&str> = (0..k).map(|_| words[rng.below(words.len() as u64) as usize].as_str()).collect();
         let mut text = s.join(" ");
         text.push_str([".", "?", "!", ""][rng.below(4) as usize]);
         text
@@ -52,8 +48,7 @@ pub fn generate(n: usize, path: &Path, seed: u64) -> anyhow::Result<()> {
         };
         let k = 10 + rng.below(241) as usize;
         let output = sentence(&mut rng, k);
-        let line =
-            serde_json::json!({ "instruction": instruction, "input": input, "output": output });
+        let line = serde_json::json!({ "instruction": instruction, "input": input, "output": output });
         writeln!(out, "{line}")?;
     }
     out.flush()?;
@@ -94,10 +89,7 @@ shuffle = false
     let start = Instant::now();
     let hit = data::prepare(&m)?;
     let cache_hit_seconds = start.elapsed().as_secs_f64();
-    anyhow::ensure!(
-        hit.from_cache && hit.stream == cold.stream,
-        "the cache must return the same stream"
-    );
+    anyhow::ensure!(hit.from_cache && hit.stream == cold.stream, "the cache must return the same stream");
     Ok(PipelineBench {
         records: cold.stream.len(),
         tokens: cold.stream.ids.len(),

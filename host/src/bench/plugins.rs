@@ -1,8 +1,6 @@
 //! Records per second through filter plugins at several batch sizes, beside the same work done natively,
 //! and the time to load a plugin from the compile cache.
-use crate::plugins::{
-    standard, Example, Grants, PluginEngine, PluginKind, RecordFilter, Turn, Verdict, WasmFilter,
-};
+use crate::plugins::{standard, Example, Grants, PluginEngine, PluginKind, RecordFilter, Turn, Verdict, WasmFilter};
 use std::time::{Duration, Instant};
 
 #[derive(Debug, serde::Serialize)]
@@ -27,9 +25,7 @@ pub struct PluginBench {
 
 /// A record of about `bytes` bytes: a user turn and an assistant turn of ordinary words.
 pub fn record(i: usize, bytes: usize) -> Example {
-    let words = [
-        "alpha ", "bravo ", "charlie ", "delta ", "echo ", "foxtrot ", "golf ", "hotel ",
-    ];
+    let words = ["alpha ", "bravo ", "charlie ", "delta ", "echo ", "foxtrot ", "golf ", "hotel "];
     let mut text = String::with_capacity(bytes);
     let mut k = i;
     while text.len() < bytes {
@@ -42,14 +38,8 @@ pub fn record(i: usize, bytes: usize) -> Example {
         id: format!("bench:{i}"),
         dataset: "bench".into(),
         turns: vec![
-            Turn {
-                role: "user".into(),
-                content: text[..half].to_string(),
-            },
-            Turn {
-                role: "assistant".into(),
-                content: text[half..].to_string(),
-            },
+            Turn { role: "user".into(), content: text[..half].to_string() },
+            Turn { role: "assistant".into(), content: text[half..].to_string() },
         ],
         meta: vec![],
     }
@@ -67,12 +57,7 @@ fn native_length(e: &Example, min: usize, max: usize) -> Verdict {
 }
 
 /// Runs `f` over `records` in batches of `batch` until at least `min_time` has passed; returns records/s.
-fn throughput(
-    records: &[Example],
-    batch: usize,
-    min_time: Duration,
-    mut f: impl FnMut(&[Example]) -> usize,
-) -> f64 {
+fn throughput(records: &[Example], batch: usize, min_time: Duration, mut f: impl FnMut(&[Example]) -> usize) -> f64 {
     let mut done = 0usize;
     let start = Instant::now();
     loop {
@@ -95,11 +80,7 @@ pub fn run(record_bytes: usize, min_time: Duration) -> anyhow::Result<PluginBenc
     for name in ["noop", "length"] {
         let sp = standard::find(PluginKind::Filter, name).expect("standard filter");
         let plugin = engine.load(name, sp.wasm)?;
-        let config = if name == "length" {
-            format!("min = {min}\nmax = {max}\n")
-        } else {
-            String::new()
-        };
+        let config = if name == "length" { format!("min = {min}\nmax = {max}\n") } else { String::new() };
         let mut filter = WasmFilter::new(&engine, &plugin, &grants, &config)?;
         for batch in [1usize, 64, 1024] {
             let wasm_rps = throughput(&records, batch, min_time, |chunk| {
@@ -113,12 +94,7 @@ pub fn run(record_bytes: usize, min_time: Duration) -> anyhow::Result<PluginBenc
                 };
                 std::hint::black_box(v).len()
             });
-            rows.push(FilterRow {
-                filter: name.into(),
-                batch,
-                wasm_rps,
-                native_rps,
-            });
+            rows.push(FilterRow { filter: name.into(), batch, wasm_rps, native_rps });
         }
     }
     // Load times: a fresh cache folder, one cold compile, then cached loads.
@@ -149,16 +125,8 @@ impl std::fmt::Display for PluginBench {
         writeln!(f, "| filter | batch | wasm records/s | native records/s |")?;
         writeln!(f, "|---|---|---|---|")?;
         for r in &self.rows {
-            writeln!(
-                f,
-                "| {} | {} | {:.0} | {:.0} |",
-                r.filter, r.batch, r.wasm_rps, r.native_rps
-            )?;
+            writeln!(f, "| {} | {} | {:.0} | {:.0} |", r.filter, r.batch, r.wasm_rps, r.native_rps)?;
         }
-        writeln!(
-            f,
-            "cold compile {:.1} ms, cached load {:.2} ms",
-            self.cold_load_ms, self.cached_load_ms
-        )
+        writeln!(f, "cold compile {:.1} ms, cached load {:.2} ms", self.cold_load_ms, self.cached_load_ms)
     }
 }

@@ -12,13 +12,13 @@ use crate::manifest::{Manifest, Packing};
 use crate::model::config::{Family, ModelConfig};
 use crate::model::fusion::Fusion;
 use crate::model::lora::{Lora, LoraConfig};
+use crate::rng::SplitMix;
 use crate::model::transformer::Model;
 use crate::model::weights::Weights;
-use crate::rng::SplitMix;
 use crate::train::batches::{self, Schedule};
+use crate::train::optim::{AdamW, AdamWConfig};
 use crate::train::dist::{self, Collective, Single};
 use crate::train::launch::{self, LaunchEnv};
-use crate::train::optim::{AdamW, AdamWConfig};
 use crate::train::step::{step as train_step, StepConfig};
 use anyhow::{bail, Context};
 use candle_core::{DType, Device};
@@ -74,103 +74,15 @@ pub fn shape(name: &str) -> anyhow::Result<ModelConfig> {
     use crate::model::config::RopeScaling;
     // (family, hidden, layers, heads, kv heads, head dim, mlp width, vocab, rope base, tied)
     let (family, hidden, layers, heads, kv, head_dim, mlp, vocab, rope_base, tied) = match name {
-        "qwen-14b" => (
-            Family::QwenV1,
-            5120,
-            40,
-            40,
-            40,
-            128,
-            13696,
-            152064,
-            10000.0,
-            false,
-        ),
-        "qwen-7b" => (
-            Family::QwenV1,
-            4096,
-            32,
-            32,
-            32,
-            128,
-            11008,
-            151936,
-            10000.0,
-            false,
-        ),
-        "qwen-1.8b" => (
-            Family::QwenV1,
-            2048,
-            24,
-            16,
-            16,
-            128,
-            5504,
-            151936,
-            10000.0,
-            false,
-        ),
-        "qwen2.5-14b" => (
-            Family::Qwen2,
-            5120,
-            48,
-            40,
-            8,
-            128,
-            13824,
-            152064,
-            1e6,
-            false,
-        ),
-        "qwen2.5-7b" => (
-            Family::Qwen2,
-            3584,
-            28,
-            28,
-            4,
-            128,
-            18944,
-            152064,
-            1e6,
-            false,
-        ),
+        "qwen-14b" => (Family::QwenV1, 5120, 40, 40, 40, 128, 13696, 152064, 10000.0, false),
+        "qwen-7b" => (Family::QwenV1, 4096, 32, 32, 32, 128, 11008, 151936, 10000.0, false),
+        "qwen-1.8b" => (Family::QwenV1, 2048, 24, 16, 16, 128, 5504, 151936, 10000.0, false),
+        "qwen2.5-14b" => (Family::Qwen2, 5120, 48, 40, 8, 128, 13824, 152064, 1e6, false),
+        "qwen2.5-7b" => (Family::Qwen2, 3584, 28, 28, 4, 128, 18944, 152064, 1e6, false),
         "qwen2.5-0.5b" => (Family::Qwen2, 896, 24, 14, 2, 64, 4864, 151936, 1e6, true),
-        "qwen3-14b" => (
-            Family::Qwen3,
-            5120,
-            40,
-            40,
-            8,
-            128,
-            17408,
-            151936,
-            1e6,
-            false,
-        ),
-        "qwen3-8b" => (
-            Family::Qwen3,
-            4096,
-            36,
-            32,
-            8,
-            128,
-            12288,
-            151936,
-            1e6,
-            false,
-        ),
-        "llama-3-8b" => (
-            Family::Llama,
-            4096,
-            32,
-            32,
-            8,
-            128,
-            14336,
-            128256,
-            500000.0,
-            false,
-        ),
+        "qwen3-14b" => (Family::Qwen3, 5120, 40, 40, 8, 128, 17408, 151936, 1e6, false),
+        "qwen3-8b" => (Family::Qwen3, 4096, 36, 32, 8, 128, 12288, 151936, 1e6, false),
+        "llama-3-8b" => (Family::Llama, 4096, 32, 32, 8, 128, 14336, 128256, 500000.0, false),
         "tiny" => (Family::QwenV1, 64, 2, 4, 4, 16, 128, 151936, 10000.0, false),
         other => bail!("unknown shape `{other}`: {SHAPES}"),
     };
@@ -215,11 +127,7 @@ pub struct Options {
 pub fn model(o: &Options) -> anyhow::Result<Model> {
     let config = shape(&o.shape)?;
     if o.seq > config.seq_length {
-        bail!(
-            "--seq {} is longer than the shape's {}",
-            o.seq,
-            config.seq_length
-        );
+        bail!("--seq {} is longer than the shape's {}", o.seq, config.seq_length);
     }
     let weights = Weights::random(&config, 0.02, o.dtype, &o.device)?;
     let mut model = Model::new(config, weights, o.dtype, &o.device);
@@ -237,23 +145,11 @@ pub fn run(o: &Options) -> anyhow::Result<TrainBench> {
 /// This process's rank of `bench train --gpus N` (`env`: the spawner's environment, or a launcher's): the
 /// device becomes `cuda:LOCAL_RANK`; the report (whole-step tokens/s, as rank 0 sees it) on rank 0.
 pub fn run_process(o: &Options, env: &LaunchEnv) -> anyhow::Result<Option<TrainBench>> {
-    let master = env
-        .master
-        .as_deref()
-        .context("bench train under a launcher needs MASTER_ADDR and MASTER_PORT")?;
-    let device = if o.device.is_cuda() {
-        format!("cuda:{}", env.local_rank)
-    } else {
-        "cpu".into()
-    };
+    let master = env.master.as_deref().context("bench train under a launcher needs MASTER_ADDR and MASTER_PORT")?;
+    let device = if o.device.is_cuda() { format!("cuda:{}", env.local_rank) } else { "cpu".into() };
     let comm = launch::join(env, master, &device, dist::DEFAULT_TIMEOUT)?;
     let run = || -> anyhow::Result<TrainBench> {
-        let o = Options {
-            device: crate::model::device::open(&device)?,
-            manifest: o.manifest.clone(),
-            shape: o.shape.clone(),
-            ..*o
-        };
+        let o = Options { device: crate::model::device::open(&device)?, manifest: o.manifest.clone(), shape: o.shape.clone(), ..*o };
         run_on(&model(&o)?, &o, &*comm)
     };
     match run() {
@@ -298,11 +194,7 @@ fn run_on(model: &Model, o: &Options, comm: &dyn Collective) -> anyhow::Result<T
         Some(path) => manifest_data(path, o.packing, o.device.is_cuda())?,
         None => random_data(o, total, comm.world_size()),
     };
-    let step_config = StepConfig {
-        seed: 42,
-        recompute: o.recompute,
-        clip: Some(1.0),
-    };
+    let step_config = StepConfig { seed: 42, recompute: o.recompute, clip: Some(1.0) };
     reset_peak(&o.device)?;
     let mut times = Vec::new();
     let mut losses = Vec::new();
@@ -310,15 +202,7 @@ fn run_on(model: &Model, o: &Options, comm: &dyn Collective) -> anyhow::Result<T
     std::thread::scope(|scope| -> anyhow::Result<()> {
         let upcoming = batches::prefetch(scope, &stream, schedule.clone(), 0..total as u64, 2);
         for step in 0..total {
-            let out = train_step(
-                model,
-                &mut lora,
-                &mut opt,
-                &upcoming.recv()?,
-                o.lr,
-                &step_config,
-                comm,
-            )?;
+            let out = train_step(model, &mut lora, &mut opt, &upcoming.recv()?, o.lr, &step_config, comm)?;
             losses.push(out.loss);
             if step >= o.warmup {
                 times.push(out.seconds);
@@ -342,10 +226,7 @@ fn run_on(model: &Model, o: &Options, comm: &dyn Collective) -> anyhow::Result<T
         seq,
         recompute: o.recompute,
         fusion: model.fusion,
-        data: o
-            .manifest
-            .as_ref()
-            .map_or("random tokens".into(), |p| p.display().to_string()),
+        data: o.manifest.as_ref().map_or("random tokens".into(), |p| p.display().to_string()),
         lora_params: lora.num_params(),
         ranks: comm.world_size(),
         timed_steps: times.len(),
@@ -371,37 +252,15 @@ fn random_data(o: &Options, steps: usize, ranks: usize) -> (TokenStream, Schedul
         n_train: records,
     };
     let packing = o.packing.unwrap_or_default();
-    let layout = Layout {
-        packing,
-        micro_batch: o.micro_batch,
-        tokens_per_pass: o.micro_batch * o.seq,
-        pad: 0,
-    };
-    (
-        stream,
-        Schedule {
-            n_train: records,
-            grad_accum: ranks,
-            seed: 42,
-            layout,
-        },
-        o.seq,
-    )
+    let layout = Layout { packing, micro_batch: o.micro_batch, tokens_per_pass: o.micro_batch * o.seq, pad: 0 };
+    (stream, Schedule { n_train: records, grad_accum: ranks, seed: 42, layout }, o.seq)
 }
 
 /// A manifest's training stream and the schedule `lorahost run` would take over it, laid out as `packing`
 /// says, else as the manifest says, else as is faster on the benchmark's device.
-fn manifest_data(
-    path: &std::path::Path,
-    packing: Option<Packing>,
-    cuda: bool,
-) -> anyhow::Result<(TokenStream, Schedule, usize)> {
+fn manifest_data(path: &std::path::Path, packing: Option<Packing>, cuda: bool) -> anyhow::Result<(TokenStream, Schedule, usize)> {
     let mut m = Manifest::load(path)?;
-    m.train.packing = Some(
-        packing
-            .or(m.train.packing)
-            .unwrap_or(Packing::default_on(cuda)),
-    );
+    m.train.packing = Some(packing.or(m.train.packing).unwrap_or(Packing::default_on(cuda)));
     let plan = data::Plan::new(&m)?;
     let stream = data::prepare_plan(&plan)?.stream;
     let pad = plan.tokenizer.special_id("<|endoftext|>").unwrap_or(0);

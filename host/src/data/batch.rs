@@ -35,25 +35,13 @@ fn trained_positions(mask: &[u8]) -> usize {
 
 /// The label of each token of a record: itself where trained, else -100.
 fn labels_of<'a>(ids: &'a [u32], mask: &'a [u8]) -> impl Iterator<Item = i64> + 'a {
-    ids.iter()
-        .zip(mask)
-        .map(|(&id, &m)| if m == 1 { id as i64 } else { -100 })
+    ids.iter().zip(mask).map(|(&id, &m)| if m == 1 { id as i64 } else { -100 })
 }
 
 impl HostBatch {
     /// `records` of the stream, one per row, padded with `pad` to the longest.
-    pub fn padded(
-        stream: &TokenStream,
-        offsets: &[usize],
-        records: &[usize],
-        pad: u32,
-    ) -> HostBatch {
-        let seq = records
-            .iter()
-            .map(|&i| stream.lengths[i] as usize)
-            .max()
-            .unwrap_or(1)
-            .max(1);
+    pub fn padded(stream: &TokenStream, offsets: &[usize], records: &[usize], pad: u32) -> HostBatch {
+        let seq = records.iter().map(|&i| stream.lengths[i] as usize).max().unwrap_or(1).max(1);
         let mut ids = vec![pad; records.len() * seq];
         let mut labels = vec![-100i64; records.len() * seq];
         let (mut tokens, mut trained) = (0, 0);
@@ -64,15 +52,7 @@ impl HostBatch {
             ids[r * seq..r * seq + rec.len()].copy_from_slice(rec);
             labels.splice(r * seq..r * seq + rec.len(), labels_of(rec, mask));
         }
-        HostBatch {
-            ids,
-            labels,
-            rows: records.len(),
-            seq,
-            tokens,
-            trained,
-            cu_seqlens: None,
-        }
+        HostBatch { ids, labels, rows: records.len(), seq, tokens, trained, cu_seqlens: None }
     }
 
     /// `records` of the stream end to end in one row (empty records are left out).
@@ -87,25 +67,14 @@ impl HostBatch {
             cu_seqlens.push(ids.len() as u32);
         }
         let tokens = ids.len();
-        HostBatch {
-            ids,
-            labels,
-            rows: 1,
-            seq: tokens,
-            tokens,
-            trained,
-            cu_seqlens: Some(cu_seqlens),
-        }
+        HostBatch { ids, labels, rows: 1, seq: tokens, tokens, trained, cu_seqlens: Some(cu_seqlens) }
     }
 
     /// (ids u32, labels i64) as CPU tensors: the model uploads the ids itself and reads the labels on the
     /// host, so a GPU step needs no device synchronisation to start.
     pub fn tensors(&self) -> candle_core::Result<(Tensor, Tensor)> {
         let shape = (self.rows, self.seq);
-        Ok((
-            Tensor::from_slice(&self.ids, shape, &Device::Cpu)?,
-            Tensor::from_slice(&self.labels, shape, &Device::Cpu)?,
-        ))
+        Ok((Tensor::from_slice(&self.ids, shape, &Device::Cpu)?, Tensor::from_slice(&self.labels, shape, &Device::Cpu)?))
     }
 }
 
@@ -123,17 +92,9 @@ pub struct Layout {
 
 impl Layout {
     /// The forward passes over `records`, in order.
-    pub fn passes(
-        &self,
-        stream: &TokenStream,
-        offsets: &[usize],
-        records: &[usize],
-    ) -> Vec<HostBatch> {
+    pub fn passes(&self, stream: &TokenStream, offsets: &[usize], records: &[usize]) -> Vec<HostBatch> {
         match self.packing {
-            Packing::None => records
-                .chunks(self.micro_batch.max(1))
-                .map(|rows| HostBatch::padded(stream, offsets, rows, self.pad))
-                .collect(),
+            Packing::None => records.chunks(self.micro_batch.max(1)).map(|rows| HostBatch::padded(stream, offsets, rows, self.pad)).collect(),
             Packing::PaddingFree => {
                 let mut groups: Vec<Vec<usize>> = Vec::new();
                 let mut fill = 0;
@@ -148,11 +109,7 @@ impl Layout {
                     }
                     fill += len;
                 }
-                groups
-                    .iter()
-                    .map(|g| HostBatch::packed(stream, offsets, g))
-                    .filter(|b| b.tokens > 0)
-                    .collect()
+                groups.iter().map(|g| HostBatch::packed(stream, offsets, g)).filter(|b| b.tokens > 0).collect()
             }
         }
     }
@@ -173,12 +130,7 @@ mod tests {
     }
 
     fn layout(packing: Packing, tokens_per_pass: usize) -> Layout {
-        Layout {
-            packing,
-            micro_batch: 2,
-            tokens_per_pass,
-            pad: 99,
-        }
+        Layout { packing, micro_batch: 2, tokens_per_pass, pad: 99 }
     }
 
     #[test]
@@ -209,16 +161,10 @@ mod tests {
 
         // A budget of 5 tokens: [0, 1] (5), then [2, 3] (3); records are never split.
         let split = layout(Packing::PaddingFree, 5).passes(&s, &o, &[0, 1, 2, 3]);
-        let cuts: Vec<_> = split
-            .iter()
-            .map(|b| b.cu_seqlens.clone().unwrap())
-            .collect();
+        let cuts: Vec<_> = split.iter().map(|b| b.cu_seqlens.clone().unwrap()).collect();
         assert_eq!(cuts, vec![vec![0, 2, 5], vec![0, 1, 3]]);
         // A record longer than the budget gets a pass of its own.
         let tight = layout(Packing::PaddingFree, 2).passes(&s, &o, &[1, 0]);
-        assert_eq!(
-            tight.iter().map(|b| b.tokens).collect::<Vec<_>>(),
-            vec![3, 2]
-        );
+        assert_eq!(tight.iter().map(|b| b.tokens).collect::<Vec<_>>(), vec![3, 2]);
     }
 }

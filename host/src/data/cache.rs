@@ -13,18 +13,10 @@ const MAGIC: &[u8; 8] = b"LHTOKS01";
 
 pub fn paths(cache_dir: &Path, key: &str) -> (PathBuf, PathBuf) {
     let dir = cache_dir.join("tokens");
-    (
-        dir.join(format!("{key}.bin")),
-        dir.join(format!("{key}.report.json")),
-    )
+    (dir.join(format!("{key}.bin")), dir.join(format!("{key}.report.json")))
 }
 
-pub fn store(
-    cache_dir: &Path,
-    key: &str,
-    stream: &TokenStream,
-    report: &Report,
-) -> anyhow::Result<()> {
+pub fn store(cache_dir: &Path, key: &str, stream: &TokenStream, report: &Report) -> anyhow::Result<()> {
     let buf = encode(stream);
     let (bin, json) = paths(cache_dir, key);
     // What a killed run was writing here is of no use to anyone.
@@ -45,18 +37,9 @@ pub fn encode(stream: &TokenStream) -> Vec<u8> {
     for v in [n as u64, stream.n_train as u64, stream.ids.len() as u64] {
         buf.extend_from_slice(&v.to_le_bytes());
     }
-    stream
-        .lengths
-        .iter()
-        .for_each(|v| buf.extend_from_slice(&v.to_le_bytes()));
-    stream
-        .dataset
-        .iter()
-        .for_each(|v| buf.extend_from_slice(&v.to_le_bytes()));
-    stream
-        .ids
-        .iter()
-        .for_each(|v| buf.extend_from_slice(&v.to_le_bytes()));
+    stream.lengths.iter().for_each(|v| buf.extend_from_slice(&v.to_le_bytes()));
+    stream.dataset.iter().for_each(|v| buf.extend_from_slice(&v.to_le_bytes()));
+    stream.ids.iter().for_each(|v| buf.extend_from_slice(&v.to_le_bytes()));
     buf.extend_from_slice(&stream.trained);
     buf
 }
@@ -84,8 +67,7 @@ pub fn decode(bytes: &[u8]) -> anyhow::Result<TokenStream> {
     if bytes.len() < 32 || &bytes[..8] != MAGIC {
         bail!("not a token cache file");
     }
-    let u64_at =
-        |i: usize| u64::from_le_bytes(bytes[8 + 8 * i..16 + 8 * i].try_into().unwrap()) as usize;
+    let u64_at = |i: usize| u64::from_le_bytes(bytes[8 + 8 * i..16 + 8 * i].try_into().unwrap()) as usize;
     let (n, n_train, n_ids) = (u64_at(0), u64_at(1), u64_at(2));
     let expected = 32usize
         .checked_add(n.checked_mul(6).context("size")?)
@@ -100,27 +82,12 @@ pub fn decode(bytes: &[u8]) -> anyhow::Result<TokenStream> {
         at += len;
         s
     };
-    let lengths: Vec<u32> = take(n * 4)
-        .chunks_exact(4)
-        .map(|c| u32::from_le_bytes(c.try_into().unwrap()))
-        .collect();
-    let dataset: Vec<u16> = take(n * 2)
-        .chunks_exact(2)
-        .map(|c| u16::from_le_bytes(c.try_into().unwrap()))
-        .collect();
-    let ids: Vec<u32> = take(n_ids * 4)
-        .chunks_exact(4)
-        .map(|c| u32::from_le_bytes(c.try_into().unwrap()))
-        .collect();
+    let lengths: Vec<u32> = take(n * 4).chunks_exact(4).map(|c| u32::from_le_bytes(c.try_into().unwrap())).collect();
+    let dataset: Vec<u16> = take(n * 2).chunks_exact(2).map(|c| u16::from_le_bytes(c.try_into().unwrap())).collect();
+    let ids: Vec<u32> = take(n_ids * 4).chunks_exact(4).map(|c| u32::from_le_bytes(c.try_into().unwrap())).collect();
     let trained = take(n_ids).to_vec();
     if lengths.iter().map(|&l| l as usize).sum::<usize>() != n_ids {
         bail!("inconsistent token cache file");
     }
-    Ok(TokenStream {
-        lengths,
-        ids,
-        trained,
-        dataset,
-        n_train,
-    })
+    Ok(TokenStream { lengths, ids, trained, dataset, n_train })
 }

@@ -25,10 +25,7 @@ pub struct Encoded {
 }
 
 /// Tokenizes `segments`, each on its own; a special segment must name a special token of the tokenizer.
-pub fn tokenize_segments(
-    tok: &dyn Tokenizer,
-    segments: &[Segment],
-) -> Result<Vec<(Vec<u32>, bool)>, String> {
+pub fn tokenize_segments(tok: &dyn Tokenizer, segments: &[Segment]) -> Result<Vec<(Vec<u32>, bool)>, String> {
     segments
         .iter()
         .map(|s| {
@@ -70,11 +67,7 @@ fn pairs(pieces: Vec<(Vec<u32>, bool)>) -> Vec<(Vec<u32>, Vec<u32>)> {
 
 /// Concatenates the pairs under `cutoff` tokens by the chosen policy.
 pub fn truncate(pieces: Vec<(Vec<u32>, bool)>, cutoff: usize, policy: Truncation) -> Encoded {
-    let mut enc = Encoded {
-        ids: Vec::new(),
-        trained: Vec::new(),
-        truncated: false,
-    };
+    let mut enc = Encoded { ids: Vec::new(), trained: Vec::new(), truncated: false };
     for (mut prompt, mut answer) in pairs(pieces) {
         let (keep_p, keep_a) = match policy {
             Truncation::Proportional => {
@@ -121,10 +114,7 @@ pub fn encode_records(
     let templates: Mutex<Vec<WasmTemplate>> = Mutex::new(vec![plan.template()?]);
     let tok = plan.tokenizer.as_ref();
     let record = |&(d, r): &(u16, u32)| &pools[d as usize][r as usize];
-    let ranges = super::read::byte_batches(
-        needed.iter().map(|k| super::read::record_bytes(record(k))),
-        ENCODE_CHUNK,
-    );
+    let ranges = super::read::byte_batches(needed.iter().map(|k| super::read::record_bytes(record(k))), ENCODE_CHUNK);
     let chunks: Vec<Vec<Result<Encoded, String>>> = ranges
         .into_par_iter()
         .map(|range| -> anyhow::Result<_> {
@@ -144,13 +134,8 @@ pub fn encode_records(
                     // The template rejected this record: counted by reason, not fatal.
                     Err(reason) => Ok(Err(reason)),
                     Ok(segments) => {
-                        let pieces =
-                            tokenize_segments(tok, &segments).map_err(anyhow::Error::msg)?;
-                        Ok(Ok(truncate(
-                            pieces,
-                            m.train.max_seq_len,
-                            m.train.truncation,
-                        )))
+                        let pieces = tokenize_segments(tok, &segments).map_err(anyhow::Error::msg)?;
+                        Ok(Ok(truncate(pieces, m.train.max_seq_len, m.train.truncation)))
                     }
                 })
                 .collect::<anyhow::Result<Vec<_>>>()
@@ -169,11 +154,7 @@ mod tests {
 
     #[test]
     fn short_sequences_are_untouched() {
-        let e = truncate(
-            vec![p(3, 0, false), p(2, 10, true)],
-            16,
-            Truncation::Proportional,
-        );
+        let e = truncate(vec![p(3, 0, false), p(2, 10, true)], 16, Truncation::Proportional);
         assert_eq!(e.ids, vec![0, 1, 2, 10, 11]);
         assert_eq!(e.trained, vec![false, false, false, true, true]);
         assert!(!e.truncated);
@@ -182,11 +163,7 @@ mod tests {
     #[test]
     fn proportional_keeps_shares() {
         // 30 prompt + 10 answer into 20: floor(20*30/40)=15 and floor(20*10/40)=5.
-        let e = truncate(
-            vec![p(30, 0, false), p(10, 100, true)],
-            20,
-            Truncation::Proportional,
-        );
+        let e = truncate(vec![p(30, 0, false), p(10, 100, true)], 20, Truncation::Proportional);
         assert_eq!(e.ids.len(), 20);
         assert_eq!(&e.ids[..15], &(0..15).collect::<Vec<u32>>()[..]);
         assert_eq!(&e.ids[15..], &[100, 101, 102, 103, 104]);
@@ -195,16 +172,7 @@ mod tests {
 
     #[test]
     fn halves_cap_each_side_and_stop_adding_pairs() {
-        let e = truncate(
-            vec![
-                p(30, 0, false),
-                p(3, 100, true),
-                p(2, 200, false),
-                p(9, 300, true),
-            ],
-            20,
-            Truncation::Halves,
-        );
+        let e = truncate(vec![p(30, 0, false), p(3, 100, true), p(2, 200, false), p(9, 300, true)], 20, Truncation::Halves);
         // First pair: prompt 10 (capped) + answer 3 = 13; second pair 2 + 9 = 11 would overflow 20.
         assert_eq!(e.ids.len(), 13);
         assert!(e.truncated);
@@ -213,21 +181,11 @@ mod tests {
     #[test]
     fn multi_turn_pairs_follow_segment_flags() {
         let e = truncate(
-            vec![
-                p(2, 0, false),
-                p(1, 5, false),
-                p(2, 10, true),
-                p(1, 20, true),
-                p(2, 30, false),
-                p(1, 40, true),
-            ],
+            vec![p(2, 0, false), p(1, 5, false), p(2, 10, true), p(1, 20, true), p(2, 30, false), p(1, 40, true)],
             100,
             Truncation::Proportional,
         );
         assert_eq!(e.ids, vec![0, 1, 5, 10, 11, 20, 30, 31, 40]);
-        assert_eq!(
-            e.trained,
-            vec![false, false, false, true, true, true, false, false, true]
-        );
+        assert_eq!(e.trained, vec![false, false, false, true, true, true, false, false, true]);
     }
 }

@@ -32,12 +32,7 @@ pub const CACHE_SUBDIR: &str = "eval-sets";
 
 /// `use_` with its evaluation sets written to the cache and listed in `files`; `use_` itself when it names
 /// none. `key` is the use's place in the manifest (`filter[0]`), for messages.
-pub fn expand(
-    set: &PluginSet,
-    m: &Manifest,
-    key: &str,
-    use_: &PluginUse,
-) -> anyhow::Result<PluginUse> {
+pub fn expand(set: &PluginSet, m: &Manifest, key: &str, use_: &PluginUse) -> anyhow::Result<PluginUse> {
     let mut out = use_.clone();
     let tasks = out.config.remove(TASKS_KEY);
     let sources = out.config.remove(SOURCES_KEY);
@@ -50,44 +45,27 @@ pub fn expand(
         err(TASKS_KEY.into(), "evaluation sets are written to the cache, and there is none: set `run.cache` (or LORAHOST_CACHE)".into())
     })?;
     let mut written: Vec<toml::Value> = Vec::new();
-    let names = list(
-        tasks,
-        "task names or .toml files, e.g. [\"mmlu\", \"gsm8k\"]",
-    )
-    .map_err(|e| err(TASKS_KEY.into(), e))?;
+    let names = list(tasks, "task names or .toml files, e.g. [\"mmlu\", \"gsm8k\"]").map_err(|e| err(TASKS_KEY.into(), e))?;
     for (i, name) in names.iter().enumerate() {
         let k = format!("{TASKS_KEY}[{i}]");
-        let name = name.as_str().ok_or_else(|| {
-            err(
-                k.clone(),
-                "must be a task name or a .toml file, in quotes".into(),
-            )
-        })?;
+        let name = name.as_str().ok_or_else(|| err(k.clone(), "must be a task name or a .toml file, in quotes".into()))?;
         let t = load_task(m, name).map_err(|e| err(k.clone(), format!("{e:#}")))?;
         let records = read_records(set, &format!("{key}.{k}.source"), &t.source)?;
         written.push(write_set(&cache, &t.name, &records).map_err(|e| err(k, format!("{e:#}")))?);
     }
     let dir = folder_of(&m.file);
     let hint = "source uses, e.g. [{ plugin = \"csv\", path = \"eval/test.csv\" }]";
-    for (i, value) in list(sources, hint)
-        .map_err(|e| err(SOURCES_KEY.into(), e))?
-        .into_iter()
-        .enumerate()
-    {
+    for (i, value) in list(sources, hint).map_err(|e| err(SOURCES_KEY.into(), e))?.into_iter().enumerate() {
         let k = format!("{SOURCES_KEY}[{i}]");
         let mut source: PluginUse = value
             .try_into()
             .map_err(|e| err(k.clone(), format!("{e}; each is a source use such as {{ plugin = \"csv\", path = \"eval/test.csv\" }}")))?;
         if let Some(l) = &source.limits {
-            l.check()
-                .map_err(|(field, msg)| err(format!("{k}.limits.{field}"), msg))?;
+            l.check().map_err(|(field, msg)| err(format!("{k}.limits.{field}"), msg))?;
         }
         resolve_plugin_paths(&mut source, &dir);
         let records = read_records(set, &format!("{key}.{k}"), &source)?;
-        written.push(
-            write_set(&cache, &source_name(&source), &records)
-                .map_err(|e| err(k, format!("{e:#}")))?,
-        );
+        written.push(write_set(&cache, &source_name(&source), &records).map_err(|e| err(k, format!("{e:#}")))?);
     }
     match out.config.entry(FILES_KEY).or_insert_with(|| toml::Value::Array(vec![])) {
         toml::Value::Array(files) => files.extend(written),
@@ -107,33 +85,19 @@ fn list(value: Option<toml::Value>, what: &str) -> Result<Vec<toml::Value>, Stri
 
 /// A task by name (looked up as for `lorahost eval --tasks`) or by .toml file (relative to the manifest).
 fn load_task(m: &Manifest, name: &str) -> anyhow::Result<Task> {
-    let name = if name.ends_with(".toml") {
-        absolute(&folder_of(&m.file), Path::new(name))
-            .display()
-            .to_string()
-    } else {
-        name.to_string()
-    };
+    let name = if name.ends_with(".toml") { absolute(&folder_of(&m.file), Path::new(name)).display().to_string() } else { name.to_string() };
     Task::load(&task::find(&name, &task::search_dirs(m))?)
 }
 
 /// A source set's file name: its plugin and the stem of its first path (`truthfulqa-TruthfulQA`; `mmlu` for
 /// `dir = "data/mmlu"`).
 fn source_name(u: &PluginUse) -> String {
-    let path = u
-        .config
-        .iter()
-        .filter(|(k, _)| crate::manifest::is_path_key(k))
-        .find_map(|(_, v)| match v {
-            toml::Value::String(s) => Some(s.clone()),
-            toml::Value::Array(a) => a.iter().find_map(|x| x.as_str().map(str::to_string)),
-            _ => None,
-        });
-    match path
-        .as_deref()
-        .and_then(|p| Path::new(p).file_stem())
-        .map(|s| s.to_string_lossy())
-    {
+    let path = u.config.iter().filter(|(k, _)| crate::manifest::is_path_key(k)).find_map(|(_, v)| match v {
+        toml::Value::String(s) => Some(s.clone()),
+        toml::Value::Array(a) => a.iter().find_map(|x| x.as_str().map(str::to_string)),
+        _ => None,
+    });
+    match path.as_deref().and_then(|p| Path::new(p).file_stem()).map(|s| s.to_string_lossy()) {
         Some(stem) if stem != u.plugin => format!("{}-{stem}", u.plugin),
         _ => u.plugin.clone(),
     }
@@ -141,11 +105,7 @@ fn source_name(u: &PluginUse) -> String {
 
 /// Writes the records' texts (one line per record: its turns' contents) under their content digest;
 /// returns the file's path as a TOML string. A file already there with these bytes is kept as it is.
-fn write_set(
-    cache: &Path,
-    name: &str,
-    records: &[crate::plugins::Example],
-) -> anyhow::Result<toml::Value> {
+fn write_set(cache: &Path, name: &str, records: &[crate::plugins::Example]) -> anyhow::Result<toml::Value> {
     if records.is_empty() {
         bail!("the evaluation set has no records: check its source's options");
     }
@@ -157,27 +117,12 @@ fn write_set(
     }
     let digest = crate::plugins::engine::sha256_hex(text.as_bytes());
     // A file name the sandbox and every file system take: the name's letters, digits, '-', '_', '.'.
-    let safe: String = name
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || "-_.".contains(c) {
-                c
-            } else {
-                '_'
-            }
-        })
-        .collect();
-    let path: PathBuf = cache
-        .join(CACHE_SUBDIR)
-        .join(&digest)
-        .join(format!("{safe}.jsonl"));
+    let safe: String = name.chars().map(|c| if c.is_ascii_alphanumeric() || "-_.".contains(c) { c } else { '_' }).collect();
+    let path: PathBuf = cache.join(CACHE_SUBDIR).join(&digest).join(format!("{safe}.jsonl"));
     if std::fs::read(&path).ok().as_deref() != Some(text.as_bytes()) {
-        crate::fsutil::write_atomic(&path, text.as_bytes())
-            .with_context(|| format!("writing {}", path.display()))?;
+        crate::fsutil::write_atomic(&path, text.as_bytes()).with_context(|| format!("writing {}", path.display()))?;
     }
     // The sandbox grants folders by their real path.
-    let real = path
-        .canonicalize()
-        .with_context(|| format!("reading back {}", path.display()))?;
+    let real = path.canonicalize().with_context(|| format!("reading back {}", path.display()))?;
     Ok(toml::Value::String(real.display().to_string()))
 }

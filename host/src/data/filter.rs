@@ -26,18 +26,9 @@ const SHOWN_CHARS: usize = 100;
 pub fn drop_example(e: &Example) -> String {
     let mut out = e.id.clone();
     for t in &e.turns {
-        let line = t
-            .content
-            .lines()
-            .find(|l| !l.trim().is_empty())
-            .unwrap_or("")
-            .trim();
+        let line = t.content.lines().find(|l| !l.trim().is_empty()).unwrap_or("").trim();
         let cut: String = line.chars().take(SHOWN_CHARS).collect();
-        let more = if cut.len() < line.len() || t.content.trim().lines().nth(1).is_some() {
-            " …"
-        } else {
-            ""
-        };
+        let more = if cut.len() < line.len() || t.content.trim().lines().nth(1).is_some() { " …" } else { "" };
         out.push_str(&format!("\n{}: {cut}{more}", t.role));
     }
     out
@@ -51,14 +42,9 @@ pub fn apply(
     records: Vec<Example>,
     show: usize,
 ) -> anyhow::Result<(Vec<Example>, FilterStats)> {
-    let mut stats = FilterStats {
-        plugin: filter.name().to_string(),
-        key: key.to_string(),
-        ..Default::default()
-    };
+    let mut stats = FilterStats { plugin: filter.name().to_string(), key: key.to_string(), ..Default::default() };
     let mut out = Vec::with_capacity(records.len());
-    let ranges =
-        super::read::byte_batches(records.iter().map(super::read::record_bytes), FILTER_BATCH);
+    let ranges = super::read::byte_batches(records.iter().map(super::read::record_bytes), FILTER_BATCH);
     let mut records = records.into_iter();
     let mut batch = Vec::with_capacity(FILTER_BATCH);
     for range in ranges {

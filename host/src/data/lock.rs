@@ -59,36 +59,23 @@ impl Lock {
              # `lorahost check --locked <manifest>` fails, naming what changed, when the inputs differ.\n{}",
             toml::to_string_pretty(self)?
         );
-        crate::fsutil::write_atomic(path, text.as_bytes())
-            .with_context(|| format!("writing {}", path.display()))
+        crate::fsutil::write_atomic(path, text.as_bytes()).with_context(|| format!("writing {}", path.display()))
     }
 
     pub fn read(path: &Path) -> anyhow::Result<Lock> {
-        let text = std::fs::read_to_string(path).with_context(|| {
-            format!(
-                "cannot read {} (run `lorahost check` without --locked once to write it)",
-                path.display()
-            )
-        })?;
-        toml::from_str(&text)
-            .with_context(|| format!("{} is not a lorahost lock file", path.display()))
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read {} (run `lorahost check` without --locked once to write it)", path.display()))?;
+        toml::from_str(&text).with_context(|| format!("{} is not a lorahost lock file", path.display()))
     }
 
     /// What differs from `locked`, one line per difference (empty when the inputs match).
     pub fn diff(&self, locked: &Lock) -> Vec<String> {
         let mut out = Vec::new();
         if self.pipeline_version != locked.pipeline_version {
-            out.push(format!(
-                "pipeline version: {} (locked {})",
-                self.pipeline_version, locked.pipeline_version
-            ));
+            out.push(format!("pipeline version: {} (locked {})", self.pipeline_version, locked.pipeline_version));
         }
         if self.tokenizer != locked.tokenizer {
-            out.push(format!(
-                "tokenizer: sha256 {} (locked {})",
-                short(&self.tokenizer),
-                short(&locked.tokenizer)
-            ));
+            out.push(format!("tokenizer: sha256 {} (locked {})", short(&self.tokenizer), short(&locked.tokenizer)));
         }
         diff_maps(&mut out, "plugin", &self.plugins, &locked.plugins);
         diff_maps(&mut out, "plugin options", &self.configs, &locked.configs);
@@ -103,16 +90,10 @@ impl Lock {
     pub fn swapped_plugins(&self, locked: &Lock) -> Vec<String> {
         let mut out = Vec::new();
         for (key, now) in &self.plugins {
-            let Some(was) = locked.plugins.get(key) else {
-                continue;
-            };
+            let Some(was) = locked.plugins.get(key) else { continue };
             let ((name, sha), (old_name, old_sha)) = (split_plugin(now), split_plugin(was));
             if name == old_name && sha != old_sha {
-                out.push(format!(
-                    "`{key}`: plugin `{name}` has sha256 {} (locked {})",
-                    short(sha),
-                    short(old_sha)
-                ));
+                out.push(format!("`{key}`: plugin `{name}` has sha256 {} (locked {})", short(sha), short(old_sha)));
             }
         }
         out
@@ -128,25 +109,16 @@ fn short(s: &str) -> &str {
     &s[..s.len().min(12)]
 }
 
-fn diff_maps(
-    out: &mut Vec<String>,
-    what: &str,
-    now: &BTreeMap<String, String>,
-    locked: &BTreeMap<String, String>,
-) {
+fn diff_maps(out: &mut Vec<String>, what: &str, now: &BTreeMap<String, String>, locked: &BTreeMap<String, String>) {
     for (k, v) in now {
         match locked.get(k) {
             None => out.push(format!("{what} `{k}`: new (not in the lock)")),
-            Some(l) if l != v => {
-                out.push(format!("{what} `{k}`: {} (locked {})", short(v), short(l)))
-            }
+            Some(l) if l != v => out.push(format!("{what} `{k}`: {} (locked {})", short(v), short(l))),
             _ => {}
         }
     }
     for k in locked.keys().filter(|k| !now.contains_key(*k)) {
-        out.push(format!(
-            "{what} `{k}`: gone (in the lock, not in the manifest)"
-        ));
+        out.push(format!("{what} `{k}`: gone (in the lock, not in the manifest)"));
     }
 }
 
@@ -158,12 +130,7 @@ pub fn digest_path(path: &Path) -> anyhow::Result<String> {
         collect_files(path, &mut files)?;
         files.sort();
         for f in files {
-            h.update(
-                f.strip_prefix(path)
-                    .unwrap_or(&f)
-                    .to_string_lossy()
-                    .as_bytes(),
-            );
+            h.update(f.strip_prefix(path).unwrap_or(&f).to_string_lossy().as_bytes());
             h.update([0]);
             hash_file(&mut h, &f)?;
         }
@@ -175,8 +142,7 @@ pub fn digest_path(path: &Path) -> anyhow::Result<String> {
 
 fn hash_file(h: &mut Sha256, path: &Path) -> anyhow::Result<()> {
     use std::io::Read;
-    let mut f =
-        std::fs::File::open(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let mut f = std::fs::File::open(path).with_context(|| format!("cannot read {}", path.display()))?;
     let mut buf = vec![0u8; 1 << 20];
     loop {
         let n = f.read(&mut buf)?;
@@ -202,64 +168,29 @@ fn collect_files(dir: &Path, out: &mut Vec<std::path::PathBuf>) -> anyhow::Resul
 /// The lock of a manifest's inputs (no token stream yet).
 /// `uses` are the plugin uses as resolved (a filter's evaluation sets already written to the cache), in
 /// [`Manifest::plugin_uses`] order, as `resolved` is.
-pub fn input_lock(
-    m: &Manifest,
-    uses: &[PluginUse],
-    resolved: &[(String, Resolved)],
-    tok: &dyn Tokenizer,
-) -> anyhow::Result<Lock> {
+pub fn input_lock(m: &Manifest, uses: &[PluginUse], resolved: &[(String, Resolved)], tok: &dyn Tokenizer) -> anyhow::Result<Lock> {
     let base = m.file.parent().map(Path::to_path_buf).unwrap_or_default();
     let base = base.canonicalize().unwrap_or(base);
     let cache = m.cache_dir().map(|c| c.canonicalize().unwrap_or(c));
-    let places = Places {
-        base: &base,
-        cache: cache.as_deref(),
-    };
-    let mut lock = Lock {
-        pipeline_version: PIPELINE_VERSION,
-        tokenizer: tok.digest().to_string(),
-        ..Default::default()
-    };
+    let places = Places { base: &base, cache: cache.as_deref() };
+    let mut lock = Lock { pipeline_version: PIPELINE_VERSION, tokenizer: tok.digest().to_string(), ..Default::default() };
     let mut digests: BTreeMap<String, String> = BTreeMap::new();
     // Every plugin, the scheduler included (it shapes training, not tokens: [`Lock::key`] leaves it out).
     for (use_, (key, r)) in uses.iter().zip(resolved) {
-        lock.plugins.insert(
-            key.clone(),
-            format!("{} {}", r.origin.name, r.origin.sha256),
-        );
+        lock.plugins.insert(key.clone(), format!("{} {}", r.origin.name, r.origin.sha256));
         let normalized = normalized_config(use_, &places, &mut digests, &mut lock.files)?;
-        lock.configs.insert(
-            key.clone(),
-            hex::encode(<sha2::Sha256 as sha2::Digest>::digest(
-                normalized.as_bytes(),
-            )),
-        );
+        lock.configs.insert(key.clone(), hex::encode(<sha2::Sha256 as sha2::Digest>::digest(normalized.as_bytes())));
     }
     let s = &mut lock.settings;
     s.insert("seed".into(), m.run.seed.to_string());
-    s.insert(
-        "mix".into(),
-        format!("fraction={} shuffle={}", m.mix.fraction, m.mix.shuffle),
-    );
+    s.insert("mix".into(), format!("fraction={} shuffle={}", m.mix.fraction, m.mix.shuffle));
     s.insert("train.max_seq_len".into(), m.train.max_seq_len.to_string());
-    s.insert(
-        "train.truncation".into(),
-        format!("{:?}", m.train.truncation).to_lowercase(),
-    );
-    s.insert(
-        "train.eval".into(),
-        format!(
-            "fraction={} count={:?}",
-            m.train.eval_fraction, m.train.eval_count
-        ),
-    );
+    s.insert("train.truncation".into(), format!("{:?}", m.train.truncation).to_lowercase());
+    s.insert("train.eval".into(), format!("fraction={} count={:?}", m.train.eval_fraction, m.train.eval_count));
     for (i, d) in m.datasets.iter().enumerate() {
         s.insert(
             format!("dataset[{i}]"),
-            format!(
-                "name={} repeat={} fraction={:?} count={:?} on_malformed={:?}",
-                d.name, d.repeat, d.fraction, d.count, d.on_malformed
-            ),
+            format!("name={} repeat={} fraction={:?} count={:?} on_malformed={:?}", d.name, d.repeat, d.fraction, d.count, d.on_malformed),
         );
     }
     Ok(lock)
@@ -328,8 +259,7 @@ impl Places<'_> {
 /// `path` relative to the folder `base` (both absolute), with `..` where `path` is outside it; absolute
 /// when the two share nothing below the root (a system folder stays where it is when a checkout moves).
 fn relative_to(path: &Path, base: &Path) -> String {
-    let (p, b): (Vec<Component>, Vec<Component>) =
-        (path.components().collect(), base.components().collect());
+    let (p, b): (Vec<Component>, Vec<Component>) = (path.components().collect(), base.components().collect());
     let common = p.iter().zip(&b).take_while(|(x, y)| x == y).count();
     if common <= 1 {
         return path.display().to_string();
@@ -349,27 +279,12 @@ mod tests {
     #[test]
     fn data_paths_are_relative_to_the_manifest_folder() {
         let base = Path::new("/home/u/proj/examples");
-        assert_eq!(
-            relative_to(Path::new("/home/u/proj/examples/data/a.jsonl"), base),
-            "data/a.jsonl"
-        );
-        assert_eq!(
-            relative_to(Path::new("/home/u/proj/tests/x.csv"), base),
-            "../tests/x.csv"
-        );
+        assert_eq!(relative_to(Path::new("/home/u/proj/examples/data/a.jsonl"), base), "data/a.jsonl");
+        assert_eq!(relative_to(Path::new("/home/u/proj/tests/x.csv"), base), "../tests/x.csv");
         assert_eq!(relative_to(Path::new("/srv/d.json"), base), "/srv/d.json");
         // A file in the cache is named from the cache, wherever the cache is.
-        let places = Places {
-            base,
-            cache: Some(Path::new("/home/u/.cache/lorahost")),
-        };
-        assert_eq!(
-            places.name(Path::new("/home/u/.cache/lorahost/eval-sets/ab/mmlu.jsonl")),
-            "<cache>/eval-sets/ab/mmlu.jsonl"
-        );
-        assert_eq!(
-            places.name(Path::new("/home/u/proj/tests/x.csv")),
-            "../tests/x.csv"
-        );
+        let places = Places { base, cache: Some(Path::new("/home/u/.cache/lorahost")) };
+        assert_eq!(places.name(Path::new("/home/u/.cache/lorahost/eval-sets/ab/mmlu.jsonl")), "<cache>/eval-sets/ab/mmlu.jsonl");
+        assert_eq!(places.name(Path::new("/home/u/proj/tests/x.csv")), "../tests/x.csv");
     }
 }

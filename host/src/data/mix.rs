@@ -23,10 +23,7 @@ pub fn sample_dataset(n: usize, dataset: &Dataset, seed: u64) -> Vec<usize> {
         (None, None) => return repeated,
     };
     let mut rng = Rng::derive(seed, &format!("mix/{}", dataset.name));
-    rng.sample_indices(repeated.len(), k)
-        .into_iter()
-        .map(|i| repeated[i])
-        .collect()
+    rng.sample_indices(repeated.len(), k).into_iter().map(|i| repeated[i]).collect()
 }
 
 /// Applies the global fraction and shuffle to the concatenated sample; returns positions into it.
@@ -46,9 +43,7 @@ pub fn mix_all(total: usize, mix: &Mix, seed: u64) -> Vec<usize> {
 pub fn eval_size(total: usize, eval_fraction: f64, eval_count: Option<usize>) -> usize {
     match eval_count {
         Some(c) => c.min(total.saturating_sub(1)),
-        None if eval_fraction > 0.0 => {
-            fraction_count(total, eval_fraction).min(total.saturating_sub(1))
-        }
+        None if eval_fraction > 0.0 => fraction_count(total, eval_fraction).min(total.saturating_sub(1)),
         None => 0,
     }
 }
@@ -59,25 +54,13 @@ mod tests {
 
     fn dataset(repeat: u32, fraction: Option<f64>, count: Option<usize>) -> Dataset {
         let source = toml::from_str("plugin = \"jsonl\"").unwrap();
-        Dataset {
-            name: "d".into(),
-            source,
-            filters: vec![],
-            repeat,
-            fraction,
-            count,
-            on_malformed: Default::default(),
-            budget: Default::default(),
-        }
+        Dataset { name: "d".into(), source, filters: vec![], repeat, fraction, count, on_malformed: Default::default(), budget: Default::default() }
     }
 
     #[test]
     fn repeat_then_sample_gives_exact_counts() {
         assert_eq!(sample_dataset(10, &dataset(3, None, None), 1).len(), 30);
-        assert_eq!(
-            sample_dataset(10, &dataset(17, Some(0.1), None), 1).len(),
-            17
-        );
+        assert_eq!(sample_dataset(10, &dataset(17, Some(0.1), None), 1).len(), 17);
         assert_eq!(sample_dataset(10, &dataset(1, None, Some(4)), 1).len(), 4);
         // Same seed, same sample; another seed, another.
         let a = sample_dataset(1000, &dataset(1, Some(0.5), None), 1);
@@ -87,10 +70,7 @@ mod tests {
 
     #[test]
     fn global_fraction_and_eval() {
-        let m = Mix {
-            fraction: 0.67,
-            shuffle: true,
-        };
+        let m = Mix { fraction: 0.67, shuffle: true };
         let order = mix_all(1000, &m, 7);
         assert_eq!(order.len(), 670);
         let mut sorted = order.clone();

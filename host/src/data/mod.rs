@@ -39,13 +39,8 @@ pub struct Prepared {
 
 /// Loads the tokenizer a manifest names (`model.tokenizer`, else the model folder).
 pub fn load_tokenizer(m: &Manifest) -> anyhow::Result<Box<dyn Tokenizer>> {
-    let path = m
-        .model
-        .tokenizer
-        .clone()
-        .unwrap_or_else(|| m.model.path.clone());
-    crate::tokenizer::load(&path)
-        .with_context(|| format!("{}: `model.tokenizer`", m.file.display()))
+    let path = m.model.tokenizer.clone().unwrap_or_else(|| m.model.path.clone());
+    crate::tokenizer::load(&path).with_context(|| format!("{}: `model.tokenizer`", m.file.display()))
 }
 
 /// Everything resolved for a manifest before any data moves: plugins, tokenizer, the lock of inputs.
@@ -72,23 +67,12 @@ impl<'m> Plan<'m> {
         let (mut uses, mut resolved) = (Vec::new(), Vec::new());
         for (kind, key, use_) in m.plugin_uses() {
             // A filter's evaluation sets are read here, through source plugins, into files it is granted.
-            let use_ = if kind == crate::plugins::PluginKind::Filter {
-                eval_sets::expand(&set, m, &key, use_)?
-            } else {
-                use_.clone()
-            };
+            let use_ = if kind == crate::plugins::PluginKind::Filter { eval_sets::expand(&set, m, &key, use_)? } else { use_.clone() };
             resolved.push((key.clone(), set.resolve(kind, &key, &use_)?));
             uses.push(use_);
         }
         let lock = lock::input_lock(m, &uses, &resolved, tokenizer.as_ref())?;
-        let plan = Plan {
-            manifest: m,
-            set,
-            resolved,
-            tokenizer,
-            lock,
-            show_drops: 0,
-        };
+        let plan = Plan { manifest: m, set, resolved, tokenizer, lock, show_drops: 0 };
         plan.check_eos()?;
         Ok(plan)
     }
@@ -115,19 +99,11 @@ impl<'m> Plan<'m> {
     }
 
     fn get(&self, key: &str) -> &Resolved {
-        &self
-            .resolved
-            .iter()
-            .find(|(k, _)| k == key)
-            .expect("every plugin use is resolved")
-            .1
+        &self.resolved.iter().find(|(k, _)| k == key).expect("every plugin use is resolved").1
     }
 
     pub fn origins(&self) -> Vec<PluginOrigin> {
-        self.resolved
-            .iter()
-            .map(|(_, r)| r.origin.clone())
-            .collect()
+        self.resolved.iter().map(|(_, r)| r.origin.clone()).collect()
     }
 
     /// The scheduler instance for this manifest.
@@ -155,11 +131,7 @@ pub fn prepare(m: &Manifest) -> anyhow::Result<Prepared> {
 pub fn prepare_plan(plan: &Plan) -> anyhow::Result<Prepared> {
     let m = plan.manifest;
     let key = plan.lock.key();
-    let cache_dir = if plan.show_drops > 0 {
-        None
-    } else {
-        m.cache_dir()
-    };
+    let cache_dir = if plan.show_drops > 0 { None } else { m.cache_dir() };
     if let Some(dir) = &cache_dir {
         if let Some((stream, mut report)) = cache::load(dir, &key)? {
             report.plugins = plan.origins();
@@ -170,12 +142,7 @@ pub fn prepare_plan(plan: &Plan) -> anyhow::Result<Prepared> {
             }
             let mut lock = plan.lock.clone();
             lock.token_stream = Some(report.token_stream_sha256.clone());
-            return Ok(Prepared {
-                stream,
-                report,
-                lock,
-                from_cache: true,
-            });
+            return Ok(Prepared { stream, report, lock, from_cache: true });
         }
     }
     let (stream, mut report) = run_pipeline(plan)?;
@@ -185,12 +152,7 @@ pub fn prepare_plan(plan: &Plan) -> anyhow::Result<Prepared> {
     report.plugins = plan.origins();
     let mut lock = plan.lock.clone();
     lock.token_stream = Some(report.token_stream_sha256.clone());
-    Ok(Prepared {
-        stream,
-        report,
-        lock,
-        from_cache: false,
-    })
+    Ok(Prepared { stream, report, lock, from_cache: false })
 }
 
 /// Runs every stage; no cache involved.
@@ -224,8 +186,7 @@ pub fn run_pipeline(plan: &Plan) -> anyhow::Result<(TokenStream, Report)> {
             Ok((records, rep))
         })
         .collect::<anyhow::Result<_>>()?;
-    let (mut pools, mut dreports): (Vec<Vec<Example>>, Vec<DatasetReport>) =
-        per_dataset.into_iter().unzip();
+    let (mut pools, mut dreports): (Vec<Vec<Example>>, Vec<DatasetReport>) = per_dataset.into_iter().unzip();
 
     // 2b. Global filters see all datasets, in manifest order (so cross-dataset dedup keeps the first).
     let mut global_stats = Vec::new();
@@ -240,10 +201,7 @@ pub fn run_pipeline(plan: &Plan) -> anyhow::Result<(TokenStream, Report)> {
         let names: Vec<&str> = m.datasets.iter().map(|d| d.name.as_str()).collect();
         let mut split: Vec<Vec<Example>> = sizes.iter().map(|_| Vec::new()).collect();
         for e in kept {
-            let i = names
-                .iter()
-                .position(|n| *n == e.dataset)
-                .expect("filters keep the dataset name");
+            let i = names.iter().position(|n| *n == e.dataset).expect("filters keep the dataset name");
             split[i].push(e);
         }
         pools = split;
@@ -268,25 +226,17 @@ pub fn run_pipeline(plan: &Plan) -> anyhow::Result<(TokenStream, Report)> {
             chosen.push((i as u16, r as u32));
         }
     }
-    let order: Vec<(u16, u32)> = mix::mix_all(chosen.len(), &m.mix, m.run.seed)
-        .into_iter()
-        .map(|p| chosen[p])
-        .collect();
+    let order: Vec<(u16, u32)> = mix::mix_all(chosen.len(), &m.mix, m.run.seed).into_iter().map(|p| chosen[p]).collect();
 
     // 4-5. Render and tokenize each distinct record once (repeats share their tokens), in parallel.
     let mut needed: Vec<(u16, u32)> = order.clone();
     needed.sort_unstable();
     needed.dedup();
     let encoded = encode::encode_records(plan, &pools, &needed)?;
-    let lookup: BTreeMap<(u16, u32), usize> =
-        needed.iter().enumerate().map(|(k, v)| (*v, k)).collect();
+    let lookup: BTreeMap<(u16, u32), usize> = needed.iter().enumerate().map(|(k, v)| (*v, k)).collect();
 
     // Assemble the stream in mix order, dropping records the template rejected or truncation emptied.
-    let mut report = Report {
-        max_seq_len: m.train.max_seq_len,
-        global_filters: global_stats,
-        ..Default::default()
-    };
+    let mut report = Report { max_seq_len: m.train.max_seq_len, global_filters: global_stats, ..Default::default() };
     let mut kept_order: Vec<usize> = Vec::with_capacity(order.len());
     for (pos, key) in order.iter().enumerate() {
         match &encoded[lookup[key]] {
@@ -297,15 +247,10 @@ pub fn run_pipeline(plan: &Plan) -> anyhow::Result<(TokenStream, Report)> {
         }
     }
     let n_eval = mix::eval_size(kept_order.len(), m.train.eval_fraction, m.train.eval_count);
-    let mut stream = TokenStream {
-        n_train: kept_order.len() - n_eval,
-        ..Default::default()
-    };
+    let mut stream = TokenStream { n_train: kept_order.len() - n_eval, ..Default::default() };
     for &pos in &kept_order {
         let key = order[pos];
-        let e = encoded[lookup[&key]]
-            .as_ref()
-            .expect("kept records encoded");
+        let e = encoded[lookup[&key]].as_ref().expect("kept records encoded");
         stream.lengths.push(e.ids.len() as u32);
         stream.ids.extend_from_slice(&e.ids);
         stream.trained.extend(e.trained.iter().map(|&t| t as u8));
@@ -321,10 +266,7 @@ pub fn run_pipeline(plan: &Plan) -> anyhow::Result<(TokenStream, Report)> {
     report.eval_records = n_eval;
     report.total_tokens = stream.ids.len();
     report.trained_tokens = stream.trained.iter().filter(|&&t| t == 1).count();
-    report.length_histogram = report::histogram(
-        stream.lengths.iter().map(|&l| l as usize),
-        m.train.max_seq_len,
-    );
+    report.length_histogram = report::histogram(stream.lengths.iter().map(|&l| l as usize), m.train.max_seq_len);
     report.sequences_per_step = m.train.micro_batch * m.train.grad_accum;
     report.steps_per_epoch = stream.n_train.div_ceil(report.sequences_per_step);
     report.token_stream_sha256 = stream.digest();
@@ -336,19 +278,11 @@ fn nothing_left(m: &Manifest, report: &Report, mixed: usize, n_eval: usize) -> S
     let rejected: usize = report.template_rejected.values().sum();
     let mut why = vec![];
     if rejected > 0 {
-        let reasons: Vec<String> = report
-            .template_rejected
-            .iter()
-            .take(3)
-            .map(|(r, n)| format!("{n}: {r}"))
-            .collect();
+        let reasons: Vec<String> = report.template_rejected.iter().take(3).map(|(r, n)| format!("{n}: {r}")).collect();
         why.push(format!("rejected {rejected} ({})", reasons.join("; ")));
     }
     if report.template_untrained > 0 {
-        why.push(format!(
-            "rendered {} with no trained segment (nothing for the loss)",
-            report.template_untrained
-        ));
+        why.push(format!("rendered {} with no trained segment (nothing for the loss)", report.template_untrained));
     }
     if report.no_trained_tokens > 0 {
         why.push(format!(

@@ -2,8 +2,8 @@
 //! pinned digest, grant it its folders, hand it its options.
 use crate::manifest::{is_path_key, Manifest, PluginUse};
 use crate::plugins::{
-    standard, Grants, LoadedPlugin, NativePlugin, PluginEngine, PluginKind, RecordFilter,
-    RecordSource, WasmFilter, WasmScheduler, WasmScorer, WasmSource, WasmTemplate,
+    standard, Grants, LoadedPlugin, NativePlugin, PluginEngine, PluginKind, RecordFilter, RecordSource, WasmFilter,
+    WasmScheduler, WasmScorer, WasmSource, WasmTemplate,
 };
 use anyhow::{bail, Context};
 use std::path::{Path, PathBuf};
@@ -40,24 +40,15 @@ pub struct PluginSet<'m> {
 
 impl<'m> PluginSet<'m> {
     pub fn new(manifest: &'m Manifest) -> anyhow::Result<Self> {
-        Ok(PluginSet {
-            engine: PluginEngine::new(manifest.cache_dir())?,
-            manifest,
-        })
+        Ok(PluginSet { engine: PluginEngine::new(manifest.cache_dir())?, manifest })
     }
 
     /// Resolves one use of a plugin of `kind`; `key` is its place in the manifest, for messages.
-    pub fn resolve(
-        &self,
-        kind: PluginKind,
-        key: &str,
-        use_: &PluginUse,
-    ) -> anyhow::Result<Resolved> {
+    pub fn resolve(&self, kind: PluginKind, key: &str, use_: &PluginUse) -> anyhow::Result<Resolved> {
         let m = self.manifest;
         let file = m.file.display();
         let name = use_.plugin.as_str();
-        let config =
-            toml::to_string(&use_.config).with_context(|| format!("{file}: `{key}`: options"))?;
+        let config = toml::to_string(&use_.config).with_context(|| format!("{file}: `{key}`: options"))?;
         let grants = Grants {
             read_dirs: grants_for(use_).map_err(|e| anyhow::anyhow!("{file}: `{key}.{e}"))?,
             seed: crate::rng::splitmix64(m.run.seed ^ crate::rng::Rng::derive(0, key).next_u64()),
@@ -85,26 +76,11 @@ impl<'m> PluginSet<'m> {
                         pf.path.display()
                     );
                 }
-                return Ok(Resolved {
-                    origin,
-                    wasm: None,
-                    native_path: Some(pf.path.clone()),
-                    config,
-                    grants,
-                });
+                return Ok(Resolved { origin, wasm: None, native_path: Some(pf.path.clone()), config, grants });
             }
             let loaded = self.engine.load(name, &bytes)?;
-            loaded
-                .info
-                .expect(kind)
-                .map_err(|f| anyhow::anyhow!("{file}: `{key}`: plugin `{name}` {f}"))?;
-            return Ok(Resolved {
-                origin,
-                wasm: Some(loaded),
-                native_path: None,
-                config,
-                grants,
-            });
+            loaded.info.expect(kind).map_err(|f| anyhow::anyhow!("{file}: `{key}`: plugin `{name}` {f}"))?;
+            return Ok(Resolved { origin, wasm: Some(loaded), native_path: None, config, grants });
         }
         let Some(sp) = standard::find(kind, name) else {
             let known = standard::names(kind).join(", ");
@@ -122,13 +98,7 @@ impl<'m> PluginSet<'m> {
             native: false,
             pinned: true,
         };
-        Ok(Resolved {
-            origin,
-            wasm: Some(loaded),
-            native_path: None,
-            config,
-            grants,
-        })
+        Ok(Resolved { origin, wasm: Some(loaded), native_path: None, config, grants })
     }
 }
 
@@ -138,10 +108,7 @@ impl PluginSet<'_> {
         let file = self.manifest.file.display();
         let pf = &self.manifest.plugins[name];
         let bytes = std::fs::read(&pf.path).with_context(|| {
-            format!(
-                "{file}: `plugins.{name}.path`: cannot read {} (build the plugin, or fix the path)",
-                pf.path.display()
-            )
+            format!("{file}: `plugins.{name}.path`: cannot read {} (build the plugin, or fix the path)", pf.path.display())
         })?;
         let sha = crate::plugins::engine::sha256_hex(&bytes);
         if let Some(want) = &pf.sha256 {
@@ -158,67 +125,30 @@ impl PluginSet<'_> {
 
     pub fn source(&self, r: &Resolved) -> anyhow::Result<Box<dyn RecordSource>> {
         match (&r.wasm, &r.native_path) {
-            (Some(p), _) => Ok(Box::new(WasmSource::open(
-                &self.engine,
-                p,
-                &r.grants,
-                &r.config,
-            )?)),
-            (None, Some(path)) => Ok(Box::new(NativePlugin::open(
-                &r.origin.name,
-                path,
-                PluginKind::Source,
-                true,
-                &r.config,
-            )?)),
+            (Some(p), _) => Ok(Box::new(WasmSource::open(&self.engine, p, &r.grants, &r.config)?)),
+            (None, Some(path)) => Ok(Box::new(NativePlugin::open(&r.origin.name, path, PluginKind::Source, true, &r.config)?)),
             _ => unreachable!("a resolved plugin is wasm or native"),
         }
     }
 
     pub fn filter(&self, r: &Resolved) -> anyhow::Result<Box<dyn RecordFilter>> {
         match (&r.wasm, &r.native_path) {
-            (Some(p), _) => Ok(Box::new(WasmFilter::new(
-                &self.engine,
-                p,
-                &r.grants,
-                &r.config,
-            )?)),
-            (None, Some(path)) => Ok(Box::new(NativePlugin::open(
-                &r.origin.name,
-                path,
-                PluginKind::Filter,
-                true,
-                &r.config,
-            )?)),
+            (Some(p), _) => Ok(Box::new(WasmFilter::new(&self.engine, p, &r.grants, &r.config)?)),
+            (None, Some(path)) => Ok(Box::new(NativePlugin::open(&r.origin.name, path, PluginKind::Filter, true, &r.config)?)),
             _ => unreachable!("a resolved plugin is wasm or native"),
         }
     }
 
     pub fn template(&self, r: &Resolved) -> anyhow::Result<WasmTemplate> {
-        Ok(WasmTemplate::new(
-            &self.engine,
-            r.wasm.as_ref().expect("templates are wasm"),
-            &r.grants,
-            &r.config,
-        )?)
+        Ok(WasmTemplate::new(&self.engine, r.wasm.as_ref().expect("templates are wasm"), &r.grants, &r.config)?)
     }
 
     pub fn scheduler(&self, r: &Resolved) -> anyhow::Result<WasmScheduler> {
-        Ok(WasmScheduler::new(
-            &self.engine,
-            r.wasm.as_ref().expect("schedulers are wasm"),
-            &r.grants,
-            &r.config,
-        )?)
+        Ok(WasmScheduler::new(&self.engine, r.wasm.as_ref().expect("schedulers are wasm"), &r.grants, &r.config)?)
     }
 
     pub fn scorer(&self, r: &Resolved) -> anyhow::Result<WasmScorer> {
-        Ok(WasmScorer::new(
-            &self.engine,
-            r.wasm.as_ref().expect("scorers are wasm"),
-            &r.grants,
-            &r.config,
-        )?)
+        Ok(WasmScorer::new(&self.engine, r.wasm.as_ref().expect("scorers are wasm"), &r.grants, &r.config)?)
     }
 }
 
@@ -243,16 +173,9 @@ fn grants_for(use_: &PluginUse) -> Result<Vec<PathBuf>, String> {
         for p in paths {
             let p = Path::new(p);
             if !p.exists() {
-                return Err(format!(
-                    "{key}`: {} does not exist (paths are relative to the manifest's folder)",
-                    p.display()
-                ));
+                return Err(format!("{key}`: {} does not exist (paths are relative to the manifest's folder)", p.display()));
             }
-            let dir = if p.is_dir() {
-                p.to_path_buf()
-            } else {
-                p.parent().map(Path::to_path_buf).unwrap_or_default()
-            };
+            let dir = if p.is_dir() { p.to_path_buf() } else { p.parent().map(Path::to_path_buf).unwrap_or_default() };
             dirs.push(dir);
         }
     }

@@ -38,10 +38,7 @@ pub fn record_bytes(e: &Example) -> usize {
 /// Splits records of the given sizes into consecutive runs of at most `max` records and about
 /// [`BATCH_BYTES`] (a larger record goes alone): the batches handed to filters and templates, so long
 /// records never make one call's data unbounded.
-pub fn byte_batches(
-    sizes: impl IntoIterator<Item = usize>,
-    max: usize,
-) -> Vec<std::ops::Range<usize>> {
+pub fn byte_batches(sizes: impl IntoIterator<Item = usize>, max: usize) -> Vec<std::ops::Range<usize>> {
     let mut out = Vec::new();
     let (mut start, mut bytes, mut n) = (0, 0, 0);
     for size in sizes {
@@ -71,17 +68,8 @@ pub type OpenSource<'a> = dyn Fn() -> anyhow::Result<Box<dyn RecordSource>> + 'a
 /// Reads every record of `dataset` from the source `open` gives, stamping each with the dataset's name.
 /// Malformed records stop the run or are counted, as the dataset's `on_malformed` says; going past the
 /// budget stops the run.
-pub fn read_dataset(
-    dataset: &Dataset,
-    key: &str,
-    open: &OpenSource,
-) -> anyhow::Result<ReadOutcome> {
-    let mut out = ReadOutcome {
-        records: Vec::new(),
-        bytes: 0,
-        malformed: 0,
-        malformed_examples: Vec::new(),
-    };
+pub fn read_dataset(dataset: &Dataset, key: &str, open: &OpenSource) -> anyhow::Result<ReadOutcome> {
+    let mut out = ReadOutcome { records: Vec::new(), bytes: 0, malformed: 0, malformed_examples: Vec::new() };
     let mut source = open()?;
     let budget = &dataset.budget;
     let mut empty_in_a_row = 0;
@@ -90,16 +78,7 @@ pub fn read_dataset(
         let batch = match source.next_batch(ask) {
             Ok(Some(batch)) => batch,
             Ok(None) => break,
-            Err(e) => {
-                return Err(reply_error(
-                    dataset,
-                    key,
-                    open,
-                    out.records.len() + out.malformed,
-                    ask,
-                    e,
-                ))
-            }
+            Err(e) => return Err(reply_error(dataset, key, open, out.records.len() + out.malformed, ask, e)),
         };
         if let Some(first) = batch.malformed.first() {
             if dataset.on_malformed == OnMalformed::Fail {
@@ -110,21 +89,12 @@ pub fn read_dataset(
             }
             out.malformed += batch.malformed.len();
             let room = 5usize.saturating_sub(out.malformed_examples.len());
-            out.malformed_examples
-                .extend(batch.malformed.into_iter().take(room));
+            out.malformed_examples.extend(batch.malformed.into_iter().take(room));
         }
         // A source that keeps answering with nothing would spin forever.
-        empty_in_a_row = if batch.records.is_empty() {
-            empty_in_a_row + 1
-        } else {
-            0
-        };
+        empty_in_a_row = if batch.records.is_empty() { empty_in_a_row + 1 } else { 0 };
         if empty_in_a_row > 10_000 {
-            bail!(
-                "dataset `{}`: source `{}` keeps returning empty batches without ending",
-                dataset.name,
-                source.name()
-            );
+            bail!("dataset `{}`: source `{}` keeps returning empty batches without ending", dataset.name, source.name());
         }
         let mut largest = 0;
         for mut e in batch.records {
@@ -154,25 +124,12 @@ fn over_budget(dataset: &Dataset, key: &str, source: &str, budget: &Budget) -> a
 }
 
 /// A failed `next-batch`; a reply over the copy limit names the record it carried.
-fn reply_error(
-    dataset: &Dataset,
-    key: &str,
-    open: &OpenSource,
-    done: usize,
-    ask: u32,
-    e: PluginError,
-) -> anyhow::Error {
-    let Failure::ReplyTooBig(limit) = e.failure else {
-        return e.into();
-    };
+fn reply_error(dataset: &Dataset, key: &str, open: &OpenSource, done: usize, ask: u32, e: PluginError) -> anyhow::Error {
+    let Failure::ReplyTooBig(limit) = e.failure else { return e.into() };
     // The failed call is lost with its instance: read again, one record at a time past `done`, to find it.
     let which = match find_too_big(open, done, done + ask as usize) {
         Some(n) => format!("record {n} (counting from 1, malformed ones included) is"),
-        None => format!(
-            "one of records {} to {} (counting from 1) is",
-            done + 1,
-            done + ask as usize
-        ),
+        None => format!("one of records {} to {} (counting from 1) is", done + 1, done + ask as usize),
     };
     anyhow::anyhow!(
         "dataset `{}` ({key}): {which} larger than the {} MiB one call may copy out of the plugin `{}`. \
@@ -189,20 +146,13 @@ fn find_too_big(open: &OpenSource, done: usize, end: usize) -> Option<usize> {
     let mut source = open().ok()?;
     let (mut seen, mut ask) = (0usize, 1u32);
     while seen < end {
-        let want = if seen < done {
-            ask.min((done - seen) as u32)
-        } else {
-            1
-        };
+        let want = if seen < done { ask.min((done - seen) as u32) } else { 1 };
         match source.next_batch(want) {
             Ok(Some(b)) => {
                 seen += b.records.len() + b.malformed.len();
                 ask = next_ask(ask, b.records.iter().map(record_bytes).max().unwrap_or(0));
             }
-            Err(PluginError {
-                failure: Failure::ReplyTooBig(_),
-                ..
-            }) if seen >= done => return Some(seen + 1),
+            Err(PluginError { failure: Failure::ReplyTooBig(_), .. }) if seen >= done => return Some(seen + 1),
             _ => return None,
         }
     }
@@ -216,10 +166,7 @@ mod tests {
     #[test]
     fn batches_split_by_count_and_bytes() {
         assert_eq!(byte_batches([1, 1, 1, 1, 1], 2), vec![0..2, 2..4, 4..5]);
-        assert_eq!(
-            byte_batches([BATCH_BYTES, 1, BATCH_BYTES / 2, BATCH_BYTES / 2], 100),
-            vec![0..1, 1..3, 3..4]
-        );
+        assert_eq!(byte_batches([BATCH_BYTES, 1, BATCH_BYTES / 2, BATCH_BYTES / 2], 100), vec![0..1, 1..3, 3..4]);
         assert!(byte_batches([], 4).is_empty());
     }
 

@@ -64,10 +64,7 @@ pub fn histogram(lengths: impl Iterator<Item = usize>, max: usize) -> Vec<(usize
     bounds.push(max.max(1));
     let mut counts = vec![0usize; bounds.len()];
     for l in lengths {
-        let i = bounds
-            .iter()
-            .position(|&b| l <= b)
-            .unwrap_or(bounds.len() - 1);
+        let i = bounds.iter().position(|&b| l <= b).unwrap_or(bounds.len() - 1);
         counts[i] += 1;
     }
     bounds.into_iter().zip(counts).collect()
@@ -79,11 +76,7 @@ impl fmt::Display for Report {
             if p.native {
                 writeln!(f, "WARNING: plugin `{}` ({}) is a native library and runs UNSANDBOXED (trusted = true)", p.name, p.from)?;
             } else if !p.pinned {
-                writeln!(
-                    f,
-                    "note: plugin `{}` ({}) is not pinned; add sha256 = \"{}\" to pin it",
-                    p.name, p.from, p.sha256
-                )?;
+                writeln!(f, "note: plugin `{}` ({}) is not pinned; add sha256 = \"{}\" to pin it", p.name, p.from, p.sha256)?;
             }
         }
         writeln!(f, "datasets")?;
@@ -117,24 +110,12 @@ impl fmt::Display for Report {
             writeln!(f, "template rejected {n}: {reason}")?;
         }
         if self.template_untrained > 0 {
-            writeln!(
-                f,
-                "template rendered {} with no trained segment (dropped)",
-                self.template_untrained
-            )?;
+            writeln!(f, "template rendered {} with no trained segment (dropped)", self.template_untrained)?;
         }
         if self.no_trained_tokens > 0 {
-            writeln!(
-                f,
-                "dropped {} with no trained token left after truncation",
-                self.no_trained_tokens
-            )?;
+            writeln!(f, "dropped {} with no trained token left after truncation", self.no_trained_tokens)?;
         }
-        writeln!(
-            f,
-            "mix      {} train + {} eval records",
-            self.train_records, self.eval_records
-        )?;
+        writeln!(f, "mix      {} train + {} eval records", self.train_records, self.eval_records)?;
         writeln!(
             f,
             "tokens   {} in all, {} trained; {} of {} records truncated at {}",
@@ -145,39 +126,20 @@ impl fmt::Display for Report {
             self.max_seq_len
         )?;
         writeln!(f, "lengths")?;
-        let most = self
-            .length_histogram
-            .iter()
-            .map(|&(_, n)| n)
-            .max()
-            .unwrap_or(1)
-            .max(1);
+        let most = self.length_histogram.iter().map(|&(_, n)| n).max().unwrap_or(1).max(1);
         let mut lo = 0;
         for &(hi, n) in &self.length_histogram {
             let bar = "#".repeat((n * 40).div_ceil(most).min(40));
             writeln!(f, "  {:>5}..{:<5} {:>8} {bar}", lo + 1, hi, n)?;
             lo = hi;
         }
-        writeln!(
-            f,
-            "steps    {} per epoch ({} sequences per optimizer step)",
-            self.steps_per_epoch, self.sequences_per_step
-        )?;
-        writeln!(
-            f,
-            "stream   sha256:{}{}",
-            self.token_stream_sha256,
-            if self.from_cache { " (from cache)" } else { "" }
-        )
+        writeln!(f, "steps    {} per epoch ({} sequences per optimizer step)", self.steps_per_epoch, self.sequences_per_step)?;
+        writeln!(f, "stream   sha256:{}{}", self.token_stream_sha256, if self.from_cache { " (from cache)" } else { "" })
     }
 }
 
 fn write_filter(f: &mut fmt::Formatter<'_>, s: &FilterStats, indent: &str) -> fmt::Result {
-    write!(
-        f,
-        "{indent}filter {} ({}): kept {} of {}",
-        s.plugin, s.key, s.kept, s.seen
-    )?;
+    write!(f, "{indent}filter {} ({}): kept {} of {}", s.plugin, s.key, s.kept, s.seen)?;
     if s.rewritten > 0 {
         write!(f, ", rewrote {}", s.rewritten)?;
     }

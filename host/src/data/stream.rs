@@ -46,15 +46,7 @@ impl TokenStream {
 
     pub fn trained_tokens(&self, range: std::ops::Range<usize>) -> usize {
         let offsets = self.offsets();
-        range
-            .map(|i| {
-                self.record(&offsets, i)
-                    .1
-                    .iter()
-                    .filter(|&&t| t == 1)
-                    .count()
-            })
-            .sum()
+        range.map(|i| self.record(&offsets, i).1.iter().filter(|&&t| t == 1).count()).sum()
     }
 
     /// sha256 over the records in order (length, ids, mask) and the train/eval split: the same digest

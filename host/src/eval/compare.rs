@@ -12,22 +12,10 @@ pub const SEED: u64 = 0x5eed;
 
 /// A run's results, by task: every `eval/*.json` in the run folder (or in the folder itself).
 pub fn load_run(dir: &Path) -> anyhow::Result<BTreeMap<String, TaskResult>> {
-    let eval = if dir.join("eval").is_dir() {
-        dir.join("eval")
-    } else {
-        dir.to_path_buf()
-    };
-    let entries = std::fs::read_dir(&eval).map_err(|e| {
-        anyhow::anyhow!(
-            "cannot read {}: {e} (run `lorahost eval` first)",
-            eval.display()
-        )
-    })?;
-    let mut paths: Vec<PathBuf> = entries
-        .filter_map(|e| e.ok())
-        .map(|e| e.path())
-        .filter(|p| p.extension().is_some_and(|x| x == "json"))
-        .collect();
+    let eval = if dir.join("eval").is_dir() { dir.join("eval") } else { dir.to_path_buf() };
+    let entries = std::fs::read_dir(&eval).map_err(|e| anyhow::anyhow!("cannot read {}: {e} (run `lorahost eval` first)", eval.display()))?;
+    let mut paths: Vec<PathBuf> =
+        entries.filter_map(|e| e.ok()).map(|e| e.path()).filter(|p| p.extension().is_some_and(|x| x == "json")).collect();
     paths.sort();
     let mut out = BTreeMap::new();
     for p in paths {
@@ -35,10 +23,7 @@ pub fn load_run(dir: &Path) -> anyhow::Result<BTreeMap<String, TaskResult>> {
         out.insert(r.task.clone(), r);
     }
     if out.is_empty() {
-        bail!(
-            "{} holds no eval results (run `lorahost eval` first)",
-            eval.display()
-        );
+        bail!("{} holds no eval results (run `lorahost eval` first)", eval.display());
     }
     Ok(out)
 }
@@ -87,42 +72,24 @@ pub fn compare(runs: &[BTreeMap<String, TaskResult>]) -> Vec<Row> {
         .map(|(task, metric)| {
             let values = runs
                 .iter()
-                .map(|run| {
-                    run.get(&task)
-                        .and_then(|r| r.metrics.iter().find(|m| m.name == metric))
-                        .map(|m| (m.value, m.stderr))
-                })
+                .map(|run| run.get(&task).and_then(|r| r.metrics.iter().find(|m| m.name == metric)).map(|m| (m.value, m.stderr)))
                 .collect();
             let first = runs[0].get(&task);
             let diffs = runs[1..]
                 .iter()
                 .map(|run| {
-                    let (a, b) = (
-                        first?.per_record(&metric),
-                        run.get(&task)?.per_record(&metric),
-                    );
-                    let shared: Vec<&str> =
-                        a.keys().filter(|id| b.contains_key(*id)).copied().collect();
+                    let (a, b) = (first?.per_record(&metric), run.get(&task)?.per_record(&metric));
+                    let shared: Vec<&str> = a.keys().filter(|id| b.contains_key(*id)).copied().collect();
                     if shared.is_empty() {
                         return None;
                     }
                     let xa: Vec<f64> = shared.iter().map(|id| a[id]).collect();
                     let xb: Vec<f64> = shared.iter().map(|id| b[id]).collect();
-                    let diff =
-                        (xb.iter().sum::<f64>() - xa.iter().sum::<f64>()) / shared.len() as f64;
-                    Some(Difference {
-                        diff,
-                        stderr: paired_bootstrap(&xa, &xb, SEED),
-                        shared: shared.len(),
-                    })
+                    let diff = (xb.iter().sum::<f64>() - xa.iter().sum::<f64>()) / shared.len() as f64;
+                    Some(Difference { diff, stderr: paired_bootstrap(&xa, &xb, SEED), shared: shared.len() })
                 })
                 .collect();
-            Row {
-                task,
-                metric,
-                values,
-                diffs,
-            }
+            Row { task, metric, values, diffs }
         })
         .collect()
 }
@@ -134,10 +101,7 @@ pub fn table(names: &[String], rows: &[Row]) -> String {
         s.push_str(&format!(" {:>17}", truncate(n, 17)));
     }
     for n in &names[1..] {
-        s.push_str(&format!(
-            " {:>17} ",
-            truncate(&format!("{} - {}", n, names[0]), 17)
-        ));
+        s.push_str(&format!(" {:>17} ", truncate(&format!("{} - {}", n, names[0]), 17)));
     }
     s.truncate(s.trim_end().len());
     s.push('\n');

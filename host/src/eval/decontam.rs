@@ -38,18 +38,11 @@ pub struct TaskOverlap {
 
 /// The text of an evaluation record that is checked: all its turns.
 fn record_text(e: &Example) -> String {
-    e.turns
-        .iter()
-        .map(|t| t.content.as_str())
-        .collect::<Vec<_>>()
-        .join("\n")
+    e.turns.iter().map(|t| t.content.as_str()).collect::<Vec<_>>().join("\n")
 }
 
 /// Which records of each task share a 13-gram with any of the `training` texts.
-pub fn overlaps(
-    tasks: &[(String, Vec<Example>)],
-    training: impl Iterator<Item = String>,
-) -> Vec<TaskOverlap> {
+pub fn overlaps(tasks: &[(String, Vec<Example>)], training: impl Iterator<Item = String>) -> Vec<TaskOverlap> {
     let mut index: HashMap<u64, Vec<(usize, usize)>> = HashMap::new();
     for (t, (_, records)) in tasks.iter().enumerate() {
         for (r, e) in records.iter().enumerate() {
@@ -75,36 +68,19 @@ pub fn overlaps(
         .map(|(t, (name, records))| TaskOverlap {
             task: name.clone(),
             records: records.len(),
-            contaminated: (0..records.len())
-                .filter(|r| hit.contains(&(t, *r)))
-                .map(|r| records[r].id.clone())
-                .collect(),
+            contaminated: (0..records.len()).filter(|r| hit.contains(&(t, *r))).map(|r| records[r].id.clone()).collect(),
         })
         .collect()
 }
 
 /// The report as text; at most `show` ids per task.
 pub fn text(report: &[TaskOverlap], show: usize) -> String {
-    let mut s =
-        format!("decontamination ({N}-gram overlap of eval records with the training stream)\n");
+    let mut s = format!("decontamination ({N}-gram overlap of eval records with the training stream)\n");
     for t in report {
-        s.push_str(&format!(
-            "  {:<20} {} of {} records",
-            t.task,
-            t.contaminated.len(),
-            t.records
-        ));
+        s.push_str(&format!("  {:<20} {} of {} records", t.task, t.contaminated.len(), t.records));
         if !t.contaminated.is_empty() {
             let more = t.contaminated.len().saturating_sub(show);
-            s.push_str(&format!(
-                ": {}",
-                t.contaminated
-                    .iter()
-                    .take(show)
-                    .cloned()
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            ));
+            s.push_str(&format!(": {}", t.contaminated.iter().take(show).cloned().collect::<Vec<_>>().join(", ")));
             if more > 0 {
                 s.push_str(&format!(" and {more} more (--json lists all)"));
             }
@@ -119,15 +95,7 @@ mod tests {
     use super::*;
 
     fn rec(id: &str, text: &str) -> Example {
-        Example {
-            id: id.into(),
-            dataset: "t".into(),
-            turns: vec![crate::plugins::Turn {
-                role: "user".into(),
-                content: text.into(),
-            }],
-            meta: vec![],
-        }
+        Example { id: id.into(), dataset: "t".into(), turns: vec![crate::plugins::Turn { role: "user".into(), content: text.into() }], meta: vec![] }
     }
 
     #[test]
@@ -135,14 +103,7 @@ mod tests {
         let words: Vec<String> = (0..20).map(|i| format!("w{i}")).collect();
         let long = words.join(" ");
         let twelve = words[..12].join(" ");
-        let tasks = vec![(
-            "t".to_string(),
-            vec![
-                rec("a", &long),
-                rec("b", &twelve),
-                rec("c", "other words entirely"),
-            ],
-        )];
+        let tasks = vec![("t".to_string(), vec![rec("a", &long), rec("b", &twelve), rec("c", "other words entirely")])];
         // The training text holds words 3..16 of `a` (14 words), differently cased and punctuated.
         let train = format!("Intro. {}!", words[3..17].join(", ").to_uppercase());
         let r = overlaps(&tasks, std::iter::once(train));

@@ -54,20 +54,10 @@ pub trait LanguageModel {
     /// New tokens after each prompt, generated together; `stop` sees a row's index and its tokens so far and
     /// ends that row when it says so (the caller cuts the text; a few tokens past the stop point may be
     /// returned). Each row gets what [`LanguageModel::generate`] gives it alone.
-    fn generate_batch(
-        &self,
-        prompts: &[&[u32]],
-        req: &GenerateRequest,
-        stop: &mut dyn FnMut(usize, &[u32]) -> bool,
-    ) -> Result<Vec<Vec<u32>>>;
+    fn generate_batch(&self, prompts: &[&[u32]], req: &GenerateRequest, stop: &mut dyn FnMut(usize, &[u32]) -> bool) -> Result<Vec<Vec<u32>>>;
 
     /// [`LanguageModel::generate_batch`] for one prompt.
-    fn generate(
-        &self,
-        prompt: &[u32],
-        req: &GenerateRequest,
-        stop: &mut dyn FnMut(&[u32]) -> bool,
-    ) -> Result<Vec<u32>> {
+    fn generate(&self, prompt: &[u32], req: &GenerateRequest, stop: &mut dyn FnMut(&[u32]) -> bool) -> Result<Vec<u32>> {
         let mut out = self.generate_batch(&[prompt], req, &mut |_, so_far| stop(so_far))?;
         Ok(out.pop().expect("one answer per prompt"))
     }
@@ -146,11 +136,7 @@ impl Row {
         let n = r.continuation.len().min(all.len() - 1);
         let targets = all[all.len() - n..].to_vec();
         all.pop();
-        Ok(Row {
-            start: all.len() - n,
-            input: all,
-            targets,
-        })
+        Ok(Row { start: all.len() - n, input: all, targets })
     }
 
     /// The tokens run once for every row that has the same.
@@ -194,35 +180,19 @@ fn runs_within(lens: &[usize], budget: usize) -> Vec<std::ops::Range<usize>> {
 
 impl ModelLm<'_> {
     /// Log-probabilities [len, vocab] at positions `start..start+len` of `row` of a forward's logits.
-    fn position_logprobs(
-        logits: &Tensor,
-        row: usize,
-        start: usize,
-        len: usize,
-    ) -> Result<Vec<Vec<f64>>> {
-        let rows: Vec<Vec<f32>> = logits
-            .get(row)?
-            .narrow(0, start, len)?
-            .to_dtype(DType::F32)?
-            .to_vec2()?;
+    fn position_logprobs(logits: &Tensor, row: usize, start: usize, len: usize) -> Result<Vec<Vec<f64>>> {
+        let rows: Vec<Vec<f32>> = logits.get(row)?.narrow(0, start, len)?.to_dtype(DType::F32)?.to_vec2()?;
         Ok(rows.iter().map(|r| log_softmax(r)).collect())
     }
 
     fn forward(&self, inputs: &[&[u32]]) -> Result<Tensor> {
-        self.model.forward(
-            &right_padded(inputs, self.pad, &self.model.device)?,
-            self.lora,
-        )
+        self.model.forward(&right_padded(inputs, self.pad, &self.model.device)?, self.lora)
     }
 
     /// The rows of `groups` (each sharing its prefix): the prefixes run once, right-padded in one batch; the
     /// last prefix position predicts each row's first target; the rows' rests then run against a copy of
     /// their prefix's cache, batched. One answer per row, in order.
-    fn shared_logliks(
-        &self,
-        rows: &[Row],
-        groups: &[std::ops::Range<usize>],
-    ) -> Result<Vec<Loglik>> {
+    fn shared_logliks(&self, rows: &[Row], groups: &[std::ops::Range<usize>]) -> Result<Vec<Loglik>> {
         let device = &self.model.device;
         let prefixes: Vec<&[u32]> = groups.iter().map(|g| rows[g.start].prefix()).collect();
         let t = prefixes.iter().map(|p| p.len()).max().unwrap_or(0);
@@ -230,13 +200,7 @@ impl ModelLm<'_> {
         let first: Vec<Vec<f32>> = self.model.logits(&last)?.to_dtype(DType::F32)?.to_vec2()?;
 
         let offset = groups[0].start;
-        let mut out = vec![
-            Loglik {
-                logprob: 0.0,
-                greedy: true
-            };
-            groups.last().map_or(0, |g| g.end) - offset
-        ];
+        let mut out = vec![Loglik { logprob: 0.0, greedy: true }; groups.last().map_or(0, |g| g.end) - offset];
         // (row, its group) for the rows with more than one target; one-token choices are done here.
         let mut longer = Vec::new();
         for (gi, g) in groups.iter().enumerate() {
@@ -250,18 +214,10 @@ impl ModelLm<'_> {
         // A row whose prompt ends near the model's length runs alone: padded to a longer rest, its padding
         // would sit past the last position. The others run in chunks that copy their rows' prefix caches:
         // rows x (prefix + rest) within the budget.
-        let widest = longer
-            .iter()
-            .map(|&(i, _)| rows[i].rest().len())
-            .max()
-            .unwrap_or(0);
-        let (mut longer, edge): (Vec<_>, Vec<_>) = longer
-            .into_iter()
-            .partition(|&(i, _)| rows[i].prefix().len() + widest <= self.max_length());
-        let spans: Vec<usize> = longer
-            .iter()
-            .map(|&(i, _)| t + rows[i].rest().len())
-            .collect();
+        let widest = longer.iter().map(|&(i, _)| rows[i].rest().len()).max().unwrap_or(0);
+        let (mut longer, edge): (Vec<_>, Vec<_>) =
+            longer.into_iter().partition(|&(i, _)| rows[i].prefix().len() + widest <= self.max_length());
+        let spans: Vec<usize> = longer.iter().map(|&(i, _)| t + rows[i].rest().len()).collect();
         let mut chunks = runs_within(&spans, self.batch_tokens);
         chunks.extend((longer.len()..longer.len() + edge.len()).map(|k| k..k + 1));
         longer.extend(edge);
@@ -270,18 +226,10 @@ impl ModelLm<'_> {
             let sub = cache.rows(&part.iter().map(|&(_, g)| g).collect::<Vec<_>>())?;
             let rests: Vec<&[u32]> = part.iter().map(|&(i, _)| rows[i].rest()).collect();
             let width = rests.iter().map(|r| r.len()).max().unwrap_or(0);
-            let hf = self.model.hidden_states_cached(
-                &right_padded(&rests, self.pad, device)?,
-                self.lora,
-                &sub,
-            )?;
+            let hf = self.model.hidden_states_cached(&right_padded(&rests, self.pad, device)?, self.lora, &sub)?;
             // One transfer per chunk (pad positions included: the rests differ by a token or two).
-            let logits: Vec<Vec<Vec<f32>>> = self
-                .model
-                .logits(&hf)?
-                .reshape((part.len(), width, self.model.config.vocab_size))?
-                .to_dtype(DType::F32)?
-                .to_vec3()?;
+            let logits: Vec<Vec<Vec<f32>>> =
+                self.model.logits(&hf)?.reshape((part.len(), width, self.model.config.vocab_size))?.to_dtype(DType::F32)?.to_vec3()?;
             for (&(i, _), positions) in part.iter().zip(&logits) {
                 // zip stops at the row's own targets: its pad positions are never read.
                 for (p, &target) in positions.iter().zip(&rows[i].targets[1..]) {
@@ -299,17 +247,11 @@ impl LanguageModel for ModelLm<'_> {
     }
 
     fn loglikelihoods(&self, requests: &[LoglikRequest]) -> Result<Vec<Loglik>> {
-        let rows: Vec<Row> = requests
-            .iter()
-            .map(|r| Row::new(r, self.max_length()))
-            .collect::<Result<_>>()?;
+        let rows: Vec<Row> = requests.iter().map(|r| Row::new(r, self.max_length())).collect::<Result<_>>()?;
         let groups = shared_prefixes(&rows);
         let mut out = Vec::with_capacity(rows.len());
         // Records whose prefixes fill one batched run within the budget.
-        let lens: Vec<usize> = groups
-            .iter()
-            .map(|g| rows[g.start].prefix().len())
-            .collect();
+        let lens: Vec<usize> = groups.iter().map(|g| rows[g.start].prefix().len()).collect();
         for run in runs_within(&lens, self.batch_tokens) {
             out.extend(self.shared_logliks(&rows, &groups[run])?);
         }
@@ -321,56 +263,23 @@ impl LanguageModel for ModelLm<'_> {
             return Ok(vec![]);
         }
         if ids.len() > self.max_length() {
-            bail!(
-                "{} tokens, more than the model's {}",
-                ids.len(),
-                self.max_length()
-            );
+            bail!("{} tokens, more than the model's {}", ids.len(), self.max_length());
         }
         let input = &ids[..ids.len() - 1];
         let logits = self.forward(&[input])?;
         let lp = Self::position_logprobs(&logits, 0, 0, input.len())?;
-        Ok(lp
-            .iter()
-            .zip(&ids[1..])
-            .map(|(p, &id)| TokenLogprob {
-                id,
-                logprob: p[id as usize],
-                top: top_k(p, top),
-            })
-            .collect())
+        Ok(lp.iter().zip(&ids[1..]).map(|(p, &id)| TokenLogprob { id, logprob: p[id as usize], top: top_k(p, top) }).collect())
     }
 
-    fn generate_batch(
-        &self,
-        prompts: &[&[u32]],
-        req: &GenerateRequest,
-        stop: &mut dyn FnMut(usize, &[u32]) -> bool,
-    ) -> Result<Vec<Vec<u32>>> {
+    fn generate_batch(&self, prompts: &[&[u32]], req: &GenerateRequest, stop: &mut dyn FnMut(usize, &[u32]) -> bool) -> Result<Vec<Vec<u32>>> {
         // Keep each prompt's last tokens, leaving room for one new token.
         let keep = self.max_length() - 1;
-        let prompts: Vec<&[u32]> = prompts
-            .iter()
-            .map(|p| {
-                if p.len() > keep {
-                    &p[p.len() - keep..]
-                } else {
-                    *p
-                }
-            })
-            .collect();
+        let prompts: Vec<&[u32]> = prompts.iter().map(|p| if p.len() > keep { &p[p.len() - keep..] } else { *p }).collect();
         let sampling = match req.temperature > 0.0 {
-            true => Sampling::Temperature {
-                temperature: req.temperature,
-                seed: req.seed,
-            },
+            true => Sampling::Temperature { temperature: req.temperature, seed: req.seed },
             false => Sampling::Greedy,
         };
-        let opts = GenerateOptions {
-            max_new: req.max_new,
-            stop_token: req.stop_token,
-            sampling,
-        };
+        let opts = GenerateOptions { max_new: req.max_new, stop_token: req.stop_token, sampling };
         self.model.generate_batch(&prompts, self.lora, &opts, stop)
     }
 }
@@ -379,26 +288,15 @@ impl LanguageModel for ModelLm<'_> {
 /// moves to the continuation; then `context + continuation` is tokenized whole and split at the length of the
 /// context's own tokens (which are the request's context), so the continuation's tokens are those the model
 /// would see in the joined text. An empty context becomes `[bos]`.
-pub fn encode_pair(
-    tok: &dyn crate::tokenizer::Tokenizer,
-    context: &str,
-    continuation: &str,
-    bos: u32,
-) -> LoglikRequest {
+pub fn encode_pair(tok: &dyn crate::tokenizer::Tokenizer, context: &str, continuation: &str, bos: u32) -> LoglikRequest {
     let trimmed = context.trim_end_matches(|c: char| c.is_whitespace());
-    let (context, continuation) = (
-        trimmed,
-        format!("{}{continuation}", &context[trimmed.len()..]),
-    );
+    let (context, continuation) = (trimmed, format!("{}{continuation}", &context[trimmed.len()..]));
     let mut whole = Vec::new();
     tok.encode_ordinary(&format!("{context}{continuation}"), &mut whole);
     let mut ctx = Vec::new();
     tok.encode_ordinary(context, &mut ctx);
     let cont = whole.split_off(ctx.len().min(whole.len()));
-    LoglikRequest {
-        context: if ctx.is_empty() { vec![bos] } else { ctx },
-        continuation: cont,
-    }
+    LoglikRequest { context: if ctx.is_empty() { vec![bos] } else { ctx }, continuation: cont }
 }
 
 #[cfg(test)]
@@ -411,78 +309,25 @@ mod tests {
         let total: f64 = lp.iter().map(|x| x.exp()).sum();
         assert!((total - 1.0).abs() < 1e-12);
         assert_eq!(argmax(lp.iter().copied()), 2);
-        assert_eq!(
-            top_k(&lp, 2).iter().map(|t| t.0).collect::<Vec<_>>(),
-            vec![2, 1]
-        );
-        assert_eq!(
-            top_k(&[0.5, 0.5, 0.1], 2)
-                .iter()
-                .map(|t| t.0)
-                .collect::<Vec<_>>(),
-            vec![0, 1]
-        );
-        let r = Row::new(
-            &LoglikRequest {
-                context: vec![1, 2, 3],
-                continuation: vec![4, 5],
-            },
-            100,
-        )
-        .unwrap();
-        assert_eq!(
-            (r.input, r.start, r.targets),
-            (vec![1, 2, 3, 4], 2, vec![4, 5])
-        );
+        assert_eq!(top_k(&lp, 2).iter().map(|t| t.0).collect::<Vec<_>>(), vec![2, 1]);
+        assert_eq!(top_k(&[0.5, 0.5, 0.1], 2).iter().map(|t| t.0).collect::<Vec<_>>(), vec![0, 1]);
+        let r = Row::new(&LoglikRequest { context: vec![1, 2, 3], continuation: vec![4, 5] }, 100).unwrap();
+        assert_eq!((r.input, r.start, r.targets), (vec![1, 2, 3, 4], 2, vec![4, 5]));
         // Too long: the last max_len + 1 tokens are kept.
-        let r = Row::new(
-            &LoglikRequest {
-                context: vec![1, 2, 3],
-                continuation: vec![4, 5],
-            },
-            3,
-        )
-        .unwrap();
-        assert_eq!(
-            (r.input, r.start, r.targets),
-            (vec![2, 3, 4], 1, vec![4, 5])
-        );
-        assert!(Row::new(
-            &LoglikRequest {
-                context: vec![],
-                continuation: vec![1]
-            },
-            3
-        )
-        .is_err());
+        let r = Row::new(&LoglikRequest { context: vec![1, 2, 3], continuation: vec![4, 5] }, 3).unwrap();
+        assert_eq!((r.input, r.start, r.targets), (vec![2, 3, 4], 1, vec![4, 5]));
+        assert!(Row::new(&LoglikRequest { context: vec![], continuation: vec![1] }, 3).is_err());
     }
 
     #[test]
     fn shared_prefixes_and_runs() {
-        let row = |context: Vec<u32>, continuation: Vec<u32>| {
-            Row::new(
-                &LoglikRequest {
-                    context,
-                    continuation,
-                },
-                100,
-            )
-            .unwrap()
-        };
+        let row = |context: Vec<u32>, continuation: Vec<u32>| Row::new(&LoglikRequest { context, continuation }, 100).unwrap();
         let r = row(vec![1, 2], vec![3, 4, 5]);
         assert_eq!((r.prefix(), r.rest()), (&[1u32, 2][..], &[3u32, 4][..]));
-        let rows = [
-            row(vec![1, 2], vec![3]),
-            row(vec![1, 2], vec![4, 5]),
-            row(vec![1], vec![2]),
-            row(vec![1, 2], vec![3]),
-        ];
+        let rows = [row(vec![1, 2], vec![3]), row(vec![1, 2], vec![4, 5]), row(vec![1], vec![2]), row(vec![1, 2], vec![3])];
         assert_eq!(shared_prefixes(&rows), vec![0..2, 2..3, 3..4]);
         // count x longest within the budget; an item over it runs alone.
-        assert_eq!(
-            runs_within(&[3, 3, 5, 1, 9, 2], 10),
-            vec![0..2, 2..4, 4..5, 5..6]
-        );
+        assert_eq!(runs_within(&[3, 3, 5, 1, 9, 2], 10), vec![0..2, 2..4, 4..5, 5..6]);
         assert_eq!(runs_within(&[3, 3], 0), vec![0..1, 1..2]);
     }
 }

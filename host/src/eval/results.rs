@@ -62,18 +62,13 @@ impl TaskResult {
     }
 
     pub fn read(path: &Path) -> anyhow::Result<TaskResult> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", path.display()))?;
-        serde_json::from_str(&text)
-            .map_err(|e| anyhow::anyhow!("{}: not an eval result file: {e}", path.display()))
+        let text = std::fs::read_to_string(path).map_err(|e| anyhow::anyhow!("cannot read {}: {e}", path.display()))?;
+        serde_json::from_str(&text).map_err(|e| anyhow::anyhow!("{}: not an eval result file: {e}", path.display()))
     }
 
     /// Per-record values of one metric, by record id.
     pub fn per_record(&self, metric: &str) -> BTreeMap<&str, f64> {
-        self.records
-            .iter()
-            .filter_map(|r| r.scores.get(metric).map(|v| (r.id.as_str(), *v)))
-            .collect()
+        self.records.iter().filter_map(|r| r.scores.get(metric).map(|v| (r.id.as_str(), *v))).collect()
     }
 }
 
@@ -82,16 +77,9 @@ pub fn aggregate(names: &[String], records: &[RecordResult]) -> Vec<Aggregate> {
     names
         .iter()
         .map(|name| {
-            let values: Vec<f64> = records
-                .iter()
-                .filter_map(|r| r.scores.get(name).copied())
-                .collect();
+            let values: Vec<f64> = records.iter().filter_map(|r| r.scores.get(name).copied()).collect();
             let (value, stderr) = super::stats::mean_stderr(&values);
-            Aggregate {
-                name: name.clone(),
-                value,
-                stderr,
-            }
+            Aggregate { name: name.clone(), value, stderr }
         })
         .collect()
 }

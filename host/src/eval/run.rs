@@ -4,8 +4,8 @@ use super::prompt::{self, Prompted};
 use super::results::{aggregate, RecordResult, TaskResult};
 use super::task::{Kind, Metric, Task};
 use crate::data::plugins::PluginSet;
-use crate::manifest::{Dataset, OnMalformed, PluginUse};
 use crate::model::transformer::argmax;
+use crate::manifest::{Dataset, OnMalformed, PluginUse};
 use crate::plugins::scorer::ScoringRequest;
 use crate::plugins::{Example, PluginKind};
 use crate::tokenizer::Tokenizer;
@@ -50,19 +50,11 @@ pub fn read_records(set: &PluginSet, key: &str, use_: &PluginUse) -> anyhow::Res
 
 /// A task's records (the first `limit`) with their prompts. Few-shot examples come from the few-shot source,
 /// or else from all of the task's own records (never a record itself).
-pub fn prompts(
-    set: &PluginSet,
-    task: &Task,
-    limit: Option<usize>,
-) -> anyhow::Result<Vec<(Example, Prompted)>> {
+pub fn prompts(set: &PluginSet, task: &Task, limit: Option<usize>) -> anyhow::Result<Vec<(Example, Prompted)>> {
     let records = read_records(set, &format!("eval.{}.source", task.name), &task.source)?;
     let few = task.fewshot.as_ref().filter(|f| f.count > 0);
     let other_pool = match few.and_then(|f| f.source.as_ref()) {
-        Some(u) => Some(read_records(
-            set,
-            &format!("eval.{}.fewshot.source", task.name),
-            u,
-        )?),
+        Some(u) => Some(read_records(set, &format!("eval.{}.fewshot.source", task.name), u)?),
         None => None,
     };
     let (pool, own) = match &other_pool {
@@ -74,9 +66,7 @@ pub fn prompts(
         .iter()
         .enumerate()
         .map(|(i, e)| {
-            let shots = few
-                .map(|f| prompt::shots(f, pool, own, e, i))
-                .unwrap_or_default();
+            let shots = few.map(|f| prompt::shots(f, pool, own, e, i)).unwrap_or_default();
             Ok((e.clone(), prompt::build(task, e, &shots)?))
         })
         .collect()
@@ -102,19 +92,9 @@ impl Progress {
 }
 
 /// Runs `task` on `lm`; `set` resolves its plugins.
-pub fn run_task(
-    set: &PluginSet,
-    task: &Task,
-    lm: &dyn LanguageModel,
-    tok: &dyn Tokenizer,
-    opts: &Options,
-) -> anyhow::Result<TaskResult> {
+pub fn run_task(set: &PluginSet, task: &Task, lm: &dyn LanguageModel, tok: &dyn Tokenizer, opts: &Options) -> anyhow::Result<TaskResult> {
     let items = prompts(set, task, opts.limit)?;
-    let mut progress = Progress {
-        on: opts.progress,
-        task: task.name.clone(),
-        last: Instant::now(),
-    };
+    let mut progress = Progress { on: opts.progress, task: task.name.clone(), last: Instant::now() };
     let bos = tok.special_id("<|endoftext|>").unwrap_or(0);
     let (records, names) = match task.kind {
         Kind::MultipleChoice => multiple_choice(task, &items, lm, tok, bos, &mut progress)?,
@@ -137,21 +117,13 @@ pub fn run_task(
 fn mc2(logprobs: &[f64], labels: &[bool]) -> f64 {
     let max = logprobs.iter().copied().fold(f64::NEG_INFINITY, f64::max);
     let p: Vec<f64> = logprobs.iter().map(|l| (l - max).exp()).collect();
-    let right: f64 = p
-        .iter()
-        .zip(labels)
-        .filter(|(_, &r)| r)
-        .map(|(x, _)| x)
-        .sum();
+    let right: f64 = p.iter().zip(labels).filter(|(_, &r)| r).map(|(x, _)| x).sum();
     right / p.iter().sum::<f64>()
 }
 
 /// The requests of a multiple-choice record, one per choice.
 pub fn choice_requests(tok: &dyn Tokenizer, p: &Prompted, bos: u32) -> Vec<LoglikRequest> {
-    p.continuations
-        .iter()
-        .map(|c| encode_pair(tok, &p.context, c, bos))
-        .collect()
+    p.continuations.iter().map(|c| encode_pair(tok, &p.context, c, bos)).collect()
 }
 
 fn multiple_choice(
@@ -165,29 +137,16 @@ fn multiple_choice(
     let metric = task.metric.unwrap_or(Metric::Acc);
     let mut out = Vec::with_capacity(items.len());
     for block in items.chunks(BLOCK) {
-        let requests: Vec<LoglikRequest> = block
-            .iter()
-            .flat_map(|(_, p)| choice_requests(tok, p, bos))
-            .collect();
-        let answers = lm
-            .loglikelihoods(&requests)
-            .with_context(|| format!("eval task `{}`", task.name))?;
+        let requests: Vec<LoglikRequest> = block.iter().flat_map(|(_, p)| choice_requests(tok, p, bos)).collect();
+        let answers = lm.loglikelihoods(&requests).with_context(|| format!("eval task `{}`", task.name))?;
         let mut answers = answers.into_iter();
         for (e, p) in block {
-            let lls: Vec<f64> = answers
-                .by_ref()
-                .take(p.continuations.len())
-                .map(|a| a.logprob)
-                .collect();
+            let lls: Vec<f64> = answers.by_ref().take(p.continuations.len()).map(|a| a.logprob).collect();
             let mut scores = BTreeMap::new();
             match metric {
                 Metric::Acc => {
                     let acc = argmax(lls.iter().copied()) == p.gold;
-                    let norm = argmax(
-                        lls.iter()
-                            .zip(&p.choice_texts)
-                            .map(|(l, c)| l / c.chars().count().max(1) as f64),
-                    );
+                    let norm = argmax(lls.iter().zip(&p.choice_texts).map(|(l, c)| l / c.chars().count().max(1) as f64));
                     scores.insert("acc".to_string(), f64::from(u8::from(acc)));
                     scores.insert("acc_norm".to_string(), f64::from(u8::from(norm == p.gold)));
                 }
@@ -218,12 +177,7 @@ fn multiple_choice(
 
 /// `text` cut before the first of `stop` (the harness cuts at each stop string in turn, which is the same).
 pub fn cut_at_stop(text: &str, stop: &[String]) -> String {
-    let end = stop
-        .iter()
-        .filter(|s| !s.is_empty())
-        .filter_map(|s| text.find(s.as_str()))
-        .min()
-        .unwrap_or(text.len());
+    let end = stop.iter().filter(|s| !s.is_empty()).filter_map(|s| text.find(s.as_str())).min().unwrap_or(text.len());
     text[..end].to_string()
 }
 
@@ -238,18 +192,10 @@ fn generate(
 ) -> anyhow::Result<(Vec<RecordResult>, Vec<String>)> {
     let g = task.generation();
     let key = format!("eval.{}.scorer", task.name);
-    let scorer_use = task
-        .scorer
-        .as_ref()
-        .expect("validated: generate tasks have a scorer");
+    let scorer_use = task.scorer.as_ref().expect("validated: generate tasks have a scorer");
     let mut scorer = set.scorer(&set.resolve(PluginKind::Scorer, &key, scorer_use)?)?;
     let eos = tok.special_id("<|endoftext|>");
-    let req = GenerateRequest {
-        max_new: g.max_tokens,
-        stop_token: eos,
-        temperature: g.temperature,
-        seed: g.seed,
-    };
+    let req = GenerateRequest { max_new: g.max_tokens, stop_token: eos, temperature: g.temperature, seed: g.seed };
     let budget = lm.max_length().saturating_sub(g.max_tokens).max(1);
     let mut out: Vec<RecordResult> = Vec::with_capacity(items.len());
     let mut names: Vec<String> = vec![];
@@ -269,19 +215,13 @@ fn generate(
         let rows: Vec<&[u32]> = prompts.iter().map(|p| p.as_slice()).collect();
         let generated = lm.generate_batch(&rows, &req, &mut |_, so_far| {
             let text = tok.decode(so_far);
-            g.stop
-                .iter()
-                .any(|s| !s.is_empty() && text.contains(s.as_str()))
+            g.stop.iter().any(|s| !s.is_empty() && text.contains(s.as_str()))
         })?;
         let mut requests = Vec::with_capacity(block.len());
         for (new, (e, p)) in generated.into_iter().zip(block) {
             let new: Vec<u32> = new.into_iter().filter(|&t| Some(t) != eos).collect();
             let generation = cut_at_stop(&tok.decode(&new), &g.stop);
-            requests.push(ScoringRequest {
-                generation,
-                example: e.clone(),
-                references: p.references.clone(),
-            });
+            requests.push(ScoringRequest { generation, example: e.clone(), references: p.references.clone() });
         }
         let scored = scorer.score_batch(&requests)?;
         for ((req, s), (e, p)) in requests.into_iter().zip(scored).zip(block) {
@@ -307,20 +247,10 @@ fn generate(
 
 /// The results table: task, metric, value ± standard error, records.
 pub fn table(results: &[TaskResult]) -> String {
-    let mut s = format!(
-        "{:<20} {:<18} {:>8} {:>8} {:>8}\n",
-        "task", "metric", "value", "stderr", "records"
-    );
+    let mut s = format!("{:<20} {:<18} {:>8} {:>8} {:>8}\n", "task", "metric", "value", "stderr", "records");
     for r in results {
         for m in &r.metrics {
-            s.push_str(&format!(
-                "{:<20} {:<18} {:>8.4} {:>8.4} {:>8}\n",
-                r.task,
-                m.name,
-                m.value,
-                m.stderr,
-                r.records.len()
-            ));
+            s.push_str(&format!("{:<20} {:<18} {:>8.4} {:>8.4} {:>8}\n", r.task, m.name, m.value, m.stderr, r.records.len()));
         }
     }
     s

@@ -31,12 +31,7 @@ pub fn paired_bootstrap(a: &[f64], b: &[f64], seed: u64) -> f64 {
     let diffs: Vec<f64> = a.iter().zip(b).map(|(x, y)| y - x).collect();
     let mut rng = Rng::new(seed);
     let means: Vec<f64> = (0..BOOTSTRAP_RESAMPLES)
-        .map(|_| {
-            (0..n)
-                .map(|_| diffs[rng.below(n as u64) as usize])
-                .sum::<f64>()
-                / n as f64
-        })
+        .map(|_| (0..n).map(|_| diffs[rng.below(n as u64) as usize]).sum::<f64>() / n as f64)
         .collect();
     let m = means.iter().sum::<f64>() / means.len() as f64;
     (means.iter().map(|x| (x - m).powi(2)).sum::<f64>() / (means.len() - 1) as f64).sqrt()
@@ -61,12 +56,7 @@ mod tests {
         let b = [0.0, 0.0, 1.0, 1.0, 1.0];
         assert_eq!(paired_bootstrap(&a, &b, 7), paired_bootstrap(&a, &b, 7));
         let diffs: Vec<f64> = a.iter().zip(&b).map(|(x, y)| y - x).collect();
-        let analytic =
-            mean_stderr(&diffs).1 * ((diffs.len() - 1) as f64 / diffs.len() as f64).sqrt();
-        assert!(
-            (paired_bootstrap(&a, &b, 7) - analytic).abs() < 0.1 * analytic,
-            "{}",
-            analytic
-        );
+        let analytic = mean_stderr(&diffs).1 * ((diffs.len() - 1) as f64 / diffs.len() as f64).sqrt();
+        assert!((paired_bootstrap(&a, &b, 7) - analytic).abs() < 0.1 * analytic, "{}", analytic);
     }
 }

@@ -157,8 +157,7 @@ fn blank_line() -> String {
 
 impl Task {
     pub fn load(file: &Path) -> anyhow::Result<Task> {
-        let text = std::fs::read_to_string(file)
-            .with_context(|| format!("cannot read the eval task {}", file.display()))?;
+        let text = std::fs::read_to_string(file).with_context(|| format!("cannot read the eval task {}", file.display()))?;
         let mut task: Task = parse_toml(file, &text)?;
         let dir = folder_of(file);
         resolve_plugin_paths(&mut task.source, &dir);
@@ -169,14 +168,10 @@ impl Task {
             resolve_plugin_paths(u, &dir);
         }
         if task.name.is_empty() {
-            task.name = file
-                .file_stem()
-                .map(|s| s.to_string_lossy().into_owned())
-                .unwrap_or_default();
+            task.name = file.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
         }
         task.file = file.to_path_buf();
-        task.validate()
-            .map_err(|(key, msg)| anyhow::anyhow!("{}: `{key}`: {msg}", file.display()))?;
+        task.validate().map_err(|(key, msg)| anyhow::anyhow!("{}: `{key}`: {msg}", file.display()))?;
         Ok(task)
     }
 
@@ -184,45 +179,28 @@ impl Task {
         match self.kind {
             Kind::MultipleChoice => {
                 if self.choices.is_none() {
-                    return Err((
-                        "choices",
-                        "a multiple_choice task needs `choices = \"letters\"` or `\"texts\"`"
-                            .into(),
-                    ));
+                    return Err(("choices", "a multiple_choice task needs `choices = \"letters\"` or `\"texts\"`".into()));
                 }
                 if self.generate.is_some() || self.scorer.is_some() {
-                    return Err((
-                        "kind",
-                        "[generate] and [scorer] belong to `kind = \"generate\"` tasks".into(),
-                    ));
+                    return Err(("kind", "[generate] and [scorer] belong to `kind = \"generate\"` tasks".into()));
                 }
             }
             Kind::Generate => {
                 if self.scorer.is_none() {
-                    return Err((
-                        "scorer",
-                        "a generate task needs a [scorer] table, e.g. `plugin = \"exact-match\"`"
-                            .into(),
-                    ));
+                    return Err(("scorer", "a generate task needs a [scorer] table, e.g. `plugin = \"exact-match\"`".into()));
                 }
                 if self.target.is_none() && self.references.is_none() {
                     return Err(("target", "a generate task needs `target` (or `references`): the answer to score against".into()));
                 }
                 if self.choices.is_some() || self.metric.is_some() {
-                    return Err((
-                        "choices",
-                        "`choices` and `metric` belong to multiple_choice tasks".into(),
-                    ));
+                    return Err(("choices", "`choices` and `metric` belong to multiple_choice tasks".into()));
                 }
                 if let Some(g) = &self.generate {
                     if g.max_tokens == 0 {
                         return Err(("generate.max_tokens", "must be at least 1".into()));
                     }
                     if !(g.temperature >= 0.0 && g.temperature.is_finite()) {
-                        return Err((
-                            "generate.temperature",
-                            "must be 0 (greedy) or a positive number".into(),
-                        ));
+                        return Err(("generate.temperature", "must be 0 (greedy) or a positive number".into()));
                     }
                 }
             }
@@ -232,12 +210,7 @@ impl Task {
 
     /// The generation settings (defaults when the file has no [generate] table).
     pub fn generation(&self) -> Generate {
-        self.generate.clone().unwrap_or(Generate {
-            max_tokens: max_tokens(),
-            stop: vec![],
-            temperature: 0.0,
-            seed: 0,
-        })
+        self.generate.clone().unwrap_or(Generate { max_tokens: max_tokens(), stop: vec![], temperature: 0.0, seed: 0 })
     }
 }
 
@@ -255,11 +228,7 @@ pub fn find(name: &str, dirs: &[PathBuf]) -> anyhow::Result<PathBuf> {
         }
         bail!("eval task file {name} does not exist");
     }
-    if name.is_empty()
-        || !name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
-    {
+    if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) {
         bail!("eval task name `{name}`: use letters, digits, '-', '_' (or give a path to a .toml file)");
     }
     for dir in dirs {
@@ -269,10 +238,7 @@ pub fn find(name: &str, dirs: &[PathBuf]) -> anyhow::Result<PathBuf> {
         }
     }
     let looked: Vec<String> = dirs.iter().map(|d| d.display().to_string()).collect();
-    bail!(
-        "no eval task `{name}`: looked for {name}.toml in {}",
-        looked.join(", ")
-    )
+    bail!("no eval task `{name}`: looked for {name}.toml in {}", looked.join(", "))
 }
 
 /// Where a manifest's task names are looked up: `[eval] dir`, the manifest's `eval/` folder, the shipped tasks.

@@ -7,18 +7,10 @@ use serde_json::{json, Map, Value};
 /// The model's family from `general.architecture`: llama.cpp names these families as HF's `model_type`
 /// does (`llama`, `qwen2`, `qwen3`). Qwen v1 GGUFs (`qwen`) are refused: their tensors are laid out apart.
 pub fn family(g: &GgufFile) -> Result<Family> {
-    let arch = g.str_opt("general.architecture")?.with_context(|| {
-        format!(
-            "{}: metadata key general.architecture is missing",
-            g.path.display()
-        )
-    })?;
+    let arch = g.str_opt("general.architecture")?.with_context(|| format!("{}: metadata key general.architecture is missing", g.path.display()))?;
     match Family::from_model_type(arch) {
         Ok(f) if f != Family::QwenV1 => Ok(f),
-        _ => bail!(
-            "{}: general.architecture = {arch:?} is not supported (supported: llama, qwen2, qwen3)",
-            g.path.display()
-        ),
+        _ => bail!("{}: general.architecture = {arch:?} is not supported (supported: llama, qwen2, qwen3)", g.path.display()),
     }
 }
 
@@ -35,9 +27,7 @@ pub fn shape(g: &GgufFile, f: Family) -> Result<Shape> {
     let a = f.model_type();
     let hidden = g.u64(&format!("{a}.embedding_length"))?;
     let heads = g.u64(&format!("{a}.attention.head_count"))?;
-    let kv_heads = g
-        .u64_opt(&format!("{a}.attention.head_count_kv"))?
-        .unwrap_or(heads);
+    let kv_heads = g.u64_opt(&format!("{a}.attention.head_count_kv"))?.unwrap_or(heads);
     if heads == 0 || kv_heads == 0 || heads % kv_heads != 0 {
         bail!("{}: {a}.attention.head_count = {heads} is not a multiple of {a}.attention.head_count_kv = {kv_heads}", g.path.display());
     }
@@ -56,47 +46,30 @@ pub fn shape(g: &GgufFile, f: Family) -> Result<Shape> {
             bail!("{}: {a}.rope.dimension_count = {r} rotates part of each {head_dim}-wide head, which {} does not do", g.path.display(), f.architecture());
         }
     }
-    Ok(Shape {
-        heads: heads as usize,
-        kv_heads: kv_heads as usize,
-        head_dim: head_dim as usize,
-    })
+    Ok(Shape { heads: heads as usize, kv_heads: kv_heads as usize, head_dim: head_dim as usize })
 }
 
 /// HF's `rope_scaling` from the GGUF's `rope.scaling.*` keys (None for none).
 fn rope_scaling(g: &GgufFile, a: &str) -> Result<Option<Value>> {
     let kind = g.str_opt(&format!("{a}.rope.scaling.type"))?;
-    let factor = g
-        .f64_opt(&format!("{a}.rope.scaling.factor"))?
-        .or(g.f64_opt(&format!("{a}.rope.scale_linear"))?);
+    let factor = g.f64_opt(&format!("{a}.rope.scaling.factor"))?.or(g.f64_opt(&format!("{a}.rope.scale_linear"))?);
     let original = g.u64_opt(&format!("{a}.rope.scaling.original_context_length"))?;
     let kind = match (kind, factor) {
         (None | Some("none"), None) | (Some("none"), _) => return Ok(None),
         (None, Some(_)) => "linear",
         (Some(k), _) => k,
     };
-    let factor = factor.with_context(|| {
-        format!(
-            "{}: {a}.rope.scaling.type = {kind:?} without {a}.rope.scaling.factor",
-            g.path.display()
-        )
-    })?;
+    let factor = factor.with_context(|| format!("{}: {a}.rope.scaling.type = {kind:?} without {a}.rope.scaling.factor", g.path.display()))?;
     let mut v = Map::new();
     match kind {
         "linear" => {}
         "yarn" => {
             let original = original.with_context(|| {
-                format!(
-                    "{}: yarn rope scaling without {a}.rope.scaling.original_context_length",
-                    g.path.display()
-                )
+                format!("{}: yarn rope scaling without {a}.rope.scaling.original_context_length", g.path.display())
             })?;
             v.insert("original_max_position_embeddings".into(), json!(original));
         }
-        other => bail!(
-            "{}: {a}.rope.scaling.type = {other:?} is not supported (linear, yarn)",
-            g.path.display()
-        ),
+        other => bail!("{}: {a}.rope.scaling.type = {other:?} is not supported (linear, yarn)", g.path.display()),
     }
     v.insert("rope_type".into(), json!(kind));
     v.insert("factor".into(), json!(factor));
@@ -151,20 +124,14 @@ pub fn hf_config(g: &GgufFile, f: Family, s: &Shape, extra: &Extra) -> Result<Va
         if rope.is_some() {
             bail!("{}: both rope_freqs.weight and {a}.rope.scaling.* are present; only one kind of rope scaling is supported", g.path.display());
         }
-        rope = Some(
-            llama3_rope_scaling(freqs, theta, s.head_dim)
-                .with_context(|| g.path.display().to_string())?,
-        );
+        rope = Some(llama3_rope_scaling(freqs, theta, s.head_dim).with_context(|| g.path.display().to_string())?);
     }
     let mut c = Map::new();
     let mut put = |k: &str, v: Value| c.insert(k.to_string(), v);
     put("architectures", json!([f.architecture()]));
     put("model_type", json!(f.model_type()));
     put("hidden_size", json!(g.u64(&key("embedding_length"))?));
-    put(
-        "intermediate_size",
-        json!(g.u64(&key("feed_forward_length"))?),
-    );
+    put("intermediate_size", json!(g.u64(&key("feed_forward_length"))?));
     put("num_hidden_layers", json!(g.u64(&key("block_count"))?));
     put("num_attention_heads", json!(s.heads));
     put("num_key_value_heads", json!(s.kv_heads));
@@ -172,12 +139,7 @@ pub fn hf_config(g: &GgufFile, f: Family, s: &Shape, extra: &Extra) -> Result<Va
         put("head_dim", json!(s.head_dim));
     }
     put("hidden_act", json!("silu"));
-    put(
-        "rms_norm_eps",
-        json!(g
-            .f64_opt(&key("attention.layer_norm_rms_epsilon"))?
-            .unwrap_or(1e-6)),
-    );
+    put("rms_norm_eps", json!(g.f64_opt(&key("attention.layer_norm_rms_epsilon"))?.unwrap_or(1e-6)));
     put("rope_theta", json!(theta));
     put("rope_scaling", rope.unwrap_or(Value::Null));
     if let Some(ctx) = g.u64_opt(&key("context_length"))? {
@@ -201,10 +163,7 @@ pub fn hf_config(g: &GgufFile, f: Family, s: &Shape, extra: &Extra) -> Result<Va
     if f == Family::Llama {
         put("mlp_bias", json!(false));
     }
-    for (name, k) in [
-        ("bos_token_id", "tokenizer.ggml.bos_token_id"),
-        ("eos_token_id", "tokenizer.ggml.eos_token_id"),
-    ] {
+    for (name, k) in [("bos_token_id", "tokenizer.ggml.bos_token_id"), ("eos_token_id", "tokenizer.ggml.eos_token_id")] {
         if let Some(id) = g.u64_opt(k)? {
             put(name, json!(id));
         }
@@ -219,11 +178,7 @@ pub fn generation_config(g: &GgufFile) -> Result<Value> {
         c.insert("bos_token_id".into(), json!(bos));
     }
     let mut stops = Vec::new();
-    for k in [
-        "tokenizer.ggml.eos_token_id",
-        "tokenizer.ggml.eot_token_id",
-        "tokenizer.ggml.eom_token_id",
-    ] {
+    for k in ["tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id"] {
         if let Some(id) = g.u64_opt(k)? {
             if !stops.contains(&id) {
                 stops.push(id);

@@ -107,10 +107,7 @@ impl GgmlType {
 
     /// ggml's name of a type id, or "unknown".
     pub fn name_of(id: u32) -> &'static str {
-        NAMES
-            .iter()
-            .find(|(i, _)| *i == id)
-            .map_or("unknown", |(_, n)| n)
+        NAMES.iter().find(|(i, _)| *i == id).map_or("unknown", |(_, n)| n)
     }
 
     pub fn name(self) -> &'static str {
@@ -121,9 +118,7 @@ impl GgmlType {
     pub fn block_len(self) -> usize {
         match self {
             GgmlType::F32 | GgmlType::F16 | GgmlType::BF16 => 1,
-            GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q5_0 | GgmlType::Q5_1 | GgmlType::Q8_0 => {
-                32
-            }
+            GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q5_0 | GgmlType::Q5_1 | GgmlType::Q8_0 => 32,
             GgmlType::Q4K | GgmlType::Q5K | GgmlType::Q6K => 256,
         }
     }
@@ -147,9 +142,7 @@ impl GgmlType {
     /// Bytes holding `n` values; None when `n` is not a whole number of blocks (or overflows).
     pub fn byte_len(self, n: u64) -> Option<u64> {
         let b = self.block_len() as u64;
-        (n % b == 0)
-            .then(|| (n / b).checked_mul(self.block_bytes() as u64))
-            .flatten()
+        (n % b == 0).then(|| (n / b).checked_mul(self.block_bytes() as u64)).flatten()
     }
 }
 
@@ -157,33 +150,21 @@ impl GgmlType {
 pub fn dequantize(ty: GgmlType, src: &[u8], out: &mut [f32]) -> Result<()> {
     let (bl, bb) = (ty.block_len(), ty.block_bytes());
     if out.len() % bl != 0 || src.len() != out.len() / bl * bb {
-        bail!(
-            "{}: {} bytes for {} values (blocks of {bl} values in {bb} bytes)",
-            ty.name(),
-            src.len(),
-            out.len()
-        );
+        bail!("{}: {} bytes for {} values (blocks of {bl} values in {bb} bytes)", ty.name(), src.len(), out.len());
     }
     let blocks = src.chunks_exact(bb).zip(out.chunks_exact_mut(bl));
     match ty {
-        GgmlType::F32 => {
-            blocks.for_each(|(b, y)| y[0] = f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-        }
+        GgmlType::F32 => blocks.for_each(|(b, y)| y[0] = f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
         GgmlType::F16 => blocks.for_each(|(b, y)| y[0] = half_at(b, 0)),
-        GgmlType::BF16 => blocks
-            .for_each(|(b, y)| y[0] = bf16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f32()),
+        GgmlType::BF16 => blocks.for_each(|(b, y)| y[0] = bf16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f32()),
         GgmlType::Q8_0 => blocks.for_each(|(b, y)| {
             let d = half_at(b, 0);
             for (y, &q) in y.iter_mut().zip(&b[2..34]) {
                 *y = d * f32::from(q as i8);
             }
         }),
-        GgmlType::Q4_0 => {
-            blocks.for_each(|(b, y)| nibbles(&b[2..18], 0, y, half_at(b, 0), -8.0 * half_at(b, 0)))
-        }
-        GgmlType::Q4_1 => {
-            blocks.for_each(|(b, y)| nibbles(&b[4..20], 0, y, half_at(b, 0), half_at(b, 2)))
-        }
+        GgmlType::Q4_0 => blocks.for_each(|(b, y)| nibbles(&b[2..18], 0, y, half_at(b, 0), -8.0 * half_at(b, 0))),
+        GgmlType::Q4_1 => blocks.for_each(|(b, y)| nibbles(&b[4..20], 0, y, half_at(b, 0), half_at(b, 2))),
         GgmlType::Q5_0 => blocks.for_each(|(b, y)| {
             let qh = u32::from_le_bytes([b[2], b[3], b[4], b[5]]);
             nibbles(&b[6..22], qh, y, half_at(b, 0), -16.0 * half_at(b, 0))
@@ -222,10 +203,7 @@ fn scale_min_k4(j: usize, s: &[u8]) -> (u8, u8) {
     if j < 4 {
         (s[j] & 63, s[j + 4] & 63)
     } else {
-        (
-            (s[j + 4] & 0x0F) | ((s[j - 4] >> 6) << 4),
-            (s[j + 4] >> 4) | ((s[j] >> 6) << 4),
-        )
+        ((s[j + 4] & 0x0F) | ((s[j - 4] >> 6) << 4), (s[j + 4] >> 4) | ((s[j] >> 6) << 4))
     }
 }
 

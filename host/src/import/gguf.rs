@@ -140,31 +140,19 @@ pub struct GgufFile {
 
 impl fmt::Debug for GgufFile {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("GgufFile")
-            .field("path", &self.path)
-            .field("version", &self.version)
-            .finish_non_exhaustive()
+        f.debug_struct("GgufFile").field("path", &self.path).field("version", &self.version).finish_non_exhaustive()
     }
 }
 
 impl GgufFile {
     /// Opens and parses `path`; every tensor's data must lie inside the file.
     pub fn open(path: &Path) -> Result<GgufFile> {
-        let file = std::fs::File::open(path)
-            .with_context(|| format!("cannot open GGUF file {}", path.display()))?;
+        let file = std::fs::File::open(path).with_context(|| format!("cannot open GGUF file {}", path.display()))?;
         // SAFETY: the map is read-only; a file changed by another process while we read it can give wrong
         // weights but not memory unsafety in safe code that only reads bytes through slices.
-        let map = unsafe { memmap2::Mmap::map(&file) }
-            .with_context(|| format!("cannot map {}", path.display()))?;
-        let (version, metadata, tensors) =
-            parse(&map).with_context(|| format!("{}: not a valid GGUF file", path.display()))?;
-        Ok(GgufFile {
-            path: path.to_path_buf(),
-            version,
-            metadata,
-            tensors,
-            map,
-        })
+        let map = unsafe { memmap2::Mmap::map(&file) }.with_context(|| format!("cannot map {}", path.display()))?;
+        let (version, metadata, tensors) = parse(&map).with_context(|| format!("{}: not a valid GGUF file", path.display()))?;
+        Ok(GgufFile { path: path.to_path_buf(), version, metadata, tensors, map })
     }
 
     /// The raw bytes of a tensor (a slice of the map).
@@ -178,8 +166,7 @@ impl GgufFile {
 
     /// A required unsigned integer.
     pub fn u64(&self, key: &str) -> Result<u64> {
-        self.u64_opt(key)?
-            .with_context(|| format!("{}: metadata key {key} is missing", self.path.display()))
+        self.u64_opt(key)?.with_context(|| format!("{}: metadata key {key} is missing", self.path.display()))
     }
 
     pub fn u64_opt(&self, key: &str) -> Result<Option<u64>> {
@@ -199,27 +186,17 @@ impl GgufFile {
     }
 
     /// An optional value read by `get`; a value of another type is an error naming the key.
-    fn typed<'a, T>(
-        &'a self,
-        key: &str,
-        want: &str,
-        get: impl Fn(&'a Value) -> Option<T>,
-    ) -> Result<Option<T>> {
+    fn typed<'a, T>(&'a self, key: &str, want: &str, get: impl Fn(&'a Value) -> Option<T>) -> Result<Option<T>> {
         match self.get(key) {
             None => Ok(None),
             Some(v) => get(v).map(Some).with_context(|| {
-                format!(
-                    "{}: metadata key {key} is a {}, expected {want}",
-                    self.path.display(),
-                    v.type_name()
-                )
+                format!("{}: metadata key {key} is a {}, expected {want}", self.path.display(), v.type_name())
             }),
         }
     }
 
     pub fn required(&self, key: &str) -> Result<&Value> {
-        self.get(key)
-            .with_context(|| format!("{}: metadata key {key} is missing", self.path.display()))
+        self.get(key).with_context(|| format!("{}: metadata key {key} is missing", self.path.display()))
     }
 }
 
@@ -233,11 +210,7 @@ impl<'a> Cursor<'a> {
     fn take(&mut self, n: usize, what: &str) -> Result<&'a [u8]> {
         let end = self.pos.checked_add(n).filter(|&e| e <= self.bytes.len());
         let Some(end) = end else {
-            bail!(
-                "truncated: {what} at byte {} needs {n} bytes, the file has {}",
-                self.pos,
-                self.bytes.len()
-            )
+            bail!("truncated: {what} at byte {} needs {n} bytes, the file has {}", self.pos, self.bytes.len())
         };
         let s = &self.bytes[self.pos..end];
         self.pos = end;
@@ -245,10 +218,7 @@ impl<'a> Cursor<'a> {
     }
 
     fn array<const N: usize>(&mut self, what: &str) -> Result<[u8; N]> {
-        Ok(self
-            .take(N, what)?
-            .try_into()
-            .expect("take returns N bytes"))
+        Ok(self.take(N, what)?.try_into().expect("take returns N bytes"))
     }
 
     fn u32(&mut self, what: &str) -> Result<u32> {
@@ -319,9 +289,7 @@ impl<'a> Cursor<'a> {
             4 | 5 | 6 => 4,
             8 | 10 | 11 | 12 => 8,
             9 => bail!("metadata {key}: arrays nested deeper than two levels are not supported"),
-            other => {
-                bail!("metadata {key}: array of unknown value type {other} (GGUF knows 0..=12)")
-            }
+            other => bail!("metadata {key}: array of unknown value type {other} (GGUF knows 0..=12)"),
         };
         let n = self.count(min, key)?;
         let mut items = Vec::with_capacity(n);
@@ -336,14 +304,9 @@ type Parsed = (u32, BTreeMap<String, Value>, Vec<TensorInfo>);
 
 fn parse(bytes: &[u8]) -> Result<Parsed> {
     let mut c = Cursor { bytes, pos: 0 };
-    let magic = c
-        .take(4, "the magic number")
-        .context("the file is shorter than a GGUF header")?;
+    let magic = c.take(4, "the magic number").context("the file is shorter than a GGUF header")?;
     if magic != MAGIC {
-        bail!(
-            "bad magic {:02x?}: a GGUF file starts with the bytes \"GGUF\"",
-            magic
-        );
+        bail!("bad magic {:02x?}: a GGUF file starts with the bytes \"GGUF\"", magic);
     }
     let version = c.u32("the version")?;
     if !(2..=3).contains(&version) {
@@ -380,12 +343,8 @@ fn parse(bytes: &[u8]) -> Result<Parsed> {
             dims.push(c.u64(&name)?);
         }
         let type_id = c.u32(&name)?;
-        let ty = GgmlType::from_id(type_id).with_context(|| {
-            format!(
-                "tensor {name}: ggml type {type_id} ({}) is not supported",
-                GgmlType::name_of(type_id)
-            )
-        })?;
+        let ty = GgmlType::from_id(type_id)
+            .with_context(|| format!("tensor {name}: ggml type {type_id} ({}) is not supported", GgmlType::name_of(type_id)))?;
         let offset = c.u64(&name)?;
         infos.push((name, dims, ty, offset));
     }
@@ -397,13 +356,9 @@ fn parse(bytes: &[u8]) -> Result<Parsed> {
             bail!("tensor {name} appears twice");
         }
         let elements = dims.iter().try_fold(1u64, |a, &d| a.checked_mul(d));
-        let len = elements.and_then(|n| ty.byte_len(n)).with_context(|| {
-            format!(
-                "tensor {name}: dims {dims:?} do not fit whole {} blocks of {} values",
-                ty.name(),
-                ty.block_len()
-            )
-        })?;
+        let len = elements
+            .and_then(|n| ty.byte_len(n))
+            .with_context(|| format!("tensor {name}: dims {dims:?} do not fit whole {} blocks of {} values", ty.name(), ty.block_len()))?;
         let start = data_start.checked_add(offset).context("offset overflow")?;
         match start.checked_add(len) {
             Some(end) if end <= bytes.len() as u64 => {}
@@ -414,13 +369,7 @@ fn parse(bytes: &[u8]) -> Result<Parsed> {
                 bytes.len()
             ),
         }
-        tensors.push(TensorInfo {
-            name,
-            dims,
-            ty,
-            start,
-            len,
-        });
+        tensors.push(TensorInfo { name, dims, ty, start, len });
     }
     Ok((version, metadata, tensors))
 }

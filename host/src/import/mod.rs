@@ -40,10 +40,7 @@ pub struct Options {
 
 impl Default for Options {
     fn default() -> Self {
-        Options {
-            dtype: OutDtype::Bf16,
-            shard_bytes: SHARD_BYTES,
-        }
+        Options { dtype: OutDtype::Bf16, shard_bytes: SHARD_BYTES }
     }
 }
 
@@ -94,28 +91,15 @@ pub fn import_gguf(file: &Path, out: &Path, opts: &Options) -> Result<Report> {
         if let Rows::Unpermute { heads } = rows {
             // A 1-D bias is one value per row.
             let total = if t.dims.len() == 1 { cols } else { n_rows };
-            names::check_permutable(&t.name, total as usize, heads)
-                .with_context(|| g.path.display().to_string())?;
+            names::check_permutable(&t.name, total as usize, heads).with_context(|| g.path.display().to_string())?;
         }
-        planned.push(Planned {
-            name,
-            shape: t.dims.iter().rev().map(|&d| d as usize).collect(),
-        });
+        planned.push(Planned { name, shape: t.dims.iter().rev().map(|&d| d as usize).collect() });
         jobs.push(Job { info: t, rows });
     }
-    let embed = g
-        .tensors
-        .iter()
-        .find(|t| t.name == "token_embd.weight")
-        .with_context(|| format!("{}: tensor token_embd.weight is missing", g.path.display()))?;
+    let embed = g.tensors.iter().find(|t| t.name == "token_embd.weight").with_context(|| format!("{}: tensor token_embd.weight is missing", g.path.display()))?;
     let vocab_size = embed.dims.get(1).copied().unwrap_or(0) as usize;
     let tied = !g.tensors.iter().any(|t| t.name == "output.weight");
-    let extra = config::Extra {
-        vocab_size,
-        tied,
-        torch_dtype: opts.dtype.torch_name(),
-        rope_freqs: rope_freqs.as_deref(),
-    };
+    let extra = config::Extra { vocab_size, tied, torch_dtype: opts.dtype.torch_name(), rope_freqs: rope_freqs.as_deref() };
     let config = config::hf_config(&g, family, &shape, &extra)?;
     let generation = config::generation_config(&g)?;
     let tokenizer = vocab.tokenizer_json()?;
@@ -131,10 +115,7 @@ pub fn import_gguf(file: &Path, out: &Path, opts: &Options) -> Result<Report> {
 
     let tmp = TempDir::beside(out)?;
     let json_file = |name: &str, v: &serde_json::Value| -> Result<String> {
-        write_atomic(
-            &tmp.path.join(name),
-            serde_json::to_string_pretty(v)?.as_bytes(),
-        )?;
+        write_atomic(&tmp.path.join(name), serde_json::to_string_pretty(v)?.as_bytes())?;
         Ok(name.to_string())
     };
     let mut files = vec![
@@ -142,40 +123,24 @@ pub fn import_gguf(file: &Path, out: &Path, opts: &Options) -> Result<Report> {
         json_file("generation_config.json", &generation)?,
         json_file("tokenizer_config.json", &tokenizer_config)?,
     ];
-    write_atomic(
-        &tmp.path.join(crate::tokenizer::HF_FILE),
-        tokenizer.as_bytes(),
-    )?;
+    write_atomic(&tmp.path.join(crate::tokenizer::HF_FILE), tokenizer.as_bytes())?;
     files.push(crate::tokenizer::HF_FILE.to_string());
     drop(tokenizer);
 
     let shards = safetensors_out::plan_shards(&planned, opts.dtype, opts.shard_bytes);
     for (i, range) in shards.iter().enumerate() {
         let name = safetensors_out::shard_name(i, shards.len());
-        let mut w =
-            ShardWriter::create(&tmp.path.join(&name), &planned[range.clone()], opts.dtype)?;
+        let mut w = ShardWriter::create(&tmp.path.join(&name), &planned[range.clone()], opts.dtype)?;
         for job in &jobs[range.clone()] {
             w.tensor(|sink| convert(&g, job, opts.dtype, sink))
-                .with_context(|| {
-                    format!(
-                        "{}: tensor {} ({} {:?})",
-                        g.path.display(),
-                        job.info.name,
-                        job.info.ty.name(),
-                        job.info.dims
-                    )
-                })?;
+                .with_context(|| format!("{}: tensor {} ({} {:?})", g.path.display(), job.info.name, job.info.ty.name(), job.info.dims))?;
         }
         w.finish().with_context(|| format!("cannot write {name}"))?;
         files.push(name);
     }
     if shards.len() > 1 {
         let total: u64 = planned.iter().map(|t| t.bytes(opts.dtype)).sum();
-        crate::model::weights::write_index(
-            &tmp.path,
-            safetensors_out::weight_map(&planned, &shards),
-            total as usize,
-        )?;
+        crate::model::weights::write_index(&tmp.path, safetensors_out::weight_map(&planned, &shards), total as usize)?;
         files.push(INDEX_FILE.to_string());
     }
     tmp.commit(out)?;
@@ -217,9 +182,7 @@ fn convert(g: &GgufFile, job: &Job, dtype: OutDtype, sink: &mut dyn Write) -> Re
     if cols == 0 || rows == 0 {
         return Ok(());
     }
-    let row_bytes =
-        t.ty.byte_len(cols as u64)
-            .context("a row is not a whole number of blocks")? as usize;
+    let row_bytes = t.ty.byte_len(cols as u64).context("a row is not a whole number of blocks")? as usize;
     let source = |r: usize| match job.rows {
         Rows::AsStored => r,
         Rows::Unpermute { heads } => names::source_row(r, rows, heads),
@@ -229,13 +192,10 @@ fn convert(g: &GgufFile, job: &Job, dtype: OutDtype, sink: &mut dyn Write) -> Re
     let mut bytes = Vec::with_capacity(values.len() * dtype.size() as usize);
     for first in (0..rows).step_by(chunk_rows) {
         let n = chunk_rows.min(rows - first);
-        values[..n * cols]
-            .par_chunks_mut(cols)
-            .enumerate()
-            .try_for_each(|(k, y)| {
-                let s = source(first + k);
-                dequant::dequantize(t.ty, &data[s * row_bytes..(s + 1) * row_bytes], y)
-            })?;
+        values[..n * cols].par_chunks_mut(cols).enumerate().try_for_each(|(k, y)| {
+            let s = source(first + k);
+            dequant::dequantize(t.ty, &data[s * row_bytes..(s + 1) * row_bytes], y)
+        })?;
         bytes.clear();
         dtype.extend(&values[..n * cols], &mut bytes);
         sink.write_all(&bytes)?;
@@ -252,51 +212,30 @@ struct TempDir {
 impl TempDir {
     fn beside(out: &Path) -> Result<TempDir> {
         if out.exists() {
-            let empty = std::fs::read_dir(out)
-                .map(|mut d| d.next().is_none())
-                .unwrap_or(false);
+            let empty = std::fs::read_dir(out).map(|mut d| d.next().is_none()).unwrap_or(false);
             if !empty {
                 bail!("{} already exists and is not an empty folder: choose a new output folder (nothing was written)", out.display());
             }
         }
-        let name = out
-            .file_name()
-            .with_context(|| format!("{}: the output folder needs a name", out.display()))?;
-        let parent = out
-            .parent()
-            .filter(|p| !p.as_os_str().is_empty())
-            .unwrap_or(Path::new("."));
-        std::fs::create_dir_all(parent)
-            .with_context(|| format!("cannot create {}", parent.display()))?;
-        let path = parent.join(format!(
-            ".{}.import-{}",
-            name.to_string_lossy(),
-            std::process::id()
-        ));
+        let name = out.file_name().with_context(|| format!("{}: the output folder needs a name", out.display()))?;
+        let parent = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        std::fs::create_dir_all(parent).with_context(|| format!("cannot create {}", parent.display()))?;
+        let path = parent.join(format!(".{}.import-{}", name.to_string_lossy(), std::process::id()));
         if path.exists() {
             std::fs::remove_dir_all(&path)?;
         }
         std::fs::create_dir(&path).with_context(|| format!("cannot create {}", path.display()))?;
-        Ok(TempDir {
-            path,
-            committed: false,
-        })
+        Ok(TempDir { path, committed: false })
     }
 
     fn commit(mut self, out: &Path) -> Result<()> {
         if out.exists() {
             if let Err(e) = std::fs::remove_dir(out) {
                 self.committed = true; // keep the finished import where the message says it is
-                bail!(
-                    "{} is no longer empty ({e}): the import is left in {}",
-                    out.display(),
-                    self.path.display()
-                );
+                bail!("{} is no longer empty ({e}): the import is left in {}", out.display(), self.path.display());
             }
         }
-        std::fs::rename(&self.path, out).with_context(|| {
-            format!("cannot rename {} to {}", self.path.display(), out.display())
-        })?;
+        std::fs::rename(&self.path, out).with_context(|| format!("cannot rename {} to {}", self.path.display(), out.display()))?;
         self.committed = true;
         Ok(())
     }

@@ -17,11 +17,8 @@ const LAYER: &[(&str, &str)] = &[
 ];
 
 /// Whole-model tensors.
-const GLOBAL: &[(&str, &str)] = &[
-    ("token_embd", "model.embed_tokens"),
-    ("output_norm", "model.norm"),
-    ("output", "lm_head"),
-];
+const GLOBAL: &[(&str, &str)] =
+    &[("token_embd", "model.embed_tokens"), ("output_norm", "model.norm"), ("output", "lm_head")];
 
 /// Tensors llama.cpp derives from the config and HF does not store: left out of the import.
 pub const DERIVED: &[&str] = &["rope_freqs.weight"];
@@ -31,39 +28,25 @@ pub const DERIVED: &[&str] = &["rope_freqs.weight"];
 pub enum Rows {
     AsStored,
     /// q_proj (with the head count) or k_proj (with the KV head count) of a Llama model.
-    Unpermute {
-        heads: usize,
-    },
+    Unpermute { heads: usize },
 }
 
 /// The HF name of a llama.cpp tensor name, e.g. `blk.3.ffn_up.weight` -> `model.layers.3.mlp.up_proj.weight`.
 pub fn hf_name(gguf: &str) -> Result<String> {
-    let Some((stem, suffix)) = gguf
-        .rsplit_once('.')
-        .filter(|(_, s)| *s == "weight" || *s == "bias")
-    else {
+    let Some((stem, suffix)) = gguf.rsplit_once('.').filter(|(_, s)| *s == "weight" || *s == "bias") else {
         bail!("tensor {gguf}: expected a name ending in .weight or .bias");
     };
     if let Some(rest) = stem.strip_prefix("blk.") {
         if let Some((layer, part)) = rest.split_once('.') {
-            if let (Ok(n), Some((_, hf))) =
-                (layer.parse::<u32>(), LAYER.iter().find(|(g, _)| *g == part))
-            {
+            if let (Ok(n), Some((_, hf))) = (layer.parse::<u32>(), LAYER.iter().find(|(g, _)| *g == part)) {
                 return Ok(format!("model.layers.{n}.{hf}.{suffix}"));
             }
         }
     } else if let Some((_, hf)) = GLOBAL.iter().find(|(g, _)| *g == stem) {
         return Ok(format!("{hf}.{suffix}"));
     }
-    let known: Vec<String> = GLOBAL
-        .iter()
-        .map(|(g, _)| g.to_string())
-        .chain(LAYER.iter().map(|(g, _)| format!("blk.N.{g}")))
-        .collect();
-    bail!(
-        "tensor {gguf} has no Hugging Face name in this importer (known: {})",
-        known.join(", ")
-    )
+    let known: Vec<String> = GLOBAL.iter().map(|(g, _)| g.to_string()).chain(LAYER.iter().map(|(g, _)| format!("blk.N.{g}"))).collect();
+    bail!("tensor {gguf} has no Hugging Face name in this importer (known: {})", known.join(", "))
 }
 
 /// How the rows of `gguf` are to be read for `arch`: llama.cpp's converter permutes the rows (and biases) of

@@ -4,11 +4,11 @@
 //! first and the tensors are then streamed into it in order: memory holds one tensor's conversion buffer, never
 //! a whole shard. Layout: u64 little-endian header length, the JSON header (padded with spaces to 8 bytes),
 //! then the tensors back to back.
-use crate::model::weights::SINGLE_FILE;
 use anyhow::{bail, Context, Result};
 use serde_json::{json, Map, Value};
 use std::io::Write;
 use std::ops::Range;
+use crate::model::weights::SINGLE_FILE;
 use std::path::Path;
 
 /// The element type written.
@@ -52,12 +52,8 @@ impl OutDtype {
     /// Appends `values` in this type, little-endian (bf16 rounded to nearest even).
     pub fn extend(self, values: &[f32], out: &mut Vec<u8>) {
         match self {
-            OutDtype::Bf16 => values
-                .iter()
-                .for_each(|v| out.extend_from_slice(&half::bf16::from_f32(*v).to_le_bytes())),
-            OutDtype::F32 => values
-                .iter()
-                .for_each(|v| out.extend_from_slice(&v.to_le_bytes())),
+            OutDtype::Bf16 => values.iter().for_each(|v| out.extend_from_slice(&half::bf16::from_f32(*v).to_le_bytes())),
+            OutDtype::F32 => values.iter().for_each(|v| out.extend_from_slice(&v.to_le_bytes())),
         }
     }
 }
@@ -106,11 +102,7 @@ pub fn shard_name(i: usize, n: usize) -> String {
 pub fn weight_map(tensors: &[Planned], shards: &[Range<usize>]) -> Vec<(String, String)> {
     let mut map = Vec::with_capacity(tensors.len());
     for (i, r) in shards.iter().enumerate() {
-        map.extend(
-            tensors[r.clone()]
-                .iter()
-                .map(|t| (t.name.clone(), shard_name(i, shards.len()))),
-        );
+        map.extend(tensors[r.clone()].iter().map(|t| (t.name.clone(), shard_name(i, shards.len()))));
     }
     map
 }
@@ -135,37 +127,20 @@ impl<'a> ShardWriter<'a> {
         }
         let mut text = serde_json::to_vec(&Value::Object(header))?;
         text.resize(text.len().div_ceil(8) * 8, b' ');
-        let file = std::fs::File::create(path)
-            .with_context(|| format!("cannot create {}", path.display()))?;
+        let file = std::fs::File::create(path).with_context(|| format!("cannot create {}", path.display()))?;
         let mut file = std::io::BufWriter::with_capacity(1 << 20, file);
         file.write_all(&(text.len() as u64).to_le_bytes())?;
         file.write_all(&text)?;
-        Ok(ShardWriter {
-            file,
-            tensors,
-            dtype,
-            next: 0,
-        })
+        Ok(ShardWriter { file, tensors, dtype, next: 0 })
     }
 
     /// Writes the next tensor: `fill` must append exactly its bytes (in chunks, through the writer it is given).
     pub fn tensor(&mut self, fill: impl FnOnce(&mut dyn Write) -> Result<()>) -> Result<()> {
-        let t = self
-            .tensors
-            .get(self.next)
-            .context("more tensors written than planned")?;
-        let mut counted = Counting {
-            inner: &mut self.file,
-            n: 0,
-        };
+        let t = self.tensors.get(self.next).context("more tensors written than planned")?;
+        let mut counted = Counting { inner: &mut self.file, n: 0 };
         fill(&mut counted)?;
         if counted.n != t.bytes(self.dtype) {
-            bail!(
-                "tensor {}: wrote {} bytes, planned {}",
-                t.name,
-                counted.n,
-                t.bytes(self.dtype)
-            );
+            bail!("tensor {}: wrote {} bytes, planned {}", t.name, counted.n, t.bytes(self.dtype));
         }
         self.next += 1;
         Ok(())

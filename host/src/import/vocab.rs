@@ -10,9 +10,11 @@ use serde::ser::{SerializeMap, Serializer};
 use serde_json::{json, Value as Json};
 
 /// Qwen2 / Qwen2.5 / Qwen3: single digits, case-insensitive contractions.
-const QWEN2_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+const QWEN2_SPLIT: &str =
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 /// Llama 3: as Qwen2's but numbers in runs of up to three digits.
-const LLAMA3_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+const LLAMA3_SPLIT: &str =
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
 /// llama.cpp's token types (`llama_token_type`).
 const TOKEN_CONTROL: i64 = 3;
@@ -58,12 +60,7 @@ const PRES: &[Pre] = &[
         pre_tokenizer: || json!({"type": "Sequence", "pretokenizers": [{"type": "Digits", "individual_digits": true}, byte_level(true)]}),
         ignore_merges: false,
     },
-    Pre {
-        names: &["gpt-2", "gpt2"],
-        normalizer: || Json::Null,
-        pre_tokenizer: || byte_level(true),
-        ignore_merges: false,
-    },
+    Pre { names: &["gpt-2", "gpt2"], normalizer: || Json::Null, pre_tokenizer: || byte_level(true), ignore_merges: false },
 ];
 
 /// The embedded vocabulary, read from the `tokenizer.ggml.*` keys.
@@ -83,32 +80,18 @@ pub struct Vocab<'a> {
 
 fn strings<'a>(g: &'a GgufFile, key: &str) -> Result<Vec<&'a str>> {
     let v = g.required(key)?;
-    let items = v.as_array().with_context(|| {
-        format!(
-            "{}: metadata key {key} must be an array of strings",
-            g.path.display()
-        )
-    })?;
+    let items = v.as_array().with_context(|| format!("{}: metadata key {key} must be an array of strings", g.path.display()))?;
     items
         .iter()
         .enumerate()
-        .map(|(i, s)| {
-            s.as_str().with_context(|| {
-                format!(
-                    "{}: metadata key {key}[{i}] is not a string",
-                    g.path.display()
-                )
-            })
-        })
+        .map(|(i, s)| s.as_str().with_context(|| format!("{}: metadata key {key}[{i}] is not a string", g.path.display())))
         .collect()
 }
 
 impl<'a> Vocab<'a> {
     pub fn read(g: &'a GgufFile) -> Result<Vocab<'a>> {
         let p = g.path.display();
-        let model = g.str_opt("tokenizer.ggml.model")?.with_context(|| {
-            format!("{p}: metadata key tokenizer.ggml.model is missing: the file has no vocabulary")
-        })?;
+        let model = g.str_opt("tokenizer.ggml.model")?.with_context(|| format!("{p}: metadata key tokenizer.ggml.model is missing: the file has no vocabulary"))?;
         if model != "gpt2" {
             bail!("{p}: tokenizer.ggml.model = {model:?}: only byte-level BPE vocabularies (\"gpt2\") are converted to tokenizer.json");
         }
@@ -140,19 +123,12 @@ impl<'a> Vocab<'a> {
             .collect::<Result<_>>()?;
         let id = |k: &str| -> Result<Option<u64>> {
             match g.u64_opt(k)? {
-                Some(i) if i as usize >= tokens.len() => bail!(
-                    "{p}: {k} = {i} is outside the vocabulary of {} tokens",
-                    tokens.len()
-                ),
+                Some(i) if i as usize >= tokens.len() => bail!("{p}: {k} = {i} is outside the vocabulary of {} tokens", tokens.len()),
                 other => Ok(other),
             }
         };
         let mut seen = std::collections::HashSet::new();
-        let duplicates = tokens
-            .iter()
-            .filter(|t| !seen.insert(**t))
-            .map(|t| t.to_string())
-            .collect();
+        let duplicates = tokens.iter().filter(|t| !seen.insert(**t)).map(|t| t.to_string()).collect();
         Ok(Vocab {
             merges,
             pre,
@@ -198,13 +174,7 @@ impl<'a> Vocab<'a> {
         };
         // The vocabulary in id order (a JSON object keeps the first of repeated strings).
         let mut first = std::collections::HashSet::new();
-        let vocab: Vec<(usize, &str)> = self
-            .tokens
-            .iter()
-            .copied()
-            .enumerate()
-            .filter(|(_, t)| first.insert(*t))
-            .collect();
+        let vocab: Vec<(usize, &str)> = self.tokens.iter().copied().enumerate().filter(|(_, t)| first.insert(*t)).collect();
         let doc = Doc {
             version: "1.0",
             truncation: None,

@@ -25,12 +25,7 @@ pub struct Heads {
 /// [N, (H + 2 Hkv) D] -> q [B, H, T, D], k and v [B, Hkv, T, D], contiguous.
 pub fn split_qkv(qkv: &Tensor, s: Heads) -> Result<(Tensor, Tensor, Tensor)> {
     let (q_w, kv_w) = (s.h * s.d, s.hkv * s.d);
-    let part = |off: usize, heads: usize| {
-        qkv.narrow(1, off, heads * s.d)?
-            .reshape((s.b, s.t, heads, s.d))?
-            .transpose(1, 2)?
-            .contiguous()
-    };
+    let part = |off: usize, heads: usize| qkv.narrow(1, off, heads * s.d)?.reshape((s.b, s.t, heads, s.d))?.transpose(1, 2)?.contiguous();
     Ok((part(0, s.h)?, part(q_w, s.hkv)?, part(q_w + kv_w, s.hkv)?))
 }
 
@@ -48,9 +43,7 @@ pub struct QkvSaved {
 
 impl QkvSaved {
     pub fn bytes(&self) -> usize {
-        self.norms.as_ref().map_or(0, |(a, b, c, d)| {
-            a.bytes() + b.bytes() + tensor_bytes(c) + tensor_bytes(d)
-        })
+        self.norms.as_ref().map_or(0, |(a, b, c, d)| a.bytes() + b.bytes() + tensor_bytes(c) + tensor_bytes(d))
     }
 }
 
@@ -58,20 +51,10 @@ impl QkvSaved {
 /// v. Without q/k norms the fused kernel adds the bias, splits the heads and applies RoPE in one pass; with them
 /// (Qwen3) the norm sits between the split and RoPE.
 #[allow(clippy::too_many_arguments)]
-pub fn qkv_forward(
-    base: &Tensor,
-    bias: Option<&Tensor>,
-    norm: Option<QkNorm>,
-    rope: &Rope,
-    s: Heads,
-    fused: bool,
-    fused_norm: bool,
-) -> Result<(Tensor, Tensor, Tensor, QkvSaved)> {
+pub fn qkv_forward(base: &Tensor, bias: Option<&Tensor>, norm: Option<QkNorm>, rope: &Rope, s: Heads, fused: bool, fused_norm: bool) -> Result<(Tensor, Tensor, Tensor, QkvSaved)> {
     #[cfg(feature = "cuda")]
     if norm.is_none() && super::fusion::on(fused, base) {
-        let (q, k, v) = super::cuda::qkv_split_rope(
-            base, bias, &rope.cos, &rope.sin, s.b, s.t, s.h, s.hkv, s.d,
-        )?;
+        let (q, k, v) = super::cuda::qkv_split_rope(base, bias, &rope.cos, &rope.sin, s.b, s.t, s.h, s.hkv, s.d)?;
         return Ok((q, k, v, QkvSaved { norms: None }));
     }
     let _ = fused;
@@ -85,12 +68,7 @@ pub fn qkv_forward(
         Some(n) => {
             let per_head = |x: &Tensor, w: &Tensor| -> Result<(Tensor, RmsNormSaved)> {
                 let dims = x.dims4()?;
-                let (y, saved) = rmsnorm_forward(
-                    &x.reshape((dims.0 * dims.1 * dims.2, dims.3))?,
-                    w,
-                    n.eps,
-                    fused_norm,
-                )?;
+                let (y, saved) = rmsnorm_forward(&x.reshape((dims.0 * dims.1 * dims.2, dims.3))?, w, n.eps, fused_norm)?;
                 Ok((y.reshape(dims)?, saved))
             };
             let (qn, q_saved) = per_head(&q, n.q)?;
@@ -98,24 +76,11 @@ pub fn qkv_forward(
             (qn, kn, Some((q_saved, k_saved, n.q.clone(), n.k.clone())))
         }
     };
-    Ok((
-        rope_forward(&q, rope)?,
-        rope_forward(&k, rope)?,
-        v,
-        QkvSaved { norms },
-    ))
+    Ok((rope_forward(&q, rope)?, rope_forward(&k, rope)?, v, QkvSaved { norms }))
 }
 
 /// Backward of [`qkv_forward`]: dq, dk (rotated back, through the norms) and dv -> d(qkv) [N, (H + 2 Hkv) D].
-pub fn qkv_backward(
-    saved: &QkvSaved,
-    dq: &Tensor,
-    dk: &Tensor,
-    dv: &Tensor,
-    rope: &Rope,
-    fused: bool,
-    fused_norm: bool,
-) -> Result<Tensor> {
+pub fn qkv_backward(saved: &QkvSaved, dq: &Tensor, dk: &Tensor, dv: &Tensor, rope: &Rope, fused: bool, fused_norm: bool) -> Result<Tensor> {
     #[cfg(feature = "cuda")]
     if saved.norms.is_none() && super::fusion::on(fused, dq) {
         return super::cuda::qkv_merge_unrope(dq, dk, dv, &rope.cos, &rope.sin);
@@ -194,10 +159,7 @@ pub fn repeat_kv(x: &Tensor, groups: usize) -> Result<Tensor> {
         return Ok(x.clone());
     }
     let (b, hkv, t, d) = x.dims4()?;
-    x.unsqueeze(2)?
-        .broadcast_as((b, hkv, groups, t, d))?
-        .contiguous()?
-        .reshape((b, hkv * groups, t, d))
+    x.unsqueeze(2)?.broadcast_as((b, hkv, groups, t, d))?.contiguous()?.reshape((b, hkv * groups, t, d))
 }
 
 /// Backward of [`repeat_kv`]: [B, H, T, D] -> [B, H / groups, T, D], summing each group.
@@ -221,14 +183,7 @@ pub fn merge_heads(y: &Tensor, fused: bool) -> Result<Tensor> {
 }
 
 /// Backward of [`merge_heads`]: [N, C] -> [B, H, T, D].
-pub fn merge_heads_backward(
-    dy: &Tensor,
-    b: usize,
-    t: usize,
-    h: usize,
-    d: usize,
-    fused: bool,
-) -> Result<Tensor> {
+pub fn merge_heads_backward(dy: &Tensor, b: usize, t: usize, h: usize, d: usize, fused: bool) -> Result<Tensor> {
     #[cfg(feature = "cuda")]
     if super::fusion::on(fused, dy) {
         return super::cuda::split_heads(dy, b, t, h, d);
@@ -254,31 +209,16 @@ pub struct Rope {
 impl Rope {
     /// The tables of positions 0..t (rows of these; contiguous views, no copy).
     pub fn prefix(&self, t: usize) -> Result<Rope> {
-        Ok(Rope {
-            cos: self.cos.narrow(0, 0, t)?,
-            sin: self.sin.narrow(0, 0, t)?,
-        })
+        Ok(Rope { cos: self.cos.narrow(0, 0, t)?, sin: self.sin.narrow(0, 0, t)? })
     }
 
     /// Tables for positions 0..seq_len. The angles are computed in f32 exactly as the HF code does
     /// (`inv_freq = 1 / base ** (arange(0, D, 2) / D)`, scaled as `rope_scaling` says, `outer(t, inv_freq)`),
     /// then cos/sin.
-    pub fn new(
-        seq_len: usize,
-        head_dim: usize,
-        base: f64,
-        scaling: &RopeScaling,
-        model_dtype: DType,
-        device: &Device,
-    ) -> Result<Rope> {
+    pub fn new(seq_len: usize, head_dim: usize, base: f64, scaling: &RopeScaling, model_dtype: DType, device: &Device) -> Result<Rope> {
         let half = head_dim / 2;
         let inv_freq: Vec<f32> = (0..half)
-            .map(|i| {
-                scale_frequency(
-                    1.0f32 / (base as f32).powf((2 * i) as f32 / head_dim as f32),
-                    scaling,
-                )
-            })
+            .map(|i| scale_frequency(1.0f32 / (base as f32).powf((2 * i) as f32 / head_dim as f32), scaling))
             .collect();
         let mut cos = Vec::with_capacity(seq_len * head_dim);
         let mut sin = Vec::with_capacity(seq_len * head_dim);
@@ -297,10 +237,7 @@ impl Rope {
 
     /// The tables of positions start..start + t (a KV-cached step's new positions).
     pub fn slice(&self, start: usize, t: usize) -> Result<Rope> {
-        Ok(Rope {
-            cos: self.cos.narrow(0, start, t)?,
-            sin: self.sin.narrow(0, start, t)?,
-        })
+        Ok(Rope { cos: self.cos.narrow(0, start, t)?, sin: self.sin.narrow(0, start, t)? })
     }
 
     /// The cos and sin tables, [positions, D] (or per token, [B, 1, T, D]).
@@ -321,10 +258,7 @@ impl Rope {
             let d = table.dim(1)?;
             table.index_select(&index, 0)?.reshape((b, 1, t, d))
         };
-        Ok(Rope {
-            cos: gather(&self.cos)?,
-            sin: gather(&self.sin)?,
-        })
+        Ok(Rope { cos: gather(&self.cos)?, sin: gather(&self.sin)? })
     }
 }
 
@@ -334,18 +268,8 @@ fn scale_frequency(inv_freq: f32, scaling: &RopeScaling) -> f32 {
     match *scaling {
         RopeScaling::None => inv_freq,
         RopeScaling::Linear { factor } => inv_freq / factor as f32,
-        RopeScaling::Llama3 {
-            factor,
-            low_freq_factor,
-            high_freq_factor,
-            original_max_position_embeddings,
-        } => {
-            let (factor, low, high, old) = (
-                factor as f32,
-                low_freq_factor as f32,
-                high_freq_factor as f32,
-                original_max_position_embeddings as f32,
-            );
+        RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position_embeddings } => {
+            let (factor, low, high, old) = (factor as f32, low_freq_factor as f32, high_freq_factor as f32, original_max_position_embeddings as f32);
             let wavelen = 2.0 * std::f32::consts::PI / inv_freq;
             if wavelen > old / low {
                 inv_freq / factor // long wavelengths: interpolated
@@ -405,22 +329,9 @@ pub fn causal_mask(t: usize, model_dtype: DType, device: &Device) -> Result<Tens
 
 /// [T, past + T] additive causal mask for T new queries after `past` cached positions: query i sees keys
 /// 0 ..= past + i.
-pub fn causal_mask_after(
-    t: usize,
-    past: usize,
-    model_dtype: DType,
-    device: &Device,
-) -> Result<Tensor> {
+pub fn causal_mask_after(t: usize, past: usize, model_dtype: DType, device: &Device) -> Result<Tensor> {
     let keys = past + t;
-    let m: Vec<f32> = (0..t * keys)
-        .map(|i| {
-            if i % keys > past + i / keys {
-                f32::NEG_INFINITY
-            } else {
-                0.0
-            }
-        })
-        .collect();
+    let m: Vec<f32> = (0..t * keys).map(|i| if i % keys > past + i / keys { f32::NEG_INFINITY } else { 0.0 }).collect();
     Tensor::from_vec(m, (t, keys), device)?.to_dtype(acc_dtype(model_dtype))
 }
 
@@ -439,30 +350,20 @@ impl Packed {
     /// Checks that `cu_seqlens` cut the [b, t] batch into non-empty sequences, each within one row.
     pub fn new(cu_seqlens: &[u32], b: usize, t: usize) -> Result<Packed> {
         let n = b * t;
-        let ok_ends =
-            cu_seqlens.first() == Some(&0) && cu_seqlens.last().map(|&e| e as usize) == Some(n);
+        let ok_ends = cu_seqlens.first() == Some(&0) && cu_seqlens.last().map(|&e| e as usize) == Some(n);
         if !ok_ends || cu_seqlens.windows(2).any(|w| w[1] <= w[0]) {
             candle_core::bail!("cu_seqlens {cu_seqlens:?} must rise strictly from 0 to the {n} tokens of the batch");
         }
         for row in 1..b {
             if cu_seqlens.binary_search(&((row * t) as u32)).is_err() {
-                candle_core::bail!(
-                    "cu_seqlens {cu_seqlens:?}: a sequence crosses the end of row {}",
-                    row - 1
-                );
+                candle_core::bail!("cu_seqlens {cu_seqlens:?}: a sequence crosses the end of row {}", row - 1);
             }
         }
-        Ok(Packed {
-            cu_seqlens: cu_seqlens.to_vec(),
-            b,
-            t,
-        })
+        Ok(Packed { cu_seqlens: cu_seqlens.to_vec(), b, t })
     }
 
     pub fn sequences(&self) -> impl Iterator<Item = std::ops::Range<usize>> + '_ {
-        self.cu_seqlens
-            .windows(2)
-            .map(|w| w[0] as usize..w[1] as usize)
+        self.cu_seqlens.windows(2).map(|w| w[0] as usize..w[1] as usize)
     }
 
     /// The longest sequence (the RoPE positions needed).
@@ -606,14 +507,8 @@ impl FlashBlocks {
 
 /// Whether the flash kernels run for this dtype, device and head dim (the `flash` and `attention`
 /// switches on, built with `cuda`, bf16 on a GPU).
-pub fn flash_runs(
-    fusion: super::fusion::Fusion,
-    dtype: DType,
-    device: &Device,
-    head_dim: usize,
-) -> bool {
-    FLASH_HEAD_DIMS.contains(&head_dim)
-        && super::fusion::on_for(fusion.flash && fusion.attention, dtype, device)
+pub fn flash_runs(fusion: super::fusion::Fusion, dtype: DType, device: &Device, head_dim: usize) -> bool {
+    FLASH_HEAD_DIMS.contains(&head_dim) && super::fusion::on_for(fusion.flash && fusion.attention, dtype, device)
 }
 
 pub struct AttnSaved {
@@ -634,15 +529,8 @@ pub struct AttnSaved {
 
 impl AttnSaved {
     pub fn bytes(&self) -> usize {
-        let flash = self
-            .flash
-            .as_ref()
-            .map_or(0, |(o, lse, _)| tensor_bytes(o) + tensor_bytes(lse));
-        tensor_bytes(&self.q)
-            + tensor_bytes(&self.k)
-            + tensor_bytes(&self.v)
-            + self.p.as_ref().map_or(0, tensor_bytes)
-            + flash
+        let flash = self.flash.as_ref().map_or(0, |(o, lse, _)| tensor_bytes(o) + tensor_bytes(lse));
+        tensor_bytes(&self.q) + tensor_bytes(&self.k) + tensor_bytes(&self.v) + self.p.as_ref().map_or(0, tensor_bytes) + flash
     }
 }
 
@@ -693,9 +581,7 @@ pub fn attention_forward(
         ));
     }
     let _ = fused;
-    let Some(mask) = mask else {
-        candle_core::bail!("attention_forward: the composite path needs the causal mask")
-    };
+    let Some(mask) = mask else { candle_core::bail!("attention_forward: the composite path needs the causal mask") };
     let s = (q.matmul(&k.t()?)?.to_dtype(mask.dtype())? * scale)?.broadcast_add(mask)?;
     let s_max = s.max_keepdim(D::Minus1)?; // finite: the diagonal is never masked
     let e = s.broadcast_sub(&s_max)?.exp()?;
@@ -780,16 +666,10 @@ pub fn attention_backward(
 }
 
 /// The backward with k and v at every query head.
-fn attention_backward_repeated(
-    saved: &AttnSaved,
-    dy: &Tensor,
-    fused: bool,
-) -> Result<(Tensor, Tensor, Tensor)> {
+fn attention_backward_repeated(saved: &AttnSaved, dy: &Tensor, fused: bool) -> Result<(Tensor, Tensor, Tensor)> {
     let dtype = dy.dtype();
     let scale = 1.0 / (saved.q.dim(D::Minus1)? as f64).sqrt();
-    let Some(p) = &saved.p else {
-        candle_core::bail!("attention_backward: no saved probabilities")
-    };
+    let Some(p) = &saved.p else { candle_core::bail!("attention_backward: no saved probabilities") };
     #[cfg(feature = "cuda")]
     if super::fusion::on(fused, dy) {
         let dv = p.t()?.matmul(dy)?;

@@ -62,15 +62,7 @@ impl Family {
     pub fn sites(self) -> &'static [Site] {
         match self {
             Family::QwenV1 => &[Site::Qkv, Site::O, Site::Up, Site::Gate, Site::Down],
-            _ => &[
-                Site::Q,
-                Site::K,
-                Site::V,
-                Site::O,
-                Site::Gate,
-                Site::Up,
-                Site::Down,
-            ],
+            _ => &[Site::Q, Site::K, Site::V, Site::O, Site::Gate, Site::Up, Site::Down],
         }
     }
 
@@ -141,16 +133,7 @@ pub enum Site {
 }
 
 impl Site {
-    pub const ALL: [Site; 8] = [
-        Site::Qkv,
-        Site::Q,
-        Site::K,
-        Site::V,
-        Site::O,
-        Site::Gate,
-        Site::Up,
-        Site::Down,
-    ];
+    pub const ALL: [Site; 8] = [Site::Qkv, Site::Q, Site::K, Site::V, Site::O, Site::Gate, Site::Up, Site::Down];
     pub const COUNT: usize = Site::ALL.len();
 
     /// Position in [`Site::ALL`].
@@ -186,16 +169,9 @@ pub enum TensorId {
 pub enum RopeScaling {
     None,
     /// `{"rope_type": "linear", "factor": f}`: every frequency divided by f.
-    Linear {
-        factor: f64,
-    },
+    Linear { factor: f64 },
     /// Llama 3.1's: long wavelengths divided by `factor`, short ones kept, a smooth ramp between.
-    Llama3 {
-        factor: f64,
-        low_freq_factor: f64,
-        high_freq_factor: f64,
-        original_max_position_embeddings: f64,
-    },
+    Llama3 { factor: f64, low_freq_factor: f64, high_freq_factor: f64, original_max_position_embeddings: f64 },
 }
 
 /// Hyper-parameters of a model of any family.
@@ -242,10 +218,7 @@ impl Keys<'_> {
             None => bail!("{}: missing key \"{key}\"", self.origin),
             Some(v) => match v.as_u64() {
                 Some(n) if n > 0 => Ok(n as usize),
-                _ => bail!(
-                    "{}: key \"{key}\" must be a positive integer, found {v}",
-                    self.origin
-                ),
+                _ => bail!("{}: key \"{key}\" must be a positive integer, found {v}", self.origin),
             },
         }
     }
@@ -262,10 +235,7 @@ impl Keys<'_> {
             None => bail!("{}: missing key \"{key}\"", self.origin),
             Some(v) => match v.as_f64() {
                 Some(x) if x.is_finite() && x > 0.0 => Ok(x),
-                _ => bail!(
-                    "{}: key \"{key}\" must be a positive number, found {v}",
-                    self.origin
-                ),
+                _ => bail!("{}: key \"{key}\" must be a positive number, found {v}", self.origin),
             },
         }
     }
@@ -281,20 +251,14 @@ impl Keys<'_> {
         match self.get(key) {
             None => Ok(default),
             Some(Value::Bool(b)) => Ok(*b),
-            Some(other) => bail!(
-                "{}: key \"{key}\" must be true or false, found {other}",
-                self.origin
-            ),
+            Some(other) => bail!("{}: key \"{key}\" must be true or false, found {other}", self.origin),
         }
     }
 
     /// Refuses a key whose value would change the math in a way the model does not implement.
     fn require(&self, key: &str, ok: impl Fn(&Value) -> bool, what: &str) -> Result<()> {
         match self.get(key) {
-            Some(v) if !ok(v) => bail!(
-                "{}: key \"{key}\" is {v}; only {what} is supported",
-                self.origin
-            ),
+            Some(v) if !ok(v) => bail!("{}: key \"{key}\" is {v}; only {what} is supported", self.origin),
             _ => Ok(()),
         }
     }
@@ -303,19 +267,15 @@ impl Keys<'_> {
 impl ModelConfig {
     /// Reads `config.json`; errors name the file and the key.
     pub fn from_file(path: &Path) -> Result<ModelConfig> {
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("cannot read model config {}", path.display()))?;
+        let text = std::fs::read_to_string(path).with_context(|| format!("cannot read model config {}", path.display()))?;
         Self::from_json_str(&text, &path.display().to_string())
     }
 
     /// Parses the text of a `config.json`; `origin` names it in errors. Keys that do not change the math
     /// are ignored; keys that would are either implemented or refused by name.
     pub fn from_json_str(text: &str, origin: &str) -> Result<ModelConfig> {
-        let v: Value =
-            serde_json::from_str(text).with_context(|| format!("{origin}: not valid JSON"))?;
-        let obj = v
-            .as_object()
-            .with_context(|| format!("{origin}: expected a JSON object at the top level"))?;
+        let v: Value = serde_json::from_str(text).with_context(|| format!("{origin}: not valid JSON"))?;
+        let obj = v.as_object().with_context(|| format!("{origin}: expected a JSON object at the top level"))?;
         let keys = Keys { obj, origin };
         let model_type = match obj.get("model_type") {
             Some(Value::String(s)) => s.as_str(),
@@ -324,11 +284,7 @@ impl ModelConfig {
         };
         let family = Family::from_model_type(model_type).with_context(|| origin.to_string())?;
         if let Some(Value::Array(archs)) = keys.get("architectures") {
-            if let Some(a) = archs
-                .iter()
-                .filter_map(|a| a.as_str())
-                .find(|&a| a != family.architecture())
-            {
+            if let Some(a) = archs.iter().filter_map(|a| a.as_str()).find(|&a| a != family.architecture()) {
                 bail!("{origin}: key \"architectures\" names {a:?}, but model_type {model_type:?} is {}", family.architecture());
             }
         }
@@ -342,11 +298,7 @@ impl ModelConfig {
 
     fn qwen_v1(k: &Keys) -> Result<ModelConfig> {
         // Partial rotary (rotary_pct < 1) exists in the HF code but in no released Qwen v1 model.
-        k.require(
-            "rotary_pct",
-            |v| v.as_f64() == Some(1.0),
-            "1.0 (RoPE over the full head dim)",
-        )?;
+        k.require("rotary_pct", |v| v.as_f64() == Some(1.0), "1.0 (RoPE over the full head dim)")?;
         let heads = k.int("num_attention_heads")?;
         let intermediate = k.int("intermediate_size")?;
         if !intermediate.is_multiple_of(2) {
@@ -375,19 +327,11 @@ impl ModelConfig {
     fn llama_like(family: Family, k: &Keys) -> Result<ModelConfig> {
         k.require("hidden_act", |v| v.as_str() == Some("silu"), "\"silu\"")?;
         k.require("mlp_bias", |v| v.as_bool() == Some(false), "false")?;
-        k.require(
-            "use_sliding_window",
-            |v| v.as_bool() == Some(false),
-            "false (full attention)",
-        )?;
+        k.require("use_sliding_window", |v| v.as_bool() == Some(false), "false (full attention)")?;
         k.require("pretraining_tp", |v| v.as_u64() == Some(1), "1")?;
         let hidden = k.int("hidden_size")?;
         let heads = k.int("num_attention_heads")?;
-        let default_head_dim = if hidden.is_multiple_of(heads) {
-            hidden / heads
-        } else {
-            0
-        };
+        let default_head_dim = if hidden.is_multiple_of(heads) { hidden / heads } else { 0 };
         let qkv_bias = match family {
             Family::Qwen2 => true, // Qwen2's q/k/v always have biases (no config key)
             _ => k.bool_or("attention_bias", false)?,
@@ -433,10 +377,7 @@ impl ModelConfig {
             );
         }
         if !self.head_dim.is_multiple_of(2) {
-            bail!(
-                "the head dim ({}) must be even for rotary embeddings",
-                self.head_dim
-            );
+            bail!("the head dim ({}) must be even for rotary embeddings", self.head_dim);
         }
         Ok(())
     }
@@ -608,39 +549,18 @@ impl ModelConfig {
 
     /// config.json text (fixed key order, so the bytes are stable).
     pub fn to_json(&self) -> String {
-        let body: Vec<String> = self
-            .to_json_entries()
-            .iter()
-            .map(|(k, v)| format!("  {k:?}: {v}"))
-            .collect();
+        let body: Vec<String> = self.to_json_entries().iter().map(|(k, v)| format!("  {k:?}: {v}")).collect();
         format!("{{\n{}\n}}\n", body.join(",\n"))
     }
 }
 
 /// `rope_scaling`: absent, null, "default", "linear" or "llama3"; anything else is refused by name.
 fn rope_scaling(k: &Keys) -> Result<RopeScaling> {
-    let Some(v) = k.get("rope_scaling") else {
-        return Ok(RopeScaling::None);
-    };
-    let o = v.as_object().with_context(|| {
-        format!(
-            "{}: key \"rope_scaling\" must be an object or null, found {v}",
-            k.origin
-        )
-    })?;
-    let sub = Keys {
-        obj: o,
-        origin: k.origin,
-    };
-    let kind = o
-        .get("rope_type")
-        .or_else(|| o.get("type"))
-        .and_then(|t| t.as_str())
-        .unwrap_or("default");
-    let f = |key: &str| {
-        sub.float(key)
-            .with_context(|| format!("in key \"rope_scaling\" ({kind})"))
-    };
+    let Some(v) = k.get("rope_scaling") else { return Ok(RopeScaling::None) };
+    let o = v.as_object().with_context(|| format!("{}: key \"rope_scaling\" must be an object or null, found {v}", k.origin))?;
+    let sub = Keys { obj: o, origin: k.origin };
+    let kind = o.get("rope_type").or_else(|| o.get("type")).and_then(|t| t.as_str()).unwrap_or("default");
+    let f = |key: &str| sub.float(key).with_context(|| format!("in key \"rope_scaling\" ({kind})"));
     match kind {
         "default" => Ok(RopeScaling::None),
         "linear" => Ok(RopeScaling::Linear { factor: f("factor")? }),

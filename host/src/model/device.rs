@@ -11,10 +11,7 @@ pub fn open(spec: &str) -> Result<Device> {
         return Ok(Device::Cpu);
     }
     let spec = if spec == "cuda" { "cuda:0" } else { spec };
-    let Some(ordinal) = spec
-        .strip_prefix("cuda:")
-        .and_then(|n| n.parse::<usize>().ok())
-    else {
+    let Some(ordinal) = spec.strip_prefix("cuda:").and_then(|n| n.parse::<usize>().ok()) else {
         bail!("`{spec}` is not \"cpu\", \"cuda\" or \"cuda:N\"");
     };
     let device = Device::new_cuda(ordinal)?;

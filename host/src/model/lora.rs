@@ -11,10 +11,10 @@
 //! - Parameters are f32 whatever the model dtype (cast in the forward).
 //! - On disk: a folder with `adapter_config.json` and `adapter_model.safetensors`, keys
 //!   `base_model.model.<module path>.lora_A.weight` [r, in] / `.lora_B.weight` [out, r].
-use super::config::{Family, ModelConfig, Site};
-use super::weights::ModelFiles;
 use crate::fsutil::write_atomic;
+use super::config::{Family, ModelConfig, Site};
 use crate::rng::SplitMix;
+use super::weights::ModelFiles;
 use anyhow::{anyhow, bail, Context, Result};
 use candle_core::safetensors::Load;
 use candle_core::{DType, Device, Tensor};
@@ -97,12 +97,7 @@ pub struct LoraGrads {
 impl Lora {
     /// A fresh adapter: A kaiming-uniform from `seed` (each adapter from its own stream (seed, layer,
     /// site), so adding a target does not change the others), B zeros; f32 on `device`.
-    pub fn new(
-        config: LoraConfig,
-        model: &ModelConfig,
-        seed: u64,
-        device: &Device,
-    ) -> Result<Lora> {
+    pub fn new(config: LoraConfig, model: &ModelConfig, seed: u64, device: &Device) -> Result<Lora> {
         config.validate()?;
         let sites = matched_sites(&config, model)?;
         let mut adapters = Vec::with_capacity(sites.len());
@@ -110,9 +105,7 @@ impl Lora {
             let (fan_in, fan_out) = model.linear_dims(site);
             let bound = 1.0 / (fan_in as f64).sqrt();
             let mut rng = SplitMix::for_stream(seed, &[layer as u64, site.index() as u64]);
-            let a: Vec<f32> = (0..config.r * fan_in)
-                .map(|_| ((2.0 * rng.uniform() - 1.0) * bound) as f32)
-                .collect();
+            let a: Vec<f32> = (0..config.r * fan_in).map(|_| ((2.0 * rng.uniform() - 1.0) * bound) as f32).collect();
             let a = Tensor::from_vec(a, (config.r, fan_in), device)?;
             let b = Tensor::zeros((fan_out, config.r), DType::F32, device)?;
             adapters.push(Adapter { layer, site, a, b });
@@ -125,12 +118,7 @@ impl Lora {
         for (i, ad) in adapters.iter().enumerate() {
             slots[ad.layer][ad.site.index()] = Some(i);
         }
-        Lora {
-            config,
-            family: model.family,
-            adapters,
-            slots,
-        }
+        Lora { config, family: model.family, adapters, slots }
     }
 
     pub fn scale(&self) -> f64 {
@@ -166,10 +154,7 @@ impl Lora {
     }
 
     pub fn params_mut(&mut self) -> Vec<&mut Tensor> {
-        self.adapters
-            .iter_mut()
-            .flat_map(|a| [&mut a.a, &mut a.b])
-            .collect()
+        self.adapters.iter_mut().flat_map(|a| [&mut a.a, &mut a.b]).collect()
     }
 
     /// PEFT key of each parameter, in [`Lora::params`] order.
@@ -185,10 +170,7 @@ impl Lora {
 
     /// Number of trainable scalars.
     pub fn num_params(&self) -> usize {
-        self.adapters
-            .iter()
-            .map(|a| a.a.elem_count() + a.b.elem_count())
-            .sum()
+        self.adapters.iter().map(|a| a.a.elem_count() + a.b.elem_count()).sum()
     }
 
     /// A copy with parameters in another dtype (f64 for gradient checks).
@@ -204,11 +186,7 @@ impl Lora {
     /// Errors unless every adapter has the shape the model's linear needs.
     pub fn check_fits(&self, model: &ModelConfig) -> Result<()> {
         if self.slots.len() != model.num_layers || self.family != model.family {
-            bail!(
-                "the LoRA adapter was built for a model with {} layers, this one has {}",
-                self.slots.len(),
-                model.num_layers
-            );
+            bail!("the LoRA adapter was built for a model with {} layers, this one has {}", self.slots.len(), model.num_layers);
         }
         for ad in &self.adapters {
             let (fan_in, fan_out) = model.linear_dims(ad.site);
@@ -230,18 +208,15 @@ impl Lora {
     /// Writes `adapter_model.safetensors` then `adapter_config.json` into `dir`, each atomically (temp
     /// file in the same folder, then rename). Parameters are written as f32.
     pub fn save(&self, dir: &Path) -> Result<()> {
-        std::fs::create_dir_all(dir)
-            .with_context(|| format!("cannot create adapter folder {}", dir.display()))?;
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create adapter folder {}", dir.display()))?;
         let mut tensors: Vec<(String, Tensor)> = Vec::new();
         for (name, t) in self.param_names().into_iter().zip(self.params()) {
             tensors.push((name, t.to_dtype(DType::F32)?.to_device(&Device::Cpu)?));
         }
         let metadata: HashMap<String, String> = [("format".to_string(), "pt".to_string())].into();
-        let bytes = safetensors::serialize(tensors, Some(metadata))
-            .context("cannot serialise the adapter")?;
+        let bytes = safetensors::serialize(tensors, Some(metadata)).context("cannot serialise the adapter")?;
         let weights_path = dir.join(ADAPTER_WEIGHTS_FILE);
-        write_atomic(&weights_path, &bytes)
-            .with_context(|| format!("cannot write {}", weights_path.display()))?;
+        write_atomic(&weights_path, &bytes).with_context(|| format!("cannot write {}", weights_path.display()))?;
 
         let c = &self.config;
         let cfg = json!({
@@ -266,8 +241,7 @@ impl Lora {
         });
         let config_path = dir.join(ADAPTER_CONFIG_FILE);
         let text = serde_json::to_string_pretty(&cfg)? + "\n";
-        write_atomic(&config_path, text.as_bytes())
-            .with_context(|| format!("cannot write {}", config_path.display()))?;
+        write_atomic(&config_path, text.as_bytes()).with_context(|| format!("cannot write {}", config_path.display()))?;
         Ok(())
     }
 
@@ -279,12 +253,7 @@ impl Lora {
         }
         let mut names: Vec<String> = Vec::new();
         for ad in &self.adapters {
-            let leaf = self
-                .module_path(ad)
-                .rsplit('.')
-                .next()
-                .unwrap_or_default()
-                .to_string();
+            let leaf = self.module_path(ad).rsplit('.').next().unwrap_or_default().to_string();
             if !names.contains(&leaf) {
                 names.push(leaf);
             }
@@ -297,23 +266,15 @@ impl Lora {
     pub fn load(dir: &Path, model: &ModelConfig, device: &Device) -> Result<Lora> {
         let config_path = dir.join(ADAPTER_CONFIG_FILE);
         let config = read_adapter_config(&config_path)?;
-        let sites =
-            matched_sites(&config, model).with_context(|| config_path.display().to_string())?;
+        let sites = matched_sites(&config, model).with_context(|| config_path.display().to_string())?;
 
         let weights_path = dir.join(ADAPTER_WEIGHTS_FILE);
-        let bytes = std::fs::read(&weights_path)
-            .with_context(|| format!("cannot read {}", weights_path.display()))?;
+        let bytes = std::fs::read(&weights_path).with_context(|| format!("cannot read {}", weights_path.display()))?;
         let st = SafeTensors::deserialize(&bytes).map_err(|e| {
-            anyhow!(
-                "{}: not a valid safetensors file (truncated or corrupt?): {e}",
-                weights_path.display()
-            )
+            anyhow!("{}: not a valid safetensors file (truncated or corrupt?): {e}", weights_path.display())
         })?;
         let mut found: BTreeMap<String, TensorView> = st.tensors().into_iter().collect();
-        if !found.keys().any(|k| {
-            k.starts_with("base_model.model.")
-                && (k.ends_with(".lora_A.weight") || k.ends_with(".lora_B.weight"))
-        }) {
+        if !found.keys().any(|k| k.starts_with("base_model.model.") && (k.ends_with(".lora_A.weight") || k.ends_with(".lora_B.weight"))) {
             let sample: Vec<&String> = found.keys().take(3).collect();
             bail!(
                 "{}: contains no LoRA tensors (expected keys like base_model.model.<module>.lora_A.weight, found {sample:?}); is this a PEFT LoRA adapter?",
@@ -328,34 +289,15 @@ impl Lora {
             let mut get = |which: &str, shape: [usize; 2]| -> Result<Tensor> {
                 let key = peft_key(&path, which);
                 let view = found.remove(&key).with_context(|| {
-                    format!(
-                        "{}: missing tensor {key} (adapter_config.json targets {:?})",
-                        weights_path.display(),
-                        config.targets
-                    )
+                    format!("{}: missing tensor {key} (adapter_config.json targets {:?})", weights_path.display(), config.targets)
                 })?;
                 if view.shape() != shape {
-                    bail!(
-                        "{}: tensor {key} has shape {:?}, expected {:?}",
-                        weights_path.display(),
-                        view.shape(),
-                        shape
-                    );
+                    bail!("{}: tensor {key} has shape {:?}, expected {:?}", weights_path.display(), view.shape(), shape);
                 }
-                if !matches!(
-                    view.dtype(),
-                    StDtype::F32 | StDtype::F16 | StDtype::BF16 | StDtype::F64
-                ) {
-                    bail!(
-                        "{}: tensor {key} has dtype {:?}, expected a float type",
-                        weights_path.display(),
-                        view.dtype()
-                    );
+                if !matches!(view.dtype(), StDtype::F32 | StDtype::F16 | StDtype::BF16 | StDtype::F64) {
+                    bail!("{}: tensor {key} has dtype {:?}, expected a float type", weights_path.display(), view.dtype());
                 }
-                Ok(view
-                    .load(&Device::Cpu)?
-                    .to_dtype(DType::F32)?
-                    .to_device(device)?)
+                Ok(view.load(&Device::Cpu)?.to_dtype(DType::F32)?.to_device(device)?)
             };
             let a = get("lora_A", [config.r, fan_in])?;
             let b = get("lora_B", [fan_out, config.r])?;
@@ -392,25 +334,9 @@ fn matched_sites(config: &LoraConfig, model: &ModelConfig) -> Result<Vec<(usize,
         }
     }
     for t in config.targets.iter().filter(|t| *t != ALL_LINEAR) {
-        let hit = (0..model.num_layers).any(|l| {
-            model
-                .sites()
-                .iter()
-                .any(|&s| target_matches(&model.module_path(l, s), t))
-        });
+        let hit = (0..model.num_layers).any(|l| model.sites().iter().any(|&s| target_matches(&model.module_path(l, s), t)));
         if !hit {
-            let names: Vec<String> = model
-                .sites()
-                .iter()
-                .map(|&s| {
-                    model
-                        .module_path(0, s)
-                        .rsplit('.')
-                        .next()
-                        .unwrap_or("")
-                        .to_string()
-                })
-                .collect();
+            let names: Vec<String> = model.sites().iter().map(|&s| model.module_path(0, s).rsplit('.').next().unwrap_or("").to_string()).collect();
             bail!(
                 "LoRA target {t:?} matches no linear layer of this {} model (adaptable: {}, or {ALL_LINEAR:?})",
                 model.family.architecture(),
@@ -422,26 +348,17 @@ fn matched_sites(config: &LoraConfig, model: &ModelConfig) -> Result<Vec<(usize,
 }
 
 fn read_adapter_config(path: &Path) -> Result<LoraConfig> {
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
-    let v: Value = serde_json::from_str(&text)
-        .with_context(|| format!("{}: not valid JSON", path.display()))?;
+    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let v: Value = serde_json::from_str(&text).with_context(|| format!("{}: not valid JSON", path.display()))?;
     let p = path.display();
     let get = |k: &str| v.get(k).filter(|x| !x.is_null());
     match get("peft_type").and_then(|x| x.as_str()) {
         Some("LORA") => {}
         other => bail!("{p}: peft_type is {other:?}, expected \"LORA\""),
     }
-    let r = get("r")
-        .and_then(|x| x.as_u64())
-        .filter(|&r| r > 0)
-        .with_context(|| format!("{p}: missing or invalid \"r\""))?;
-    let alpha = get("lora_alpha")
-        .and_then(|x| x.as_f64())
-        .with_context(|| format!("{p}: missing or invalid \"lora_alpha\""))?;
-    let dropout = get("lora_dropout")
-        .map_or(Some(0.0), |x| x.as_f64())
-        .with_context(|| format!("{p}: invalid \"lora_dropout\""))?;
+    let r = get("r").and_then(|x| x.as_u64()).filter(|&r| r > 0).with_context(|| format!("{p}: missing or invalid \"r\""))?;
+    let alpha = get("lora_alpha").and_then(|x| x.as_f64()).with_context(|| format!("{p}: missing or invalid \"lora_alpha\""))?;
+    let dropout = get("lora_dropout").map_or(Some(0.0), |x| x.as_f64()).with_context(|| format!("{p}: invalid \"lora_dropout\""))?;
     let targets: Vec<String> = match get("target_modules") {
         Some(Value::Array(items)) => items
             .iter()
@@ -463,10 +380,7 @@ fn read_adapter_config(path: &Path) -> Result<LoraConfig> {
         }
     }
     for pattern in ["rank_pattern", "alpha_pattern"] {
-        if get(pattern)
-            .and_then(|x| x.as_object())
-            .is_some_and(|o| !o.is_empty())
-        {
+        if get(pattern).and_then(|x| x.as_object()).is_some_and(|o| !o.is_empty()) {
             bail!("{p}: a non-empty {pattern} is not supported");
         }
     }
@@ -480,10 +394,7 @@ fn read_adapter_config(path: &Path) -> Result<LoraConfig> {
         alpha,
         dropout,
         targets,
-        base_model_name_or_path: get("base_model_name_or_path")
-            .and_then(|x| x.as_str())
-            .unwrap_or("")
-            .to_string(),
+        base_model_name_or_path: get("base_model_name_or_path").and_then(|x| x.as_str()).unwrap_or("").to_string(),
     };
     config.validate().with_context(|| p.to_string())?;
     Ok(config)
@@ -492,27 +403,14 @@ fn read_adapter_config(path: &Path) -> Result<LoraConfig> {
 impl LoraGrads {
     /// Zeros shaped like the adapter's parameters.
     pub fn zeros_like(lora: &Lora) -> Result<LoraGrads> {
-        let a = lora
-            .adapters
-            .iter()
-            .map(|ad| ad.a.zeros_like())
-            .collect::<candle_core::Result<_>>()?;
-        let b = lora
-            .adapters
-            .iter()
-            .map(|ad| ad.b.zeros_like())
-            .collect::<candle_core::Result<_>>()?;
+        let a = lora.adapters.iter().map(|ad| ad.a.zeros_like()).collect::<candle_core::Result<_>>()?;
+        let b = lora.adapters.iter().map(|ad| ad.b.zeros_like()).collect::<candle_core::Result<_>>()?;
         Ok(LoraGrads { a, b })
     }
 
     /// self += other (gradient accumulation).
     pub fn add_assign(&mut self, other: &LoraGrads) -> Result<()> {
-        for (x, y) in self
-            .a
-            .iter_mut()
-            .chain(self.b.iter_mut())
-            .zip(other.a.iter().chain(other.b.iter()))
-        {
+        for (x, y) in self.a.iter_mut().chain(self.b.iter_mut()).zip(other.a.iter().chain(other.b.iter())) {
             *x = (&*x + y)?;
         }
         Ok(())
@@ -528,19 +426,11 @@ impl LoraGrads {
 
     /// In [`Lora::params`] order: dA0, dB0, dA1, dB1, ...
     pub fn tensors(&self) -> Vec<&Tensor> {
-        self.a
-            .iter()
-            .zip(&self.b)
-            .flat_map(|(a, b)| [a, b])
-            .collect()
+        self.a.iter().zip(&self.b).flat_map(|(a, b)| [a, b]).collect()
     }
 
     pub fn tensors_mut(&mut self) -> Vec<&mut Tensor> {
-        self.a
-            .iter_mut()
-            .zip(self.b.iter_mut())
-            .flat_map(|(a, b)| [a, b])
-            .collect()
+        self.a.iter_mut().zip(self.b.iter_mut()).flat_map(|(a, b)| [a, b]).collect()
     }
 }
 
@@ -590,22 +480,13 @@ pub fn merge(base_dir: &Path, lora: &Lora, out_dir: &Path) -> Result<()> {
 
 /// [`merge`], one file at a time (peak memory about one shard), calling `progress(done, of, file)` before
 /// each file.
-pub fn merge_with_progress(
-    base_dir: &Path,
-    lora: &Lora,
-    out_dir: &Path,
-    mut progress: impl FnMut(usize, usize, &Path),
-) -> Result<()> {
+pub fn merge_with_progress(base_dir: &Path, lora: &Lora, out_dir: &Path, mut progress: impl FnMut(usize, usize, &Path)) -> Result<()> {
     let ckpt = ModelFiles::open(base_dir)?;
     let cfg = &ckpt.config;
     lora.check_fits(cfg)?;
-    std::fs::create_dir_all(out_dir)
-        .with_context(|| format!("cannot create {}", out_dir.display()))?;
+    std::fs::create_dir_all(out_dir).with_context(|| format!("cannot create {}", out_dir.display()))?;
     if std::fs::canonicalize(base_dir)? == std::fs::canonicalize(out_dir)? {
-        bail!(
-            "merge: the output folder must differ from the base folder {}",
-            base_dir.display()
-        );
+        bail!("merge: the output folder must differ from the base folder {}", base_dir.display());
     }
     let mut entries: Vec<_> = std::fs::read_dir(base_dir)?.collect::<std::io::Result<_>>()?;
     entries.sort_by_key(|e| e.file_name());
@@ -616,15 +497,10 @@ pub fn merge_with_progress(
         progress(i, entries.len(), &src);
         let dst = out_dir.join(entry.file_name());
         let tmp = crate::fsutil::temp_sibling(&dst);
-        let written = if ckpt.files.contains(&src) {
-            merge_shard(&src, cfg, lora, &tmp)?
-        } else {
-            false
-        };
+        let written = if ckpt.files.contains(&src) { merge_shard(&src, cfg, lora, &tmp)? } else { false };
         let result = (|| {
             if !written {
-                std::fs::copy(&src, &tmp)
-                    .with_context(|| format!("cannot copy {}", src.display()))?;
+                std::fs::copy(&src, &tmp).with_context(|| format!("cannot copy {}", src.display()))?;
             }
             std::fs::rename(&tmp, &dst).with_context(|| format!("cannot write {}", dst.display()))
         })();
@@ -640,25 +516,17 @@ pub fn merge_with_progress(
 /// (copy it as it is). Only this shard is in memory, and the output is streamed to the file.
 fn merge_shard(path: &Path, cfg: &ModelConfig, lora: &Lora, out: &Path) -> Result<bool> {
     let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
-    let st = SafeTensors::deserialize(&bytes)
-        .map_err(|e| anyhow!("{}: not a valid safetensors file: {e}", path.display()))?;
-    let (_, header) =
-        SafeTensors::read_metadata(&bytes).map_err(|e| anyhow!("{}: {e}", path.display()))?;
+    let st = SafeTensors::deserialize(&bytes).map_err(|e| anyhow!("{}: not a valid safetensors file: {e}", path.display()))?;
+    let (_, header) = SafeTensors::read_metadata(&bytes).map_err(|e| anyhow!("{}: {e}", path.display()))?;
     let mut tensors: Vec<(String, OutTensor)> = Vec::new();
     let mut changed = false;
     for (name, view) in st.tensors() {
-        let adapter = cfg
-            .linear_of_tensor(&name)
-            .and_then(|(l, s)| lora.adapter(l, s));
+        let adapter = cfg.linear_of_tensor(&name).and_then(|(l, s)| lora.adapter(l, s));
         let t = match adapter {
             Some(ad) => {
                 changed = true;
                 let w = view.load(&Device::Cpu)?;
-                let work = if w.dtype() == DType::F64 {
-                    DType::F64
-                } else {
-                    DType::F32
-                };
+                let work = if w.dtype() == DType::F64 { DType::F64 } else { DType::F32 };
                 let a = ad.a.to_device(&Device::Cpu)?.to_dtype(work)?;
                 let b = ad.b.to_device(&Device::Cpu)?.to_dtype(work)?;
                 let delta = (b.matmul(&a)? * lora.scale())?;

@@ -67,13 +67,7 @@ impl Targets {
     /// Drops the positions whose next token begins a new sequence (`starts[row + 1]`).
     pub fn drop_before(&mut self, starts: &[bool]) {
         let before_start = |r: u32| starts.get(r as usize + 1).copied().unwrap_or(false);
-        (self.rows, self.tokens) = self
-            .rows
-            .iter()
-            .zip(&self.tokens)
-            .filter(|(&r, _)| !before_start(r))
-            .map(|(&r, &y)| (r, y))
-            .unzip();
+        (self.rows, self.tokens) = self.rows.iter().zip(&self.tokens).filter(|(&r, _)| !before_start(r)).map(|(&r, &y)| (r, y)).unzip();
     }
 
     pub fn is_empty(&self) -> bool {
@@ -84,14 +78,7 @@ impl Targets {
 /// Returns the summed loss (an f64 scalar tensor, read it with `to_scalar` once the backward is queued: on
 /// the GPU reading it waits for the device) and, when `want_grad`, d(loss)/d(hf) [N, C] in hf's dtype.
 /// `fused`: one GPU kernel per chunk for logsumexp, loss and dz (see [`super::fusion`]).
-pub fn cross_entropy(
-    hf: &Tensor,
-    lm_head: &Tensor,
-    targets: &Targets,
-    chunk: usize,
-    want_grad: bool,
-    fused: bool,
-) -> Result<(Tensor, Option<Tensor>)> {
+pub fn cross_entropy(hf: &Tensor, lm_head: &Tensor, targets: &Targets, chunk: usize, want_grad: bool, fused: bool) -> Result<(Tensor, Option<Tensor>)> {
     #[cfg(feature = "cuda")]
     if super::fusion::on(fused, hf) {
         return cross_entropy_fused(hf, lm_head, targets, chunk, want_grad);
@@ -101,11 +88,7 @@ pub fn cross_entropy(
     let dtype = hf.dtype();
     let acc = acc_dtype(dtype);
     let mut loss_sum = 0.0f64;
-    let mut dhf = if want_grad {
-        Some(hf.zeros_like()?)
-    } else {
-        None
-    };
+    let mut dhf = if want_grad { Some(hf.zeros_like()?) } else { None };
     let chunk = chunk.max(1);
     for start in (0..targets.len()).step_by(chunk) {
         let end = (start + chunk).min(targets.len());
@@ -121,10 +104,7 @@ pub fn cross_entropy(
         let sum_e = e.sum_keepdim(D::Minus1)?;
         let lse = (sum_e.log()? + z_max)?; // [n, 1]
         let picked = z.gather(&tokens, 1)?; // [n, 1]
-        loss_sum += (lse - picked)?
-            .sum_all()?
-            .to_dtype(DType::F64)?
-            .to_scalar::<f64>()?;
+        loss_sum += (lse - picked)?.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
 
         // Backward: dz = softmax(z) - onehot(y), then dh = dz W, scattered back to the rows.
         if let Some(acc_grad) = dhf.as_mut() {
@@ -140,20 +120,10 @@ pub fn cross_entropy(
 
 /// [`cross_entropy`] with the per-chunk math in one kernel; the losses stay on the GPU.
 #[cfg(feature = "cuda")]
-fn cross_entropy_fused(
-    hf: &Tensor,
-    lm_head: &Tensor,
-    targets: &Targets,
-    chunk: usize,
-    want_grad: bool,
-) -> Result<(Tensor, Option<Tensor>)> {
+fn cross_entropy_fused(hf: &Tensor, lm_head: &Tensor, targets: &Targets, chunk: usize, want_grad: bool) -> Result<(Tensor, Option<Tensor>)> {
     let device = hf.device();
     let mut losses = Vec::new();
-    let mut dhf = if want_grad {
-        Some(hf.zeros_like()?)
-    } else {
-        None
-    };
+    let mut dhf = if want_grad { Some(hf.zeros_like()?) } else { None };
     // The counted positions are distinct rows: their gradients are scattered into the zeros (8 columns at a
     // time, so whole groups of 8), not index_added.
     let scatter = hf.dim(D::Minus1)? % 8 == 0;

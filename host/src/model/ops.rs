@@ -46,12 +46,7 @@ impl RmsNormSaved {
 }
 
 /// `fused`: use the GPU kernel when it applies (see [`super::fusion`]).
-pub fn rmsnorm_forward(
-    x: &Tensor,
-    w: &Tensor,
-    eps: f64,
-    fused: bool,
-) -> Result<(Tensor, RmsNormSaved)> {
+pub fn rmsnorm_forward(x: &Tensor, w: &Tensor, eps: f64, fused: bool) -> Result<(Tensor, RmsNormSaved)> {
     #[cfg(feature = "cuda")]
     if super::fusion::on(fused, x) {
         let (y, rstd) = super::cuda::rmsnorm_forward(x, w, eps)?;
@@ -60,9 +55,7 @@ pub fn rmsnorm_forward(
     let _ = fused;
     let dtype = x.dtype();
     let xf = x.to_dtype(acc_dtype(dtype))?;
-    let rstd = (xf.sqr()?.mean_keepdim(D::Minus1)? + eps)?
-        .sqrt()?
-        .recip()?;
+    let rstd = (xf.sqr()?.mean_keepdim(D::Minus1)? + eps)?.sqrt()?.recip()?;
     let xhat = xf.broadcast_mul(&rstd)?;
     let y = xhat.to_dtype(dtype)?.broadcast_mul(w)?;
     Ok((y, RmsNormSaved { x: x.clone(), rstd }))
@@ -72,13 +65,7 @@ pub fn rmsnorm_forward(
 ///   dx = rstd * (g - xhat * mean(g * xhat))
 /// (the second term is the gradient through rstd, which depends on every feature of the row).
 /// `dres`, when given, is added to dx: the gradient the residual branch carries past the norm.
-pub fn rmsnorm_backward(
-    saved: &RmsNormSaved,
-    w: &Tensor,
-    dy: &Tensor,
-    dres: Option<&Tensor>,
-    fused: bool,
-) -> Result<Tensor> {
+pub fn rmsnorm_backward(saved: &RmsNormSaved, w: &Tensor, dy: &Tensor, dres: Option<&Tensor>, fused: bool) -> Result<Tensor> {
     #[cfg(feature = "cuda")]
     if super::fusion::on(fused, dy) {
         return super::cuda::rmsnorm_backward(&saved.x, &saved.rstd, w, dy, dres);
@@ -89,9 +76,7 @@ pub fn rmsnorm_backward(
     let g = dy.broadcast_mul(w)?.to_dtype(acc)?;
     let xhat = saved.x.to_dtype(acc)?.broadcast_mul(&saved.rstd)?;
     let proj = (&g * &xhat)?.mean_keepdim(D::Minus1)?;
-    let dx = (g - xhat.broadcast_mul(&proj)?)?
-        .broadcast_mul(&saved.rstd)?
-        .to_dtype(dtype)?;
+    let dx = (g - xhat.broadcast_mul(&proj)?)?.broadcast_mul(&saved.rstd)?.to_dtype(dtype)?;
     match dres {
         Some(r) => dx + r,
         None => Ok(dx),
@@ -117,12 +102,7 @@ pub fn linear_backward(dy: &Tensor, w: &Tensor) -> Result<Tensor> {
 /// `partial` + dy w: the input gradient of an input that feeds two linears (the MLP's up and gate), the
 /// second linear's added to the first's. On the GPU (`fused`) cuBLAS adds the product into `partial` in
 /// place (a fresh gradient nothing else holds): no second [N, in] product and no add.
-pub fn linear_backward_add(
-    partial: Tensor,
-    dy: &Tensor,
-    w: &Tensor,
-    fused: bool,
-) -> Result<Tensor> {
+pub fn linear_backward_add(partial: Tensor, dy: &Tensor, w: &Tensor, fused: bool) -> Result<Tensor> {
     #[cfg(feature = "cuda")]
     if super::fusion::on(fused, &partial) && dy.dtype() == DType::BF16 && w.dtype() == DType::BF16 {
         super::cuda::matmul_add_(&partial, dy, w)?;
@@ -172,11 +152,7 @@ impl LoraSaved {
 pub enum Dropout {
     Mask(Tensor),
     #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
-    Key {
-        key: u64,
-        p: f64,
-        bits: Option<Tensor>,
-    },
+    Key { key: u64, p: f64, bits: Option<Tensor> },
 }
 
 impl Dropout {
@@ -193,12 +169,7 @@ impl Dropout {
 
 /// The branch up to rank r: h = dropout(x), u = scale * h A^T. Add it to a linear's output with
 /// [`lora_add`].
-pub fn lora_forward(
-    x: &Tensor,
-    a: &Tensor,
-    scale: f64,
-    dropout: Option<Dropout>,
-) -> Result<LoraSaved> {
+pub fn lora_forward(x: &Tensor, a: &Tensor, scale: f64, dropout: Option<Dropout>) -> Result<LoraSaved> {
     let a = a.to_dtype(x.dtype())?;
     let (h, dropout) = match dropout {
         #[cfg(feature = "cuda")]
@@ -233,15 +204,8 @@ fn add_delta(y: Tensor, u: &Tensor, b: &Tensor, fused: bool) -> Result<Tensor> {
 /// x W^T + u B^T: a frozen linear (no bias) with its LoRA delta, `delta` = (u [N, r], B [out, r]). On the GPU
 /// (`fused`, r up to 32) the delta is written first and cuBLAS adds the product into it (beta = 1), so no kernel
 /// reads and rewrites the output afterwards; elsewhere the delta is added to the product.
-pub fn linear_forward_delta(
-    x: &Tensor,
-    w: &Tensor,
-    delta: Option<(&Tensor, &Tensor)>,
-    fused: bool,
-) -> Result<Tensor> {
-    let Some((u, b)) = delta else {
-        return linear_forward(x, w, None);
-    };
+pub fn linear_forward_delta(x: &Tensor, w: &Tensor, delta: Option<(&Tensor, &Tensor)>, fused: bool) -> Result<Tensor> {
+    let Some((u, b)) = delta else { return linear_forward(x, w, None) };
     #[cfg(feature = "cuda")]
     if super::fusion::on(fused, x) && w.dtype() == x.dtype() {
         if let Some(y) = super::cuda::lora_up(u, &b.to_dtype(x.dtype())?)? {
@@ -272,15 +236,7 @@ pub enum InputGrad<'a> {
 ///   dh = (scale du) A      [N, in] -> dx += dh * mask (dropout passes gradient only where it kept x)
 /// Returns (dx, dA, dB); dA, dB in the parameter dtype; dx unless `dx` is [`InputGrad::None`].
 #[allow(clippy::too_many_arguments)]
-pub fn lora_backward(
-    saved: &LoraSaved,
-    a: &Tensor,
-    b: &Tensor,
-    scale: f64,
-    dy: &Tensor,
-    dx: InputGrad,
-    fused: bool,
-) -> Result<(Option<Tensor>, Tensor, Tensor)> {
+pub fn lora_backward(saved: &LoraSaved, a: &Tensor, b: &Tensor, scale: f64, dy: &Tensor, dx: InputGrad, fused: bool) -> Result<(Option<Tensor>, Tensor, Tensor)> {
     let dtype = dy.dtype();
     let pdtype = a.dtype();
     let (a_c, b_c) = (a.to_dtype(dtype)?, b.to_dtype(dtype)?);
@@ -289,21 +245,8 @@ pub fn lora_backward(
     let da = du.t()?.matmul(&saved.h)?.to_dtype(pdtype)?;
     let dx = match dx {
         InputGrad::None => None,
-        InputGrad::Add(dx) => Some(lora_input_grad(
-            dx,
-            &du,
-            &a_c,
-            saved.dropout.as_ref(),
-            fused,
-        )?),
-        InputGrad::Linear(w) => Some(linear_lora_input_grad(
-            dy,
-            w,
-            &du,
-            &a_c,
-            saved.dropout.as_ref(),
-            fused,
-        )?),
+        InputGrad::Add(dx) => Some(lora_input_grad(dx, &du, &a_c, saved.dropout.as_ref(), fused)?),
+        InputGrad::Linear(w) => Some(linear_lora_input_grad(dy, w, &du, &a_c, saved.dropout.as_ref(), fused)?),
     };
     Ok((dx, da, db.to_dtype(pdtype)?))
 }
@@ -311,9 +254,7 @@ pub fn lora_backward(
 /// The dropout as the GPU kernels take it: (key, p, the mask's bits), None for no dropout; Err for a mask
 /// tensor (the composite path).
 #[cfg(feature = "cuda")]
-fn kernel_dropout(
-    dropout: Option<&Dropout>,
-) -> std::result::Result<Option<(u64, f64, Option<&Tensor>)>, ()> {
+fn kernel_dropout(dropout: Option<&Dropout>) -> std::result::Result<Option<(u64, f64, Option<&Tensor>)>, ()> {
     match dropout {
         Some(Dropout::Key { key, p, bits }) => Ok(Some((*key, *p, bits.as_ref()))),
         Some(Dropout::Mask(_)) => Err(()),
@@ -322,19 +263,9 @@ fn kernel_dropout(
 }
 
 /// dy W + dropout(du A).
-fn linear_lora_input_grad(
-    dy: &Tensor,
-    w: &Tensor,
-    du: &Tensor,
-    a: &Tensor,
-    dropout: Option<&Dropout>,
-    fused: bool,
-) -> Result<Tensor> {
+fn linear_lora_input_grad(dy: &Tensor, w: &Tensor, du: &Tensor, a: &Tensor, dropout: Option<&Dropout>, fused: bool) -> Result<Tensor> {
     #[cfg(feature = "cuda")]
-    if let (true, Ok(key)) = (
-        super::fusion::on(fused, dy) && w.dtype() == dy.dtype(),
-        kernel_dropout(dropout),
-    ) {
+    if let (true, Ok(key)) = (super::fusion::on(fused, dy) && w.dtype() == dy.dtype(), kernel_dropout(dropout)) {
         if let Some(dx) = super::cuda::lora_down(du, a, key)? {
             super::cuda::matmul_add_(&dx, dy, w)?;
             return Ok(dx);
@@ -344,13 +275,7 @@ fn linear_lora_input_grad(
 }
 
 /// dx + dropout(du A).
-fn lora_input_grad(
-    dx: Tensor,
-    du: &Tensor,
-    a: &Tensor,
-    dropout: Option<&Dropout>,
-    fused: bool,
-) -> Result<Tensor> {
+fn lora_input_grad(dx: Tensor, du: &Tensor, a: &Tensor, dropout: Option<&Dropout>, fused: bool) -> Result<Tensor> {
     #[cfg(feature = "cuda")]
     if let (true, Ok(key)) = (super::fusion::on(fused, &dx), kernel_dropout(dropout)) {
         super::cuda::lora_down_add_(&dx, du, a, key)?;
@@ -367,14 +292,7 @@ fn lora_input_grad(
 
 /// A dropout mask [rows, cols] of 0 (probability p) and 1/(1-p), a pure function of `key` (see
 /// [`rng::dropout_uniform`]) so recomputation during backward reproduces it exactly.
-pub fn dropout_mask(
-    key: u64,
-    rows: usize,
-    cols: usize,
-    p: f64,
-    dtype: DType,
-    device: &Device,
-) -> Result<Tensor> {
+pub fn dropout_mask(key: u64, rows: usize, cols: usize, p: f64, dtype: DType, device: &Device) -> Result<Tensor> {
     use rayon::prelude::*;
     let keep_scale = (1.0 / (1.0 - p)) as f32;
     let p = p as f32;
@@ -382,13 +300,7 @@ pub fn dropout_mask(
     // formula would avoid the upload for large models.
     let values: Vec<f32> = (0..(rows * cols) as u64)
         .into_par_iter()
-        .map(|i| {
-            if rng::dropout_uniform(key, i) < p {
-                0.0
-            } else {
-                keep_scale
-            }
-        })
+        .map(|i| if rng::dropout_uniform(key, i) < p { 0.0 } else { keep_scale })
         .collect();
     Tensor::from_vec(values, (rows, cols), device)?.to_dtype(dtype)
 }
@@ -423,23 +335,11 @@ pub fn swiglu_forward(a: &Tensor, g: &Tensor, fused: bool) -> Result<(Tensor, Sw
     #[cfg(feature = "cuda")]
     if super::fusion::on(fused, a) {
         let h = super::cuda::swiglu_forward(a, g)?;
-        return Ok((
-            h,
-            SwiGluSaved {
-                a: a.clone(),
-                g: g.clone(),
-            },
-        ));
+        return Ok((h, SwiGluSaved { a: a.clone(), g: g.clone() }));
     }
     let _ = fused;
     let h = (a * g.silu()?)?;
-    Ok((
-        h,
-        SwiGluSaved {
-            a: a.clone(),
-            g: g.clone(),
-        },
-    ))
+    Ok((h, SwiGluSaved { a: a.clone(), g: g.clone() }))
 }
 
 pub fn swiglu_backward(saved: &SwiGluSaved, dh: &Tensor, fused: bool) -> Result<(Tensor, Tensor)> {

@@ -3,9 +3,9 @@
 //! same bytes. Used by tests and CPU quickstarts; with the real vocab size (151936) the real tokenizer can
 //! drive it.
 use super::config::{Family, ModelConfig, RopeScaling, TensorId};
+use crate::rng::SplitMix;
 use super::weights::{CONFIG_FILE, SINGLE_FILE};
 use crate::fsutil::write_atomic;
-use crate::rng::SplitMix;
 use anyhow::{bail, Context, Result};
 use candle_core::{Device, Tensor};
 
@@ -66,33 +66,16 @@ impl TinySpec {
     /// for Qwen2, Qwen3 and Llama; a head dim other than hidden / heads for Qwen3; tied embeddings for
     /// Llama (as SmolLM2); Llama 3 rope scaling. Everything else as [`TinySpec::default`].
     pub fn of_family(family: Family) -> TinySpec {
-        let base = TinySpec {
-            family,
-            ..TinySpec::default()
-        };
+        let base = TinySpec { family, ..TinySpec::default() };
         match family {
             Family::QwenV1 => base,
-            Family::Qwen2 => TinySpec {
-                num_kv_heads: 2,
-                intermediate_size: 96,
-                ..base
-            },
-            Family::Qwen3 => TinySpec {
-                num_kv_heads: 2,
-                head_dim: Some(24),
-                intermediate_size: 96,
-                ..base
-            },
+            Family::Qwen2 => TinySpec { num_kv_heads: 2, intermediate_size: 96, ..base },
+            Family::Qwen3 => TinySpec { num_kv_heads: 2, head_dim: Some(24), intermediate_size: 96, ..base },
             Family::Llama => TinySpec {
                 num_kv_heads: 2,
                 intermediate_size: 96,
                 tie_word_embeddings: true,
-                rope_scaling: RopeScaling::Llama3 {
-                    factor: 8.0,
-                    low_freq_factor: 1.0,
-                    high_freq_factor: 4.0,
-                    original_max_position_embeddings: 64.0,
-                },
+                rope_scaling: RopeScaling::Llama3 { factor: 8.0, low_freq_factor: 1.0, high_freq_factor: 4.0, original_max_position_embeddings: 64.0 },
                 ..base
             },
         }
@@ -105,17 +88,9 @@ impl TinySpec {
             hidden_size: self.hidden_size,
             num_layers: self.num_layers,
             num_heads: self.num_heads,
-            num_kv_heads: if v1 {
-                self.num_heads
-            } else {
-                self.num_kv_heads
-            },
+            num_kv_heads: if v1 { self.num_heads } else { self.num_kv_heads },
             head_dim: self.head_dim.unwrap_or(self.hidden_size / self.num_heads),
-            mlp_width: if v1 {
-                self.intermediate_size / 2
-            } else {
-                self.intermediate_size
-            },
+            mlp_width: if v1 { self.intermediate_size / 2 } else { self.intermediate_size },
             vocab_size: self.vocab_size,
             eps: 1e-6,
             rope_base: if v1 { 10000.0 } else { 1_000_000.0 },
@@ -155,31 +130,15 @@ pub fn write_tiny_checkpoint(dir: &Path, spec: &TinySpec, seed: u64) -> Result<(
         let n: usize = shape.iter().product();
         let mut rng = SplitMix::for_stream(seed, &[i as u64]);
         let values: Vec<f32> = match id {
-            TensorId::FinalNorm
-            | TensorId::Ln1(_)
-            | TensorId::Ln2(_)
-            | TensorId::QNorm(_)
-            | TensorId::KNorm(_) => (0..n)
-                .map(|_| {
-                    if spec.norm_jitter == 0.0 {
-                        1.0
-                    } else {
-                        (1.0 + spec.norm_jitter * rng.normal()) as f32
-                    }
-                })
-                .collect(),
-            _ => (0..n)
-                .map(|_| (spec.init_std * rng.normal()) as f32)
-                .collect(),
+            TensorId::FinalNorm | TensorId::Ln1(_) | TensorId::Ln2(_) | TensorId::QNorm(_) | TensorId::KNorm(_) => {
+                (0..n).map(|_| if spec.norm_jitter == 0.0 { 1.0 } else { (1.0 + spec.norm_jitter * rng.normal()) as f32 }).collect()
+            }
+            _ => (0..n).map(|_| (spec.init_std * rng.normal()) as f32).collect(),
         };
-        tensors.push((
-            cfg.tensor_name(id),
-            Tensor::from_vec(values, shape, &Device::Cpu)?,
-        ));
+        tensors.push((cfg.tensor_name(id), Tensor::from_vec(values, shape, &Device::Cpu)?));
     }
 
-    let metadata: Option<HashMap<String, String>> =
-        Some([("format".to_string(), "pt".to_string())].into());
+    let metadata: Option<HashMap<String, String>> = Some([("format".to_string(), "pt".to_string())].into());
     if spec.shards == 1 {
         let bytes = safetensors::serialize(tensors, metadata)?;
         write_atomic(&dir.join(SINGLE_FILE), &bytes)?;
@@ -196,8 +155,7 @@ pub fn write_tiny_checkpoint(dir: &Path, spec: &TinySpec, seed: u64) -> Result<(
             weight_map.push((name.clone(), file.clone()));
             total_size += t.elem_count() * 4;
         }
-        let bytes =
-            safetensors::serialize(group.iter().map(|(n, t)| (n.as_str(), t)), metadata.clone())?;
+        let bytes = safetensors::serialize(group.iter().map(|(n, t)| (n.as_str(), t)), metadata.clone())?;
         write_atomic(&dir.join(&file), &bytes)?;
     }
     super::weights::write_index(dir, weight_map, total_size)

@@ -19,9 +19,9 @@ use super::config::{ModelConfig, Site};
 use super::fusion::Fusion;
 use super::loss::{self, Targets};
 use super::ops::{self, Dropout, LoraSaved, RmsNormSaved, SwiGluSaved};
+use crate::rng::{self, SplitMix};
 use super::weights::{ModelFiles, Weights};
 use crate::model::lora::{Lora, LoraGrads};
-use crate::rng::{self, SplitMix};
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use std::path::Path;
@@ -70,10 +70,7 @@ impl LossAndGrads {
 pub enum Sampling {
     Greedy,
     /// Sample from softmax(logits / temperature) with a seeded generator.
-    Temperature {
-        temperature: f64,
-        seed: u64,
-    },
+    Temperature { temperature: f64, seed: u64 },
 }
 
 #[derive(Clone, Debug)]
@@ -140,10 +137,7 @@ impl KvCache {
             bail!("end_rows_at: the rows' ends are already set (once, right after the prefill)");
         }
         if let Some(&l) = lens.iter().find(|&&l| l == 0 || l > self.len()) {
-            bail!(
-                "end_rows_at: a row ending at {l}, outside 1..={}",
-                self.len()
-            );
+            bail!("end_rows_at: a row ending at {l}, outside 1..={}", self.len());
         }
         *gaps = lens.iter().map(|&l| (l, self.len())).collect();
         Ok(())
@@ -167,11 +161,7 @@ impl KvCache {
         Ok(KvCache {
             layers: picked.into(),
             len: self.len.get().into(),
-            gaps: rows
-                .iter()
-                .filter_map(|&r| gaps.get(r).copied())
-                .collect::<Vec<_>>()
-                .into(),
+            gaps: rows.iter().filter_map(|&r| gaps.get(r).copied()).collect::<Vec<_>>().into(),
         })
     }
 
@@ -290,15 +280,12 @@ impl Model {
     /// could not be page-locked) the model is unchanged.
     pub fn offload_embedding(&mut self) -> Result<usize> {
         #[cfg(feature = "cuda")]
-        if let (Device::Cuda(dev), DType::BF16, false) =
-            (&self.device, self.dtype, self.config.tie_word_embeddings)
-        {
+        if let (Device::Cuda(dev), DType::BF16, false) = (&self.device, self.dtype, self.config.tie_word_embeddings) {
             if self.host_wte.is_none() {
                 let table = super::cuda::HostTable::new(&self.weights.wte, dev)?;
                 let freed = table.bytes();
                 // A placeholder keeps the type; the device copy is freed with the old tensor.
-                self.weights.wte =
-                    Tensor::zeros((1, self.config.hidden_size), self.dtype, &Device::Cpu)?;
+                self.weights.wte = Tensor::zeros((1, self.config.hidden_size), self.dtype, &Device::Cpu)?;
                 self.host_wte = Some(table);
                 self.recompute_spare_bytes = freed;
                 return Ok(freed);
@@ -318,24 +305,11 @@ impl Model {
 
     /// Summed masked loss and counted tokens, no gradients (evaluation). `cu_seqlens`: as in
     /// [`Model::loss_and_grads`].
-    pub fn eval_loss(
-        &self,
-        ids: &Tensor,
-        labels: &Tensor,
-        cu_seqlens: Option<&[u32]>,
-        lora: Option<&Lora>,
-    ) -> Result<(f64, usize)> {
+    pub fn eval_loss(&self, ids: &Tensor, labels: &Tensor, cu_seqlens: Option<&[u32]>, lora: Option<&Lora>) -> Result<(f64, usize)> {
         let ctx = self.context(ids, lora, None, cu_seqlens)?;
         let targets = self.targets(ids, labels, ctx.packed.as_ref())?;
         let hf = self.hidden_states(ids, ctx)?;
-        let (loss, _) = loss::cross_entropy(
-            &hf,
-            &self.weights.lm_head,
-            &targets,
-            self.loss_chunk,
-            false,
-            self.fusion.loss,
-        )?;
+        let (loss, _) = loss::cross_entropy(&hf, &self.weights.lm_head, &targets, self.loss_chunk, false, self.fusion.loss)?;
         Ok((loss.to_scalar::<f64>()?, targets.len()))
     }
 
@@ -351,23 +325,14 @@ impl Model {
     /// Final-norm hidden states [B*T, C] of `ids` [B, T] placed after the positions `cache` holds, which it
     /// then holds too. The keys of earlier positions come from the cache, so each new token costs one
     /// position's work.
-    pub fn hidden_states_cached(
-        &self,
-        ids: &Tensor,
-        lora: Option<&Lora>,
-        cache: &KvCache,
-    ) -> Result<Tensor> {
+    pub fn hidden_states_cached(&self, ids: &Tensor, lora: Option<&Lora>, cache: &KvCache) -> Result<Tensor> {
         let past = cache.len();
         let (b, t) = ids.dims2()?;
         let mut ctx = self.context(ids, lora, None, None)?;
         match cache.gapped_layout(b, t)? {
             None => {
                 if past + t > self.config.seq_length {
-                    bail!(
-                        "{} cached + {t} new positions are more than seq_length {}",
-                        past,
-                        self.config.seq_length
-                    );
+                    bail!("{} cached + {t} new positions are more than seq_length {}", past, self.config.seq_length);
                 }
                 ctx.rope = self.rope_prefix(past + t)?.slice(past, t)?;
                 if past > 0 {
@@ -375,31 +340,20 @@ impl Model {
                     // over every key takes the composite path.
                     ctx.fusion.attention = false;
                     ctx.flash = None;
-                    ctx.mask = Some(attention::causal_mask_after(
-                        t,
-                        past,
-                        self.dtype,
-                        &self.device,
-                    )?);
+                    ctx.mask = Some(attention::causal_mask_after(t, past, self.dtype, &self.device)?);
                 }
             }
             Some((positions, mask)) => {
                 let last = positions.iter().copied().max().unwrap_or(0) as usize;
                 if last >= self.config.seq_length {
-                    bail!(
-                        "position {last} is past seq_length {}",
-                        self.config.seq_length
-                    );
+                    bail!("position {last} is past seq_length {}", self.config.seq_length);
                 }
                 ctx.rope = self.rope_prefix(last + 1)?.at(&positions, b, t)?;
                 // Per-row positions (the fused split reads RoPE tables per token, as in a padding-free batch)
                 // and per-row masks over the gapped keys (the composite attention).
                 (ctx.fusion.attention, ctx.flash) = (false, None);
                 let keys = past + t;
-                ctx.mask = Some(
-                    Tensor::from_vec(mask, (b, 1, t, keys), &self.device)?
-                        .to_dtype(ops::acc_dtype(self.dtype))?,
-                );
+                ctx.mask = Some(Tensor::from_vec(mask, (b, 1, t, keys), &self.device)?.to_dtype(ops::acc_dtype(self.dtype))?);
             }
         }
         ctx.cache = Some(cache);
@@ -413,23 +367,13 @@ impl Model {
 
     /// Runs `rows` (right-padded with `pad`) into a fresh cache, their padding marked as each row's gap:
     /// the cache and each row's final-norm hidden state at its last token [rows, C] (what predicts the next).
-    pub fn prefill(
-        &self,
-        rows: &[&[u32]],
-        pad: u32,
-        lora: Option<&Lora>,
-    ) -> Result<(KvCache, Tensor)> {
+    pub fn prefill(&self, rows: &[&[u32]], pad: u32, lora: Option<&Lora>) -> Result<(KvCache, Tensor)> {
         let lens: Vec<usize> = rows.iter().map(|r| r.len()).collect();
         let t = lens.iter().copied().max().unwrap_or(0);
         let cache = KvCache::default();
-        let hf =
-            self.hidden_states_cached(&right_padded(rows, pad, &self.device)?, lora, &cache)?;
+        let hf = self.hidden_states_cached(&right_padded(rows, pad, &self.device)?, lora, &cache)?;
         cache.end_rows_at(&lens)?;
-        let last: Vec<u32> = lens
-            .iter()
-            .enumerate()
-            .map(|(r, &l)| (r * t + l - 1) as u32)
-            .collect();
+        let last: Vec<u32> = lens.iter().enumerate().map(|(r, &l)| (r * t + l - 1) as u32).collect();
         let last = hf.index_select(&Tensor::from_vec(last, rows.len(), &self.device)?, 0)?;
         Ok((cache, last))
     }
@@ -441,24 +385,13 @@ impl Model {
 
     /// Autoregressive generation for one prompt with a KV cache; returns the new tokens only. Stops at
     /// `max_new` tokens, after `stop_token`, or when the context reaches `seq_length`.
-    pub fn generate(
-        &self,
-        prompt: &[u32],
-        lora: Option<&Lora>,
-        opts: &GenerateOptions,
-    ) -> Result<Vec<u32>> {
+    pub fn generate(&self, prompt: &[u32], lora: Option<&Lora>, opts: &GenerateOptions) -> Result<Vec<u32>> {
         self.generate_with(prompt, lora, opts, &mut |_| false)
     }
 
     /// [`Model::generate`] that also ends when `stop` (shown the new tokens after each one) says so: stop
     /// strings, for instance.
-    pub fn generate_with(
-        &self,
-        prompt: &[u32],
-        lora: Option<&Lora>,
-        opts: &GenerateOptions,
-        stop: &mut dyn FnMut(&[u32]) -> bool,
-    ) -> Result<Vec<u32>> {
+    pub fn generate_with(&self, prompt: &[u32], lora: Option<&Lora>, opts: &GenerateOptions, stop: &mut dyn FnMut(&[u32]) -> bool) -> Result<Vec<u32>> {
         let mut out = self.generate_batch(&[prompt], lora, opts, &mut |_, so_far| stop(so_far))?;
         Ok(out.pop().expect("one row per prompt"))
     }
@@ -467,13 +400,7 @@ impl Model {
     /// batched step per token; a row leaves the batch when it ends (`stop` is shown the row's index and its
     /// new tokens). Each row's tokens are those it would get alone (with sampling, each row draws from its
     /// own generator seeded alike). A prompt longer than `seq_length` gets no tokens.
-    pub fn generate_batch(
-        &self,
-        prompts: &[&[u32]],
-        lora: Option<&Lora>,
-        opts: &GenerateOptions,
-        stop: &mut dyn FnMut(usize, &[u32]) -> bool,
-    ) -> Result<Vec<Vec<u32>>> {
+    pub fn generate_batch(&self, prompts: &[&[u32]], lora: Option<&Lora>, opts: &GenerateOptions, stop: &mut dyn FnMut(usize, &[u32]) -> bool) -> Result<Vec<Vec<u32>>> {
         if let Some(i) = prompts.iter().position(|p| p.is_empty()) {
             bail!("generate: prompt {i} is empty");
         }
@@ -486,13 +413,10 @@ impl Model {
                 Some(seed)
             }
         };
-        let mut rngs: Vec<Option<SplitMix>> =
-            prompts.iter().map(|_| seed.map(SplitMix::new)).collect();
+        let mut rngs: Vec<Option<SplitMix>> = prompts.iter().map(|_| seed.map(SplitMix::new)).collect();
         let mut out: Vec<Vec<u32>> = vec![Vec::new(); prompts.len()];
         let fits = |p: &[u32], new: usize| p.len() + new <= self.config.seq_length;
-        let mut live: Vec<usize> = (0..prompts.len())
-            .filter(|&i| fits(prompts[i], 0))
-            .collect();
+        let mut live: Vec<usize> = (0..prompts.len()).filter(|&i| fits(prompts[i], 0)).collect();
         if live.is_empty() || opts.max_new == 0 {
             return Ok(out);
         }
@@ -503,9 +427,7 @@ impl Model {
             let (mut keep, mut next_ids) = (Vec::new(), Vec::new());
             for (k, &row) in live.iter().enumerate() {
                 let next = match (&opts.sampling, rngs[row].as_mut()) {
-                    (Sampling::Temperature { temperature, .. }, Some(rng)) => {
-                        sample(&logits[k], *temperature, rng)
-                    }
+                    (Sampling::Temperature { temperature, .. }, Some(rng)) => sample(&logits[k], *temperature, rng),
                     _ => argmax(logits[k].iter().copied()) as u32,
                 };
                 out[row].push(next);
@@ -523,11 +445,7 @@ impl Model {
                 live = keep.iter().map(|&k| live[k]).collect();
             }
             let n = next_ids.len();
-            hidden = self.hidden_states_cached(
-                &Tensor::from_vec(next_ids, (n, 1), &self.device)?,
-                lora,
-                &cache,
-            )?;
+            hidden = self.hidden_states_cached(&Tensor::from_vec(next_ids, (n, 1), &self.device)?, lora, &cache)?;
         }
     }
 
@@ -549,38 +467,17 @@ impl Model {
     ///   so do as many layers below it as [`Model::recompute_spare_bytes`] pays for (a state's bytes beyond
     ///   the input it replaces), so the peak stays where recomputing them would have put it.
     #[allow(clippy::too_many_arguments)]
-    pub fn loss_and_grads(
-        &self,
-        ids: &Tensor,
-        labels: &Tensor,
-        cu_seqlens: Option<&[u32]>,
-        lora: &Lora,
-        dropout_rng: &mut SplitMix,
-        recompute: bool,
-    ) -> Result<LossAndGrads> {
+    pub fn loss_and_grads(&self, ids: &Tensor, labels: &Tensor, cu_seqlens: Option<&[u32]>, lora: &Lora, dropout_rng: &mut SplitMix, recompute: bool) -> Result<LossAndGrads> {
         // On a GPU the adapter's f32 parameters go to bf16 once, in one launch, rather than at each use (twice
         // each, forward and backward), and the gradients come back to f32 in one launch at the end: the same
         // values, ~720 launches fewer. (The `optimizer` switch: all adapter tensors in one launch.)
         #[cfg(feature = "cuda")]
-        if super::fusion::on_for(self.fusion.optimizer, self.dtype, &self.device)
-            && lora.params().iter().all(|p| p.dtype() == DType::F32)
-        {
+        if super::fusion::on_for(self.fusion.optimizer, self.dtype, &self.device) && lora.params().iter().all(|p| p.dtype() == DType::F32) {
             let mut cast = lora.clone();
-            for (p, c) in cast
-                .params_mut()
-                .into_iter()
-                .zip(super::cuda::cast_multi(&lora.params(), self.dtype)?)
-            {
+            for (p, c) in cast.params_mut().into_iter().zip(super::cuda::cast_multi(&lora.params(), self.dtype)?) {
                 *p = c;
             }
-            let mut out = self.loss_and_grads_as_given(
-                ids,
-                labels,
-                cu_seqlens,
-                &cast,
-                dropout_rng,
-                recompute,
-            )?;
+            let mut out = self.loss_and_grads_as_given(ids, labels, cu_seqlens, &cast, dropout_rng, recompute)?;
             let n = out.grads.a.len();
             let grads: Vec<&Tensor> = out.grads.a.iter().chain(&out.grads.b).collect();
             let mut f32s = super::cuda::cast_multi(&grads, DType::F32)?;
@@ -593,23 +490,10 @@ impl Model {
 
     /// [`Model::loss_and_grads`] with the adapter's parameters in the dtype they come in.
     #[allow(clippy::too_many_arguments)]
-    fn loss_and_grads_as_given(
-        &self,
-        ids: &Tensor,
-        labels: &Tensor,
-        cu_seqlens: Option<&[u32]>,
-        lora: &Lora,
-        dropout_rng: &mut SplitMix,
-        recompute: bool,
-    ) -> Result<LossAndGrads> {
+    fn loss_and_grads_as_given(&self, ids: &Tensor, labels: &Tensor, cu_seqlens: Option<&[u32]>, lora: &Lora, dropout_rng: &mut SplitMix, recompute: bool) -> Result<LossAndGrads> {
         let step_seed = dropout_rng.next_u64();
         let p = lora.config.dropout;
-        let ctx = self.context(
-            ids,
-            Some(lora),
-            (p > 0.0).then_some((step_seed, p)),
-            cu_seqlens,
-        )?;
+        let ctx = self.context(ids, Some(lora), (p > 0.0).then_some((step_seed, p)), cu_seqlens)?;
         let targets = self.targets(ids, labels, ctx.packed.as_ref())?;
         let n_layers = self.config.num_layers;
 
@@ -627,35 +511,20 @@ impl Model {
             if layer == lowest && recompute {
                 // Every layer's state has the same size: the first one tells how many the spare memory keeps.
                 let extra = s.bytes().saturating_sub(ops::tensor_bytes(&x)).max(1);
-                keep_from = keep_from
-                    .saturating_sub(self.recompute_spare_bytes / extra)
-                    .max(lowest);
+                keep_from = keep_from.saturating_sub(self.recompute_spare_bytes / extra).max(lowest);
             }
             if layer >= lowest {
-                kept.push(if recompute && layer < keep_from {
-                    Kept::Input(x)
-                } else {
-                    Kept::State(s)
-                });
+                kept.push(if recompute && layer < keep_from { Kept::Input(x) } else { Kept::State(s) });
             }
             x = y;
         }
-        let (hf, ln_f) =
-            ops::rmsnorm_forward(&x, &self.weights.ln_f, self.config.eps, self.fusion.norm)?;
+        let (hf, ln_f) = ops::rmsnorm_forward(&x, &self.weights.ln_f, self.config.eps, self.fusion.norm)?;
         drop(x);
 
         // Loss and its gradient w.r.t. the final hidden states, chunk by chunk.
-        let (loss_sum, dhf) = loss::cross_entropy(
-            &hf,
-            &self.weights.lm_head,
-            &targets,
-            self.loss_chunk,
-            true,
-            self.fusion.loss,
-        )?;
+        let (loss_sum, dhf) = loss::cross_entropy(&hf, &self.weights.lm_head, &targets, self.loss_chunk, true, self.fusion.loss)?;
         let dhf = dhf.expect("gradient requested");
-        let mut dx =
-            ops::rmsnorm_backward(&ln_f, &self.weights.ln_f, &dhf, None, self.fusion.norm)?;
+        let mut dx = ops::rmsnorm_backward(&ln_f, &self.weights.ln_f, &dhf, None, self.fusion.norm)?;
         drop((hf, dhf, ln_f));
 
         // Backward, top layer first.
@@ -701,13 +570,7 @@ impl Model {
     }
 
     /// The layer's forward; its output only when `output`.
-    fn block(
-        &self,
-        ctx: &Ctx,
-        layer: usize,
-        x: &Tensor,
-        output: bool,
-    ) -> Result<(Option<Tensor>, BlockSaved)> {
+    fn block(&self, ctx: &Ctx, layer: usize, x: &Tensor, output: bool) -> Result<(Option<Tensor>, BlockSaved)> {
         let w = &self.weights.layers[layer];
         let cfg = &self.config;
         let f = ctx.fusion;
@@ -716,24 +579,11 @@ impl Model {
         let (h1, ln_1) = ops::rmsnorm_forward(x, &w.ln_1, cfg.eps, f.norm)?;
         let qkv_lora = self.qkv_lora_forward(ctx, layer, &h1)?;
         let delta = self.qkv_lora_delta(ctx, layer, &qkv_lora)?;
-        let base =
-            ops::linear_forward_delta(&h1, &w.qkv, delta.as_ref().map(|(u, b)| (u, b)), f.lora)?;
+        let base = ops::linear_forward_delta(&h1, &w.qkv, delta.as_ref().map(|(u, b)| (u, b)), f.lora)?;
         drop(delta);
-        let norm = w
-            .q_norm
-            .as_ref()
-            .zip(w.k_norm.as_ref())
-            .map(|(q, k)| QkNorm { q, k, eps: cfg.eps });
+        let norm = w.q_norm.as_ref().zip(w.k_norm.as_ref()).map(|(q, k)| QkNorm { q, k, eps: cfg.eps });
         let heads = self.heads(ctx);
-        let (q, k, v, qkv) = attention::qkv_forward(
-            &base,
-            w.qkv_bias.as_ref(),
-            norm,
-            &ctx.rope,
-            heads,
-            f.rope,
-            f.norm,
-        )?;
+        let (q, k, v, qkv) = attention::qkv_forward(&base, w.qkv_bias.as_ref(), norm, &ctx.rope, heads, f.rope, f.norm)?;
         drop(base);
         let (k, v) = match ctx.cache {
             Some(cache) => cache.extend(layer, k, v)?,
@@ -764,32 +614,11 @@ impl Model {
             false => (None, self.lora_branch(ctx, layer, Site::Down, &m)?),
         };
 
-        Ok((
-            x2,
-            BlockSaved {
-                ln_1,
-                qkv_lora,
-                qkv,
-                attn,
-                o: o_lora,
-                ln_2,
-                up,
-                gate,
-                swiglu,
-                down,
-            },
-        ))
+        Ok((x2, BlockSaved { ln_1, qkv_lora, qkv, attn, o: o_lora, ln_2, up, gate, swiglu, down }))
     }
 
     /// Given d(x2), returns d(x) (when `want_dx`) and the block's LoRA gradients.
-    fn block_backward(
-        &self,
-        ctx: &Ctx,
-        layer: usize,
-        s: &BlockSaved,
-        dx2: &Tensor,
-        want_dx: bool,
-    ) -> Result<(Option<Tensor>, BlockGrads)> {
+    fn block_backward(&self, ctx: &Ctx, layer: usize, s: &BlockSaved, dx2: &Tensor, want_dx: bool) -> Result<(Option<Tensor>, BlockGrads)> {
         let w = &self.weights.layers[layer];
         let cfg = &self.config;
         let mut grads: BlockGrads = Default::default();
@@ -802,8 +631,7 @@ impl Model {
         // h2 feeds both up and gate: the gate's input gradient is added to the up's.
         let (dh2, g) = self.adapted_backward(ctx, layer, Site::Up, s.up.as_ref(), &da, None)?;
         grads[Site::Up.index()] = g;
-        let (dh2, g) =
-            self.adapted_backward(ctx, layer, Site::Gate, s.gate.as_ref(), &dg, Some(dh2))?;
+        let (dh2, g) = self.adapted_backward(ctx, layer, Site::Gate, s.gate.as_ref(), &dg, Some(dh2))?;
         grads[Site::Gate.index()] = g;
         let dx1 = ops::rmsnorm_backward(&s.ln_2, &w.ln_2, &dh2, Some(dx2), f.norm)?;
 
@@ -828,62 +656,33 @@ impl Model {
         // The lowest adapted layer's input gradient has no use (nothing below it trains): not computed. A single
         // branch over all of c_attn's rows (Qwen v1) lets the GEMM add d(qkv) W into the branch's term.
         let whole = matches!(s.qkv_lora.as_slice(), [(site, _)] if cfg.qkv_rows(*site).1 == cfg.qkv_width());
-        let mut dh1 = if want_dx && !whole {
-            Some(ops::linear_backward(&dqkv, &w.qkv)?)
-        } else {
-            None
-        };
+        let mut dh1 = if want_dx && !whole { Some(ops::linear_backward(&dqkv, &w.qkv)?) } else { None };
         for (site, saved) in &s.qkv_lora {
-            let adapter = ctx
-                .lora
-                .and_then(|l| l.adapter(layer, *site))
-                .expect("a saved branch has its adapter");
+            let adapter = ctx.lora.and_then(|l| l.adapter(layer, *site)).expect("a saved branch has its adapter");
             let (off, rows) = cfg.qkv_rows(*site);
             // Each linear's share of d(qkv): its own rows (all of them for Qwen v1's fused c_attn).
-            let dy_site = if rows == cfg.qkv_width() {
-                dqkv.clone()
-            } else {
-                dqkv.narrow(1, off, rows)?.contiguous()?
-            };
+            let dy_site = if rows == cfg.qkv_width() { dqkv.clone() } else { dqkv.narrow(1, off, rows)?.contiguous()? };
             let scale = ctx.lora.map(|l| l.scale()).unwrap_or(0.0);
             let dx_in = match (want_dx, dh1.take()) {
                 (false, _) => ops::InputGrad::None,
                 (true, Some(d)) => ops::InputGrad::Add(d),
                 (true, None) => ops::InputGrad::Linear(&w.qkv),
             };
-            let (d, da, db) = ops::lora_backward(
-                saved, &adapter.a, &adapter.b, scale, &dy_site, dx_in, f.lora,
-            )?;
+            let (d, da, db) = ops::lora_backward(saved, &adapter.a, &adapter.b, scale, &dy_site, dx_in, f.lora)?;
             dh1 = d;
             grads[site.index()] = Some((da, db));
         }
         let dx = match dh1 {
-            Some(dh1) => Some(ops::rmsnorm_backward(
-                &s.ln_1,
-                &w.ln_1,
-                &dh1,
-                Some(&dx1),
-                f.norm,
-            )?),
+            Some(dh1) => Some(ops::rmsnorm_backward(&s.ln_1, &w.ln_1, &dh1, Some(&dx1), f.norm)?),
             None => None,
         };
         Ok((dx, grads))
     }
 
     /// The LoRA branches (u = scale * dropout(x) A^T) of the adapted attention-input linears.
-    fn qkv_lora_forward(
-        &self,
-        ctx: &Ctx,
-        layer: usize,
-        h1: &Tensor,
-    ) -> Result<Vec<(Site, LoraSaved)>> {
+    fn qkv_lora_forward(&self, ctx: &Ctx, layer: usize, h1: &Tensor) -> Result<Vec<(Site, LoraSaved)>> {
         let mut out = Vec::new();
-        for &site in self
-            .config
-            .sites()
-            .iter()
-            .filter(|s| s.is_attention_input())
-        {
+        for &site in self.config.sites().iter().filter(|s| s.is_attention_input()) {
             if let Some(saved) = self.lora_branch(ctx, layer, site, h1)? {
                 out.push((site, saved));
             }
@@ -894,12 +693,7 @@ impl Model {
     /// The attention input's LoRA delta as one rank-r' product (u [N, r'], B [(H + 2 Hkv) D, r']) for the
     /// fused split kernel: the branches' u side by side and their B placed block-diagonally at their rows
     /// (each branch keeps its own dropout mask; the zero blocks cost r'-wide dot products, nothing more).
-    fn qkv_lora_delta(
-        &self,
-        ctx: &Ctx,
-        layer: usize,
-        branches: &[(Site, LoraSaved)],
-    ) -> Result<Option<(Tensor, Tensor)>> {
+    fn qkv_lora_delta(&self, ctx: &Ctx, layer: usize, branches: &[(Site, LoraSaved)]) -> Result<Option<(Tensor, Tensor)>> {
         let lora = match (ctx.lora, branches) {
             (Some(l), [_, ..]) => l,
             _ => return Ok(None),
@@ -908,10 +702,7 @@ impl Model {
         let mut us = Vec::new();
         let mut bs = Vec::new();
         for (site, saved) in branches {
-            let b = &lora
-                .adapter(layer, *site)
-                .expect("a branch has its adapter")
-                .b;
+            let b = &lora.adapter(layer, *site).expect("a branch has its adapter").b;
             let (off, rows) = self.config.qkv_rows(*site);
             let r = b.dim(1)?;
             let mut rows_of_b = Vec::new();
@@ -920,18 +711,10 @@ impl Model {
             }
             rows_of_b.push(b.clone());
             if off + rows < width {
-                rows_of_b.push(Tensor::zeros(
-                    (width - off - rows, r),
-                    b.dtype(),
-                    b.device(),
-                )?);
+                rows_of_b.push(Tensor::zeros((width - off - rows, r), b.dtype(), b.device())?);
             }
             us.push(saved.u().clone());
-            bs.push(if rows_of_b.len() == 1 {
-                b.clone()
-            } else {
-                Tensor::cat(&rows_of_b, 0)?
-            });
+            bs.push(if rows_of_b.len() == 1 { b.clone() } else { Tensor::cat(&rows_of_b, 0)? });
         }
         if us.len() == 1 {
             return Ok(Some((us.pop().unwrap(), bs.pop().unwrap())));
@@ -941,45 +724,22 @@ impl Model {
 
     fn heads(&self, ctx: &Ctx) -> Heads {
         let c = &self.config;
-        Heads {
-            b: ctx.b,
-            t: ctx.t,
-            h: c.num_heads,
-            hkv: c.num_kv_heads,
-            d: c.head_dim,
-        }
+        Heads { b: ctx.b, t: ctx.t, h: c.num_heads, hkv: c.num_kv_heads, d: c.head_dim }
     }
 
     /// A frozen linear (no bias) plus, when the adapter targets it, its LoRA term.
-    fn adapted_forward(
-        &self,
-        ctx: &Ctx,
-        layer: usize,
-        site: Site,
-        x: &Tensor,
-    ) -> Result<(Tensor, Option<LoraSaved>)> {
+    fn adapted_forward(&self, ctx: &Ctx, layer: usize, site: Site, x: &Tensor) -> Result<(Tensor, Option<LoraSaved>)> {
         let saved = self.lora_branch(ctx, layer, site, x)?;
         let delta = match (&saved, ctx.lora.and_then(|l| l.adapter(layer, site))) {
             (Some(s), Some(adapter)) => Some((s.u(), &adapter.b)),
             _ => None,
         };
-        let y = ops::linear_forward_delta(
-            x,
-            self.weights.layers[layer].linear(site),
-            delta,
-            ctx.fusion.lora,
-        )?;
+        let y = ops::linear_forward_delta(x, self.weights.layers[layer].linear(site), delta, ctx.fusion.lora)?;
         Ok((y, saved))
     }
 
     /// The LoRA branch of a linear up to rank r (dropout, A, scale), when the adapter targets it.
-    fn lora_branch(
-        &self,
-        ctx: &Ctx,
-        layer: usize,
-        site: Site,
-        x: &Tensor,
-    ) -> Result<Option<LoraSaved>> {
+    fn lora_branch(&self, ctx: &Ctx, layer: usize, site: Site, x: &Tensor) -> Result<Option<LoraSaved>> {
         let Some(adapter) = ctx.lora.and_then(|l| l.adapter(layer, site)) else {
             return Ok(None);
         };
@@ -1002,27 +762,12 @@ impl Model {
         }
         let _ = ctx;
         let (n, k) = x.dims2()?;
-        Ok(Dropout::Mask(ops::dropout_mask(
-            key,
-            n,
-            k,
-            p,
-            x.dtype(),
-            x.device(),
-        )?))
+        Ok(Dropout::Mask(ops::dropout_mask(key, n, k, p, x.dtype(), x.device())?))
     }
 
     /// The input gradient of a frozen linear and its LoRA branch for dy, added to `partial` (another linear's
     /// gradient for the same input) when given; and the LoRA gradients.
-    fn adapted_backward(
-        &self,
-        ctx: &Ctx,
-        layer: usize,
-        site: Site,
-        saved: Option<&LoraSaved>,
-        dy: &Tensor,
-        partial: Option<Tensor>,
-    ) -> Result<(Tensor, Option<(Tensor, Tensor)>)> {
+    fn adapted_backward(&self, ctx: &Ctx, layer: usize, site: Site, saved: Option<&LoraSaved>, dy: &Tensor, partial: Option<Tensor>) -> Result<(Tensor, Option<(Tensor, Tensor)>)> {
         let w = self.weights.layers[layer].linear(site);
         let frozen = |partial: Option<Tensor>| match partial {
             Some(p) => ops::linear_backward_add(p, dy, w, ctx.fusion.swiglu),
@@ -1035,15 +780,7 @@ impl Model {
                     Some(p) => ops::InputGrad::Add(frozen(Some(p))?),
                     None => ops::InputGrad::Linear(w),
                 };
-                let (dx, da, db) = ops::lora_backward(
-                    saved,
-                    &adapter.a,
-                    &adapter.b,
-                    scale,
-                    dy,
-                    dx_in,
-                    ctx.fusion.lora,
-                )?;
+                let (dx, da, db) = ops::lora_backward(saved, &adapter.a, &adapter.b, scale, dy, dx_in, ctx.fusion.lora)?;
                 Ok((dx.expect("asked for"), Some((da, db))))
             }
             _ => Ok((frozen(partial)?, None)),
@@ -1063,16 +800,8 @@ impl Model {
 
     /// Checks the ids and builds the per-call tables (RoPE, causal mask), for rows of one sequence each or,
     /// with `cu_seqlens`, a padding-free batch.
-    fn context<'a>(
-        &self,
-        ids: &Tensor,
-        lora: Option<&'a Lora>,
-        dropout: Option<(u64, f64)>,
-        cu_seqlens: Option<&[u32]>,
-    ) -> Result<Ctx<'a>> {
-        let (b, t) = ids
-            .dims2()
-            .context("token ids must be a [batch, time] tensor")?;
+    fn context<'a>(&self, ids: &Tensor, lora: Option<&'a Lora>, dropout: Option<(u64, f64)>, cu_seqlens: Option<&[u32]>) -> Result<Ctx<'a>> {
+        let (b, t) = ids.dims2().context("token ids must be a [batch, time] tensor")?;
         if ids.dtype() != DType::U32 {
             bail!("token ids must be u32, got {:?}", ids.dtype());
         }
@@ -1086,10 +815,7 @@ impl Model {
         }
         let max_id = ids.max_all()?.to_scalar::<u32>()?;
         if max_id as usize >= self.config.vocab_size {
-            bail!(
-                "token id {max_id} is outside the vocabulary ({})",
-                self.config.vocab_size
-            );
+            bail!("token id {max_id} is outside the vocabulary ({})", self.config.vocab_size);
         }
         if let Some(l) = lora {
             l.check_fits(&self.config)?;
@@ -1102,33 +828,11 @@ impl Model {
             // with a block-diagonal mask (the fused softmax masks one sequence per row).
             if self.flash_runs(fusion) {
                 let flash = Some(FlashBlocks::packed(&packed, &self.device)?);
-                return Ok(Ctx {
-                    b,
-                    t,
-                    rope,
-                    mask: None,
-                    packed: Some(packed),
-                    flash,
-                    lora,
-                    dropout,
-                    fusion,
-                    cache: None,
-                });
+                return Ok(Ctx { b, t, rope, mask: None, packed: Some(packed), flash, lora, dropout, fusion, cache: None });
             }
             fusion.attention = false;
             let mask = Some(packed.mask(self.dtype, &self.device)?);
-            return Ok(Ctx {
-                b,
-                t,
-                rope,
-                mask,
-                packed: Some(packed),
-                flash: None,
-                lora,
-                dropout,
-                fusion,
-                cache: None,
-            });
+            return Ok(Ctx { b, t, rope, mask, packed: Some(packed), flash: None, lora, dropout, fusion, cache: None });
         }
         let rope = self.rope_prefix(t)?;
         let mask = match super::fusion::on_for(fusion.attention, self.dtype, &self.device) {
@@ -1139,18 +843,7 @@ impl Model {
             true => Some(self.flash_rows(b, t)?),
             false => None,
         };
-        Ok(Ctx {
-            b,
-            t,
-            rope,
-            mask,
-            packed: None,
-            flash,
-            lora,
-            dropout,
-            fusion,
-            cache: None,
-        })
+        Ok(Ctx { b, t, rope, mask, packed: None, flash, lora, dropout, fusion, cache: None })
     }
 
     /// [`FlashBlocks::rows`] for [b, t], from the cached table when the shape repeats.
@@ -1177,14 +870,7 @@ impl Model {
             // At least 2048 positions (or all of them), so short batches do not rebuild the table each time.
             let c = &self.config;
             let len = t.max(2048.min(c.seq_length));
-            *cached = Some(Rope::new(
-                len,
-                c.head_dim,
-                c.rope_base,
-                &c.rope_scaling,
-                self.dtype,
-                &self.device,
-            )?);
+            *cached = Some(Rope::new(len, c.head_dim, c.rope_base, &c.rope_scaling, self.dtype, &self.device)?);
         }
         Ok(cached.as_ref().expect("built above").prefix(t)?)
     }
@@ -1193,17 +879,10 @@ impl Model {
     /// is another sequence's first).
     fn targets(&self, ids: &Tensor, labels: &Tensor, packed: Option<&Packed>) -> Result<Targets> {
         if labels.dims() != ids.dims() {
-            bail!(
-                "labels have shape {:?}, ids {:?}: they must match",
-                labels.dims(),
-                ids.dims()
-            );
+            bail!("labels have shape {:?}, ids {:?}: they must match", labels.dims(), ids.dims());
         }
         if labels.dtype() != DType::I64 {
-            bail!(
-                "labels must be i64 (-100 = ignored), got {:?}",
-                labels.dtype()
-            );
+            bail!("labels must be i64 (-100 = ignored), got {:?}", labels.dtype());
         }
         let mut targets = Targets::from_labels(&labels.to_vec2::<i64>()?, self.config.vocab_size)?;
         if let Some(p) = packed {
@@ -1240,10 +919,7 @@ pub fn argmax<T: PartialOrd>(values: impl IntoIterator<Item = T>) -> usize {
 /// Draws from softmax(logits / temperature).
 fn sample(logits: &[f32], temperature: f64, rng: &mut SplitMix) -> u32 {
     let max = logits.iter().cloned().fold(f32::NEG_INFINITY, f32::max) as f64;
-    let weights: Vec<f64> = logits
-        .iter()
-        .map(|&z| ((z as f64 - max) / temperature).exp())
-        .collect();
+    let weights: Vec<f64> = logits.iter().map(|&z| ((z as f64 - max) / temperature).exp()).collect();
     let total: f64 = weights.iter().sum();
     let mut u = rng.uniform() * total;
     for (i, w) in weights.iter().enumerate() {

@@ -14,16 +14,9 @@ pub const INDEX_FILE: &str = "model.safetensors.index.json";
 
 /// Writes `model.safetensors.index.json` for shards: `weight_map` (tensor name -> shard file, sorted) and the
 /// total byte size, in HF's layout (fixed key order, so the bytes are stable).
-pub fn write_index(
-    dir: &Path,
-    mut weight_map: Vec<(String, String)>,
-    total_size: usize,
-) -> Result<()> {
+pub fn write_index(dir: &Path, mut weight_map: Vec<(String, String)>, total_size: usize) -> Result<()> {
     weight_map.sort();
-    let map_body: Vec<String> = weight_map
-        .iter()
-        .map(|(n, f)| format!("    {n:?}: {f:?}"))
-        .collect();
+    let map_body: Vec<String> = weight_map.iter().map(|(n, f)| format!("    {n:?}: {f:?}")).collect();
     let index = format!(
         "{{\n  \"metadata\": {{\n    \"total_size\": {total_size}\n  }},\n  \"weight_map\": {{\n{}\n  }}\n}}\n",
         map_body.join(",\n")
@@ -54,32 +47,20 @@ impl ModelFiles {
         if index_path.exists() {
             let text = std::fs::read_to_string(&index_path)
                 .with_context(|| format!("cannot read {}", index_path.display()))?;
-            let v: serde_json::Value = serde_json::from_str(&text)
-                .with_context(|| format!("{}: not valid JSON", index_path.display()))?;
+            let v: serde_json::Value =
+                serde_json::from_str(&text).with_context(|| format!("{}: not valid JSON", index_path.display()))?;
             let map = v
                 .get("weight_map")
                 .and_then(|m| m.as_object())
-                .with_context(|| {
-                    format!("{}: missing object \"weight_map\"", index_path.display())
-                })?;
+                .with_context(|| format!("{}: missing object \"weight_map\"", index_path.display()))?;
             let mut names: Vec<String> = Vec::new();
             for (tensor, file) in map {
                 let file = file.as_str().with_context(|| {
-                    format!(
-                        "{}: weight_map entry for {tensor:?} must be a file name",
-                        index_path.display()
-                    )
+                    format!("{}: weight_map entry for {tensor:?} must be a file name", index_path.display())
                 })?;
                 // Shards are files next to the index, nothing else.
-                if file.is_empty()
-                    || file.contains('/')
-                    || file.contains('\\')
-                    || file.starts_with('.')
-                {
-                    bail!(
-                        "{}: weight_map names a file outside the folder: {file:?}",
-                        index_path.display()
-                    );
+                if file.is_empty() || file.contains('/') || file.contains('\\') || file.starts_with('.') {
+                    bail!("{}: weight_map names a file outside the folder: {file:?}", index_path.display());
                 }
                 names.push(file.to_string());
             }
@@ -88,44 +69,18 @@ impl ModelFiles {
             let files: Vec<PathBuf> = names.iter().map(|n| dir.join(n)).collect();
             for f in &files {
                 if !f.is_file() {
-                    bail!(
-                        "{} names shard {}, which does not exist",
-                        index_path.display(),
-                        f.display()
-                    );
+                    bail!("{} names shard {}, which does not exist", index_path.display(), f.display());
                 }
             }
             let weight_map = map
                 .iter()
-                .map(|(t, f)| {
-                    (
-                        t.clone(),
-                        names
-                            .binary_search(&f.as_str().unwrap().to_string())
-                            .unwrap(),
-                    )
-                })
+                .map(|(t, f)| (t.clone(), names.binary_search(&f.as_str().unwrap().to_string()).unwrap()))
                 .collect();
-            Ok(ModelFiles {
-                dir: dir.to_path_buf(),
-                config,
-                files,
-                index_path: Some(index_path),
-                weight_map,
-            })
+            Ok(ModelFiles { dir: dir.to_path_buf(), config, files, index_path: Some(index_path), weight_map })
         } else if single.is_file() {
-            Ok(ModelFiles {
-                dir: dir.to_path_buf(),
-                config,
-                files: vec![single],
-                index_path: None,
-                weight_map: BTreeMap::new(),
-            })
+            Ok(ModelFiles { dir: dir.to_path_buf(), config, files: vec![single], index_path: None, weight_map: BTreeMap::new() })
         } else {
-            bail!(
-                "{}: neither {SINGLE_FILE} nor {INDEX_FILE} found",
-                dir.display()
-            )
+            bail!("{}: neither {SINGLE_FILE} nor {INDEX_FILE} found", dir.display())
         }
     }
 
@@ -135,10 +90,7 @@ impl ModelFiles {
             None => Ok(&self.files[0]),
             Some(index) => match self.weight_map.get(name) {
                 Some(&i) => Ok(&self.files[i]),
-                None => bail!(
-                    "tensor {name} is not listed in the weight_map of {}",
-                    index.display()
-                ),
+                None => bail!("tensor {name} is not listed in the weight_map of {}", index.display()),
             },
         }
     }
@@ -159,9 +111,7 @@ impl ModelFiles {
             let name = cfg.tensor_name(t);
             let file = self.file_of(&name)?;
             let st = &mapped[self.files.iter().position(|f| f == file).unwrap()];
-            let view = st
-                .get(&name)
-                .map_err(|_| anyhow::anyhow!("tensor {name} is missing from {}", file.display()))?;
+            let view = st.get(&name).map_err(|_| anyhow::anyhow!("tensor {name} is missing from {}", file.display()))?;
             let expected = cfg.tensor_shape(t);
             if view.shape() != expected.as_slice() {
                 bail!(
@@ -172,9 +122,7 @@ impl ModelFiles {
                     self.dir.join(CONFIG_FILE).display()
                 );
             }
-            let x = st
-                .load(&name, device)
-                .with_context(|| format!("cannot load tensor {name} from {}", file.display()))?;
+            let x = st.load(&name, device).with_context(|| format!("cannot load tensor {name} from {}", file.display()))?;
             Ok(x.to_dtype(dtype)?)
         };
         let mut layers = Vec::with_capacity(cfg.num_layers);
@@ -182,17 +130,8 @@ impl ModelFiles {
             layers.push(LayerWeights::assemble(cfg, i, &load)?);
         }
         let wte = load(TensorId::Embedding)?;
-        let lm_head = if cfg.tie_word_embeddings {
-            wte.clone()
-        } else {
-            load(TensorId::LmHead)?
-        };
-        Ok(Weights {
-            wte,
-            layers,
-            ln_f: load(TensorId::FinalNorm)?,
-            lm_head,
-        })
+        let lm_head = if cfg.tie_word_embeddings { wte.clone() } else { load(TensorId::LmHead)? };
+        Ok(Weights { wte, layers, ln_f: load(TensorId::FinalNorm)?, lm_head })
     }
 }
 
@@ -215,44 +154,18 @@ pub struct LayerWeights {
 
 impl LayerWeights {
     /// The weights of layer `i` from its checkpoint tensors (`get` loads one); q, k and v are fused here.
-    pub fn assemble(
-        cfg: &ModelConfig,
-        i: usize,
-        get: &dyn Fn(TensorId) -> Result<Tensor>,
-    ) -> Result<LayerWeights> {
-        let attn_in: Vec<Site> = cfg
-            .sites()
-            .iter()
-            .copied()
-            .filter(|s| s.is_attention_input())
-            .collect();
+    pub fn assemble(cfg: &ModelConfig, i: usize, get: &dyn Fn(TensorId) -> Result<Tensor>) -> Result<LayerWeights> {
+        let attn_in: Vec<Site> = cfg.sites().iter().copied().filter(|s| s.is_attention_input()).collect();
         let fuse = |parts: Vec<Tensor>| -> Result<Tensor> {
-            Ok(if parts.len() == 1 {
-                parts.into_iter().next().unwrap()
-            } else {
-                Tensor::cat(&parts, 0)?
-            })
+            Ok(if parts.len() == 1 { parts.into_iter().next().unwrap() } else { Tensor::cat(&parts, 0)? })
         };
-        let qkv = fuse(
-            attn_in
-                .iter()
-                .map(|&s| get(TensorId::Weight(i, s)))
-                .collect::<Result<_>>()?,
-        )?;
+        let qkv = fuse(attn_in.iter().map(|&s| get(TensorId::Weight(i, s))).collect::<Result<_>>()?)?;
         let qkv_bias = match cfg.qkv_bias {
-            true => Some(fuse(
-                attn_in
-                    .iter()
-                    .map(|&s| get(TensorId::Bias(i, s)))
-                    .collect::<Result<_>>()?,
-            )?),
+            true => Some(fuse(attn_in.iter().map(|&s| get(TensorId::Bias(i, s))).collect::<Result<_>>()?)?),
             false => None,
         };
         let (q_norm, k_norm) = match cfg.qk_norm {
-            true => (
-                Some(get(TensorId::QNorm(i))?),
-                Some(get(TensorId::KNorm(i))?),
-            ),
+            true => (Some(get(TensorId::QNorm(i))?), Some(get(TensorId::KNorm(i))?)),
             false => (None, None),
         };
         Ok(LayerWeights {
@@ -312,27 +225,13 @@ impl Weights {
     /// A copy in `dtype` on `device` (e.g. a CPU f32 model's exact weights as bf16 on the GPU).
     pub fn to(&self, dtype: DType, device: &Device) -> Result<Weights> {
         let cv = |t: &Tensor| -> Result<Tensor> { Ok(t.to_dtype(dtype)?.to_device(device)?) };
-        let layers = self
-            .layers
-            .iter()
-            .map(|l| l.map(&cv))
-            .collect::<Result<Vec<_>>>()?;
-        Ok(Weights {
-            wte: cv(&self.wte)?,
-            layers,
-            ln_f: cv(&self.ln_f)?,
-            lm_head: cv(&self.lm_head)?,
-        })
+        let layers = self.layers.iter().map(|l| l.map(&cv)).collect::<Result<Vec<_>>>()?;
+        Ok(Weights { wte: cv(&self.wte)?, layers, ln_f: cv(&self.ln_f)?, lm_head: cv(&self.lm_head)? })
     }
 
     /// Random weights of `config`'s shape made directly on `device` (normal with `std`, norms at 1): for
     /// benchmarks at the real shapes without a checkpoint. Reproducible on the CPU; not across devices.
-    pub fn random(
-        config: &ModelConfig,
-        std: f64,
-        dtype: DType,
-        device: &Device,
-    ) -> Result<Weights> {
+    pub fn random(config: &ModelConfig, std: f64, dtype: DType, device: &Device) -> Result<Weights> {
         // On the CPU from our own seeded generator (the same weights every time, for tests); on a GPU from
         // candle's generator there (fast at 14B scale; fixed seed per device).
         let next = std::cell::Cell::new(0u64);
@@ -341,38 +240,19 @@ impl Weights {
             next.set(next.get() + 1);
             if device.is_cpu() {
                 let mut rng = crate::rng::SplitMix::for_stream(0x7EA5, &[next.get()]);
-                let v: Vec<f32> = (0..shape.iter().product::<usize>())
-                    .map(|_| (std * rng.normal()) as f32)
-                    .collect();
+                let v: Vec<f32> = (0..shape.iter().product::<usize>()).map(|_| (std * rng.normal()) as f32).collect();
                 return Ok(Tensor::from_vec(v, shape, device)?.to_dtype(dtype)?);
             }
             Ok(Tensor::randn(0f32, std as f32, shape, device)?.to_dtype(dtype)?)
         };
-        let ones = |t: TensorId| -> Result<Tensor> {
-            Ok(Tensor::ones(config.tensor_shape(t), dtype, device)?)
-        };
+        let ones = |t: TensorId| -> Result<Tensor> { Ok(Tensor::ones(config.tensor_shape(t), dtype, device)?) };
         let get = |t: TensorId| match t {
-            TensorId::Ln1(_)
-            | TensorId::Ln2(_)
-            | TensorId::QNorm(_)
-            | TensorId::KNorm(_)
-            | TensorId::FinalNorm => ones(t),
+            TensorId::Ln1(_) | TensorId::Ln2(_) | TensorId::QNorm(_) | TensorId::KNorm(_) | TensorId::FinalNorm => ones(t),
             _ => normal(t),
         };
-        let layers = (0..config.num_layers)
-            .map(|i| LayerWeights::assemble(config, i, &get))
-            .collect::<Result<Vec<_>>>()?;
+        let layers = (0..config.num_layers).map(|i| LayerWeights::assemble(config, i, &get)).collect::<Result<Vec<_>>>()?;
         let wte = normal(TensorId::Embedding)?;
-        let lm_head = if config.tie_word_embeddings {
-            wte.clone()
-        } else {
-            normal(TensorId::LmHead)?
-        };
-        Ok(Weights {
-            wte,
-            layers,
-            ln_f: ones(TensorId::FinalNorm)?,
-            lm_head,
-        })
+        let lm_head = if config.tie_word_embeddings { wte.clone() } else { normal(TensorId::LmHead)? };
+        Ok(Weights { wte, layers, ln_f: ones(TensorId::FinalNorm)?, lm_head })
     }
 }

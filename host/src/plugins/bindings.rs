@@ -57,9 +57,7 @@ pub fn compatible(version: &str) -> bool {
         it.next().is_none().then_some(t)
     };
     match (parse(version), parse(WIT_VERSION)) {
-        (Some((0, minor, patch)), Some((0, host_minor, host_patch))) => {
-            minor == host_minor && patch <= host_patch
-        }
+        (Some((0, minor, patch)), Some((0, host_minor, host_patch))) => minor == host_minor && patch <= host_patch,
         _ => false,
     }
 }

@@ -55,24 +55,14 @@ impl ComponentInfo {
         let mut wit_version = None;
         for name in &exports {
             // e.g. "lorahost:plugin/filter-api@0.1.0"
-            let Some(rest) = name
-                .strip_prefix(WIT_PACKAGE)
-                .and_then(|r| r.strip_prefix('/'))
-            else {
-                continue;
-            };
+            let Some(rest) = name.strip_prefix(WIT_PACKAGE).and_then(|r| r.strip_prefix('/')) else { continue };
             let (iface, version) = rest.split_once('@').unwrap_or((rest, ""));
             if let Some(k) = PluginKind::ALL.into_iter().find(|k| k.interface() == iface) {
                 kind = Some(k);
                 wit_version = Some(version.to_string());
             }
         }
-        ComponentInfo {
-            kind,
-            wit_version,
-            imports,
-            exports,
-        }
+        ComponentInfo { kind, wit_version, imports, exports }
     }
 
     /// Checks that this component is a `kind` plugin for a contract version this host runs.
@@ -80,16 +70,11 @@ impl ComponentInfo {
         match (&self.kind, &self.wit_version) {
             (None, _) => Err(Failure::Invalid(format!(
                 "it exports none of the lorahost interfaces (exports: {})",
-                if self.exports.is_empty() {
-                    "nothing".to_string()
-                } else {
-                    self.exports.join(", ")
-                }
+                if self.exports.is_empty() { "nothing".to_string() } else { self.exports.join(", ") }
             ))),
-            (Some(found), _) if *found != kind => Err(Failure::WrongKind {
-                expected: kind.to_string(),
-                found: found.to_string(),
-            }),
+            (Some(found), _) if *found != kind => {
+                Err(Failure::WrongKind { expected: kind.to_string(), found: found.to_string() })
+            }
             (_, Some(v)) if !compatible(v) => Err(Failure::WrongVersion {
                 expected: format!("{WIT_PACKAGE}@{WIT_VERSION}"),
                 found: format!("{WIT_PACKAGE}@{v}"),
@@ -119,11 +104,7 @@ impl PluginEngine {
         sandbox::add_wasi_to_linker(&mut linker)?;
         // The shared record types are an interface with types only; it still has to exist by name.
         linker.instance(&format!("{WIT_PACKAGE}/types@{WIT_VERSION}"))?;
-        Ok(PluginEngine {
-            engine,
-            linker,
-            cache_dir,
-        })
+        Ok(PluginEngine { engine, linker, cache_dir })
     }
 
     /// The default cache folder: `$LORAHOST_CACHE`, else `$XDG_CACHE_HOME/lorahost`, else `~/.cache/lorahost`.
@@ -148,12 +129,7 @@ impl PluginEngine {
     /// Reads a component file and loads it.
     pub fn load_file(&self, name: &str, path: &Path) -> Result<LoadedPlugin, PluginError> {
         let bytes = std::fs::read(path).map_err(|e| {
-            PluginError::new(
-                name,
-                "",
-                "load",
-                Failure::Invalid(format!("cannot read {}: {e}", path.display())),
-            )
+            PluginError::new(name, "", "load", Failure::Invalid(format!("cannot read {}: {e}", path.display())))
         })?;
         self.load(name, &bytes)
     }
@@ -183,9 +159,7 @@ impl PluginEngine {
             Some(c) => c,
             None => {
                 if !bytes.starts_with(b"\0asm") {
-                    return Err(fail(Failure::Invalid(
-                        "the file is not WebAssembly (no \\0asm header)".into(),
-                    )));
+                    return Err(fail(Failure::Invalid("the file is not WebAssembly (no \\0asm header)".into())));
                 }
                 let c = Component::from_binary(&self.engine, bytes)
                     .map_err(|e| fail(Failure::Invalid(format!("{e:#}"))))?;
@@ -216,10 +190,7 @@ impl PluginEngine {
         let dir = self.cache_dir.as_ref()?;
         let mut h = std::collections::hash_map::DefaultHasher::new();
         self.engine.precompile_compatibility_hash().hash(&mut h);
-        Some(
-            dir.join("plugins")
-                .join(format!("{digest}-{:016x}.cwasm", h.finish())),
-        )
+        Some(dir.join("plugins").join(format!("{digest}-{:016x}.cwasm", h.finish())))
     }
 }
 

@@ -89,23 +89,14 @@ pub struct PluginError {
 
 impl PluginError {
     pub fn new(plugin: &str, digest: &str, call: &str, failure: Failure) -> Self {
-        PluginError {
-            plugin: plugin.to_string(),
-            digest: digest.to_string(),
-            call: call.to_string(),
-            failure,
-        }
+        PluginError { plugin: plugin.to_string(), digest: digest.to_string(), call: call.to_string(), failure }
     }
 }
 
 impl fmt::Display for PluginError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let short = &self.digest[..self.digest.len().min(12)];
-        write!(
-            f,
-            "plugin `{}` (sha256:{short}) {} in `{}`",
-            self.plugin, self.failure, self.call
-        )
+        write!(f, "plugin `{}` (sha256:{short}) {} in `{}`", self.plugin, self.failure, self.call)
     }
 }
 

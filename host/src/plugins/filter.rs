@@ -20,18 +20,11 @@ pub struct WasmFilter(Instance<FilterWorld>);
 
 impl WasmFilter {
     /// Instantiates the filter and hands it its configuration (the manifest table as TOML text).
-    pub fn new(
-        engine: &PluginEngine,
-        plugin: &LoadedPlugin,
-        grants: &Grants,
-        config: &str,
-    ) -> Result<Self, PluginError> {
+    pub fn new(engine: &PluginEngine, plugin: &LoadedPlugin, grants: &Grants, config: &str) -> Result<Self, PluginError> {
         let mut inst = Instance::new(engine, plugin, PluginKind::Filter, grants, |pre, store| {
             FilterPre::new(pre)?.instantiate(store)
         })?;
-        inst.call_fallible("init", |b, s| {
-            b.lorahost_plugin_filter_api().call_init(s, config)
-        })?;
+        inst.call_fallible("init", |b, s| b.lorahost_plugin_filter_api().call_init(s, config))?;
         Ok(WasmFilter(inst))
     }
 }
@@ -42,23 +35,16 @@ impl RecordFilter for WasmFilter {
     }
 
     fn filter_batch(&mut self, batch: &[Example]) -> Result<Vec<Verdict>, PluginError> {
-        let verdicts = self.0.call_fallible("filter-batch", |b, s| {
-            b.lorahost_plugin_filter_api().call_filter_batch(s, batch)
-        })?;
+        let verdicts =
+            self.0.call_fallible("filter-batch", |b, s| b.lorahost_plugin_filter_api().call_filter_batch(s, batch))?;
         check_verdicts(batch.len(), verdicts).map_err(|f| self.0.error("filter-batch", f))
     }
 }
 
 /// The contract every filter's reply must keep, wasm or native.
-pub(crate) fn check_verdicts(
-    asked: usize,
-    verdicts: Vec<Verdict>,
-) -> Result<Vec<Verdict>, Failure> {
+pub(crate) fn check_verdicts(asked: usize, verdicts: Vec<Verdict>) -> Result<Vec<Verdict>, Failure> {
     if verdicts.len() != asked {
-        return Err(Failure::Malformed(format!(
-            "{} verdicts for a batch of {asked} records",
-            verdicts.len()
-        )));
+        return Err(Failure::Malformed(format!("{} verdicts for a batch of {asked} records", verdicts.len())));
     }
     Ok(verdicts)
 }

@@ -18,14 +18,10 @@ pub struct Inspection {
 }
 
 pub fn inspect(engine: &PluginEngine, path: &Path) -> anyhow::Result<Inspection> {
-    let bytes =
-        std::fs::read(path).map_err(|e| anyhow::anyhow!("cannot read {}: {e}", path.display()))?;
+    let bytes = std::fs::read(path).map_err(|e| anyhow::anyhow!("cannot read {}: {e}", path.display()))?;
     let sha256 = sha256_hex(&bytes);
     let file = path.display().to_string();
-    if bytes.starts_with(b"\x7fELF")
-        || bytes.starts_with(b"MZ")
-        || bytes.starts_with(&[0xcf, 0xfa, 0xed, 0xfe])
-    {
+    if bytes.starts_with(b"\x7fELF") || bytes.starts_with(b"MZ") || bytes.starts_with(&[0xcf, 0xfa, 0xed, 0xfe]) {
         return Ok(Inspection {
             file,
             sha256,
@@ -37,10 +33,7 @@ pub fn inspect(engine: &PluginEngine, path: &Path) -> anyhow::Result<Inspection>
             exports: vec![],
         });
     }
-    let name = path
-        .file_stem()
-        .map(|s| s.to_string_lossy().into_owned())
-        .unwrap_or_default();
+    let name = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
     let loaded = engine.load(&name, &bytes)?;
     let info = loaded.info;
     Ok(Inspection {
@@ -48,9 +41,7 @@ pub fn inspect(engine: &PluginEngine, path: &Path) -> anyhow::Result<Inspection>
         sha256,
         bytes: bytes.len(),
         kind: info.kind.map(|k| k.to_string()),
-        wit: info
-            .wit_version
-            .map(|v| format!("{}@{v}", super::bindings::WIT_PACKAGE)),
+        wit: info.wit_version.map(|v| format!("{}@{v}", super::bindings::WIT_PACKAGE)),
         native: false,
         imports: info.imports,
         exports: info.exports,
@@ -63,18 +54,9 @@ impl std::fmt::Display for Inspection {
         writeln!(f, "sha256   {}", self.sha256)?;
         writeln!(f, "size     {} bytes", self.bytes)?;
         if self.native {
-            return writeln!(
-                f,
-                "kind     native library: runs UNSANDBOXED, loads only with `trusted = true`"
-            );
+            return writeln!(f, "kind     native library: runs UNSANDBOXED, loads only with `trusted = true`");
         }
-        writeln!(
-            f,
-            "kind     {}",
-            self.kind
-                .as_deref()
-                .unwrap_or("none (exports no lorahost interface)")
-        )?;
+        writeln!(f, "kind     {}", self.kind.as_deref().unwrap_or("none (exports no lorahost interface)"))?;
         writeln!(f, "wit      {}", self.wit.as_deref().unwrap_or("-"))?;
         writeln!(f, "exports")?;
         for e in &self.exports {

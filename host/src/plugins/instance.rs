@@ -27,12 +27,8 @@ impl<B> Instance<B> {
     ) -> Result<Self, PluginError> {
         let fail = |f: Failure| PluginError::new(&plugin.name, &plugin.digest, "instantiate", f);
         plugin.info.expect(kind).map_err(fail)?;
-        let mut store = sandbox::new_store(engine.engine(), grants)
-            .map_err(|e| fail(Failure::Invalid(format!("{e:#}"))))?;
-        let pre = engine
-            .linker()
-            .instantiate_pre(&plugin.component)
-            .map_err(|e| fail(link_failure(&e)))?;
+        let mut store = sandbox::new_store(engine.engine(), grants).map_err(|e| fail(Failure::Invalid(format!("{e:#}"))))?;
+        let pre = engine.linker().instantiate_pre(&plugin.component).map_err(|e| fail(link_failure(&e)))?;
         sandbox::arm(&mut store, &grants.limits);
         let bindings = match bind(pre, &mut store) {
             Ok(b) => b,
@@ -82,8 +78,7 @@ impl<B> Instance<B> {
         call: &str,
         f: impl FnOnce(&B, &mut Store<HostState>) -> wasmtime::Result<Result<R, String>>,
     ) -> Result<R, PluginError> {
-        self.call(call, f)?
-            .map_err(|m| self.error(call, Failure::Refused(m)))
+        self.call(call, f)?.map_err(|m| self.error(call, Failure::Refused(m)))
     }
 }
 
@@ -91,16 +86,10 @@ impl<B> Instance<B> {
 fn link_failure(err: &wasmtime::Error) -> Failure {
     let text = format!("{err:#}");
     if text.contains("wasi:sockets") {
-        Failure::Link(format!(
-            "it imports the network (wasi:sockets), which plugins are never granted ({text})"
-        ))
+        Failure::Link(format!("it imports the network (wasi:sockets), which plugins are never granted ({text})"))
     } else if text.contains("wasi:http") {
-        Failure::Link(format!(
-            "it imports HTTP (wasi:http), which plugins are never granted ({text})"
-        ))
+        Failure::Link(format!("it imports HTTP (wasi:http), which plugins are never granted ({text})"))
     } else {
-        Failure::Link(format!(
-            "it imports something the plugin sandbox does not provide: {text}"
-        ))
+        Failure::Link(format!("it imports something the plugin sandbox does not provide: {text}"))
     }
 }

@@ -13,13 +13,8 @@ pub enum PluginKind {
 }
 
 impl PluginKind {
-    pub const ALL: [PluginKind; 5] = [
-        PluginKind::Source,
-        PluginKind::Filter,
-        PluginKind::Template,
-        PluginKind::Scheduler,
-        PluginKind::Scorer,
-    ];
+    pub const ALL: [PluginKind; 5] =
+        [PluginKind::Source, PluginKind::Filter, PluginKind::Template, PluginKind::Scheduler, PluginKind::Scorer];
 
     pub fn name(self) -> &'static str {
         match self {

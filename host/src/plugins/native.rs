@@ -23,11 +23,7 @@ struct NativeBuf {
 }
 
 impl NativeBuf {
-    const EMPTY: NativeBuf = NativeBuf {
-        ptr: std::ptr::null_mut(),
-        len: 0,
-        cap: 0,
-    };
+    const EMPTY: NativeBuf = NativeBuf { ptr: std::ptr::null_mut(), len: 0, cap: 0 };
 }
 
 type OpenFn = unsafe extern "C" fn(*const u8, usize, *mut NativeBuf) -> *mut c_void;
@@ -53,20 +49,9 @@ unsafe impl Send for NativePlugin {}
 impl NativePlugin {
     /// Loads `path` as a native `kind` plugin and opens it with `config` (TOML text).
     /// `trusted` must be the manifest's explicit `trusted = true`: without it nothing is loaded.
-    pub fn open(
-        name: &str,
-        path: &Path,
-        kind: PluginKind,
-        trusted: bool,
-        config: &str,
-    ) -> Result<Self, PluginError> {
+    pub fn open(name: &str, path: &Path, kind: PluginKind, trusted: bool, config: &str) -> Result<Self, PluginError> {
         let bytes = std::fs::read(path).map_err(|e| {
-            PluginError::new(
-                name,
-                "",
-                "load",
-                Failure::Invalid(format!("cannot read {}: {e}", path.display())),
-            )
+            PluginError::new(name, "", "load", Failure::Invalid(format!("cannot read {}: {e}", path.display())))
         })?;
         let digest = sha256_hex(&bytes);
         let fail = |call: &str, f: Failure| PluginError::new(name, &digest, call, f);
@@ -80,78 +65,37 @@ impl NativePlugin {
             ));
         }
         // SAFETY: loading a native library runs its initialisers; the user has marked it trusted.
-        let lib = unsafe { libloading::Library::new(path) }.map_err(|e| {
-            fail(
-                "load",
-                Failure::Invalid(format!("cannot load native library: {e}")),
-            )
-        })?;
-        let sym = |s: &str| {
-            fail(
-                "load",
-                Failure::Invalid(format!(
-                    "missing symbol `{s}`: not a lorahost native plugin"
-                )),
-            )
-        };
+        let lib = unsafe { libloading::Library::new(path) }
+            .map_err(|e| fail("load", Failure::Invalid(format!("cannot load native library: {e}"))))?;
+        let sym = |s: &str| fail("load", Failure::Invalid(format!("missing symbol `{s}`: not a lorahost native plugin")));
         // SAFETY: symbol types follow the ABI in plugins/sdk/src/native.rs, checked by version first.
         unsafe {
-            let abi: libloading::Symbol<unsafe extern "C" fn() -> u32> = lib
-                .get(b"lorahost_native_abi")
-                .map_err(|_| sym("lorahost_native_abi"))?;
+            let abi: libloading::Symbol<unsafe extern "C" fn() -> u32> =
+                lib.get(b"lorahost_native_abi").map_err(|_| sym("lorahost_native_abi"))?;
             let v = abi();
             if v != ABI_VERSION {
                 return Err(fail(
                     "load",
-                    Failure::WrongVersion {
-                        expected: format!("native ABI {ABI_VERSION}"),
-                        found: format!("native ABI {v}"),
-                    },
+                    Failure::WrongVersion { expected: format!("native ABI {ABI_VERSION}"), found: format!("native ABI {v}") },
                 ));
             }
-            let kind_fn: libloading::Symbol<unsafe extern "C" fn() -> *const c_char> = lib
-                .get(b"lorahost_native_kind")
-                .map_err(|_| sym("lorahost_native_kind"))?;
+            let kind_fn: libloading::Symbol<unsafe extern "C" fn() -> *const c_char> =
+                lib.get(b"lorahost_native_kind").map_err(|_| sym("lorahost_native_kind"))?;
             let found = CStr::from_ptr(kind_fn()).to_string_lossy().into_owned();
             if found != kind.name() {
-                return Err(fail(
-                    "load",
-                    Failure::WrongKind {
-                        expected: kind.to_string(),
-                        found,
-                    },
-                ));
+                return Err(fail("load", Failure::WrongKind { expected: kind.to_string(), found }));
             }
-            let open: OpenFn = *lib
-                .get(b"lorahost_native_open")
-                .map_err(|_| sym("lorahost_native_open"))?;
-            let call: CallFn = *lib
-                .get(b"lorahost_native_call")
-                .map_err(|_| sym("lorahost_native_call"))?;
-            let close: CloseFn = *lib
-                .get(b"lorahost_native_close")
-                .map_err(|_| sym("lorahost_native_close"))?;
-            let free: FreeFn = *lib
-                .get(b"lorahost_native_free")
-                .map_err(|_| sym("lorahost_native_free"))?;
+            let open: OpenFn = *lib.get(b"lorahost_native_open").map_err(|_| sym("lorahost_native_open"))?;
+            let call: CallFn = *lib.get(b"lorahost_native_call").map_err(|_| sym("lorahost_native_call"))?;
+            let close: CloseFn = *lib.get(b"lorahost_native_close").map_err(|_| sym("lorahost_native_close"))?;
+            let free: FreeFn = *lib.get(b"lorahost_native_free").map_err(|_| sym("lorahost_native_free"))?;
             let mut err = NativeBuf::EMPTY;
             let state = open(config.as_ptr(), config.len(), &mut err);
             if state.is_null() {
                 let msg = take(free, err);
-                return Err(fail(
-                    "open",
-                    Failure::Refused(String::from_utf8_lossy(&msg).into_owned()),
-                ));
+                return Err(fail("open", Failure::Refused(String::from_utf8_lossy(&msg).into_owned())));
             }
-            Ok(NativePlugin {
-                name: name.to_string(),
-                digest,
-                state,
-                call,
-                close,
-                free,
-                _lib: lib,
-            })
+            Ok(NativePlugin { name: name.to_string(), digest, state, call, close, free, _lib: lib })
         }
     }
 
@@ -166,33 +110,19 @@ impl NativePlugin {
         let bytes = unsafe { take(self.free, out) };
         if code != 0 {
             let msg = String::from_utf8_lossy(&bytes).into_owned();
-            return Err(PluginError::new(
-                &self.name,
-                &self.digest,
-                call,
-                Failure::Refused(msg),
-            ));
+            return Err(PluginError::new(&self.name, &self.digest, call, Failure::Refused(msg)));
         }
         Ok(bytes)
     }
 
     fn malformed(&self, call: &str, e: impl std::fmt::Display) -> PluginError {
-        PluginError::new(
-            &self.name,
-            &self.digest,
-            call,
-            Failure::Malformed(e.to_string()),
-        )
+        PluginError::new(&self.name, &self.digest, call, Failure::Malformed(e.to_string()))
     }
 }
 
 /// Copies a plugin-owned buffer and hands it back to the plugin to free.
 unsafe fn take(free: FreeFn, buf: NativeBuf) -> Vec<u8> {
-    let bytes = if buf.ptr.is_null() {
-        Vec::new()
-    } else {
-        std::slice::from_raw_parts(buf.ptr, buf.len).to_vec()
-    };
+    let bytes = if buf.ptr.is_null() { Vec::new() } else { std::slice::from_raw_parts(buf.ptr, buf.len).to_vec() };
     free(buf);
     bytes
 }
@@ -212,8 +142,7 @@ impl RecordFilter for NativePlugin {
     fn filter_batch(&mut self, batch: &[Example]) -> Result<Vec<Verdict>, PluginError> {
         let input = serde_json::to_vec(batch).map_err(|e| self.malformed("filter-batch", e))?;
         let reply = self.call_json("filter-batch", &input)?;
-        let verdicts: Vec<Verdict> =
-            serde_json::from_slice(&reply).map_err(|e| self.malformed("filter-batch", e))?;
+        let verdicts: Vec<Verdict> = serde_json::from_slice(&reply).map_err(|e| self.malformed("filter-batch", e))?;
         check_verdicts(batch.len(), verdicts)
             .map_err(|f| PluginError::new(&self.name, &self.digest, "filter-batch", f))
     }
@@ -228,7 +157,6 @@ impl RecordSource for NativePlugin {
         let reply = self.call_json("next-batch", max.to_string().as_bytes())?;
         let batch: Option<Batch> =
             serde_json::from_slice(&reply).map_err(|e| self.malformed("next-batch", e))?;
-        check_batch(max, batch)
-            .map_err(|f| PluginError::new(&self.name, &self.digest, "next-batch", f))
+        check_batch(max, batch).map_err(|f| PluginError::new(&self.name, &self.digest, "next-batch", f))
     }
 }

@@ -41,12 +41,7 @@ pub struct Limits {
 
 impl Default for Limits {
     fn default() -> Self {
-        Limits {
-            timeout_ms: 60_000,
-            fuel: None,
-            memory_mb: 1024,
-            reply_mb: 256,
-        }
+        Limits { timeout_ms: 60_000, fuel: None, memory_mb: 1024, reply_mb: 256 }
     }
 }
 
@@ -99,10 +94,7 @@ pub struct HostState {
 
 impl WasiView for HostState {
     fn ctx(&mut self) -> WasiCtxView<'_> {
-        WasiCtxView {
-            ctx: &mut self.wasi,
-            table: &mut self.table,
-        }
+        WasiCtxView { ctx: &mut self.wasi, table: &mut self.table }
     }
 }
 
@@ -113,12 +105,7 @@ struct MemoryCap {
 }
 
 impl ResourceLimiter for MemoryCap {
-    fn memory_growing(
-        &mut self,
-        _current: usize,
-        desired: usize,
-        _max: Option<usize>,
-    ) -> wasmtime::Result<bool> {
+    fn memory_growing(&mut self, _current: usize, desired: usize, _max: Option<usize>) -> wasmtime::Result<bool> {
         if desired as u64 > self.cap {
             self.hit = true;
             // An error (rather than `Ok(false)`) traps at once instead of letting the guest's allocator
@@ -127,12 +114,7 @@ impl ResourceLimiter for MemoryCap {
         }
         Ok(true)
     }
-    fn table_growing(
-        &mut self,
-        _current: usize,
-        desired: usize,
-        _max: Option<usize>,
-    ) -> wasmtime::Result<bool> {
+    fn table_growing(&mut self, _current: usize, desired: usize, _max: Option<usize>) -> wasmtime::Result<bool> {
         Ok(desired <= 1_000_000)
     }
 }
@@ -208,17 +190,14 @@ impl HostMonotonicClock for CountingClock {
         1_000
     }
     fn now(&self) -> u64 {
-        self.0
-            .fetch_add(1_000, std::sync::atomic::Ordering::Relaxed)
+        self.0.fetch_add(1_000, std::sync::atomic::Ordering::Relaxed)
     }
 }
 
 /// `n` bytes drawn from the seed, for the guest's random streams.
 fn seeded_bytes(seed: u64, n: usize) -> Vec<u8> {
     let mut rng = crate::rng::Rng::new(seed);
-    let mut out: Vec<u8> = (0..n.div_ceil(8))
-        .flat_map(|_| rng.next_u64().to_le_bytes())
-        .collect();
+    let mut out: Vec<u8> = (0..n.div_ceil(8)).flat_map(|_| rng.next_u64().to_le_bytes()).collect();
     out.truncate(n);
     out
 }
@@ -231,36 +210,21 @@ pub fn new_store(engine: &wasmtime::Engine, grants: &Grants) -> anyhow::Result<S
     wasi.wall_clock(FixedWallClock);
     wasi.monotonic_clock(CountingClock::default());
     // Random bytes cycle through 64 KiB drawn from the seed: plenty for hash-map keys and shuffles.
-    wasi.secure_random(wasmtime_wasi::Deterministic::new(seeded_bytes(
-        grants.seed,
-        1 << 16,
-    )));
-    wasi.insecure_random(wasmtime_wasi::Deterministic::new(seeded_bytes(
-        grants.seed ^ 0x5EED,
-        1 << 16,
-    )));
-    wasi.insecure_random_seed(
-        u128::from(grants.seed) << 64 | u128::from(grants.seed.rotate_left(17)),
-    );
-    wasi.allow_tcp(false)
-        .allow_udp(false)
-        .allow_ip_name_lookup(false);
+    wasi.secure_random(wasmtime_wasi::Deterministic::new(seeded_bytes(grants.seed, 1 << 16)));
+    wasi.insecure_random(wasmtime_wasi::Deterministic::new(seeded_bytes(grants.seed ^ 0x5EED, 1 << 16)));
+    wasi.insecure_random_seed(u128::from(grants.seed) << 64 | u128::from(grants.seed.rotate_left(17)));
+    wasi.allow_tcp(false).allow_udp(false).allow_ip_name_lookup(false);
     for dir in &grants.read_dirs {
         let dir = dir
             .canonicalize()
             .map_err(|e| anyhow::anyhow!("cannot grant {}: {e}", dir.display()))?;
-        let guest = dir
-            .to_str()
-            .ok_or_else(|| anyhow::anyhow!("{} is not UTF-8", dir.display()))?;
+        let guest = dir.to_str().ok_or_else(|| anyhow::anyhow!("{} is not UTF-8", dir.display()))?;
         wasi.preopened_dir(&dir, guest, FsPerms::ReadOnly)?;
     }
     let state = HostState {
         wasi: wasi.build(),
         table: ResourceTable::new(),
-        limiter: MemoryCap {
-            cap: grants.limits.memory_bytes(),
-            hit: false,
-        },
+        limiter: MemoryCap { cap: grants.limits.memory_bytes(), hit: false },
         stderr,
     };
     let mut store = Store::new(engine, state);
@@ -308,10 +272,7 @@ pub fn add_wasi_to_linker(linker: &mut Linker<HostState>) -> anyhow::Result<()> 
 
 /// Arms the per-call limits on `store` before a call into the guest.
 pub fn arm(store: &mut Store<HostState>, limits: &Limits) {
-    let ticks = limits
-        .timeout_ms
-        .div_ceil(EPOCH_TICK.as_millis() as u64)
-        .max(1);
+    let ticks = limits.timeout_ms.div_ceil(EPOCH_TICK.as_millis() as u64).max(1);
     store.set_epoch_deadline(ticks);
     // Fuel is always metered (it is an engine-wide setting); without a budget it is effectively unbounded.
     let _ = store.set_fuel(limits.fuel.unwrap_or(u64::MAX));
@@ -326,9 +287,7 @@ pub fn classify(store: &mut Store<HostState>, limits: &Limits, err: &wasmtime::E
         Some(wasmtime::Trap::Interrupt) => Failure::Timeout(limits.timeout()),
         Some(wasmtime::Trap::OutOfFuel) => Failure::OutOfFuel(limits.fuel.unwrap_or(u64::MAX)),
         // wasmtime's error type for this is private; its message is stable.
-        None if format!("{err:#}").contains("fuel allocated for hostcalls") => {
-            Failure::ReplyTooBig(limits.reply_bytes())
-        }
+        None if format!("{err:#}").contains("fuel allocated for hostcalls") => Failure::ReplyTooBig(limits.reply_bytes()),
         other => {
             let stderr = store.data().stderr.text();
             if let Some(at) = stderr.rfind("panicked at") {

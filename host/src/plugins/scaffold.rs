@@ -6,36 +6,21 @@ use std::path::{Path, PathBuf};
 /// The SDK in the source tree this binary was built from, if it is still there.
 pub fn default_sdk_path() -> Option<PathBuf> {
     let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../plugins/sdk");
-    p.join("Cargo.toml")
-        .exists()
-        .then(|| p.canonicalize().ok())
-        .flatten()
+    p.join("Cargo.toml").exists().then(|| p.canonicalize().ok()).flatten()
 }
 
 /// Writes a new plugin crate at `dir/<name>` and returns its folder.
 pub fn scaffold(kind: PluginKind, name: &str, dir: &Path, sdk: &Path) -> anyhow::Result<PathBuf> {
-    if name.is_empty()
-        || !name
-            .chars()
-            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
-    {
+    if name.is_empty() || !name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-') {
         bail!("plugin name `{name}`: use lowercase letters, digits and '-', e.g. `my-filter`");
     }
     let root = dir.join(name);
     if root.exists() {
-        bail!(
-            "{} already exists: choose another name or remove it",
-            root.display()
-        );
+        bail!("{} already exists: choose another name or remove it", root.display());
     }
-    let sdk = sdk
-        .canonicalize()
-        .with_context(|| format!("SDK folder {}", sdk.display()))?;
+    let sdk = sdk.canonicalize().with_context(|| format!("SDK folder {}", sdk.display()))?;
     if !sdk.join("Cargo.toml").exists() {
-        bail!(
-            "{} is not the lorahost-sdk crate (no Cargo.toml): pass --sdk <path to plugins/sdk>",
-            sdk.display()
-        );
+        bail!("{} is not the lorahost-sdk crate (no Cargo.toml): pass --sdk <path to plugins/sdk>", sdk.display());
     }
     let crate_name = name.to_string();
     let cargo_toml = format!(
@@ -62,24 +47,15 @@ panic = "abort"
 "#,
         sdk = sdk.display().to_string()
     );
-    let wasm = format!(
-        "target/wasm32-wasip2/release/{}.wasm",
-        crate_name.replace('-', "_")
-    );
+    let wasm = format!("target/wasm32-wasip2/release/{}.wasm", crate_name.replace('-', "_"));
     let readme = format!(
         "# {name}: a lorahost {kind} plugin\n\nBuild: `cargo build --release` (the target is set in `.cargo/config.toml`).\n\
          The plugin is `{wasm}`.\nUse it in a manifest:\n\n```toml\n[plugins]\n{name} = {{ path = \"{wasm}\", sha256 = \"<lorahost plugin inspect prints it>\" }}\n```\n"
     );
     let files: [(&str, String); 5] = [
         ("Cargo.toml", cargo_toml),
-        (
-            ".cargo/config.toml",
-            "[build]\ntarget = \"wasm32-wasip2\"\n".into(),
-        ),
-        (
-            "rust-toolchain.toml",
-            "[toolchain]\nchannel = \"1.95.0\"\ntargets = [\"wasm32-wasip2\"]\n".into(),
-        ),
+        (".cargo/config.toml", "[build]\ntarget = \"wasm32-wasip2\"\n".into()),
+        ("rust-toolchain.toml", "[toolchain]\nchannel = \"1.95.0\"\ntargets = [\"wasm32-wasip2\"]\n".into()),
         ("src/lib.rs", lib_rs(kind)),
         ("README.md", readme),
     ];

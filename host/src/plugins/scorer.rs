@@ -15,22 +15,12 @@ pub struct WasmScorer {
 }
 
 impl WasmScorer {
-    pub fn new(
-        engine: &PluginEngine,
-        plugin: &LoadedPlugin,
-        grants: &Grants,
-        config: &str,
-    ) -> Result<Self, PluginError> {
+    pub fn new(engine: &PluginEngine, plugin: &LoadedPlugin, grants: &Grants, config: &str) -> Result<Self, PluginError> {
         let mut inst = Instance::new(engine, plugin, PluginKind::Scorer, grants, |pre, store| {
             ScorerPre::new(pre)?.instantiate(store)
         })?;
-        inst.call_fallible("init", |b, s| {
-            b.lorahost_plugin_scorer_api().call_init(s, config)
-        })?;
-        Ok(WasmScorer {
-            inst,
-            metrics: None,
-        })
+        inst.call_fallible("init", |b, s| b.lorahost_plugin_scorer_api().call_init(s, config))?;
+        Ok(WasmScorer { inst, metrics: None })
     }
 
     pub fn name(&self) -> &str {
@@ -39,16 +29,10 @@ impl WasmScorer {
 
     /// One score per request, in order, each with the same metric names (at least one, finite values).
     pub fn score_batch(&mut self, batch: &[ScoringRequest]) -> Result<Vec<Scored>, PluginError> {
-        let out = self.inst.call_fallible("score-batch", |b, s| {
-            b.lorahost_plugin_scorer_api().call_score_batch(s, batch)
-        })?;
+        let out = self.inst.call_fallible("score-batch", |b, s| b.lorahost_plugin_scorer_api().call_score_batch(s, batch))?;
         let bad = |msg: String| self.inst.error("score-batch", Failure::Malformed(msg));
         if out.len() != batch.len() {
-            return Err(bad(format!(
-                "{} scores for a batch of {} generations",
-                out.len(),
-                batch.len()
-            )));
+            return Err(bad(format!("{} scores for a batch of {} generations", out.len(), batch.len())));
         }
         for s in &out {
             let names: Vec<String> = s.metrics.iter().map(|(n, _)| n.clone()).collect();
@@ -60,9 +44,7 @@ impl WasmScorer {
             }
             match &self.metrics {
                 Some(want) if *want != names => {
-                    return Err(bad(format!(
-                        "metrics {names:?} after {want:?}: every score must name the same metrics"
-                    )))
+                    return Err(bad(format!("metrics {names:?} after {want:?}: every score must name the same metrics")))
                 }
                 Some(_) => {}
                 None => self.metrics = Some(names),

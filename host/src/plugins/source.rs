@@ -24,22 +24,12 @@ pub struct WasmSource {
 
 impl WasmSource {
     /// Instantiates the source and opens a reader with `config` (TOML text, paths absolute).
-    pub fn open(
-        engine: &PluginEngine,
-        plugin: &LoadedPlugin,
-        grants: &Grants,
-        config: &str,
-    ) -> Result<Self, PluginError> {
+    pub fn open(engine: &PluginEngine, plugin: &LoadedPlugin, grants: &Grants, config: &str) -> Result<Self, PluginError> {
         let mut inst = Instance::new(engine, plugin, PluginKind::Source, grants, |pre, store| {
             SourcePre::new(pre)?.instantiate(store)
         })?;
-        let reader = inst.call_fallible("open", |b, s| {
-            b.lorahost_plugin_source_api().call_open(s, config)
-        })?;
-        Ok(WasmSource {
-            inst,
-            reader: Some(reader),
-        })
+        let reader = inst.call_fallible("open", |b, s| b.lorahost_plugin_source_api().call_open(s, config))?;
+        Ok(WasmSource { inst, reader: Some(reader) })
     }
 }
 
@@ -49,13 +39,9 @@ impl RecordSource for WasmSource {
     }
 
     fn next_batch(&mut self, max: u32) -> Result<Option<Batch>, PluginError> {
-        let Some(reader) = self.reader else {
-            return Ok(None);
-        };
+        let Some(reader) = self.reader else { return Ok(None) };
         let batch = self.inst.call_fallible("next-batch", |b, s| {
-            b.lorahost_plugin_source_api()
-                .reader()
-                .call_next_batch(s, reader, max)
+            b.lorahost_plugin_source_api().reader().call_next_batch(s, reader, max)
         })?;
         check_batch(max, batch).map_err(|f| self.inst.error("next-batch", f))
     }
@@ -73,10 +59,9 @@ impl Drop for WasmSource {
 /// The contract every source's reply must keep, wasm or native.
 pub(crate) fn check_batch(max: u32, batch: Option<Batch>) -> Result<Option<Batch>, Failure> {
     match &batch {
-        Some(b) if b.records.len() > max as usize => Err(Failure::Malformed(format!(
-            "{} records for a request of at most {max}",
-            b.records.len()
-        ))),
+        Some(b) if b.records.len() > max as usize => {
+            Err(Failure::Malformed(format!("{} records for a request of at most {max}", b.records.len())))
+        }
         _ => Ok(batch),
     }
 }

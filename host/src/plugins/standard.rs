@@ -16,9 +16,5 @@ pub fn find(kind: PluginKind, name: &str) -> Option<&'static StandardPlugin> {
 
 /// Names of the standard plugins of a kind, for error messages ("did you mean ...").
 pub fn names(kind: PluginKind) -> Vec<&'static str> {
-    STANDARD
-        .iter()
-        .filter(|p| p.kind == kind)
-        .map(|p| p.name)
-        .collect()
+    STANDARD.iter().filter(|p| p.kind == kind).map(|p| p.name).collect()
 }

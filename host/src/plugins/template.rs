@@ -17,27 +17,13 @@ pub struct WasmTemplate {
 pub type Rendering = Result<Vec<Segment>, String>;
 
 impl WasmTemplate {
-    pub fn new(
-        engine: &PluginEngine,
-        plugin: &LoadedPlugin,
-        grants: &Grants,
-        config: &str,
-    ) -> Result<Self, PluginError> {
-        let mut inst = Instance::new(
-            engine,
-            plugin,
-            PluginKind::Template,
-            grants,
-            |pre, store| TemplatePre::new(pre)?.instantiate(store),
-        )?;
-        let info = inst.call_fallible("init", |b, s| {
-            b.lorahost_plugin_template_api().call_init(s, config)
+    pub fn new(engine: &PluginEngine, plugin: &LoadedPlugin, grants: &Grants, config: &str) -> Result<Self, PluginError> {
+        let mut inst = Instance::new(engine, plugin, PluginKind::Template, grants, |pre, store| {
+            TemplatePre::new(pre)?.instantiate(store)
         })?;
+        let info = inst.call_fallible("init", |b, s| b.lorahost_plugin_template_api().call_init(s, config))?;
         if info.eos.is_empty() {
-            return Err(inst.error(
-                "init",
-                Failure::Malformed("the template names no end-of-sequence token".into()),
-            ));
+            return Err(inst.error("init", Failure::Malformed("the template names no end-of-sequence token".into())));
         }
         Ok(WasmTemplate { inst, info })
     }
@@ -52,15 +38,9 @@ impl WasmTemplate {
 
     /// One rendering per record of `batch`, in order.
     pub fn render_batch(&mut self, batch: &[Example]) -> Result<Vec<Rendering>, PluginError> {
-        let out = self.inst.call("render-batch", |b, s| {
-            b.lorahost_plugin_template_api().call_render_batch(s, batch)
-        })?;
+        let out = self.inst.call("render-batch", |b, s| b.lorahost_plugin_template_api().call_render_batch(s, batch))?;
         if out.len() != batch.len() {
-            let msg = format!(
-                "{} renderings for a batch of {} records",
-                out.len(),
-                batch.len()
-            );
+            let msg = format!("{} renderings for a batch of {} records", out.len(), batch.len());
             return Err(self.inst.error("render-batch", Failure::Malformed(msg)));
         }
         Ok(out)

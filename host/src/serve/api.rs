@@ -21,11 +21,7 @@ pub struct ApiLimits {
 
 impl Default for ApiLimits {
     fn default() -> Self {
-        ApiLimits {
-            max_prompts: 64,
-            max_new_tokens: 1024,
-            max_logprobs: 20,
-        }
+        ApiLimits { max_prompts: 64, max_new_tokens: 1024, max_logprobs: 20 }
     }
 }
 
@@ -48,11 +44,7 @@ fn parse<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, HttpError> {
     let mut de = serde_json::Deserializer::from_slice(body);
     serde_path_to_error::deserialize(&mut de).map_err(|e| {
         let path = e.path().to_string();
-        let at = if path == "." {
-            String::new()
-        } else {
-            format!("`{path}`: ")
-        };
+        let at = if path == "." { String::new() } else { format!("`{path}`: ") };
         bad(format!("invalid JSON body: {at}{}", e.into_inner()))
     })
 }
@@ -127,9 +119,7 @@ impl Api<'_> {
     fn check_vocab(&self, ids: &[u32]) -> Result<(), HttpError> {
         let vocab = self.tok.vocab_size() as u32;
         match ids.iter().find(|&&t| t >= vocab) {
-            Some(id) => Err(bad(format!(
-                "token id {id} is outside the vocabulary (0..{vocab})"
-            ))),
+            Some(id) => Err(bad(format!("token id {id} is outside the vocabulary (0..{vocab})"))),
             None => Ok(()),
         }
     }
@@ -140,11 +130,7 @@ impl Api<'_> {
         }
         self.check_vocab(ids)?;
         if ids.len() > self.lm.max_length() {
-            return Err(bad(format!(
-                "the prompt has {} tokens, more than the model's {}",
-                ids.len(),
-                self.lm.max_length()
-            )));
+            return Err(bad(format!("the prompt has {} tokens, more than the model's {}", ids.len(), self.lm.max_length())));
         }
         Ok(())
     }
@@ -153,63 +139,32 @@ impl Api<'_> {
     /// `score`, scores each whole sequence (one more forward per sequence: only when log-probabilities are
     /// asked for).
     #[allow(clippy::too_many_arguments)]
-    fn complete(
-        &self,
-        prompts: Vec<Vec<u32>>,
-        max_new: usize,
-        temperature: f64,
-        seed: u64,
-        stop: &[String],
-        top: usize,
-        score: bool,
-    ) -> Result<Vec<Completed>, HttpError> {
+    fn complete(&self, prompts: Vec<Vec<u32>>, max_new: usize, temperature: f64, seed: u64, stop: &[String], top: usize, score: bool) -> Result<Vec<Completed>, HttpError> {
         for ids in &prompts {
             self.check_ids(ids)?;
         }
         // Each row stops at the model's length on its own; `max_new` bounds them all.
-        let rooms: Vec<usize> = prompts
-            .iter()
-            .map(|ids| max_new.min(self.lm.max_length() - ids.len()))
-            .collect();
+        let rooms: Vec<usize> = prompts.iter().map(|ids| max_new.min(self.lm.max_length() - ids.len())).collect();
         let _guard = self.busy.lock().unwrap_or_else(|p| p.into_inner());
-        let req = GenerateRequest {
-            max_new: rooms.iter().copied().max().unwrap_or(0),
-            stop_token: self.tok.special_id("<|endoftext|>"),
-            temperature,
-            seed,
-        };
+        let req = GenerateRequest { max_new: rooms.iter().copied().max().unwrap_or(0), stop_token: self.tok.special_id("<|endoftext|>"), temperature, seed };
         let tok = self.tok;
         let news = if req.max_new == 0 {
             vec![vec![]; prompts.len()]
         } else {
             let mut stopper = |row: usize, so_far: &[u32]| {
                 let text = tok.decode(so_far);
-                so_far.len() >= rooms[row]
-                    || stop
-                        .iter()
-                        .any(|s| !s.is_empty() && text.contains(s.as_str()))
+                so_far.len() >= rooms[row] || stop.iter().any(|s| !s.is_empty() && text.contains(s.as_str()))
             };
             let rows: Vec<&[u32]> = prompts.iter().map(Vec::as_slice).collect();
-            self.lm
-                .generate_batch(&rows, &req, &mut stopper)
-                .map_err(internal)?
+            self.lm.generate_batch(&rows, &req, &mut stopper).map_err(internal)?
         };
         let mut done = Vec::with_capacity(prompts.len());
         for ((ids, mut new), room) in prompts.into_iter().zip(news).zip(rooms) {
             new.truncate(room);
             let finish = if new.len() < room { "stop" } else { "length" };
             let all: Vec<u32> = ids.iter().chain(&new).copied().collect();
-            let logprobs = if score {
-                self.lm.token_logprobs(&all, top).map_err(internal)?
-            } else {
-                Vec::new()
-            };
-            done.push(Completed {
-                prompt: ids,
-                new,
-                logprobs,
-                finish,
-            });
+            let logprobs = if score { self.lm.token_logprobs(&all, top).map_err(internal)? } else { Vec::new() };
+            done.push(Completed { prompt: ids, new, logprobs, finish });
         }
         Ok(done)
     }
@@ -218,9 +173,7 @@ impl Api<'_> {
     pub fn completions(&self, body: &[u8]) -> Result<Value, HttpError> {
         let r: CompletionRequest = parse(body)?;
         if r.stream {
-            return Err(bad(
-                "`stream`: streaming is not supported; send stream = false",
-            ));
+            return Err(bad("`stream`: streaming is not supported; send stream = false"));
         }
         if r.n != 1 {
             return Err(bad("`n`: only n = 1 is supported"));
@@ -232,17 +185,11 @@ impl Api<'_> {
             return Err(bad("`temperature` must be 0 (greedy) or positive"));
         }
         if r.max_tokens > self.limits.max_new_tokens {
-            return Err(bad(format!(
-                "`max_tokens` {} is over the limit of {}",
-                r.max_tokens, self.limits.max_new_tokens
-            )));
+            return Err(bad(format!("`max_tokens` {} is over the limit of {}", r.max_tokens, self.limits.max_new_tokens)));
         }
         let top = r.logprobs.unwrap_or(0);
         if top > self.limits.max_logprobs {
-            return Err(bad(format!(
-                "`logprobs` {top} is over the limit of {}",
-                self.limits.max_logprobs
-            )));
+            return Err(bad(format!("`logprobs` {top} is over the limit of {}", self.limits.max_logprobs)));
         }
         let _ = (&r.model, &r.user);
         let prompts: Vec<Vec<u32>> = match r.prompt {
@@ -252,11 +199,7 @@ impl Api<'_> {
             Prompt::IdLists(l) => l,
         };
         if prompts.is_empty() || prompts.len() > self.limits.max_prompts {
-            return Err(bad(format!(
-                "`prompt`: give 1 to {} prompts, not {}",
-                self.limits.max_prompts,
-                prompts.len()
-            )));
+            return Err(bad(format!("`prompt`: give 1 to {} prompts, not {}", self.limits.max_prompts, prompts.len())));
         }
         let stop = match r.stop {
             None => vec![],
@@ -265,15 +208,7 @@ impl Api<'_> {
         };
         let mut choices = Vec::with_capacity(prompts.len());
         let (mut prompt_tokens, mut completion_tokens) = (0, 0);
-        let completed = self.complete(
-            prompts,
-            r.max_tokens,
-            r.temperature,
-            r.seed.unwrap_or(0),
-            &stop,
-            top,
-            r.logprobs.is_some(),
-        )?;
+        let completed = self.complete(prompts, r.max_tokens, r.temperature, r.seed.unwrap_or(0), &stop, top, r.logprobs.is_some())?;
         for (index, c) in completed.iter().enumerate() {
             prompt_tokens += c.prompt.len();
             completion_tokens += c.new.len();
@@ -297,21 +232,10 @@ impl Api<'_> {
 
     /// One `choices[i]`: the text (prompt first with `echo`) and, when asked, per-token log-probabilities in
     /// the OpenAI shape (`tokens`, `token_logprobs`, `top_logprobs`, `text_offset`).
-    fn completion_choice(
-        &self,
-        index: usize,
-        c: &Completed,
-        echo: bool,
-        with_logprobs: bool,
-        stop: &[String],
-    ) -> Value {
+    fn completion_choice(&self, index: usize, c: &Completed, echo: bool, with_logprobs: bool, stop: &[String]) -> Value {
         let new_text = self.tok.decode(&c.new);
         let cut = cut_at_stop(&new_text, stop);
-        let prompt_text = if echo {
-            self.tok.decode(&c.prompt)
-        } else {
-            String::new()
-        };
+        let prompt_text = if echo { self.tok.decode(&c.prompt) } else { String::new() };
         let text = format!("{prompt_text}{cut}");
         let logprobs = with_logprobs.then(|| {
             // Positions shown: the prompt's (with echo) then the new tokens.
@@ -390,23 +314,10 @@ impl Api<'_> {
             return Err(bad("`temperature` must be 0 (greedy) or positive"));
         }
         if r.max_new_tokens > self.limits.max_new_tokens {
-            return Err(bad(format!(
-                "`max_new_tokens` {} is over the limit of {}",
-                r.max_new_tokens, self.limits.max_new_tokens
-            )));
+            return Err(bad(format!("`max_new_tokens` {} is over the limit of {}", r.max_new_tokens, self.limits.max_new_tokens)));
         }
         let ids = self.encode(&r.prompt);
-        let c = self
-            .complete(
-                vec![ids],
-                r.max_new_tokens,
-                r.temperature,
-                r.seed.unwrap_or(0),
-                &[],
-                1,
-                true,
-            )?
-            .remove(0);
+        let c = self.complete(vec![ids], r.max_new_tokens, r.temperature, r.seed.unwrap_or(0), &[], 1, true)?.remove(0);
         let skip = c.prompt.len() - 1;
         let mut tokens = Vec::with_capacity(c.new.len());
         let mut total = 0.0;
@@ -416,14 +327,8 @@ impl Api<'_> {
             tokens.push(json!({ "text": self.tok.decode(&[id]), "logprob": lp.logprob, "top_logprob": self.top_map(&lp.top) }));
         }
         let new_text = self.tok.decode(&c.new);
-        let text = if r.echo_prompt.unwrap_or(false) {
-            format!("{}{new_text}", r.prompt)
-        } else {
-            new_text
-        };
-        Ok(
-            json!({ "text": text, "tokens": tokens, "logprob": total, "request_time": start.elapsed().as_secs_f64() }),
-        )
+        let text = if r.echo_prompt.unwrap_or(false) { format!("{}{new_text}", r.prompt) } else { new_text };
+        Ok(json!({ "text": text, "tokens": tokens, "logprob": total, "request_time": start.elapsed().as_secs_f64() }))
     }
 
     /// `POST /tokenize`.
@@ -462,9 +367,7 @@ impl Api<'_> {
         let start = Instant::now();
         let r: DecodeRequest = parse(body)?;
         self.check_vocab(&r.tokens)?;
-        Ok(
-            json!({ "text": self.tok.decode(&r.tokens), "request_time": start.elapsed().as_secs_f64() }),
-        )
+        Ok(json!({ "text": self.tok.decode(&r.tokens), "request_time": start.elapsed().as_secs_f64() }))
     }
 }
 

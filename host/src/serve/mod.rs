@@ -20,31 +20,18 @@ fn handle(api: &Api, limits: &Limits, stream: &TcpStream) {
         Ok(req) => {
             let route = |f: &dyn Fn(&[u8]) -> Result<serde_json::Value, HttpError>| {
                 if req.method != "POST" {
-                    return Err(HttpError::new(
-                        405,
-                        format!("{} {}: use POST", req.method, req.path),
-                    ));
+                    return Err(HttpError::new(405, format!("{} {}: use POST", req.method, req.path)));
                 }
                 // A panic inside the model or the tokenizer costs this request only.
                 std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(&req.body)))
-                    .unwrap_or_else(|_| {
-                        Err(HttpError::new(
-                            500,
-                            "internal error while answering this request",
-                        ))
-                    })
+                    .unwrap_or_else(|_| Err(HttpError::new(500, "internal error while answering this request")))
             };
             match req.path.as_str() {
                 "/v1/completions" => route(&|b| api.completions(b)),
                 "/process" => route(&|b| api.process(b)),
                 "/tokenize" => route(&|b| api.tokenize(b)),
                 "/decode" => route(&|b| api.decode(b)),
-                other => Err(HttpError::new(
-                    404,
-                    format!(
-                        "no endpoint {other}: use /v1/completions, /process, /tokenize or /decode"
-                    ),
-                )),
+                other => Err(HttpError::new(404, format!("no endpoint {other}: use /v1/completions, /process, /tokenize or /decode"))),
             }
         }
     };
@@ -65,11 +52,7 @@ pub fn serve(listener: &TcpListener, api: &Api, limits: &Limits, stop: &AtomicBo
             let Ok(stream) = stream else { continue };
             if open.fetch_add(1, Ordering::SeqCst) >= MAX_CONNECTIONS {
                 open.fetch_sub(1, Ordering::SeqCst);
-                write_json(
-                    &stream,
-                    503,
-                    &error_body(&HttpError::new(503, "too many open connections; retry")),
-                );
+                write_json(&stream, 503, &error_body(&HttpError::new(503, "too many open connections; retry")));
                 continue;
             }
             let open = &open;

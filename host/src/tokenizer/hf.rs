@@ -7,9 +7,7 @@ use super::{sha256_hex, Tokenizer};
 use anyhow::{anyhow, bail, Context, Result};
 use rustc_hash::FxHashMap;
 use std::path::Path;
-use tokenizers::{
-    Model, Normalizer, OffsetReferential, OffsetType, PreTokenizedString, PreTokenizer,
-};
+use tokenizers::{Model, Normalizer, OffsetReferential, OffsetType, PreTokenizedString, PreTokenizer};
 
 /// A tokenizer read from a Hugging Face `tokenizer.json` (byte-level BPE, as Qwen's).
 pub struct HfTokenizer {
@@ -29,8 +27,7 @@ fn byte_level_chars() -> [char; 256] {
     let mut map = ['\0'; 256];
     let mut extra = 0u32;
     for b in 0..=255u8 {
-        let printable =
-            (b'!'..=b'~').contains(&b) || (0xA1..=0xAC).contains(&b) || (0xAE..=0xFF).contains(&b);
+        let printable = (b'!'..=b'~').contains(&b) || (0xA1..=0xAC).contains(&b) || (0xAE..=0xFF).contains(&b);
         map[b as usize] = if printable {
             char::from(b)
         } else {
@@ -44,33 +41,24 @@ fn byte_level_chars() -> [char; 256] {
 impl HfTokenizer {
     /// Loads a `tokenizer.json` file.
     pub fn from_file(path: &Path) -> Result<HfTokenizer> {
-        let data = std::fs::read(path)
-            .with_context(|| format!("cannot read tokenizer file {}", path.display()))?;
-        HfTokenizer::from_bytes(&data)
-            .with_context(|| format!("invalid tokenizer.json {}", path.display()))
+        let data = std::fs::read(path).with_context(|| format!("cannot read tokenizer file {}", path.display()))?;
+        HfTokenizer::from_bytes(&data).with_context(|| format!("invalid tokenizer.json {}", path.display()))
     }
 
     /// Parses the contents of a `tokenizer.json`; the digest is the sha256 of `data`.
     pub fn from_bytes(data: &[u8]) -> Result<HfTokenizer> {
-        let inner = tokenizers::Tokenizer::from_bytes(data)
-            .map_err(|e| anyhow!("cannot parse tokenizer.json: {e}"))?;
+        let inner = tokenizers::Tokenizer::from_bytes(data).map_err(|e| anyhow!("cannot parse tokenizer.json: {e}"))?;
         let mut char_byte: FxHashMap<char, u8> = FxHashMap::default();
         for (b, c) in byte_level_chars().into_iter().enumerate() {
             char_byte.insert(c, b as u8);
         }
         let vocab = inner.get_vocab(false);
         let added_decoder = inner.get_added_tokens_decoder();
-        let max_id = vocab
-            .values()
-            .chain(added_decoder.keys())
-            .copied()
-            .max()
-            .context("empty vocabulary")?;
+        let max_id = vocab.values().chain(added_decoder.keys()).copied().max().context("empty vocabulary")?;
         let vocab_size = max_id as usize + 1;
         let mut id_bytes: Vec<Option<Box<[u8]>>> = vec![None; vocab_size];
         for (token, id) in &vocab {
-            let bytes: Option<Vec<u8>> =
-                token.chars().map(|c| char_byte.get(&c).copied()).collect();
+            let bytes: Option<Vec<u8>> = token.chars().map(|c| char_byte.get(&c).copied()).collect();
             let bytes = bytes.unwrap_or_else(|| token.as_bytes().to_vec());
             id_bytes[*id as usize] = Some(bytes.into());
         }
@@ -80,19 +68,11 @@ impl HfTokenizer {
             added.insert(*id, tok.content.clone());
             special_ids.insert(tok.content.clone(), *id);
         }
-        let tok = HfTokenizer {
-            inner,
-            id_bytes,
-            added,
-            special_ids,
-            vocab_size,
-            digest: sha256_hex(data),
-        };
+        let tok = HfTokenizer { inner, id_bytes, added, special_ids, vocab_size, digest: sha256_hex(data) };
         // The pipeline must accept any text (encode_ordinary cannot fail): probe it once.
         let probe = "Hello, world! 123 caf\u{e9} \u{4e2d}\u{6587} \u{1f642}\r\n\t<|endoftext|>";
         let mut ids = Vec::new();
-        tok.try_encode(probe, &mut ids)
-            .map_err(|e| anyhow!("the tokenizer cannot encode a probe text: {e}"))?;
+        tok.try_encode(probe, &mut ids).map_err(|e| anyhow!("the tokenizer cannot encode a probe text: {e}"))?;
         if tok.decode(&ids) != probe {
             bail!("the tokenizer does not round-trip a probe text (not a byte-level BPE?)");
         }
@@ -121,10 +101,7 @@ impl Tokenizer for HfTokenizer {
     fn encode_ordinary(&self, text: &str, out: &mut Vec<u32>) {
         if let Err(e) = self.try_encode(text, out) {
             // Not reachable for a byte-level BPE (checked at load); a failure here is a bug, not bad data.
-            panic!(
-                "tokenizer.json pipeline failed on {} bytes of text: {e}",
-                text.len()
-            );
+            panic!("tokenizer.json pipeline failed on {} bytes of text: {e}", text.len());
         }
     }
 
@@ -143,8 +120,7 @@ impl Tokenizer for HfTokenizer {
                 bytes.extend_from_slice("\u{FFFD}".as_bytes());
             }
         }
-        String::from_utf8(bytes)
-            .unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned())
+        String::from_utf8(bytes).unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned())
     }
 
     fn vocab_size(&self) -> usize {

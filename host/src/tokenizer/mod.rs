@@ -44,12 +44,8 @@ pub trait Tokenizer: Send + Sync {
 /// (`qwen.tiktoken` if present, else `tokenizer.json`). A `*.tiktoken` file is read as Qwen (v1)'s:
 /// Qwen's split pattern and its 208 special tokens.
 pub fn load(path: &Path) -> Result<Box<dyn Tokenizer>> {
-    let meta = std::fs::metadata(path).with_context(|| {
-        format!(
-            "tokenizer path {} does not exist or cannot be read",
-            path.display()
-        )
-    })?;
+    let meta = std::fs::metadata(path)
+        .with_context(|| format!("tokenizer path {} does not exist or cannot be read", path.display()))?;
     let file = if meta.is_dir() {
         let tik = path.join(TIKTOKEN_FILE);
         let hf = path.join(HF_FILE);
@@ -58,35 +54,24 @@ pub fn load(path: &Path) -> Result<Box<dyn Tokenizer>> {
         } else if hf.is_file() {
             hf
         } else {
-            bail!(
-                "folder {} has no tokenizer: neither {TIKTOKEN_FILE} nor {HF_FILE} is in it",
-                path.display()
-            );
+            bail!("folder {} has no tokenizer: neither {TIKTOKEN_FILE} nor {HF_FILE} is in it", path.display());
         }
     } else {
         path.to_path_buf()
     };
-    let name = file
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
+    let name = file.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     if name.ends_with(".tiktoken") {
         Ok(Box::new(QwenTiktoken::from_file(&file)?))
     } else if name.ends_with(".json") {
         Ok(Box::new(HfTokenizer::from_file(&file)?))
     } else {
-        bail!(
-            "tokenizer file {} has an unknown kind: expected a *.tiktoken file or a tokenizer.json",
-            file.display()
-        )
+        bail!("tokenizer file {} has an unknown kind: expected a *.tiktoken file or a tokenizer.json", file.display())
     }
 }
 
 /// Qwen's special tokens in id order: `<|endoftext|>`, `<|im_start|>`, `<|im_end|>`, `<|extra_0|>`..`<|extra_204|>`.
 pub fn qwen_special_names() -> Vec<String> {
-    let mut names: Vec<String> = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-        .map(String::from)
-        .to_vec();
+    let mut names: Vec<String> = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"].map(String::from).to_vec();
     names.extend((0..205).map(|i| format!("<|extra_{i}|>")));
     names
 }

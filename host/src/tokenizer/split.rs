@@ -43,11 +43,9 @@ pub(crate) struct CharClasses {
 fn unicode_ranges(pattern: &str) -> Vec<(u32, u32)> {
     let hir = regex_syntax::parse(pattern).expect("valid class pattern");
     match hir.kind() {
-        HirKind::Class(Class::Unicode(cls)) => cls
-            .ranges()
-            .iter()
-            .map(|r| (r.start() as u32, r.end() as u32))
-            .collect(),
+        HirKind::Class(Class::Unicode(cls)) => {
+            cls.ranges().iter().map(|r| (r.start() as u32, r.end() as u32)).collect()
+        }
         other => panic!("{pattern} did not parse to a Unicode class: {other:?}"),
     }
 }
@@ -106,10 +104,7 @@ pub(crate) struct Splitter<'a> {
 
 impl<'a> Splitter<'a> {
     pub(crate) fn new(text: &'a str) -> Splitter<'a> {
-        Splitter {
-            s: text.as_bytes(),
-            classes: CharClasses::get(),
-        }
+        Splitter { s: text.as_bytes(), classes: CharClasses::get() }
     }
 
     /// Decodes the character at byte offset `i` (a char boundary, `i < len`): (code point, byte length).
@@ -122,10 +117,7 @@ impl<'a> Splitter<'a> {
         } else if b0 < 0xE0 {
             (((b0 & 0x1F) << 6) | (s[i + 1] as u32 & 0x3F), 2)
         } else if b0 < 0xF0 {
-            (
-                ((b0 & 0x0F) << 12) | ((s[i + 1] as u32 & 0x3F) << 6) | (s[i + 2] as u32 & 0x3F),
-                3,
-            )
+            (((b0 & 0x0F) << 12) | ((s[i + 1] as u32 & 0x3F) << 6) | (s[i + 2] as u32 & 0x3F), 3)
         } else {
             let cp = ((b0 & 0x07) << 18)
                 | ((s[i + 1] as u32 & 0x3F) << 12)
@@ -261,10 +253,7 @@ mod tests {
     #[test]
     fn splits_like_the_pattern() {
         assert_eq!(pieces("Hello world"), ["Hello", " world"]);
-        assert_eq!(
-            pieces("I'm they'RE it'ſ 'x"),
-            ["I", "'m", " they", "'RE", " it", "'ſ", " '", "x"]
-        );
+        assert_eq!(pieces("I'm they'RE it'ſ 'x"), ["I", "'m", " they", "'RE", " it", "'ſ", " '", "x"]);
         assert_eq!(pieces("abc123"), ["abc", "1", "2", "3"]);
         assert_eq!(pieces(" (hello)!!\n\n"), [" (", "hello", ")!!\n\n"]);
         assert_eq!(pieces("a  b"), ["a", " ", " b"]);

@@ -74,10 +74,8 @@ struct Scratch {
 impl QwenTiktoken {
     /// Loads a `*.tiktoken` ranks file; Qwen's 208 special tokens get the ids after the last rank.
     pub fn from_file(path: &Path) -> Result<QwenTiktoken> {
-        let data = std::fs::read(path)
-            .with_context(|| format!("cannot read tokenizer file {}", path.display()))?;
-        QwenTiktoken::from_bytes(&data)
-            .with_context(|| format!("invalid tiktoken file {}", path.display()))
+        let data = std::fs::read(path).with_context(|| format!("cannot read tokenizer file {}", path.display()))?;
+        QwenTiktoken::from_bytes(&data).with_context(|| format!("invalid tiktoken file {}", path.display()))
     }
 
     /// Parses the contents of a `*.tiktoken` ranks file (see [`QwenTiktoken::from_file`]).
@@ -93,23 +91,14 @@ impl QwenTiktoken {
             if line.is_empty() {
                 continue;
             }
-            let text = std::str::from_utf8(line)
-                .map_err(|_| anyhow::anyhow!("line {line_no}: not UTF-8 text"))?;
+            let text = std::str::from_utf8(line).map_err(|_| anyhow::anyhow!("line {line_no}: not UTF-8 text"))?;
             let mut fields = text.split(' ');
-            let (Some(tok), Some(rank), None) = (fields.next(), fields.next(), fields.next())
-            else {
-                bail!(
-                    "line {line_no}: expected `<base64 token> <rank>`, found {:?}",
-                    truncate(text)
-                );
+            let (Some(tok), Some(rank), None) = (fields.next(), fields.next(), fields.next()) else {
+                bail!("line {line_no}: expected `<base64 token> <rank>`, found {:?}", truncate(text));
             };
             buf.clear();
-            b64.decode_vec(tok, &mut buf).map_err(|e| {
-                anyhow::anyhow!(
-                    "line {line_no}: invalid base64 token {:?}: {e}",
-                    truncate(tok)
-                )
-            })?;
+            b64.decode_vec(tok, &mut buf)
+                .map_err(|e| anyhow::anyhow!("line {line_no}: invalid base64 token {:?}: {e}", truncate(tok)))?;
             if buf.is_empty() {
                 bail!("line {line_no}: empty token");
             }
@@ -117,9 +106,7 @@ impl QwenTiktoken {
                 .parse()
                 .ok()
                 .filter(|&r| r < u32::MAX / 2)
-                .ok_or_else(|| {
-                    anyhow::anyhow!("line {line_no}: invalid rank {:?}", truncate(rank))
-                })?;
+                .ok_or_else(|| anyhow::anyhow!("line {line_no}: invalid rank {:?}", truncate(rank)))?;
             let r = rank as usize;
             if r >= by_rank.len() {
                 by_rank.resize(r + 1, None);
@@ -140,16 +127,12 @@ impl QwenTiktoken {
             bail!("no tokens");
         }
         if let Some(missing) = by_rank.iter().position(|t| t.is_none()) {
-            bail!(
-                "ranks are not contiguous: rank {missing} is missing (ranks run up to {})",
-                by_rank.len() - 1
-            );
+            bail!("ranks are not contiguous: rank {missing} is missing (ranks run up to {})", by_rank.len() - 1);
         }
         let mut byte_ranks = [0u32; 256];
         for b in 0..=255u8 {
-            byte_ranks[b as usize] = *ranks
-                .get(&[b][..])
-                .with_context(|| format!("byte 0x{b:02x} has no token of its own"))?;
+            byte_ranks[b as usize] =
+                *ranks.get(&[b][..]).with_context(|| format!("byte 0x{b:02x} has no token of its own"))?;
         }
         let n_ranks = by_rank.len();
         let mut bytes = Vec::with_capacity(data.len());
@@ -160,11 +143,7 @@ impl QwenTiktoken {
             offsets.push(u32::try_from(bytes.len()).context("vocabulary too large")?);
         }
         let specials = qwen_special_names();
-        let special_ids = specials
-            .iter()
-            .enumerate()
-            .map(|(i, s)| (s.clone(), (n_ranks + i) as u32))
-            .collect();
+        let special_ids = specials.iter().enumerate().map(|(i, s)| (s.clone(), (n_ranks + i) as u32)).collect();
         Ok(QwenTiktoken {
             ranks,
             byte_ranks,
@@ -201,11 +180,7 @@ impl QwenTiktoken {
         parts.clear();
         let n = piece.len();
         for i in 0..n {
-            let pair = if i + 1 < n {
-                self.rank(&piece[i..i + 2])
-            } else {
-                u32::MAX
-            };
+            let pair = if i + 1 < n { self.rank(&piece[i..i + 2]) } else { u32::MAX };
             parts.push((i as u32, pair, self.byte_ranks[piece[i] as usize]));
         }
         parts.push((n as u32, u32::MAX, u32::MAX)); // sentinel: end of the last part
@@ -225,14 +200,10 @@ impl QwenTiktoken {
             parts.remove(i + 1);
             // Now parts[i] spans [parts[i].0, parts[i+1].0).
             let real = parts.len() - 1;
-            parts[i].1 = if i + 1 < real {
-                self.rank(&piece[parts[i].0 as usize..parts[i + 2].0 as usize])
-            } else {
-                u32::MAX
-            };
+            parts[i].1 =
+                if i + 1 < real { self.rank(&piece[parts[i].0 as usize..parts[i + 2].0 as usize]) } else { u32::MAX };
             if i > 0 {
-                parts[i - 1].1 =
-                    self.rank(&piece[parts[i - 1].0 as usize..parts[i + 1].0 as usize]);
+                parts[i - 1].1 = self.rank(&piece[parts[i - 1].0 as usize..parts[i + 1].0 as usize]);
             }
         }
         out.extend(parts[..parts.len() - 1].iter().map(|p| p.2));
@@ -241,14 +212,7 @@ impl QwenTiktoken {
     /// The same merges as [`Self::bpe_scan`], with a heap of (rank, start, end) pairs over a linked list.
     fn bpe_heap(&self, piece: &[u8], scratch: &mut Scratch, out: &mut Vec<u32>) {
         let n = piece.len();
-        let Scratch {
-            heap,
-            next,
-            prev,
-            tok,
-            alive,
-            ..
-        } = scratch;
+        let Scratch { heap, next, prev, tok, alive, .. } = scratch;
         heap.clear();
         next.clear();
         prev.clear();
@@ -316,12 +280,7 @@ impl QwenTiktoken {
     fn encode_nfc(&self, text: &str, out: &mut Vec<u32>) {
         CACHE.with(|cache| {
             let mut cache = cache.borrow_mut();
-            let PieceCache {
-                instance,
-                map,
-                ids,
-                scratch,
-            } = &mut *cache;
+            let PieceCache { instance, map, ids, scratch } = &mut *cache;
             if *instance != self.instance {
                 *instance = self.instance;
                 map.clear();
@@ -382,17 +341,14 @@ impl Tokenizer for QwenTiktoken {
         for &id in ids {
             let i = id as usize;
             if i < n {
-                bytes.extend_from_slice(
-                    &self.bytes[self.offsets[i] as usize..self.offsets[i + 1] as usize],
-                );
+                bytes.extend_from_slice(&self.bytes[self.offsets[i] as usize..self.offsets[i + 1] as usize]);
             } else if let Some(name) = self.specials.get(i - n) {
                 bytes.extend_from_slice(name.as_bytes());
             } else {
                 bytes.extend_from_slice("\u{FFFD}".as_bytes());
             }
         }
-        String::from_utf8(bytes)
-            .unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned())
+        String::from_utf8(bytes).unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned())
     }
 
     fn vocab_size(&self) -> usize {
@@ -418,9 +374,7 @@ mod tests {
             lines.push_str(&format!("{} {rank}\n", b64.encode([b])));
             rank += 1;
         }
-        for tok in [
-            "aa", "ab", "ba", "aaaa", "abab", "aab", "bab", "aaaaaaaa", "bb", "abba",
-        ] {
+        for tok in ["aa", "ab", "ba", "aaaa", "abab", "aab", "bab", "aaaaaaaa", "bb", "abba"] {
             lines.push_str(&format!("{} {rank}\n", b64.encode(tok)));
             rank += 1;
         }
@@ -430,9 +384,7 @@ mod tests {
         for len in 2..300 {
             let piece: Vec<u8> = (0..len)
                 .map(|_| {
-                    seed = seed
-                        .wrapping_mul(6364136223846793005)
-                        .wrapping_add(1442695040888963407);
+                    seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
                     if (seed >> 33).is_multiple_of(3) {
                         b'b'
                     } else {

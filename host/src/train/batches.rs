@@ -38,18 +38,8 @@ impl Schedule {
     /// The schedule `[train]` and `[run] seed` of a manifest give over `n_train` records.
     pub fn of(m: &Manifest, n_train: usize, pad: u32) -> Schedule {
         let t = &m.train;
-        let layout = Layout {
-            packing: m.packing(),
-            micro_batch: t.micro_batch,
-            tokens_per_pass: t.tokens_per_pass(),
-            pad,
-        };
-        Schedule {
-            n_train,
-            grad_accum: t.grad_accum,
-            seed: m.run.seed,
-            layout,
-        }
+        let layout = Layout { packing: m.packing(), micro_batch: t.micro_batch, tokens_per_pass: t.tokens_per_pass(), pad };
+        Schedule { n_train, grad_accum: t.grad_accum, seed: m.run.seed, layout }
     }
 
     pub fn per_step(&self) -> usize {
@@ -74,10 +64,7 @@ impl Schedule {
         let order = self.epoch_order(step / self.steps_per_epoch());
         let at = (step % self.steps_per_epoch()) as usize * self.per_step();
         let records = &order[at..(at + self.per_step()).min(order.len())];
-        StepBatches {
-            step,
-            passes: self.layout.passes(stream, offsets, records),
-        }
+        StepBatches { step, passes: self.layout.passes(stream, offsets, records) }
     }
 }
 
@@ -108,17 +95,7 @@ mod tests {
     use crate::manifest::Packing;
 
     fn schedule(micro_batch: usize) -> Schedule {
-        Schedule {
-            n_train: 5,
-            grad_accum: 1,
-            seed: 3,
-            layout: Layout {
-                packing: Packing::None,
-                micro_batch,
-                tokens_per_pass: 0,
-                pad: 0,
-            },
-        }
+        Schedule { n_train: 5, grad_accum: 1, seed: 3, layout: Layout { packing: Packing::None, micro_batch, tokens_per_pass: 0, pad: 0 } }
     }
 
     fn stream() -> TokenStream {
@@ -136,16 +113,10 @@ mod tests {
         let s = stream();
         let sched = schedule(2);
         let direct: Vec<StepBatches> = (0..7).map(|st| sched.step(&s, &s.offsets(), st)).collect();
-        let fetched: Vec<StepBatches> = std::thread::scope(|scope| {
-            prefetch(scope, &s, sched.clone(), 0..7, 2).iter().collect()
-        });
+        let fetched: Vec<StepBatches> = std::thread::scope(|scope| prefetch(scope, &s, sched.clone(), 0..7, 2).iter().collect());
         assert_eq!(fetched, direct);
         // Epoch 1 (steps 3..6) is a reshuffle of epoch 0, covering every record once.
-        let mut epoch1: Vec<u32> = direct[3..6]
-            .iter()
-            .flat_map(|sb| sb.passes.iter().flat_map(|b| b.ids.clone()))
-            .filter(|&i| i != 0)
-            .collect();
+        let mut epoch1: Vec<u32> = direct[3..6].iter().flat_map(|sb| sb.passes.iter().flat_map(|b| b.ids.clone())).filter(|&i| i != 0).collect();
         epoch1.sort();
         assert_eq!(epoch1, (1..=10).collect::<Vec<u32>>());
     }
@@ -154,8 +125,7 @@ mod tests {
     fn a_consumer_that_stops_early_ends_the_producer() {
         let s = stream();
         let sched = schedule(1);
-        let first =
-            std::thread::scope(|scope| prefetch(scope, &s, sched, 0..1_000_000, 1).recv().unwrap());
+        let first = std::thread::scope(|scope| prefetch(scope, &s, sched, 0..1_000_000, 1).recv().unwrap());
         assert_eq!(first.step, 0);
     }
 }

@@ -33,18 +33,13 @@ pub fn dir_for(run_dir: &Path, step: u64) -> PathBuf {
 /// The checkpoints of a run, newest first (folders `step-N` holding a state file).
 pub fn newest_first(run_dir: &Path) -> Vec<PathBuf> {
     let dir = run_dir.join("checkpoints");
-    let Ok(entries) = std::fs::read_dir(&dir) else {
-        return Vec::new();
-    };
+    let Ok(entries) = std::fs::read_dir(&dir) else { return Vec::new() };
     let mut steps: Vec<(u64, PathBuf)> = entries
         .filter_map(|e| e.ok())
         .filter_map(|e| {
             let name = e.file_name().to_string_lossy().into_owned();
             let step = name.strip_prefix("step-")?.parse::<u64>().ok()?;
-            e.path()
-                .join(STATE_FILE)
-                .exists()
-                .then_some((step, e.path()))
+            e.path().join(STATE_FILE).exists().then_some((step, e.path()))
         })
         .collect();
     steps.sort();
@@ -52,11 +47,7 @@ pub fn newest_first(run_dir: &Path) -> Vec<PathBuf> {
 }
 
 /// Writes a checkpoint whole or not at all: `fill` writes the adapter and optimizer into the folder it is given.
-pub fn write(
-    run_dir: &Path,
-    state: &State,
-    fill: impl FnOnce(&Path) -> anyhow::Result<()>,
-) -> anyhow::Result<PathBuf> {
+pub fn write(run_dir: &Path, state: &State, fill: impl FnOnce(&Path) -> anyhow::Result<()>) -> anyhow::Result<PathBuf> {
     let final_dir = dir_for(run_dir, state.step);
     std::fs::create_dir_all(run_dir.join("checkpoints"))?;
     crate::fsutil::write_dir_atomic(&final_dir, |tmp| {
@@ -77,10 +68,7 @@ pub fn resume<T>(
 ) -> anyhow::Result<Option<(T, State)>> {
     let mut first_damage: Option<anyhow::Error> = None;
     let mut damaged = |dir: &Path, e: anyhow::Error| {
-        eprintln!(
-            "note: checkpoint {} is damaged ({e:#}); trying the one before",
-            dir.display()
-        );
+        eprintln!("note: checkpoint {} is damaged ({e:#}); trying the one before", dir.display());
         first_damage.get_or_insert(e);
     };
     for (i, dir) in newest_first(run_dir).into_iter().enumerate() {
@@ -102,11 +90,7 @@ pub fn resume<T>(
         match load(&dir).with_context(|| format!("resuming from {}", dir.display())) {
             Ok(t) => {
                 if i > 0 {
-                    eprintln!(
-                        "note: resuming from {} (step {}), the newest intact checkpoint",
-                        dir.display(),
-                        state.step
-                    );
+                    eprintln!("note: resuming from {} (step {}), the newest intact checkpoint", dir.display(), state.step);
                 }
                 return Ok(Some((t, state)));
             }
@@ -114,9 +98,7 @@ pub fn resume<T>(
         }
     }
     match first_damage {
-        Some(e) => {
-            Err(e.context("no intact checkpoint to resume from (run with --fresh to start over)"))
-        }
+        Some(e) => Err(e.context("no intact checkpoint to resume from (run with --fresh to start over)")),
         None => Ok(None),
     }
 }
@@ -124,18 +106,10 @@ pub fn resume<T>(
 pub fn read_state(dir: &Path) -> anyhow::Result<State> {
     let path = dir.join(STATE_FILE);
     let bytes = std::fs::read(&path).with_context(|| format!("cannot read {}", path.display()))?;
-    let state: State = serde_json::from_slice(&bytes).with_context(|| {
-        format!(
-            "{} is not a lorahost checkpoint state (damaged or foreign)",
-            path.display()
-        )
-    })?;
+    let state: State = serde_json::from_slice(&bytes)
+        .with_context(|| format!("{} is not a lorahost checkpoint state (damaged or foreign)", path.display()))?;
     if state.format != FORMAT {
-        bail!(
-            "{}: checkpoint format `{}`, this lorahost reads `{FORMAT}`",
-            path.display(),
-            state.format
-        );
+        bail!("{}: checkpoint format `{}`, this lorahost reads `{FORMAT}`", path.display(), state.format);
     }
     Ok(state)
 }
@@ -145,11 +119,7 @@ pub fn prune(run_dir: &Path, keep: usize) -> anyhow::Result<()> {
     let dir = run_dir.join("checkpoints");
     let mut all: Vec<PathBuf> = std::fs::read_dir(&dir)?
         .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| {
-            p.file_name()
-                .is_some_and(|n| n.to_string_lossy().starts_with("step-"))
-                && p.join(STATE_FILE).exists()
-        })
+        .filter(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("step-")) && p.join(STATE_FILE).exists())
         .collect();
     all.sort();
     let n = all.len().saturating_sub(keep);
@@ -160,10 +130,7 @@ pub fn prune(run_dir: &Path, keep: usize) -> anyhow::Result<()> {
 }
 
 /// Lines naming each difference between two identities.
-pub fn identity_diff(
-    now: &BTreeMap<String, String>,
-    saved: &BTreeMap<String, String>,
-) -> Vec<String> {
+pub fn identity_diff(now: &BTreeMap<String, String>, saved: &BTreeMap<String, String>) -> Vec<String> {
     let mut out = Vec::new();
     for (k, v) in now {
         match saved.get(k) {

@@ -112,11 +112,7 @@ impl Failure {
         if self.rank == me {
             return self.error(world);
         }
-        anyhow!(
-            "rank {me} of {world}: {op} stopped because rank {} failed: {}",
-            self.rank,
-            self.reason
-        )
+        anyhow!("rank {me} of {world}: {op} stopped because rank {} failed: {}", self.rank, self.reason)
     }
 }
 
@@ -152,31 +148,13 @@ pub struct ThreadRank {
 impl Threads {
     pub fn new(world: usize, timeout: Duration) -> Threads {
         let world = world.max(1);
-        let group = Group {
-            round: 0,
-            arrived: (0..world).map(|_| None).collect(),
-            done: None,
-            failed: None,
-        };
-        Threads {
-            shared: Arc::new(Shared {
-                world,
-                timeout,
-                group: Mutex::new(group),
-                changed: Condvar::new(),
-            }),
-        }
+        let group = Group { round: 0, arrived: (0..world).map(|_| None).collect(), done: None, failed: None };
+        Threads { shared: Arc::new(Shared { world, timeout, group: Mutex::new(group), changed: Condvar::new() }) }
     }
 
     /// One handle per rank, rank 0 first.
     pub fn ranks(&self) -> Vec<ThreadRank> {
-        (0..self.shared.world)
-            .map(|rank| ThreadRank {
-                rank,
-                shared: self.shared.clone(),
-                round: Cell::new(0),
-            })
-            .collect()
+        (0..self.shared.world).map(|rank| ThreadRank { rank, shared: self.shared.clone(), round: Cell::new(0) }).collect()
     }
 
     /// The first failure, as an error naming the rank.
@@ -189,11 +167,7 @@ impl Threads {
 /// Runs `body` on `world` ranks, one thread each, and returns each rank's result (rank 0 first). When a
 /// rank fails (error or panic), the others stop at their next collective call, and the error names the
 /// rank that failed first.
-pub fn run_threads<T: Send>(
-    world: usize,
-    timeout: Duration,
-    body: impl Fn(&ThreadRank) -> Result<T> + Sync,
-) -> Result<Vec<T>> {
+pub fn run_threads<T: Send>(world: usize, timeout: Duration, body: impl Fn(&ThreadRank) -> Result<T> + Sync) -> Result<Vec<T>> {
     let group = Threads::new(world, timeout);
     let results: Vec<Option<Result<T>>> = std::thread::scope(|scope| {
         let handles: Vec<_> = group
@@ -217,11 +191,7 @@ pub fn run_threads<T: Send>(
     if let Some(e) = group.failure() {
         return Err(e);
     }
-    results
-        .into_iter()
-        .enumerate()
-        .map(|(rank, r)| r.unwrap_or_else(|| Err(anyhow!("rank {rank} panicked"))))
-        .collect()
+    results.into_iter().enumerate().map(|(rank, r)| r.unwrap_or_else(|| Err(anyhow!("rank {rank} panicked")))).collect()
 }
 
 /// Reports a panicking rank to the others (a panic skips the error path).
@@ -248,19 +218,10 @@ impl ThreadRank {
         debug_assert_eq!(g.round, mine, "a rank joins only the round being collected");
         g.arrived[self.rank] = Some(payload);
         if g.arrived.iter().all(Option::is_some) {
-            let arrived: Vec<Payload> = g
-                .arrived
-                .iter_mut()
-                .map(|p| p.take().expect("all arrived"))
-                .collect();
+            let arrived: Vec<Payload> = g.arrived.iter_mut().map(|p| p.take().expect("all arrived")).collect();
             match combine(arrived) {
                 Ok(out) => g.done = Some((mine, Arc::new(out))),
-                Err(e) => {
-                    g.failed = Some(Failure {
-                        rank: self.rank,
-                        reason: format!("{op}: {e:#}"),
-                    })
-                }
+                Err(e) => g.failed = Some(Failure { rank: self.rank, reason: format!("{op}: {e:#}") }),
             }
             g.round += 1;
             s.changed.notify_all();
@@ -280,33 +241,14 @@ impl ThreadRank {
             }
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
-                let missing: Vec<usize> =
-                    (0..s.world).filter(|&r| g.arrived[r].is_none()).collect();
-                let names = missing
-                    .iter()
-                    .map(|r| r.to_string())
-                    .collect::<Vec<_>>()
-                    .join(", ");
-                let reason = format!(
-                    "did not reach {op} (collective call {mine}) within {:?}: hung or dead",
-                    s.timeout
-                );
-                g.failed = Some(Failure {
-                    rank: missing.first().copied().unwrap_or(self.rank),
-                    reason: reason.clone(),
-                });
+                let missing: Vec<usize> = (0..s.world).filter(|&r| g.arrived[r].is_none()).collect();
+                let names = missing.iter().map(|r| r.to_string()).collect::<Vec<_>>().join(", ");
+                let reason = format!("did not reach {op} (collective call {mine}) within {:?}: hung or dead", s.timeout);
+                g.failed = Some(Failure { rank: missing.first().copied().unwrap_or(self.rank), reason: reason.clone() });
                 s.changed.notify_all();
-                bail!(
-                    "rank {} of {}: timed out waiting for rank(s) {names}, which {reason}",
-                    self.rank,
-                    s.world
-                );
+                bail!("rank {} of {}: timed out waiting for rank(s) {names}, which {reason}", self.rank, s.world);
             }
-            g = s
-                .changed
-                .wait_timeout(g, left)
-                .unwrap_or_else(|p| p.into_inner())
-                .0;
+            g = s.changed.wait_timeout(g, left).unwrap_or_else(|p| p.into_inner()).0;
         }
     }
 
@@ -384,10 +326,7 @@ impl Collective for ThreadRank {
     fn abort(&self, reason: &str) {
         let mut g = self.shared.group.lock().unwrap_or_else(|p| p.into_inner());
         if g.failed.is_none() {
-            g.failed = Some(Failure {
-                rank: self.rank,
-                reason: reason.to_string(),
-            });
+            g.failed = Some(Failure { rank: self.rank, reason: reason.to_string() });
         }
         self.shared.changed.notify_all();
     }
@@ -404,34 +343,23 @@ pub(super) fn all_reduce_by_rounds(
     let mut mine = Vec::with_capacity(tensors.len());
     for (i, t) in tensors.iter().enumerate() {
         if t.dtype() != DType::F32 {
-            bail!(
-                "rank {rank}: all_reduce_sum takes f32 tensors; tensor {i} is {:?}",
-                t.dtype()
-            );
+            bail!("rank {rank}: all_reduce_sum takes f32 tensors; tensor {i} is {:?}", t.dtype());
         }
         mine.push((t.dims().to_vec(), t.flatten_all()?.to_vec1::<f32>()?));
     }
     let out = exchange(Payload::F32(mine))?;
-    let Payload::F32(sums) = &*out else {
-        bail!("rank {rank}: all_reduce_sum got the outcome of another call")
-    };
+    let Payload::F32(sums) = &*out else { bail!("rank {rank}: all_reduce_sum got the outcome of another call") };
     for (t, (dims, sum)) in tensors.iter_mut().zip(sums) {
         **t = Tensor::from_slice(sum, dims.as_slice(), t.device())?;
     }
     Ok(())
 }
 
-pub(super) fn all_reduce_scalars_by_rounds(
-    values: &mut [f64],
-    exchange: impl FnOnce(Payload) -> Result<Arc<Payload>>,
-) -> Result<()> {
+pub(super) fn all_reduce_scalars_by_rounds(values: &mut [f64], exchange: impl FnOnce(Payload) -> Result<Arc<Payload>>) -> Result<()> {
     let out = exchange(Payload::F64(values.to_vec()))?;
     match &*out {
         Payload::F64(sums) if sums.len() == values.len() => values.copy_from_slice(sums),
-        _ => bail!(
-            "all_reduce_sum_scalars of {} values got the outcome of another call",
-            values.len()
-        ),
+        _ => bail!("all_reduce_sum_scalars of {} values got the outcome of another call", values.len()),
     }
     Ok(())
 }
@@ -444,9 +372,7 @@ pub(super) fn broadcast_by_rounds(
 ) -> Result<()> {
     let mine = (rank == root).then(|| std::mem::take(data));
     let out = exchange(Payload::Bytes(mine))?;
-    let Payload::Bytes(Some(bytes)) = &*out else {
-        bail!("rank {rank}: broadcast got the outcome of another call")
-    };
+    let Payload::Bytes(Some(bytes)) = &*out else { bail!("rank {rank}: broadcast got the outcome of another call") };
     data.clone_from(bytes);
     Ok(())
 }
@@ -480,11 +406,7 @@ mod tests {
         let out = run_threads(4, Duration::from_secs(10), |c| {
             let mut got = Vec::new();
             for round in 0..20u8 {
-                let mut data = if c.rank() == 2 {
-                    vec![round; round as usize]
-                } else {
-                    vec![9]
-                };
+                let mut data = if c.rank() == 2 { vec![round; round as usize] } else { vec![9] };
                 c.broadcast(&mut data, 2)?;
                 got.push(data);
                 c.barrier()?;
@@ -493,10 +415,7 @@ mod tests {
         })
         .unwrap();
         for got in out {
-            assert_eq!(
-                got,
-                (0..20u8).map(|r| vec![r; r as usize]).collect::<Vec<_>>()
-            );
+            assert_eq!(got, (0..20u8).map(|r| vec![r; r as usize]).collect::<Vec<_>>());
         }
     }
 
@@ -514,14 +433,8 @@ mod tests {
         })
         .unwrap_err();
         let msg = format!("{err:#}");
-        assert!(
-            msg.contains("rank 1 of 3 failed") && msg.contains("out of memory at step 2"),
-            "{msg}"
-        );
-        assert!(
-            t0.elapsed() < Duration::from_secs(10),
-            "the others stop at once, not at the timeout"
-        );
+        assert!(msg.contains("rank 1 of 3 failed") && msg.contains("out of memory at step 2"), "{msg}");
+        assert!(t0.elapsed() < Duration::from_secs(10), "the others stop at once, not at the timeout");
     }
 
     #[test]
@@ -533,10 +446,7 @@ mod tests {
             c.barrier()
         })
         .unwrap_err();
-        assert!(
-            format!("{err:#}").contains("rank 0 of 2 failed: panicked"),
-            "{err:#}"
-        );
+        assert!(format!("{err:#}").contains("rank 0 of 2 failed: panicked"), "{err:#}");
     }
 
     #[test]
@@ -550,25 +460,13 @@ mod tests {
         })
         .unwrap_err();
         let msg = format!("{err:#}");
-        assert!(
-            msg.contains("rank 2 of 3 failed") && msg.contains("did not reach barrier"),
-            "{msg}"
-        );
+        assert!(msg.contains("rank 2 of 3 failed") && msg.contains("did not reach barrier"), "{msg}");
     }
 
     #[test]
     fn mismatched_calls_are_an_error_not_a_hang() {
-        let err = run_threads(2, Duration::from_secs(60), |c| {
-            if c.rank() == 0 {
-                c.barrier()
-            } else {
-                c.all_reduce_sum_scalars(&mut [1.0])
-            }
-        })
-        .unwrap_err();
-        assert!(
-            format!("{err:#}").contains("ranks disagree on the call"),
-            "{err:#}"
-        );
+        let err = run_threads(2, Duration::from_secs(60), |c| if c.rank() == 0 { c.barrier() } else { c.all_reduce_sum_scalars(&mut [1.0]) })
+            .unwrap_err();
+        assert!(format!("{err:#}").contains("ranks disagree on the call"), "{err:#}");
     }
 }

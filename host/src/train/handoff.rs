@@ -36,9 +36,7 @@ pub fn share_start(comm: &dyn Collective, mine: Option<Start>) -> Result<Start> 
     if let Some(s) = &mine {
         head.extend_from_slice(&s.pad.to_le_bytes());
         head.extend_from_slice(&s.step.to_le_bytes());
-        s.lrs
-            .iter()
-            .for_each(|lr| head.extend_from_slice(&lr.to_le_bytes()));
+        s.lrs.iter().for_each(|lr| head.extend_from_slice(&lr.to_le_bytes()));
         stream = cache::encode(&s.stream);
     }
     comm.broadcast(&mut head, 0)?;
@@ -51,18 +49,9 @@ pub fn share_start(comm: &dyn Collective, mine: Option<Start>) -> Result<Start> 
     }
     let pad = u32::from_le_bytes(head[0..4].try_into().expect("4 bytes"));
     let step = u64::from_le_bytes(head[4..12].try_into().expect("8 bytes"));
-    let lrs = head[12..]
-        .chunks_exact(8)
-        .map(|c| f64::from_le_bytes(c.try_into().expect("8 bytes")))
-        .collect();
-    let stream = cache::decode(&stream)
-        .with_context(|| format!("rank {}: the token stream rank 0 sent", comm.rank()))?;
-    Ok(Start {
-        stream,
-        pad,
-        step,
-        lrs,
-    })
+    let lrs = head[12..].chunks_exact(8).map(|c| f64::from_le_bytes(c.try_into().expect("8 bytes"))).collect();
+    let stream = cache::decode(&stream).with_context(|| format!("rank {}: the token stream rank 0 sent", comm.rank()))?;
+    Ok(Start { stream, pad, step, lrs })
 }
 
 /// Every rank's adapter and optimizer state becomes rank 0's, bit for bit.
@@ -77,8 +66,7 @@ pub fn share_state(comm: &dyn Collective, lora: &mut Lora, opt: &mut AdamW) -> R
         for (name, t) in names.iter().zip(lora.params()) {
             tensors.push((name.clone(), t.to_device(&candle_core::Device::Cpu)?));
         }
-        params = safetensors::serialize(tensors, None)
-            .context("serialising the adapter for the other ranks")?;
+        params = safetensors::serialize(tensors, None).context("serialising the adapter for the other ranks")?;
         moments = opt.to_bytes()?;
     }
     comm.broadcast(&mut params, 0)?;
@@ -87,29 +75,16 @@ pub fn share_state(comm: &dyn Collective, lora: &mut Lora, opt: &mut AdamW) -> R
         return Ok(());
     }
     let origin = format!("rank {}: the adapter rank 0 sent", comm.rank());
-    let st = safetensors::SafeTensors::deserialize(&params)
-        .map_err(|e| anyhow::anyhow!("{origin}: {e}"))?;
+    let st = safetensors::SafeTensors::deserialize(&params).map_err(|e| anyhow::anyhow!("{origin}: {e}"))?;
     for (name, p) in names.iter().zip(lora.params_mut()) {
-        let view = st.tensor(name).map_err(|_| {
-            anyhow::anyhow!("{origin}: no tensor {name} (the ranks' adapters differ)")
-        })?;
+        let view = st.tensor(name).map_err(|_| anyhow::anyhow!("{origin}: no tensor {name} (the ranks' adapters differ)"))?;
         if view.shape() != p.dims() {
-            bail!(
-                "{origin}: {name} has shape {:?}, this rank's {:?}",
-                view.shape(),
-                p.dims()
-            );
+            bail!("{origin}: {name} has shape {:?}, this rank's {:?}", view.shape(), p.dims());
         }
         *p = candle_core::safetensors::Load::load(&view, p.device())?.to_dtype(p.dtype())?;
     }
     let fused = opt.fused;
-    *opt = AdamW::from_bytes(
-        &moments,
-        &format!("rank {}: the optimizer state rank 0 sent", comm.rank()),
-        opt.config.clone(),
-        names,
-        &lora.params(),
-    )?;
+    *opt = AdamW::from_bytes(&moments, &format!("rank {}: the optimizer state rank 0 sent", comm.rank()), opt.config.clone(), names, &lora.params())?;
     opt.fused = fused;
     Ok(())
 }

@@ -34,9 +34,7 @@ impl LaunchEnv {
 
     /// [`LaunchEnv::from_env`] over any lookup (for tests).
     pub fn parse(get: impl Fn(&str) -> Option<String>) -> Result<Option<LaunchEnv>> {
-        let Some(world) = get("WORLD_SIZE") else {
-            return Ok(None);
-        };
+        let Some(world) = get("WORLD_SIZE") else { return Ok(None) };
         let num = |key: &str, default: Option<usize>| -> Result<usize> {
             match get(key) {
                 Some(v) => v.trim().parse::<usize>().with_context(|| format!("environment variable {key}={v:?} is not a whole number")),
@@ -60,41 +58,23 @@ impl LaunchEnv {
                 }
                 // torchrun's agent keeps its own store on MASTER_PORT (and says so); lorahost's rendezvous
                 // then takes the next port, the same on every rank.
-                let port = if get("TORCHELASTIC_USE_AGENT_STORE")
-                    .is_some_and(|v| v.eq_ignore_ascii_case("true"))
-                {
-                    port + 1
-                } else {
-                    port
-                };
+                let port = if get("TORCHELASTIC_USE_AGENT_STORE").is_some_and(|v| v.eq_ignore_ascii_case("true")) { port + 1 } else { port };
                 if port > 65535 {
                     bail!("MASTER_PORT=65535 under torchrun: lorahost's rendezvous needs MASTER_PORT + 1; choose a lower port");
                 }
                 Some(format!("{addr}:{port}"))
             }
-            None if world_size > 1 => {
-                bail!("WORLD_SIZE > 1 needs MASTER_ADDR (rank 0's host, for the rendezvous)")
-            }
+            None if world_size > 1 => bail!("WORLD_SIZE > 1 needs MASTER_ADDR (rank 0's host, for the rendezvous)"),
             None => None,
         };
-        Ok(Some(LaunchEnv {
-            rank,
-            world_size,
-            local_rank,
-            master,
-        }))
+        Ok(Some(LaunchEnv { rank, world_size, local_rank, master }))
     }
 }
 
 /// Joins the group `env` describes, whose rendezvous is `master`: over TCP when `device` is "cpu", else over
 /// NCCL on `device` (this process's GPU, `cuda:LOCAL_RANK`). Whatever fails after the rendezvous is told to
 /// the group, so the other ranks stop too instead of waiting.
-pub fn join(
-    env: &LaunchEnv,
-    master: &str,
-    device: &str,
-    timeout: Duration,
-) -> Result<Box<dyn Collective>> {
+pub fn join(env: &LaunchEnv, master: &str, device: &str, timeout: Duration) -> Result<Box<dyn Collective>> {
     let tcp = TcpRank::connect(env.rank, env.world_size, master, timeout)?;
     if device == "cpu" {
         return Ok(Box::new(tcp));
@@ -112,9 +92,7 @@ fn gpu_group(tcp: TcpRank, device: &str, timeout: Duration) -> Result<Box<dyn Co
             return Err(e.context(format!("opening {device}")));
         }
     };
-    Ok(Box::new(super::nccl::NcclRank::connect(
-        tcp, &dev, timeout,
-    )?))
+    Ok(Box::new(super::nccl::NcclRank::connect(tcp, &dev, timeout)?))
 }
 
 #[cfg(not(feature = "cuda"))]
@@ -145,10 +123,7 @@ pub fn failed(comm: &dyn Collective, e: anyhow::Error) -> anyhow::Error {
 /// an error naming it and how it ended (the others stopped).
 pub fn spawn_ranks(world: usize, args: &[OsString]) -> Result<()> {
     let exe = std::env::current_exe().context("finding this binary to start the ranks")?;
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .context("finding a free port for the ranks")?
-        .port();
+    let port = std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).context("finding a free port for the ranks")?.port();
     let mut ranks: Vec<Child> = Vec::with_capacity(world);
     for rank in 0..world {
         let child = Command::new(&exe)
@@ -178,10 +153,7 @@ pub fn spawn_ranks(world: usize, args: &[OsString]) -> Result<()> {
         }
         // Of the ranks that failed since the last look, one killed by a signal first: the others' failures are
         // mostly their reaction to it.
-        let failed = exited
-            .iter()
-            .enumerate()
-            .filter_map(|(r, s)| s.filter(|s| !s.success()).map(|s| (r, s)));
+        let failed = exited.iter().enumerate().filter_map(|(r, s)| s.filter(|s| !s.success()).map(|s| (r, s)));
         if let Some((rank, status)) = failed.min_by_key(|(r, s)| (s.code().is_some(), *r)) {
             end_all(&mut ranks, GRACE);
             bail!(
@@ -217,76 +189,24 @@ mod tests {
     #[test]
     fn the_launcher_environment_is_read_and_checked() {
         let env = |pairs: &'static [(&'static str, &'static str)]| {
-            move |k: &str| {
-                pairs
-                    .iter()
-                    .find(|(key, _)| *key == k)
-                    .map(|(_, v)| v.to_string())
-            }
+            move |k: &str| pairs.iter().find(|(key, _)| *key == k).map(|(_, v)| v.to_string())
         };
         assert_eq!(LaunchEnv::parse(env(&[])).unwrap(), None);
-        let one = LaunchEnv::parse(env(&[("WORLD_SIZE", "1")]))
+        let one = LaunchEnv::parse(env(&[("WORLD_SIZE", "1")])).unwrap().unwrap();
+        assert_eq!((one.rank, one.world_size, one.local_rank), (0, 1, 0));
+        let two = LaunchEnv::parse(env(&[("WORLD_SIZE", "2"), ("RANK", "1"), ("LOCAL_RANK", "1"), ("MASTER_ADDR", "h0"), ("MASTER_PORT", "29500")]))
             .unwrap()
             .unwrap();
-        assert_eq!((one.rank, one.world_size, one.local_rank), (0, 1, 0));
-        let two = LaunchEnv::parse(env(&[
-            ("WORLD_SIZE", "2"),
-            ("RANK", "1"),
-            ("LOCAL_RANK", "1"),
-            ("MASTER_ADDR", "h0"),
-            ("MASTER_PORT", "29500"),
-        ]))
-        .unwrap()
-        .unwrap();
-        assert_eq!(
-            two,
-            LaunchEnv {
-                rank: 1,
-                world_size: 2,
-                local_rank: 1,
-                master: Some("h0:29500".into())
-            }
-        );
+        assert_eq!(two, LaunchEnv { rank: 1, world_size: 2, local_rank: 1, master: Some("h0:29500".into()) });
         // Under torchrun, whose agent holds MASTER_PORT, the rendezvous takes the next port.
-        let torchrun = &[
-            ("WORLD_SIZE", "2"),
-            ("RANK", "0"),
-            ("MASTER_ADDR", "h0"),
-            ("MASTER_PORT", "29500"),
-            ("TORCHELASTIC_USE_AGENT_STORE", "True"),
-        ];
-        assert_eq!(
-            LaunchEnv::parse(env(torchrun))
-                .unwrap()
-                .unwrap()
-                .master
-                .as_deref(),
-            Some("h0:29501")
-        );
+        let torchrun = &[("WORLD_SIZE", "2"), ("RANK", "0"), ("MASTER_ADDR", "h0"), ("MASTER_PORT", "29500"), ("TORCHELASTIC_USE_AGENT_STORE", "True")];
+        assert_eq!(LaunchEnv::parse(env(torchrun)).unwrap().unwrap().master.as_deref(), Some("h0:29501"));
         for (pairs, needle) in [
             (&[("WORLD_SIZE", "two")][..], "WORLD_SIZE=\"two\""),
-            (
-                &[
-                    ("WORLD_SIZE", "2"),
-                    ("MASTER_ADDR", "h"),
-                    ("MASTER_PORT", "1"),
-                ][..],
-                "RANK is not",
-            ),
-            (
-                &[("WORLD_SIZE", "2"), ("RANK", "2")][..],
-                "RANK=2 is not below",
-            ),
+            (&[("WORLD_SIZE", "2"), ("MASTER_ADDR", "h"), ("MASTER_PORT", "1")][..], "RANK is not"),
+            (&[("WORLD_SIZE", "2"), ("RANK", "2")][..], "RANK=2 is not below"),
             (&[("WORLD_SIZE", "2"), ("RANK", "0")][..], "MASTER_ADDR"),
-            (
-                &[
-                    ("WORLD_SIZE", "2"),
-                    ("RANK", "0"),
-                    ("MASTER_ADDR", "h"),
-                    ("MASTER_PORT", "70000"),
-                ][..],
-                "MASTER_PORT=70000",
-            ),
+            (&[("WORLD_SIZE", "2"), ("RANK", "0"), ("MASTER_ADDR", "h"), ("MASTER_PORT", "70000")][..], "MASTER_PORT=70000"),
         ] {
             let pairs: &'static [(&'static str, &'static str)] = pairs;
             let err = format!("{:#}", LaunchEnv::parse(env(pairs)).unwrap_err());

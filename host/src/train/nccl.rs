@@ -45,15 +45,7 @@ const NCCL_SUM: c_int = 0;
 struct Api {
     get_unique_id: unsafe extern "C" fn(*mut UniqueId) -> c_int,
     comm_init_rank: unsafe extern "C" fn(*mut Comm, c_int, UniqueId, c_int) -> c_int,
-    all_reduce: unsafe extern "C" fn(
-        *const c_void,
-        *mut c_void,
-        usize,
-        c_int,
-        c_int,
-        Comm,
-        cu::CUstream,
-    ) -> c_int,
+    all_reduce: unsafe extern "C" fn(*const c_void, *mut c_void, usize, c_int, c_int, Comm, cu::CUstream) -> c_int,
     comm_get_async_error: unsafe extern "C" fn(Comm, *mut c_int) -> c_int,
     comm_abort: unsafe extern "C" fn(Comm) -> c_int,
     comm_destroy: unsafe extern "C" fn(Comm) -> c_int,
@@ -66,9 +58,7 @@ struct Api {
 /// Opens libnccl once per process.
 fn api() -> Result<&'static Api> {
     static API: OnceLock<std::result::Result<Api, String>> = OnceLock::new();
-    API.get_or_init(|| load().map_err(|e| format!("{e:#}")))
-        .as_ref()
-        .map_err(|e| anyhow::anyhow!("{e}"))
+    API.get_or_init(|| load().map_err(|e| format!("{e:#}"))).as_ref().map_err(|e| anyhow::anyhow!("{e}"))
 }
 
 fn load() -> Result<Api> {
@@ -81,8 +71,7 @@ fn load() -> Result<Api> {
     unsafe {
         macro_rules! sym {
             ($name:literal) => {
-                *lib.get(concat!($name, "\0").as_bytes())
-                    .with_context(|| format!("libnccl has no {}", $name))?
+                *lib.get(concat!($name, "\0").as_bytes()).with_context(|| format!("libnccl has no {}", $name))?
             };
         }
         Ok(Api {
@@ -134,14 +123,7 @@ impl NcclRank {
     /// group is told, so the other ranks stop too.
     pub fn connect(tcp: TcpRank, dev: &CudaDevice, timeout: Duration) -> Result<NcclRank> {
         match init(&tcp, dev, timeout) {
-            Ok((api, comm)) => Ok(NcclRank {
-                tcp,
-                comm,
-                dev: dev.clone(),
-                api,
-                timeout,
-                aborted: Cell::new(false),
-            }),
+            Ok((api, comm)) => Ok(NcclRank { tcp, comm, dev: dev.clone(), api, timeout, aborted: Cell::new(false) }),
             Err(e) => {
                 tcp.abort(&format!("{e:#}"));
                 Err(e)
@@ -171,9 +153,7 @@ impl NcclRank {
                 cu::CUresult::CUDA_ERROR_NOT_READY => {}
                 e => {
                     self.abort_comm();
-                    bail!(
-                        "rank {rank} of {world}: {op}: CUDA error {e:?} while waiting for the GPU"
-                    );
+                    bail!("rank {rank} of {world}: {op}: CUDA error {e:?} while waiting for the GPU");
                 }
             }
             let mut async_err = NCCL_SUCCESS;
@@ -181,9 +161,7 @@ impl NcclRank {
             unsafe { (self.api.comm_get_async_error)(self.comm, &mut async_err) };
             if async_err != NCCL_SUCCESS && async_err != NCCL_IN_PROGRESS {
                 self.abort_comm();
-                return self
-                    .api
-                    .check(&format!("rank {rank} of {world}: {op}"), async_err);
+                return self.api.check(&format!("rank {rank} of {world}: {op}"), async_err);
             }
             if let Some(e) = self.tcp.failure() {
                 self.abort_comm();
@@ -221,33 +199,20 @@ fn init(tcp: &TcpRank, dev: &CudaDevice, timeout: Duration) -> Result<(&'static 
     }
     tcp.broadcast(&mut bytes, 0)?;
     if bytes.len() != 128 {
-        bail!(
-            "rank {rank}: rank 0 sent an NCCL unique id of {} bytes, not 128",
-            bytes.len()
-        );
+        bail!("rank {rank}: rank 0 sent an NCCL unique id of {} bytes, not 128", bytes.len());
     }
-    bytes
-        .iter()
-        .zip(id.internal.iter_mut())
-        .for_each(|(b, c)| *c = *b as c_char);
+    bytes.iter().zip(id.internal.iter_mut()).for_each(|(b, c)| *c = *b as c_char);
     let ctx = dev.cuda_stream().context().clone();
     let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::Builder::new()
-        .name(format!("nccl init rank {rank}"))
-        .spawn(move || {
-            let out = ctx
-                .bind_to_thread()
-                .map_err(anyhow::Error::from)
-                .and_then(|()| {
-                    let mut comm: Comm = std::ptr::null_mut();
-                    // SAFETY: comm receives the new communicator; id is rank 0's; this thread's CUDA context is the GPU's.
-                    api.check("ncclCommInitRank", unsafe {
-                        (api.comm_init_rank)(&mut comm, world as c_int, id, rank as c_int)
-                    })?;
-                    Ok(comm as usize)
-                });
-            let _ = tx.send(out.map_err(|e| format!("{e:#}")));
-        })?;
+    std::thread::Builder::new().name(format!("nccl init rank {rank}")).spawn(move || {
+        let out = ctx.bind_to_thread().map_err(anyhow::Error::from).and_then(|()| {
+            let mut comm: Comm = std::ptr::null_mut();
+            // SAFETY: comm receives the new communicator; id is rank 0's; this thread's CUDA context is the GPU's.
+            api.check("ncclCommInitRank", unsafe { (api.comm_init_rank)(&mut comm, world as c_int, id, rank as c_int) })?;
+            Ok(comm as usize)
+        });
+        let _ = tx.send(out.map_err(|e| format!("{e:#}")));
+    })?;
     let deadline = Instant::now() + timeout;
     loop {
         match rx.recv_timeout(Duration::from_millis(50)) {
@@ -260,9 +225,7 @@ fn init(tcp: &TcpRank, dev: &CudaDevice, timeout: Duration) -> Result<(&'static 
             Ok(Err(e)) => bail!("rank {rank} of {world}: {e}"),
             Err(_) => {
                 if let Some(e) = tcp.failure() {
-                    return Err(e.context(format!(
-                        "rank {rank} of {world}: making the NCCL communicator"
-                    )));
+                    return Err(e.context(format!("rank {rank} of {world}: making the NCCL communicator")));
                 }
                 if Instant::now() >= deadline {
                     bail!("rank {rank} of {world}: the NCCL communicator was not made within {timeout:?} (a rank hung?)");
@@ -301,40 +264,21 @@ impl Collective for NcclRank {
             return Ok(());
         }
         // A buffer of its own (one tensor's flat view would share its storage).
-        let flat = if parts.len() == 1 {
-            parts[0].copy()?
-        } else {
-            Tensor::cat(&parts, 0)?
-        };
+        let flat = if parts.len() == 1 { parts[0].copy()? } else { Tensor::cat(&parts, 0)? };
         let n = flat.elem_count();
         {
             let stream = self.dev.cuda_stream();
             let (storage, layout) = flat.storage_and_layout();
-            let Storage::Cuda(cs) = &*storage else {
-                bail!("rank {rank}: the gradient buffer is not on the GPU")
-            };
+            let Storage::Cuda(cs) = &*storage else { bail!("rank {rank}: the gradient buffer is not on the GPU") };
             let (ptr, guard) = cs.as_cuda_slice::<f32>()?.device_ptr(&stream);
             let ptr = (ptr + (layout.start_offset() * 4) as u64) as *mut c_void;
             // SAFETY: ptr covers n f32 on this device, written in place on the training stream, which orders it
             // after the backward that filled it and before the optimizer that reads it.
-            let r = unsafe {
-                (self.api.all_reduce)(
-                    ptr,
-                    ptr,
-                    n,
-                    NCCL_FLOAT32,
-                    NCCL_SUM,
-                    self.comm,
-                    stream.cu_stream(),
-                )
-            };
+            let r = unsafe { (self.api.all_reduce)(ptr, ptr, n, NCCL_FLOAT32, NCCL_SUM, self.comm, stream.cu_stream()) };
             drop(guard);
             if r != NCCL_SUCCESS {
                 self.abort_comm();
-                self.api.check(
-                    &format!("rank {rank} of {world}: ncclAllReduce of {n} floats"),
-                    r,
-                )?;
+                self.api.check(&format!("rank {rank} of {world}: ncclAllReduce of {n} floats"), r)?;
             }
         }
         self.wait("all_reduce_sum")?;

@@ -28,12 +28,7 @@ pub struct AdamWConfig {
 impl Default for AdamWConfig {
     /// PyTorch's defaults (betas 0.9 / 0.999, eps 1e-8, weight decay 0.01).
     fn default() -> Self {
-        AdamWConfig {
-            beta1: 0.9,
-            beta2: 0.999,
-            eps: 1e-8,
-            weight_decay: 0.01,
-        }
+        AdamWConfig { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.01 }
     }
 }
 
@@ -64,29 +59,12 @@ impl AdamW {
     /// Zero moments for `params` (named, e.g. by `Lora::param_names`, for saving).
     pub fn new(config: AdamWConfig, names: Vec<String>, params: &[&Tensor]) -> Result<AdamW> {
         if names.len() != params.len() {
-            bail!(
-                "AdamW: {} names for {} parameters",
-                names.len(),
-                params.len()
-            );
+            bail!("AdamW: {} names for {} parameters", names.len(), params.len());
         }
         let zeros = |p: &&Tensor| p.zeros_like()?.to_dtype(moment_dtype(p.dtype()));
-        let m = params
-            .iter()
-            .map(zeros)
-            .collect::<candle_core::Result<Vec<_>>>()?;
-        let v = params
-            .iter()
-            .map(zeros)
-            .collect::<candle_core::Result<Vec<_>>>()?;
-        Ok(AdamW {
-            config,
-            step: 0,
-            names,
-            m,
-            v,
-            fused: true,
-        })
+        let m = params.iter().map(zeros).collect::<candle_core::Result<Vec<_>>>()?;
+        let v = params.iter().map(zeros).collect::<candle_core::Result<Vec<_>>>()?;
+        Ok(AdamW { config, step: 0, names, m, v, fused: true })
     }
 
     /// Steps taken so far.
@@ -128,12 +106,7 @@ impl AdamW {
         scale: &GradScale,
     ) -> Result<()> {
         if params.len() != self.m.len() || grads.len() != self.m.len() {
-            bail!(
-                "AdamW: built for {} parameters, got {} parameters and {} gradients",
-                self.m.len(),
-                params.len(),
-                grads.len()
-            );
+            bail!("AdamW: built for {} parameters, got {} parameters and {} gradients", self.m.len(), params.len(), grads.len());
         }
         let c = &self.config;
         self.step += 1;
@@ -143,21 +116,13 @@ impl AdamW {
         let step_size = lr / bias_correction1;
         for i in 0..params.len() {
             if params[i].dims() != grads[i].dims() || params[i].dims() != self.m[i].dims() {
-                bail!(
-                    "AdamW: parameter {} has shape {:?}, gradient {:?}, state {:?}",
-                    self.names[i],
-                    params[i].dims(),
-                    grads[i].dims(),
-                    self.m[i].dims()
-                );
+                bail!("AdamW: parameter {} has shape {:?}, gradient {:?}, state {:?}", self.names[i], params[i].dims(), grads[i].dims(), self.m[i].dims());
             }
         }
         #[cfg(feature = "cuda")]
         if self.fused && all_on_gpu_f32(params.iter().map(|p| &**p).chain(grads.iter().copied())) {
             use crate::model::cuda;
-            let items: Vec<_> = (0..params.len())
-                .map(|i| (&*params[i], grads[i], &self.m[i], &self.v[i]))
-                .collect();
+            let items: Vec<_> = (0..params.len()).map(|i| (&*params[i], grads[i], &self.m[i], &self.v[i])).collect();
             let h = cuda::AdamWStep {
                 lr,
                 beta1: c.beta1,
@@ -202,8 +167,7 @@ impl AdamW {
     /// atomically.
     pub fn save(&self, path: &Path) -> Result<()> {
         let bytes = self.to_bytes()?;
-        crate::fsutil::write_atomic(path, &bytes)
-            .with_context(|| format!("cannot write {}", path.display()))?;
+        crate::fsutil::write_atomic(path, &bytes).with_context(|| format!("cannot write {}", path.display()))?;
         Ok(())
     }
 
@@ -226,89 +190,46 @@ impl AdamW {
         .into_iter()
         .map(|(k, v)| (k.to_string(), v))
         .collect();
-        safetensors::serialize(tensors, Some(metadata))
-            .context("cannot serialise the optimizer state")
+        safetensors::serialize(tensors, Some(metadata)).context("cannot serialise the optimizer state")
     }
 
     /// Restores a state saved by [`AdamW::save`] for the same named parameters (checked).
     /// `config` is the one to continue with (hyper-parameters may change between runs; the step count
     /// and moments come from the file).
-    pub fn load(
-        path: &Path,
-        config: AdamWConfig,
-        names: Vec<String>,
-        params: &[&Tensor],
-    ) -> Result<AdamW> {
-        let bytes =
-            std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+    pub fn load(path: &Path, config: AdamWConfig, names: Vec<String>, params: &[&Tensor]) -> Result<AdamW> {
+        let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
         Self::from_bytes(&bytes, &path.display().to_string(), config, names, params)
     }
 
     /// [`AdamW::load`] from bytes [`AdamW::to_bytes`] gave; `origin` names them in errors.
-    pub fn from_bytes(
-        bytes: &[u8],
-        origin: &str,
-        config: AdamWConfig,
-        names: Vec<String>,
-        params: &[&Tensor],
-    ) -> Result<AdamW> {
+    pub fn from_bytes(bytes: &[u8], origin: &str, config: AdamWConfig, names: Vec<String>, params: &[&Tensor]) -> Result<AdamW> {
         let p = origin;
-        let st = safetensors::SafeTensors::deserialize(bytes).map_err(|e| {
-            anyhow::anyhow!("{p}: not a valid safetensors file (truncated or corrupt?): {e}")
-        })?;
-        let (_, header) = safetensors::SafeTensors::read_metadata(bytes)
-            .map_err(|e| anyhow::anyhow!("{p}: {e}"))?;
+        let st = safetensors::SafeTensors::deserialize(bytes)
+            .map_err(|e| anyhow::anyhow!("{p}: not a valid safetensors file (truncated or corrupt?): {e}"))?;
+        let (_, header) = safetensors::SafeTensors::read_metadata(bytes).map_err(|e| anyhow::anyhow!("{p}: {e}"))?;
         let meta = header.metadata().clone().unwrap_or_default();
         if meta.get("format").map(String::as_str) != Some(FORMAT) {
-            bail!(
-                "{p}: not an AdamW state written by lorahost (format {:?})",
-                meta.get("format")
-            );
+            bail!("{p}: not an AdamW state written by lorahost (format {:?})", meta.get("format"));
         }
-        let step: u64 = meta
-            .get("step")
-            .and_then(|s| s.parse().ok())
-            .with_context(|| format!("{p}: missing step count"))?;
+        let step: u64 = meta.get("step").and_then(|s| s.parse().ok()).with_context(|| format!("{p}: missing step count"))?;
         if names.len() != params.len() || st.len() != 2 * names.len() {
-            bail!(
-                "{p}: holds {} tensors, expected {} (m and v for {} parameters)",
-                st.len(),
-                2 * names.len(),
-                names.len()
-            );
+            bail!("{p}: holds {} tensors, expected {} (m and v for {} parameters)", st.len(), 2 * names.len(), names.len());
         }
-        let device = params
-            .first()
-            .map(|t| t.device().clone())
-            .unwrap_or(Device::Cpu);
+        let device = params.first().map(|t| t.device().clone()).unwrap_or(Device::Cpu);
         let mut m = Vec::new();
         let mut v = Vec::new();
         for (name, param) in names.iter().zip(params) {
             for (prefix, out) in [("m", &mut m), ("v", &mut v)] {
                 let key = format!("{prefix}.{name}");
-                let view = st
-                    .tensor(&key)
-                    .map_err(|_| anyhow::anyhow!("{p}: missing tensor {key}"))?;
+                let view = st.tensor(&key).map_err(|_| anyhow::anyhow!("{p}: missing tensor {key}"))?;
                 if view.shape() != param.dims() {
-                    bail!(
-                        "{p}: tensor {key} has shape {:?}, the parameter {:?}",
-                        view.shape(),
-                        param.dims()
-                    );
+                    bail!("{p}: tensor {key} has shape {:?}, the parameter {:?}", view.shape(), param.dims());
                 }
-                let t = candle_core::safetensors::Load::load(&view, &device)?
-                    .to_dtype(moment_dtype(param.dtype()))?;
+                let t = candle_core::safetensors::Load::load(&view, &device)?.to_dtype(moment_dtype(param.dtype()))?;
                 out.push(t);
             }
         }
-        Ok(AdamW {
-            config,
-            step,
-            names,
-            m,
-            v,
-            fused: true,
-        })
+        Ok(AdamW { config, step, names, m, v, fused: true })
     }
 }
 
@@ -386,25 +307,14 @@ pub fn global_norm(tensors: &[&Tensor]) -> Result<f64> {
 pub fn global_norm_with(tensors: &[&Tensor], fused: bool) -> Result<f64> {
     #[cfg(feature = "cuda")]
     if fused && !tensors.is_empty() && all_on_gpu_f32(tensors.iter().copied()) {
-        let sum = crate::model::cuda::sum_squares_multi(tensors)?
-            .to_dtype(DType::F64)?
-            .to_scalar::<f64>()?;
+        let sum = crate::model::cuda::sum_squares_multi(tensors)?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
         return Ok(sum.sqrt());
     }
     let _ = fused;
     let mut sum = 0.0f64;
     for t in tensors {
-        let work = if t.dtype() == DType::F64 {
-            DType::F64
-        } else {
-            DType::F32
-        };
-        sum += t
-            .to_dtype(work)?
-            .sqr()?
-            .sum_all()?
-            .to_dtype(DType::F64)?
-            .to_scalar::<f64>()?;
+        let work = if t.dtype() == DType::F64 { DType::F64 } else { DType::F32 };
+        sum += t.to_dtype(work)?.sqr()?.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
     }
     Ok(sum.sqrt())
 }

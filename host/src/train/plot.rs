@@ -6,12 +6,7 @@ use std::sync::Once;
 static FONT: &[u8] = include_bytes!("../../assets/DejaVuSans.ttf");
 
 /// Draws training loss per step (and eval loss where measured) into `path`, written atomically.
-pub fn loss_png(
-    path: &Path,
-    train: &[(u64, f64)],
-    eval: &[(u64, f64)],
-    title: &str,
-) -> anyhow::Result<()> {
+pub fn loss_png(path: &Path, train: &[(u64, f64)], eval: &[(u64, f64)], title: &str) -> anyhow::Result<()> {
     static REGISTER: Once = Once::new();
     REGISTER.call_once(|| {
         let _ = plotters::style::register_font("sans-serif", FontStyle::Normal, FONT);
@@ -24,9 +19,7 @@ pub fn loss_png(
         root.fill(&WHITE).map_err(|e| anyhow::anyhow!("{e}"))?;
         let all = train.iter().chain(eval);
         let max_step = all.clone().map(|p| p.0).max().unwrap_or(1).max(1);
-        let (lo, hi) = all.fold((f64::MAX, f64::MIN), |(lo, hi), p| {
-            (lo.min(p.1), hi.max(p.1))
-        });
+        let (lo, hi) = all.fold((f64::MAX, f64::MIN), |(lo, hi), p| (lo.min(p.1), hi.max(p.1)));
         let pad = ((hi - lo) * 0.05).max(1e-6);
         let mut chart = ChartBuilder::on(&root)
             .caption(title, ("sans-serif", 22))

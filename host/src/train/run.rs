@@ -12,8 +12,8 @@
 use super::batches::{self, Schedule};
 use super::checkpoint::{self, State};
 use super::dist::{self, Collective, Single};
-use super::handoff::{self, Start};
 use super::launch::{self, LaunchEnv};
+use super::handoff::{self, Start};
 use super::optim::{AdamW, AdamWConfig};
 use super::split;
 use super::step::{step as train_step, StepConfig};
@@ -93,18 +93,12 @@ pub fn device_of(m: &Manifest) -> anyhow::Result<Device> {
     if d == "cpu" {
         return Ok(Device::Cpu);
     }
-    if d.strip_prefix("cuda:")
-        .and_then(|n| n.parse::<usize>().ok())
-        .is_some()
-    {
+    if d.strip_prefix("cuda:").and_then(|n| n.parse::<usize>().ok()).is_some() {
         return crate::model::device::open(d).with_context(|| {
             format!("{}: `model.device = \"{d}\"`: no CUDA device (build with `--features cuda`, or use \"cpu\")", m.file.display())
         });
     }
-    bail!(
-        "{}: `model.device`: `{d}` is not \"cpu\" or \"cuda:N\"",
-        m.file.display()
-    )
+    bail!("{}: `model.device`: `{d}` is not \"cpu\" or \"cuda:N\"", m.file.display())
 }
 
 pub fn dtype_of(m: &Manifest) -> candle_core::DType {
@@ -116,40 +110,29 @@ pub fn dtype_of(m: &Manifest) -> candle_core::DType {
 
 /// Creates the tiny random model at `[model] path` when `[model.tiny]` asks for it and none is there.
 pub fn ensure_tiny(m: &Manifest) -> anyhow::Result<()> {
-    let Some(t) = &m.model.tiny else {
-        return Ok(());
-    };
+    let Some(t) = &m.model.tiny else { return Ok(()) };
     if model_present(&m.model.path) {
         return Ok(());
     }
-    let family = crate::model::Family::from_model_type(&t.family)
-        .with_context(|| format!("{}: `model.tiny.family`", m.file.display()))?;
+    let family = crate::model::Family::from_model_type(&t.family).with_context(|| format!("{}: `model.tiny.family`", m.file.display()))?;
     let defaults = tiny::TinySpec::of_family(family);
     let spec = tiny::TinySpec {
         hidden_size: t.hidden_size,
         num_layers: t.num_layers,
         num_heads: t.num_heads,
-        num_kv_heads: t
-            .num_kv_heads
-            .unwrap_or(defaults.num_kv_heads.min(t.num_heads)),
+        num_kv_heads: t.num_kv_heads.unwrap_or(defaults.num_kv_heads.min(t.num_heads)),
         intermediate_size: t.intermediate_size,
         init_std: t.init_std,
         ..defaults
     };
-    create_tiny(&m.model.path, &spec, t.seed)
-        .with_context(|| format!("creating the tiny model in {}", m.model.path.display()))
+    create_tiny(&m.model.path, &spec, t.seed).with_context(|| format!("creating the tiny model in {}", m.model.path.display()))
 }
 
 /// Loads the manifest's model, creating the tiny random one first when `[model.tiny]` asks for it.
 pub fn load_model(m: &Manifest, device: &Device) -> anyhow::Result<Model> {
     ensure_tiny(m)?;
-    Model::load(&m.model.path, dtype_of(m), device).with_context(|| {
-        format!(
-            "{}: `model.path`: loading {}",
-            m.file.display(),
-            m.model.path.display()
-        )
-    })
+    Model::load(&m.model.path, dtype_of(m), device)
+        .with_context(|| format!("{}: `model.path`: loading {}", m.file.display(), m.model.path.display()))
 }
 
 /// [`load_model`] for training: under recomputation (the memory-saving mode) the embedding table moves to
@@ -176,17 +159,14 @@ pub(crate) fn offload_for_recompute(model: &mut Model) {
 /// Whether `dir` holds a model: its config and its weights (one file or an index).
 fn model_present(dir: &Path) -> bool {
     use crate::model::weights::{CONFIG_FILE, INDEX_FILE, SINGLE_FILE};
-    dir.join(CONFIG_FILE).exists()
-        && (dir.join(SINGLE_FILE).exists() || dir.join(INDEX_FILE).exists())
+    dir.join(CONFIG_FILE).exists() && (dir.join(SINGLE_FILE).exists() || dir.join(INDEX_FILE).exists())
 }
 
 /// Creates the tiny model whole or not at all: written into a temporary folder beside `dir`, which is then
 /// renamed to `dir`; where `dir` already exists (a run killed by an older lorahost left part of a model),
 /// the files are moved in one by one, config.json last.
 fn create_tiny(dir: &Path, spec: &tiny::TinySpec, seed: u64) -> anyhow::Result<()> {
-    let parent = dir
-        .parent()
-        .context("the model path has no parent folder")?;
+    let parent = dir.parent().context("the model path has no parent folder")?;
     std::fs::create_dir_all(parent)?;
     crate::fsutil::remove_stale_temps(parent);
     let tmp = crate::fsutil::temp_sibling(dir);
@@ -197,9 +177,7 @@ fn create_tiny(dir: &Path, spec: &tiny::TinySpec, seed: u64) -> anyhow::Result<(
             return Ok(());
         }
         std::fs::create_dir_all(dir)?;
-        let mut names: Vec<_> = std::fs::read_dir(&tmp)?
-            .map(|e| e.map(|e| e.file_name()))
-            .collect::<Result<_, _>>()?;
+        let mut names: Vec<_> = std::fs::read_dir(&tmp)?.map(|e| e.map(|e| e.file_name())).collect::<Result<_, _>>()?;
         names.sort_by_key(|n| n == crate::model::weights::CONFIG_FILE);
         for n in names {
             std::fs::rename(tmp.join(&n), dir.join(&n))?;
@@ -223,21 +201,11 @@ fn lora_config(m: &Manifest) -> LoraConfig {
 }
 
 /// What the run is, for refusing a checkpoint of a different one: data inputs and training settings.
-fn identity(
-    m: &Manifest,
-    lock_key: &str,
-    scheduler_sha: &str,
-    model_config: &str,
-) -> BTreeMap<String, String> {
+fn identity(m: &Manifest, lock_key: &str, scheduler_sha: &str, model_config: &str) -> BTreeMap<String, String> {
     let t = &m.train;
     let mut id = BTreeMap::new();
     id.insert("data (token stream inputs)".into(), lock_key.to_string());
-    id.insert(
-        "model config.json".into(),
-        hex::encode(<sha2::Sha256 as sha2::Digest>::digest(
-            model_config.as_bytes(),
-        )),
-    );
+    id.insert("model config.json".into(), hex::encode(<sha2::Sha256 as sha2::Digest>::digest(model_config.as_bytes())));
     id.insert("model.dtype".into(), format!("{:?}", m.model.dtype));
     id.insert("lora".into(), format!("{:?}", m.lora));
     id.insert(
@@ -249,22 +217,9 @@ fn identity(
     );
     // Only when on, so that checkpoints written before the option existed still resume.
     if m.packing() != Packing::None {
-        id.insert(
-            "train.packing".into(),
-            format!(
-                "{} max_tokens_per_pass={}",
-                m.packing().name(),
-                t.tokens_per_pass()
-            ),
-        );
+        id.insert("train.packing".into(), format!("{} max_tokens_per_pass={}", m.packing().name(), t.tokens_per_pass()));
     }
-    id.insert(
-        "scheduler".into(),
-        format!(
-            "{} {} {:?}",
-            m.scheduler.plugin, scheduler_sha, m.scheduler.config
-        ),
-    );
+    id.insert("scheduler".into(), format!("{} {} {:?}", m.scheduler.plugin, scheduler_sha, m.scheduler.config));
     id.insert("seed".into(), m.run.seed.to_string());
     id
 }
@@ -305,11 +260,7 @@ fn warn_idle_ranks(m: &Manifest, ranks: usize) {
 /// This process's share of a run over several processes (`env`: the launcher's environment, or that of
 /// `lorahost run --gpus N`'s children): a CPU manifest talks over TCP ([`TcpRank`]); a CUDA one over NCCL on
 /// the GPU `cuda:LOCAL_RANK` (the manifest's index is replaced). The summary on rank 0, None on the others.
-pub fn run_process(
-    m: &Manifest,
-    opts: &RunOptions,
-    env: &LaunchEnv,
-) -> anyhow::Result<Option<RunSummary>> {
+pub fn run_process(m: &Manifest, opts: &RunOptions, env: &LaunchEnv) -> anyhow::Result<Option<RunSummary>> {
     let world = env.world_size;
     // Without a rendezvous (a launcher's world of one) this is the ordinary run; `--gpus 1` gives one, so
     // that one GPU runs through NCCL as several do.
@@ -335,28 +286,15 @@ pub fn run_process(
 }
 
 /// One rank's run; the summary on rank 0, None on the others. World size 1 is the ordinary run.
-pub fn run_rank(
-    m: &Manifest,
-    opts: &RunOptions,
-    comm: &dyn Collective,
-) -> anyhow::Result<Option<RunSummary>> {
+pub fn run_rank(m: &Manifest, opts: &RunOptions, comm: &dyn Collective) -> anyhow::Result<Option<RunSummary>> {
     let device = device_of(m)?;
-    let adamw = AdamWConfig {
-        weight_decay: m.train.weight_decay,
-        ..AdamWConfig::default()
-    };
+    let adamw = AdamWConfig { weight_decay: m.train.weight_decay, ..AdamWConfig::default() };
 
     // 1. Rank 0: the data, the model files, the checkpoint, the rates. 2. The others: what rank 0 decided,
     // then their own copy of the model (its files exist by then) and rank 0's adapter and optimizer state.
     let (start, model, mut lora, mut opt, ledger) = if comm.is_root() {
         let root = prepare_root(m, opts, &device, &adamw)?;
-        (
-            handoff::share_start(comm, Some(root.start))?,
-            root.model,
-            root.lora,
-            root.opt,
-            Some(root.ledger),
-        )
+        (handoff::share_start(comm, Some(root.start))?, root.model, root.lora, root.opt, Some(root.ledger))
     } else {
         let start = handoff::share_start(comm, None)?;
         let model = load_training_model(m, &device)?;
@@ -370,11 +308,7 @@ pub fn run_rank(
     let stream = &start.stream;
     let offsets = stream.offsets();
     let schedule = Schedule::of(m, stream.n_train, start.pad);
-    let step_config = StepConfig {
-        seed: m.run.seed,
-        recompute: m.train.recompute,
-        clip: m.train.clip,
-    };
+    let step_config = StepConfig { seed: m.run.seed, recompute: m.train.recompute, clip: m.train.clip };
     let steps_per_epoch = schedule.steps_per_epoch();
     let total = start.total();
     let mut ledger = ledger.map(|l| l.open()).transpose()?;
@@ -394,38 +328,16 @@ pub fn run_rank(
             if opts.fail_at == Some((comm.rank(), step)) {
                 bail!("injected failure at step {} (test)", step + 1);
             }
-            let out = train_step(
-                &model,
-                &mut lora,
-                &mut opt,
-                &step_batches,
-                lr,
-                &step_config,
-                comm,
-            )?;
+            let out = train_step(&model, &mut lora, &mut opt, &step_batches, lr, &step_config, comm)?;
             step += 1;
 
             // Every rank stops at the same step: a Ctrl-C seen by any rank counts for all.
-            let mut interrupt = [opts
-                .interrupt
-                .as_ref()
-                .is_some_and(|f| f.load(Ordering::SeqCst)) as u8
-                as f64];
+            let mut interrupt = [opts.interrupt.as_ref().is_some_and(|f| f.load(Ordering::SeqCst)) as u8 as f64];
             comm.all_reduce_sum_scalars(&mut interrupt)?;
             let stop_now = opts.stop_after.is_some_and(|s| step >= s) || interrupt[0] > 0.0;
-            let checkpoint_due = m.train.checkpoint_every.is_some_and(|n| step % n == 0)
-                || step == total
-                || stop_now;
+            let checkpoint_due = m.train.checkpoint_every.is_some_and(|n| step % n == 0) || step == total || stop_now;
             let eval_loss = match checkpoint_due && !eval_rows.is_empty() {
-                true => Some(eval_loss(
-                    &model,
-                    &lora,
-                    stream,
-                    &offsets,
-                    &eval_rows,
-                    &schedule.layout,
-                    comm,
-                )?),
+                true => Some(eval_loss(&model, &lora, stream, &offsets, &eval_rows, &schedule.layout, comm)?),
                 false => None,
             };
             if let Some(ledger) = ledger.as_mut() {
@@ -445,10 +357,7 @@ pub fn run_rank(
                 ledger.log(&log)?;
                 if let Some(b) = &bar {
                     b.set_position(step);
-                    b.set_message(format!(
-                        "loss {:.4}  {:.0} tok/s",
-                        log.loss, log.tokens_per_s
-                    ));
+                    b.set_message(format!("loss {:.4}  {:.0} tok/s", log.loss, log.tokens_per_s));
                 }
                 if checkpoint_due {
                     ledger.checkpoint(step, &lora, &opt)?;
@@ -482,19 +391,13 @@ struct Root {
 /// Rank 0's share of the start: the token stream (from the cache when unchanged) and the lock, the model
 /// (created first when `[model.tiny]` asks), the adapter and optimizer (fresh, or the last checkpoint's
 /// unless told to start over) and the scheduler plugin's rate for each remaining step.
-fn prepare_root(
-    m: &Manifest,
-    opts: &RunOptions,
-    device: &Device,
-    adamw: &AdamWConfig,
-) -> anyhow::Result<Root> {
+fn prepare_root(m: &Manifest, opts: &RunOptions, device: &Device, adamw: &AdamWConfig) -> anyhow::Result<Root> {
     let run_dir = m.run.output.clone();
     let held = crate::run_folder::RunLock::acquire(&run_dir, "run")?;
     let plan = data::Plan::new(m)?;
     let lock_path = run_dir.join(data::lock::LOCK_FILE);
     if !opts.relock && lock_path.exists() {
-        let locked =
-            data::lock::Lock::read(&lock_path).context("run with --relock to write a new lock")?;
+        let locked = data::lock::Lock::read(&lock_path).context("run with --relock to write a new lock")?;
         let changed = plan.lock.swapped_plugins(&locked);
         if !changed.is_empty() {
             bail!(
@@ -507,22 +410,13 @@ fn prepare_root(
     let prepared = data::prepare_plan(&plan)?;
     prepared.lock.write(&lock_path)?;
     for p in prepared.report.plugins.iter().filter(|p| p.native) {
-        eprintln!(
-            "WARNING: plugin `{}` ({}) is a native library and runs UNSANDBOXED (trusted = true)",
-            p.name, p.from
-        );
+        eprintln!("WARNING: plugin `{}` ({}) is a native library and runs UNSANDBOXED (trusted = true)", p.name, p.from);
     }
     let pad = plan.tokenizer.special_id("<|endoftext|>").unwrap_or(0);
 
     let model = load_training_model(m, device)?;
-    let model_config =
-        std::fs::read_to_string(m.model.path.join("config.json")).unwrap_or_default();
-    let identity = identity(
-        m,
-        &prepared.lock.key(),
-        &plan.scheduler_sha(),
-        &model_config,
-    );
+    let model_config = std::fs::read_to_string(m.model.path.join("config.json")).unwrap_or_default();
+    let identity = identity(m, &prepared.lock.key(), &plan.scheduler_sha(), &model_config);
     let schedule = Schedule::of(m, prepared.stream.n_train, pad);
     let mut total = schedule.steps_per_epoch() * m.train.epochs as u64;
     if let Some(max) = m.train.max_steps {
@@ -531,24 +425,12 @@ fn prepare_root(
 
     let mut lora = Lora::new(lora_config(m), &model.config, m.run.seed, device)?;
     let mut opt = AdamW::new(adamw.clone(), lora.param_names(), &lora.params())?;
-    let mut ledger = Ledger {
-        run_dir: run_dir.clone(),
-        _held: held,
-        identity,
-        metrics: Vec::new(),
-        resumed_from: None,
-        file: None,
-    };
+    let mut ledger = Ledger { run_dir: run_dir.clone(), _held: held, identity, metrics: Vec::new(), resumed_from: None, file: None };
     if opts.fresh {
         let _ = std::fs::remove_dir_all(run_dir.join("checkpoints"));
     } else if let Some((loaded, state)) = checkpoint::resume(&run_dir, &ledger.identity, |dir| {
         let l = Lora::load(&dir.join(checkpoint::ADAPTER_DIR), &model.config, device)?;
-        let o = AdamW::load(
-            &dir.join(checkpoint::OPTIMIZER_FILE),
-            adamw.clone(),
-            l.param_names(),
-            &l.params(),
-        )?;
+        let o = AdamW::load(&dir.join(checkpoint::OPTIMIZER_FILE), adamw.clone(), l.param_names(), &l.params())?;
         Ok((l, o))
     })? {
         (lora, opt) = loaded;
@@ -557,21 +439,8 @@ fn prepare_root(
     }
     let step = ledger.resumed_from.unwrap_or(0);
     let mut scheduler = plan.scheduler()?;
-    let lrs = (step..total)
-        .map(|s| scheduler.lr(s, total, m.train.lr))
-        .collect::<Result<Vec<f64>, _>>()?;
-    Ok(Root {
-        start: Start {
-            stream: prepared.stream,
-            pad,
-            step,
-            lrs,
-        },
-        model,
-        lora,
-        opt,
-        ledger,
-    })
+    let lrs = (step..total).map(|s| scheduler.lr(s, total, m.train.lr)).collect::<Result<Vec<f64>, _>>()?;
+    Ok(Root { start: Start { stream: prepared.stream, pad, step, lrs }, model, lora, opt, ledger })
 }
 
 /// What rank 0 alone writes: the metrics log, checkpoints, the adapter and the loss curve.
@@ -591,14 +460,7 @@ impl Ledger {
     /// Rewrites the metrics log from what the checkpoint recorded, so it reads as one uninterrupted run.
     fn open(mut self) -> anyhow::Result<Ledger> {
         let path = self.run_dir.join("metrics.jsonl");
-        crate::fsutil::write_atomic(
-            &path,
-            self.metrics
-                .iter()
-                .map(|l| format!("{l}\n"))
-                .collect::<String>()
-                .as_bytes(),
-        )?;
+        crate::fsutil::write_atomic(&path, self.metrics.iter().map(|l| format!("{l}\n")).collect::<String>().as_bytes())?;
         self.file = Some(std::fs::OpenOptions::new().append(true).open(&path)?);
         Ok(self)
     }
@@ -613,12 +475,7 @@ impl Ledger {
     }
 
     fn checkpoint(&self, step: u64, lora: &Lora, opt: &AdamW) -> anyhow::Result<()> {
-        let state = State {
-            format: checkpoint::FORMAT.into(),
-            step,
-            identity: self.identity.clone(),
-            metrics: self.metrics.clone(),
-        };
+        let state = State { format: checkpoint::FORMAT.into(), step, identity: self.identity.clone(), metrics: self.metrics.clone() };
         checkpoint::write(&self.run_dir, &state, |dir| {
             lora.save(&dir.join(checkpoint::ADAPTER_DIR))?;
             opt.save(&dir.join(checkpoint::OPTIMIZER_FILE))?;
@@ -628,24 +485,10 @@ impl Ledger {
     }
 
     /// The adapter (PEFT layout, unless interrupted) and the loss curve; the run's summary.
-    fn finish(
-        self,
-        m: &Manifest,
-        lora: &Lora,
-        steps_done: u64,
-        total_steps: u64,
-        interrupted: bool,
-    ) -> anyhow::Result<RunSummary> {
-        let logs: Vec<StepLog> = self
-            .metrics
-            .iter()
-            .filter_map(|l| serde_json::from_str(l).ok())
-            .collect();
+    fn finish(self, m: &Manifest, lora: &Lora, steps_done: u64, total_steps: u64, interrupted: bool) -> anyhow::Result<RunSummary> {
+        let logs: Vec<StepLog> = self.metrics.iter().filter_map(|l| serde_json::from_str(l).ok()).collect();
         let losses: Vec<f64> = logs.iter().map(|l| l.loss).collect();
-        let eval_losses: Vec<(u64, f64)> = logs
-            .iter()
-            .filter_map(|l| l.eval_loss.map(|e| (l.step, e)))
-            .collect();
+        let eval_losses: Vec<(u64, f64)> = logs.iter().filter_map(|l| l.eval_loss.map(|e| (l.step, e))).collect();
         let mut adapter_dir = None;
         if !interrupted {
             let dir = self.run_dir.join("adapter");
@@ -654,24 +497,10 @@ impl Ledger {
         }
         if !logs.is_empty() {
             let train: Vec<(u64, f64)> = logs.iter().map(|l| (l.step, l.loss)).collect();
-            super::plot::loss_png(
-                &self.run_dir.join("loss.png"),
-                &train,
-                &eval_losses,
-                &format!("{}: loss", m.run.name),
-            )?;
+            super::plot::loss_png(&self.run_dir.join("loss.png"), &train, &eval_losses, &format!("{}: loss", m.run.name))?;
         }
         let run_dir = self.run_dir;
-        Ok(RunSummary {
-            run_dir,
-            steps_done,
-            total_steps,
-            losses,
-            eval_losses,
-            resumed_from: self.resumed_from,
-            interrupted,
-            adapter_dir,
-        })
+        Ok(RunSummary { run_dir, steps_done, total_steps, losses, eval_losses, resumed_from: self.resumed_from, interrupted, adapter_dir })
     }
 }
 
@@ -695,11 +524,7 @@ fn eval_loss(
         sums[1] += k as f64;
     }
     comm.all_reduce_sum_scalars(&mut sums)?;
-    Ok(if sums[1] > 0.0 {
-        sums[0] / sums[1]
-    } else {
-        f64::NAN
-    })
+    Ok(if sums[1] > 0.0 { sums[0] / sums[1] } else { f64::NAN })
 }
 
 fn progress_bar(show: bool, total: u64, at: u64) -> Option<indicatif::ProgressBar> {
@@ -718,10 +543,7 @@ fn progress_bar(show: bool, total: u64, at: u64) -> Option<indicatif::ProgressBa
 pub fn summary_text(s: &RunSummary) -> String {
     let first = s.losses.first().copied().unwrap_or(f64::NAN);
     let last = s.losses.last().copied().unwrap_or(f64::NAN);
-    let mut t = format!(
-        "{} of {} steps; loss {first:.4} -> {last:.4}",
-        s.steps_done, s.total_steps
-    );
+    let mut t = format!("{} of {} steps; loss {first:.4} -> {last:.4}", s.steps_done, s.total_steps);
     if let Some(r) = s.resumed_from {
         t.push_str(&format!(" (resumed at step {r})"));
     }
@@ -729,17 +551,10 @@ pub fn summary_text(s: &RunSummary) -> String {
         t.push_str(&format!("; eval loss {e:.4} at step {step}"));
     }
     if s.interrupted {
-        t.push_str(&format!(
-            "\nstopped with a checkpoint at step {}: run the same command again to resume",
-            s.steps_done
-        ));
+        t.push_str(&format!("\nstopped with a checkpoint at step {}: run the same command again to resume", s.steps_done));
     } else if let Some(a) = &s.adapter_dir {
         t.push_str(&format!("\nadapter (PEFT format): {}", a.display()));
     }
-    t.push_str(&format!(
-        "\nlog: {}  curve: {}",
-        s.run_dir.join("metrics.jsonl").display(),
-        s.run_dir.join("loss.png").display()
-    ));
+    t.push_str(&format!("\nlog: {}  curve: {}", s.run_dir.join("metrics.jsonl").display(), s.run_dir.join("loss.png").display()));
     t
 }

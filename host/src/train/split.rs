@@ -20,9 +20,7 @@ fn assign_costs(costs: &[usize], world: usize) -> Vec<Vec<usize>> {
     let mut load = vec![0usize; world];
     let mut out = vec![Vec::new(); world];
     for i in order {
-        let rank = (0..world)
-            .min_by_key(|&r| (load[r], r))
-            .expect("world >= 1");
+        let rank = (0..world).min_by_key(|&r| (load[r], r)).expect("world >= 1");
         load[rank] += costs[i];
         out[rank].push(i);
     }
@@ -43,24 +41,15 @@ mod tests {
             let mut all: Vec<usize> = a.concat();
             all.sort();
             assert_eq!(all, (0..costs.len()).collect::<Vec<_>>(), "world {world}");
-            assert!(
-                a.iter().all(|r| r.windows(2).all(|w| w[0] < w[1])),
-                "ascending: {a:?}"
-            );
+            assert!(a.iter().all(|r| r.windows(2).all(|w| w[0] < w[1])), "ascending: {a:?}");
         }
         assert_eq!(assign_costs(&costs, 1), vec![vec![0, 1, 2, 3, 4, 5, 6]]);
         // 400 positions over 2 ranks: 200 each (100+50+50 and 90+60+40+10).
         let two = assign_costs(&costs, 2);
-        let loads: Vec<usize> = two
-            .iter()
-            .map(|r| r.iter().map(|&i| costs[i]).sum())
-            .collect();
+        let loads: Vec<usize> = two.iter().map(|r| r.iter().map(|&i| costs[i]).sum()).collect();
         assert_eq!(loads, vec![200, 200], "{two:?}");
         // Equal passes spread evenly, the lower ranks first when they do not divide.
-        assert_eq!(
-            assign_costs(&[8; 5], 3),
-            vec![vec![0, 3], vec![1, 4], vec![2]]
-        );
+        assert_eq!(assign_costs(&[8; 5], 3), vec![vec![0, 3], vec![1, 4], vec![2]]);
         // More ranks than passes: some ranks run none.
         assert_eq!(assign_costs(&[5, 7], 3), vec![vec![1], vec![0], vec![]]);
     }

@@ -10,11 +10,11 @@
 //! AdamW step on the same summed gradient, so the adapters stay identical. One rank is world size 1.
 use super::batches::StepBatches;
 use super::dist::Collective;
-use super::optim::{self, AdamW};
 use super::split;
+use super::optim::{self, AdamW};
 use crate::model::lora::{Lora, LoraGrads};
-use crate::model::transformer::Model;
 use crate::rng::SplitMix;
+use crate::model::transformer::Model;
 use anyhow::bail;
 use candle_core::Tensor;
 use std::time::Instant;
@@ -83,18 +83,8 @@ pub fn step(
         let (ids, labels) = batch.tensors()?;
         // Keyed by the pass's index in the whole step, so its draws do not depend on the number of ranks.
         let mut dropout = SplitMix::for_stream(c.seed, &[batches.step, pass as u64]);
-        let out = model.loss_and_grads(
-            &ids,
-            &labels,
-            batch.cu_seqlens.as_deref(),
-            lora,
-            &mut dropout,
-            c.recompute,
-        )?;
-        debug_assert_eq!(
-            out.n_tokens, batch.trained,
-            "the model and the batch count the same positions"
-        );
+        let out = model.loss_and_grads(&ids, &labels, batch.cu_seqlens.as_deref(), lora, &mut dropout, c.recompute)?;
+        debug_assert_eq!(out.n_tokens, batch.trained, "the model and the batch count the same positions");
         match grads.as_mut() {
             None => grads = Some(out.grads),
             Some(g) => g.add_assign(&out.grads)?,
@@ -166,6 +156,9 @@ pub fn step(
         optim::GradScale::Device(_) => {}
     }
     opt.step_with(&mut lora.params_mut(), &grads.tensors(), lr, &scale)?;
+    // The gradients' frees are queued while the device still runs the update, not after it (the host's work
+    // between steps is time the device waits).
+    drop(grads);
     model.device.synchronize()?;
     let (loss, grad_norm) = (loss_of(&loss_sum)?, scale.norm()?);
     finite(loss, grad_norm)?; // on the device, a non-finite one skipped the update

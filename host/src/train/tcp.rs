@@ -46,16 +46,7 @@ enum Tag {
 
 impl Tag {
     fn of(b: u8) -> Option<Tag> {
-        [
-            Tag::Hello,
-            Tag::Welcome,
-            Tag::Part,
-            Tag::Outcome,
-            Tag::Failed,
-            Tag::Bye,
-        ]
-        .into_iter()
-        .find(|t| *t as u8 == b)
+        [Tag::Hello, Tag::Welcome, Tag::Part, Tag::Outcome, Tag::Failed, Tag::Bye].into_iter().find(|t| *t as u8 == b)
     }
 }
 
@@ -69,8 +60,7 @@ fn write_frame(w: &mut impl Write, tag: Tag, body: &[u8]) -> std::io::Result<()>
 fn read_frame(r: &mut impl Read) -> Result<(Tag, Vec<u8>)> {
     let mut head = [0u8; 9];
     r.read_exact(&mut head)?;
-    let tag = Tag::of(head[0])
-        .with_context(|| format!("unknown frame tag {} (not a lorahost rank?)", head[0]))?;
+    let tag = Tag::of(head[0]).with_context(|| format!("unknown frame tag {} (not a lorahost rank?)", head[0]))?;
     let len = u64::from_le_bytes(head[1..].try_into().expect("8 bytes"));
     if len > MAX_FRAME {
         bail!("a frame of {len} bytes (not a lorahost rank?)");
@@ -87,13 +77,8 @@ fn failure_body(f: &Failure) -> Vec<u8> {
 }
 
 fn parse_failure(body: &[u8]) -> Failure {
-    let rank = body.get(..4).map_or(0, |r| {
-        u32::from_le_bytes(r.try_into().expect("4 bytes")) as usize
-    });
-    Failure {
-        rank,
-        reason: String::from_utf8_lossy(body.get(4..).unwrap_or_default()).into_owned(),
-    }
+    let rank = body.get(..4).map_or(0, |r| u32::from_le_bytes(r.try_into().expect("4 bytes")) as usize);
+    Failure { rank, reason: String::from_utf8_lossy(body.get(4..).unwrap_or_default()).into_owned() }
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -111,16 +96,13 @@ fn encode(p: &Payload) -> Vec<u8> {
                 dims.iter().for_each(|d| u64s(&mut out, *d as u64));
                 u64s(&mut out, data.len() as u64);
                 out.reserve(data.len() * 4);
-                data.iter()
-                    .for_each(|x| out.extend_from_slice(&x.to_le_bytes()));
+                data.iter().for_each(|x| out.extend_from_slice(&x.to_le_bytes()));
             }
         }
         Payload::F64(values) => {
             out.push(1);
             u64s(&mut out, values.len() as u64);
-            values
-                .iter()
-                .for_each(|x| out.extend_from_slice(&x.to_le_bytes()));
+            values.iter().for_each(|x| out.extend_from_slice(&x.to_le_bytes()));
         }
         Payload::Bytes(data) => {
             out.push(2);
@@ -149,9 +131,7 @@ fn decode(body: &[u8]) -> Result<Payload> {
             Ok(a)
         }
         fn u64(&mut self) -> Result<u64> {
-            Ok(u64::from_le_bytes(
-                self.take(8)?.try_into().expect("8 bytes"),
-            ))
+            Ok(u64::from_le_bytes(self.take(8)?.try_into().expect("8 bytes")))
         }
         /// A count of items of `size` bytes each that the rest of the body can hold.
         fn count(&mut self, size: usize) -> Result<usize> {
@@ -169,27 +149,16 @@ fn decode(body: &[u8]) -> Result<Payload> {
             let mut tensors = Vec::with_capacity(n);
             for _ in 0..n {
                 let nd = c.count(8)?;
-                let dims = (0..nd)
-                    .map(|_| c.u64().map(|d| d as usize))
-                    .collect::<Result<Vec<_>>>()?;
+                let dims = (0..nd).map(|_| c.u64().map(|d| d as usize)).collect::<Result<Vec<_>>>()?;
                 let len = c.count(4)?;
-                let data = c
-                    .take(len * 4)?
-                    .chunks_exact(4)
-                    .map(|b| f32::from_le_bytes(b.try_into().expect("4 bytes")))
-                    .collect();
+                let data = c.take(len * 4)?.chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().expect("4 bytes"))).collect();
                 tensors.push((dims, data));
             }
             Payload::F32(tensors)
         }
         1 => {
             let n = c.count(8)?;
-            Payload::F64(
-                c.take(n * 8)?
-                    .chunks_exact(8)
-                    .map(|b| f64::from_le_bytes(b.try_into().expect("8 bytes")))
-                    .collect(),
-            )
+            Payload::F64(c.take(n * 8)?.chunks_exact(8).map(|b| f64::from_le_bytes(b.try_into().expect("8 bytes"))).collect())
         }
         2 => match c.take(1)?[0] {
             0 => Payload::Bytes(None),
@@ -229,9 +198,7 @@ struct Shared {
 
 impl Shared {
     fn send(&self, to: usize, tag: Tag, body: &[u8]) -> std::io::Result<()> {
-        let Some(peer) = &self.peers[to] else {
-            return Ok(());
-        };
+        let Some(peer) = &self.peers[to] else { return Ok(()) };
         let mut w = peer.lock().unwrap_or_else(|p| p.into_inner());
         write_frame(&mut *w, tag, body)
     }
@@ -248,24 +215,15 @@ impl Shared {
         }
         let body = failure_body(&f);
         if self.rank == 0 {
-            (1..self.world)
-                .filter(|&r| r != f.rank)
-                .for_each(|r| drop(self.send(r, Tag::Failed, &body)));
+            (1..self.world).filter(|&r| r != f.rank).for_each(|r| drop(self.send(r, Tag::Failed, &body)));
         } else if f.rank == self.rank {
             let _ = self.send(0, Tag::Failed, &body);
         }
-        let _ = self
-            .inbox
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .send(Inbox::Failed);
+        let _ = self.inbox.lock().unwrap_or_else(|p| p.into_inner()).send(Inbox::Failed);
     }
 
     fn failure(&self) -> Option<Failure> {
-        self.failed
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+        self.failed.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 }
 
@@ -287,14 +245,10 @@ impl TcpRank {
         let timeout = timeout.max(Duration::from_millis(1)); // socket timeouts refuse zero
         let deadline = Instant::now() + timeout;
         let (tx, rx) = mpsc::channel();
-        let mut peers: Vec<Option<Mutex<BufWriter<TcpStream>>>> =
-            (0..world).map(|_| None).collect();
+        let mut peers: Vec<Option<Mutex<BufWriter<TcpStream>>>> = (0..world).map(|_| None).collect();
         let mut readers = Vec::new();
         if rank == 0 {
-            let port = master
-                .rsplit_once(':')
-                .and_then(|(_, p)| p.parse::<u16>().ok())
-                .with_context(|| format!("`{master}` has no port"))?;
+            let port = master.rsplit_once(':').and_then(|(_, p)| p.parse::<u16>().ok()).with_context(|| format!("`{master}` has no port"))?;
             // Every interface: the other hosts reach rank 0 at MASTER_ADDR, whichever interface that is.
             let listener = TcpListener::bind(("0.0.0.0", port))
                 .with_context(|| format!("rank 0: cannot listen on port {port} (MASTER_PORT) for the other ranks (in use?)"))?;
@@ -304,10 +258,7 @@ impl TcpRank {
                     Ok(s) => s,
                     Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                         if Instant::now() >= deadline {
-                            let missing: Vec<String> = (1..world)
-                                .filter(|&r| peers[r].is_none())
-                                .map(|r| r.to_string())
-                                .collect();
+                            let missing: Vec<String> = (1..world).filter(|&r| peers[r].is_none()).map(|r| r.to_string()).collect();
                             bail!("rank 0 of {world}: rank(s) {} did not join at {master} within {timeout:?}", missing.join(", "));
                         }
                         std::thread::sleep(Duration::from_millis(20));
@@ -325,14 +276,7 @@ impl TcpRank {
                     }
                     // A stranger (or a rank of another run) is turned away; the group waits on.
                     Err(e) => {
-                        let _ = write_frame(
-                            &mut &stream,
-                            Tag::Failed,
-                            &failure_body(&Failure {
-                                rank: 0,
-                                reason: format!("{e:#}"),
-                            }),
-                        );
+                        let _ = write_frame(&mut &stream, Tag::Failed, &failure_body(&Failure { rank: 0, reason: format!("{e:#}") }));
                         eprintln!("rank 0: turned away a connection from {from}: {e:#}");
                     }
                 }
@@ -341,17 +285,12 @@ impl TcpRank {
                 write_frame(&mut *p.lock().expect("not shared yet"), Tag::Welcome, &[])?;
             }
         } else {
-            let stream = connect_retrying(master, deadline)
-                .with_context(|| format!("rank {rank} of {world}: reaching rank 0 at {master}"))?;
+            let stream = connect_retrying(master, deadline).with_context(|| format!("rank {rank} of {world}: reaching rank 0 at {master}"))?;
             let mut hello = HELLO_MAGIC.to_vec();
             hello.extend_from_slice(&(rank as u32).to_le_bytes());
             hello.extend_from_slice(&(world as u32).to_le_bytes());
             write_frame(&mut &stream, Tag::Hello, &hello)?;
-            stream.set_read_timeout(Some(
-                deadline
-                    .saturating_duration_since(Instant::now())
-                    .max(Duration::from_millis(1)),
-            ))?;
+            stream.set_read_timeout(Some(deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(1))))?;
             match read_frame(&mut &stream) {
                 Ok((Tag::Welcome, _)) => {}
                 Ok((Tag::Failed, body)) => bail!("rank {rank} of {world}: rank 0 at {master} refused: {}", parse_failure(&body).reason),
@@ -363,26 +302,13 @@ impl TcpRank {
             stream.set_write_timeout(Some(timeout))?;
             peers[0] = Some(Mutex::new(BufWriter::new(stream)));
         }
-        let shared = Arc::new(Shared {
-            rank,
-            world,
-            peers,
-            failed: Mutex::new(None),
-            ended: AtomicBool::new(false),
-            inbox: Mutex::new(tx.clone()),
-        });
+        let shared = Arc::new(Shared { rank, world, peers, failed: Mutex::new(None), ended: AtomicBool::new(false), inbox: Mutex::new(tx.clone()) });
         for (from, stream) in readers {
             let shared = shared.clone();
             let tx = tx.clone();
-            std::thread::Builder::new()
-                .name(format!("rank {rank} <- {from}"))
-                .spawn(move || read_peer(&shared, from, stream, tx))?;
+            std::thread::Builder::new().name(format!("rank {rank} <- {from}")).spawn(move || read_peer(&shared, from, stream, tx))?;
         }
-        Ok(TcpRank {
-            shared,
-            inbox: Mutex::new(rx),
-            timeout,
-        })
+        Ok(TcpRank { shared, inbox: Mutex::new(rx), timeout })
     }
 
     /// The group's first failure, if any (the NCCL ranks poll it while a GPU collective runs).
@@ -406,30 +332,15 @@ impl TcpRank {
                 match inbox.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
                     Ok(Inbox::Frame(from, body)) => match decode(&body) {
                         Ok(p) => parts[from] = Some(p),
-                        Err(e) => s.fail(Failure {
-                            rank: from,
-                            reason: format!("sent a bad part of {op}: {e:#}"),
-                        }),
+                        Err(e) => s.fail(Failure { rank: from, reason: format!("sent a bad part of {op}: {e:#}") }),
                     },
                     Ok(Inbox::Failed) => {}
                     Err(RecvTimeoutError::Timeout) => {
-                        let missing: Vec<usize> =
-                            (0..s.world).filter(|&r| parts[r].is_none()).collect();
-                        let names = missing
-                            .iter()
-                            .map(|r| r.to_string())
-                            .collect::<Vec<_>>()
-                            .join(", ");
-                        let reason =
-                            format!("did not reach {op} within {:?}: hung or dead", self.timeout);
-                        s.fail(Failure {
-                            rank: missing[0],
-                            reason: reason.clone(),
-                        });
-                        bail!(
-                            "rank 0 of {}: timed out waiting for rank(s) {names}, which {reason}",
-                            s.world
-                        );
+                        let missing: Vec<usize> = (0..s.world).filter(|&r| parts[r].is_none()).collect();
+                        let names = missing.iter().map(|r| r.to_string()).collect::<Vec<_>>().join(", ");
+                        let reason = format!("did not reach {op} within {:?}: hung or dead", self.timeout);
+                        s.fail(Failure { rank: missing[0], reason: reason.clone() });
+                        bail!("rank 0 of {}: timed out waiting for rank(s) {names}, which {reason}", s.world);
                     }
                     Err(RecvTimeoutError::Disconnected) => unreachable!("the group holds a sender"),
                 }
@@ -440,61 +351,40 @@ impl TcpRank {
             let out = match combine(parts.into_iter().map(|p| p.expect("all arrived")).collect()) {
                 Ok(out) => out,
                 Err(e) => {
-                    s.fail(Failure {
-                        rank: 0,
-                        reason: format!("{op}: {e:#}"),
-                    });
+                    s.fail(Failure { rank: 0, reason: format!("{op}: {e:#}") });
                     return Err(s.failure().expect("just failed").error(s.world));
                 }
             };
             let body = encode(&out);
             for r in 1..s.world {
                 if let Err(e) = s.send(r, Tag::Outcome, &body) {
-                    s.fail(Failure {
-                        rank: r,
-                        reason: format!("died (sending it the outcome of {op}: {e})"),
-                    });
+                    s.fail(Failure { rank: r, reason: format!("died (sending it the outcome of {op}: {e})") });
                 }
             }
             return Ok(Arc::new(out));
         }
         if let Err(e) = s.send(0, Tag::Part, &encode(&mine)) {
-            s.fail(Failure {
-                rank: 0,
-                reason: format!("died (sending it this rank's part of {op}: {e})"),
-            });
+            s.fail(Failure { rank: 0, reason: format!("died (sending it this rank's part of {op}: {e})") });
             return Err(s.failure().expect("failed").stopped(s.rank, s.world, op));
         }
         // A little longer than the hub waits, so that the hub's word on who is missing comes first.
         let wait = self.timeout + Duration::from_secs(10);
         loop {
             match inbox.recv_timeout(wait) {
-                Ok(Inbox::Frame(_, body)) => {
-                    return decode(&body)
-                        .map(Arc::new)
-                        .with_context(|| format!("rank {}: the outcome of {op}", s.rank))
-                }
+                Ok(Inbox::Frame(_, body)) => return decode(&body).map(Arc::new).with_context(|| format!("rank {}: the outcome of {op}", s.rank)),
                 Ok(Inbox::Failed) => {
                     if let Some(f) = s.failure() {
                         return Err(f.stopped(s.rank, s.world, op));
                     }
                 }
-                Err(_) => bail!(
-                    "rank {} of {}: no outcome of {op} from rank 0 within {wait:?} (rank 0 hung?)",
-                    s.rank,
-                    s.world
-                ),
+                Err(_) => bail!("rank {} of {}: no outcome of {op} from rank 0 within {wait:?} (rank 0 hung?)", s.rank, s.world),
             }
         }
     }
 }
 
 /// Reads a joining rank's hello; its rank, unless it is no rank of this group.
-fn hello_from(
-    stream: &TcpStream,
-    world: usize,
-    peers: &[Option<Mutex<BufWriter<TcpStream>>>],
-) -> Result<usize> {
+fn hello_from(stream: &TcpStream, world: usize, peers: &[Option<Mutex<BufWriter<TcpStream>>>]) -> Result<usize> {
     stream.set_read_timeout(Some(Duration::from_secs(5)))?;
     let (tag, body) = read_frame(&mut &*stream)?;
     stream.set_read_timeout(None)?;
@@ -518,29 +408,22 @@ fn hello_from(
 
 fn connect_retrying(master: &str, deadline: Instant) -> Result<TcpStream> {
     loop {
-        let tried = master
-            .to_socket_addrs()
-            .map_err(anyhow::Error::from)
-            .and_then(|addrs| {
-                let mut last = anyhow!("`{master}` resolves to no address");
-                for a in addrs {
-                    match TcpStream::connect_timeout(&a, Duration::from_secs(5)) {
-                        Ok(s) => return Ok(s),
-                        Err(e) => last = e.into(),
-                    }
+        let tried = master.to_socket_addrs().map_err(anyhow::Error::from).and_then(|addrs| {
+            let mut last = anyhow!("`{master}` resolves to no address");
+            for a in addrs {
+                match TcpStream::connect_timeout(&a, Duration::from_secs(5)) {
+                    Ok(s) => return Ok(s),
+                    Err(e) => last = e.into(),
                 }
-                Err(last)
-            });
+            }
+            Err(last)
+        });
         match tried {
             Ok(s) => {
                 s.set_nodelay(true)?;
                 return Ok(s);
             }
-            Err(e) if Instant::now() >= deadline => {
-                return Err(
-                    e.context("gave up (is rank 0 running, and MASTER_ADDR/MASTER_PORT right?)")
-                )
-            }
+            Err(e) if Instant::now() >= deadline => return Err(e.context("gave up (is rank 0 running, and MASTER_ADDR/MASTER_PORT right?)")),
             Err(_) => std::thread::sleep(Duration::from_millis(50)),
         }
     }
@@ -559,24 +442,12 @@ fn read_peer(s: &Shared, from: usize, stream: TcpStream, tx: Sender<Inbox>) {
             }
             Ok((Tag::Failed, body)) => s.fail(parse_failure(&body)),
             Ok((Tag::Bye, _)) => return,
-            Ok((tag, _)) => s.fail(Failure {
-                rank: from,
-                reason: format!("sent {tag:?} in the middle of the run (a bug)"),
-            }),
+            Ok((tag, _)) => s.fail(Failure { rank: from, reason: format!("sent {tag:?} in the middle of the run (a bug)") }),
             Err(e) => {
                 if !s.ended.load(Ordering::SeqCst) {
-                    let eof = e
-                        .downcast_ref::<std::io::Error>()
-                        .is_some_and(|e| e.kind() == std::io::ErrorKind::UnexpectedEof);
-                    let how = if eof {
-                        String::new()
-                    } else {
-                        format!(": {e:#}")
-                    };
-                    s.fail(Failure {
-                        rank: from,
-                        reason: format!("died (its connection closed{how})"),
-                    });
+                    let eof = e.downcast_ref::<std::io::Error>().is_some_and(|e| e.kind() == std::io::ErrorKind::UnexpectedEof);
+                    let how = if eof { String::new() } else { format!(": {e:#}") };
+                    s.fail(Failure { rank: from, reason: format!("died (its connection closed{how})") });
                 }
                 return;
             }
@@ -610,19 +481,14 @@ impl Collective for TcpRank {
     }
 
     fn abort(&self, reason: &str) {
-        self.shared.fail(Failure {
-            rank: self.shared.rank,
-            reason: reason.to_string(),
-        });
+        self.shared.fail(Failure { rank: self.shared.rank, reason: reason.to_string() });
         self.shared.ended.store(true, Ordering::SeqCst);
     }
 
     fn finish(&self) {
         let s = &*self.shared;
         s.ended.store(true, Ordering::SeqCst);
-        (0..s.world)
-            .filter(|&r| r != s.rank)
-            .for_each(|r| drop(s.send(r, Tag::Bye, &[])));
+        (0..s.world).filter(|&r| r != s.rank).for_each(|r| drop(s.send(r, Tag::Bye, &[])));
     }
 }
 
@@ -633,19 +499,11 @@ mod tests {
 
     /// A free port on this machine (bound, then released for the hub to take).
     fn free_port() -> u16 {
-        TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port()
+        TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
     }
 
     /// Runs `body` on `world` TCP ranks, one thread each (as processes would), rank 0 first in the result.
-    fn on_tcp<T: Send>(
-        world: usize,
-        timeout: Duration,
-        body: impl Fn(&TcpRank) -> Result<T> + Sync,
-    ) -> Vec<Result<T>> {
+    fn on_tcp<T: Send>(world: usize, timeout: Duration, body: impl Fn(&TcpRank) -> Result<T> + Sync) -> Vec<Result<T>> {
         let master = format!("127.0.0.1:{}", free_port());
         std::thread::scope(|scope| {
             let handles: Vec<_> = (0..world)
@@ -673,27 +531,14 @@ mod tests {
         let out = on_tcp(3, Duration::from_secs(20), |c| {
             let mut got = Vec::new();
             for round in 0..5u8 {
-                let mut t = Tensor::from_slice(
-                    &[vals[c.rank()], 2.0, c.rank() as f32],
-                    (3, 1),
-                    &Device::Cpu,
-                )?;
+                let mut t = Tensor::from_slice(&[vals[c.rank()], 2.0, c.rank() as f32], (3, 1), &Device::Cpu)?;
                 c.all_reduce_sum(&mut [&mut t])?;
                 let mut s = [c.rank() as f64, 0.5];
                 c.all_reduce_sum_scalars(&mut s)?;
-                let mut data = if c.rank() == 1 {
-                    vec![round; round as usize + 1]
-                } else {
-                    Vec::new()
-                };
+                let mut data = if c.rank() == 1 { vec![round; round as usize + 1] } else { Vec::new() };
                 c.broadcast(&mut data, 1)?;
                 c.barrier()?;
-                got.push((
-                    t.dims().to_vec(),
-                    t.flatten_all()?.to_vec1::<f32>()?,
-                    s,
-                    data,
-                ));
+                got.push((t.dims().to_vec(), t.flatten_all()?.to_vec1::<f32>()?, s, data));
             }
             Ok(got)
         });
@@ -721,19 +566,10 @@ mod tests {
         });
         for (rank, r) in out.iter().enumerate() {
             let msg = format!("{:#}", r.as_ref().unwrap_err());
-            let named = rank == 2
-                || msg.contains(&format!(
-                    "rank {rank} of 3: barrier stopped because rank 2 failed"
-                ));
-            assert!(
-                named && msg.contains("out of memory at step 2"),
-                "rank {rank}: {msg}"
-            );
+            let named = rank == 2 || msg.contains(&format!("rank {rank} of 3: barrier stopped because rank 2 failed"));
+            assert!(named && msg.contains("out of memory at step 2"), "rank {rank}: {msg}");
         }
-        assert!(
-            t0.elapsed() < Duration::from_secs(10),
-            "the others stop at once, not at the timeout"
-        );
+        assert!(t0.elapsed() < Duration::from_secs(10), "the others stop at once, not at the timeout");
     }
 
     #[test]
@@ -746,34 +582,23 @@ mod tests {
             c.barrier()
         });
         let msg = format!("{:#}", out[0].as_ref().unwrap_err());
-        assert!(
-            msg.contains("timed out waiting for rank(s) 1") && msg.contains("barrier"),
-            "{msg}"
-        );
+        assert!(msg.contains("timed out waiting for rank(s) 1") && msg.contains("barrier"), "{msg}");
     }
 
     #[test]
     fn a_wrong_world_size_or_a_stranger_is_turned_away() {
         let master = format!("127.0.0.1:{}", free_port());
         let err = std::thread::scope(|scope| {
-            let hub =
-                scope.spawn(|| TcpRank::connect(0, 2, &master, Duration::from_secs(2)).map(|_| ()));
+            let hub = scope.spawn(|| TcpRank::connect(0, 2, &master, Duration::from_secs(2)).map(|_| ()));
             std::thread::sleep(Duration::from_millis(200));
             // A stranger says something else first: the hub turns it away and waits on.
-            let mut stranger =
-                connect_retrying(&master, Instant::now() + Duration::from_secs(5)).unwrap();
+            let mut stranger = connect_retrying(&master, Instant::now() + Duration::from_secs(5)).unwrap();
             stranger.write_all(b"GET / HTTP/1.0\r\n\r\n").unwrap();
-            let err = TcpRank::connect(1, 3, &master, Duration::from_secs(5))
-                .map(|_| ())
-                .unwrap_err();
+            let err = TcpRank::connect(1, 3, &master, Duration::from_secs(5)).map(|_| ()).unwrap_err();
             let hub = hub.join().unwrap().unwrap_err();
             (format!("{err:#}"), format!("{hub:#}"))
         });
-        assert!(
-            err.0.contains("WORLD_SIZE=3") && err.0.contains("refused"),
-            "{}",
-            err.0
-        );
+        assert!(err.0.contains("WORLD_SIZE=3") && err.0.contains("refused"), "{}", err.0);
         assert!(err.1.contains("rank(s) 1 did not join"), "{}", err.1);
     }
 
@@ -787,10 +612,7 @@ mod tests {
             Payload::Nothing,
         ];
         for p in &ps {
-            assert_eq!(
-                format!("{:?}", decode(&encode(p)).unwrap()),
-                format!("{p:?}")
-            );
+            assert_eq!(format!("{:?}", decode(&encode(p)).unwrap()), format!("{p:?}"));
         }
         let f32s = encode(&ps[0]);
         assert!(decode(&f32s[..f32s.len() - 1]).is_err());

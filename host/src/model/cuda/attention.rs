@@ -74,13 +74,7 @@ pub fn causal_softmax(s: &Tensor) -> Result<Tensor> {
     let p = uninit(&dev, (b, h, t, t), DType::BF16)?;
     let rows = b * h * t;
     let args = [Arg::T(s), Arg::T(&p), Arg::I(t as i32), Arg::U(rows as u64)];
-    launch(
-        &dev,
-        "causal_softmax_fwd",
-        blocks_for(rows, ROW_THREADS / 32)?,
-        ROW_THREADS,
-        &args,
-    )?;
+    launch(&dev, "causal_softmax_fwd", blocks_for(rows, ROW_THREADS / 32)?, ROW_THREADS, &args)?;
     Ok(p)
 }
 
@@ -92,21 +86,8 @@ pub fn causal_softmax_backward(p: &Tensor, dp: &Tensor, scale: f64) -> Result<Te
     let dp = dp.contiguous()?;
     let ds = uninit(&dev, (b, h, t, t), DType::BF16)?;
     let rows = b * h * t;
-    let args = [
-        Arg::T(p),
-        Arg::T(&dp),
-        Arg::T(&ds),
-        Arg::I(t as i32),
-        Arg::F(scale as f32),
-        Arg::U(rows as u64),
-    ];
-    launch(
-        &dev,
-        "causal_softmax_bwd",
-        blocks_for(rows, ROW_THREADS / 32)?,
-        ROW_THREADS,
-        &args,
-    )?;
+    let args = [Arg::T(p), Arg::T(&dp), Arg::T(&ds), Arg::I(t as i32), Arg::F(scale as f32), Arg::U(rows as u64)];
+    launch(&dev, "causal_softmax_bwd", blocks_for(rows, ROW_THREADS / 32)?, ROW_THREADS, &args)?;
     Ok(ds)
 }
 
@@ -129,30 +110,17 @@ fn smem(kernel: &str, d: usize) -> u32 {
     bytes as u32
 }
 
-fn check_flash(
-    name: &str,
-    q: &Tensor,
-    k: &Tensor,
-    blocks: &Tensor,
-) -> Result<(usize, usize, usize, usize, usize, usize)> {
+fn check_flash(name: &str, q: &Tensor, k: &Tensor, blocks: &Tensor) -> Result<(usize, usize, usize, usize, usize, usize)> {
     let (b, h, t, d) = q.dims4()?;
     let (kb, hkv, kt, kd) = k.dims4()?;
     if !FLASH_HEAD_DIMS.contains(&d) {
         bail!("{name}: head dim {d}, the kernels are built for {FLASH_HEAD_DIMS:?}");
     }
     if (kb, kt, kd) != (b, t, d) || hkv == 0 || h % hkv != 0 {
-        bail!(
-            "{name}: q {:?} and k {:?} do not fit (k/v heads must divide the query heads)",
-            q.dims(),
-            k.dims()
-        );
+        bail!("{name}: q {:?} and k {:?} do not fit (k/v heads must divide the query heads)", q.dims(), k.dims());
     }
     if blocks.dtype() != DType::U32 || blocks.rank() != 2 || blocks.dim(1)? != 4 {
-        bail!(
-            "{name}: the block table must be u32 [n, 4], got {:?} {:?}",
-            blocks.dtype(),
-            blocks.dims()
-        );
+        bail!("{name}: the block table must be u32 [n, 4], got {:?} {:?}", blocks.dtype(), blocks.dims());
     }
     Ok((b, h, hkv, t, d, blocks.dim(0)?))
 }

@@ -19,36 +19,20 @@ pub fn linear_add_(acc: &Tensor, x: &Tensor, w: &Tensor) -> Result<()> {
 fn gemm_add(acc: &Tensor, x: &Tensor, w: &Tensor, w_transposed: bool) -> Result<()> {
     check_bf16("matmul_add", &[acc, x, w])?;
     let (n, k) = x.dims2()?;
-    let (k2, m) = if w_transposed {
-        w.t()?.dims2()?
-    } else {
-        w.dims2()?
-    };
+    let (k2, m) = if w_transposed { w.t()?.dims2()? } else { w.dims2()? };
     if k != k2 || acc.dims2()? != (n, m) {
-        bail!(
-            "matmul_add: [{n}, {k}] x {:?}{} into {:?}",
-            w.dims(),
-            if w_transposed { "^T" } else { "" },
-            acc.dims()
-        );
+        bail!("matmul_add: [{n}, {k}] x {:?}{} into {:?}", w.dims(), if w_transposed { "^T" } else { "" }, acc.dims());
     }
     let dev = cuda_device(acc)?;
     let (x, w) = (x.contiguous()?, w.contiguous()?);
     let (pa, px, pw) = (device_ptr(acc)?, device_ptr(&x)?, device_ptr(&w)?);
     let blas = dev.cublas_handle();
     let (alpha, beta) = (1f32, 1f32);
-    let dim = |v: usize| {
-        i32::try_from(v)
-            .map_err(|_| candle_core::Error::Msg(format!("matmul_add: dimension {v} too large")))
-    };
+    let dim = |v: usize| i32::try_from(v).map_err(|_| candle_core::Error::Msg(format!("matmul_add: dimension {v} too large")));
     let (m, n, k) = (dim(m)?, dim(n)?, dim(k)?);
     // Row-major acc^T = w^T x^T is column-major acc = w x: no transposes, leading dimensions m, k, m. A w stored
     // [M, K] is column-major w^T with leading dimension k: the transpose is cuBLAS's.
-    let (op_w, ld_w) = if w_transposed {
-        (sys::cublasOperation_t::CUBLAS_OP_T, k)
-    } else {
-        (sys::cublasOperation_t::CUBLAS_OP_N, m)
-    };
+    let (op_w, ld_w) = if w_transposed { (sys::cublasOperation_t::CUBLAS_OP_T, k) } else { (sys::cublasOperation_t::CUBLAS_OP_N, m) };
     // SAFETY: the pointers are the live tensors' (held by the caller), the sizes checked above; the handle
     // is bound to candle's stream, so the product is ordered with everything else.
     unsafe {

@@ -3,8 +3,8 @@
 //! token at Qwen-14B), the gather is one kernel in the stream (no host synchronisation), and the table's
 //! device memory (1.45 GiB at Qwen-14B) is freed.
 use super::launch::*;
-use candle_core::backend::BackendDevice;
 use candle_core::cuda_backend::cudarc::driver::sys;
+use candle_core::backend::BackendDevice;
 use candle_core::cuda_backend::{CudaDevice, WrapErr};
 use candle_core::{bail, DType, Result, Tensor};
 use half::bf16;
@@ -27,16 +27,9 @@ impl HostTable {
     pub fn new(table: &Tensor, dev: &CudaDevice) -> Result<HostTable> {
         let (rows, cols) = table.dims2()?;
         if table.dtype() != DType::BF16 || cols % 8 != 0 {
-            bail!(
-                "host table: expected bf16 [rows, cols] with cols a multiple of 8, got {:?} {:?}",
-                table.dtype(),
-                table.dims()
-            );
+            bail!("host table: expected bf16 [rows, cols] with cols a multiple of 8, got {:?} {:?}", table.dtype(), table.dims());
         }
-        let mut data: Vec<bf16> = table
-            .flatten_all()?
-            .to_device(&candle_core::Device::Cpu)?
-            .to_vec1()?;
+        let mut data: Vec<bf16> = table.flatten_all()?.to_device(&candle_core::Device::Cpu)?.to_vec1()?;
         let ctx = dev.cuda_stream().context().clone();
         ctx.bind_to_thread().w()?;
         let bytes = data.len() * 2;
@@ -44,28 +37,13 @@ impl HostTable {
         // SAFETY: `data` outlives the registration (unregistered in Drop before it is freed) and is not
         // resized meanwhile; DEVICEMAP makes it addressable from the GPU at the pointer queried next.
         unsafe {
-            sys::cuMemHostRegister_v2(
-                data.as_mut_ptr() as *mut _,
-                bytes,
-                sys::CU_MEMHOSTREGISTER_DEVICEMAP,
-            )
-            .result()
-            .w()?;
-            if let Err(e) =
-                sys::cuMemHostGetDevicePointer_v2(&mut device_ptr, data.as_mut_ptr() as *mut _, 0)
-                    .result()
-            {
+            sys::cuMemHostRegister_v2(data.as_mut_ptr() as *mut _, bytes, sys::CU_MEMHOSTREGISTER_DEVICEMAP).result().w()?;
+            if let Err(e) = sys::cuMemHostGetDevicePointer_v2(&mut device_ptr, data.as_mut_ptr() as *mut _, 0).result() {
                 sys::cuMemHostUnregister(data.as_mut_ptr() as *mut _);
                 return Err(e).w();
             }
         }
-        Ok(HostTable {
-            data,
-            rows,
-            cols,
-            device_ptr,
-            dev: dev.clone(),
-        })
+        Ok(HostTable { data, rows, cols, device_ptr, dev: dev.clone() })
     }
 
     pub fn bytes(&self) -> usize {
@@ -80,21 +58,8 @@ impl HostTable {
         }
         let ids = ids.flatten_all()?.contiguous()?;
         let out = uninit(&self.dev, (n, self.cols), DType::BF16)?;
-        let args = [
-            Arg::U(self.device_ptr),
-            Arg::T(&ids),
-            Arg::T(&out),
-            Arg::I(n as i32),
-            Arg::I(self.cols as i32),
-            Arg::I(self.rows as i32),
-        ];
-        launch(
-            &self.dev,
-            "gather_rows8",
-            blocks(n * self.cols / 8, EW_THREADS)?,
-            EW_THREADS,
-            &args,
-        )?;
+        let args = [Arg::U(self.device_ptr), Arg::T(&ids), Arg::T(&out), Arg::I(n as i32), Arg::I(self.cols as i32), Arg::I(self.rows as i32)];
+        launch(&self.dev, "gather_rows8", blocks(n * self.cols / 8, EW_THREADS)?, EW_THREADS, &args)?;
         Ok(out)
     }
 }

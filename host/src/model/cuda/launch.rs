@@ -3,9 +3,7 @@
 //! its output.
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::sys::CUfunction_attribute;
-use candle_core::cuda_backend::cudarc::driver::{
-    CudaFunction, CudaModule, DevicePtr, LaunchConfig, PushKernelArg,
-};
+use candle_core::cuda_backend::cudarc::driver::{CudaFunction, CudaModule, DevicePtr, LaunchConfig, PushKernelArg};
 use candle_core::cuda_backend::{CudaDevice, CudaStorageSlice, WrapErr};
 use candle_core::op::BackpropOp;
 use candle_core::{bail, CudaStorage, DType, Device, Result, Shape, Storage, Tensor};
@@ -25,8 +23,7 @@ pub(super) const EW_PER_THREAD: usize = 8;
 
 /// Whether every tensor (bf16) starts on a 16-byte boundary: the 8-wide loads and stores.
 pub(super) fn aligned16(ts: &[&Tensor]) -> bool {
-    ts.iter()
-        .all(|t| t.storage_and_layout().1.start_offset() % 8 == 0)
+    ts.iter().all(|t| t.storage_and_layout().1.start_offset() % 8 == 0)
 }
 
 /// [`aligned16`] as the `vec` argument of the elementwise kernels.
@@ -52,12 +49,7 @@ pub(super) fn uninit(dev: &CudaDevice, shape: impl Into<Shape>, dtype: DType) ->
         DType::U8 => CudaStorage::wrap_cuda_slice(unsafe { dev.alloc::<u8>(n)? }, dev.clone()),
         other => bail!("uninit: unsupported dtype {other:?}"),
     };
-    Ok(Tensor::from_storage(
-        Storage::Cuda(storage),
-        shape,
-        BackpropOp::none(),
-        false,
-    ))
+    Ok(Tensor::from_storage(Storage::Cuda(storage), shape, BackpropOp::none(), false))
 }
 
 /// One kernel argument.
@@ -71,24 +63,12 @@ pub(super) enum Arg<'a> {
 
 /// Launches `name` with a 1-D grid on the tensors' device (candle's stream, so it is ordered with every
 /// candle op).
-pub(super) fn launch(
-    dev: &CudaDevice,
-    name: &str,
-    grid: u64,
-    block: u32,
-    args: &[Arg],
-) -> Result<()> {
+pub(super) fn launch(dev: &CudaDevice, name: &str, grid: u64, block: u32, args: &[Arg]) -> Result<()> {
     launch_2d(dev, name, (grid, 1), block, args)
 }
 
 /// [`launch`] with a 2-D grid (x, y).
-pub(super) fn launch_2d(
-    dev: &CudaDevice,
-    name: &str,
-    grid: (u64, u32),
-    block: u32,
-    args: &[Arg],
-) -> Result<()> {
+pub(super) fn launch_2d(dev: &CudaDevice, name: &str, grid: (u64, u32), block: u32, args: &[Arg]) -> Result<()> {
     launch_smem(dev, name, grid, block, 0, args)
 }
 
@@ -106,10 +86,7 @@ pub(super) fn function(dev: &CudaDevice, name: &str, smem: u32) -> Result<CudaFu
         return Ok(f.clone());
     }
     let module = {
-        let mut modules = MODULES
-            .get_or_init(Default::default)
-            .lock()
-            .expect("module cache");
+        let mut modules = MODULES.get_or_init(Default::default).lock().expect("module cache");
         match modules.get(&ctx.ordinal()) {
             Some(m) => m.clone(),
             None => {
@@ -121,34 +98,18 @@ pub(super) fn function(dev: &CudaDevice, name: &str, smem: u32) -> Result<CudaFu
     };
     let f = module.load_function(name).w()?;
     if smem > 48 * 1024 {
-        f.set_attribute(
-            CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-            smem as i32,
-        )
-        .w()?;
+        f.set_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem as i32).w()?;
     }
-    functions
-        .lock()
-        .expect("kernel cache")
-        .insert(key, f.clone());
+    functions.lock().expect("kernel cache").insert(key, f.clone());
     Ok(f)
 }
 
 /// [`launch_2d`] with `smem` bytes of dynamic shared memory.
-pub(super) fn launch_smem(
-    dev: &CudaDevice,
-    name: &str,
-    (grid, grid_y): (u64, u32),
-    block: u32,
-    smem: u32,
-    args: &[Arg],
-) -> Result<()> {
+pub(super) fn launch_smem(dev: &CudaDevice, name: &str, (grid, grid_y): (u64, u32), block: u32, smem: u32, args: &[Arg]) -> Result<()> {
     if grid == 0 || grid_y == 0 {
         return Ok(());
     }
-    let grid = u32::try_from(grid).map_err(|_| {
-        candle_core::Error::Msg(format!("{name}: grid of {grid} blocks is too large"))
-    })?;
+    let grid = u32::try_from(grid).map_err(|_| candle_core::Error::Msg(format!("{name}: grid of {grid} blocks is too large")))?;
     let func = function(dev, name, smem)?;
     let stream = dev.cuda_stream();
     let locks: Vec<_> = args
@@ -161,9 +122,7 @@ pub(super) fn launch_smem(
     let mut ptrs = Vec::with_capacity(locks.len());
     let mut guards = Vec::with_capacity(locks.len());
     for (storage, layout) in &locks {
-        let Storage::Cuda(cs) = &**storage else {
-            bail!("{name}: a tensor is not on the GPU")
-        };
+        let Storage::Cuda(cs) = &**storage else { bail!("{name}: a tensor is not on the GPU") };
         if !layout.is_contiguous() {
             bail!("{name}: a tensor is not contiguous");
         }
@@ -189,11 +148,7 @@ pub(super) fn launch_smem(
             Arg::U(v) => builder.arg(v),
         };
     }
-    let cfg = LaunchConfig {
-        grid_dim: (grid, grid_y, 1),
-        block_dim: (block, 1, 1),
-        shared_mem_bytes: smem,
-    };
+    let cfg = LaunchConfig { grid_dim: (grid, grid_y, 1), block_dim: (block, 1, 1), shared_mem_bytes: smem };
     // SAFETY: the argument list matches the kernel's signature in kernels.cu, and every pointer stays
     // valid until the launch is enqueued (the storage locks and guards are held until then).
     unsafe { builder.launch(cfg) }.w()?;
@@ -232,9 +187,7 @@ pub(super) fn aligned(t: &Tensor) -> Result<Tensor> {
 /// Device pointer of a contiguous f32 or bf16 tensor's first element (for tables of pointers and cuBLAS).
 pub(super) fn device_ptr(t: &Tensor) -> Result<u64> {
     let (storage, layout) = t.storage_and_layout();
-    let Storage::Cuda(cs) = &*storage else {
-        bail!("not a GPU tensor")
-    };
+    let Storage::Cuda(cs) = &*storage else { bail!("not a GPU tensor") };
     if !layout.is_contiguous() {
         bail!("not contiguous");
     }
@@ -253,3 +206,4 @@ pub(super) fn table(dev: &CudaDevice, words: Vec<u64>) -> Result<Tensor> {
     let n = words.len();
     Tensor::from_vec(words, n, &Device::Cuda(dev.clone()))
 }
+

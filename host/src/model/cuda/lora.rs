@@ -19,47 +19,17 @@ pub fn lora_up_add_(y: &Tensor, u: &Tensor, b: &Tensor) -> Result<()> {
     let dev = cuda_device(y)?;
     let (u, b) = (aligned(u)?, aligned(b)?);
     if rank8_vec(r, cols, y) {
-        let args = [
-            Arg::T(y),
-            Arg::T(&u),
-            Arg::T(&b),
-            Arg::I(n as i32),
-            Arg::I(cols as i32),
-        ];
-        return launch(
-            &dev,
-            "lora_up_add8",
-            blocks(n.div_ceil(ROWS_PER_THREAD) * cols / 8, EW_THREADS)?,
-            EW_THREADS,
-            &args,
-        );
+        let args = [Arg::T(y), Arg::T(&u), Arg::T(&b), Arg::I(n as i32), Arg::I(cols as i32)];
+        return launch(&dev, "lora_up_add8", blocks(n.div_ceil(ROWS_PER_THREAD) * cols / 8, EW_THREADS)?, EW_THREADS, &args);
     }
-    let args = [
-        Arg::T(y),
-        Arg::T(&u),
-        Arg::T(&b),
-        Arg::I(n as i32),
-        Arg::I(cols as i32),
-        Arg::I(r as i32),
-    ];
-    launch(
-        &dev,
-        "lora_up_add",
-        blocks(n.div_ceil(ROWS_PER_THREAD) * cols, EW_THREADS)?,
-        EW_THREADS,
-        &args,
-    )
+    let args = [Arg::T(y), Arg::T(&u), Arg::T(&b), Arg::I(n as i32), Arg::I(cols as i32), Arg::I(r as i32)];
+    launch(&dev, "lora_up_add", blocks(n.div_ceil(ROWS_PER_THREAD) * cols, EW_THREADS)?, EW_THREADS, &args)
 }
 
 /// dx += dropout(du A) in place, for dx [N, in] (a fresh GEMM output nothing else holds), du [N, r],
 /// A [r, in]; the dropout of stream `key` with probability p (the same mask as [`super::dropout`]), read
 /// from its bits when the forward kept them.
-pub fn lora_down_add_(
-    dx: &Tensor,
-    du: &Tensor,
-    a: &Tensor,
-    dropout: Option<(u64, f64, Option<&Tensor>)>,
-) -> Result<()> {
+pub fn lora_down_add_(dx: &Tensor, du: &Tensor, a: &Tensor, dropout: Option<(u64, f64, Option<&Tensor>)>) -> Result<()> {
     check_bf16("lora_down_add", &[dx, du, a])?;
     let (n, cols) = dx.dims2()?;
     let r = du.dim(1)?;
@@ -67,66 +37,19 @@ pub fn lora_down_add_(
     let (du, a_t) = (aligned(du)?, a.t()?.contiguous()?);
     let ([k, pp, keep, on], bits) = mask_args(dropout, n * cols);
     if rank8_vec(r, cols, dx) {
-        let args = [
-            Arg::T(dx),
-            Arg::T(&du),
-            Arg::T(&a_t),
-            Arg::I(n as i32),
-            Arg::I(cols as i32),
-            k,
-            pp,
-            keep,
-            on,
-            bits,
-        ];
-        return launch(
-            &dev,
-            "lora_down_add8",
-            blocks(n.div_ceil(ROWS_PER_THREAD) * cols / 8, EW_THREADS)?,
-            EW_THREADS,
-            &args,
-        );
+        let args = [Arg::T(dx), Arg::T(&du), Arg::T(&a_t), Arg::I(n as i32), Arg::I(cols as i32), k, pp, keep, on, bits];
+        return launch(&dev, "lora_down_add8", blocks(n.div_ceil(ROWS_PER_THREAD) * cols / 8, EW_THREADS)?, EW_THREADS, &args);
     }
-    let args = [
-        Arg::T(dx),
-        Arg::T(&du),
-        Arg::T(&a_t),
-        Arg::I(n as i32),
-        Arg::I(cols as i32),
-        Arg::I(r as i32),
-        k,
-        pp,
-        keep,
-        on,
-    ];
-    launch(
-        &dev,
-        "lora_down_add",
-        blocks(n.div_ceil(ROWS_PER_THREAD) * cols, EW_THREADS)?,
-        EW_THREADS,
-        &args,
-    )
+    let args = [Arg::T(dx), Arg::T(&du), Arg::T(&a_t), Arg::I(n as i32), Arg::I(cols as i32), Arg::I(r as i32), k, pp, keep, on];
+    launch(&dev, "lora_down_add", blocks(n.div_ceil(ROWS_PER_THREAD) * cols, EW_THREADS)?, EW_THREADS, &args)
 }
 
 /// The dropout's kernel arguments for a tensor of `elems` elements: key, p, 1 / (1 - p), whether there is one;
 /// and the forward's mask bits (the null pointer when there are none, or too few: the kernels hash instead).
-fn mask_args<'a>(
-    dropout: Option<(u64, f64, Option<&'a Tensor>)>,
-    elems: usize,
-) -> ([Arg<'a>; 4], Arg<'a>) {
+fn mask_args<'a>(dropout: Option<(u64, f64, Option<&'a Tensor>)>, elems: usize) -> ([Arg<'a>; 4], Arg<'a>) {
     let (key, p, bits) = dropout.unwrap_or((0, 0.0, None));
-    let bits = bits
-        .filter(|b| b.elem_count() * 8 >= elems)
-        .map_or(Arg::U(0), Arg::T);
-    (
-        [
-            Arg::U(key),
-            Arg::F(p as f32),
-            Arg::F((1.0 / (1.0 - p)) as f32),
-            Arg::I(dropout.is_some() as i32),
-        ],
-        bits,
-    )
+    let bits = bits.filter(|b| b.elem_count() * 8 >= elems).map_or(Arg::U(0), Arg::T);
+    ([Arg::U(key), Arg::F(p as f32), Arg::F((1.0 / (1.0 - p)) as f32), Arg::I(dropout.is_some() as i32)], bits)
 }
 
 // ----- the branch written first, the frozen GEMM adding into it --------------------------------------------
@@ -187,17 +110,7 @@ fn rank_tc(
         Arg::I(w_t as i32),
     ];
     const TC_ROWS: usize = 64; // TC_ROWS in lora.cu
-    let name = if r <= 16 {
-        "lora_rank16_tc"
-    } else {
-        "lora_rank32_tc"
-    };
-    launch_2d(
-        &dev,
-        name,
-        (cols.div_ceil(256) as u64, n.div_ceil(TC_ROWS) as u32),
-        128,
-        &args,
-    )?;
+    let name = if r <= 16 { "lora_rank16_tc" } else { "lora_rank32_tc" };
+    launch_2d(&dev, name, (cols.div_ceil(256) as u64, n.div_ceil(TC_ROWS) as u32), 128, &args)?;
     Ok(Some(out))
 }

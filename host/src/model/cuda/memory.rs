@@ -5,9 +5,7 @@ use candle_core::Result;
 // ----- memory ---------------------------------------------------------------------------------------------
 
 /// The stream-ordered memory pool candle allocates from (cudarc uses cuMemAllocAsync when it can).
-fn default_pool(
-    dev: &CudaDevice,
-) -> Result<candle_core::cuda_backend::cudarc::driver::sys::CUmemoryPool> {
+fn default_pool(dev: &CudaDevice) -> Result<candle_core::cuda_backend::cudarc::driver::sys::CUmemoryPool> {
     use candle_core::cuda_backend::cudarc::driver::result;
     let ctx = dev.cuda_stream().context().clone();
     ctx.bind_to_thread().w()?;
@@ -22,14 +20,7 @@ pub fn peak_memory(dev: &CudaDevice) -> Result<u64> {
     let pool = default_pool(dev)?;
     let mut v: u64 = 0;
     // SAFETY: USED_MEM_HIGH is a cuuint64_t attribute.
-    unsafe {
-        result::mem_pool::get_attribute(
-            pool,
-            sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH,
-            &mut v as *mut u64 as *mut _,
-        )
-    }
-    .w()?;
+    unsafe { result::mem_pool::get_attribute(pool, sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH, &mut v as *mut u64 as *mut _) }.w()?;
     Ok(v)
 }
 
@@ -39,14 +30,7 @@ pub fn keep_pool_memory(dev: &CudaDevice) -> Result<()> {
     let pool = default_pool(dev)?;
     let mut threshold: u64 = u64::MAX;
     // SAFETY: RELEASE_THRESHOLD is a cuuint64_t attribute.
-    unsafe {
-        result::mem_pool::set_attribute(
-            pool,
-            sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
-            &mut threshold as *mut u64 as *mut _,
-        )
-    }
-    .w()?;
+    unsafe { result::mem_pool::set_attribute(pool, sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD, &mut threshold as *mut u64 as *mut _) }.w()?;
     Ok(())
 }
 
@@ -55,13 +39,7 @@ pub fn reset_peak_memory(dev: &CudaDevice) -> Result<()> {
     let pool = default_pool(dev)?;
     let mut zero: u64 = 0;
     // SAFETY: resetting the high-water mark takes a zero cuuint64_t.
-    unsafe {
-        result::mem_pool::set_attribute(
-            pool,
-            sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH,
-            &mut zero as *mut u64 as *mut _,
-        )
-    }
-    .w()?;
+    unsafe { result::mem_pool::set_attribute(pool, sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH, &mut zero as *mut u64 as *mut _) }.w()?;
     Ok(())
 }
+

@@ -63,13 +63,7 @@ pub fn adamw_multi(
         Arg::T(scale),
     ];
     let grid_x = blocks(max_n, EW_THREADS)?.min(64);
-    launch_2d(
-        &dev,
-        "adamw_multi",
-        (grid_x, items.len() as u32),
-        EW_THREADS,
-        &args,
-    )?;
+    launch_2d(&dev, "adamw_multi", (grid_x, items.len() as u32), EW_THREADS, &args)?;
     Ok(outs.into_iter().map(|(out, _inputs)| out).collect())
 }
 
@@ -131,23 +125,16 @@ fn sum_squares_partials(tensors: &[&Tensor]) -> Result<Tensor> {
     let grid_x = blocks(max_n, ROW_THREADS)?.min(64);
     // One partial sum per block, summed by candle (a fixed reduction order: deterministic).
     let out = uninit(&dev, (tensors.len(), grid_x as usize), DType::F32)?;
-    launch_2d(
-        &dev,
-        "sum_squares_multi",
-        (grid_x, tensors.len() as u32),
-        ROW_THREADS,
-        &[Arg::T(&table), Arg::T(&out)],
-    )?;
+    launch_2d(&dev, "sum_squares_multi", (grid_x, tensors.len() as u32), ROW_THREADS, &[Arg::T(&table), Arg::T(&out)])?;
     drop(keep);
     Ok(out)
 }
 
+
 /// Every tensor cast to `to` (f32 -> bf16 or bf16 -> f32) in one launch: the adapter's ~240 parameters and
 /// gradients at Qwen-14B, each of which would be a launch of its own.
 pub fn cast_multi(tensors: &[&Tensor], to: DType) -> Result<Vec<Tensor>> {
-    let Some(first) = tensors.first() else {
-        return Ok(Vec::new());
-    };
+    let Some(first) = tensors.first() else { return Ok(Vec::new()) };
     let from = match to {
         DType::BF16 => DType::F32,
         DType::F32 => DType::BF16,
@@ -171,13 +158,7 @@ pub fn cast_multi(tensors: &[&Tensor], to: DType) -> Result<Vec<Tensor>> {
     }
     let table = table(&dev, words)?;
     let grid_x = blocks(max_n, EW_THREADS)?.min(64);
-    launch_2d(
-        &dev,
-        "cast_multi",
-        (grid_x, tensors.len() as u32),
-        EW_THREADS,
-        &[Arg::T(&table), Arg::I((to == DType::BF16) as i32)],
-    )?;
+    launch_2d(&dev, "cast_multi", (grid_x, tensors.len() as u32), EW_THREADS, &[Arg::T(&table), Arg::I((to == DType::BF16) as i32)])?;
     drop(keep);
     Ok(outs)
 }
