@@ -289,10 +289,7 @@ fn gradient_check(family: Family, dropout: f64) {
     let recomputed = model.loss_and_grads(&ids, &labels, None, &lora, &mut rng0.clone(), true).unwrap();
     assert_eq!(plain.n_tokens, 11);
     // Recomputation must give bit-identical results.
-    assert_eq!(
-        plain.loss_sum().unwrap().to_bits(),
-        recomputed.loss_sum().unwrap().to_bits()
-    );
+    assert_eq!(plain.loss_sum().unwrap().to_bits(), recomputed.loss_sum().unwrap().to_bits());
     for (g1, g2) in plain.grads.tensors().iter().zip(recomputed.grads.tensors()) {
         let (a, b) = (to_f64_vec(g1), to_f64_vec(g2));
         assert!(a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()), "recompute changed a gradient");
@@ -303,19 +300,11 @@ fn gradient_check(family: Family, dropout: f64) {
     if dropout == 0.0 {
         assert!((eval - plain.loss_sum().unwrap()).abs() < 1e-12);
     } else {
-        assert!(
-            (eval - plain.loss_sum().unwrap()).abs() > 1e-3,
-            "dropout had no effect"
-        );
+        assert!((eval - plain.loss_sum().unwrap()).abs() > 1e-3, "dropout had no effect");
     }
 
-    let loss_at = |l: &Lora| {
-        model
-            .loss_and_grads(&ids, &labels, None, l, &mut rng0.clone(), false)
-            .unwrap()
-            .loss_sum()
-            .unwrap()
-    };
+    let loss_at =
+        |l: &Lora| model.loss_and_grads(&ids, &labels, None, l, &mut rng0.clone(), false).unwrap().loss_sum().unwrap();
     let eps = 1e-5;
     let mut rng = SplitMix::new(1);
     let names = lora.param_names();
@@ -374,14 +363,8 @@ fn recomputation_that_keeps_the_top_layers_states_gives_the_same_bits() {
     let plain = model.loss_and_grads(&ids, &labels, None, &lora, &mut rng0.clone(), false).unwrap();
     for spare in [0usize, 1 << 12, 1 << 14, 1 << 16, usize::MAX / 4] {
         model.recompute_spare_bytes = spare;
-        let r = model
-            .loss_and_grads(&ids, &labels, None, &lora, &mut rng0.clone(), true)
-            .unwrap();
-        assert_eq!(
-            plain.loss_sum().unwrap().to_bits(),
-            r.loss_sum().unwrap().to_bits(),
-            "spare {spare}"
-        );
+        let r = model.loss_and_grads(&ids, &labels, None, &lora, &mut rng0.clone(), true).unwrap();
+        assert_eq!(plain.loss_sum().unwrap().to_bits(), r.loss_sum().unwrap().to_bits(), "spare {spare}");
         for (g1, g2) in plain.grads.tensors().iter().zip(r.grads.tensors()) {
             let (a, b) = (to_f64_vec(g1), to_f64_vec(g2));
             assert!(a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()), "spare {spare}: a gradient changed");
@@ -454,14 +437,7 @@ fn only_adapted_layers_are_backpropagated() {
         let mut l = lora.clone();
         *l.params_mut()[0] = (&p + (&dir * s).unwrap()).unwrap();
         model
-            .loss_and_grads(
-                &ids_tensor(&ids),
-                &labels,
-                None,
-                &l,
-                &mut SplitMix::new(0),
-                false,
-            )
+            .loss_and_grads(&ids_tensor(&ids), &labels, None, &l, &mut SplitMix::new(0), false)
             .unwrap()
             .loss_sum()
             .unwrap()
@@ -967,9 +943,7 @@ fn memorise_run(recompute: bool) -> (Vec<f64>, f64) {
     let mut losses = Vec::new();
     let start = Instant::now();
     for _ in 0..30 {
-        let out = model
-            .loss_and_grads(&ids, &labels, None, &lora, &mut dropout_rng, recompute)
-            .unwrap();
+        let out = model.loss_and_grads(&ids, &labels, None, &lora, &mut dropout_rng, recompute).unwrap();
         losses.push(out.loss_sum().unwrap() / out.n_tokens as f64);
         let mut grads = out.grads;
         grads.scale(1.0 / out.n_tokens as f64).unwrap();
@@ -1176,20 +1150,8 @@ fn the_flash_work_list_covers_every_block_of_every_sequence_once_the_longest_fir
     use lorahost::model::attention::{FlashBlocks, Packed};
     // Two rows of 200: sequences of 70 + 130, and 1 + 64 + 135 tokens.
     let packed = Packed::new(&[0, 70, 200, 201, 265, 400], 2, 200).unwrap();
-    let seqs: Vec<(usize, usize, usize)> = packed
-        .sequences()
-        .map(|s| (s.start / 200, s.start % 200, s.len()))
-        .collect();
-    assert_eq!(
-        seqs,
-        vec![
-            (0, 0, 70),
-            (0, 70, 130),
-            (1, 0, 1),
-            (1, 1, 64),
-            (1, 65, 135)
-        ]
-    );
+    let seqs: Vec<(usize, usize, usize)> = packed.sequences().map(|s| (s.start / 200, s.start % 200, s.len())).collect();
+    assert_eq!(seqs, vec![(0, 0, 70), (0, 70, 130), (1, 0, 1), (1, 1, 64), (1, 65, 135)]);
     let (with_tiles, n_tiles) = FlashBlocks::entries(seqs.iter().copied(), 64);
     let e: Vec<[u32; 4]> = with_tiles.iter().map(|(x, _)| *x).collect();
     // 64-token blocks: 2 + 3 + 1 + 1 + 3.
@@ -1212,27 +1174,17 @@ fn the_flash_work_list_covers_every_block_of_every_sequence_once_the_longest_fir
     let (long, long_tiles) = FlashBlocks::entries(seqs.iter().copied(), 128);
     assert_eq!(long_tiles, n_tiles);
     let e: Vec<([u32; 4], u32)> = long;
-    assert_eq!(
-        e.iter().map(|(x, _)| x[3]).collect::<Vec<_>>(),
-        vec![1, 1, 0, 0, 0, 0, 0]
-    );
+    assert_eq!(e.iter().map(|(x, _)| x[3]).collect::<Vec<_>>(), vec![1, 1, 0, 0, 0, 0, 0]);
     assert_eq!(e[0], ([0, 70, 130, 1], 3));
     assert_eq!(e[1], ([1, 65, 135, 1], 11));
     // Rows of one sequence each; 100 tokens are short (the 64-query forward), 512 long.
     let rows = FlashBlocks::rows(3, 100, &candle_core::Device::Cpu).unwrap();
     let t: Vec<u32> = rows.table.flatten_all().unwrap().to_vec1().unwrap();
-    assert_eq!(
-        t,
-        vec![0, 0, 100, 1, 1, 0, 100, 1, 2, 0, 100, 1, 0, 0, 100, 0, 1, 0, 100, 0, 2, 0, 100, 0]
-    );
+    assert_eq!(t, vec![0, 0, 100, 1, 1, 0, 100, 1, 2, 0, 100, 1, 0, 0, 100, 0, 1, 0, 100, 0, 2, 0, 100, 0]);
     let t: Vec<u32> = rows.table128.flatten_all().unwrap().to_vec1().unwrap();
     assert_eq!(t, vec![0, 0, 100, 0, 1, 0, 100, 0, 2, 0, 100, 0]);
     assert!(!rows.forward128);
-    assert!(
-        FlashBlocks::rows(2, 512, &candle_core::Device::Cpu)
-            .unwrap()
-            .forward128
-    );
+    assert!(FlashBlocks::rows(2, 512, &candle_core::Device::Cpu).unwrap().forward128);
 }
 
 #[test]
@@ -1253,25 +1205,14 @@ fn rope_tables_repeat_each_angle_in_both_halves_of_the_head_dim() {
     ];
     for scaling in &scalings {
         for d in [64usize, 128] {
-            let rope = Rope::new(
-                300,
-                d,
-                1_000_000.0,
-                scaling,
-                candle_core::DType::BF16,
-                &candle_core::Device::Cpu,
-            )
-            .unwrap();
+            let rope =
+                Rope::new(300, d, 1_000_000.0, scaling, candle_core::DType::BF16, &candle_core::Device::Cpu).unwrap();
             let (cos, sin) = rope.tables();
             for table in [cos, sin] {
                 let first: Vec<Vec<f32>> = table.narrow(1, 0, d / 2).unwrap().to_vec2().unwrap();
-                let second: Vec<Vec<f32>> =
-                    table.narrow(1, d / 2, d / 2).unwrap().to_vec2().unwrap();
+                let second: Vec<Vec<f32>> = table.narrow(1, d / 2, d / 2).unwrap().to_vec2().unwrap();
                 assert_eq!(first, second, "{scaling:?}, head dim {d}");
-                assert!(
-                    first[7].iter().any(|&x| x != first[7][0]),
-                    "the angles differ along a row"
-                );
+                assert!(first[7].iter().any(|&x| x != first[7][0]), "the angles differ along a row");
             }
         }
     }

@@ -141,28 +141,10 @@ fn ops_checks(gpu: &Device, checks: &mut Vec<Check>) -> Result<()> {
         push(checks, "qkv split + rope (8 wide): k", &kg, &kc, OP_TOL)?;
         push(checks, "qkv split + rope (8 wide): v", &vg, &vc, OP_TOL)?;
     }
-    let g = (0..3)
-        .map(|i| {
-            pair(
-                &mut rng,
-                &[b, if i == 0 { h } else { heads.hkv }, t, d],
-                0.0,
-                1.0,
-                gpu,
-            )
-        })
-        .collect::<Result<Vec<_>>>()?;
-    let dqkv_c =
-        attention::qkv_backward(&sc, &g[0].cpu, &g[1].cpu, &g[2].cpu, &rope_c, false, false)?;
-    let dqkv_g =
-        attention::qkv_backward(&sg, &g[0].gpu, &g[1].gpu, &g[2].gpu, &rope_g, true, true)?;
-    push(
-        checks,
-        "qkv backward (GQA; un-rope + merge)",
-        &dqkv_g,
-        &dqkv_c,
-        OP_TOL,
-    )?;
+    let g = (0..3).map(|i| pair(&mut rng, &[b, if i == 0 { h } else { heads.hkv }, t, d], 0.0, 1.0, gpu)).collect::<Result<Vec<_>>>()?;
+    let dqkv_c = attention::qkv_backward(&sc, &g[0].cpu, &g[1].cpu, &g[2].cpu, &rope_c, false, false)?;
+    let dqkv_g = attention::qkv_backward(&sg, &g[0].gpu, &g[1].gpu, &g[2].gpu, &rope_g, true, true)?;
+    push(checks, "qkv backward (GQA; un-rope + merge)", &dqkv_g, &dqkv_c, OP_TOL)?;
     let mc = attention::merge_heads(&g[0].cpu, false)?;
     let mg = attention::merge_heads(&g[0].gpu, true)?;
     push(checks, "merge heads", &mg, &mc, OP_TOL)?;
@@ -179,10 +161,8 @@ fn ops_checks(gpu: &Device, checks: &mut Vec<Check>) -> Result<()> {
     let (yg, sg) = attention::attention_forward(&q.gpu, &k.gpu, &v.gpu, 1, None, true, None)?;
     push(checks, "attention forward", &yg, &yc, OP_TOL)?;
     let dy = pair(&mut rng, &[b * t, h * d], 0.0, 1.0, gpu)?;
-    let (dqc, dkc, dvc) =
-        attention::attention_backward(&sc, &dy.cpu, false, false, None)?.tokens()?;
-    let (dqg, dkg, dvg) =
-        attention::attention_backward(&sg, &dy.gpu, true, true, None)?.tokens()?;
+    let (dqc, dkc, dvc) = attention::attention_backward(&sc, &dy.cpu, false, false, None)?.tokens()?;
+    let (dqg, dkg, dvg) = attention::attention_backward(&sg, &dy.gpu, true, true, None)?.tokens()?;
     push(checks, "attention backward: dq", &dqg, &dqc, OP_TOL)?;
     push(checks, "attention backward: dk", &dkg, &dkc, OP_TOL)?;
     push(checks, "attention backward: dv", &dvg, &dvc, OP_TOL)?;
@@ -208,27 +188,10 @@ fn ops_checks(gpu: &Device, checks: &mut Vec<Check>) -> Result<()> {
             let name = |what: &str| format!("flash attention {what} (d {d}, GQA, T {t}, {layout})");
             push(checks, &name("forward"), &yg, &yc, OP_TOL)?;
             // The other forward kernel (64- or 128-query blocks; which one runs depends on the lengths).
-            let other = attention::FlashBlocks {
-                forward128: !blocks.forward128,
-                ..blocks.clone()
-            };
-            let (yo, _) = attention::attention_forward(
-                &q.gpu,
-                &k.gpu,
-                &v.gpu,
-                h / hkv,
-                None,
-                true,
-                Some(&other),
-            )?;
+            let other = attention::FlashBlocks { forward128: !blocks.forward128, ..blocks.clone() };
+            let (yo, _) = attention::attention_forward(&q.gpu, &k.gpu, &v.gpu, h / hkv, None, true, Some(&other))?;
             let queries = if other.forward128 { 128 } else { 64 };
-            push(
-                checks,
-                &name(&format!("forward, {queries}-query blocks")),
-                &yo,
-                &yc,
-                OP_TOL,
-            )?;
+            push(checks, &name(&format!("forward, {queries}-query blocks")), &yo, &yc, OP_TOL)?;
             let grads_c = attention::attention_backward(&sc, &dy.cpu, false, false, None)?;
             // RoPE undone as the flash backward stores dq and dk (rows: tables by position) against RoPE's
             // composite backward of the CPU's per-head gradients.
@@ -240,22 +203,11 @@ fn ops_checks(gpu: &Device, checks: &mut Vec<Check>) -> Result<()> {
                 let attention::AttnGrads::Heads(dq, dk, _) = &grads_c else {
                     bail!("the CPU gives per-head gradients")
                 };
-                let want = [
-                    attention::rope_backward(dq, &rope_c)?,
-                    attention::rope_backward(dk, &rope_c)?,
-                ];
-                let (gq, gk, _) =
-                    attention::attention_backward(&sg, &dy.gpu, true, true, Some(&rope_g))?
-                        .tokens()?;
+                let want = [attention::rope_backward(dq, &rope_c)?, attention::rope_backward(dk, &rope_c)?];
+                let (gq, gk, _) = attention::attention_backward(&sg, &dy.gpu, true, true, Some(&rope_g))?.tokens()?;
                 for ((what, got), want) in [("dq", gq), ("dk", gk)].into_iter().zip(want) {
                     let want = attention::merge_heads(&want, false)?;
-                    push(
-                        checks,
-                        &name(&format!("backward: {what}, RoPE undone as stored")),
-                        &got,
-                        &want,
-                        OP_TOL,
-                    )?;
+                    push(checks, &name(&format!("backward: {what}, RoPE undone as stored")), &got, &want, OP_TOL)?;
                 }
             }
             let (dqc, dkc, dvc) = grads_c.tokens()?;
@@ -265,18 +217,8 @@ fn ops_checks(gpu: &Device, checks: &mut Vec<Check>) -> Result<()> {
                 let scale = 1.0 / (d as f64).sqrt();
                 let (o, lse) = flash_forward(&q.gpu, &k.gpu, &v.gpu, &blocks, scale)?;
                 let one_kv_head = (h / hkv) * blocks.n_tiles * 64 * 64 * 2;
-                let whole = flash_backward_within(
-                    &q.gpu,
-                    &k.gpu,
-                    &v.gpu,
-                    &o,
-                    &lse,
-                    &dy.gpu,
-                    &blocks,
-                    scale,
-                    usize::MAX,
-                    None,
-                )?;
+                let whole =
+                    flash_backward_within(&q.gpu, &k.gpu, &v.gpu, &o, &lse, &dy.gpu, &blocks, scale, usize::MAX, None)?;
                 let grouped = flash_backward_within(
                     &q.gpu,
                     &k.gpu,
@@ -290,16 +232,11 @@ fn ops_checks(gpu: &Device, checks: &mut Vec<Check>) -> Result<()> {
                     None,
                 )?;
                 let differ = differing(&whole, &grouped)?;
-                push_exact(
-                    checks,
-                    name("backward: dS tiles one kv head at a time (elements differing)"),
-                    differ,
-                );
+                push_exact(checks, name("backward: dS tiles one kv head at a time (elements differing)"), differ);
             }
             // dQ from the stored dS tiles, and recomputed.
             for ds_tiles in [true, false] {
-                let (dqg, dkg, dvg) =
-                    attention::attention_backward(&sg, &dy.gpu, true, ds_tiles, None)?.tokens()?;
+                let (dqg, dkg, dvg) = attention::attention_backward(&sg, &dy.gpu, true, ds_tiles, None)?.tokens()?;
                 let how = if ds_tiles { "" } else { ", dQ recomputed" };
                 push(checks, &name(&format!("backward: dq{how}")), &dqg, &dqc, OP_TOL)?;
                 push(checks, &name(&format!("backward: dk{how}")), &dkg, &dkc, OP_TOL)?;
@@ -447,29 +384,11 @@ fn optimizer_check(gpu: &Device, checks: &mut Vec<Check>) -> Result<()> {
     // The update's factor worked out on the device (norm and clip coefficient, no wait for the host) against the
     // host's; and a non-finite gradient norm or loss making the update a no-op there.
     use crate::train::optim::GradScale;
-    let gc = shapes
-        .iter()
-        .map(|s| random(s))
-        .collect::<Result<Vec<_>>>()?;
-    let gg = gc
-        .iter()
-        .map(|t| t.to_device(gpu))
-        .collect::<candle_core::Result<Vec<_>>>()?;
+    let gc = shapes.iter().map(|s| random(s)).collect::<Result<Vec<_>>>()?;
+    let gg = gc.iter().map(|t| t.to_device(gpu)).collect::<candle_core::Result<Vec<_>>>()?;
     let finite_loss = Tensor::new(3.5f64, gpu)?;
-    let host = GradScale::compute(
-        &gc.iter().collect::<Vec<_>>(),
-        None,
-        1e-3,
-        Some(0.01),
-        false,
-    )?;
-    let dev = GradScale::compute(
-        &gg.iter().collect::<Vec<_>>(),
-        Some(&finite_loss),
-        1e-3,
-        Some(0.01),
-        true,
-    )?;
+    let host = GradScale::compute(&gc.iter().collect::<Vec<_>>(), None, 1e-3, Some(0.01), false)?;
+    let dev = GradScale::compute(&gg.iter().collect::<Vec<_>>(), Some(&finite_loss), 1e-3, Some(0.01), true)?;
     let rel = |a: f64, b: f64| (a - b).abs() / b.abs().max(1e-30);
     let err = rel(dev.norm()?, host.norm()?).max(rel(dev.scale()?, host.scale()?));
     checks.push(Check {
@@ -478,34 +397,19 @@ fn optimizer_check(gpu: &Device, checks: &mut Vec<Check>) -> Result<()> {
         tolerance: 1e-5,
         ok: err <= 1e-5 && host.scale()? < 1e-3, // the clip took effect
     });
-    let nan_grads: Vec<Tensor> = gg
-        .iter()
-        .map(|t| t * f64::NAN)
-        .collect::<candle_core::Result<_>>()?;
-    let cases = [
-        (&nan_grads, Tensor::new(3.5f64, gpu)?),
-        (&gg, Tensor::new(f64::NAN, gpu)?),
-    ];
+    let nan_grads: Vec<Tensor> = gg.iter().map(|t| t * f64::NAN).collect::<candle_core::Result<_>>()?;
+    let cases = [(&nan_grads, Tensor::new(3.5f64, gpu)?), (&gg, Tensor::new(f64::NAN, gpu)?)];
     let mut changed = 0.0;
     for (grads, loss) in cases {
         let refs: Vec<&Tensor> = grads.iter().collect();
         let before = on_gpu.clone();
         let scale = GradScale::compute(&refs, Some(&loss), 1e-3, Some(0.01), true)?;
-        og.step_with(
-            &mut on_gpu.iter_mut().collect::<Vec<_>>(),
-            &refs,
-            1e-2,
-            &scale,
-        )?;
+        og.step_with(&mut on_gpu.iter_mut().collect::<Vec<_>>(), &refs, 1e-2, &scale)?;
         for (a, b) in on_gpu.iter().zip(&before) {
             changed += differing(a, b)?;
         }
     }
-    push_exact(
-        checks,
-        "a non-finite gradient norm or loss skips the update on the device (elements changed)",
-        changed,
-    );
+    push_exact(checks, "a non-finite gradient norm or loss skips the update on the device (elements changed)", changed);
     Ok(())
 }
 
@@ -573,27 +477,9 @@ fn model_check(gpu: &Device, checks: &mut Vec<Check>, config: ModelConfig) -> Re
     checks.push(Check { name: format!("model adapter gradients, composite bf16 ops ({fam}, the floor): {floor_name}"), rel_err: floor, tolerance: 2.0 * GRAD_TOL, ok: floor <= 2.0 * GRAD_TOL });
     let grad_tol = GRAD_TOL.max(1.2 * floor);
     for recompute in [false, true] {
-        let tag = if recompute {
-            format!(" ({fam}, recompute)")
-        } else {
-            format!(" ({fam})")
-        };
-        let oc = cpu_model.loss_and_grads(
-            &ids,
-            &labels,
-            None,
-            &lora_cpu,
-            &mut SplitMix::new(9),
-            recompute,
-        )?;
-        let og = gpu_model.loss_and_grads(
-            &ids,
-            &labels,
-            None,
-            &lora_gpu,
-            &mut SplitMix::new(9),
-            recompute,
-        )?;
+        let tag = if recompute { format!(" ({fam}, recompute)") } else { format!(" ({fam})") };
+        let oc = cpu_model.loss_and_grads(&ids, &labels, None, &lora_cpu, &mut SplitMix::new(9), recompute)?;
+        let og = gpu_model.loss_and_grads(&ids, &labels, None, &lora_gpu, &mut SplitMix::new(9), recompute)?;
         let loss_err = (og.loss_sum()? - oc.loss_sum()?).abs() / oc.loss_sum()?.abs();
         checks.push(Check {
             name: format!("model loss{tag}"),
@@ -607,10 +493,8 @@ fn model_check(gpu: &Device, checks: &mut Vec<Check>, config: ModelConfig) -> Re
 
     // Reproducibility: the same step twice on the GPU gives the same loss and gradients, bit for bit, and
     // so does the gradient norm the optimizer clips with.
-    let a =
-        gpu_model.loss_and_grads(&ids, &labels, None, &lora_gpu, &mut SplitMix::new(9), false)?;
-    let b =
-        gpu_model.loss_and_grads(&ids, &labels, None, &lora_gpu, &mut SplitMix::new(9), false)?;
+    let a = gpu_model.loss_and_grads(&ids, &labels, None, &lora_gpu, &mut SplitMix::new(9), false)?;
+    let b = gpu_model.loss_and_grads(&ids, &labels, None, &lora_gpu, &mut SplitMix::new(9), false)?;
     let mut differ = (a.loss_sum()? != b.loss_sum()?) as u8 as f64;
     for (ga, gb) in a.grads.tensors().iter().zip(b.grads.tensors()) {
         differ += differing(ga, gb)?;
@@ -644,14 +528,8 @@ fn packed_check(model: &Model, lora: &Lora, fam: &str, checks: &mut Vec<Check>) 
         let (mut loss, mut grads) = (0.0, None::<crate::model::LoraGrads>);
         for b in layout.passes(&stream, &stream.offsets(), &[0, 1, 2]) {
             let (ids, labels) = b.tensors()?;
-            let out = model.loss_and_grads(
-                &ids,
-                &labels,
-                b.cu_seqlens.as_deref(),
-                &lora,
-                &mut SplitMix::new(9),
-                false,
-            )?;
+            let out =
+                model.loss_and_grads(&ids, &labels, b.cu_seqlens.as_deref(), &lora, &mut SplitMix::new(9), false)?;
             loss += out.loss_sum()?;
             match grads.as_mut() {
                 Some(g) => g.add_assign(&out.grads)?,

@@ -137,33 +137,14 @@ pub fn run(o: &Options) -> Result<OpsReport> {
         true => Some(attention::FlashBlocks::rows(b, t, dev)?),
         false => None,
     };
-    let attn_fwd = || {
-        attention::attention_forward(
-            &q,
-            &k,
-            &v,
-            cfg.kv_groups(),
-            mask.as_ref(),
-            f.attention,
-            flash.as_ref(),
-        )
-    };
-    add(
-        "attention forward",
-        time(dev, reps, || Ok(drop(attn_fwd()?)))?,
-        fwd,
-    );
+    let attn_fwd = || attention::attention_forward(&q, &k, &v, cfg.kv_groups(), mask.as_ref(), f.attention, flash.as_ref());
+    add("attention forward", time(dev, reps, || Ok(drop(attn_fwd()?)))?, fwd);
     // The output is token-major (c_proj's input; the scores paths merge the heads inside), and so is its
     // gradient; flash attention's backward writes d(qkv) with RoPE undone, the scores paths leave the merge
     // (qkv backward) to do.
     let (y, saved) = attn_fwd()?;
-    let attn_bwd =
-        || attention::attention_backward(&saved, &y, f.attention, f.ds_tiles, Some(&rope));
-    add(
-        "attention backward",
-        time(dev, reps, || Ok(drop(attn_bwd()?)))?,
-        layers,
-    );
+    let attn_bwd = || attention::attention_backward(&saved, &y, f.attention, f.ds_tiles, Some(&rope));
+    add("attention backward", time(dev, reps, || Ok(drop(attn_bwd()?)))?, layers);
     let grads = attn_bwd()?;
     add(
         "qkv backward",

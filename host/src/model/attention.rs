@@ -86,67 +86,31 @@ pub fn qkv_backward(saved: &QkvSaved, dq: &Tensor, dk: &Tensor, dv: &Tensor, rop
         return super::cuda::qkv_merge_unrope(dq, dk, dv, &rope.cos, &rope.sin);
     }
     let _ = fused;
-    let (dq, dk) = norms_backward(
-        saved,
-        rope_backward(dq, rope)?,
-        rope_backward(dk, rope)?,
-        fused_norm,
-    )?;
-    Tensor::cat(
-        &[
-            merge_heads(&dq, false)?,
-            merge_heads(&dk, false)?,
-            merge_heads(dv, false)?,
-        ],
-        1,
-    )
+    let (dq, dk) = norms_backward(saved, rope_backward(dq, rope)?, rope_backward(dk, rope)?, fused_norm)?;
+    Tensor::cat(&[merge_heads(&dq, false)?, merge_heads(&dk, false)?, merge_heads(dv, false)?], 1)
 }
 
 /// dq, dk [B, H, T, D] (RoPE undone) through the q/k norms, if any.
-fn norms_backward(
-    saved: &QkvSaved,
-    dq: Tensor,
-    dk: Tensor,
-    fused_norm: bool,
-) -> Result<(Tensor, Tensor)> {
+fn norms_backward(saved: &QkvSaved, dq: Tensor, dk: Tensor, fused_norm: bool) -> Result<(Tensor, Tensor)> {
     let Some((q_saved, k_saved, wq, wk)) = &saved.norms else {
         return Ok((dq, dk));
     };
     let per_head = |dy: &Tensor, s: &RmsNormSaved, w: &Tensor| -> Result<Tensor> {
         let dims = dy.dims4()?;
-        rmsnorm_backward(
-            s,
-            w,
-            &dy.reshape((dims.0 * dims.1 * dims.2, dims.3))?,
-            None,
-            fused_norm,
-        )?
-        .reshape(dims)
+        rmsnorm_backward(s, w, &dy.reshape((dims.0 * dims.1 * dims.2, dims.3))?, None, fused_norm)?.reshape(dims)
     };
     Ok((per_head(&dq, q_saved, wq)?, per_head(&dk, k_saved, wk)?))
 }
 
 /// [`qkv_backward`] from attention's gradients as one token-major d(qkv) [N, (H + 2 Hkv) D] with RoPE undone
 /// already (what flash attention's backward writes): only the q/k norms' backward is left, if any.
-pub fn qkv_backward_tokens(
-    saved: &QkvSaved,
-    dqkv: Tensor,
-    s: Heads,
-    fused_norm: bool,
-) -> Result<Tensor> {
+pub fn qkv_backward_tokens(saved: &QkvSaved, dqkv: Tensor, s: Heads, fused_norm: bool) -> Result<Tensor> {
     if saved.norms.is_none() {
         return Ok(dqkv);
     }
     let (dq, dk, dv) = split_qkv(&dqkv, s)?;
     let (dq, dk) = norms_backward(saved, dq, dk, fused_norm)?;
-    Tensor::cat(
-        &[
-            merge_heads(&dq, false)?,
-            merge_heads(&dk, false)?,
-            merge_heads(&dv, false)?,
-        ],
-        1,
-    )
+    Tensor::cat(&[merge_heads(&dq, false)?, merge_heads(&dk, false)?, merge_heads(&dv, false)?], 1)
 }
 
 // GQA: each key/value head serves `groups` consecutive query heads (query head h reads kv head
@@ -444,19 +408,14 @@ type Entries = Vec<([u32; 4], u32)>;
 impl FlashBlocks {
     /// The entries of `sequences` (row, first, len) per `block` tokens, in launch order, each with its
     /// sequence's first dS tile; and the number of tiles.
-    pub fn entries(
-        sequences: impl IntoIterator<Item = (usize, usize, usize)>,
-        block: usize,
-    ) -> (Entries, usize) {
+    pub fn entries(sequences: impl IntoIterator<Item = (usize, usize, usize)>, block: usize) -> (Entries, usize) {
         let mut e = Vec::new();
         let mut n_tiles = 0;
         for (row, first, len) in sequences {
-            e.extend((0..len.div_ceil(block)).map(|blk| {
-                (
-                    [row as u32, first as u32, len as u32, blk as u32],
-                    n_tiles as u32,
-                )
-            }));
+            e.extend(
+                (0..len.div_ceil(block))
+                    .map(|blk| ([row as u32, first as u32, len as u32, blk as u32], n_tiles as u32)),
+            );
             let nb = len.div_ceil(FLASH_BLOCK);
             n_tiles += nb * (nb + 1) / 2;
         }
@@ -472,36 +431,21 @@ impl FlashBlocks {
 
     /// The sequences of a padding-free batch.
     pub fn packed(p: &Packed, device: &Device) -> Result<FlashBlocks> {
-        Self::new(
-            &p.sequences()
-                .map(|s| (s.start / p.t, s.start % p.t, s.len()))
-                .collect::<Vec<_>>(),
-            device,
-        )
+        Self::new(&p.sequences().map(|s| (s.start / p.t, s.start % p.t, s.len())).collect::<Vec<_>>(), device)
     }
 
     fn new(sequences: &[(usize, usize, usize)], device: &Device) -> Result<FlashBlocks> {
         let upload = |(entries, _): &(Entries, usize)| -> Result<(Tensor, Tensor)> {
             let flat: Vec<u32> = entries.iter().flat_map(|(e, _)| *e).collect();
             let tiles: Vec<u32> = entries.iter().map(|(_, t)| *t).collect();
-            Ok((
-                Tensor::from_vec(flat, (entries.len(), 4), device)?,
-                Tensor::from_vec(tiles, entries.len(), device)?,
-            ))
+            Ok((Tensor::from_vec(flat, (entries.len(), 4), device)?, Tensor::from_vec(tiles, entries.len(), device)?))
         };
         let short = Self::entries(sequences.iter().copied(), FLASH_BLOCK);
         let long = Self::entries(sequences.iter().copied(), FLASH_BLOCK_LONG);
         let ((table, tiles), (table128, tiles128)) = (upload(&short)?, upload(&long)?);
         let tokens: usize = sequences.iter().map(|s| s.2).sum();
         let forward128 = tokens >= FLASH_LONG_MEAN_LEN * sequences.len().max(1);
-        Ok(FlashBlocks {
-            table,
-            tiles,
-            table128,
-            tiles128,
-            n_tiles: short.1,
-            forward128,
-        })
+        Ok(FlashBlocks { table, tiles, table128, tiles128, n_tiles: short.1, forward128 })
     }
 }
 
@@ -568,17 +512,7 @@ pub fn attention_forward(
     if super::fusion::on(fused, q) {
         let p = super::cuda::causal_softmax(&super::cuda::attention_scores(q, k, scale)?)?;
         let y = merge_heads(&p.matmul(v)?, true)?;
-        return Ok((
-            y,
-            AttnSaved {
-                q: q.clone(),
-                k: k.clone(),
-                v: v.clone(),
-                groups,
-                p: Some(p),
-                flash: None,
-            },
-        ));
+        return Ok((y, AttnSaved { q: q.clone(), k: k.clone(), v: v.clone(), groups, p: Some(p), flash: None }));
     }
     let _ = fused;
     let Some(mask) = mask else { candle_core::bail!("attention_forward: the composite path needs the causal mask") };
@@ -587,17 +521,7 @@ pub fn attention_forward(
     let e = s.broadcast_sub(&s_max)?.exp()?;
     let p = e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?;
     let y = merge_heads(&p.to_dtype(dtype)?.matmul(v)?, false)?;
-    Ok((
-        y,
-        AttnSaved {
-            q: q.clone(),
-            k: k.clone(),
-            v: v.clone(),
-            groups,
-            p: Some(p),
-            flash: None,
-        },
-    ))
+    Ok((y, AttnSaved { q: q.clone(), k: k.clone(), v: v.clone(), groups, p: Some(p), flash: None }))
 }
 
 /// Attention's input gradients: per head as q, k, v came (the scores paths), or written by flash attention's
@@ -607,23 +531,16 @@ pub enum AttnGrads {
     Heads(Tensor, Tensor, Tensor),
     /// d(qkv) [N, (H + 2 Hkv) D]: dq, dk, dv side by side, RoPE undone on dq and dk when the backward was given
     /// the tables.
-    Tokens {
-        dqkv: Tensor,
-        h: usize,
-        hkv: usize,
-        d: usize,
-    },
+    Tokens { dqkv: Tensor, h: usize, hkv: usize, d: usize },
 }
 
 impl AttnGrads {
     /// dq [N, H D], dk and dv [N, Hkv D], token-major (for comparisons).
     pub fn tokens(self) -> Result<(Tensor, Tensor, Tensor)> {
         match self {
-            AttnGrads::Heads(dq, dk, dv) => Ok((
-                merge_heads(&dq, false)?,
-                merge_heads(&dk, false)?,
-                merge_heads(&dv, false)?,
-            )),
+            AttnGrads::Heads(dq, dk, dv) => {
+                Ok((merge_heads(&dq, false)?, merge_heads(&dk, false)?, merge_heads(&dv, false)?))
+            }
             AttnGrads::Tokens { dqkv, h, hkv, d } => Ok((
                 dqkv.narrow(1, 0, h * d)?,
                 dqkv.narrow(1, h * d, hkv * d)?,
@@ -649,20 +566,15 @@ pub fn attention_backward(
         let hkv = saved.k.dim(1)?;
         let scale = 1.0 / (d as f64).sqrt();
         let tables = unrope.map(|r| (&r.cos, &r.sin));
-        let dqkv = super::cuda::flash_backward(
-            &saved.q, &saved.k, &saved.v, o, lse, dy, blocks, scale, ds_tiles, tables,
-        )?;
+        let dqkv =
+            super::cuda::flash_backward(&saved.q, &saved.k, &saved.v, o, lse, dy, blocks, scale, ds_tiles, tables)?;
         return Ok(AttnGrads::Tokens { dqkv, h, hkv, d });
     }
     let _ = (ds_tiles, unrope);
     let (b, h, t, d) = saved.q.dims4()?;
     let dy = merge_heads_backward(dy, b, t, h, d, fused)?;
     let (dq, dk, dv) = attention_backward_repeated(saved, &dy, fused)?;
-    Ok(AttnGrads::Heads(
-        dq,
-        sum_kv_groups(&dk, saved.groups)?,
-        sum_kv_groups(&dv, saved.groups)?,
-    ))
+    Ok(AttnGrads::Heads(dq, sum_kv_groups(&dk, saved.groups)?, sum_kv_groups(&dv, saved.groups)?))
 }
 
 /// The backward with k and v at every query head.

@@ -85,15 +85,7 @@ impl AdamW {
         lr: f64,
         grad_scale: f64,
     ) -> Result<()> {
-        self.step_with(
-            params,
-            grads,
-            lr,
-            &GradScale::Host {
-                norm: f64::NAN,
-                scale: grad_scale,
-            },
-        )
+        self.step_with(params, grads, lr, &GradScale::Host { norm: f64::NAN, scale: grad_scale })
     }
 
     /// [`AdamW::step`] with every gradient multiplied by `scale`'s factor first; a factor worked out on the
@@ -134,9 +126,7 @@ impl AdamW {
             };
             let on_device = match scale {
                 GradScale::Device(t) => t.clone(),
-                GradScale::Host { norm, scale } => {
-                    Tensor::new(&[*norm as f32, *scale as f32], params[0].device())?
-                }
+                GradScale::Host { norm, scale } => Tensor::new(&[*norm as f32, *scale as f32], params[0].device())?,
             };
             // The moments are updated in place, the parameters replaced.
             let new = cuda::adamw_multi(&items, &h, &on_device)?;
@@ -262,17 +252,12 @@ impl GradScale {
         #[cfg(feature = "cuda")]
         if fused && !grads.is_empty() && all_on_gpu_f32(grads.iter().copied()) {
             let loss = loss_sum.filter(|l| l.device().same_device(grads[0].device()));
-            return Ok(GradScale::Device(crate::model::cuda::grad_scale(
-                grads, loss, per_token, clip,
-            )?));
+            return Ok(GradScale::Device(crate::model::cuda::grad_scale(grads, loss, per_token, clip)?));
         }
         let _ = loss_sum;
         let norm = global_norm_with(grads, fused)? * per_token;
         let coef = clip.map_or(1.0, |max| clip_coefficient(norm, max));
-        Ok(GradScale::Host {
-            norm,
-            scale: per_token * coef,
-        })
+        Ok(GradScale::Host { norm, scale: per_token * coef })
     }
 
     /// The global norm (of the normalised gradient, before clipping); reads it from the device if need be.

@@ -107,37 +107,21 @@ pub fn step(
     // on the host (and so wait for it here).
     comm.all_reduce_sum(&mut grads.tensors_mut())?;
     if comm.world_size() > 1 {
-        let mut sums = [
-            loss_sum.as_ref().map_or(Ok(0.0), read_f64)?,
-            n_tokens as f64,
-        ];
+        let mut sums = [loss_sum.as_ref().map_or(Ok(0.0), read_f64)?, n_tokens as f64];
         comm.all_reduce_sum_scalars(&mut sums)?;
         loss_sum = Some(Tensor::new(sums[0], &candle_core::Device::Cpu)?);
         n_tokens = sums[1] as usize;
     }
-    debug_assert_eq!(
-        n_tokens,
-        batches.passes.iter().map(|b| b.trained).sum::<usize>(),
-        "every pass ran once"
-    );
+    debug_assert_eq!(n_tokens, batches.passes.iter().map(|b| b.trained).sum::<usize>(), "every pass ran once");
     // The division by the trained tokens and the clipping factor are applied inside the optimizer step (one
     // pass over the gradients, not three); on a GPU that factor is worked out there, and a non-finite norm or
     // loss makes the update a no-op.
     let per_token = 1.0 / n_tokens.max(1) as f64;
-    let scale = optim::GradScale::compute(
-        &grads.tensors(),
-        loss_sum.as_ref(),
-        per_token,
-        c.clip,
-        model.fusion.optimizer,
-    )?;
+    let scale =
+        optim::GradScale::compute(&grads.tensors(), loss_sum.as_ref(), per_token, c.clip, model.fusion.optimizer)?;
     let loss_of = |l: &Option<Tensor>| -> anyhow::Result<f64> {
         let sum = l.as_ref().map_or(Ok(0.0), read_f64)?;
-        Ok(if n_tokens > 0 {
-            sum / n_tokens as f64
-        } else {
-            0.0
-        })
+        Ok(if n_tokens > 0 { sum / n_tokens as f64 } else { 0.0 })
     };
     let finite = |loss: f64, grad_norm: f64| -> anyhow::Result<()> {
         if !loss.is_finite() {

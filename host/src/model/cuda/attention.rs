@@ -130,44 +130,16 @@ fn check_flash(name: &str, q: &Tensor, k: &Tensor, blocks: &Tensor) -> Result<(u
 /// several laid end to end; 128-query blocks when they are long, else 64): the output token-major [B T, H D]
 /// (c_proj's input) and each row's log-sum-exp [B, H, T] (f32) for the backward. Every token must lie in a
 /// listed sequence.
-pub fn flash_forward(
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
-    blocks: &FlashBlocks,
-    scale: f64,
-) -> Result<(Tensor, Tensor)> {
+pub fn flash_forward(q: &Tensor, k: &Tensor, v: &Tensor, blocks: &FlashBlocks, scale: f64) -> Result<(Tensor, Tensor)> {
     check_bf16("flash_forward", &[q, k, v])?;
-    let (kernel, table) = if blocks.forward128 {
-        ("fwd128", &blocks.table128)
-    } else {
-        ("fwd64", &blocks.table)
-    };
+    let (kernel, table) = if blocks.forward128 { ("fwd128", &blocks.table128) } else { ("fwd64", &blocks.table) };
     let (b, h, hkv, t, d, n) = check_flash("flash_forward", q, k, table)?;
     let dev = cuda_device(q)?;
     let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
     let o = uninit(&dev, (b * t, h * d), DType::BF16)?;
     let lse = uninit(&dev, (b, h, t), DType::F32)?;
-    let args = [
-        Arg::T(&q),
-        Arg::T(&k),
-        Arg::T(&v),
-        Arg::T(&o),
-        Arg::T(&lse),
-        Arg::T(table),
-        Arg::I(t as i32),
-        Arg::I(h as i32),
-        Arg::I(hkv as i32),
-        Arg::F(scale as f32),
-    ];
-    launch_smem(
-        &dev,
-        &format!("flash_{kernel}_{d}"),
-        (n as u64, h as u32),
-        FLASH_THREADS,
-        smem(kernel, d),
-        &args,
-    )?;
+    let args = [Arg::T(&q), Arg::T(&k), Arg::T(&v), Arg::T(&o), Arg::T(&lse), Arg::T(table), Arg::I(t as i32), Arg::I(h as i32), Arg::I(hkv as i32), Arg::F(scale as f32)];
+    launch_smem(&dev, &format!("flash_{kernel}_{d}"), (n as u64, h as u32), FLASH_THREADS, smem(kernel, d), &args)?;
     Ok((o, lse))
 }
 
@@ -182,102 +154,40 @@ const DS_BUDGET_BYTES: usize = 512 << 20;
 /// batch). Under GQA each kv head's gradients sum its query heads' in a fixed order (deterministic).
 /// `ds_tiles`: dQ from the dS tiles the dK/dV pass stores (up to [`DS_BUDGET_BYTES`]), else recomputed.
 #[allow(clippy::too_many_arguments)]
-pub fn flash_backward(
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
-    o: &Tensor,
-    lse: &Tensor,
-    d_o: &Tensor,
-    blocks: &FlashBlocks,
-    scale: f64,
-    ds_tiles: bool,
-    unrope: Option<(&Tensor, &Tensor)>,
-) -> Result<Tensor> {
-    let budget = if ds_tiles { DS_BUDGET_BYTES } else { 0 };
-    flash_backward_within(q, k, v, o, lse, d_o, blocks, scale, budget, unrope)
+pub fn flash_backward(q: &Tensor, k: &Tensor, v: &Tensor, o: &Tensor, lse: &Tensor, d_o: &Tensor, blocks: &FlashBlocks, scale: f64, ds_tiles: bool, unrope: Option<(&Tensor, &Tensor)>) -> Result<Tensor> {
+    flash_backward_within(q, k, v, o, lse, d_o, blocks, scale, if ds_tiles { DS_BUDGET_BYTES } else { 0 }, unrope)
 }
 
 /// [`flash_backward`] with the dS tiles held to `budget` bytes (kv heads in groups that fit; 0 or less than
 /// one kv head's tiles: dQ recomputed). Every grouping gives the same bits (`bench numerics` checks).
 #[allow(clippy::too_many_arguments)]
-pub fn flash_backward_within(
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
-    o: &Tensor,
-    lse: &Tensor,
-    d_o: &Tensor,
-    blocks: &FlashBlocks,
-    scale: f64,
-    budget: usize,
-    unrope: Option<(&Tensor, &Tensor)>,
-) -> Result<Tensor> {
+pub fn flash_backward_within(q: &Tensor, k: &Tensor, v: &Tensor, o: &Tensor, lse: &Tensor, d_o: &Tensor, blocks: &FlashBlocks, scale: f64, budget: usize, unrope: Option<(&Tensor, &Tensor)>) -> Result<Tensor> {
     check_bf16("flash_backward", &[q, k, v, o, d_o])?;
     let (b, h, hkv, t, d, n) = check_flash("flash_backward", q, k, &blocks.table)?;
     let dev = cuda_device(q)?;
-    let d_o = d_o.contiguous()?;
     if o.dims() != [b * t, h * d] || d_o.dims() != [b * t, h * d] {
-        bail!(
-            "flash_backward: o {:?} and d(o) {:?} must be token-major [{}, {}]",
-            o.dims(),
-            d_o.dims(),
-            b * t,
-            h * d
-        );
+        bail!("flash_backward: o {:?} and d(o) {:?} must be token-major [{}, {}]", o.dims(), d_o.dims(), b * t, h * d);
     }
     // flash_bwd_dot: 8 tokens a block, 16-byte loads.
-    let (o, d_o) = (aligned(o)?, aligned(&d_o)?);
+    let (o, d_o) = (aligned(o)?, aligned(d_o)?);
     let tokens = b * t;
     let dot = uninit(&dev, (b, h, t), DType::F32)?;
-    let dot_args = [
-        Arg::T(&o),
-        Arg::T(&d_o),
-        Arg::T(&dot),
-        Arg::I(t as i32),
-        Arg::I(h as i32),
-        Arg::I(d as i32),
-        Arg::U(tokens as u64),
-    ];
-    launch(
-        &dev,
-        "flash_bwd_dot",
-        tokens.div_ceil(8) as u64,
-        256,
-        &dot_args,
-    )?;
+    let dot_args = [Arg::T(&o), Arg::T(&d_o), Arg::T(&dot), Arg::I(t as i32), Arg::I(h as i32), Arg::I(d as i32), Arg::U(tokens as u64)];
+    launch(&dev, "flash_bwd_dot", tokens.div_ceil(8) as u64, 256, &dot_args)?;
     // Every element is written: each token lies in a listed sequence, and dq, dk, dv fill their columns.
     let dqkv = uninit(&dev, (b * t, (h + 2 * hkv) * d), DType::BF16)?;
-    // The kernels read the tables 16 bytes at a time.
+    // The RoPE tables (read 16 bytes at a time) and whether they are per token; none: null pointers (dq, dk
+    // stored as they are).
     let tables = match unrope {
-        Some((cos, sin)) => {
-            if cos.dtype() != DType::F32 || sin.dtype() != DType::F32 {
-                bail!(
-                    "flash_backward: the RoPE tables must be f32, got {:?}",
-                    cos.dtype()
-                );
-            }
-            let aligned = |t: &Tensor| -> Result<Tensor> {
-                let t = t.contiguous()?;
-                if t.storage_and_layout().1.start_offset() % 4 == 0 {
-                    Ok(t)
-                } else {
-                    t.copy()
-                }
-            };
-            Some((aligned(cos)?, aligned(sin)?))
+        Some((cos, sin)) if cos.dtype() != DType::F32 || sin.dtype() != DType::F32 => {
+            bail!("flash_backward: the RoPE tables must be f32, got {:?}", cos.dtype())
         }
+        Some((cos, sin)) => Some((aligned_f32(cos)?, aligned_f32(sin)?)),
         None => None,
     };
-    let unrope = tables.as_ref().map(|(c, s)| (c, s));
-    // The RoPE tables and whether they are per token; none: null pointers (dq, dk stored as they are).
     let rope = || -> Result<[Arg; 3]> {
-        Ok(match unrope {
-            Some((cos, sin)) => [
-                Arg::T(cos),
-                Arg::T(sin),
-                super::layers::per_token(cos, b * t, d)?,
-            ],
+        Ok(match &tables {
+            Some((cos, sin)) => [Arg::T(cos), Arg::T(sin), super::layers::per_token(cos, b * t, d)?],
             None => [Arg::U(0), Arg::U(0), Arg::I(0)],
         })
     };
@@ -285,79 +195,20 @@ pub fn flash_backward_within(
     let tile_bytes = 64 * 64 * 2;
     let per_kv_head = groups * blocks.n_tiles.max(1) * tile_bytes;
     let chunk = (budget / per_kv_head).min(hkv);
-    let dims = || {
-        [
-            Arg::I(t as i32),
-            Arg::I(h as i32),
-            Arg::I(hkv as i32),
-            Arg::F(scale as f32),
-        ]
-    };
+    let dims = || [Arg::I(t as i32), Arg::I(h as i32), Arg::I(hkv as i32), Arg::F(scale as f32)];
     let n_tiles = || Arg::I(blocks.n_tiles as i32);
     // dK and dV of kv heads kvh0 .. kvh0 + heads, storing their dS tiles in `ds` (none: the null pointer).
     let dkdv = |ds: Option<&Tensor>, kvh0: usize, heads: usize| -> Result<()> {
-        let [a, b_, c, e] = dims();
-        let [rc, rs, rp] = rope()?;
+        let ([a, b_, c, e], [rc, rs, rp]) = (dims(), rope()?);
         let ds = ds.map_or(Arg::U(0), Arg::T);
-        let args = [
-            Arg::T(q),
-            Arg::T(k),
-            Arg::T(v),
-            Arg::T(&d_o),
-            Arg::T(lse),
-            Arg::T(&dot),
-            Arg::T(&dqkv),
-            rc,
-            rs,
-            rp,
-            ds,
-            Arg::T(&blocks.tiles),
-            n_tiles(),
-            Arg::T(&blocks.table),
-            Arg::I(kvh0 as i32),
-            a,
-            b_,
-            c,
-            e,
-        ];
-        launch_smem(
-            &dev,
-            &format!("flash_bwd_dkdv_{d}"),
-            (n as u64, heads as u32),
-            FLASH_THREADS,
-            smem("dkdv", d),
-            &args,
-        )
+        let args = [Arg::T(q), Arg::T(k), Arg::T(v), Arg::T(&d_o), Arg::T(lse), Arg::T(&dot), Arg::T(&dqkv), rc, rs, rp, ds, Arg::T(&blocks.tiles), n_tiles(), Arg::T(&blocks.table), Arg::I(kvh0 as i32), a, b_, c, e];
+        launch_smem(&dev, &format!("flash_bwd_dkdv_{d}"), (n as u64, heads as u32), FLASH_THREADS, smem("dkdv", d), &args)
     };
     if chunk == 0 {
         dkdv(None, 0, hkv)?;
-        let [a, b_, c, e] = dims();
-        let [rc, rs, rp] = rope()?;
-        let args = [
-            Arg::T(q),
-            Arg::T(k),
-            Arg::T(v),
-            Arg::T(&d_o),
-            Arg::T(lse),
-            Arg::T(&dot),
-            Arg::T(&dqkv),
-            rc,
-            rs,
-            rp,
-            Arg::T(&blocks.table),
-            a,
-            b_,
-            c,
-            e,
-        ];
-        launch_smem(
-            &dev,
-            &format!("flash_bwd_dq_{d}"),
-            (n as u64, h as u32),
-            FLASH_THREADS,
-            smem("dq", d),
-            &args,
-        )?;
+        let ([a, b_, c, e], [rc, rs, rp]) = (dims(), rope()?);
+        let args = [Arg::T(q), Arg::T(k), Arg::T(v), Arg::T(&d_o), Arg::T(lse), Arg::T(&dot), Arg::T(&dqkv), rc, rs, rp, Arg::T(&blocks.table), a, b_, c, e];
+        launch_smem(&dev, &format!("flash_bwd_dq_{d}"), (n as u64, h as u32), FLASH_THREADS, smem("dq", d), &args)?;
         return Ok(dqkv);
     }
     let ds = uninit(&dev, chunk * per_kv_head / 2, DType::BF16)?;
@@ -365,33 +216,19 @@ pub fn flash_backward_within(
     for kvh0 in (0..hkv).step_by(chunk) {
         let heads = chunk.min(hkv - kvh0);
         dkdv(Some(&ds), kvh0, heads)?;
-        let [a, b_, c, e] = dims();
-        let [rc, rs, rp] = rope()?;
-        let args = [
-            Arg::T(k),
-            Arg::T(&ds),
-            Arg::T(&dqkv),
-            rc,
-            rs,
-            rp,
-            Arg::T(&blocks.tiles128),
-            n_tiles(),
-            Arg::T(&blocks.table128),
-            Arg::I((kvh0 * groups) as i32),
-            a,
-            b_,
-            c,
-            e,
-        ];
-        let grid = (n128, (heads * groups) as u32);
-        launch_smem(
-            &dev,
-            &format!("flash_bwd_dq_tiles_{d}"),
-            grid,
-            FLASH_THREADS,
-            smem("dq_tiles", d),
-            &args,
-        )?;
+        let ([a, b_, c, e], [rc, rs, rp]) = (dims(), rope()?);
+        let args = [Arg::T(k), Arg::T(&ds), Arg::T(&dqkv), rc, rs, rp, Arg::T(&blocks.tiles128), n_tiles(), Arg::T(&blocks.table128), Arg::I((kvh0 * groups) as i32), a, b_, c, e];
+        launch_smem(&dev, &format!("flash_bwd_dq_tiles_{d}"), (n128, (heads * groups) as u32), FLASH_THREADS, smem("dq_tiles", d), &args)?;
     }
     Ok(dqkv)
+}
+
+/// `t` (f32) contiguous and starting on a 16-byte boundary.
+fn aligned_f32(t: &Tensor) -> Result<Tensor> {
+    let t = t.contiguous()?;
+    if t.storage_and_layout().1.start_offset() % 4 == 0 {
+        Ok(t)
+    } else {
+        t.copy()
+    }
 }

@@ -105,11 +105,7 @@ fn heads_merge_into(src: &Tensor, cos: &Tensor, sin: &Tensor, dst: &Tensor, col0
         Arg::I(h as i32),
         Arg::I(d as i32),
         Arg::I(inverse_rope as i32),
-        if inverse_rope {
-            per_token(cos, n, d)?
-        } else {
-            Arg::I(0)
-        },
+        if inverse_rope { per_token(cos, n, d)? } else { Arg::I(0) },
     ];
     // 8 elements per access when the head dim, the column offsets and the buffers allow.
     if d % 16 == 0 && stride % 8 == 0 && col0 % 8 == 0 && aligned16(&[&src, dst]) {

@@ -64,22 +64,13 @@ pub fn lora_up(u: &Tensor, b: &Tensor) -> Result<Option<Tensor>> {
 
 /// dropout(du A) [N, in] into a fresh tensor (the mask as in [`lora_down_add_`]), for du [N, r] and A [r, in];
 /// None where the kernel does not apply.
-pub fn lora_down(
-    du: &Tensor,
-    a: &Tensor,
-    dropout: Option<(u64, f64, Option<&Tensor>)>,
-) -> Result<Option<Tensor>> {
+pub fn lora_down(du: &Tensor, a: &Tensor, dropout: Option<(u64, f64, Option<&Tensor>)>) -> Result<Option<Tensor>> {
     rank_tc(du, a, true, dropout)
 }
 
 /// out = f(u w^T) for u [N, r], w [cols, r] (or, `w_t`, w^T [r, cols] as stored) (r even, at most 32; cols a
 /// multiple of 16), f the dropout if any.
-fn rank_tc(
-    u: &Tensor,
-    w: &Tensor,
-    w_t: bool,
-    dropout: Option<(u64, f64, Option<&Tensor>)>,
-) -> Result<Option<Tensor>> {
+fn rank_tc(u: &Tensor, w: &Tensor, w_t: bool, dropout: Option<(u64, f64, Option<&Tensor>)>) -> Result<Option<Tensor>> {
     check_bf16("lora_rank_tc", &[u, w])?;
     let (n, r) = u.dims2()?;
     let (cols, r2) = match w_t {

@@ -86,11 +86,7 @@ pub fn grad_scale(
     let out = uninit(&dev, 2, DType::F32)?;
     let loss = match loss_sum {
         Some(l) if l.dtype() == DType::F64 && l.elem_count() == 1 => Arg::T(l),
-        Some(l) => bail!(
-            "grad_scale: the loss sum must be one f64, got {:?} {:?}",
-            l.dtype(),
-            l.dims()
-        ),
+        Some(l) => bail!("grad_scale: the loss sum must be one f64, got {:?} {:?}", l.dtype(), l.dims()),
         None => Arg::U(0),
     };
     let args = [
@@ -107,9 +103,7 @@ pub fn grad_scale(
 
 /// One partial sum of squares per (tensor, block) of `tensors`: f32 [tensors, blocks].
 fn sum_squares_partials(tensors: &[&Tensor]) -> Result<Tensor> {
-    let Some(first) = tensors.first() else {
-        bail!("sum_squares_multi: no tensors")
-    };
+    let Some(first) = tensors.first() else { bail!("sum_squares_multi: no tensors") };
     let dev = cuda_device(first)?;
     let mut words = Vec::with_capacity(2 * tensors.len());
     let mut keep = Vec::with_capacity(tensors.len());
