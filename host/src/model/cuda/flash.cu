@@ -423,6 +423,22 @@ __device__ __forceinline__ void forward64(const bf16* __restrict__ q, const bf16
     }
 }
 
+// acc[m] (16 x D as ND C tiles, m = 0, 1: a warp's 32 rows) += a_m (16 x 16) . rows 16 kk .. 16 kk + 15 of a tile
+// (16 x D): each B fragment read from shared memory feeds both m tiles (forward128, dQ from the dS tiles).
+template <int D>
+__device__ __forceinline__ void pair_times_tile_rows(float (*acc)[Dims<D>::ND][4], const uint32_t* a0, const uint32_t* a1,
+                                                     const bf16* tile, int kk) {
+#pragma unroll
+    for (int dp = 0; dp < Dims<D>::ND / 2; ++dp) {
+        uint32_t b[4];
+        load_b_cols<D>(b, tile, kk, dp);
+        mma(acc[0][2 * dp], a0, b[0], b[1]);
+        mma(acc[0][2 * dp + 1], a0, b[2], b[3]);
+        mma(acc[1][2 * dp], a1, b[0], b[1]);
+        mma(acc[1][2 * dp + 1], a1, b[2], b[3]);
+    }
+}
+
 // ----- forward, 128 queries a block -----
 // Four warps of 32 query rows (two m16 tiles each): every K and V fragment read from shared memory feeds
 // twice the products of 16 rows a warp, and each warp carries two independent chains of work. The scale is
@@ -546,15 +562,7 @@ __device__ __forceinline__ void forward128(const bf16* __restrict__ q, const bf1
                 uint32_t a0[4], a1[4];
                 c_to_a(a0, s[0][2 * kk], s[0][2 * kk + 1]);
                 c_to_a(a1, s[1][2 * kk], s[1][2 * kk + 1]);
-#pragma unroll
-                for (int dp = 0; dp < ND / 2; ++dp) {
-                    uint32_t b[4];
-                    load_b_cols<D>(b, Vb, kk, dp);
-                    mma(oacc[0][2 * dp], a0, b[0], b[1]);
-                    mma(oacc[0][2 * dp + 1], a0, b[2], b[3]);
-                    mma(oacc[1][2 * dp], a1, b[0], b[1]);
-                    mma(oacc[1][2 * dp + 1], a1, b[2], b[3]);
-                }
+                pair_times_tile_rows<D>(oacc, a0, a1, Vb, kk);
             }
         }
         __syncthreads();  // every warp is done with this buffer before it is refilled
@@ -839,15 +847,7 @@ __device__ __forceinline__ void backward_dq_tiles(const bf16* __restrict__ k, co
                 const bf16* row = Sb + (kk * 16 + (lane >> 4) * 8 + (lane & 7)) * SLD + ((lane >> 3) & 1) * 8;
                 ldsm_t(a0, row);
                 ldsm_t(a1, row + 16);
-#pragma unroll
-                for (int dp = 0; dp < ND / 2; ++dp) {
-                    uint32_t b[4];
-                    load_b_cols<D>(b, Kb, kk, dp);
-                    mma(acc[0][2 * dp], a0, b[0], b[1]);
-                    mma(acc[0][2 * dp + 1], a0, b[2], b[3]);
-                    mma(acc[1][2 * dp], a1, b[0], b[1]);
-                    mma(acc[1][2 * dp + 1], a1, b[2], b[3]);
-                }
+                pair_times_tile_rows<D>(acc, a0, a1, Kb, kk);
             }
         }
         __syncthreads();
