@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Reads a timeline written by scripts/kernel-trace.c and says where the device's time goes.
 
-    python3 scripts/kernel-trace.py trace.bin [--steps 3] [--top 25]
+    python3 scripts/kernel-trace.py trace.bin [--steps 3] [--top 25] [--gaps 10]
 
 A step runs from one optimizer launch (`adamw_multi`) to the next; in a trace without one, steps are the stretches
 of device work between idle gaps of more than --split-ms (a step ends in a synchronisation). Of the last --steps of them it prints the span, the time some
@@ -59,6 +59,7 @@ def main():
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--split-ms", type=float, default=1.0)
     ap.add_argument("--top", type=int, default=25)
+    ap.add_argument("--gaps", type=int, default=0, help="list the N longest idle gaps of the last step, with the kernels around them")
     a = ap.parse_args()
     recs, names = read(a.trace)
     dev = recs[recs["kind"] != 3]
@@ -121,6 +122,15 @@ def main():
     print(f"top {a.top} kernels per step:")
     for nm, d in by_name.most_common(a.top):
         print(f"  {d / k / 1e6:8.2f} ms  {count_name[nm] / k:6.0f}x  {nm[:110]}")
+    if a.gaps and steps:
+        # Where the device waited longest in the last step (a host stall shows up as one long gap: e.g. a value read
+        # back to the host, then the host's own work before the next launch).
+        s, e = steps[-1]
+        lo = max(s - lead, 0)
+        order = sorted(range(lo, e - 1), key=lambda i: -gaps[i])[:a.gaps]
+        print(f"longest gaps of the last step:")
+        for i in sorted(order):
+            print(f"  {gaps[i] / 1e3:9.1f} us after launch {i - s:5d}: {names[dev['name'][i]][:50]} -> {names[dev['name'][i + 1]][:50]}")
     if len(drv):
         # For each kernel of the steps: the device start minus the end of the call that launched it. Near zero (or
         # the device idle just before) = the device waited for the host.
