@@ -11,7 +11,8 @@
 //! Parameters are updated by replacing the tensors. On the GPU (f32 parameters) the whole step is one kernel
 //! launch over every tensor (model/cuda: `adamw_multi`) instead of a dozen small ops per tensor; the gradient
 //! norm likewise. The gradient may be scaled on the way in (`grad_scale`: the 1/tokens normalisation and the
-//! clipping coefficient), which saves a pass over the gradients.
+//! clipping coefficient), which saves a pass over the gradients; on the GPU that factor is worked out on the
+//! device ([`GradScale::Device`]), so the host queues the update without waiting for the norm.
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use std::collections::HashMap;

@@ -57,8 +57,9 @@ impl StepOutcome {
 }
 
 /// Trains `lora` one step on `batches` (the whole step's passes; this rank runs its share) at learning
-/// rate `lr`. A non-finite loss or gradient norm stops with an error naming the step, before the adapter
-/// is touched (on every rank alike: they see the same sums).
+/// rate `lr`. A non-finite loss or gradient norm stops with an error naming the step and leaves the adapter
+/// as it was (on every rank alike: they see the same sums): checked before the update where the host knows
+/// them, else the update is a no-op on the device (`GradScale::Device`) and the error comes after it.
 pub fn step(
     model: &Model,
     lora: &mut Lora,
