@@ -304,8 +304,8 @@ fn ops_checks(gpu: &Device, checks: &mut Vec<Check>) -> Result<()> {
         let sc = ops::lora_forward(&x.cpu, &a.cpu, 4.0, Some(mask))?;
         let sg = ops::lora_forward(&x.gpu, &a.gpu, 4.0, Some(Dropout::Key { key, p: 0.1, bits: None }))?;
         // Fresh copies: the fused path adds in place.
-        let yc = ops::lora_add(y.cpu.copy()?, &sc, &lb.cpu, false)?;
-        let yg = ops::lora_add(y.gpu.copy()?, &sg, &lb.gpu, true)?;
+        let yc = ops::lora_add(y.cpu.copy()?, sc.u(), &lb.cpu, false)?;
+        let yg = ops::lora_add(y.gpu.copy()?, sg.u(), &lb.gpu, true)?;
         push(checks, &format!("lora r{r} forward (added to the output)"), &yg, &yc, OP_TOL)?;
         let (dxc, dac, dbc) = ops::lora_backward(&sc, &a.cpu, &lb.cpu, 4.0, &dy.cpu, ops::InputGrad::Add(dx.cpu.copy()?), false)?;
         let (dxg, dag, dbg) = ops::lora_backward(&sg, &a.gpu, &lb.gpu, 4.0, &dy.gpu, ops::InputGrad::Add(dx.gpu.copy()?), true)?;

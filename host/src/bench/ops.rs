@@ -146,20 +146,8 @@ pub fn run(o: &Options) -> Result<OpsReport> {
     let attn_bwd = || attention::attention_backward(&saved, &y, f.attention, f.ds_tiles, Some(&rope));
     add("attention backward", time(dev, reps, || Ok(drop(attn_bwd()?)))?, layers);
     let grads = attn_bwd()?;
-    add(
-        "qkv backward",
-        time(dev, reps, || {
-            Ok(drop(match &grads {
-                attention::AttnGrads::Heads(dq, dk, dv) => {
-                    attention::qkv_backward(&qkv_saved, dq, dk, dv, &rope, f.rope, f.norm)?
-                }
-                attention::AttnGrads::Tokens { dqkv, .. } => {
-                    attention::qkv_backward_tokens(&qkv_saved, dqkv.clone(), heads, f.norm)?
-                }
-            }))
-        })?,
-        layers,
-    );
+    let qkv_bwd = || attention::qkv_backward_of(&qkv_saved, grads.clone(), &rope, heads, f.rope, f.norm);
+    add("qkv backward", time(dev, reps, || Ok(drop(qkv_bwd()?)))?, layers);
 
     // SwiGLU.
     let a = rnd(&[n, ff], 1.0)?;

@@ -102,9 +102,19 @@ fn norms_backward(saved: &QkvSaved, dq: Tensor, dk: Tensor, fused_norm: bool) ->
     Ok((per_head(&dq, q_saved, wq)?, per_head(&dk, k_saved, wk)?))
 }
 
+/// d(qkv) [N, (H + 2 Hkv) D] (c_attn's output gradient) from attention's input gradients, whichever form they
+/// came in: per head through [`qkv_backward`], or written by flash attention (RoPE undone) through the q/k norms'
+/// backward only.
+pub fn qkv_backward_of(saved: &QkvSaved, grads: AttnGrads, rope: &Rope, s: Heads, fused: bool, fused_norm: bool) -> Result<Tensor> {
+    match grads {
+        AttnGrads::Heads(dq, dk, dv) => qkv_backward(saved, &dq, &dk, &dv, rope, fused, fused_norm),
+        AttnGrads::Tokens { dqkv, .. } => qkv_backward_tokens(saved, dqkv, s, fused_norm),
+    }
+}
+
 /// [`qkv_backward`] from attention's gradients as one token-major d(qkv) [N, (H + 2 Hkv) D] with RoPE undone
 /// already (what flash attention's backward writes): only the q/k norms' backward is left, if any.
-pub fn qkv_backward_tokens(saved: &QkvSaved, dqkv: Tensor, s: Heads, fused_norm: bool) -> Result<Tensor> {
+fn qkv_backward_tokens(saved: &QkvSaved, dqkv: Tensor, s: Heads, fused_norm: bool) -> Result<Tensor> {
     if saved.norms.is_none() {
         return Ok(dqkv);
     }
@@ -526,6 +536,7 @@ pub fn attention_forward(
 
 /// Attention's input gradients: per head as q, k, v came (the scores paths), or written by flash attention's
 /// backward token-major into d(qkv).
+#[derive(Clone)]
 pub enum AttnGrads {
     /// dq [B, H, T, D], dk and dv [B, H / groups, T, D].
     Heads(Tensor, Tensor, Tensor),

@@ -167,8 +167,8 @@ impl Dropout {
     }
 }
 
-/// The branch up to rank r: h = dropout(x), u = scale * h A^T. Add it to a linear's output with
-/// [`lora_add`].
+/// The branch up to rank r: h = dropout(x), u = scale * h A^T. Its delta u B^T goes with its linear through
+/// [`linear_forward_delta`].
 pub fn lora_forward(x: &Tensor, a: &Tensor, scale: f64, dropout: Option<Dropout>) -> Result<LoraSaved> {
     let a = a.to_dtype(x.dtype())?;
     let (h, dropout) = match dropout {
@@ -184,13 +184,9 @@ pub fn lora_forward(x: &Tensor, a: &Tensor, scale: f64, dropout: Option<Dropout>
     Ok(LoraSaved { h, u, dropout })
 }
 
-/// y + u B^T. `y` is consumed: on the GPU the kernel adds into it in place (it must be a fresh GEMM output).
-pub fn lora_add(y: Tensor, saved: &LoraSaved, b: &Tensor, fused: bool) -> Result<Tensor> {
-    add_delta(y, &saved.u, b, fused)
-}
-
-/// y + u B^T for a delta's u [N, r] and B [out, r], y consumed as in [`lora_add`].
-fn add_delta(y: Tensor, u: &Tensor, b: &Tensor, fused: bool) -> Result<Tensor> {
+/// y + u B^T for a delta's u [N, r] and B [out, r]. `y` is consumed: on the GPU the kernel adds into it in place
+/// (it must be a fresh GEMM output).
+pub fn lora_add(y: Tensor, u: &Tensor, b: &Tensor, fused: bool) -> Result<Tensor> {
     let b = b.to_dtype(y.dtype())?;
     #[cfg(feature = "cuda")]
     if super::fusion::on(fused, &y) {
@@ -213,7 +209,7 @@ pub fn linear_forward_delta(x: &Tensor, w: &Tensor, delta: Option<(&Tensor, &Ten
             return Ok(y);
         }
     }
-    add_delta(linear_forward(x, w, None)?, u, b, fused)
+    lora_add(linear_forward(x, w, None)?, u, b, fused)
 }
 
 /// What the LoRA branch's input gradient is added to (see [`lora_backward`]).

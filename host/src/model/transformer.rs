@@ -12,7 +12,7 @@
 //! `recompute`, only the layer's input, and re-runs the layer's forward just before its backward (all
 //! layers but the top one, whose backward comes first). Dropout masks are a pure function of (step seed,
 //! layer, module), so the recomputed layer is bit-identical.
-use super::attention::{self, AttnGrads, AttnSaved, FlashBlocks, Heads, Packed, QkNorm, QkvSaved, Rope};
+use super::attention::{self, AttnSaved, FlashBlocks, Heads, Packed, QkNorm, QkvSaved, Rope};
 use super::config::{ModelConfig, Site};
 use super::fusion::Fusion;
 use super::loss::{self, Targets};
@@ -630,10 +630,8 @@ impl Model {
         let (dy, g) = self.adapted_backward(ctx, layer, Site::O, s.o.as_ref(), &dx1, None)?;
         grads[Site::O.index()] = g;
         // Flash attention's backward writes d(qkv) itself, RoPE undone; the scores paths give per-head gradients.
-        let dqkv = match attention::attention_backward(&s.attn, &dy, f.attention, f.ds_tiles, Some(&ctx.rope))? {
-            AttnGrads::Heads(dq, dk, dv) => attention::qkv_backward(&s.qkv, &dq, &dk, &dv, &ctx.rope, f.rope, f.norm)?,
-            AttnGrads::Tokens { dqkv, .. } => attention::qkv_backward_tokens(&s.qkv, dqkv, self.heads(ctx), f.norm)?,
-        };
+        let d_attn = attention::attention_backward(&s.attn, &dy, f.attention, f.ds_tiles, Some(&ctx.rope))?;
+        let dqkv = attention::qkv_backward_of(&s.qkv, d_attn, &ctx.rope, self.heads(ctx), f.rope, f.norm)?;
         // The lowest adapted layer's input gradient has no use (nothing below it trains): not computed. A single
         // branch over all of c_attn's rows (Qwen v1) lets the GEMM add d(qkv) W into the branch's term.
         let whole = matches!(s.qkv_lora.as_slice(), [(site, _)] if cfg.qkv_rows(*site).1 == cfg.qkv_width());

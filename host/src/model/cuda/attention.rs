@@ -182,7 +182,7 @@ pub fn flash_backward_within(q: &Tensor, k: &Tensor, v: &Tensor, o: &Tensor, lse
         Some((cos, sin)) if cos.dtype() != DType::F32 || sin.dtype() != DType::F32 => {
             bail!("flash_backward: the RoPE tables must be f32, got {:?}", cos.dtype())
         }
-        Some((cos, sin)) => Some((aligned_f32(cos)?, aligned_f32(sin)?)),
+        Some((cos, sin)) => Some((aligned(cos)?, aligned(sin)?)),
         None => None,
     };
     let rope = || -> Result<[Arg; 3]> {
@@ -221,14 +221,4 @@ pub fn flash_backward_within(q: &Tensor, k: &Tensor, v: &Tensor, o: &Tensor, lse
         launch_smem(&dev, &format!("flash_bwd_dq_tiles_{d}"), (n128, (heads * groups) as u32), FLASH_THREADS, smem("dq_tiles", d), &args)?;
     }
     Ok(dqkv)
-}
-
-/// `t` (f32) contiguous and starting on a 16-byte boundary.
-fn aligned_f32(t: &Tensor) -> Result<Tensor> {
-    let t = t.contiguous()?;
-    if t.storage_and_layout().1.start_offset() % 4 == 0 {
-        Ok(t)
-    } else {
-        t.copy()
-    }
 }

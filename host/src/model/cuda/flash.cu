@@ -14,9 +14,9 @@
 // dK/dV (and the forward of short sequences): 64 keys (queries) a block, 4 warps of 16 rows. The forward of
 // long sequences and dQ: 128 queries a block, 4 warps of 32 rows (two m16 tiles, so each K or V fragment read
 // from shared memory feeds twice the products). The dK/dV kernel and the dQ kernel each own their outputs (no
-// atomics), so results are deterministic. The dK/dV kernel also writes the dS tiles it computes (bf16, 8 KB per 64 x 64 tile of
-// the causal triangle) so that dQ = dS K is one product per tile instead of three (recomputing S and dP);
-// where those tiles would not fit the caller's budget, the dQ kernel that recomputes them runs instead.
+// atomics), so results are deterministic. The dK/dV kernel also writes the dS tiles it computes (bf16, 8 KB per
+// 64 x 64 tile of the causal triangle) so that dQ = dS K is one product per tile instead of three (recomputing S
+// and dP); where those tiles would not fit the caller's budget, the dQ kernel that recomputes them runs instead.
 //
 // Tensor-core fragments (PTX ISA, mma.m16n8k16 with bf16): lane = 4 g + t. A (16 x 16, row-major): rows g and
 // g + 8, columns 2t, 2t + 1 and 2t + 8, 2t + 9, four 32-bit registers of two bf16 each. B (16 x 8): column g,
@@ -423,8 +423,18 @@ __device__ __forceinline__ void forward64(const bf16* __restrict__ q, const bf16
     }
 }
 
+// C tiles n and n + 1 of two m tiles (acc0, acc1: a warp's 32 rows) += a0, a1 times one ldmatrix.x4 B fragment b
+// (two 8-column tiles): the fragment read from shared memory feeds four products.
+__device__ __forceinline__ void mma_2x2(float (*acc0)[4], float (*acc1)[4], int n, const uint32_t* a0, const uint32_t* a1,
+                                        const uint32_t* b) {
+    mma(acc0[n], a0, b[0], b[1]);
+    mma(acc0[n + 1], a0, b[2], b[3]);
+    mma(acc1[n], a1, b[0], b[1]);
+    mma(acc1[n + 1], a1, b[2], b[3]);
+}
+
 // acc[m] (16 x D as ND C tiles, m = 0, 1: a warp's 32 rows) += a_m (16 x 16) . rows 16 kk .. 16 kk + 15 of a tile
-// (16 x D): each B fragment read from shared memory feeds both m tiles (forward128, dQ from the dS tiles).
+// (16 x D) (forward128's P V, dQ from the dS tiles).
 template <int D>
 __device__ __forceinline__ void pair_times_tile_rows(float (*acc)[Dims<D>::ND][4], const uint32_t* a0, const uint32_t* a1,
                                                      const bf16* tile, int kk) {
@@ -432,10 +442,7 @@ __device__ __forceinline__ void pair_times_tile_rows(float (*acc)[Dims<D>::ND][4
     for (int dp = 0; dp < Dims<D>::ND / 2; ++dp) {
         uint32_t b[4];
         load_b_cols<D>(b, tile, kk, dp);
-        mma(acc[0][2 * dp], a0, b[0], b[1]);
-        mma(acc[0][2 * dp + 1], a0, b[2], b[3]);
-        mma(acc[1][2 * dp], a1, b[0], b[1]);
-        mma(acc[1][2 * dp + 1], a1, b[2], b[3]);
+        mma_2x2(acc[0], acc[1], 2 * dp, a0, a1, b);
     }
 }
 
@@ -444,7 +451,7 @@ __device__ __forceinline__ void pair_times_tile_rows(float (*acc)[Dims<D>::ND][4
 // twice the products of 16 rows a warp, and each warp carries two independent chains of work. The scale is
 // folded into the exponent (one FFMA an element; the row max is taken over the raw scores).
 
-constexpr int FWD_BLOCK = 128;  // queries per forward block (the forward's table counts 128-token blocks)
+constexpr int BLOCK_LONG = 128;  // queries a block of forward128 and dQ from the tiles (attention.rs FLASH_BLOCK_LONG)
 
 template <int D>
 __device__ __forceinline__ void forward128(const bf16* __restrict__ q, const bf16* __restrict__ k, const bf16* __restrict__ v,
@@ -457,12 +464,12 @@ __device__ __forceinline__ void forward128(const bf16* __restrict__ q, const bf1
     bf16* Vs = Ks + 2 * TILE;                  // two buffers
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
     const Block e = block_at(table, blockIdx.x);
-    const int h = blockIdx.y, kvh = h / (H / Hkv), L = e.len, q0 = e.blk * FWD_BLOCK;
+    const int h = blockIdx.y, kvh = h / (H / Hkv), L = e.len, q0 = e.blk * BLOCK_LONG;
     const size_t qrows = rows_at(e, H, h, T), kvrows = rows_at(e, Hkv, kvh, T);
     const bf16* kp = k + kvrows * D;
     const bf16* vp = v + kvrows * D;
     const float sl2 = scale * LOG2E;
-    const int last = min((q0 + FWD_BLOCK - 1) / BLOCK, (L - 1) / BLOCK);  // the block's last key block
+    const int last = min((q0 + BLOCK_LONG - 1) / BLOCK, (L - 1) / BLOCK);  // the block's last key block
     const int r0 = q0 + warp * 32;                                     // this warp's first query
 
     load_tile<D>(Qs, q + qrows * D, q0, L);
@@ -499,10 +506,7 @@ __device__ __forceinline__ void forward128(const bf16* __restrict__ q, const bf1
                 for (int np = 0; np < 4; ++np) {
                     uint32_t b[4];
                     load_b_rows<D>(b, Kb, np, kk);
-                    mma(s[0][2 * np], a0, b[0], b[1]);
-                    mma(s[0][2 * np + 1], a0, b[2], b[3]);
-                    mma(s[1][2 * np], a1, b[0], b[1]);
-                    mma(s[1][2 * np + 1], a1, b[2], b[3]);
+                    mma_2x2(s[0], s[1], 2 * np, a0, a1, b);
                 }
             }
             // Masks only where the block reaches past the warp's first query or the sequence's end.
@@ -798,7 +802,7 @@ __device__ __forceinline__ void backward_dq_tiles(const bf16* __restrict__ k, co
                                                   const int4* __restrict__ table, int h0, int T, int H, int Hkv,
                                                   float scale) {
     constexpr int TILE = Dims<D>::TILE, LD = Dims<D>::LD, ND = Dims<D>::ND;
-    constexpr int SLD = FWD_BLOCK + 8, STILE = BLOCK * SLD;  // [64 keys][128 queries], rows padded
+    constexpr int SLD = BLOCK_LONG + 8, STILE = BLOCK * SLD;  // [64 keys][128 queries], rows padded
     extern __shared__ __align__(128) unsigned char smem[];
     bf16* Ks = reinterpret_cast<bf16*>(smem);  // two buffers
     bf16* Ss = Ks + 2 * TILE;                  // two buffers

@@ -21,9 +21,9 @@ pub(super) const ROWS_PER_THREAD: usize = 8;
 /// Elements per thread of the elementwise kernels (EW_PER_THREAD in kernels.cu).
 pub(super) const EW_PER_THREAD: usize = 8;
 
-/// Whether every tensor (bf16) starts on a 16-byte boundary: the 8-wide loads and stores.
+/// Whether every tensor starts on a 16-byte boundary: the 8-wide (bf16) and 4-wide (f32) loads and stores.
 pub(super) fn aligned16(ts: &[&Tensor]) -> bool {
-    ts.iter().all(|t| t.storage_and_layout().1.start_offset() % 8 == 0)
+    ts.iter().all(|t| t.storage_and_layout().1.start_offset() * t.dtype().size_in_bytes() % 16 == 0)
 }
 
 /// [`aligned16`] as the `vec` argument of the elementwise kernels.
@@ -174,7 +174,7 @@ pub(super) fn check_bf16(name: &str, ts: &[&Tensor]) -> Result<()> {
     Ok(())
 }
 
-/// `t` contiguous and starting on a 16-byte boundary (the rank-r rows are read with 16-byte loads).
+/// `t` contiguous and starting on a 16-byte boundary (read with 16-byte loads: the rank-r rows, the RoPE tables).
 pub(super) fn aligned(t: &Tensor) -> Result<Tensor> {
     let t = t.contiguous()?;
     if aligned16(&[&t]) {

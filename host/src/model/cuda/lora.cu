@@ -203,7 +203,7 @@ static __device__ __forceinline__ void rank_tc_body(bf16* __restrict__ out, cons
         return ok && k < r ? *reinterpret_cast<const uint32_t*>(m + (size_t)row * r + k) : 0u;
     };
     // The same pair from the staged transpose (r even: k + 1 < r whenever k < r).
-    auto pair_t = [&](const bf16*, int col, bool ok, int k) -> uint32_t {
+    auto pair_t = [&](int col, bool ok, int k) -> uint32_t {
         if (!ok || k >= r) return 0u;
         const int c = col - blockIdx.x * 256;
         return (uint32_t)__bfloat16_as_ushort(wt_s[k][c]) | (uint32_t)__bfloat16_as_ushort(wt_s[k + 1][c]) << 16;
@@ -214,8 +214,8 @@ static __device__ __forceinline__ void rank_tc_body(bf16* __restrict__ out, cons
 #pragma unroll
         for (int j = 0; j < 8; ++j) {
             const int c = strip + 16 * (g >> 1) + 2 * j + (g & 1);
-            b[s][j][0] = w_t ? pair_t(w, c, c < cols, 16 * s + 2 * t) : pair(w, c, c < cols, 16 * s + 2 * t);
-            b[s][j][1] = w_t ? pair_t(w, c, c < cols, 16 * s + 2 * t + 8) : pair(w, c, c < cols, 16 * s + 2 * t + 8);
+            b[s][j][0] = w_t ? pair_t(c, c < cols, 16 * s + 2 * t) : pair(w, c, c < cols, 16 * s + 2 * t);
+            b[s][j][1] = w_t ? pair_t(c, c < cols, 16 * s + 2 * t + 8) : pair(w, c, c < cols, 16 * s + 2 * t + 8);
         }
     const int col0 = strip + 16 * t;  // this lane's 16 output columns
     const int r_end = min(n_rows, (int)(blockIdx.y + 1) * TC_ROWS);
