@@ -180,7 +180,8 @@ pub fn lora_forward(x: &Tensor, a: &Tensor, scale: f64, dropout: Option<Dropout>
         Some(d) => (d.apply(x)?, Some(d)),
         None => (x.clone(), None),
     };
-    let u = (h.matmul(&a.t()?)? * scale)?;
+    let u = h.matmul(&a.t()?)?;
+    let u = if scale == 1.0 { u } else { (u * scale)? }; // 1: folded into A already (GPU)
     Ok(LoraSaved { h, u, dropout })
 }
 
@@ -237,7 +238,8 @@ pub fn lora_backward(saved: &LoraSaved, a: &Tensor, b: &Tensor, scale: f64, dy: 
     let pdtype = a.dtype();
     let (a_c, b_c) = (a.to_dtype(dtype)?, b.to_dtype(dtype)?);
     let db = dy.t()?.matmul(&saved.u)?;
-    let du = (dy.matmul(&b_c)? * scale)?;
+    let du = dy.matmul(&b_c)?;
+    let du = if scale == 1.0 { du } else { (du * scale)? };
     let da = du.t()?.matmul(&saved.h)?.to_dtype(pdtype)?;
     let dx = match dx {
         InputGrad::None => None,

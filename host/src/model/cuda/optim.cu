@@ -71,14 +71,16 @@ extern "C" __global__ void grad_scale(const float* __restrict__ partials, int n,
 
 // ---------------------------------------------------------------------------------------------------------
 // Casts of many small tensors in one launch (the adapter's parameters to bf16 for a step, its gradients back to
-// f32). `table` holds (in, out, n) per tensor (blockIdx.y); `to_bf16`: f32 -> bf16, else bf16 -> f32.
+// f32), each multiplied by its own factor on the way (the LoRA scale folded into A: Model::loss_and_grads).
+// `table` holds (in, out, n, factor as f32 bits) per tensor (blockIdx.y); `to_bf16`: f32 -> bf16, else back.
 extern "C" __global__ void cast_multi(const unsigned long long* __restrict__ table, int to_bf16) {
-    const unsigned long long* t = table + 3 * (size_t)blockIdx.y;
+    const unsigned long long* t = table + 4 * (size_t)blockIdx.y;
     const size_t n = (size_t)t[2];
+    const float f = __uint_as_float((unsigned)t[3]);
     for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
         if (to_bf16)
-            ((bf16*)t[1])[i] = st(((const float*)t[0])[i]);
+            ((bf16*)t[1])[i] = st(((const float*)t[0])[i] * f);
         else
-            ((float*)t[1])[i] = ld(((const bf16*)t[0])[i]);
+            ((float*)t[1])[i] = ld(((const bf16*)t[0])[i]) * f;
     }
 }

@@ -128,24 +128,29 @@ fn sum_squares_partials(tensors: &[&Tensor]) -> Result<Tensor> {
 /// Every tensor cast to `to` (f32 -> bf16 or bf16 -> f32) in one launch: the adapter's ~240 parameters and
 /// gradients at Qwen-14B, each of which would be a launch of its own.
 pub fn cast_multi(tensors: &[&Tensor], to: DType) -> Result<Vec<Tensor>> {
+    cast_multi_scaled(&tensors.iter().map(|t| (*t, 1.0)).collect::<Vec<_>>(), to)
+}
+
+/// [`cast_multi`] with each tensor multiplied by its factor on the way (in f32).
+pub fn cast_multi_scaled(tensors: &[(&Tensor, f32)], to: DType) -> Result<Vec<Tensor>> {
     let Some(first) = tensors.first() else { return Ok(Vec::new()) };
     let from = match to {
         DType::BF16 => DType::F32,
         DType::F32 => DType::BF16,
         other => bail!("cast_multi: to {other:?} (f32 and bf16 only)"),
     };
-    let dev = cuda_device(first)?;
-    let mut words = Vec::with_capacity(3 * tensors.len());
+    let dev = cuda_device(first.0)?;
+    let mut words = Vec::with_capacity(4 * tensors.len());
     let mut keep = Vec::with_capacity(tensors.len());
     let mut outs = Vec::with_capacity(tensors.len());
     let mut max_n = 0;
-    for t in tensors {
+    for &(t, factor) in tensors {
         if t.dtype() != from {
             bail!("cast_multi: a {:?} tensor among {from:?} ones", t.dtype());
         }
         let t = t.contiguous()?;
         let out = uninit(&dev, t.shape(), to)?;
-        words.extend([device_ptr(&t)?, device_ptr(&out)?, t.elem_count() as u64]);
+        words.extend([device_ptr(&t)?, device_ptr(&out)?, t.elem_count() as u64, factor.to_bits() as u64]);
         max_n = max_n.max(t.elem_count());
         keep.push(t);
         outs.push(out);
