@@ -324,6 +324,26 @@ fn ops_checks(gpu: &Device, checks: &mut Vec<Check>) -> Result<()> {
         push(checks, &format!("lora r{r} with its linear: dy W + dropout(du A)"), &dxg, &dxc, OP_TOL)?;
     }
 
+    // The branch's way in as one kernel (lora_a: what lora_forward above ran with the key dropout), at rows
+    // not a multiple of 16 and columns not a multiple of 256: h and the mask bits exactly as the dropout
+    // kernel's, u against the CPU's masked product.
+    #[cfg(feature = "cuda")]
+    {
+        use crate::model::cuda;
+        let (rows, cols, key) = (100usize, f, crate::rng::stream_key(9, &[2, 0]));
+        let x = pair(&mut rng, &[rows, cols], 0.0, 1.0, gpu)?;
+        let mask = ops::dropout_mask(key, rows, cols, 0.1, DType::F32, &Device::Cpu)?;
+        let (want_h, want_bits) = cuda::dropout(&x.gpu, key, 0.1, true)?;
+        for r in [8usize, 24] {
+            let a = pair(&mut rng, &[r, cols], 0.0, 0.1, gpu)?;
+            let (h, ug, bits) = cuda::lora_a(&x.gpu, &a.gpu, 2.0, key, 0.1)?.expect("rank and columns the kernel takes");
+            push_exact(checks, format!("lora r{r} way in: dropout(x) against the dropout kernel's (elements differing)"), differing(&h, &want_h)?);
+            push_exact(checks, format!("lora r{r} way in: mask bits against the dropout kernel's (bytes differing)"), differing(&bits, want_bits.as_ref().expect("asked for"))?);
+            let uc = ((&x.cpu * &mask)?.matmul(&a.cpu.t()?)? * 2.0)?;
+            push(checks, &format!("lora r{r} way in: u = scale dropout(x) A^T"), &ug, &uc, OP_TOL)?;
+        }
+    }
+
     // lm_head + cross-entropy over a real-size vocabulary, every other row counted.
     let vocab = 151_936;
     let hf = pair(&mut rng, &[n, c], 0.0, 1.0, gpu)?;

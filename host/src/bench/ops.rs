@@ -108,6 +108,12 @@ pub fn run(o: &Options) -> Result<OpsReport> {
         add(&format!("  of which dy B ({name})"), time(dev, reps, || Ok(drop(dy.matmul(&b16)?)))?, 0);
         add(&format!("  of which dy^T u ({name})"), time(dev, reps, || Ok(drop(dy.t()?.matmul(&u)?)))?, 0);
         add(&format!("  of which du^T h ({name})"), time(dev, reps, || Ok(drop(u.t()?.matmul(&x)?)))?, 0);
+        // What the key dropout runs instead of the dropout kernel and x A^T: one pass over x.
+        #[cfg(feature = "cuda")]
+        if crate::model::fusion::on(f.dropout, &x) {
+            let way_in = || Ok(drop(crate::model::cuda::lora_a(&x, &a16, 4.0, 7, 0.1)?));
+            add(&format!("  of which dropout(x), x A^T in one kernel ({name})"), time(dev, reps, way_in)?, 0);
+        }
     }
 
     // Norms and residual adds (two per layer; the final norm once).

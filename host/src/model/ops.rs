@@ -119,7 +119,8 @@ pub fn linear_backward_add(partial: Tensor, dy: &Tensor, w: &Tensor, fused: bool
 // their gradients come back in the parameter dtype. On the GPU (`fused`) the delta and the branch's input
 // gradient go straight into the frozen linear's output and input gradient: written first, the linear's GEMM
 // adding its product into them ([`linear_forward_delta`], [`InputGrad::Linear`]), or added in place into a
-// product already formed ([`lora_add`], [`InputGrad::Add`]).
+// product already formed ([`lora_add`], [`InputGrad::Add`]). With the GPU's dropout (a key) one kernel makes h,
+// its mask's bits and u in one pass over x.
 
 pub struct LoraSaved {
     /// dropout(x): the input A saw.
@@ -171,6 +172,12 @@ impl Dropout {
 /// [`linear_forward_delta`].
 pub fn lora_forward(x: &Tensor, a: &Tensor, scale: f64, dropout: Option<Dropout>) -> Result<LoraSaved> {
     let a = a.to_dtype(x.dtype())?;
+    #[cfg(feature = "cuda")]
+    if let Some(Dropout::Key { key, p, .. }) = dropout {
+        if let Some((h, u, bits)) = super::cuda::lora_a(x, &a, scale, key, p)? {
+            return Ok(LoraSaved { h, u, dropout: Some(Dropout::Key { key, p, bits: Some(bits) }) });
+        }
+    }
     let (h, dropout) = match dropout {
         #[cfg(feature = "cuda")]
         Some(Dropout::Key { key, p, .. }) => {

@@ -264,3 +264,104 @@ static __device__ __forceinline__ void rank_tc_body(bf16* __restrict__ out, cons
     }
 LORA_RANK_TC(1, lora_rank16_tc)
 LORA_RANK_TC(2, lora_rank32_tc)
+
+// ---------------------------------------------------------------------------------------------------------
+// The branch's way in, in one pass over x: h = dropout(x) (stored for the backward's dA), its mask as bits (as
+// the dropout kernel writes them, for the backward's input gradient) and u = scale * h A^T [N, r]. It replaces the
+// dropout kernel and the u GEMM's second read of h; the hash that makes the mask is most of its work.
+
+// u: a block of LA_WARPS warps per 16 rows, warp w taking columns 32 w, 32 w + 256, ...; mma.m16n8k16 with
+// the columns as k. Lane (g, t) loads 8 consecutive columns c .. c + 7 (c = 32 i + 8 t) of rows g and g + 8,
+// one 16-byte load each, and uses them as k = 2t, 2t+1 (columns c, c+1) and 2t+8, 2t+9 (c+2, c+3) of one
+// product and the same k of a second (c+4 .. c+7); A's rows are read in the same order, so each product sums
+// over 16 of the 32 columns. The warps' sums meet in shared memory. cols % 32 == 0, r = 8 NT, 16-byte aligned
+// rows; grid ceil(N / 16).
+#define LA_WARPS 8
+#define LA_STEPS 4  // column steps whose loads are in flight together
+
+template <int NT>
+static __device__ __forceinline__ void lora_a_body(const bf16* __restrict__ x, const bf16* __restrict__ a,
+                                                   bf16* __restrict__ hout, bf16* __restrict__ u,
+                                                   uint8_t* __restrict__ bits, int n_rows,
+                                                   int cols, uint64_t key, float p, float keep_scale, float scale) {
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+    const int rows[2] = {(int)blockIdx.x * 16 + g, (int)blockIdx.x * 16 + g + 8};
+    const unsigned thr = drop_threshold(p);
+    float acc[NT][4];
+#pragma unroll
+    for (int j = 0; j < NT; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
+    // LA_STEPS column steps a round, all loads first: the memory's latency is paid once a round.
+    for (int c0 = warp * 32 + t * 8; c0 < cols; c0 += LA_STEPS * LA_WARPS * 32) {
+        Bf16x8 xs[LA_STEPS][2], as[LA_STEPS][NT];  // [step][row half], [step][rank tile]
+#pragma unroll
+        for (int s = 0; s < LA_STEPS; ++s) {
+            const int c = c0 + s * LA_WARPS * 32;  // the whole warp agrees on c < cols (cols % 32 == 0)
+#pragma unroll
+            for (int h = 0; h < 2; ++h)
+                xs[s][h].v = c < cols && rows[h] < n_rows ? *reinterpret_cast<const uint4*>(x + (size_t)rows[h] * cols + c)
+                                                          : make_uint4(0, 0, 0, 0);
+#pragma unroll
+            for (int j = 0; j < NT; ++j)
+                as[s][j].v = c < cols ? *reinterpret_cast<const uint4*>(a + (size_t)(8 * j + g) * cols + c) : make_uint4(0, 0, 0, 0);
+        }
+#pragma unroll
+        for (int s = 0; s < LA_STEPS; ++s) {
+            const int c = c0 + s * LA_WARPS * 32;
+            if (c >= cols) break;
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+                const size_t e = (size_t)rows[h] * cols + c;
+                const unsigned m = dropped8_z(drop_z(key, e), thr);
+#pragma unroll
+                for (int k = 0; k < 8; ++k) xs[s][h].h[k] = (m >> k) & 1u ? st(0.f) : st(ld(xs[s][h].h[k]) * keep_scale);
+                if (rows[h] < n_rows) *reinterpret_cast<uint4*>(hout + e) = xs[s][h].v;
+                // The quad's four bytes (columns c - 8t .. c - 8t + 31 of the row) as one 4-byte store.
+                unsigned word = m << (8 * t);
+                word |= __shfl_xor_sync(0xffffffffu, word, 1);
+                word |= __shfl_xor_sync(0xffffffffu, word, 2);
+                if (t == 0 && rows[h] < n_rows) *reinterpret_cast<uint32_t*>(bits + e / 8) = word;
+            }
+            const uint32_t* lo = reinterpret_cast<const uint32_t*>(&xs[s][0]);
+            const uint32_t* hi = reinterpret_cast<const uint32_t*>(&xs[s][1]);
+            const uint32_t fa[2][4] = {{lo[0], hi[0], lo[1], hi[1]}, {lo[2], hi[2], lo[3], hi[3]}};
+#pragma unroll
+            for (int j = 0; j < NT; ++j) {
+                const uint32_t* b = reinterpret_cast<const uint32_t*>(&as[s][j]);
+                mma(acc[j], fa[0], b[0], b[1]);
+                mma(acc[j], fa[1], b[2], b[3]);
+            }
+        }
+    }
+    // acc[j]: rows g (0, 1) and g + 8 (2, 3), ranks 8 j + 2t, + 1. Warp 0 adds the others' and stores.
+    __shared__ float part[LA_WARPS][NT * 4][32];
+#pragma unroll
+    for (int j = 0; j < NT; ++j)
+#pragma unroll
+        for (int q = 0; q < 4; ++q) part[warp][4 * j + q][lane] = acc[j][q];
+    __syncthreads();
+    if (warp != 0) return;
+#pragma unroll
+    for (int j = 0; j < NT; ++j) {
+        float v[4];
+#pragma unroll
+        for (int q = 0; q < 4; ++q) {
+            v[q] = 0.f;
+            for (int w = 0; w < LA_WARPS; ++w) v[q] += part[w][4 * j + q][lane];
+        }
+#pragma unroll
+        for (int h = 0; h < 2; ++h)
+            if (rows[h] < n_rows)
+                *reinterpret_cast<uint32_t*>(u + (size_t)rows[h] * (8 * NT) + 8 * j + 2 * t) = pack(v[2 * h] * scale, v[2 * h + 1] * scale);
+    }
+}
+
+#define LORA_A(NT, NAME)                                                                                             \
+    extern "C" __global__ void NAME(const bf16* __restrict__ x, const bf16* __restrict__ a, bf16* __restrict__ h,   \
+                                    bf16* __restrict__ u, uint8_t* __restrict__ bits, int n_rows, int cols,          \
+                                    uint64_t key, float p, float keep_scale, float scale) {                          \
+        lora_a_body<NT>(x, a, h, u, bits, n_rows, cols, key, p, keep_scale, scale);                                  \
+    }
+LORA_A(1, lora_a8)
+LORA_A(2, lora_a16)
+LORA_A(3, lora_a24)
+LORA_A(4, lora_a32)

@@ -1,7 +1,7 @@
 //! LoRA folded into the frozen linear: its up-projection added into the linear's output, its input
-//! gradient into the linear's, in place.
+//! gradient into the linear's, in place; and its way in (dropout, x A^T) in one pass.
 use super::launch::*;
-use candle_core::{Result, Tensor};
+use candle_core::{DType, Result, Tensor};
 
 // ----- LoRA folded into the frozen linear -----------------------------------------------------------------
 
@@ -83,7 +83,7 @@ fn rank_tc(u: &Tensor, w: &Tensor, w_t: bool, dropout: Option<(u64, f64, Option<
     let dev = cuda_device(u)?;
     // 4-byte loads of rank pairs (w given transposed: 16-byte loads of its rows).
     let (u, w) = (aligned(u)?, aligned(w)?);
-    let out = uninit(&dev, (n, cols), candle_core::DType::BF16)?;
+    let out = uninit(&dev, (n, cols), DType::BF16)?;
     blocks(n * cols, 1)?; // the element index space fits the kernel's arithmetic
     let ([k, p, keep, on], bits) = mask_args(dropout, n * cols);
     let args = [
@@ -104,4 +104,29 @@ fn rank_tc(u: &Tensor, w: &Tensor, w_t: bool, dropout: Option<(u64, f64, Option<
     let name = if r <= 16 { "lora_rank16_tc" } else { "lora_rank32_tc" };
     launch_2d(&dev, name, (cols.div_ceil(256) as u64, n.div_ceil(TC_ROWS) as u32), 128, &args)?;
     Ok(Some(out))
+}
+
+// ----- the branch's way in ---------------------------------------------------------------------------------
+
+/// (h, u, bits) for x [N, in] and A [r, in]: h = dropout(x) and its mask's bits (exactly as [`super::dropout`]
+/// makes them), u = scale * h A^T [N, r], in one pass over x; the dropout of stream `key` with probability p. None
+/// where the kernel does not apply (r a multiple of 8 up to 32, `in` a multiple of 32).
+pub fn lora_a(x: &Tensor, a: &Tensor, scale: f64, key: u64, p: f64) -> Result<Option<(Tensor, Tensor, Tensor)>> {
+    check_bf16("lora_a", &[x, a])?;
+    let (n, cols) = x.dims2()?;
+    let r = a.dim(0)?;
+    if a.dim(1)? != cols || r % 8 != 0 || r == 0 || r > 32 || cols % 32 != 0 {
+        return Ok(None);
+    }
+    let dev = cuda_device(x)?;
+    let (x, a) = (aligned(x)?, aligned(a)?);
+    blocks(n * cols, 1)?; // the element index space fits the kernel's arithmetic
+    let h = uninit(&dev, (n, cols), DType::BF16)?;
+    let u = uninit(&dev, (n, r), DType::BF16)?;
+    let bits = uninit(&dev, n * cols / 8, DType::U8)?;
+    let keep = (1.0 / (1.0 - p)) as f32;
+    let args = [Arg::T(&x), Arg::T(&a), Arg::T(&h), Arg::T(&u), Arg::T(&bits), Arg::I(n as i32), Arg::I(cols as i32), Arg::U(key), Arg::F(p as f32), Arg::F(keep), Arg::F(scale as f32)];
+    const LA_WARPS: u32 = 8; // LA_WARPS in lora.cu
+    launch(&dev, &format!("lora_a{r}"), n.div_ceil(16) as u64, 32 * LA_WARPS, &args)?;
+    Ok(Some((h, u, bits)))
 }

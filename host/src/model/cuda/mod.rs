@@ -17,6 +17,6 @@ pub use gemm::{linear_add_, matmul_add_};
 pub use host_table::HostTable;
 pub use attention::{attention_scores, causal_softmax, causal_softmax_backward, flash_backward, flash_backward_within, flash_forward};
 pub use layers::{cross_entropy_rows, dropout, merge_heads, qkv_merge_unrope, qkv_split_rope, residual_add, rmsnorm_backward, rmsnorm_forward, scatter_rows_, split_heads, swiglu_backward, swiglu_forward};
-pub use lora::{lora_down, lora_down_add_, lora_up, lora_up_add_};
+pub use lora::{lora_a, lora_down, lora_down_add_, lora_up, lora_up_add_};
 pub use memory::{keep_pool_memory, peak_memory, reset_peak_memory};
 pub use optim::{adamw_multi, cast_multi, cast_multi_scaled, grad_scale, sum_squares_multi, AdamWStep};
