@@ -319,6 +319,10 @@ fn ops_checks(gpu: &Device, checks: &mut Vec<Check>) -> Result<()> {
         let yc = ops::linear_forward_delta(&x.cpu, &w.cpu, Some((sc.u(), &lb.cpu)), false)?;
         let yg = ops::linear_forward_delta(&x.gpu, &w.gpu, Some((sg.u(), &lb.gpu)), true)?;
         push(checks, &format!("lora r{r} with its linear: x W^T + u B^T"), &yg, &yc, OP_TOL)?;
+        let res = pair(&mut rng, &[n, fan_out], 0.0, 1.0, gpu)?;
+        let yc = ops::linear_forward_onto(&x.cpu, &w.cpu, Some((sc.u(), &lb.cpu)), Some(&res.cpu), false, false)?;
+        let yg = ops::linear_forward_onto(&x.gpu, &w.gpu, Some((sg.u(), &lb.gpu)), Some(&res.gpu), true, true)?;
+        push(checks, &format!("lora r{r} with its linear onto the residual: res + x W^T + u B^T"), &yg, &yc, OP_TOL)?;
         let dxc = ops::lora_backward(&sc, &a.cpu, &lb.cpu, 4.0, &dy.cpu, ops::InputGrad::Linear(&w.cpu), false)?.0.expect("asked for");
         let dxg = ops::lora_backward(&sg, &a.gpu, &lb.gpu, 4.0, &dy.gpu, ops::InputGrad::Linear(&w.gpu), true)?.0.expect("asked for");
         push(checks, &format!("lora r{r} with its linear: dy W + dropout(du A)"), &dxg, &dxc, OP_TOL)?;

@@ -76,9 +76,10 @@ pub fn run(o: &Options) -> Result<OpsReport> {
     }
 
     // LoRA (r 8, dropout 0.1) on the recipe's adapted sites, as the model runs it: the branch (dropout, u), its
-    // delta written first with the frozen linear's GEMM adding into it (ops::linear_forward_delta), and back.
-    // Each row is what the branch adds to its linear: the pair's time less the linear's alone (rows above).
-    for (name, fan_in, fan_out) in [("q|k|v", c, qkv), ("o", cfg.q_width(), c), ("down", ff, c)] {
+    // delta written first with the frozen linear's GEMM adding into it (ops::linear_forward_onto; o and down
+    // onto the residual stream, the residual add folded in), and back. Each row is what the branch adds to its
+    // linear: the pair's time less the linear's alone (rows above).
+    for (name, fan_in, fan_out, onto_residual) in [("q|k|v", c, qkv, false), ("o", cfg.q_width(), c, true), ("down", ff, c, true)] {
         let a = Tensor::randn(0f32, 0.01, (8, fan_in), dev)?;
         let bm = Tensor::randn(0f32, 0.01, (fan_out, 8), dev)?;
         let w = rnd(&[fan_out, fan_in], 0.02)?;
@@ -90,13 +91,16 @@ pub fn run(o: &Options) -> Result<OpsReport> {
                 false => Dropout::Mask(ops::dropout_mask(7, n, fan_in, 0.1, dt, dev)?),
             })
         };
+        let res = rnd(&[n, fan_out], 1.0)?;
+        let res = onto_residual.then_some(&res);
         let forward = || -> Result<()> {
             let saved = ops::lora_forward(&x, &a, 4.0, Some(dropout()?))?;
-            drop(ops::linear_forward_delta(&x, &w, Some((saved.u(), &bm)), f.lora)?);
+            drop(ops::linear_forward_onto(&x, &w, Some((saved.u(), &bm)), res, f.lora, f.norm)?);
             Ok(())
         };
         let linear_fwd = time(dev, reps, || Ok(drop(ops::linear_forward(&x, &w, None)?)))?;
-        add(&format!("lora {name} forward (beyond its linear)"), time(dev, reps, forward)? - linear_fwd, fwd);
+        let label = if onto_residual { "forward onto the residual (beyond its linear)" } else { "forward (beyond its linear)" };
+        add(&format!("lora {name} {label}"), time(dev, reps, forward)? - linear_fwd, fwd);
         let saved = ops::lora_forward(&x, &a, 4.0, Some(dropout()?))?;
         let backward = || Ok(drop(ops::lora_backward(&saved, &a, &bm, 4.0, &dy, ops::InputGrad::Linear(&w), f.lora)?));
         let linear_bwd = time(dev, reps, || Ok(drop(ops::linear_backward(&dy, &w)?)))?;
@@ -123,7 +127,8 @@ pub fn run(o: &Options) -> Result<OpsReport> {
     add("rmsnorm forward", time(dev, reps, || Ok(drop(ops::rmsnorm_forward(&x, &w, 1e-6, f.norm)?)))?, 2 * fwd + 1);
     let (_, saved) = ops::rmsnorm_forward(&x, &w, 1e-6, f.norm)?;
     add("rmsnorm backward (+ residual)", time(dev, reps, || Ok(drop(ops::rmsnorm_backward(&saved, &w, &dy, Some(&x), f.norm)?)))?, 2 * layers + 1);
-    add("residual add", time(dev, reps, || Ok(drop(ops::residual_add(&x, &dy, f.norm)?)))?, 2 * fwd);
+    // With the adapter on o and down (the recipe) the adds are in the LoRA rows below.
+    add("residual add (in the LoRA rows)", time(dev, reps, || Ok(drop(ops::residual_add(&x, &dy, f.norm)?)))?, 0);
 
     // Attention: layout + RoPE, the attention itself, heads merged.
     let rope = Rope::new(t, d, cfg.rope_base, &cfg.rope_scaling, dt, dev)?;

@@ -209,15 +209,29 @@ pub fn lora_add(y: Tensor, u: &Tensor, b: &Tensor, fused: bool) -> Result<Tensor
 /// (`fused`, r up to 32) the delta is written first and cuBLAS adds the product into it (beta = 1), so no kernel
 /// reads and rewrites the output afterwards; elsewhere the delta is added to the product.
 pub fn linear_forward_delta(x: &Tensor, w: &Tensor, delta: Option<(&Tensor, &Tensor)>, fused: bool) -> Result<Tensor> {
-    let Some((u, b)) = delta else { return linear_forward(x, w, None) };
+    linear_forward_onto(x, w, delta, None, fused, false)
+}
+
+/// `residual` + x W^T + u B^T: [`linear_forward_delta`] for a linear whose output goes onto the residual stream
+/// (attention's o, the MLP's down). On the GPU with a delta the kernel writes residual + u B^T and cuBLAS adds
+/// x W^T into that, so the residual add's pass over [N, out] is gone too; elsewhere [`residual_add`] (with the
+/// `fused_add` switch) follows.
+pub fn linear_forward_onto(x: &Tensor, w: &Tensor, delta: Option<(&Tensor, &Tensor)>, residual: Option<&Tensor>, fused: bool, fused_add: bool) -> Result<Tensor> {
     #[cfg(feature = "cuda")]
-    if super::fusion::on(fused, x) && w.dtype() == x.dtype() {
-        if let Some(y) = super::cuda::lora_up(u, &b.to_dtype(x.dtype())?)? {
+    if let (Some((u, b)), true) = (delta, super::fusion::on(fused, x) && w.dtype() == x.dtype()) {
+        if let Some(y) = super::cuda::lora_up(u, &b.to_dtype(x.dtype())?, residual)? {
             super::cuda::linear_add_(&y, x, w)?;
             return Ok(y);
         }
     }
-    lora_add(linear_forward(x, w, None)?, u, b, fused)
+    let y = match delta {
+        Some((u, b)) => lora_add(linear_forward(x, w, None)?, u, b, fused)?,
+        None => linear_forward(x, w, None)?,
+    };
+    match residual {
+        Some(r) => residual_add(r, &y, fused_add),
+        None => Ok(y),
+    }
 }
 
 /// What the LoRA branch's input gradient is added to (see [`lora_backward`]).

@@ -595,18 +595,17 @@ impl Model {
             f.attention,
             ctx.flash.as_ref(),
         )?;
-        let (o, o_lora) = self.adapted_forward(ctx, layer, Site::O, &y)?;
-        let x1 = ops::residual_add(x, &o, f.norm)?;
+        let (x1, o_lora) = self.adapted_forward(ctx, layer, Site::O, &y, Some(x))?;
 
         // MLP branch.
         let (h2, ln_2) = ops::rmsnorm_forward(&x1, &w.ln_2, cfg.eps, f.norm)?;
-        let (a, up) = self.adapted_forward(ctx, layer, Site::Up, &h2)?;
-        let (g, gate) = self.adapted_forward(ctx, layer, Site::Gate, &h2)?;
+        let (a, up) = self.adapted_forward(ctx, layer, Site::Up, &h2, None)?;
+        let (g, gate) = self.adapted_forward(ctx, layer, Site::Gate, &h2, None)?;
         let (m, swiglu) = ops::swiglu_forward(&a, &g, f.swiglu)?;
         let (x2, down) = match output {
             true => {
-                let (o2, down) = self.adapted_forward(ctx, layer, Site::Down, &m)?;
-                (Some(ops::residual_add(&x1, &o2, f.norm)?), down)
+                let (x2, down) = self.adapted_forward(ctx, layer, Site::Down, &m, Some(&x1))?;
+                (Some(x2), down)
             }
             false => (None, self.lora_branch(ctx, layer, Site::Down, &m)?),
         };
@@ -712,14 +711,15 @@ impl Model {
         Heads { b: ctx.b, t: ctx.t, h: c.num_heads, hkv: c.num_kv_heads, d: c.head_dim }
     }
 
-    /// A frozen linear (no bias) plus, when the adapter targets it, its LoRA term.
-    fn adapted_forward(&self, ctx: &Ctx, layer: usize, site: Site, x: &Tensor) -> Result<(Tensor, Option<LoraSaved>)> {
+    /// A frozen linear (no bias) plus, when the adapter targets it, its LoRA term; plus `residual` when the
+    /// output goes onto the residual stream.
+    fn adapted_forward(&self, ctx: &Ctx, layer: usize, site: Site, x: &Tensor, residual: Option<&Tensor>) -> Result<(Tensor, Option<LoraSaved>)> {
         let saved = self.lora_branch(ctx, layer, site, x)?;
         let delta = match (&saved, ctx.lora.and_then(|l| l.adapter(layer, site))) {
             (Some(s), Some(adapter)) => Some((s.u(), &adapter.b)),
             _ => None,
         };
-        let y = ops::linear_forward_delta(x, self.weights.layers[layer].linear(site), delta, ctx.fusion.lora)?;
+        let y = ops::linear_forward_onto(x, self.weights.layers[layer].linear(site), delta, residual, ctx.fusion.lora, ctx.fusion.norm)?;
         Ok((y, saved))
     }
 

@@ -166,8 +166,9 @@ extern "C" __global__ void lora_down_add8(bf16* __restrict__ dx, const bf16* __r
 // Low-rank products written into a fresh tensor (no read of it), on tensor cores: out[n, j] = f(u[n, :] . w[j, :])
 // for u [N, r] and w [cols, r], r even and at most 32 (the forward's B; or the backward's A^T, read from A [r, cols]
 // as it is stored when `w_t`; r = 24 is q, k and v adapters side by side), f the dropout (mask from the forward's
-// bits, or hashed) or nothing. The frozen linear's
-// GEMM then adds its product into `out` (cuBLAS beta = 1). The kernels above keep 64 weights a thread in
+// bits, or hashed) or nothing; plus base[n, j] when given (the residual stream that attention's o and the MLP's
+// down go onto: the residual add's own pass is saved). The frozen linear's GEMM then adds its product into `out`
+// (cuBLAS beta = 1). The kernels above keep 64 weights a thread in
 // registers and walk 8 rows: bound by neither the memory nor the arithmetic but by their latency (ncu: 25%
 // occupancy, ~1.5 TB/s). Here mma.m16n8k16 takes the rank as k (in KS steps of 16, zero past r): a warp owns 64
 // columns (8 tiles of 8) and walks 16-row tiles, its B fragments loaded once. Column n of tile j is strip column
@@ -181,7 +182,8 @@ template <int KS>
 static __device__ __forceinline__ void rank_tc_body(bf16* __restrict__ out, const bf16* __restrict__ u,
                                                     const bf16* __restrict__ w, int n_rows, int cols, int r,
                                                     uint64_t key, float p, float keep_scale, int has_dropout,
-                                                    const uint8_t* __restrict__ bits, int w_t) {
+                                                    const uint8_t* __restrict__ bits, int w_t,
+                                                    const bf16* __restrict__ base) {
     const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
     const int strip = (blockIdx.x * 4 + (threadIdx.x >> 5)) * 64;
     // w given transposed ([r, cols], A as stored): the block's 256 columns of it staged in shared memory with
@@ -238,6 +240,11 @@ static __device__ __forceinline__ void rank_tc_body(bf16* __restrict__ out, cons
             const size_t e = (size_t)rows[h] * cols + col0;
             unsigned m = 0;
             if (has_dropout) m = bits ? bits[e / 8] | (unsigned)bits[e / 8 + 1] << 8 : dropped8(key, e, p) | dropped8(key, e + 8, p) << 8;
+            Bf16x8 add[2] = {};  // base's 16 columns, or zeros
+            if (base) {
+                add[0].v = reinterpret_cast<const uint4*>(base + e)[0];
+                add[1].v = reinterpret_cast<const uint4*>(base + e)[1];
+            }
             uint32_t v[8];
 #pragma unroll
             for (int j = 0; j < 8; ++j) {
@@ -246,7 +253,7 @@ static __device__ __forceinline__ void rank_tc_body(bf16* __restrict__ out, cons
                     lo = (m >> (2 * j)) & 1u ? 0.f : lo * keep_scale;
                     hi = (m >> (2 * j + 1)) & 1u ? 0.f : hi * keep_scale;
                 }
-                v[j] = pack(lo, hi);
+                v[j] = pack(lo + ld(add[j / 4].h[2 * (j % 4)]), hi + ld(add[j / 4].h[2 * (j % 4) + 1]));
             }
             uint4* dst = reinterpret_cast<uint4*>(out + e);
             dst[0] = make_uint4(v[0], v[1], v[2], v[3]);
@@ -255,12 +262,13 @@ static __device__ __forceinline__ void rank_tc_body(bf16* __restrict__ out, cons
     }
 }
 
-// One kernel per rank bound (each compiled to what it needs: 71 registers up to rank 16).
+// One kernel per rank bound (each compiled to what it needs: 82 registers up to rank 16).
 #define LORA_RANK_TC(KS, NAME)                                                                                     \
     extern "C" __global__ void NAME(bf16* __restrict__ out, const bf16* __restrict__ u, const bf16* __restrict__ w, \
                                     int n_rows, int cols, int r, uint64_t key, float p, float keep_scale,            \
-                                    int has_dropout, const uint8_t* __restrict__ bits, int w_t) {                    \
-        rank_tc_body<KS>(out, u, w, n_rows, cols, r, key, p, keep_scale, has_dropout, bits, w_t);                     \
+                                    int has_dropout, const uint8_t* __restrict__ bits, int w_t,                      \
+                                    const bf16* __restrict__ base) {                                                 \
+        rank_tc_body<KS>(out, u, w, n_rows, cols, r, key, p, keep_scale, has_dropout, bits, w_t, base);               \
     }
 LORA_RANK_TC(1, lora_rank16_tc)
 LORA_RANK_TC(2, lora_rank32_tc)

@@ -57,20 +57,21 @@ fn mask_args<'a>(dropout: Option<(u64, f64, Option<&'a Tensor>)>, elems: usize) 
 // tensor-core kernel (lora_rank16_tc / lora_rank32_tc), and the frozen linear's GEMM then adds its product
 // into it (cuBLAS beta = 1, gemm.rs): no kernel passes over the GEMM's output again.
 
-/// u B^T [N, out] into a fresh tensor, for u [N, r] and B [out, r]; None where the kernel does not apply.
-pub fn lora_up(u: &Tensor, b: &Tensor) -> Result<Option<Tensor>> {
-    rank_tc(u, b, false, None)
+/// u B^T [N, out] (plus `base` [N, out], the residual stream the linear's output goes onto, when given) into a
+/// fresh tensor, for u [N, r] and B [out, r]; None where the kernel does not apply.
+pub fn lora_up(u: &Tensor, b: &Tensor, base: Option<&Tensor>) -> Result<Option<Tensor>> {
+    rank_tc(u, b, false, None, base)
 }
 
 /// dropout(du A) [N, in] into a fresh tensor (the mask as in [`lora_down_add_`]), for du [N, r] and A [r, in];
 /// None where the kernel does not apply.
 pub fn lora_down(du: &Tensor, a: &Tensor, dropout: Option<(u64, f64, Option<&Tensor>)>) -> Result<Option<Tensor>> {
-    rank_tc(du, a, true, dropout)
+    rank_tc(du, a, true, dropout, None)
 }
 
-/// out = f(u w^T) for u [N, r], w [cols, r] (or, `w_t`, w^T [r, cols] as stored) (r even, at most 32; cols a
-/// multiple of 16), f the dropout if any.
-fn rank_tc(u: &Tensor, w: &Tensor, w_t: bool, dropout: Option<(u64, f64, Option<&Tensor>)>) -> Result<Option<Tensor>> {
+/// out = base + f(u w^T) for u [N, r], w [cols, r] (or, `w_t`, w^T [r, cols] as stored) (r even, at most 32; cols a
+/// multiple of 16), f the dropout if any, base [N, cols] if given.
+fn rank_tc(u: &Tensor, w: &Tensor, w_t: bool, dropout: Option<(u64, f64, Option<&Tensor>)>, base: Option<&Tensor>) -> Result<Option<Tensor>> {
     check_bf16("lora_rank_tc", &[u, w])?;
     let (n, r) = u.dims2()?;
     let (cols, r2) = match w_t {
@@ -80,9 +81,16 @@ fn rank_tc(u: &Tensor, w: &Tensor, w_t: bool, dropout: Option<(u64, f64, Option<
     if r != r2 || r == 0 || r % 2 != 0 || r > 32 || cols % 16 != 0 {
         return Ok(None);
     }
+    if let Some(b) = base {
+        check_bf16("lora_rank_tc", &[b])?;
+        if b.dims2()? != (n, cols) {
+            return Ok(None);
+        }
+    }
     let dev = cuda_device(u)?;
-    // 4-byte loads of rank pairs (w given transposed: 16-byte loads of its rows).
+    // 4-byte loads of rank pairs (w given transposed: 16-byte loads of its rows); 16-byte loads of base.
     let (u, w) = (aligned(u)?, aligned(w)?);
+    let base = base.map(aligned).transpose()?;
     let out = uninit(&dev, (n, cols), DType::BF16)?;
     blocks(n * cols, 1)?; // the element index space fits the kernel's arithmetic
     let ([k, p, keep, on], bits) = mask_args(dropout, n * cols);
@@ -99,6 +107,7 @@ fn rank_tc(u: &Tensor, w: &Tensor, w_t: bool, dropout: Option<(u64, f64, Option<
         on,
         bits,
         Arg::I(w_t as i32),
+        base.as_ref().map_or(Arg::U(0), Arg::T),
     ];
     const TC_ROWS: usize = 64; // TC_ROWS in lora.cu
     let name = if r <= 16 { "lora_rank16_tc" } else { "lora_rank32_tc" };
