@@ -436,11 +436,7 @@ fn only_adapted_layers_are_backpropagated() {
     let at = |s: f64| {
         let mut l = lora.clone();
         *l.params_mut()[0] = (&p + (&dir * s).unwrap()).unwrap();
-        model
-            .loss_and_grads(&ids_tensor(&ids), &labels, None, &l, &mut SplitMix::new(0), false)
-            .unwrap()
-            .loss_sum()
-            .unwrap()
+        model.loss_and_grads(&ids_tensor(&ids), &labels, None, &l, &mut SplitMix::new(0), false).unwrap().loss_sum().unwrap()
     };
     let numeric = (at(eps) - at(-eps)) / (2.0 * eps);
     let analytic = (&out.grads.a[0] * &dir).unwrap().sum_all().unwrap().to_scalar::<f64>().unwrap();
@@ -1173,10 +1169,9 @@ fn the_flash_work_list_covers_every_block_of_every_sequence_once_the_longest_fir
     // pointing at the same tiles.
     let (long, long_tiles) = FlashBlocks::entries(seqs.iter().copied(), 128);
     assert_eq!(long_tiles, n_tiles);
-    let e: Vec<([u32; 4], u32)> = long;
-    assert_eq!(e.iter().map(|(x, _)| x[3]).collect::<Vec<_>>(), vec![1, 1, 0, 0, 0, 0, 0]);
-    assert_eq!(e[0], ([0, 70, 130, 1], 3));
-    assert_eq!(e[1], ([1, 65, 135, 1], 11));
+    assert_eq!(long.iter().map(|(x, _)| x[3]).collect::<Vec<_>>(), vec![1, 1, 0, 0, 0, 0, 0]);
+    assert_eq!(long[0], ([0, 70, 130, 1], 3));
+    assert_eq!(long[1], ([1, 65, 135, 1], 11));
     // Rows of one sequence each; 100 tokens are short (the 64-query forward), 512 long.
     let rows = FlashBlocks::rows(3, 100, &candle_core::Device::Cpu).unwrap();
     let t: Vec<u32> = rows.table.flatten_all().unwrap().to_vec1().unwrap();
@@ -1196,17 +1191,11 @@ fn rope_tables_repeat_each_angle_in_both_halves_of_the_head_dim() {
     let scalings = [
         RopeScaling::None,
         RopeScaling::Linear { factor: 4.0 },
-        RopeScaling::Llama3 {
-            factor: 8.0,
-            low_freq_factor: 1.0,
-            high_freq_factor: 4.0,
-            original_max_position_embeddings: 64.0,
-        },
+        RopeScaling::Llama3 { factor: 8.0, low_freq_factor: 1.0, high_freq_factor: 4.0, original_max_position_embeddings: 64.0 },
     ];
     for scaling in &scalings {
         for d in [64usize, 128] {
-            let rope =
-                Rope::new(300, d, 1_000_000.0, scaling, candle_core::DType::BF16, &candle_core::Device::Cpu).unwrap();
+            let rope = Rope::new(300, d, 1_000_000.0, scaling, candle_core::DType::BF16, &candle_core::Device::Cpu).unwrap();
             let (cos, sin) = rope.tables();
             for table in [cos, sin] {
                 let first: Vec<Vec<f32>> = table.narrow(1, 0, d / 2).unwrap().to_vec2().unwrap();

@@ -196,13 +196,9 @@ fn ops_checks(gpu: &Device, checks: &mut Vec<Check>) -> Result<()> {
             // RoPE undone as the flash backward stores dq and dk (rows: tables by position) against RoPE's
             // composite backward of the CPU's per-head gradients.
             if layout == "rows" {
-                let (rope_c, rope_g) = (
-                    Rope::new(t, d, 10000.0, &RopeScaling::None, DType::F32, &Device::Cpu)?,
-                    Rope::new(t, d, 10000.0, &RopeScaling::None, DType::BF16, gpu)?,
-                );
-                let attention::AttnGrads::Heads(dq, dk, _) = &grads_c else {
-                    bail!("the CPU gives per-head gradients")
-                };
+                let rope_c = Rope::new(t, d, 10000.0, &RopeScaling::None, DType::F32, &Device::Cpu)?;
+                let rope_g = Rope::new(t, d, 10000.0, &RopeScaling::None, DType::BF16, gpu)?;
+                let attention::AttnGrads::Heads(dq, dk, _) = &grads_c else { bail!("the CPU gives per-head gradients") };
                 let want = [attention::rope_backward(dq, &rope_c)?, attention::rope_backward(dk, &rope_c)?];
                 let (gq, gk, _) = attention::attention_backward(&sg, &dy.gpu, true, true, Some(&rope_g))?.tokens()?;
                 for ((what, got), want) in [("dq", gq), ("dk", gk)].into_iter().zip(want) {
@@ -217,20 +213,8 @@ fn ops_checks(gpu: &Device, checks: &mut Vec<Check>) -> Result<()> {
                 let scale = 1.0 / (d as f64).sqrt();
                 let (o, lse) = flash_forward(&q.gpu, &k.gpu, &v.gpu, &blocks, scale)?;
                 let one_kv_head = (h / hkv) * blocks.n_tiles * 64 * 64 * 2;
-                let whole =
-                    flash_backward_within(&q.gpu, &k.gpu, &v.gpu, &o, &lse, &dy.gpu, &blocks, scale, usize::MAX, None)?;
-                let grouped = flash_backward_within(
-                    &q.gpu,
-                    &k.gpu,
-                    &v.gpu,
-                    &o,
-                    &lse,
-                    &dy.gpu,
-                    &blocks,
-                    scale,
-                    one_kv_head,
-                    None,
-                )?;
+                let within = |budget| flash_backward_within(&q.gpu, &k.gpu, &v.gpu, &o, &lse, &dy.gpu, &blocks, scale, budget, None);
+                let (whole, grouped) = (within(usize::MAX)?, within(one_kv_head)?);
                 let differ = differing(&whole, &grouped)?;
                 push_exact(checks, name("backward: dS tiles one kv head at a time (elements differing)"), differ);
             }
@@ -398,12 +382,7 @@ fn optimizer_check(gpu: &Device, checks: &mut Vec<Check>) -> Result<()> {
         push(checks, &format!("AdamW, three steps in one launch each (moments in place): tensor {i}"), g, c, 1e-5)?;
     }
     let norm_err = (norms.1 - norms.0).abs() / norms.0;
-    checks.push(Check {
-        name: "gradient norm in one launch".into(),
-        rel_err: norm_err,
-        tolerance: 1e-5,
-        ok: norm_err <= 1e-5,
-    });
+    checks.push(Check { name: "gradient norm in one launch".into(), rel_err: norm_err, tolerance: 1e-5, ok: norm_err <= 1e-5 });
 
     // The update's factor worked out on the device (norm and clip coefficient, no wait for the host) against the
     // host's; and a non-finite gradient norm or loss making the update a no-op there.
@@ -505,12 +484,7 @@ fn model_check(gpu: &Device, checks: &mut Vec<Check>, config: ModelConfig) -> Re
         let oc = cpu_model.loss_and_grads(&ids, &labels, None, &lora_cpu, &mut SplitMix::new(9), recompute)?;
         let og = gpu_model.loss_and_grads(&ids, &labels, None, &lora_gpu, &mut SplitMix::new(9), recompute)?;
         let loss_err = (og.loss_sum()? - oc.loss_sum()?).abs() / oc.loss_sum()?.abs();
-        checks.push(Check {
-            name: format!("model loss{tag}"),
-            rel_err: loss_err,
-            tolerance: LOSS_TOL,
-            ok: loss_err <= LOSS_TOL,
-        });
+        checks.push(Check { name: format!("model loss{tag}"), rel_err: loss_err, tolerance: LOSS_TOL, ok: loss_err <= LOSS_TOL });
         let (worst, worst_name) = worst_of(&oc, &og)?;
         checks.push(Check { name: format!("model adapter gradients, worst of all{tag}: {worst_name}"), rel_err: worst, tolerance: grad_tol, ok: worst <= grad_tol });
     }
@@ -552,8 +526,7 @@ fn packed_check(model: &Model, lora: &Lora, fam: &str, checks: &mut Vec<Check>) 
         let (mut loss, mut grads) = (0.0, None::<crate::model::LoraGrads>);
         for b in layout.passes(&stream, &stream.offsets(), &[0, 1, 2]) {
             let (ids, labels) = b.tensors()?;
-            let out =
-                model.loss_and_grads(&ids, &labels, b.cu_seqlens.as_deref(), &lora, &mut SplitMix::new(9), false)?;
+            let out = model.loss_and_grads(&ids, &labels, b.cu_seqlens.as_deref(), &lora, &mut SplitMix::new(9), false)?;
             loss += out.loss_sum()?;
             match grads.as_mut() {
                 Some(g) => g.add_assign(&out.grads)?,

@@ -422,10 +422,7 @@ impl FlashBlocks {
         let mut e = Vec::new();
         let mut n_tiles = 0;
         for (row, first, len) in sequences {
-            e.extend(
-                (0..len.div_ceil(block))
-                    .map(|blk| ([row as u32, first as u32, len as u32, blk as u32], n_tiles as u32)),
-            );
+            e.extend((0..len.div_ceil(block)).map(|blk| ([row as u32, first as u32, len as u32, blk as u32], n_tiles as u32)));
             let nb = len.div_ceil(FLASH_BLOCK);
             n_tiles += nb * (nb + 1) / 2;
         }
@@ -492,27 +489,12 @@ impl AttnSaved {
 /// input). `mask` is needed only by the composite path (the fused softmax masks by index). `fused`: scores
 /// from one GEMM and the fused softmax kernels; `flash` (the block table, when [`flash_runs`]): flash
 /// attention, which also serves padding-free batches and writes the token-major output itself.
-pub fn attention_forward(
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
-    groups: usize,
-    mask: Option<&Tensor>,
-    fused: bool,
-    flash: Option<&FlashBlocks>,
-) -> Result<(Tensor, AttnSaved)> {
+pub fn attention_forward(q: &Tensor, k: &Tensor, v: &Tensor, groups: usize, mask: Option<&Tensor>, fused: bool, flash: Option<&FlashBlocks>) -> Result<(Tensor, AttnSaved)> {
     let scale = 1.0 / (q.dim(D::Minus1)? as f64).sqrt();
     #[cfg(feature = "cuda")]
     if let Some(blocks) = flash {
         let (y, lse) = super::cuda::flash_forward(q, k, v, blocks, scale)?;
-        let saved = AttnSaved {
-            q: q.clone(),
-            k: k.clone(),
-            v: v.clone(),
-            groups,
-            p: None,
-            flash: Some((y.clone(), lse, blocks.clone())),
-        };
+        let saved = AttnSaved { q: q.clone(), k: k.clone(), v: v.clone(), groups, p: None, flash: Some((y.clone(), lse, blocks.clone())) };
         return Ok((y, saved));
     }
     let _ = flash;
@@ -549,14 +531,8 @@ impl AttnGrads {
     /// dq [N, H D], dk and dv [N, Hkv D], token-major (for comparisons).
     pub fn tokens(self) -> Result<(Tensor, Tensor, Tensor)> {
         match self {
-            AttnGrads::Heads(dq, dk, dv) => {
-                Ok((merge_heads(&dq, false)?, merge_heads(&dk, false)?, merge_heads(&dv, false)?))
-            }
-            AttnGrads::Tokens { dqkv, h, hkv, d } => Ok((
-                dqkv.narrow(1, 0, h * d)?,
-                dqkv.narrow(1, h * d, hkv * d)?,
-                dqkv.narrow(1, (h + hkv) * d, hkv * d)?,
-            )),
+            AttnGrads::Heads(dq, dk, dv) => Ok((merge_heads(&dq, false)?, merge_heads(&dk, false)?, merge_heads(&dv, false)?)),
+            AttnGrads::Tokens { dqkv, h, hkv, d } => Ok((dqkv.narrow(1, 0, h * d)?, dqkv.narrow(1, h * d, hkv * d)?, dqkv.narrow(1, (h + hkv) * d, hkv * d)?)),
         }
     }
 }
@@ -564,21 +540,13 @@ impl AttnGrads {
 /// The backward of [`attention_forward`] from d(output) token-major [N, H D]. `ds_tiles`: flash's dQ from the
 /// dS tiles its dK/dV pass stores (the `ds_tiles` switch); `unrope`: flash's backward undoes RoPE on dq and dk
 /// as it writes them.
-pub fn attention_backward(
-    saved: &AttnSaved,
-    dy: &Tensor,
-    fused: bool,
-    ds_tiles: bool,
-    unrope: Option<&Rope>,
-) -> Result<AttnGrads> {
+pub fn attention_backward(saved: &AttnSaved, dy: &Tensor, fused: bool, ds_tiles: bool, unrope: Option<&Rope>) -> Result<AttnGrads> {
     #[cfg(feature = "cuda")]
     if let Some((o, lse, blocks)) = &saved.flash {
         let (_, h, _, d) = saved.q.dims4()?;
         let hkv = saved.k.dim(1)?;
         let scale = 1.0 / (d as f64).sqrt();
-        let tables = unrope.map(|r| (&r.cos, &r.sin));
-        let dqkv =
-            super::cuda::flash_backward(&saved.q, &saved.k, &saved.v, o, lse, dy, blocks, scale, ds_tiles, tables)?;
+        let dqkv = super::cuda::flash_backward(&saved.q, &saved.k, &saved.v, o, lse, dy, blocks, scale, ds_tiles, unrope.map(Rope::tables))?;
         return Ok(AttnGrads::Tokens { dqkv, h, hkv, d });
     }
     let _ = (ds_tiles, unrope);

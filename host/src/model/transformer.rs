@@ -60,8 +60,13 @@ pub struct LossAndGrads {
 
 impl LossAndGrads {
     pub fn loss_sum(&self) -> Result<f64> {
-        Ok(self.loss.to_dtype(DType::F64)?.to_scalar::<f64>()?)
+        loss_value(&self.loss)
     }
+}
+
+/// A loss tensor (a scalar, wherever it was computed: summed over passes too) read as f64 on the host.
+pub fn loss_value(loss: &Tensor) -> Result<f64> {
+    Ok(loss.to_dtype(DType::F64)?.to_scalar::<f64>()?)
 }
 
 #[derive(Clone, Debug)]
@@ -586,15 +591,7 @@ impl Model {
             Some(cache) => cache.extend(layer, k, v)?,
             None => (k, v),
         };
-        let (y, attn) = attention::attention_forward(
-            &q,
-            &k,
-            &v,
-            cfg.kv_groups(),
-            ctx.mask.as_ref(),
-            f.attention,
-            ctx.flash.as_ref(),
-        )?;
+        let (y, attn) = attention::attention_forward(&q, &k, &v, cfg.kv_groups(), ctx.mask.as_ref(), f.attention, ctx.flash.as_ref())?;
         let (x1, o_lora) = self.adapted_forward(ctx, layer, Site::O, &y, Some(x))?;
 
         // MLP branch.

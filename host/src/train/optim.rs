@@ -79,25 +79,13 @@ impl AdamW {
     }
 
     /// [`AdamW::step`] with every gradient multiplied by `grad_scale` first.
-    pub fn step_scaled(
-        &mut self,
-        params: &mut [&mut Tensor],
-        grads: &[&Tensor],
-        lr: f64,
-        grad_scale: f64,
-    ) -> Result<()> {
+    pub fn step_scaled(&mut self, params: &mut [&mut Tensor], grads: &[&Tensor], lr: f64, grad_scale: f64) -> Result<()> {
         self.step_with(params, grads, lr, &GradScale::Host { norm: f64::NAN, scale: grad_scale })
     }
 
     /// [`AdamW::step`] with every gradient multiplied by `scale`'s factor first; a factor worked out on the
     /// device that is not finite skips the update there (parameters and moments stay as they are).
-    pub fn step_with(
-        &mut self,
-        params: &mut [&mut Tensor],
-        grads: &[&Tensor],
-        lr: f64,
-        scale: &GradScale,
-    ) -> Result<()> {
+    pub fn step_with(&mut self, params: &mut [&mut Tensor], grads: &[&Tensor], lr: f64, scale: &GradScale) -> Result<()> {
         if params.len() != self.m.len() || grads.len() != self.m.len() {
             bail!("AdamW: built for {} parameters, got {} parameters and {} gradients", self.m.len(), params.len(), grads.len());
         }
@@ -228,10 +216,7 @@ impl AdamW {
 /// the global norm it came from.
 #[derive(Debug, Clone)]
 pub enum GradScale {
-    Host {
-        norm: f64,
-        scale: f64,
-    },
+    Host { norm: f64, scale: f64 },
     /// f32 [2] on the GPU: the norm and the factor, NaN when the norm or the loss was not finite (the update is
     /// then skipped on the device). Worked out there so that the host does not wait for the norm between the
     /// backward and the update: it queues the update while the backward still runs.
@@ -243,13 +228,7 @@ impl GradScale {
     /// times the coefficient that clips the normalised gradient's global norm to `clip`. On the device when
     /// `fused` and the gradients are f32 on a GPU (`loss_sum`, an f64 scalar there, joins the finiteness
     /// test), else on the host.
-    pub fn compute(
-        grads: &[&Tensor],
-        loss_sum: Option<&Tensor>,
-        per_token: f64,
-        clip: Option<f64>,
-        fused: bool,
-    ) -> Result<GradScale> {
+    pub fn compute(grads: &[&Tensor], loss_sum: Option<&Tensor>, per_token: f64, clip: Option<f64>, fused: bool) -> Result<GradScale> {
         #[cfg(feature = "cuda")]
         if fused && !grads.is_empty() && all_on_gpu_f32(grads.iter().copied()) {
             let loss = loss_sum.filter(|l| l.device().same_device(grads[0].device()));

@@ -14,14 +14,10 @@ use super::split;
 use super::optim::{self, AdamW};
 use crate::model::lora::{Lora, LoraGrads};
 use crate::rng::SplitMix;
-use crate::model::transformer::Model;
+use crate::model::transformer::{loss_value, Model};
 use anyhow::bail;
 use candle_core::Tensor;
 use std::time::Instant;
-
-fn read_f64(t: &Tensor) -> anyhow::Result<f64> {
-    Ok(t.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?)
-}
 
 /// What a step needs beyond its batches and learning rate.
 #[derive(Debug, Clone)]
@@ -108,7 +104,7 @@ pub fn step(
     // on the host (and so wait for it here).
     comm.all_reduce_sum(&mut grads.tensors_mut())?;
     if comm.world_size() > 1 {
-        let mut sums = [loss_sum.as_ref().map_or(Ok(0.0), read_f64)?, n_tokens as f64];
+        let mut sums = [loss_sum.as_ref().map_or(Ok(0.0), loss_value)?, n_tokens as f64];
         comm.all_reduce_sum_scalars(&mut sums)?;
         loss_sum = Some(Tensor::new(sums[0], &candle_core::Device::Cpu)?);
         n_tokens = sums[1] as usize;
@@ -118,10 +114,9 @@ pub fn step(
     // pass over the gradients, not three); on a GPU that factor is worked out there, and a non-finite norm or
     // loss makes the update a no-op.
     let per_token = 1.0 / n_tokens.max(1) as f64;
-    let scale =
-        optim::GradScale::compute(&grads.tensors(), loss_sum.as_ref(), per_token, c.clip, model.fusion.optimizer)?;
+    let scale = optim::GradScale::compute(&grads.tensors(), loss_sum.as_ref(), per_token, c.clip, model.fusion.optimizer)?;
     let loss_of = |l: &Option<Tensor>| -> anyhow::Result<f64> {
-        let sum = l.as_ref().map_or(Ok(0.0), read_f64)?;
+        let sum = l.as_ref().map_or(Ok(0.0), loss_value)?;
         Ok(if n_tokens > 0 { sum / n_tokens as f64 } else { 0.0 })
     };
     let finite = |loss: f64, grad_norm: f64| -> anyhow::Result<()> {
@@ -147,11 +142,5 @@ pub fn step(
     model.device.synchronize()?;
     let (loss, grad_norm) = (loss_of(&loss_sum)?, scale.norm()?);
     finite(loss, grad_norm)?; // on the device, a non-finite one skipped the update
-    Ok(StepOutcome {
-        loss,
-        grad_norm,
-        trained_tokens: n_tokens,
-        tokens: batches.tokens(),
-        seconds: t0.elapsed().as_secs_f64(),
-    })
+    Ok(StepOutcome { loss, grad_norm, trained_tokens: n_tokens, tokens: batches.tokens(), seconds: t0.elapsed().as_secs_f64() })
 }

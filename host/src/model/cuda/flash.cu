@@ -31,6 +31,7 @@
 namespace fa {
 
 constexpr int BLOCK = 64;  // queries (or keys) per block
+constexpr int BLOCK_LONG = 128;  // queries a block of forward128 and dQ from the tiles (attention.rs FLASH_BLOCK_LONG)
 constexpr int THREADS = 128;
 
 // One table entry: a sequence (row b, first token in the row, length) and one 64-token block of it.
@@ -64,18 +65,19 @@ __device__ __forceinline__ Unrope unrope_at(const float* cos, const float* sin, 
     return Unrope{cos, sin, per_token ? (size_t)e.b * T + e.first : (size_t)e.first};
 }
 
-// The block of 64 queries a forward or dQ block computes: table entry blockIdx.x, query head h (kv head kvh),
-// the sequence's length L and first query q0 of the block, and the offsets of the sequence's first token in the
-// q-shaped and the k/v-shaped tensors (rows_at).
+// The block of QB queries (BLOCK or BLOCK_LONG) a forward or dQ block computes: table entry blockIdx.x, query
+// head h (kv head kvh), the sequence's length L and first query q0 of the block, and the offsets of the
+// sequence's first token in the q-shaped and the k/v-shaped tensors (rows_at).
 struct QueryBlock {
     Block e;
     int h, kvh, L, q0;
     size_t qrows, kvrows;
 };
+template <int QB = BLOCK>
 __device__ __forceinline__ QueryBlock query_block(const int4* __restrict__ table, int h, int T, int H, int Hkv) {
     const Block e = block_at(table, blockIdx.x);
     const int kvh = h / (H / Hkv);
-    return QueryBlock{e, h, kvh, e.len, e.blk * BLOCK, rows_at(e, H, h, T), rows_at(e, Hkv, kvh, T)};
+    return QueryBlock{e, h, kvh, e.len, e.blk * QB, rows_at(e, H, h, T), rows_at(e, Hkv, kvh, T)};
 }
 
 // ----- PTX wrappers -----
@@ -451,8 +453,6 @@ __device__ __forceinline__ void pair_times_tile_rows(float (*acc)[Dims<D>::ND][4
 // twice the products of 16 rows a warp, and each warp carries two independent chains of work. The scale is
 // folded into the exponent (one FFMA an element; the row max is taken over the raw scores).
 
-constexpr int BLOCK_LONG = 128;  // queries a block of forward128 and dQ from the tiles (attention.rs FLASH_BLOCK_LONG)
-
 template <int D>
 __device__ __forceinline__ void forward128(const bf16* __restrict__ q, const bf16* __restrict__ k, const bf16* __restrict__ v,
                                            bf16* __restrict__ o, float* __restrict__ lse, const int4* __restrict__ table,
@@ -463,9 +463,7 @@ __device__ __forceinline__ void forward128(const bf16* __restrict__ q, const bf1
     bf16* Ks = Qs + 2 * TILE;                  // two buffers
     bf16* Vs = Ks + 2 * TILE;                  // two buffers
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
-    const Block e = block_at(table, blockIdx.x);
-    const int h = blockIdx.y, kvh = h / (H / Hkv), L = e.len, q0 = e.blk * BLOCK_LONG;
-    const size_t qrows = rows_at(e, H, h, T), kvrows = rows_at(e, Hkv, kvh, T);
+    const auto [e, h, kvh, L, q0, qrows, kvrows] = query_block<BLOCK_LONG>(table, blockIdx.y, T, H, Hkv);
     const bf16* kp = k + kvrows * D;
     const bf16* vp = v + kvrows * D;
     const float sl2 = scale * LOG2E;
@@ -807,12 +805,12 @@ __device__ __forceinline__ void backward_dq_tiles(const bf16* __restrict__ k, co
     bf16* Ks = reinterpret_cast<bf16*>(smem);  // two buffers
     bf16* Ss = Ks + 2 * TILE;                  // two buffers
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    const Block e = block_at(table, blockIdx.x);
-    const int h = h0 + blockIdx.y, kvh = h / (H / Hkv), L = e.len;
-    const size_t qrows = rows_at(e, H, h, T), kvrows = rows_at(e, Hkv, kvh, T);
+    const QueryBlock qb = query_block<BLOCK_LONG>(table, h0 + blockIdx.y, T, H, Hkv);
+    const Block e = qb.e;
+    const int h = qb.h, L = qb.L;  // named, not bound: the loader below captures L (C++17)
     const int qb0 = 2 * e.blk, halves = qb0 * BLOCK + BLOCK < L ? 2 : 1;  // 64-query blocks present
     const int last = qb0 + halves - 1;                                  // the last key block
-    const bf16* kp = k + kvrows * D;
+    const bf16* kp = k + qb.kvrows * D;
     // This head's dS tiles of the sequence; query block qb's row of the triangle starts at qb (qb + 1) / 2.
     const bf16* sp = ds + ((size_t)blockIdx.y * n_tiles + tiles[blockIdx.x]) * (BLOCK * BLOCK);
     auto load = [&](int kb) {

@@ -85,18 +85,23 @@ pub(super) fn per_token(cos: &Tensor, n: usize, d: usize) -> Result<Arg<'static>
     }
 }
 
-/// Heads [B, H, T, D] side by side into columns col0.. of `dst` [N, stride]; `inverse_rope` applies
-/// RoPE's backward on the way.
-fn heads_merge_into(src: &Tensor, cos: &Tensor, sin: &Tensor, dst: &Tensor, col0: usize, inverse_rope: bool) -> Result<()> {
+/// Heads [B, H, T, D] side by side into columns col0.. of `dst` [N, stride]; `unrope` (the RoPE tables cos,
+/// sin) applies RoPE's backward on the way.
+fn heads_merge_into(src: &Tensor, dst: &Tensor, col0: usize, unrope: Option<(&Tensor, &Tensor)>) -> Result<()> {
     let (b, h, t, d) = src.dims4()?;
     let (_, stride) = dst.dims2()?;
     let dev = cuda_device(src)?;
     let src = src.contiguous()?;
     let n = b * t;
+    // Without RoPE to undo the kernels read no table: null pointers.
+    let (cos, sin, per) = match unrope {
+        Some((cos, sin)) => (Arg::T(cos), Arg::T(sin), per_token(cos, n, d)?),
+        None => (Arg::U(0), Arg::U(0), Arg::I(0)),
+    };
     let args = [
         Arg::T(&src),
-        Arg::T(cos),
-        Arg::T(sin),
+        cos,
+        sin,
         Arg::T(dst),
         Arg::I(stride as i32),
         Arg::I(col0 as i32),
@@ -104,8 +109,8 @@ fn heads_merge_into(src: &Tensor, cos: &Tensor, sin: &Tensor, dst: &Tensor, col0
         Arg::I(t as i32),
         Arg::I(h as i32),
         Arg::I(d as i32),
-        Arg::I(inverse_rope as i32),
-        if inverse_rope { per_token(cos, n, d)? } else { Arg::I(0) },
+        Arg::I(unrope.is_some() as i32),
+        per,
     ];
     // 8 elements per access when the head dim, the column offsets and the buffers allow.
     if d % 16 == 0 && stride % 8 == 0 && col0 % 8 == 0 && aligned16(&[&src, dst]) {
@@ -118,7 +123,7 @@ fn heads_merge_into(src: &Tensor, cos: &Tensor, sin: &Tensor, dst: &Tensor, col0
 pub fn merge_heads(y: &Tensor) -> Result<Tensor> {
     let (b, h, t, d) = y.dims4()?;
     let out = uninit(&cuda_device(y)?, (b * t, h * d), DType::BF16)?;
-    heads_merge_into(y, y, y, &out, 0, false)?; // no RoPE: the tables are not read
+    heads_merge_into(y, &out, 0, None)?;
     Ok(out)
 }
 
@@ -142,9 +147,9 @@ pub fn qkv_merge_unrope(dq: &Tensor, dk: &Tensor, dv: &Tensor, cos: &Tensor, sin
     let hkv = dk.dim(1)?;
     let (q_w, kv_w) = (h * d, hkv * d);
     let out = uninit(&cuda_device(dq)?, (b * t, q_w + 2 * kv_w), DType::BF16)?;
-    heads_merge_into(dq, cos, sin, &out, 0, true)?;
-    heads_merge_into(dk, cos, sin, &out, q_w, true)?;
-    heads_merge_into(dv, cos, sin, &out, q_w + kv_w, false)?;
+    heads_merge_into(dq, &out, 0, Some((cos, sin)))?;
+    heads_merge_into(dk, &out, q_w, Some((cos, sin)))?;
+    heads_merge_into(dv, &out, q_w + kv_w, None)?;
     Ok(out)
 }
 

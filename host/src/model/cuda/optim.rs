@@ -20,14 +20,8 @@ pub struct AdamWStep {
 /// 480 fresh moment tensors a step at Qwen-14B would each cost an allocation and a free while the device
 /// waits for the host. All f32, contiguous, on one GPU. `scale`: f32 [2] on the GPU, element 1 the factor
 /// every gradient is multiplied by ([`grad_scale`]); not finite: the step is skipped (parameters copied).
-pub fn adamw_multi(
-    items: &[(&Tensor, &Tensor, &Tensor, &Tensor)],
-    h: &AdamWStep,
-    scale: &Tensor,
-) -> Result<Vec<Tensor>> {
-    let Some(first) = items.first() else {
-        return Ok(Vec::new());
-    };
+pub fn adamw_multi(items: &[(&Tensor, &Tensor, &Tensor, &Tensor)], h: &AdamWStep, scale: &Tensor) -> Result<Vec<Tensor>> {
+    let Some(first) = items.first() else { return Ok(Vec::new()) };
     let dev = cuda_device(first.0)?;
     let mut words = Vec::with_capacity(8 * items.len());
     let mut outs = Vec::with_capacity(items.len());
@@ -75,12 +69,7 @@ pub fn sum_squares_multi(tensors: &[&Tensor]) -> Result<Tensor> {
 /// The factor an update multiplies the gradients `grads` by, on the GPU (f32 [2]: the global norm times
 /// `per_token`, and `per_token` times the clip coefficient for `max_norm`, or NaN when the norm or `loss_sum`
 /// (an f64 scalar) is not finite), with no wait for the host.
-pub fn grad_scale(
-    grads: &[&Tensor],
-    loss_sum: Option<&Tensor>,
-    per_token: f64,
-    max_norm: Option<f64>,
-) -> Result<Tensor> {
+pub fn grad_scale(grads: &[&Tensor], loss_sum: Option<&Tensor>, per_token: f64, max_norm: Option<f64>) -> Result<Tensor> {
     let partials = sum_squares_partials(grads)?;
     let dev = cuda_device(&partials)?;
     let out = uninit(&dev, 2, DType::F32)?;
@@ -89,14 +78,7 @@ pub fn grad_scale(
         Some(l) => bail!("grad_scale: the loss sum must be one f64, got {:?} {:?}", l.dtype(), l.dims()),
         None => Arg::U(0),
     };
-    let args = [
-        Arg::T(&partials),
-        Arg::I(partials.elem_count() as i32),
-        loss,
-        Arg::U(per_token.to_bits()),
-        Arg::U(max_norm.unwrap_or(0.0).to_bits()),
-        Arg::T(&out),
-    ];
+    let args = [Arg::T(&partials), Arg::I(partials.elem_count() as i32), loss, Arg::U(per_token.to_bits()), Arg::U(max_norm.unwrap_or(0.0).to_bits()), Arg::T(&out)];
     launch(&dev, "grad_scale", 1, ROW_THREADS, &args)?;
     Ok(out)
 }
